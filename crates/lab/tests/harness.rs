@@ -217,3 +217,80 @@ fn a_killed_run_is_swept_by_the_next() -> Result<()> {
     );
     Ok(())
 }
+
+/// The plumbing the seeds need: a switch (an IXP-like LAN), a router with
+/// forwarding on, static routes, extra addresses on loopback.
+#[test]
+fn hosts_reach_each_other_across_a_switch_and_a_router() -> Result<()> {
+    if !can_run(
+        "hosts_reach_each_other_across_a_switch_and_a_router",
+        &["ping"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("switch-router")?;
+    let ixp = lab.add_switch("ixp")?;
+    let (isp, border, host) = (
+        lab.add_node("isp")?,
+        lab.add_node("border")?,
+        lab.add_node("host")?,
+    );
+    let isp_lan = lab.attach(&ixp, &isp)?;
+    let border_lan = lab.attach(&ixp, &border)?;
+    let (border_inside, host_end) = lab.link(&border, &host)?;
+    lab.enable_forwarding(&border)?;
+    lab.add_address(&host, "lo", "44.30.127.3/32")?;
+    lab.add_route(&host, &["default", "via", &border_inside.ipv4.to_string()])?;
+    lab.add_route(&host, &["default", "via", &border_inside.ipv6.to_string()])?;
+    lab.add_route(
+        &border,
+        &["44.30.127.3/32", "via", &host_end.ipv4.to_string()],
+    )?;
+    lab.add_route(
+        &isp,
+        &["44.30.127.0/24", "via", &border_lan.ipv4.to_string()],
+    )?;
+    lab.add_route(
+        &isp,
+        &[
+            &format!("{}/64", host_end.ipv6),
+            "via",
+            &border_lan.ipv6.to_string(),
+        ],
+    )?;
+
+    let out = lab.exec(
+        &isp,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "2", "44.30.127.3"],
+    )?;
+    assert!(out.contains("2 received"), "{out}");
+    let out = lab.exec(
+        &isp,
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &host_end.ipv6.to_string(),
+        ],
+    )?;
+    assert!(out.contains("2 received"), "{out}");
+    // The router really is in the path: its forwarding off breaks it.
+    lab.sysctl(&border, "net.ipv4.ip_forward", "0")?;
+    let out = lab.try_exec(&isp, &["ping", "-c", "1", "-W", "1", "44.30.127.3"])?;
+    assert!(
+        !out.success(),
+        "ping must fail without forwarding: {}",
+        out.stdout
+    );
+    assert_eq!(
+        isp_lan.ipv4.octets()[..3],
+        border_lan.ipv4.octets()[..3],
+        "one LAN subnet"
+    );
+    Ok(())
+}
