@@ -5,5 +5,6 @@
 //! back (bytes to send, timers to arm, routes to install). That keeps every
 //! behaviour testable on virtual time, byte for byte.
 
+pub mod rib;
 pub mod session;
 pub mod wire;
