@@ -1,10 +1,14 @@
 //! `bgp4mesh`: one binary for the daemon, the controller, the CLI and the lab.
 //! This file only parses the command line and calls into the crates.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
+use bgp4mesh_node::config::{DEFAULT_CONTROL_SOCKET, NodeConfig};
+use bgp4mesh_node::control::{self, Request};
+use bgp4mesh_node::show;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -17,15 +21,57 @@ use clap::{Parser, Subcommand};
                   WireGuard mesh run by a central control plane."
 )]
 struct Cli {
+    /// Control socket of the running daemon (default: from -c FILE, else /run/bgp4mesh/bgp4mesh.sock)
+    #[arg(short = 's', long, global = true)]
+    socket: Option<PathBuf>,
+    /// Config file, to find the control socket
+    #[arg(short = 'c', long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node daemon in the foreground (logs to stderr)
+    Run {
+        /// Log level: error, warn, info, debug
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Check a config file and say what is wrong with it
+    Check,
+    /// Show the daemon's state, like birdc's show
+    #[command(subcommand)]
+    Show(ShowCommand),
+    /// Act on a BGP neighbor (`bgp enable|disable|restart|refresh NEIGHBOR`), or `bgp reload` the config
+    Bgp {
+        #[arg(value_parser = ["enable", "disable", "restart", "refresh", "reload"])]
+        action: String,
+        neighbor: Option<String>,
+        /// Shutdown communication sent with disable (RFC 9003)
+        #[arg(long)]
+        message: Option<String>,
+    },
     /// Network-namespace labs on this machine (needs root)
     #[command(subcommand)]
     Lab(LabCommand),
+}
+
+#[derive(Subcommand)]
+enum ShowCommand {
+    /// BGP sessions: `show protocols [all] [NAME]`
+    Protocols {
+        words: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Routes: `show route [PREFIX] [all]`, `show route export NEIGHBOR [all]`
+    Route {
+        words: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -42,9 +88,18 @@ enum LabCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match &cli.command {
+        Command::Run { log_level } => run(&cli, log_level),
+        Command::Check => check(&cli),
+        Command::Show(ShowCommand::Protocols { words, json }) => show_protocols(&cli, words, *json),
+        Command::Show(ShowCommand::Route { words, json }) => show_route(&cli, words, *json),
+        Command::Bgp {
+            action,
+            neighbor,
+            message,
+        } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
         Command::Lab(LabCommand::Demo) => lab_demo(),
-        Command::Lab(LabCommand::Sweep { all }) => lab_sweep(all),
+        Command::Lab(LabCommand::Sweep { all }) => lab_sweep(*all),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,6 +108,136 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn config_path(cli: &Cli) -> Result<&PathBuf> {
+    cli.config
+        .as_ref()
+        .context("give the config file with -c FILE")
+}
+
+fn run(cli: &Cli, log_level: &str) -> Result<()> {
+    let level: tracing::Level = log_level.parse().map_err(|_| {
+        anyhow::anyhow!("--log-level: {log_level:?} is not one of error, warn, info, debug, trace")
+    })?;
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    bgp4mesh_node::daemon::run(config_path(cli)?)
+}
+
+fn check(cli: &Cli) -> Result<()> {
+    let path = config_path(cli)?;
+    let config = NodeConfig::load(path)?;
+    for warning in config.bgp.iter().flat_map(|b| b.warnings.iter()) {
+        eprintln!("warning: {warning}");
+    }
+    println!("{}: OK", path.display());
+    Ok(())
+}
+
+fn socket(cli: &Cli) -> Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    if let Some(path) = &cli.config {
+        return Ok(NodeConfig::load(path)?.control_socket);
+    }
+    Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET))
+}
+
+fn ask(cli: &Cli, request: Request) -> Result<serde_json::Value> {
+    let response = control::call(&socket(cli)?, &request)?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused".into())
+        );
+    }
+    Ok(response.data)
+}
+
+fn print_json(data: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(data)?);
+    Ok(())
+}
+
+fn show_protocols(cli: &Cli, words: &[String], json: bool) -> Result<()> {
+    let all = words.iter().any(|w| w == "all");
+    let names: Vec<&String> = words.iter().filter(|w| *w != "all").collect();
+    if names.len() > 1 {
+        bail!("show protocols [all] [NAME]: one name at most");
+    }
+    let data = ask(
+        cli,
+        Request::ShowProtocols {
+            name: names.first().map(|s| s.to_string()),
+        },
+    )?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_protocols(&data, all));
+    Ok(())
+}
+
+fn show_route(cli: &Cli, words: &[String], json: bool) -> Result<()> {
+    let all = words.iter().any(|w| w == "all");
+    let rest: Vec<&String> = words.iter().filter(|w| *w != "all").collect();
+    let request = match rest.as_slice() {
+        [] => Request::ShowRoute {
+            prefix: None,
+            export: None,
+        },
+        [kw, neighbor] if kw.as_str() == "export" => Request::ShowRoute {
+            prefix: None,
+            export: Some(neighbor.to_string()),
+        },
+        [prefix] => {
+            let prefix = prefix
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{prefix:?} is not a prefix like 192.0.2.0/24"))?;
+            Request::ShowRoute {
+                prefix: Some(prefix),
+                export: None,
+            }
+        }
+        _ => bail!("show route [PREFIX] [all] | show route export NEIGHBOR [all]"),
+    };
+    let data = ask(cli, request)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_routes(&data, all));
+    Ok(())
+}
+
+fn bgp_action(
+    cli: &Cli,
+    action: &str,
+    neighbor: Option<&str>,
+    message: Option<String>,
+) -> Result<()> {
+    if action == "reload" {
+        ask(cli, Request::Reload)?;
+        println!("configuration reloaded");
+        return Ok(());
+    }
+    let neighbor = neighbor.with_context(|| format!("bgp {action} NEIGHBOR: which neighbor?"))?;
+    let name = neighbor.to_string();
+    let request = match action {
+        "enable" => Request::Enable { name },
+        "disable" => Request::Disable { name, message },
+        "restart" => Request::Restart { name },
+        _ => Request::Refresh { name },
+    };
+    ask(cli, request)?;
+    println!("{neighbor}: {action} done");
+    Ok(())
 }
 
 fn lab_sweep(all: bool) -> Result<()> {

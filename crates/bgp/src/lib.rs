@@ -5,6 +5,8 @@
 //! back (bytes to send, timers to arm, routes to install). That keeps every
 //! behaviour testable on virtual time, byte for byte.
 
+pub mod policy;
 pub mod rib;
 pub mod session;
+pub mod speaker;
 pub mod wire;

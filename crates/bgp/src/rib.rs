@@ -175,6 +175,10 @@ impl LocRib {
         self.routes.is_empty()
     }
 
+    pub fn set_selection(&mut self, selection: Selection) {
+        self.selection = selection;
+    }
+
     pub fn get(&self, prefix: &IpNet) -> Option<&Entry> {
         self.routes.get(prefix)
     }

@@ -190,6 +190,11 @@ impl Session {
         self.enabled
     }
 
+    /// The connection the session is Established on.
+    pub fn established_conn(&self) -> Option<ConnId> {
+        self.established().map(|c| c.id)
+    }
+
     fn established(&self) -> Option<&Connection> {
         self.conns.iter().find(|c| c.state == State::Established)
     }

@@ -3,6 +3,7 @@
 //! like the configs operators run) and answers the questions tests ask by
 //! parsing the daemon's own output, JSON where it has it.
 
+mod bgp4mesh;
 mod bird;
 mod frr;
 mod gobgp;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+pub use bgp4mesh::Bgp4mesh;
 pub use bird::Bird;
 pub use frr::Frr;
 pub use gobgp::Gobgp;

@@ -1,0 +1,1291 @@
+//! The BGP speaker: every neighbour's session, import and export through
+//! policy, the Loc-RIB, and Adj-RIB-Out per neighbour, as one sans-IO
+//! state machine.
+//!
+//! The driver calls the `tcp_*`, `received` and `handle_timeout` methods
+//! with the current time and carries out the [`Event`]s from
+//! [`Speaker::poll_event`]. Routes for the kernel come out as
+//! [`Event::Route`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::policy::{Outcome, Policy, RouteContext, RouteSource};
+use crate::rib::{
+    Attrs, BestChange, Interner, LocRib, NeighborId, Path, PathSource, Selection, SourceInfo,
+};
+use crate::session::{ConnId, Negotiated, Output, Session, SessionConfig, State};
+use crate::wire::{
+    AFI_IPV4, Community, DecodedUpdate, Family, Message, NextHop, Notification, Origin,
+    PathAttributes, RefreshSubtype, RouteRefresh, UpdateBuilder, cease, error_code,
+};
+
+/// What to do when a neighbour sends more prefixes than allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxPrefixAction {
+    /// Log a warning, keep the session.
+    Warn,
+    /// Close with Cease / Maximum Number of Prefixes, reconnect after this.
+    Restart(Duration),
+    /// Close and stay down until enabled again.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPrefixes {
+    pub limit: usize,
+    pub action: MaxPrefixAction,
+}
+
+#[derive(Debug, Clone)]
+pub struct NeighborConfig {
+    /// Shown in `show protocols`; unique.
+    pub name: String,
+    pub address: IpAddr,
+    pub remote_as: u32,
+    pub local_address: Option<IpAddr>,
+    pub passive: bool,
+    pub hold_time: u16,
+    pub connect_retry: Duration,
+    pub idle_hold: Duration,
+    pub idle_hold_max: Duration,
+    pub import: Arc<Policy>,
+    pub export: Arc<Policy>,
+    pub next_hop_self: bool,
+    pub route_reflector_client: bool,
+    pub families: Vec<Family>,
+    pub max_prefixes: Option<MaxPrefixes>,
+    pub extended_next_hop: bool,
+    pub extended_message: bool,
+    /// Next hops to announce when the session's own address is of the
+    /// other family (IPv6 routes over an IPv4 session, say).
+    pub next_hop_ipv4: Option<Ipv4Addr>,
+    pub next_hop_ipv6: Option<Ipv6Addr>,
+    /// Keep what the neighbour sent before import policy, so a policy change
+    /// is applied without asking it to resend.
+    pub soft_reconfiguration_inbound: bool,
+    pub enabled: bool,
+}
+
+impl NeighborConfig {
+    /// A neighbour with operator-friendly defaults and the given policies.
+    pub fn new(
+        name: &str,
+        address: IpAddr,
+        remote_as: u32,
+        import: Arc<Policy>,
+        export: Arc<Policy>,
+    ) -> Self {
+        NeighborConfig {
+            name: name.to_string(),
+            address,
+            remote_as,
+            local_address: None,
+            passive: false,
+            hold_time: 90,
+            connect_retry: Duration::from_secs(10),
+            idle_hold: Duration::from_secs(5),
+            idle_hold_max: Duration::from_secs(120),
+            import,
+            export,
+            next_hop_self: false,
+            route_reflector_client: false,
+            families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+            max_prefixes: None,
+            extended_next_hop: false,
+            extended_message: true,
+            next_hop_ipv4: None,
+            next_hop_ipv6: None,
+            soft_reconfiguration_inbound: false,
+            enabled: true,
+        }
+    }
+
+    fn session_config(&self, asn: u32, router_id: Ipv4Addr) -> SessionConfig {
+        SessionConfig {
+            local_as: asn,
+            remote_as: self.remote_as,
+            router_id,
+            hold_time: self.hold_time,
+            passive: self.passive,
+            connect_retry: self.connect_retry,
+            idle_hold: self.idle_hold,
+            idle_hold_max: self.idle_hold_max,
+            families: self.families.clone(),
+            extended_message: self.extended_message,
+            extended_next_hop: self.extended_next_hop,
+        }
+    }
+}
+
+/// Where a static route sends traffic (for the kernel; BGP announces it
+/// with our own next hop whatever the kind).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StaticKind {
+    Blackhole,
+    Unreachable,
+    Via(IpAddr),
+    Device(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StaticRoute {
+    pub prefix: IpNet,
+    pub kind: StaticKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpeakerConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Route reflector cluster id (RFC 4456); the router id when unset.
+    pub cluster_id: Option<Ipv4Addr>,
+    pub selection: Selection,
+    pub neighbors: Vec<NeighborConfig>,
+    pub statics: Vec<StaticRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// A route the kernel should have (or no longer have).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    pub prefix: IpNet,
+    /// None: withdrawn.
+    pub best: Option<Path>,
+    /// The ECMP set, best first.
+    pub multipath: Vec<Path>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Open a TCP connection to the neighbour's address.
+    Connect {
+        neighbor: NeighborId,
+    },
+    Send {
+        neighbor: NeighborId,
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    Close {
+        neighbor: NeighborId,
+        conn: ConnId,
+    },
+    Route(RouteChange),
+    Log {
+        neighbor: Option<NeighborId>,
+        level: Level,
+        message: String,
+    },
+}
+
+/// Message counters of one neighbour, like birdc's route change stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub updates_received: u64,
+    pub withdraws_received: u64,
+    pub filtered_in: u64,
+    pub updates_sent: u64,
+    pub withdraws_sent: u64,
+    pub established_transitions: u64,
+}
+
+#[derive(Debug)]
+struct Neighbor {
+    config: NeighborConfig,
+    session: Session,
+    conn_local: HashMap<ConnId, IpAddr>,
+    local_address: Option<IpAddr>,
+    negotiated: Option<Negotiated>,
+    /// Pre-policy routes (soft reconfiguration inbound only).
+    adj_in: HashMap<IpNet, Attrs>,
+    /// Prefixes this neighbour has in the Loc-RIB.
+    imported: HashSet<IpNet>,
+    adj_out: HashMap<IpNet, Attrs>,
+    /// Announcements (Some) and withdrawals (None) not yet encoded.
+    pending: HashMap<IpNet, Option<Attrs>>,
+    /// End-of-RIB markers to send after the pending updates.
+    eor_pending: Vec<Family>,
+    /// Enhanced route refresh from the neighbour in progress.
+    refresh_stale: HashMap<Family, HashSet<IpNet>>,
+    counters: Counters,
+    max_prefix_warned: bool,
+    next_hop_warned: bool,
+    /// Whether this slot still holds a configured neighbour.
+    removed: bool,
+}
+
+/// A read-only view of a neighbour for `show protocols`.
+#[derive(Debug, Clone)]
+pub struct NeighborStatus<'a> {
+    pub id: NeighborId,
+    pub config: &'a NeighborConfig,
+    pub state: State,
+    pub since: Instant,
+    pub last_error: Option<&'a str>,
+    pub negotiated: Option<&'a Negotiated>,
+    pub local_address: Option<IpAddr>,
+    pub routes_imported: usize,
+    pub routes_exported: usize,
+    pub counters: Counters,
+}
+
+pub struct Speaker {
+    config: SpeakerConfig,
+    neighbors: Vec<Neighbor>,
+    /// Static routes by their PathSource::Static id; None once removed.
+    statics: Vec<Option<StaticRoute>>,
+    rib: LocRib,
+    interner: Interner,
+    started: bool,
+    events: VecDeque<Event>,
+}
+
+fn source_info(neighbors: &[Neighbor], local_as: u32, source: PathSource) -> SourceInfo {
+    match source {
+        PathSource::Neighbor(n) => match neighbors.get(n) {
+            Some(nb) => SourceInfo {
+                ebgp: nb.config.remote_as != local_as,
+                router_id: nb
+                    .negotiated
+                    .as_ref()
+                    .map(|n| n.peer_id)
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                address: nb.config.address,
+                igp_cost: 0,
+                reachable: true,
+            },
+            None => SourceInfo {
+                reachable: false,
+                ..SourceInfo::LOCAL
+            },
+        },
+        _ => SourceInfo::LOCAL,
+    }
+}
+
+fn route_source(source: PathSource) -> RouteSource {
+    match source {
+        PathSource::Static(_) => RouteSource::Static,
+        PathSource::Connected => RouteSource::Connected,
+        PathSource::Neighbor(_) => RouteSource::Bgp,
+    }
+}
+
+impl Speaker {
+    pub fn new(config: SpeakerConfig, now: Instant) -> Self {
+        let neighbors = config
+            .neighbors
+            .iter()
+            .map(|c| Self::make_neighbor(&config, c.clone(), now))
+            .collect();
+        Speaker {
+            rib: LocRib::new(config.selection),
+            statics: config.statics.iter().cloned().map(Some).collect(),
+            config,
+            neighbors,
+            interner: Interner::default(),
+            started: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    fn make_neighbor(config: &SpeakerConfig, nc: NeighborConfig, now: Instant) -> Neighbor {
+        Neighbor {
+            session: Session::new(nc.session_config(config.asn, config.router_id), now),
+            config: nc,
+            conn_local: HashMap::new(),
+            local_address: None,
+            negotiated: None,
+            adj_in: HashMap::new(),
+            imported: HashSet::new(),
+            adj_out: HashMap::new(),
+            pending: HashMap::new(),
+            eor_pending: Vec::new(),
+            refresh_stale: HashMap::new(),
+            counters: Counters::default(),
+            max_prefix_warned: false,
+            next_hop_warned: false,
+            removed: false,
+        }
+    }
+
+    pub fn config(&self) -> &SpeakerConfig {
+        &self.config
+    }
+
+    pub fn rib(&self) -> &LocRib {
+        &self.rib
+    }
+
+    pub fn interner(&self) -> &Interner {
+        &self.interner
+    }
+
+    /// Originates the static routes and starts every enabled neighbour.
+    pub fn start(&mut self, now: Instant) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        for i in 0..self.statics.len() {
+            if let Some(route) = self.statics[i].clone() {
+                self.originate_static(i, &route);
+            }
+        }
+        for id in 0..self.neighbors.len() {
+            if self.neighbors[id].config.enabled {
+                self.neighbors[id].session.start(now);
+            }
+        }
+        self.drain_sessions(now);
+    }
+
+    fn static_attrs(&mut self, route: &StaticRoute) -> Attrs {
+        let next_hop = match route.kind {
+            StaticKind::Via(IpAddr::V4(a)) => Some(NextHop::V4(a)),
+            StaticKind::Via(IpAddr::V6(a)) => Some(NextHop::V6 {
+                global: a,
+                link_local: None,
+            }),
+            _ => None,
+        };
+        self.interner.intern(PathAttributes {
+            origin: Origin::Igp,
+            next_hop,
+            ..PathAttributes::default()
+        })
+    }
+
+    fn originate_static(&mut self, index: usize, route: &StaticRoute) {
+        let attrs = self.static_attrs(route);
+        self.rib_update(route.prefix, PathSource::Static(index as u32), Some(attrs));
+    }
+
+    // ----- queries -------------------------------------------------------
+
+    pub fn neighbor_ids(&self) -> impl Iterator<Item = NeighborId> + '_ {
+        (0..self.neighbors.len()).filter(|&i| !self.neighbors[i].removed)
+    }
+
+    pub fn neighbor_by_name(&self, name: &str) -> Option<NeighborId> {
+        self.neighbor_ids()
+            .find(|&i| self.neighbors[i].config.name == name)
+    }
+
+    /// The configured neighbour with this address (for incoming connections).
+    pub fn neighbor_by_address(&self, address: IpAddr) -> Option<NeighborId> {
+        self.neighbor_ids()
+            .find(|&i| self.neighbors[i].config.address == address)
+    }
+
+    pub fn neighbor(&self, id: NeighborId) -> Option<NeighborStatus<'_>> {
+        let n = self.neighbors.get(id).filter(|n| !n.removed)?;
+        Some(NeighborStatus {
+            id,
+            config: &n.config,
+            state: n.session.state(),
+            since: n.session.since(),
+            last_error: n.session.last_error(),
+            negotiated: n.negotiated.as_ref(),
+            local_address: n.local_address,
+            routes_imported: n.imported.len(),
+            routes_exported: n.adj_out.len(),
+            counters: n.counters,
+        })
+    }
+
+    pub fn neighbor_name(&self, id: NeighborId) -> &str {
+        self.neighbors
+            .get(id)
+            .map(|n| n.config.name.as_str())
+            .unwrap_or("?")
+    }
+
+    /// What we last announced to a neighbour (Adj-RIB-Out).
+    pub fn adj_rib_out(&self, id: NeighborId) -> Option<&HashMap<IpNet, Attrs>> {
+        self.neighbors
+            .get(id)
+            .filter(|n| !n.removed)
+            .map(|n| &n.adj_out)
+    }
+
+    // ----- driver input ----------------------------------------------------
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.neighbors
+            .iter()
+            .filter(|n| !n.removed)
+            .filter_map(|n| n.session.poll_timeout())
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for n in &mut self.neighbors {
+            if !n.removed && n.session.poll_timeout().is_some_and(|t| t <= now) {
+                n.session.handle_timeout(now);
+            }
+        }
+        self.drain_sessions(now);
+    }
+
+    /// A TCP connection to or from `neighbor` is up; `local` is our address
+    /// on it.
+    pub fn tcp_connected(
+        &mut self,
+        now: Instant,
+        neighbor: NeighborId,
+        conn: ConnId,
+        outgoing: bool,
+        local: IpAddr,
+    ) {
+        let Some(n) = self.neighbors.get_mut(neighbor).filter(|n| !n.removed) else {
+            return;
+        };
+        n.conn_local.insert(conn, local);
+        n.session.tcp_connected(now, conn, outgoing);
+        self.drain_sessions(now);
+    }
+
+    pub fn tcp_connect_failed(&mut self, now: Instant, neighbor: NeighborId, error: &str) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.tcp_connect_failed(now, error);
+        }
+        self.drain_sessions(now);
+    }
+
+    pub fn tcp_closed(&mut self, now: Instant, neighbor: NeighborId, conn: ConnId) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.tcp_closed(now, conn);
+            n.conn_local.remove(&conn);
+        }
+        self.drain_sessions(now);
+    }
+
+    pub fn received(&mut self, now: Instant, neighbor: NeighborId, conn: ConnId, bytes: &[u8]) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.received(now, conn, bytes);
+        }
+        self.drain_sessions(now);
+    }
+
+    // ----- administration ----------------------------------------------------
+
+    pub fn enable(&mut self, now: Instant, neighbor: NeighborId) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.config.enabled = true;
+            n.session.start(now);
+        }
+        self.drain_sessions(now);
+    }
+
+    pub fn disable(&mut self, now: Instant, neighbor: NeighborId, message: &str) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.config.enabled = false;
+            n.session.stop(now, message);
+        }
+        self.drain_sessions(now);
+    }
+
+    pub fn restart(&mut self, now: Instant, neighbor: NeighborId, message: &str) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.restart(now, message);
+        }
+        self.drain_sessions(now);
+    }
+
+    /// Re-applies import policy (from the pre-policy copy, or by asking the
+    /// neighbour with ROUTE-REFRESH) and export policy (sending only what
+    /// changed).
+    pub fn refresh(&mut self, now: Instant, neighbor: NeighborId) {
+        self.refresh_in(neighbor);
+        self.refresh_out(neighbor);
+        self.flush();
+        self.drain_sessions(now);
+    }
+
+    fn refresh_in(&mut self, id: NeighborId) {
+        let Some(n) = self.neighbors.get_mut(id) else {
+            return;
+        };
+        let Some(negotiated) = n.negotiated.clone() else {
+            return;
+        };
+        if n.config.soft_reconfiguration_inbound {
+            let routes: Vec<(IpNet, Attrs)> =
+                n.adj_in.iter().map(|(p, a)| (*p, a.clone())).collect();
+            for (prefix, attrs) in routes {
+                self.import_one(id, prefix, &attrs);
+            }
+            return;
+        }
+        if negotiated.route_refresh {
+            for family in negotiated.families {
+                let rr = Message::RouteRefresh(RouteRefresh {
+                    family,
+                    subtype: RefreshSubtype::Request,
+                });
+                n.session.send_message(&rr);
+            }
+            let name = n.config.name.clone();
+            self.log(
+                Some(id),
+                Level::Info,
+                format!("{name}: asked for a route refresh"),
+            );
+        } else {
+            let name = n.config.name.clone();
+            self.log(Some(id), Level::Warn, format!("{name}: no route refresh capability and no soft reconfiguration: import policy applies to new routes only"));
+        }
+    }
+
+    /// Recomputes what we announce to `id` from the Loc-RIB.
+    fn refresh_out(&mut self, id: NeighborId) {
+        if self
+            .neighbors
+            .get(id)
+            .is_none_or(|n| n.negotiated.is_none())
+        {
+            return;
+        }
+        let prefixes: Vec<IpNet> = self
+            .rib
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(self.neighbors[id].adj_out.keys().copied())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for prefix in prefixes {
+            let best = self.rib.get(&prefix).and_then(|e| e.best()).cloned();
+            self.export_update(id, prefix, best.as_ref());
+        }
+    }
+
+    /// Applies a changed configuration without touching what did not
+    /// change: a neighbour whose session parameters changed is restarted
+    /// (Cease / Other Configuration Change), one whose policies changed gets
+    /// a soft refresh, removed neighbours are closed (Cease / Peer
+    /// De-configured), new ones start. Changing the AS number or router id
+    /// restarts every session.
+    pub fn reconfigure(&mut self, now: Instant, new: SpeakerConfig) {
+        let identity_changed = new.asn != self.config.asn || new.router_id != self.config.router_id;
+        if new.selection != self.config.selection {
+            self.rib.set_selection(new.selection);
+            let neighbors = &self.neighbors;
+            let asn = new.asn;
+            let changes = self.rib.reselect_all(&|s| source_info(neighbors, asn, s));
+            for change in changes {
+                self.on_best_change(change);
+            }
+        }
+        let old_cluster = self.config.cluster_id;
+        self.config.asn = new.asn;
+        self.config.router_id = new.router_id;
+        self.config.cluster_id = new.cluster_id;
+        self.config.selection = new.selection;
+
+        // Neighbours, matched by name.
+        for id in 0..self.neighbors.len() {
+            if self.neighbors[id].removed {
+                continue;
+            }
+            let name = self.neighbors[id].config.name.clone();
+            match new.neighbors.iter().find(|n| n.name == name) {
+                None => {
+                    let note =
+                        Notification::new(error_code::CEASE, cease::PEER_DECONFIGURED, vec![]);
+                    self.neighbors[id].session.shutdown(now, note, None);
+                    self.drain_sessions(now);
+                    self.neighbors[id].removed = true;
+                    self.log(
+                        Some(id),
+                        Level::Info,
+                        format!("{name}: removed from the configuration"),
+                    );
+                }
+                Some(nc) => self.reconfigure_neighbor(
+                    now,
+                    id,
+                    nc.clone(),
+                    identity_changed || old_cluster != new.cluster_id,
+                ),
+            }
+        }
+        for nc in &new.neighbors {
+            if self.neighbor_by_name(&nc.name).is_none() {
+                let id = self.neighbors.len();
+                self.neighbors
+                    .push(Self::make_neighbor(&self.config, nc.clone(), now));
+                if nc.enabled && self.started {
+                    self.neighbors[id].session.start(now);
+                }
+                self.log(
+                    Some(id),
+                    Level::Info,
+                    format!("{}: added to the configuration", nc.name),
+                );
+            }
+        }
+
+        // Static routes: withdraw the ones gone, originate the new ones.
+        for i in 0..self.statics.len() {
+            if let Some(route) = &self.statics[i]
+                && !new.statics.contains(route)
+            {
+                let prefix = route.prefix;
+                self.statics[i] = None;
+                self.rib_update(prefix, PathSource::Static(i as u32), None);
+            }
+        }
+        for route in &new.statics {
+            if !self.statics.iter().flatten().any(|r| r == route) {
+                self.statics.push(Some(route.clone()));
+                if self.started {
+                    self.originate_static(self.statics.len() - 1, route);
+                }
+            }
+        }
+        self.config.statics = new.statics;
+        self.config.neighbors = self
+            .neighbors
+            .iter()
+            .filter(|n| !n.removed)
+            .map(|n| n.config.clone())
+            .collect();
+        self.flush();
+        self.drain_sessions(now);
+    }
+
+    fn reconfigure_neighbor(
+        &mut self,
+        now: Instant,
+        id: NeighborId,
+        nc: NeighborConfig,
+        restart_all: bool,
+    ) {
+        let old = self.neighbors[id].config.clone();
+        let session_config = nc.session_config(self.config.asn, self.config.router_id);
+        let session_changed = restart_all
+            || old.address != nc.address
+            || old.local_address != nc.local_address
+            || *self.neighbors[id].session.config() != session_config;
+        let import_changed = format!("{:?}", old.import) != format!("{:?}", nc.import)
+            || old.soft_reconfiguration_inbound != nc.soft_reconfiguration_inbound;
+        let export_changed = format!("{:?}", old.export) != format!("{:?}", nc.export)
+            || old.next_hop_self != nc.next_hop_self
+            || old.route_reflector_client != nc.route_reflector_client
+            || old.next_hop_ipv4 != nc.next_hop_ipv4
+            || old.next_hop_ipv6 != nc.next_hop_ipv6;
+        let enabled_changed = old.enabled != nc.enabled;
+        self.neighbors[id].config = nc.clone();
+        if session_changed {
+            self.neighbors[id].session.set_config(session_config);
+            if nc.enabled {
+                let note = Notification::new(error_code::CEASE, cease::OTHER_CONFIG_CHANGE, vec![]);
+                self.neighbors[id]
+                    .session
+                    .shutdown(now, note, Some(Duration::ZERO));
+                self.neighbors[id].session.start(now);
+            }
+            self.drain_sessions(now);
+            self.log(
+                Some(id),
+                Level::Info,
+                format!("{}: session parameters changed: restarted", nc.name),
+            );
+        } else {
+            if import_changed {
+                self.refresh_in(id);
+            }
+            if export_changed {
+                self.refresh_out(id);
+            }
+            if import_changed || export_changed {
+                self.log(
+                    Some(id),
+                    Level::Info,
+                    format!("{}: policy changed: soft refresh", nc.name),
+                );
+            }
+        }
+        if enabled_changed {
+            if nc.enabled {
+                self.neighbors[id].session.start(now);
+            } else {
+                self.neighbors[id]
+                    .session
+                    .stop(now, "disabled in the configuration");
+            }
+            self.drain_sessions(now);
+        }
+    }
+
+    // ----- session outputs -----------------------------------------------------
+
+    fn drain_sessions(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            for id in 0..self.neighbors.len() {
+                while let Some(output) = self.neighbors[id].session.poll_output() {
+                    progressed = true;
+                    self.on_session_output(now, id, output);
+                }
+            }
+            self.flush();
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn on_session_output(&mut self, now: Instant, id: NeighborId, output: Output) {
+        match output {
+            Output::Connect => self.events.push_back(Event::Connect { neighbor: id }),
+            Output::Send(conn, bytes) => self.events.push_back(Event::Send {
+                neighbor: id,
+                conn,
+                bytes,
+            }),
+            Output::Close(conn) => {
+                self.neighbors[id].conn_local.remove(&conn);
+                self.events.push_back(Event::Close { neighbor: id, conn });
+            }
+            Output::Established(negotiated) => self.on_established(now, id, *negotiated),
+            Output::Down { reason } => self.on_down(id, &reason),
+            Output::Update(update) => self.on_update(now, id, *update),
+            Output::RouteRefresh(rr) => self.on_route_refresh(id, rr),
+            Output::Log(message) => {
+                let name = self.neighbors[id].config.name.clone();
+                self.log(Some(id), Level::Info, format!("{name}: {message}"));
+            }
+        }
+    }
+
+    fn log(&mut self, neighbor: Option<NeighborId>, level: Level, message: String) {
+        self.events.push_back(Event::Log {
+            neighbor,
+            level,
+            message,
+        });
+    }
+
+    fn on_established(&mut self, _now: Instant, id: NeighborId, negotiated: Negotiated) {
+        let n = &mut self.neighbors[id];
+        n.local_address = n
+            .session
+            .established_conn()
+            .and_then(|c| n.conn_local.get(&c).copied());
+        n.counters.established_transitions += 1;
+        n.max_prefix_warned = false;
+        n.next_hop_warned = false;
+        let families = negotiated.families.clone();
+        let message = format!(
+            "{}: Established (AS {}, id {}, hold {} s, families {})",
+            n.config.name,
+            negotiated.peer_as,
+            negotiated.peer_id,
+            negotiated.hold_time,
+            families
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        n.negotiated = Some(negotiated);
+        self.log(Some(id), Level::Info, message);
+        // Initial dump of our best routes, then End-of-RIB per family.
+        let dump: Vec<(IpNet, Path)> = self
+            .rib
+            .iter()
+            .filter_map(|(p, e)| e.best().map(|b| (*p, b.clone())))
+            .collect();
+        for (prefix, best) in dump {
+            self.export_update(id, prefix, Some(&best));
+        }
+        self.neighbors[id].eor_pending = families;
+    }
+
+    fn on_down(&mut self, id: NeighborId, reason: &str) {
+        let n = &mut self.neighbors[id];
+        let name = n.config.name.clone();
+        n.negotiated = None;
+        n.local_address = None;
+        n.adj_out.clear();
+        n.pending.clear();
+        n.eor_pending.clear();
+        n.adj_in.clear();
+        n.refresh_stale.clear();
+        let gone: Vec<IpNet> = n.imported.drain().collect();
+        self.log(
+            Some(id),
+            Level::Warn,
+            format!(
+                "{name}: session down: {reason}; {} routes withdrawn",
+                gone.len()
+            ),
+        );
+        for prefix in gone {
+            self.rib_update(prefix, PathSource::Neighbor(id), None);
+        }
+    }
+
+    fn on_update(&mut self, now: Instant, id: NeighborId, update: DecodedUpdate) {
+        let name = self.neighbors[id].config.name.clone();
+        for why in &update.discarded {
+            self.log(
+                Some(id),
+                Level::Warn,
+                format!("{name}: UPDATE attribute discarded (RFC 7606): {why}"),
+            );
+        }
+        if let Some(why) = &update.treat_as_withdraw {
+            self.log(
+                Some(id),
+                Level::Warn,
+                format!("{name}: UPDATE treated as withdraw (RFC 7606): {why}"),
+            );
+        }
+        let negotiated_families = self.neighbors[id]
+            .negotiated
+            .as_ref()
+            .map(|n| n.families.clone())
+            .unwrap_or_default();
+        let withdrawn: Vec<IpNet> = update.withdrawn().copied().collect();
+        self.neighbors[id].counters.withdraws_received += withdrawn.len() as u64;
+        for prefix in withdrawn {
+            self.withdraw_from(id, prefix);
+        }
+        if update.treat_as_withdraw.is_some() {
+            return;
+        }
+        let DecodedUpdate { update, .. } = update;
+        let Some(attrs) = update.attributes else {
+            return;
+        };
+        if !update.nlri.is_empty() && negotiated_families.contains(&Family::IPV4_UNICAST) {
+            self.import_many(id, &update.nlri, attrs.clone());
+        }
+        if let Some(reach) = update.mp_reach
+            && negotiated_families.contains(&reach.family)
+        {
+            let mut attrs = attrs;
+            attrs.next_hop = Some(reach.next_hop);
+            self.import_many(id, &reach.nlri, attrs);
+        }
+        self.check_max_prefixes(now, id);
+    }
+
+    fn import_many(&mut self, id: NeighborId, prefixes: &[IpNet], attrs: PathAttributes) {
+        self.neighbors[id].counters.updates_received += prefixes.len() as u64;
+        let attrs = self.interner.intern(attrs);
+        let soft = self.neighbors[id].config.soft_reconfiguration_inbound;
+        for prefix in prefixes {
+            if soft {
+                self.neighbors[id].adj_in.insert(*prefix, attrs.clone());
+            }
+            for stale in self.neighbors[id].refresh_stale.values_mut() {
+                stale.remove(prefix);
+            }
+            self.import_one(id, *prefix, &attrs);
+        }
+    }
+
+    /// Loop checks and import policy for one received path.
+    fn import_one(&mut self, id: NeighborId, prefix: IpNet, attrs: &Attrs) {
+        let n = &self.neighbors[id];
+        let ebgp = n.config.remote_as != self.config.asn;
+        let cluster_id = self.config.cluster_id.unwrap_or(self.config.router_id);
+        let looped = if ebgp {
+            attrs.as_path.contains(self.config.asn)
+        } else {
+            attrs.originator_id == Some(self.config.router_id)
+                || attrs.cluster_list.contains(&cluster_id)
+        };
+        if looped {
+            self.neighbors[id].counters.filtered_in += 1;
+            self.withdraw_from(id, prefix);
+            return;
+        }
+        let ctx = RouteContext {
+            prefix: &prefix,
+            neighbor: Some(n.config.name.as_str()),
+            source: RouteSource::Bgp,
+            local_as: self.config.asn,
+        };
+        match n.config.import.evaluate(&ctx, attrs) {
+            Outcome::Reject => {
+                self.neighbors[id].counters.filtered_in += 1;
+                self.withdraw_from(id, prefix);
+            }
+            Outcome::Accept { attrs: changed, .. } => {
+                let accepted = match changed {
+                    Some(a) => self.interner.intern(a),
+                    None => attrs.clone(),
+                };
+                self.neighbors[id].imported.insert(prefix);
+                self.rib_update(prefix, PathSource::Neighbor(id), Some(accepted));
+            }
+        }
+    }
+
+    fn withdraw_from(&mut self, id: NeighborId, prefix: IpNet) {
+        let n = &mut self.neighbors[id];
+        if n.config.soft_reconfiguration_inbound {
+            n.adj_in.remove(&prefix);
+        }
+        for stale in n.refresh_stale.values_mut() {
+            stale.remove(&prefix);
+        }
+        if n.imported.remove(&prefix) {
+            self.rib_update(prefix, PathSource::Neighbor(id), None);
+        }
+    }
+
+    fn check_max_prefixes(&mut self, now: Instant, id: NeighborId) {
+        let n = &mut self.neighbors[id];
+        let Some(max) = n.config.max_prefixes else {
+            return;
+        };
+        let count = n.imported.len();
+        if count <= max.limit {
+            n.max_prefix_warned = false;
+            return;
+        }
+        let name = n.config.name.clone();
+        match max.action {
+            MaxPrefixAction::Warn => {
+                if !n.max_prefix_warned {
+                    n.max_prefix_warned = true;
+                    self.log(
+                        Some(id),
+                        Level::Warn,
+                        format!("{name}: {count} prefixes, above the limit of {}", max.limit),
+                    );
+                }
+            }
+            MaxPrefixAction::Restart(_) | MaxPrefixAction::Shutdown => {
+                // RFC 4486: data is AFI, SAFI and the limit.
+                let mut data = AFI_IPV4.to_be_bytes().to_vec();
+                data.push(1);
+                data.extend_from_slice(&(max.limit.min(u32::MAX as usize) as u32).to_be_bytes());
+                let note = Notification::new(error_code::CEASE, cease::MAX_PREFIXES, data);
+                let hold = match max.action {
+                    MaxPrefixAction::Restart(d) => Some(d),
+                    _ => None,
+                };
+                // Session outputs (the Down) are drained by our caller.
+                n.session.shutdown(now, note, hold);
+                self.log(
+                    Some(id),
+                    Level::Warn,
+                    format!(
+                        "{name}: {count} prefixes, above the limit of {}: closing",
+                        max.limit
+                    ),
+                );
+            }
+        }
+    }
+
+    fn on_route_refresh(&mut self, id: NeighborId, rr: RouteRefresh) {
+        let enhanced = self.neighbors[id]
+            .negotiated
+            .as_ref()
+            .is_some_and(|n| n.enhanced_route_refresh);
+        match rr.subtype {
+            RefreshSubtype::Request => {
+                // Re-send everything of the family: forget what was sent.
+                let family = rr.family;
+                self.neighbors[id]
+                    .adj_out
+                    .retain(|p, _| Family::of(p) != family);
+                self.neighbors[id]
+                    .pending
+                    .retain(|p, _| Family::of(p) != family);
+                if enhanced {
+                    let begin = Message::RouteRefresh(RouteRefresh {
+                        family,
+                        subtype: RefreshSubtype::Begin,
+                    });
+                    self.neighbors[id].session.send_message(&begin);
+                }
+                let routes: Vec<(IpNet, Path)> = self
+                    .rib
+                    .iter()
+                    .filter(|(p, _)| Family::of(p) == family)
+                    .filter_map(|(p, e)| e.best().map(|b| (*p, b.clone())))
+                    .collect();
+                for (prefix, best) in routes {
+                    self.export_update(id, prefix, Some(&best));
+                }
+                self.flush_neighbor(id);
+                if enhanced {
+                    let end = Message::RouteRefresh(RouteRefresh {
+                        family,
+                        subtype: RefreshSubtype::End,
+                    });
+                    self.neighbors[id].session.send_message(&end);
+                }
+            }
+            RefreshSubtype::Begin => {
+                let stale: HashSet<IpNet> = self.neighbors[id]
+                    .imported
+                    .iter()
+                    .filter(|p| Family::of(p) == rr.family)
+                    .copied()
+                    .collect();
+                self.neighbors[id].refresh_stale.insert(rr.family, stale);
+            }
+            RefreshSubtype::End => {
+                if let Some(stale) = self.neighbors[id].refresh_stale.remove(&rr.family) {
+                    for prefix in stale {
+                        self.withdraw_from(id, prefix);
+                    }
+                }
+            }
+            RefreshSubtype::Reserved(_) => {}
+        }
+    }
+
+    // ----- Loc-RIB and export ---------------------------------------------------
+
+    fn rib_update(&mut self, prefix: IpNet, source: PathSource, attrs: Option<Attrs>) {
+        let neighbors = &self.neighbors;
+        let asn = self.config.asn;
+        let change = self
+            .rib
+            .update(prefix, source, attrs, &|s| source_info(neighbors, asn, s));
+        if let Some(change) = change {
+            self.on_best_change(change);
+        }
+    }
+
+    fn on_best_change(&mut self, change: BestChange) {
+        if change.best_changed {
+            for id in 0..self.neighbors.len() {
+                if self.neighbors[id].negotiated.is_some() {
+                    self.export_update(id, change.prefix, change.best.as_ref());
+                }
+            }
+        }
+        self.events.push_back(Event::Route(RouteChange {
+            prefix: change.prefix,
+            best: change.best,
+            multipath: change.multipath,
+        }));
+    }
+
+    /// Brings neighbour `id`'s Adj-RIB-Out for `prefix` in line with `best`.
+    fn export_update(&mut self, id: NeighborId, prefix: IpNet, best: Option<&Path>) {
+        let new = best.and_then(|b| self.export_attrs(id, prefix, b));
+        let n = &mut self.neighbors[id];
+        match (&new, n.adj_out.get(&prefix)) {
+            (Some(a), Some(old)) if Arc::ptr_eq(a, old) => return,
+            (None, None) => {
+                n.pending.remove(&prefix);
+                return;
+            }
+            _ => {}
+        }
+        match &new {
+            Some(a) => n.adj_out.insert(prefix, a.clone()),
+            None => n.adj_out.remove(&prefix),
+        };
+        n.pending.insert(prefix, new);
+    }
+
+    /// What we would announce to neighbour `id` for `path`, or None.
+    fn export_attrs(&mut self, id: NeighborId, prefix: IpNet, path: &Path) -> Option<Attrs> {
+        let asn = self.config.asn;
+        let target = &self.neighbors[id];
+        let negotiated = target.negotiated.as_ref()?;
+        let family = Family::of(&prefix);
+        if !negotiated.families.contains(&family) || path.source == PathSource::Neighbor(id) {
+            return None;
+        }
+        let target_ebgp = target.config.remote_as != asn;
+        let from = match path.source {
+            PathSource::Neighbor(s) => self.neighbors.get(s),
+            _ => None,
+        };
+        let from_ibgp = from.is_some_and(|f| f.config.remote_as == asn);
+        let reflecting = from_ibgp && !target_ebgp;
+        if reflecting
+            && !from.is_some_and(|f| f.config.route_reflector_client)
+            && !target.config.route_reflector_client
+        {
+            // RFC 4271 §9.2 / RFC 4456: iBGP routes go to iBGP peers only
+            // through a route reflector.
+            return None;
+        }
+        let communities = &path.attrs.communities;
+        if communities.contains(&Community::NO_ADVERTISE)
+            || (target_ebgp
+                && (communities.contains(&Community::NO_EXPORT)
+                    || communities.contains(&Community::NO_EXPORT_SUBCONFED)))
+        {
+            return None;
+        }
+        let ctx = RouteContext {
+            prefix: &prefix,
+            neighbor: Some(target.config.name.as_str()),
+            source: route_source(path.source),
+            local_as: asn,
+        };
+        let (mut attrs, policy_next_hop_self) =
+            match target.config.export.evaluate(&ctx, &path.attrs) {
+                Outcome::Reject => return None,
+                Outcome::Accept {
+                    attrs: Some(a),
+                    next_hop_self,
+                } => (a, next_hop_self),
+                Outcome::Accept {
+                    attrs: None,
+                    next_hop_self,
+                } => ((*path.attrs).clone(), next_hop_self),
+            };
+        let policy_set_next_hop = attrs.next_hop != path.attrs.next_hop;
+        let policy_set_med = attrs.med != path.attrs.med;
+        let wants_self = target_ebgp
+            || target.config.next_hop_self
+            || policy_next_hop_self
+            || path.source.is_local();
+        if target_ebgp {
+            attrs.as_path = attrs.as_path.without_confed();
+            attrs.as_path.prepend(asn, 1);
+            attrs.local_pref = None;
+            if !path.source.is_local() && !policy_set_med {
+                attrs.med = None;
+            }
+            attrs.originator_id = None;
+            attrs.cluster_list.clear();
+        } else {
+            attrs.local_pref = Some(attrs.local_pref.unwrap_or(100));
+            if reflecting {
+                let from_id = from.and_then(|f| f.negotiated.as_ref()).map(|n| n.peer_id);
+                if attrs.originator_id.is_none() {
+                    attrs.originator_id = from_id;
+                }
+                attrs
+                    .cluster_list
+                    .insert(0, self.config.cluster_id.unwrap_or(self.config.router_id));
+            }
+        }
+        if (wants_self && !policy_set_next_hop) || attrs.next_hop.is_none() {
+            match self.self_next_hop(id, family) {
+                Some(hop) => attrs.next_hop = Some(hop),
+                None => {
+                    let n = &mut self.neighbors[id];
+                    if !n.next_hop_warned {
+                        n.next_hop_warned = true;
+                        let message = format!(
+                            "{}: no {} address of ours to announce as next hop; set next_hop_{} for this neighbour",
+                            n.config.name,
+                            family,
+                            if family.afi == AFI_IPV4 {
+                                "ipv4"
+                            } else {
+                                "ipv6"
+                            }
+                        );
+                        self.log(Some(id), Level::Warn, message);
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(self.interner.intern(attrs))
+    }
+
+    /// Our next hop towards neighbour `id` for routes of `family`.
+    fn self_next_hop(&self, id: NeighborId, family: Family) -> Option<NextHop> {
+        let n = &self.neighbors[id];
+        let v4 = n.config.next_hop_ipv4.or(match n.local_address {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        });
+        let v6 = n.config.next_hop_ipv6.or(match n.local_address {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => None,
+        });
+        let v6_hop = v6.map(|global| NextHop::V6 {
+            global,
+            link_local: None,
+        });
+        if family.afi == AFI_IPV4 {
+            let extended = n
+                .negotiated
+                .as_ref()
+                .is_some_and(|neg| neg.extended_next_hop.contains(&family));
+            v4.map(NextHop::V4).or(if extended { v6_hop } else { None })
+        } else {
+            v6_hop
+        }
+    }
+
+    /// Encodes every neighbour's pending changes into UPDATEs.
+    fn flush(&mut self) {
+        for id in 0..self.neighbors.len() {
+            self.flush_neighbor(id);
+        }
+    }
+
+    fn flush_neighbor(&mut self, id: NeighborId) {
+        let n = &mut self.neighbors[id];
+        if n.pending.is_empty() && n.eor_pending.is_empty() {
+            return;
+        }
+        let Some(negotiated) = n.negotiated.as_ref() else {
+            n.pending.clear();
+            n.eor_pending.clear();
+            return;
+        };
+        let builder = UpdateBuilder::new(negotiated.codec);
+        let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
+        // Group announcements by (family, interned attributes).
+        let mut announce: HashMap<(Family, *const PathAttributes), (Attrs, Vec<IpNet>)> =
+            HashMap::new();
+        for (prefix, change) in n.pending.drain() {
+            let family = Family::of(&prefix);
+            match change {
+                None => withdraw.entry(family).or_default().push(prefix),
+                Some(attrs) => announce
+                    .entry((family, Arc::as_ptr(&attrs)))
+                    .or_insert_with(|| (attrs.clone(), Vec::new()))
+                    .1
+                    .push(prefix),
+            }
+        }
+        let mut bytes = Vec::new();
+        for prefixes in withdraw.values_mut() {
+            prefixes.sort();
+            n.counters.withdraws_sent += prefixes.len() as u64;
+            builder.withdraw(&mut bytes, prefixes);
+        }
+        for (attrs, prefixes) in announce.values_mut() {
+            prefixes.sort();
+            n.counters.updates_sent += prefixes.len() as u64;
+            builder.announce(&mut bytes, attrs, prefixes);
+        }
+        for family in std::mem::take(&mut n.eor_pending) {
+            builder.end_of_rib(&mut bytes, family);
+        }
+        if !bytes.is_empty() {
+            n.session.send_bytes(bytes);
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! Speakers wired together in memory on virtual time: route propagation,
+//! policy, iBGP rules, and the seeds' scenarios, with no sockets.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bgp4mesh_bgp::policy::{Action, Match, Policy, PrefixRange, Rule, Verdict};
+use bgp4mesh_bgp::rib::{PathSource, Selection};
+use bgp4mesh_bgp::session::ConnId;
+use bgp4mesh_bgp::speaker::{
+    Event, NeighborConfig, RouteChange, Speaker, SpeakerConfig, StaticKind, StaticRoute,
+};
+use ipnet::IpNet;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+fn pfx(s: &str) -> IpNet {
+    s.parse().expect("prefix")
+}
+
+fn all() -> Arc<Policy> {
+    Arc::new(Policy::accept_all())
+}
+
+fn neighbor(name: &str, address: &str, remote_as: u32) -> NeighborConfig {
+    let mut n = NeighborConfig::new(name, ip(address), remote_as, all(), all());
+    n.connect_retry = Duration::from_secs(1);
+    n.idle_hold = Duration::from_secs(1);
+    n.idle_hold_max = Duration::from_secs(4);
+    n
+}
+
+fn speaker(
+    asn: u32,
+    id: [u8; 4],
+    neighbors: Vec<NeighborConfig>,
+    statics: &[&str],
+) -> SpeakerConfig {
+    SpeakerConfig {
+        asn,
+        router_id: Ipv4Addr::from(id),
+        cluster_id: None,
+        selection: Selection::default(),
+        neighbors,
+        statics: statics
+            .iter()
+            .map(|p| StaticRoute {
+                prefix: pfx(p),
+                kind: StaticKind::Blackhole,
+            })
+            .collect(),
+    }
+}
+
+/// Speakers joined by links; each link end has an address, and a
+/// neighbour is found by the address of the other end.
+struct Net {
+    speakers: Vec<Speaker>,
+    /// (speaker, its address on the link) → (other speaker, other address)
+    links: HashMap<(usize, IpAddr), (usize, IpAddr)>,
+    /// Connection → the two (speaker, neighbour) ends.
+    conns: HashMap<ConnId, [(usize, usize); 2]>,
+    next_conn: ConnId,
+    now: Instant,
+    /// Links that are cut (both addresses): nothing passes.
+    down: Vec<(IpAddr, IpAddr)>,
+    routes: Vec<HashMap<IpNet, RouteChange>>,
+}
+
+impl Net {
+    fn new(configs: Vec<SpeakerConfig>) -> Net {
+        let now = Instant::now();
+        let n = configs.len();
+        Net {
+            speakers: configs.into_iter().map(|c| Speaker::new(c, now)).collect(),
+            links: HashMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            now,
+            down: vec![],
+            routes: vec![HashMap::new(); n],
+        }
+    }
+
+    fn link(&mut self, a: usize, a_addr: &str, b: usize, b_addr: &str) {
+        self.links.insert((a, ip(a_addr)), (b, ip(b_addr)));
+        self.links.insert((b, ip(b_addr)), (a, ip(a_addr)));
+    }
+
+    fn start(&mut self) {
+        for s in &mut self.speakers {
+            s.start(self.now);
+        }
+        self.pump();
+    }
+
+    fn local_address(&self, s: usize, n: usize) -> Option<(IpAddr, usize, IpAddr)> {
+        let remote = self.speakers[s].neighbor(n)?.config.address;
+        self.links
+            .iter()
+            .find(|(_, (_, r))| *r == remote)
+            .and_then(|((owner, local), (other, r))| (*owner == s).then_some((*local, *other, *r)))
+    }
+
+    fn is_down(&self, a: IpAddr, b: IpAddr) -> bool {
+        self.down
+            .iter()
+            .any(|(x, y)| (*x == a && *y == b) || (*x == b && *y == a))
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for s in 0..self.speakers.len() {
+                while let Some(event) = self.speakers[s].poll_event() {
+                    moved = true;
+                    self.deliver(s, event);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the network never settles");
+    }
+
+    fn deliver(&mut self, s: usize, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Connect { neighbor } => {
+                let Some((local, other, remote)) = self.local_address(s, neighbor) else {
+                    self.speakers[s].tcp_connect_failed(now, neighbor, "no route to host");
+                    return;
+                };
+                let Some(m) = self.speakers[other].neighbor_by_address(local) else {
+                    self.speakers[s].tcp_connect_failed(now, neighbor, "connection refused");
+                    return;
+                };
+                if self.is_down(local, remote) {
+                    self.speakers[s].tcp_connect_failed(now, neighbor, "timed out");
+                    return;
+                }
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                self.conns.insert(conn, [(s, neighbor), (other, m)]);
+                self.speakers[s].tcp_connected(now, neighbor, conn, true, local);
+                self.speakers[other].tcp_connected(now, m, conn, false, remote);
+            }
+            Event::Send { conn, bytes, .. } => {
+                if let Some(ends) = self.conns.get(&conn).copied() {
+                    let (o, m) = if ends[0].0 == s { ends[1] } else { ends[0] };
+                    self.speakers[o].received(now, m, conn, &bytes);
+                }
+            }
+            Event::Close { conn, .. } => {
+                if let Some(ends) = self.conns.remove(&conn) {
+                    let (o, m) = if ends[0].0 == s { ends[1] } else { ends[0] };
+                    self.speakers[o].tcp_closed(now, m, conn);
+                }
+            }
+            Event::Route(change) => {
+                self.routes[s].insert(change.prefix, change);
+            }
+            Event::Log { .. } => {}
+        }
+    }
+
+    /// Cuts a link: its connections die (as after a hold-timer expiry).
+    fn cut(&mut self, a: &str, b: &str) {
+        self.down.push((ip(a), ip(b)));
+        let doomed: Vec<(ConnId, [(usize, usize); 2])> = self
+            .conns
+            .iter()
+            .filter(|(_, ends)| {
+                let addr =
+                    |(s, n): (usize, usize)| self.speakers[s].neighbor(n).map(|x| x.config.address);
+                let (x, y) = (addr(ends[0]), addr(ends[1]));
+                (x == Some(ip(a)) || x == Some(ip(b))) && (y == Some(ip(a)) || y == Some(ip(b)))
+            })
+            .map(|(c, e)| (*c, *e))
+            .collect();
+        for (conn, ends) in doomed {
+            self.conns.remove(&conn);
+            for (s, n) in ends {
+                self.speakers[s].tcp_closed(self.now, n, conn);
+            }
+        }
+        self.pump();
+    }
+
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        loop {
+            let next = self
+                .speakers
+                .iter()
+                .filter_map(|s| s.poll_timeout())
+                .filter(|t| *t <= end)
+                .min();
+            let Some(t) = next else { break };
+            self.now = t.max(self.now);
+            for s in &mut self.speakers {
+                s.handle_timeout(self.now);
+            }
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    fn best(&self, s: usize, prefix: &str) -> Option<(PathSource, Vec<u32>, Option<u32>)> {
+        let entry = self.speakers[s].rib().get(&pfx(prefix))?;
+        let b = entry.best()?;
+        Some((
+            b.source,
+            b.attrs.as_path.asns().collect(),
+            b.attrs.local_pref,
+        ))
+    }
+}
+
+#[test]
+fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![neighbor("isp", "172.30.0.1", 65001)],
+            &["44.30.127.0/24"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("border", "172.30.0.100", 65000)],
+            &[],
+        ),
+    ]);
+    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    net.start();
+    let (source, path, _) = net
+        .best(1, "44.30.127.0/24")
+        .expect("the ISP has the block");
+    assert_eq!(source, PathSource::Neighbor(0));
+    assert_eq!(path, vec![65000]);
+    let at_isp = net.speakers[1]
+        .rib()
+        .get(&pfx("44.30.127.0/24"))
+        .and_then(|e| e.best())
+        .cloned()
+        .expect("best");
+    assert_eq!(
+        at_isp.attrs.next_hop.map(|h| h.to_string()),
+        Some("172.30.0.100".to_string())
+    );
+    assert_eq!(at_isp.attrs.local_pref, None, "no LOCAL_PREF over eBGP");
+    assert!(
+        net.routes[1].contains_key(&pfx("44.30.127.0/24")),
+        "a route change for the kernel"
+    );
+
+    net.cut("172.30.0.100", "172.30.0.1");
+    assert_eq!(net.best(1, "44.30.127.0/24"), None);
+    assert_eq!(
+        net.routes[1]
+            .get(&pfx("44.30.127.0/24"))
+            .and_then(|c| c.best.clone()),
+        None,
+        "withdrawn from the kernel"
+    );
+}
+
+#[test]
+fn own_as_in_the_path_is_a_loop_and_is_dropped() {
+    // A (65000) — B (65001) — C (65000): C must not accept A's route back.
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![neighbor("b", "10.1.0.2", 65001)],
+            &["192.0.2.0/24"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![
+                neighbor("a", "10.1.0.1", 65000),
+                neighbor("c", "10.2.0.3", 65000),
+            ],
+            &[],
+        ),
+        speaker(
+            65000,
+            [10, 0, 0, 3],
+            vec![neighbor("b", "10.2.0.2", 65001)],
+            &[],
+        ),
+    ]);
+    net.link(0, "10.1.0.1", 1, "10.1.0.2");
+    net.link(1, "10.2.0.2", 2, "10.2.0.3");
+    net.start();
+    assert!(net.best(1, "192.0.2.0/24").is_some());
+    assert_eq!(net.best(2, "192.0.2.0/24"), None, "AS 65000 is in the path");
+    let status = net.speakers[2].neighbor(0).expect("neighbour");
+    assert!(status.counters.filtered_in >= 1);
+}
+
+#[test]
+fn ibgp_routes_are_not_passed_between_ibgp_neighbours_without_a_reflector() {
+    // A — B — C all in AS 65000 (no full mesh): C gets A's route only when
+    // B reflects to clients.
+    for reflect in [false, true] {
+        let mut b_to_c = neighbor("c", "10.2.0.3", 65000);
+        b_to_c.route_reflector_client = reflect;
+        let mut net = Net::new(vec![
+            speaker(
+                65000,
+                [10, 0, 0, 1],
+                vec![neighbor("b", "10.1.0.2", 65000)],
+                &["192.0.2.0/24"],
+            ),
+            speaker(
+                65000,
+                [10, 0, 0, 2],
+                vec![neighbor("a", "10.1.0.1", 65000), b_to_c],
+                &[],
+            ),
+            speaker(
+                65000,
+                [10, 0, 0, 3],
+                vec![neighbor("b", "10.2.0.2", 65000)],
+                &[],
+            ),
+        ]);
+        net.link(0, "10.1.0.1", 1, "10.1.0.2");
+        net.link(1, "10.2.0.2", 2, "10.2.0.3");
+        net.start();
+        let at_b = net.speakers[1]
+            .rib()
+            .get(&pfx("192.0.2.0/24"))
+            .and_then(|e| e.best())
+            .cloned()
+            .expect("B has it");
+        assert_eq!(at_b.attrs.local_pref, Some(100), "iBGP carries LOCAL_PREF");
+        assert_eq!(
+            at_b.attrs.next_hop.map(|h| h.to_string()),
+            Some("10.1.0.1".into()),
+            "A's own route: next hop self"
+        );
+        let at_c = net.speakers[2]
+            .rib()
+            .get(&pfx("192.0.2.0/24"))
+            .and_then(|e| e.best())
+            .cloned();
+        if reflect {
+            let at_c = at_c.expect("reflected to the client");
+            assert_eq!(at_c.attrs.originator_id, Some(Ipv4Addr::new(10, 0, 0, 1)));
+            assert_eq!(at_c.attrs.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 2)]);
+            assert_eq!(
+                at_c.attrs.next_hop.map(|h| h.to_string()),
+                Some("10.1.0.1".into()),
+                "next hop unchanged"
+            );
+        } else {
+            assert!(at_c.is_none(), "split horizon");
+        }
+    }
+}
+
+/// Seed 002: two sessions to the same friend AS over two ISPs, local-pref
+/// 200 on the first, the friend's prefixes filtered to 192.168.42.0/23{23,32},
+/// our announcements prepended 3 times.
+#[test]
+fn seed_002_preferred_path_backup_and_prepend() {
+    let friend_in = |local_pref: Option<u32>| {
+        let mut set = Vec::new();
+        if let Some(lp) = local_pref {
+            set.push(Action::SetLocalPref(lp));
+        }
+        Arc::new(Policy {
+            name: "friend_in".into(),
+            rules: vec![Rule {
+                matches: Match {
+                    prefixes: vec![
+                        "192.168.42.0/23{23,32}"
+                            .parse::<PrefixRange>()
+                            .expect("range"),
+                    ],
+                    ..Match::default()
+                },
+                set,
+                verdict: Verdict::Accept,
+            }],
+            default: Verdict::Reject,
+        })
+    };
+    let prepend = Arc::new(Policy {
+        name: "out_aspath".into(),
+        rules: vec![Rule {
+            matches: Match::default(),
+            set: vec![Action::Prepend {
+                asn: None,
+                times: 3,
+            }],
+            verdict: Verdict::Accept,
+        }],
+        default: Verdict::Reject,
+    });
+    let mut isp1 = neighbor("remi-isp1", "172.16.11.2", 64513);
+    isp1.import = friend_in(Some(200));
+    isp1.export = prepend.clone();
+    let mut isp2 = neighbor("remi-isp2", "172.16.10.2", 64513);
+    isp2.import = friend_in(None);
+    isp2.export = prepend;
+    let mut net = Net::new(vec![
+        speaker(
+            64514,
+            [192, 168, 0, 1],
+            vec![isp1, isp2],
+            &["192.168.0.0/24"],
+        ),
+        speaker(
+            64513,
+            [192, 168, 42, 1],
+            vec![
+                neighbor("me-isp1", "172.16.11.1", 64514),
+                neighbor("me-isp2", "172.16.10.1", 64514),
+            ],
+            &["192.168.42.0/24", "192.168.44.0/24", "10.0.0.0/8"],
+        ),
+    ]);
+    net.link(0, "172.16.11.1", 1, "172.16.11.2");
+    net.link(0, "172.16.10.1", 1, "172.16.10.2");
+    net.start();
+
+    // Filter: only 192.168.42.0/24 of the friend's three prefixes.
+    assert!(net.best(0, "192.168.44.0/24").is_none());
+    assert!(net.best(0, "10.0.0.0/8").is_none());
+    let (source, path, local_pref) = net.best(0, "192.168.42.0/24").expect("accepted");
+    assert_eq!(source, PathSource::Neighbor(0), "ISP#1 preferred");
+    assert_eq!((path, local_pref), (vec![64513], Some(200)));
+    assert_eq!(
+        net.speakers[0]
+            .rib()
+            .get(&pfx("192.168.42.0/24"))
+            .map(|e| e.paths().len()),
+        Some(2),
+        "both paths kept"
+    );
+
+    // The friend sees our prefix prepended: 64514 four times (3 + our own).
+    let (_, path, _) = net
+        .best(1, "192.168.0.0/24")
+        .expect("friend has our prefix");
+    assert_eq!(path, vec![64514; 4]);
+
+    // ISP#1 fails: the backup takes over; it comes back: preferred again.
+    net.cut("172.16.11.1", "172.16.11.2");
+    let (source, _, local_pref) = net.best(0, "192.168.42.0/24").expect("backup");
+    assert_eq!((source, local_pref), (PathSource::Neighbor(1), None));
+    net.down.clear();
+    net.advance(Duration::from_secs(10));
+    let (source, _, _) = net.best(0, "192.168.42.0/24").expect("back");
+    assert_eq!(
+        source,
+        PathSource::Neighbor(0),
+        "ISP#1 preferred again after it recovers"
+    );
+}
+
+#[test]
+fn route_refresh_and_soft_reconfiguration_apply_a_new_import_policy() {
+    for soft in [false, true] {
+        let mut b = neighbor("a", "10.1.0.1", 65000);
+        b.soft_reconfiguration_inbound = soft;
+        let mut net = Net::new(vec![
+            speaker(
+                65000,
+                [10, 0, 0, 1],
+                vec![neighbor("b", "10.1.0.2", 65001)],
+                &["192.0.2.0/24", "198.51.100.0/24"],
+            ),
+            speaker(65001, [10, 0, 0, 2], vec![b], &[]),
+        ]);
+        net.link(0, "10.1.0.1", 1, "10.1.0.2");
+        net.start();
+        assert!(net.best(1, "198.51.100.0/24").is_some());
+        // A new import policy for B's neighbour: only 192.0.2.0/24.
+        let only = Arc::new(Policy {
+            name: "only".into(),
+            rules: vec![Rule {
+                matches: Match {
+                    prefixes: vec!["192.0.2.0/24".parse().expect("range")],
+                    ..Match::default()
+                },
+                set: vec![],
+                verdict: Verdict::Accept,
+            }],
+            default: Verdict::Reject,
+        });
+        let mut config = net.speakers[1].config().clone();
+        config.neighbors[0].import = only;
+        let now = net.now;
+        net.speakers[1].reconfigure(now, config);
+        net.pump();
+        assert!(
+            net.best(1, "198.51.100.0/24").is_none(),
+            "soft = {soft}: filtered after the refresh"
+        );
+        assert!(net.best(1, "192.0.2.0/24").is_some(), "soft = {soft}");
+        assert_eq!(
+            net.speakers[1]
+                .neighbor(0)
+                .map(|n| n.counters.established_transitions),
+            Some(1),
+            "no session reset"
+        );
+    }
+}

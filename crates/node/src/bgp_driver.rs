@@ -1,0 +1,467 @@
+//! The tokio driver of the sans-IO BGP speaker: one task owns the
+//! [`Speaker`]; socket tasks feed it bytes and connection events through a
+//! channel; it carries out the speaker's events and answers the control
+//! socket.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bgp4mesh_bgp::rib::NeighborId;
+use bgp4mesh_bgp::session::ConnId;
+use bgp4mesh_bgp::speaker::{Event, Level, RouteChange, Speaker};
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::{BgpConfig, Transport};
+use crate::control::{Request, Response};
+use crate::{show, transport};
+
+/// What socket tasks report to the speaker's task.
+enum Inbound {
+    Accepted {
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
+    Connected {
+        neighbor: NeighborId,
+        attempt: u64,
+        result: std::io::Result<TcpStream>,
+    },
+    Bytes {
+        conn: ConnId,
+        data: Vec<u8>,
+    },
+    Closed {
+        conn: ConnId,
+    },
+}
+
+enum WriterCommand {
+    Data(Vec<u8>),
+    Close,
+}
+
+struct Conn {
+    neighbor: NeighborId,
+    writer: mpsc::UnboundedSender<WriterCommand>,
+    reader: JoinHandle<()>,
+}
+
+/// A control request with the channel for its answer.
+pub struct ControlCall {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Where best-route changes go (the kernel module, in a later issue).
+pub type RouteSink = Box<dyn FnMut(&RouteChange) + Send>;
+
+pub struct BgpDriver {
+    speaker: Speaker,
+    config: BgpConfig,
+    config_path: std::path::PathBuf,
+    inbox_tx: mpsc::UnboundedSender<Inbound>,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    conns: HashMap<ConnId, Conn>,
+    connecting: HashMap<NeighborId, (u64, JoinHandle<()>)>,
+    next_conn: ConnId,
+    next_attempt: u64,
+    listeners: Vec<JoinHandle<()>>,
+    route_sink: Option<RouteSink>,
+    /// Socket options by neighbour name (ids change across reloads).
+    transports: HashMap<String, Transport>,
+}
+
+fn transports_by_name(config: &BgpConfig) -> HashMap<String, Transport> {
+    config
+        .speaker
+        .neighbors
+        .iter()
+        .zip(&config.transport)
+        .map(|(n, t)| (n.name.clone(), t.clone()))
+        .collect()
+}
+
+impl BgpDriver {
+    /// Binds the listeners; fails (naming the address) when one cannot be.
+    pub fn new(config: BgpConfig, config_path: &std::path::Path) -> anyhow::Result<BgpDriver> {
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let speaker = Speaker::new(config.speaker.clone(), now);
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let listener = transport::listen(*addr)
+                .map_err(|e| anyhow::anyhow!("bgp.listen: cannot listen on {addr}: {e}"))?;
+            // TCP-MD5 keys must be on the listening socket to accept.
+            for (n, t) in config.speaker.neighbors.iter().zip(&config.transport) {
+                if let Some(password) = &t.password
+                    && n.address.is_ipv4() == addr.is_ipv4()
+                {
+                    transport::set_md5(&listener, n.address, password.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!("neighbor {}: cannot set TCP-MD5 key: {e}", n.name)
+                    })?;
+                }
+            }
+            let tx = inbox_tx.clone();
+            listeners.push(tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, peer)) => {
+                            let local = stream.local_addr().unwrap_or(peer);
+                            if tx
+                                .send(Inbound::Accepted {
+                                    stream,
+                                    peer,
+                                    local,
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "accept on {}: {e}",
+                                listener
+                                    .local_addr()
+                                    .map(|a| a.to_string())
+                                    .unwrap_or_default()
+                            );
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let transports = transports_by_name(&config);
+        Ok(BgpDriver {
+            speaker,
+            config,
+            config_path: config_path.to_path_buf(),
+            inbox_tx,
+            inbox,
+            conns: HashMap::new(),
+            connecting: HashMap::new(),
+            next_conn: 1,
+            next_attempt: 1,
+            listeners,
+            route_sink: None,
+            transports,
+        })
+    }
+
+    /// Sends every best-route change to `sink` as well.
+    pub fn set_route_sink(&mut self, sink: RouteSink) {
+        self.route_sink = Some(sink);
+    }
+
+    /// Runs until `control` closes or a `Shutdown` request arrives.
+    pub async fn run(mut self, mut control: mpsc::Receiver<ControlCall>) {
+        self.speaker.start(Instant::now());
+        loop {
+            self.carry_out_events();
+            let deadline = self.speaker.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(inbound) = self.inbox.recv() => self.on_inbound(inbound),
+                call = control.recv() => {
+                    let Some(call) = call else { break };
+                    if matches!(call.request, Request::Shutdown) {
+                        self.shutdown().await;
+                        let _ = call.reply.send(Response::ok_empty());
+                        break;
+                    }
+                    let response = self.on_control(call.request);
+                    let _ = call.reply.send(response);
+                }
+                _ = sleep => self.speaker.handle_timeout(Instant::now()),
+            }
+        }
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
+
+    /// Closes every session with Cease / Administrative Shutdown and lets
+    /// the NOTIFICATIONs go out.
+    async fn shutdown(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<NeighborId> = self.speaker.neighbor_ids().collect();
+        for id in ids {
+            self.speaker.disable(now, id, "bgp4mesh shutting down");
+        }
+        self.carry_out_events();
+        let writers: Vec<_> = self.conns.drain().map(|(_, c)| c).collect();
+        for c in &writers {
+            let _ = c.writer.send(WriterCommand::Close);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    fn transport(&self, neighbor: NeighborId) -> Option<&Transport> {
+        self.transports.get(self.speaker.neighbor_name(neighbor))
+    }
+
+    /// Re-reads the config file and applies the difference.
+    fn reload(&mut self, now: Instant) -> Result<(), String> {
+        let loaded =
+            crate::config::NodeConfig::load(&self.config_path).map_err(|e| format!("{e:#}"))?;
+        let Some(bgp) = loaded.bgp else {
+            return Err("the new config has no [bgp] section; keeping the running one".into());
+        };
+        if bgp.listen != self.config.listen {
+            tracing::warn!("bgp.listen changed: takes effect at the next start");
+        }
+        for warning in &bgp.warnings {
+            tracing::warn!("{warning}");
+        }
+        self.transports = transports_by_name(&bgp);
+        self.speaker.reconfigure(now, bgp.speaker.clone());
+        self.config = bgp;
+        tracing::info!("configuration reloaded from {}", self.config_path.display());
+        Ok(())
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let now = Instant::now();
+        match inbound {
+            Inbound::Accepted {
+                stream,
+                peer,
+                local,
+            } => {
+                let peer_ip = canonical(peer.ip());
+                let Some(neighbor) = self.speaker.neighbor_by_address(peer_ip) else {
+                    tracing::info!("refused BGP connection from {peer}: not a configured neighbor");
+                    return;
+                };
+                if let Some(t) = self.transport(neighbor).cloned()
+                    && let Err(e) = transport::apply_options(SockRef::from(&stream), peer_ip, &t)
+                {
+                    tracing::warn!(
+                        "{}: socket options on accepted connection: {e}",
+                        self.speaker.neighbor_name(neighbor)
+                    );
+                }
+                let _ = stream.set_nodelay(true);
+                let conn = self.add_conn(neighbor, stream);
+                self.speaker
+                    .tcp_connected(now, neighbor, conn, false, canonical(local.ip()));
+            }
+            Inbound::Connected {
+                neighbor,
+                attempt,
+                result,
+            } => {
+                if self.connecting.get(&neighbor).map(|(a, _)| *a) != Some(attempt) {
+                    return; // a newer attempt replaced this one
+                }
+                self.connecting.remove(&neighbor);
+                match result {
+                    Ok(stream) => {
+                        let local = stream.local_addr().map(|a| canonical(a.ip()));
+                        let conn = self.add_conn(neighbor, stream);
+                        match local {
+                            Ok(local) => {
+                                self.speaker.tcp_connected(now, neighbor, conn, true, local)
+                            }
+                            Err(e) => {
+                                self.speaker
+                                    .tcp_connect_failed(now, neighbor, &e.to_string())
+                            }
+                        }
+                    }
+                    Err(e) => self
+                        .speaker
+                        .tcp_connect_failed(now, neighbor, &e.to_string()),
+                }
+            }
+            Inbound::Bytes { conn, data } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    let neighbor = c.neighbor;
+                    self.speaker.received(now, neighbor, conn, &data);
+                }
+            }
+            Inbound::Closed { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    self.speaker.tcp_closed(now, c.neighbor, conn);
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, neighbor: NeighborId, stream: TcpStream) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let (mut read, mut write) = stream.into_split();
+        let (writer, mut commands) = mpsc::unbounded_channel::<WriterCommand>();
+        let tx = self.inbox_tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Inbound::Closed { conn });
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx
+                            .send(Inbound::Bytes {
+                                conn,
+                                data: buf[..n].to_vec(),
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let tx = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                match command {
+                    WriterCommand::Data(bytes) => {
+                        if write.write_all(&bytes).await.is_err() {
+                            let _ = tx.send(Inbound::Closed { conn });
+                            return;
+                        }
+                    }
+                    WriterCommand::Close => {
+                        let _ = write.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        });
+        self.conns.insert(
+            conn,
+            Conn {
+                neighbor,
+                writer,
+                reader,
+            },
+        );
+        conn
+    }
+
+    fn carry_out_events(&mut self) {
+        while let Some(event) = self.speaker.poll_event() {
+            match event {
+                Event::Connect { neighbor } => self.connect(neighbor),
+                Event::Send { conn, bytes, .. } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        let _ = c.writer.send(WriterCommand::Data(bytes));
+                    }
+                }
+                Event::Close { conn, .. } => {
+                    if let Some(c) = self.conns.remove(&conn) {
+                        c.reader.abort();
+                        let _ = c.writer.send(WriterCommand::Close);
+                    }
+                }
+                Event::Route(change) => {
+                    if let Some(sink) = self.route_sink.as_mut() {
+                        sink(&change);
+                    }
+                }
+                Event::Log {
+                    level: Level::Info,
+                    message,
+                    ..
+                } => tracing::info!("{message}"),
+                Event::Log {
+                    level: Level::Warn,
+                    message,
+                    ..
+                } => tracing::warn!("{message}"),
+            }
+        }
+    }
+
+    fn connect(&mut self, neighbor: NeighborId) {
+        let Some(status) = self.speaker.neighbor(neighbor) else {
+            return;
+        };
+        let Some(t) = self.transport(neighbor).cloned() else {
+            return;
+        };
+        let peer = SocketAddr::new(status.config.address, t.port);
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let tx = self.inbox_tx.clone();
+        let task = tokio::spawn(async move {
+            let result = transport::connect(peer, &t).await;
+            let _ = tx.send(Inbound::Connected {
+                neighbor,
+                attempt,
+                result,
+            });
+        });
+        if let Some((_, old)) = self.connecting.insert(neighbor, (attempt, task)) {
+            old.abort();
+        }
+    }
+
+    fn on_control(&mut self, request: Request) -> Response {
+        let now = Instant::now();
+        let neighbor = |speaker: &Speaker, name: &str| {
+            speaker
+                .neighbor_by_name(name)
+                .ok_or_else(|| format!("no neighbor named {name:?}"))
+        };
+        let result: Result<serde_json::Value, String> = match request {
+            Request::ShowProtocols { name } => show::protocols(&self.speaker, name.as_deref(), now),
+            Request::ShowRoute { prefix, export } => match export {
+                Some(name) => neighbor(&self.speaker, &name)
+                    .map(|id| show::exported(&self.speaker, id, prefix, now)),
+                None => Ok(show::routes(&self.speaker, prefix, now)),
+            },
+            Request::Enable { name } => neighbor(&self.speaker, &name).map(|id| {
+                self.speaker.enable(now, id);
+                serde_json::Value::Null
+            }),
+            Request::Disable { name, message } => neighbor(&self.speaker, &name).map(|id| {
+                self.speaker
+                    .disable(now, id, message.as_deref().unwrap_or(""));
+                serde_json::Value::Null
+            }),
+            Request::Restart { name } => neighbor(&self.speaker, &name).map(|id| {
+                self.speaker.restart(now, id, "restarted by the operator");
+                serde_json::Value::Null
+            }),
+            Request::Refresh { name } => neighbor(&self.speaker, &name).map(|id| {
+                self.speaker.refresh(now, id);
+                serde_json::Value::Null
+            }),
+            Request::Reload => self.reload(now).map(|()| serde_json::Value::Null),
+            Request::Shutdown => Ok(serde_json::Value::Null),
+        };
+        match result {
+            Ok(data) => Response::ok(data),
+            Err(error) => Response::error(error),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}

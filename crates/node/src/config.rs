@@ -1,0 +1,635 @@
+//! The node's TOML configuration (docs/configuration.md describes every
+//! key). Parsing refuses unknown keys and bad values with the file, the
+//! line and the field; cross-field checks name the field path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bgp4mesh_bgp::policy::{
+    Action, AsPathMatch, Match, Policy, PrefixRange, RouteSource, Rule, Verdict,
+};
+use bgp4mesh_bgp::rib::Selection;
+use bgp4mesh_bgp::speaker::{
+    MaxPrefixAction, MaxPrefixes, NeighborConfig, SpeakerConfig, StaticKind, StaticRoute,
+};
+use bgp4mesh_bgp::wire::{Community, Family, LargeCommunity};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Default control socket of `bgp4mesh run`, used by `bgp4mesh show`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bgp4mesh/bgp4mesh.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub control: ControlSection,
+    pub bgp: Option<BgpSection>,
+    #[serde(default)]
+    pub policy: HashMap<String, PolicySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            socket: default_socket(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpSection {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Addresses to accept BGP connections on.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    #[serde(default)]
+    pub multipath: bool,
+    #[serde(default)]
+    pub always_compare_med: bool,
+    pub cluster_id: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub neighbor: Vec<NeighborSection>,
+    #[serde(default, rename = "static")]
+    pub statics: Vec<StaticSection>,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], 179)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 179)),
+    ]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeighborSection {
+    pub name: String,
+    pub address: IpAddr,
+    pub remote_as: u32,
+    pub local_address: Option<IpAddr>,
+    /// TCP port of the neighbour.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub passive: bool,
+    /// 0 = directly connected (TTL 1 for eBGP); N = up to N hops.
+    #[serde(default)]
+    pub multihop: u8,
+    /// GTSM (RFC 5082): send with TTL 255, accept only TTL 255 - hops.
+    #[serde(default)]
+    pub ttl_security: bool,
+    /// TCP MD5 signature (RFC 2385) key.
+    pub password: Option<String>,
+    #[serde(default = "default_hold")]
+    pub hold_time: u16,
+    #[serde(default = "default_connect_retry")]
+    pub connect_retry: u64,
+    #[serde(default = "default_idle_hold")]
+    pub error_wait: [u64; 2],
+    pub import: Option<String>,
+    pub export: Option<String>,
+    #[serde(default)]
+    pub next_hop_self: bool,
+    #[serde(default)]
+    pub route_reflector_client: bool,
+    #[serde(default = "default_families")]
+    pub families: Vec<FamilyName>,
+    pub max_prefixes: Option<MaxPrefixesSection>,
+    #[serde(default)]
+    pub extended_next_hop: bool,
+    pub next_hop_ipv4: Option<Ipv4Addr>,
+    pub next_hop_ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub soft_reconfiguration_inbound: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub description: Option<String>,
+}
+
+fn default_port() -> u16 {
+    179
+}
+fn default_hold() -> u16 {
+    90
+}
+fn default_connect_retry() -> u64 {
+    10
+}
+fn default_idle_hold() -> [u64; 2] {
+    [5, 120]
+}
+fn default_families() -> Vec<FamilyName> {
+    vec![FamilyName::Ipv4, FamilyName::Ipv6]
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FamilyName {
+    Ipv4,
+    Ipv6,
+}
+
+impl From<FamilyName> for Family {
+    fn from(f: FamilyName) -> Family {
+        match f {
+            FamilyName::Ipv4 => Family::IPV4_UNICAST,
+            FamilyName::Ipv6 => Family::IPV6_UNICAST,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaxPrefixesSection {
+    pub limit: usize,
+    #[serde(default)]
+    pub action: MaxAction,
+    /// Seconds before reconnecting, with action = "restart".
+    #[serde(default = "default_restart_after")]
+    pub restart_after: u64,
+}
+
+fn default_restart_after() -> u64 {
+    60
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum MaxAction {
+    #[default]
+    Warn,
+    Restart,
+    Shutdown,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticSection {
+    pub prefix: Parsed<IpNet>,
+    #[serde(default)]
+    pub blackhole: bool,
+    #[serde(default)]
+    pub unreachable: bool,
+    pub via: Option<IpAddr>,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// What happens when no rule decides: "reject" (default) or "accept".
+    #[serde(default)]
+    pub default: VerdictName,
+    #[serde(default, alias = "rule")]
+    pub rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VerdictName {
+    Accept,
+    #[default]
+    Reject,
+    Next,
+}
+
+impl From<VerdictName> for Verdict {
+    fn from(v: VerdictName) -> Verdict {
+        match v {
+            VerdictName::Accept => Verdict::Accept,
+            VerdictName::Reject => Verdict::Reject,
+            VerdictName::Next => Verdict::Next,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    #[serde(default, rename = "match")]
+    pub matches: MatchSection,
+    #[serde(default)]
+    pub set: SetSection,
+    pub action: VerdictName,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    #[serde(default)]
+    pub prefix: Vec<Parsed<PrefixRange>>,
+    pub as_path_origin: Option<u32>,
+    pub as_path_first: Option<u32>,
+    #[serde(default)]
+    pub as_path_contains: Vec<u32>,
+    pub as_path_max_length: Option<usize>,
+    pub as_path_min_length: Option<usize>,
+    pub as_path_regex: Option<String>,
+    #[serde(default)]
+    pub community: Vec<Parsed<Community>>,
+    #[serde(default)]
+    pub large_community: Vec<Parsed<LargeCommunity>>,
+    #[serde(default)]
+    pub neighbor: Vec<String>,
+    #[serde(default)]
+    pub source: Vec<SourceName>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceName {
+    Static,
+    Connected,
+    Bgp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetSection {
+    pub local_pref: Option<u32>,
+    pub med: Option<u32>,
+    /// Prepend our own AS this many extra times.
+    pub prepend: Option<u8>,
+    #[serde(default)]
+    pub add_community: Vec<Parsed<Community>>,
+    #[serde(default)]
+    pub remove_community: Vec<Parsed<Community>>,
+    #[serde(default)]
+    pub add_large_community: Vec<Parsed<LargeCommunity>>,
+    #[serde(default)]
+    pub remove_large_community: Vec<Parsed<LargeCommunity>>,
+    /// An address, or "self".
+    pub next_hop: Option<String>,
+}
+
+/// A value parsed from a string with its own FromStr, so that TOML errors
+/// point at the offending line.
+#[derive(Debug, Clone)]
+pub struct Parsed<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map(Parsed)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+}
+
+/// A loaded, checked configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub path: PathBuf,
+    pub control_socket: PathBuf,
+    pub bgp: Option<BgpConfig>,
+}
+
+/// What the BGP driver needs beyond the sans-IO speaker's config.
+#[derive(Debug, Clone)]
+pub struct BgpConfig {
+    pub speaker: SpeakerConfig,
+    pub listen: Vec<SocketAddr>,
+    /// Per neighbour, same order as `speaker.neighbors`.
+    pub transport: Vec<Transport>,
+    /// Things that are allowed but probably not meant (RFC 8212 defaults).
+    pub warnings: Vec<String>,
+}
+
+/// Socket options of one neighbour's TCP connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transport {
+    pub port: u16,
+    pub local_address: Option<IpAddr>,
+    pub multihop: u8,
+    pub ttl_security: bool,
+    pub password: Option<String>,
+    pub ebgp: bool,
+}
+
+impl NodeConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks a config's text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        let bgp = match file.bgp {
+            Some(bgp) => {
+                Some(build_bgp(bgp, &file.policy).with_context(|| format!("{}", path.display()))?)
+            }
+            None => None,
+        };
+        Ok(NodeConfig {
+            path: path.to_path_buf(),
+            control_socket: file.control.socket,
+            bgp,
+        })
+    }
+}
+
+fn build_policies(
+    sections: &HashMap<String, PolicySection>,
+) -> Result<HashMap<String, Arc<Policy>>> {
+    let mut policies = HashMap::new();
+    for (name, section) in sections {
+        if name == "all" || name == "none" {
+            bail!("policy.{name}: \"all\" and \"none\" are built in and cannot be redefined");
+        }
+        let mut rules = Vec::new();
+        for (i, rule) in section.rules.iter().enumerate() {
+            let at = format!("policy.{name}.rules[{i}]");
+            rules.push(build_rule(rule).with_context(|| at)?);
+        }
+        let policy = Policy {
+            name: name.clone(),
+            rules,
+            default: section.default.into(),
+        };
+        policies.insert(name.clone(), Arc::new(policy));
+    }
+    Ok(policies)
+}
+
+fn build_rule(rule: &RuleSection) -> Result<Rule> {
+    let m = &rule.matches;
+    let mut as_path = Vec::new();
+    if let Some(asn) = m.as_path_origin {
+        as_path.push(AsPathMatch::OriginAs(asn));
+    }
+    if let Some(asn) = m.as_path_first {
+        as_path.push(AsPathMatch::FirstAs(asn));
+    }
+    as_path.extend(m.as_path_contains.iter().map(|a| AsPathMatch::Contains(*a)));
+    if let Some(n) = m.as_path_max_length {
+        as_path.push(AsPathMatch::LengthAtMost(n));
+    }
+    if let Some(n) = m.as_path_min_length {
+        as_path.push(AsPathMatch::LengthAtLeast(n));
+    }
+    if let Some(re) = &m.as_path_regex {
+        as_path
+            .push(AsPathMatch::regex(re).map_err(|e| anyhow::anyhow!("match.as_path_regex: {e}"))?);
+    }
+    let matches = Match {
+        prefixes: m.prefix.iter().map(|p| p.0).collect(),
+        as_path,
+        communities: m.community.iter().map(|c| c.0).collect(),
+        large_communities: m.large_community.iter().map(|c| c.0).collect(),
+        neighbors: m.neighbor.clone(),
+        sources: m
+            .source
+            .iter()
+            .map(|s| match s {
+                SourceName::Static => RouteSource::Static,
+                SourceName::Connected => RouteSource::Connected,
+                SourceName::Bgp => RouteSource::Bgp,
+            })
+            .collect(),
+    };
+    let s = &rule.set;
+    let mut set = Vec::new();
+    if let Some(v) = s.local_pref {
+        set.push(Action::SetLocalPref(v));
+    }
+    if let Some(v) = s.med {
+        set.push(Action::SetMed(v));
+    }
+    if let Some(times) = s.prepend {
+        set.push(Action::Prepend { asn: None, times });
+    }
+    if !s.add_community.is_empty() {
+        set.push(Action::AddCommunities(
+            s.add_community.iter().map(|c| c.0).collect(),
+        ));
+    }
+    if !s.remove_community.is_empty() {
+        set.push(Action::RemoveCommunities(
+            s.remove_community.iter().map(|c| c.0).collect(),
+        ));
+    }
+    if !s.add_large_community.is_empty() {
+        set.push(Action::AddLargeCommunities(
+            s.add_large_community.iter().map(|c| c.0).collect(),
+        ));
+    }
+    if !s.remove_large_community.is_empty() {
+        set.push(Action::RemoveLargeCommunities(
+            s.remove_large_community.iter().map(|c| c.0).collect(),
+        ));
+    }
+    match s.next_hop.as_deref() {
+        None => {}
+        Some("self") => set.push(Action::NextHopSelf),
+        Some(addr) => {
+            let ip: IpAddr = addr.parse().map_err(|_| {
+                anyhow::anyhow!("set.next_hop: {addr:?} is neither an IP address nor \"self\"")
+            })?;
+            set.push(Action::SetNextHop(ip));
+        }
+    }
+    Ok(Rule {
+        matches,
+        set,
+        verdict: rule.action.into(),
+    })
+}
+
+fn build_bgp(
+    bgp: BgpSection,
+    policy_sections: &HashMap<String, PolicySection>,
+) -> Result<BgpConfig> {
+    if bgp.asn == 0 || bgp.asn == 23456 {
+        bail!("bgp.asn: {} cannot be used as a local AS number", bgp.asn);
+    }
+    if bgp.router_id.is_unspecified() {
+        bail!("bgp.router_id: 0.0.0.0 is not a valid BGP identifier");
+    }
+    let policies = build_policies(policy_sections)?;
+    let lookup = |field: &str, name: &Option<String>, ebgp: bool| -> Result<Arc<Policy>> {
+        match name.as_deref() {
+            Some("all") => Ok(Arc::new(Policy::accept_all())),
+            Some("none") => Ok(Arc::new(Policy::reject_all())),
+            Some(n) => policies
+                .get(n)
+                .cloned()
+                .with_context(|| format!("{field}: no policy named {n:?} (define [policy.{n}])")),
+            // RFC 8212: eBGP without explicit policy exchanges nothing.
+            None if ebgp => Ok(Arc::new(Policy::reject_all())),
+            None => Ok(Arc::new(Policy::accept_all())),
+        }
+    };
+    let mut neighbors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut transport = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let mut addresses = std::collections::HashSet::new();
+    for (i, n) in bgp.neighbor.into_iter().enumerate() {
+        let at = format!("bgp.neighbor[{i}]");
+        if n.name.is_empty()
+            || !n
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            bail!(
+                "{at}.name: {:?} must be letters, digits, '-', '_' or '.'",
+                n.name
+            );
+        }
+        if !names.insert(n.name.clone()) {
+            bail!("{at}.name: {:?} is used by another neighbor", n.name);
+        }
+        if !addresses.insert(n.address) {
+            bail!("{at}.address: {} is used by another neighbor", n.address);
+        }
+        if n.hold_time == 1 || n.hold_time == 2 {
+            bail!(
+                "{at}.hold_time: must be 0 or at least 3 seconds (RFC 4271), not {}",
+                n.hold_time
+            );
+        }
+        if n.remote_as == 0 {
+            bail!("{at}.remote_as: 0 is not an AS number");
+        }
+        if n.families.is_empty() {
+            bail!("{at}.families: at least one of \"ipv4\", \"ipv6\"");
+        }
+        if n.error_wait[0] == 0 || n.error_wait[0] > n.error_wait[1] {
+            bail!("{at}.error_wait: [min, max] seconds with 0 < min <= max");
+        }
+        if let Some(local) = n.local_address
+            && local.is_ipv4() != n.address.is_ipv4()
+        {
+            bail!(
+                "{at}.local_address: {local} is not of the same family as address {}",
+                n.address
+            );
+        }
+        let ebgp = n.remote_as != bgp.asn;
+        let import = lookup(&format!("{at}.import"), &n.import, ebgp)?;
+        let export = lookup(&format!("{at}.export"), &n.export, ebgp)?;
+        let mut nc = NeighborConfig::new(&n.name, n.address, n.remote_as, import, export);
+        nc.local_address = n.local_address;
+        nc.passive = n.passive;
+        nc.hold_time = n.hold_time;
+        nc.connect_retry = Duration::from_secs(n.connect_retry.max(1));
+        nc.idle_hold = Duration::from_secs(n.error_wait[0]);
+        nc.idle_hold_max = Duration::from_secs(n.error_wait[1]);
+        nc.next_hop_self = n.next_hop_self;
+        nc.route_reflector_client = n.route_reflector_client;
+        nc.families = n.families.iter().map(|f| Family::from(*f)).collect();
+        nc.max_prefixes = n.max_prefixes.as_ref().map(|m| MaxPrefixes {
+            limit: m.limit,
+            action: match m.action {
+                MaxAction::Warn => MaxPrefixAction::Warn,
+                MaxAction::Restart => {
+                    MaxPrefixAction::Restart(Duration::from_secs(m.restart_after))
+                }
+                MaxAction::Shutdown => MaxPrefixAction::Shutdown,
+            },
+        });
+        nc.extended_next_hop = n.extended_next_hop;
+        nc.next_hop_ipv4 = n.next_hop_ipv4;
+        nc.next_hop_ipv6 = n.next_hop_ipv6;
+        nc.soft_reconfiguration_inbound = n.soft_reconfiguration_inbound;
+        nc.enabled = n.enabled;
+        transport.push(Transport {
+            port: n.port,
+            local_address: n.local_address,
+            multihop: n.multihop,
+            ttl_security: n.ttl_security,
+            password: n.password.clone(),
+            ebgp,
+        });
+        if ebgp && (n.import.is_none() || n.export.is_none()) {
+            let missing = match (n.import.is_none(), n.export.is_none()) {
+                (true, true) => "import and export",
+                (true, false) => "import",
+                _ => "export",
+            };
+            warnings.push(format!(
+                "neighbor {}: eBGP without an explicit {missing} policy: no routes are exchanged that way (RFC 8212); set import/export = \"all\" or a policy name",
+                n.name
+            ));
+        }
+        neighbors.push(nc);
+    }
+    let mut statics = Vec::new();
+    for (i, s) in bgp.statics.into_iter().enumerate() {
+        let at = format!("bgp.static[{i}]");
+        let prefix = s.prefix.0;
+        if prefix != prefix.trunc() {
+            bail!(
+                "{at}.prefix: {prefix} has host bits set (did you mean {}?)",
+                prefix.trunc()
+            );
+        }
+        let kinds = [
+            s.blackhole,
+            s.unreachable,
+            s.via.is_some(),
+            s.device.is_some(),
+        ];
+        let kind = match kinds {
+            [true, false, false, false] => StaticKind::Blackhole,
+            [false, true, false, false] => StaticKind::Unreachable,
+            [false, false, true, false] => {
+                StaticKind::Via(s.via.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+            }
+            [false, false, false, true] => StaticKind::Device(s.device.clone().unwrap_or_default()),
+            _ => bail!(
+                "{at}: give exactly one of blackhole = true, unreachable = true, via = ADDRESS, device = NAME"
+            ),
+        };
+        statics.push(StaticRoute { prefix, kind });
+    }
+    let speaker = SpeakerConfig {
+        asn: bgp.asn,
+        router_id: bgp.router_id,
+        cluster_id: bgp.cluster_id,
+        selection: Selection {
+            always_compare_med: bgp.always_compare_med,
+            multipath: bgp.multipath,
+        },
+        neighbors,
+        statics,
+    };
+    Ok(BgpConfig {
+        speaker,
+        listen: bgp.listen,
+        transport,
+        warnings,
+    })
+}

@@ -1,0 +1,111 @@
+//! `bgp4mesh run`: loads the config, serves the control socket, drives BGP,
+//! and stops cleanly on SIGTERM or SIGINT.
+
+use std::path::Path;
+
+use anyhow::Result;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bgp_driver::{BgpDriver, ControlCall};
+use crate::config::NodeConfig;
+use crate::control::{self, Request};
+
+/// Runs the daemon in the foreground until a stop signal.
+pub fn run(config_path: &Path) -> Result<()> {
+    let config = NodeConfig::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: NodeConfig) -> Result<()> {
+    let (calls_tx, calls) = mpsc::channel::<ControlCall>(64);
+    let server = control::serve(&config.control_socket, calls_tx.clone())?;
+    tracing::info!("control socket {}", config.control_socket.display());
+
+    let driver = match config.bgp.clone() {
+        Some(bgp) => Some(BgpDriver::new(bgp, &config.path)?),
+        None => None,
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let reloader = calls_tx.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let (reply, answer) = oneshot::channel();
+            if reloader
+                .send(ControlCall {
+                    request: Request::Reload,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Ok(response) = answer.await
+                && let Some(error) = response.error
+            {
+                tracing::error!("reload refused: {error}");
+            }
+        }
+    });
+    let stopper = calls_tx.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let (reply, answer) = oneshot::channel();
+        let _ = stopper
+            .send(ControlCall {
+                request: Request::Shutdown,
+                reply,
+            })
+            .await;
+        let _ = answer.await;
+    });
+    match driver {
+        Some(driver) => {
+            tracing::info!(
+                "BGP: AS {}, router id {}, {} neighbor(s)",
+                config
+                    .bgp
+                    .as_ref()
+                    .map(|b| b.speaker.asn)
+                    .unwrap_or_default(),
+                config
+                    .bgp
+                    .as_ref()
+                    .map(|b| b.speaker.router_id.to_string())
+                    .unwrap_or_default(),
+                config
+                    .bgp
+                    .as_ref()
+                    .map(|b| b.speaker.neighbors.len())
+                    .unwrap_or_default()
+            );
+            driver.run(calls).await;
+        }
+        None => {
+            tracing::warn!("no [bgp] section: nothing to run but the control socket");
+            let mut calls = calls;
+            while let Some(call) = calls.recv().await {
+                let stop = matches!(call.request, Request::Shutdown);
+                let _ = call
+                    .reply
+                    .send(control::Response::error("no [bgp] section in the config"));
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&config.control_socket);
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! BGP's TCP sockets: listening, connecting from a chosen source address,
+//! TTL for directly connected eBGP, GTSM (RFC 5082) and TCP-MD5 (RFC 2385).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Transport;
+
+/// Opens a listener; IPv6 listeners are IPv6-only so that 0.0.0.0 and ::
+/// can both be bound.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// TTL to send with: 255 under GTSM, 1 for directly connected eBGP, else
+/// 1 + multihop (iBGP defaults to 64 like the kernel).
+fn send_ttl(t: &Transport) -> u32 {
+    if t.ttl_security {
+        255
+    } else if t.multihop > 0 {
+        u32::from(t.multihop) + 1
+    } else if t.ebgp {
+        1
+    } else {
+        64
+    }
+}
+
+/// Applies TTL, GTSM and MD5 options to a socket talking to `peer`.
+pub fn apply_options(socket: SockRef<'_>, peer: IpAddr, t: &Transport) -> io::Result<()> {
+    let ttl = send_ttl(t);
+    if peer.is_ipv4() {
+        socket.set_ttl_v4(ttl)?;
+    } else {
+        socket.set_unicast_hops_v6(ttl)?;
+    }
+    if t.ttl_security {
+        let min = 255 - u32::from(t.multihop.max(1)) + 1;
+        set_min_ttl(&*socket, peer, min as i32)?;
+    }
+    if let Some(password) = &t.password {
+        set_md5(&*socket, peer, password.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Connects to a neighbour from its configured source address.
+pub async fn connect(peer: SocketAddr, t: &Transport) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(local) = t.local_address {
+        socket.bind(&SocketAddr::new(local, 0).into())?;
+    }
+    apply_options(SockRef::from(&socket), peer.ip(), t)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    socket.connect(peer).await
+}
+
+/// Linux's `struct tcp_md5sig` (linux/tcp.h), which libc does not define.
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefix_len: u8,
+    key_len: u16,
+    ifindex: libc::c_int,
+    key: [u8; MD5_MAX_KEY_LEN],
+}
+
+const MD5_MAX_KEY_LEN: usize = 80;
+
+/// Sets the TCP-MD5 key for `peer` on a listening or connecting socket.
+pub fn set_md5(socket: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
+    if key.len() > MD5_MAX_KEY_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "TCP-MD5 key longer than 80 bytes",
+        ));
+    }
+    // SAFETY: TcpMd5Sig is plain old data; all-zero is a valid value.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    let addr = socket2::SockAddr::from(SocketAddr::new(peer, 0));
+    let len = (addr.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: copies `len` bytes, no more than both the SockAddr's storage
+    // and the destination sockaddr_storage hold.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.as_ptr() as *const u8,
+            &mut sig.addr as *mut _ as *mut u8,
+            len,
+        );
+    }
+    sig.key_len = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    // SAFETY: setsockopt with a pointer to a live TcpMd5Sig and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MD5SIG,
+            &sig as *const TcpMd5Sig as *const libc::c_void,
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_min_ttl(socket: &impl AsRawFd, peer: IpAddr, min: i32) -> io::Result<()> {
+    let (level, name) = if peer.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MINTTL)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT)
+    };
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            &min as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
