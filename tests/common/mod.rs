@@ -1,0 +1,282 @@
+//! Shared pieces of the end-to-end tests: configs for bgp4mesh and for the
+//! peers that judge it, written the way their operators write them.
+
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use bgp4mesh_lab::peers::{Bgp4mesh, BgpRoute, Bird, Frr, Gobgp, SessionState, best_route};
+use bgp4mesh_lab::{Lab, Node, wait_until};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bgp4mesh");
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// The prefix a peer originates, with MED 50, community 65001:7 and large
+/// community 65001:1:2.
+pub fn peer_prefix(v6: bool) -> &'static str {
+    if v6 {
+        "2001:db8:100::/48"
+    } else {
+        "198.51.100.0/24"
+    }
+}
+
+/// The prefix bgp4mesh originates.
+pub fn our_prefix(v6: bool) -> &'static str {
+    if v6 {
+        "2001:db8:44::/48"
+    } else {
+        "44.30.127.0/24"
+    }
+}
+
+pub fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv6() { "ipv6" } else { "ipv4" }
+}
+
+/// bgp4mesh with one `[bgp]` section; `body` holds neighbours, statics and
+/// policies.
+pub fn start_ours<'l>(
+    lab: &'l Lab,
+    node: &Node,
+    asn: u32,
+    router_id: &str,
+    body: &str,
+) -> Result<Bgp4mesh<'l>> {
+    let config = format!("[bgp]\nasn = {asn}\nrouter_id = \"{router_id}\"\n\n{body}\n");
+    Bgp4mesh::start(lab, node, Path::new(BIN), &config)
+}
+
+/// A `[[bgp.neighbor]]` block with fast timers for tests.
+pub fn our_neighbor(name: &str, address: IpAddr, remote_as: u32, extra: &str) -> String {
+    format!(
+        "[[bgp.neighbor]]\nname = \"{name}\"\naddress = \"{address}\"\nremote_as = {remote_as}\nfamilies = [\"{}\"]\nconnect_retry = 1\nerror_wait = [1, 4]\n{extra}\n",
+        family(address)
+    )
+}
+
+/// A daemon we test against, behind one face.
+pub enum Peer<'l> {
+    Bird(Bird<'l>),
+    Frr(Frr<'l>),
+    Gobgp(Gobgp<'l>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Bird,
+    Frr,
+    Gobgp,
+}
+
+impl<'l> Peer<'l> {
+    /// Starts `kind` in `node` as AS `asn` with one neighbour (`ours`,
+    /// AS `ours_as`) over the session family of `ours`, originating
+    /// [`peer_prefix`] with MED, community and large community set.
+    pub fn start(
+        kind: Kind,
+        lab: &'l Lab,
+        node: &Node,
+        asn: u32,
+        me: IpAddr,
+        ours: IpAddr,
+        ours_as: u32,
+    ) -> Result<Peer<'l>> {
+        let v6 = ours.is_ipv6();
+        let fam = family(ours);
+        let prefix = peer_prefix(v6);
+        let router_id = format!("10.255.{}.{}", asn % 250, if v6 { 6 } else { 4 });
+        Ok(match kind {
+            Kind::Bird => {
+                let channel = if v6 { "ipv6" } else { "ipv4" };
+                Peer::Bird(Bird::start(
+                    lab,
+                    node,
+                    &format!(
+                        r#"
+router id {router_id};
+protocol device {{}}
+protocol static origin {{ {channel}; route {prefix} blackhole; }}
+protocol bgp ours {{
+  local {me} as {asn};
+  neighbor {ours} as {ours_as};
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  {channel} {{
+    import all;
+    export filter {{
+      if source != RTS_STATIC then reject;
+      bgp_med = 50; bgp_community.add((65001, 7)); bgp_large_community.add((65001, 1, 2));
+      accept;
+    }};
+  }};
+}}
+"#
+                    ),
+                )?)
+            }
+            Kind::Frr => Peer::Frr(Frr::start(
+                lab,
+                node,
+                &format!(
+                    r#"
+frr defaults traditional
+hostname peer
+route-map ATTRS permit 10
+ set metric 50
+ set community 65001:7
+ set large-community 65001:1:2
+router bgp {asn}
+ bgp router-id {router_id}
+ no bgp ebgp-requires-policy
+ no bgp network import-check
+ no bgp default ipv4-unicast
+ neighbor {ours} remote-as {ours_as}
+ neighbor {ours} timers connect 1
+ address-family {fam} unicast
+  network {prefix} route-map ATTRS
+  neighbor {ours} activate
+ exit-address-family
+"#
+                ),
+            )?),
+            Kind::Gobgp => {
+                let g = Gobgp::start(
+                    lab,
+                    node,
+                    &format!(
+                        r#"
+[global.config]
+  as = {asn}
+  router-id = "{router_id}"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{ours}"
+    peer-as = {ours_as}
+  [neighbors.timers.config]
+    connect-retry = 1
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "{fam}-unicast"
+"#
+                    ),
+                )?;
+                g.gobgp(&[
+                    "global",
+                    "rib",
+                    "-a",
+                    fam,
+                    "add",
+                    prefix,
+                    "nexthop",
+                    &me.to_string(),
+                    "med",
+                    "50",
+                    "community",
+                    "65001:7",
+                    "large-community",
+                    "65001:1:2",
+                ])?;
+                Peer::Gobgp(g)
+            }
+        })
+    }
+
+    /// Session state towards bgp4mesh at `ours`.
+    pub fn state(&self, ours: IpAddr) -> Result<SessionState> {
+        match self {
+            Peer::Bird(b) => b.bgp_state("ours"),
+            Peer::Frr(f) => f.bgp_state(&ours.to_string()),
+            Peer::Gobgp(g) => g.bgp_state(&ours.to_string()),
+        }
+    }
+
+    pub fn routes(&self) -> Result<Vec<BgpRoute>> {
+        match self {
+            Peer::Bird(b) => b.routes(),
+            Peer::Frr(f) => f.routes(),
+            Peer::Gobgp(g) => g.routes(),
+        }
+    }
+
+    /// Stops originating [`peer_prefix`].
+    pub fn withdraw(&self, asn: u32, v6: bool) -> Result<()> {
+        let prefix = peer_prefix(v6);
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        match self {
+            Peer::Bird(b) => b.birdc("disable origin").map(|_| ()),
+            Peer::Frr(f) => f
+                .vtysh(&[
+                    "configure terminal",
+                    &format!("router bgp {asn}"),
+                    &format!("address-family {fam} unicast"),
+                    &format!("no network {prefix} route-map ATTRS"),
+                ])
+                .map(|_| ()),
+            Peer::Gobgp(g) => g
+                .gobgp(&["global", "rib", "-a", fam, "del", prefix])
+                .map(|_| ()),
+        }
+    }
+
+    pub fn proc(&self) -> &bgp4mesh_lab::Proc {
+        match self {
+            Peer::Bird(b) => b.proc(),
+            Peer::Frr(f) => f.proc(),
+            Peer::Gobgp(g) => g.proc(),
+        }
+    }
+}
+
+/// Waits until both ends of a session are Established.
+pub fn wait_established(
+    ours: &Bgp4mesh<'_>,
+    name: &str,
+    peer: &Peer<'_>,
+    our_address: IpAddr,
+) -> Result<()> {
+    wait_until(
+        SETTLE,
+        &format!("session {name} Established on both sides"),
+        || {
+            let (a, z) = (ours.bgp_state(name)?, peer.state(our_address)?);
+            ensure!(
+                a == SessionState::Established && z == SessionState::Established,
+                "bgp4mesh {a}, peer {z}"
+            );
+            Ok(())
+        },
+    )
+}
+
+/// Waits until `routes` (re-read each time) has a best path for `prefix`.
+pub fn wait_route(
+    what: &str,
+    prefix: &str,
+    mut routes: impl FnMut() -> Result<Vec<BgpRoute>>,
+) -> Result<BgpRoute> {
+    wait_until(SETTLE, &format!("{prefix} at {what}"), || {
+        let all = routes()?;
+        best_route(&all, prefix)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{what} has {all:?}"))
+    })
+}
+
+/// Waits until `routes` has no path for `prefix`.
+pub fn wait_no_route(
+    what: &str,
+    prefix: &str,
+    mut routes: impl FnMut() -> Result<Vec<BgpRoute>>,
+) -> Result<()> {
+    wait_until(SETTLE, &format!("{prefix} gone from {what}"), || {
+        let all = routes()?;
+        ensure!(
+            !all.iter().any(|r| r.prefix == prefix),
+            "{what} still has {all:?}"
+        );
+        Ok(())
+    })
+}
