@@ -1,0 +1,546 @@
+//! Session behaviour against BIRD: hold-timer expiry with a frozen peer,
+//! NOTIFICATION on a wrong AS, route refresh both ways, RFC 8212 default
+//! deny, 4-octet AS numbers across a 2-octet session, and seed 000's iBGP
+//! with a next-hop-self edge router.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use bgp4mesh_lab::peers::{Bird, Gobgp, SessionState, best_route};
+use bgp4mesh_lab::{Lab, can_run, wait_until};
+use common::*;
+
+fn bird_peer(router_id: &str, asn: u32, me: &str, ours: &str, ours_as: u32, extra: &str) -> String {
+    format!(
+        r#"
+router id {router_id};
+protocol device {{}}
+protocol static origin {{ ipv4; route 198.51.100.0/24 blackhole; }}
+protocol bgp ours {{
+  local {me} as {asn};
+  neighbor {ours} as {ours_as};
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  {extra}
+  ipv4 {{ import all; export where source = RTS_STATIC; }};
+}}
+"#
+    )
+}
+
+/// A frozen peer (SIGSTOP) stops sending keepalives: our hold timer (3 s)
+/// expires, the session goes down and its routes go; thawed, it comes back.
+#[test]
+fn hold_timer_expires_when_the_peer_is_frozen() -> Result<()> {
+    if !can_run(
+        "hold_timer_expires_when_the_peer_is_frozen",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("hold-timer")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    let ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &our_neighbor(
+            "isp",
+            i.ipv4.into(),
+            65001,
+            "import = \"all\"\nexport = \"none\"\nhold_time = 3",
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    wait_until(SETTLE, "Established", || {
+        ensure!(
+            ours.bgp_state("isp")? == SessionState::Established,
+            "not yet"
+        );
+        Ok(())
+    })?;
+    wait_route("bgp4mesh", "198.51.100.0/24", || ours.routes())?;
+
+    lab.signal(bird.proc(), libc::SIGSTOP)?;
+    let frozen = Instant::now();
+    wait_until(Duration::from_secs(10), "the hold timer to expire", || {
+        let p = ours.protocol("isp")?;
+        ensure!(p["state"] != "Established", "still {}", p["state"]);
+        Ok(())
+    })?;
+    let took = frozen.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "down after {took:?}: too early for a 3 s hold time"
+    );
+    let p = ours.protocol("isp")?;
+    assert!(
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Hold Timer Expired")),
+        "{p}"
+    );
+    assert!(
+        ours.routes()?.is_empty(),
+        "the frozen peer's routes are withdrawn"
+    );
+
+    lab.signal(bird.proc(), libc::SIGCONT)?;
+    wait_until(SETTLE, "the session back after the thaw", || {
+        ensure!(
+            ours.bgp_state("isp")? == SessionState::Established,
+            "not yet"
+        );
+        Ok(())
+    })?;
+    wait_route("bgp4mesh", "198.51.100.0/24", || ours.routes())?;
+    Ok(())
+}
+
+/// A neighbour whose OPEN carries another AS than configured is refused
+/// with OPEN Message Error / Bad Peer AS, which BIRD reports.
+#[test]
+fn wrong_remote_as_gets_a_bad_peer_as_notification() -> Result<()> {
+    if !can_run(
+        "wrong_remote_as_gets_a_bad_peer_as_notification",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("bad-peer-as")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    let ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &our_neighbor(
+            "isp",
+            i.ipv4.into(),
+            65099,
+            "import = \"all\"\nexport = \"all\"",
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    wait_until(SETTLE, "both sides to report the Bad Peer AS", || {
+        let ours_error = ours.protocol("isp")?["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let theirs = bird.birdc("show protocols all ours")?;
+        ensure!(
+            ours_error.contains("Bad Peer AS"),
+            "bgp4mesh: {ours_error:?}"
+        );
+        ensure!(theirs.contains("Bad peer AS"), "BIRD: {theirs}");
+        Ok(())
+    })?;
+    assert_ne!(ours.bgp_state("isp")?, SessionState::Established);
+    Ok(())
+}
+
+/// Route refresh out: BIRD asks (`reload in`), we resend. Route refresh
+/// in: a reload that opens our import policy makes us ask BIRD, which
+/// resends; the session stays up throughout.
+#[test]
+fn route_refresh_in_and_out_without_a_session_reset() -> Result<()> {
+    if !can_run(
+        "route_refresh_in_and_out_without_a_session_reset",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("route-refresh")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    let body = |import: &str| {
+        format!(
+            "{}\n[[bgp.static]]\nprefix = \"44.30.127.0/24\"\nblackhole = true\n",
+            our_neighbor(
+                "isp",
+                i.ipv4.into(),
+                65001,
+                &format!("import = \"{import}\"\nexport = \"all\"")
+            )
+        )
+    };
+    let ours = start_ours(&lab, &border, 65000, "10.255.0.1", &body("none"))?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    wait_route("BIRD", "44.30.127.0/24", || bird.routes())?;
+    assert!(
+        ours.routes()?.iter().all(|r| r.prefix != "198.51.100.0/24"),
+        "import none"
+    );
+
+    // Out: BIRD asks for our routes again.
+    let sent_before = ours.protocol("isp")?["stats"]["updates_sent"]
+        .as_u64()
+        .unwrap_or(0);
+    bird.birdc("reload in ours")?;
+    wait_until(
+        SETTLE,
+        "our routes resent after BIRD's ROUTE-REFRESH",
+        || {
+            let sent = ours.protocol("isp")?["stats"]["updates_sent"]
+                .as_u64()
+                .unwrap_or(0);
+            ensure!(
+                sent > sent_before,
+                "updates sent {sent}, before {sent_before}"
+            );
+            Ok(())
+        },
+    )?;
+
+    // In: open the import policy; we have no copy, so we must ask BIRD.
+    let config = std::fs::read_to_string(ours.config_path())?;
+    std::fs::write(
+        ours.config_path(),
+        config.replace("import = \"none\"", "import = \"all\""),
+    )?;
+    ours.cli(&["bgp", "reload"])?;
+    wait_route("bgp4mesh", "198.51.100.0/24", || ours.routes())?;
+    let p = ours.protocol("isp")?;
+    assert_eq!(
+        p["stats"]["established_transitions"], 1,
+        "no session reset: {p}"
+    );
+    assert_eq!(p["state"], "Established");
+    Ok(())
+}
+
+/// RFC 8212: an eBGP neighbour with no import or export policy exchanges
+/// nothing, though the session is up; `bgp4mesh check` warns.
+#[test]
+fn ebgp_without_policies_exchanges_nothing() -> Result<()> {
+    if !can_run(
+        "ebgp_without_policies_exchanges_nothing",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("rfc8212")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    let ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &format!(
+            "{}\n[[bgp.static]]\nprefix = \"44.30.127.0/24\"\nblackhole = true\n",
+            our_neighbor("isp", i.ipv4.into(), 65001, "")
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    wait_until(SETTLE, "Established", || {
+        ensure!(
+            ours.bgp_state("isp")? == SessionState::Established,
+            "not yet"
+        );
+        Ok(())
+    })?;
+    // Give routes time to flow, if they were going to.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        ours.routes()?.iter().all(|r| r.prefix != "198.51.100.0/24"),
+        "nothing imported"
+    );
+    assert!(
+        bird.routes()?.iter().all(|r| r.prefix != "44.30.127.0/24"),
+        "nothing exported"
+    );
+    let p = ours.protocol("isp")?;
+    assert!(p["stats"]["filtered_in"].as_u64().unwrap_or(0) >= 1, "{p}");
+    let check = lab.try_exec(
+        &border,
+        &[BIN, "check", "-c", &ours.config_path().to_string_lossy()],
+    )?;
+    assert!(check.success(), "{}", check.stderr);
+    assert!(check.stderr.contains("RFC 8212"), "{}", check.stderr);
+    Ok(())
+}
+
+fn gobgp_one_neighbor(asn: u32, router_id: &str, neighbor: &str, neighbor_as: u32) -> String {
+    format!(
+        r#"
+[global.config]
+  as = {asn}
+  router-id = "{router_id}"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{neighbor}"
+    peer-as = {neighbor_as}
+  [neighbors.timers.config]
+    connect-retry = 1
+"#
+    )
+}
+
+/// 4-octet ASNs (RFC 6793) across a 2-octet session: GoBGP (AS
+/// 4200000001) — BIRD (AS 65010, `enable as4 off` towards us) — bgp4mesh
+/// (AS 65000) — GoBGP (AS 4200000002). We rebuild the real path from
+/// AS_PATH + AS4_PATH coming in, and write AS_TRANS + AS4_PATH going out.
+#[test]
+fn four_octet_asns_cross_a_two_octet_session() -> Result<()> {
+    if !can_run(
+        "four_octet_asns_cross_a_two_octet_session",
+        &["bird", "birdc", "gobgpd", "gobgp"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("as4-over-as2")?;
+    let (far, old, border, cust) = (
+        lab.add_node("far")?,
+        lab.add_node("old")?,
+        lab.add_node("border")?,
+        lab.add_node("cust")?,
+    );
+    let (f, o1) = lab.link(&far, &old)?;
+    let (o2, b1) = lab.link(&old, &border)?;
+    let (b2, c) = lab.link(&border, &cust)?;
+    let ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &format!(
+            "{}{}",
+            our_neighbor(
+                "old",
+                o2.ipv4.into(),
+                65010,
+                "import = \"all\"\nexport = \"all\""
+            ),
+            our_neighbor(
+                "cust",
+                c.ipv4.into(),
+                4_200_000_002,
+                "import = \"all\"\nexport = \"all\""
+            )
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &old,
+        &format!(
+            r#"
+router id 10.255.10.1;
+protocol device {{}}
+protocol bgp far {{
+  local {o1} as 65010; neighbor {f} as 4200000001;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import all; export all; }};
+}}
+protocol bgp ours {{
+  local {o2} as 65010; neighbor {b1} as 65000;
+  enable as4 off;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import all; export all; }};
+}}
+"#,
+            o1 = o1.ipv4,
+            f = f.ipv4,
+            o2 = o2.ipv4,
+            b1 = b1.ipv4
+        ),
+    )?;
+    let far_gobgp = Gobgp::start(
+        &lab,
+        &far,
+        &gobgp_one_neighbor(4_200_000_001, "10.255.20.1", &o1.ipv4.to_string(), 65010),
+    )?;
+    let cust_gobgp = Gobgp::start(
+        &lab,
+        &cust,
+        &gobgp_one_neighbor(4_200_000_002, "10.255.30.1", &b2.ipv4.to_string(), 65000),
+    )?;
+    far_gobgp.gobgp(&["global", "rib", "-a", "ipv4", "add", "198.51.100.0/24"])?;
+    cust_gobgp.gobgp(&["global", "rib", "-a", "ipv4", "add", "203.0.113.0/24"])?;
+    wait_until(SETTLE, "the 2-octet session up", || {
+        ensure!(
+            ours.bgp_state("old")? == SessionState::Established,
+            "not yet"
+        );
+        Ok(())
+    })?;
+    let p = ours.protocol("old")?;
+    assert_eq!(
+        p["four_octet_as"], false,
+        "BIRD did not offer 4-octet AS: {p}"
+    );
+
+    let at_ours = wait_route("bgp4mesh", "198.51.100.0/24", || ours.routes())?;
+    assert_eq!(
+        at_ours.as_path,
+        vec![65010, 4_200_000_001],
+        "rebuilt from AS_PATH + AS4_PATH"
+    );
+    let at_far = wait_route("GoBGP far away", "203.0.113.0/24", || far_gobgp.routes())?;
+    assert_eq!(
+        at_far.as_path,
+        vec![65010, 65000, 4_200_000_002],
+        "our AS4_PATH carried through BIRD"
+    );
+    let at_old = best_route(&bird.routes()?, "203.0.113.0/24")
+        .cloned()
+        .expect("BIRD has the customer route");
+    assert_eq!(
+        at_old.as_path,
+        vec![65000, 4_200_000_002],
+        "BIRD reads AS_TRANS + AS4_PATH back"
+    );
+    Ok(())
+}
+
+/// Seed 000: a VPS learns DN42's ~460 prefixes over iBGP from an edge
+/// router (BIRD) doing next-hop-self; every one arrives with the edge as
+/// next hop.
+#[test]
+fn seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge() -> Result<()> {
+    if !can_run(
+        "seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-000")?;
+    let (vps, edge, dn42) = (
+        lab.add_node("vps")?,
+        lab.add_node("edge")?,
+        lab.add_node("dn42")?,
+    );
+    let (v, e1) = lab.link(&vps, &edge)?;
+    let (e2, d) = lab.link(&edge, &dn42)?;
+    let routes: String = (0..463)
+        .map(|n| {
+            format!(
+                "  route 172.20.{}.{}/28 blackhole;\n",
+                n / 16,
+                (n % 16) * 16
+            )
+        })
+        .collect();
+    let _dn42 = Bird::start(
+        &lab,
+        &dn42,
+        &format!(
+            r#"
+router id 10.255.42.1;
+protocol device {{}}
+protocol static dn42 {{ ipv4;
+{routes}}}
+protocol bgp edge {{
+  local {d} as 4242420000;
+  neighbor {e2} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import none; export all; }};
+}}
+"#,
+            d = d.ipv4,
+            e2 = e2.ipv4
+        ),
+    )?;
+    let edge_bird = Bird::start(
+        &lab,
+        &edge,
+        &format!(
+            r#"
+router id 172.22.132.161;
+protocol device {{}}
+protocol bgp dn42 {{
+  local {e2} as 4242421869;
+  neighbor {d} as 4242420000;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import all; export none; }};
+}}
+protocol bgp vps {{
+  local {e1} as 4242421869;
+  neighbor {v} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ next hop self; import all; export all; }};
+}}
+"#,
+            e1 = e1.ipv4,
+            e2 = e2.ipv4,
+            d = d.ipv4,
+            v = v.ipv4
+        ),
+    )?;
+    let ours = start_ours(
+        &lab,
+        &vps,
+        4_242_421_869,
+        "172.22.132.169",
+        &our_neighbor("edge", e1.ipv4.into(), 4_242_421_869, ""),
+    )?;
+    wait_until(SETTLE, "all 463 DN42 prefixes at the VPS", || {
+        let routes = ours.routes()?;
+        ensure!(
+            routes.len() == 463,
+            "{} routes so far; edge: {:?}",
+            routes.len(),
+            edge_bird.bgp_state("vps")
+        );
+        Ok(())
+    })?;
+    let routes = ours.routes()?;
+    assert!(
+        routes.iter().all(|r| r.next_hop == Some(e1.ipv4.into())),
+        "every route via the edge"
+    );
+    assert!(
+        routes.iter().all(|r| r.as_path == vec![4_242_420_000]),
+        "AS path of the DN42 peer"
+    );
+    assert!(routes.iter().all(|r| r.local_pref == Some(100)));
+    Ok(())
+}
