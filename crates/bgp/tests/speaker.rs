@@ -519,3 +519,63 @@ fn route_refresh_and_soft_reconfiguration_apply_a_new_import_policy() {
         );
     }
 }
+
+#[test]
+fn max_prefixes_warns_restarts_or_shuts_down() {
+    use bgp4mesh_bgp::speaker::{MaxPrefixAction, MaxPrefixes};
+    let statics: Vec<String> = (0..10).map(|i| format!("10.{i}.0.0/16")).collect();
+    let statics: Vec<&str> = statics.iter().map(String::as_str).collect();
+    for action in [
+        MaxPrefixAction::Warn,
+        MaxPrefixAction::Restart(Duration::from_secs(30)),
+        MaxPrefixAction::Shutdown,
+    ] {
+        let mut limited = neighbor("a", "10.1.0.1", 65000);
+        limited.max_prefixes = Some(MaxPrefixes { limit: 5, action });
+        let mut net = Net::new(vec![
+            speaker(
+                65000,
+                [10, 0, 0, 1],
+                vec![neighbor("b", "10.1.0.2", 65001)],
+                &statics,
+            ),
+            speaker(65001, [10, 0, 0, 2], vec![limited], &[]),
+        ]);
+        net.link(0, "10.1.0.1", 1, "10.1.0.2");
+        net.start();
+        let status = net.speakers[1].neighbor(0).expect("neighbour");
+        match action {
+            MaxPrefixAction::Warn => {
+                assert_eq!(status.state, bgp4mesh_bgp::session::State::Established);
+                assert_eq!(status.routes_imported, 10, "warn keeps everything");
+            }
+            _ => {
+                assert_ne!(
+                    status.state,
+                    bgp4mesh_bgp::session::State::Established,
+                    "{action:?}"
+                );
+                assert!(
+                    status
+                        .last_error
+                        .is_some_and(|e| e.contains("Maximum Number of Prefixes")),
+                    "{:?}",
+                    status.last_error
+                );
+                assert_eq!(net.speakers[1].rib().len(), 0, "routes withdrawn");
+                net.advance(Duration::from_secs(40));
+                let again = net.speakers[1]
+                    .neighbor(0)
+                    .expect("neighbour")
+                    .counters
+                    .established_transitions;
+                match action {
+                    MaxPrefixAction::Restart(_) => {
+                        assert!(again >= 2, "reconnected after the hold-down")
+                    }
+                    _ => assert_eq!(again, 1, "stays down"),
+                }
+            }
+        }
+    }
+}
