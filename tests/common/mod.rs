@@ -280,3 +280,33 @@ pub fn wait_no_route(
         Ok(())
     })
 }
+
+/// `proto bgp` routes in `node`'s kernel (main table): destination and
+/// gateways, read from `ip -j route`.
+pub fn kernel_routes(lab: &Lab, node: &Node, v6: bool) -> Result<Vec<(String, Vec<String>)>> {
+    let family = if v6 { "-6" } else { "-4" };
+    let out = lab.exec(node, &["ip", "-j", family, "route", "show", "proto", "bgp"])?;
+    let json: serde_json::Value =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
+    Ok(json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let dst = r["dst"].as_str().unwrap_or_default().to_string();
+            let mut gateways: Vec<String> = match r["nexthops"].as_array() {
+                Some(hops) => hops
+                    .iter()
+                    .filter_map(|h| h["gateway"].as_str().map(str::to_string))
+                    .collect(),
+                None => r["gateway"]
+                    .as_str()
+                    .map(str::to_string)
+                    .into_iter()
+                    .collect(),
+            };
+            gateways.sort();
+            (dst, gateways)
+        })
+        .collect())
+}

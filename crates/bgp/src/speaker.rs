@@ -411,6 +411,11 @@ impl Speaker {
             .unwrap_or("?")
     }
 
+    /// The static route behind `PathSource::Static(id)`.
+    pub fn static_route(&self, id: u32) -> Option<&StaticRoute> {
+        self.statics.get(id as usize).and_then(Option::as_ref)
+    }
+
     /// What we last announced to a neighbour (Adj-RIB-Out).
     pub fn adj_rib_out(&self, id: NeighborId) -> Option<&HashMap<IpNet, Attrs>> {
         self.neighbors

@@ -8,8 +8,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bgp4mesh_bgp::rib::NeighborId;
+use bgp4mesh_bgp::rib::PathSource;
 use bgp4mesh_bgp::session::ConnId;
-use bgp4mesh_bgp::speaker::{Event, Level, RouteChange, Speaker};
+use bgp4mesh_bgp::speaker::{Event, Level, RouteChange, Speaker, StaticKind};
+use bgp4mesh_kernel::Target;
+use ipnet::IpNet;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,8 +61,9 @@ pub struct ControlCall {
     pub reply: oneshot::Sender<Response>,
 }
 
-/// Where best-route changes go (the kernel module, in a later issue).
-pub type RouteSink = Box<dyn FnMut(&RouteChange) + Send>;
+/// Where best-route changes go: the kernel, as a prefix and what it
+/// should do (None: remove).
+pub type RouteSink = Box<dyn FnMut(IpNet, Option<Target>) + Send>;
 
 pub struct BgpDriver {
     speaker: Speaker,
@@ -75,6 +79,36 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
+    install_static: bool,
+}
+
+/// What the kernel should do for a prefix after a best-path change.
+fn kernel_target(speaker: &Speaker, change: &RouteChange, install_static: bool) -> Option<Target> {
+    let best = change.best.as_ref()?;
+    match best.source {
+        PathSource::Connected => None,
+        PathSource::Static(id) if install_static => Some(match &speaker.static_route(id)?.kind {
+            StaticKind::Blackhole => Target::Blackhole,
+            StaticKind::Unreachable => Target::Unreachable,
+            StaticKind::Via(gateway) => Target::Via(vec![*gateway]),
+            StaticKind::Device(name) => Target::Device(name.clone()),
+        }),
+        PathSource::Static(_) => None,
+        PathSource::Neighbor(_) => {
+            let mut gateways: Vec<IpAddr> = Vec::new();
+            for path in &change.multipath {
+                let hop = match path.attrs.next_hop {
+                    Some(bgp4mesh_bgp::wire::NextHop::V4(a)) => IpAddr::V4(a),
+                    Some(bgp4mesh_bgp::wire::NextHop::V6 { global, .. }) => IpAddr::V6(global),
+                    None => continue,
+                };
+                if !gateways.contains(&hop) {
+                    gateways.push(hop);
+                }
+            }
+            (!gateways.is_empty()).then_some(Target::Via(gateways))
+        }
+    }
 }
 
 fn transports_by_name(config: &BgpConfig) -> HashMap<String, Transport> {
@@ -155,12 +189,15 @@ impl BgpDriver {
             listeners,
             route_sink: None,
             transports,
+            install_static: false,
         })
     }
 
-    /// Sends every best-route change to `sink` as well.
-    pub fn set_route_sink(&mut self, sink: RouteSink) {
+    /// Sends every best-route change to `sink`; static routes too when
+    /// `install_static`.
+    pub fn set_route_sink(&mut self, sink: RouteSink, install_static: bool) {
         self.route_sink = Some(sink);
+        self.install_static = install_static;
     }
 
     /// Runs until `control` closes or a `Shutdown` request arrives.
@@ -375,8 +412,9 @@ impl BgpDriver {
                     }
                 }
                 Event::Route(change) => {
+                    let target = kernel_target(&self.speaker, &change, self.install_static);
                     if let Some(sink) = self.route_sink.as_mut() {
-                        sink(&change);
+                        sink(change.prefix, target);
                     }
                 }
                 Event::Log {

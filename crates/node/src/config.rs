@@ -32,7 +32,51 @@ pub struct FileConfig {
     pub control: ControlSection,
     pub bgp: Option<BgpSection>,
     #[serde(default)]
+    pub kernel: KernelSection,
+    #[serde(default)]
     pub policy: HashMap<String, PolicySection>,
+}
+
+/// Where best routes go in the kernel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSection {
+    /// Install best routes in the kernel at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_table")]
+    pub table: u32,
+    #[serde(default = "default_metric")]
+    pub metric: u32,
+    pub prefsrc_ipv4: Option<Ipv4Addr>,
+    pub prefsrc_ipv6: Option<Ipv6Addr>,
+    /// Also install our static routes (blackhole, unreachable, via, device).
+    #[serde(default)]
+    pub install_static: bool,
+    /// Leave our routes in the kernel when the daemon stops.
+    #[serde(default)]
+    pub keep_routes_on_exit: bool,
+}
+
+impl Default for KernelSection {
+    fn default() -> Self {
+        KernelSection {
+            enabled: true,
+            table: default_table(),
+            metric: default_metric(),
+            prefsrc_ipv4: None,
+            prefsrc_ipv6: None,
+            install_static: false,
+            keep_routes_on_exit: false,
+        }
+    }
+}
+
+fn default_table() -> u32 {
+    254
+}
+fn default_metric() -> u32 {
+    32
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,6 +353,7 @@ pub struct NodeConfig {
     pub path: PathBuf,
     pub control_socket: PathBuf,
     pub bgp: Option<BgpConfig>,
+    pub kernel: KernelSection,
 }
 
 /// What the BGP driver needs beyond the sans-IO speaker's config.
@@ -351,10 +396,18 @@ impl NodeConfig {
             }
             None => None,
         };
+        if file.kernel.table == 0 || file.kernel.table == 255 {
+            bail!(
+                "{}: kernel.table: {} is reserved; use 254 (main) or a table of your own",
+                path.display(),
+                file.kernel.table
+            );
+        }
         Ok(NodeConfig {
             path: path.to_path_buf(),
             control_socket: file.control.socket,
             bgp,
+            kernel: file.kernel,
         })
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bgp_driver::{BgpDriver, ControlCall};
 use crate::config::NodeConfig;
 use crate::control::{self, Request};
+use crate::kernel_sync;
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -25,9 +26,23 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     let server = control::serve(&config.control_socket, calls_tx.clone())?;
     tracing::info!("control socket {}", config.control_socket.display());
 
-    let driver = match config.bgp.clone() {
+    let mut driver = match config.bgp.clone() {
         Some(bgp) => Some(BgpDriver::new(bgp, &config.path)?),
         None => None,
+    };
+    let kernel = match (&mut driver, config.kernel.enabled) {
+        (Some(driver), true) => {
+            let (routes, task) = kernel_sync::start(&config.kernel).await?;
+            let sink_routes = routes.clone();
+            driver.set_route_sink(
+                Box::new(move |prefix, target| {
+                    let _ = sink_routes.send((prefix, target));
+                }),
+                config.kernel.install_static,
+            );
+            Some((routes, task))
+        }
+        _ => None,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -104,6 +119,12 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some((routes, task)) = kernel {
+        // Closing the channel lets the kernel task finish: apply what is
+        // queued, then remove our routes unless told to keep them.
+        drop(routes);
+        let _ = task.await;
     }
     server.abort();
     let _ = std::fs::remove_file(&config.control_socket);

@@ -6,5 +6,6 @@ pub mod bgp_driver;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod kernel_sync;
 pub mod show;
 pub mod transport;

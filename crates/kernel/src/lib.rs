@@ -1,0 +1,340 @@
+//! The one place bgp4mesh changes the kernel: routes over rtnetlink.
+//!
+//! [`Fib`] installs routes with protocol `bgp` in a configured table and
+//! metric, replacing in place (never delete-then-add), as one multipath
+//! route for ECMP, with a preferred source when configured. It remembers
+//! what it installed, so `show route` can say so and a restart can remove
+//! what a previous run left ([`Fib::remove_stale`]). Requests are pipelined
+//! (many in flight) so a full table does not wait for one ACK at a time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result, bail};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder, RouteNextHopBuilder};
+
+/// How many netlink requests may be in flight at once.
+const PIPELINE: usize = 256;
+
+/// Where routes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FibConfig {
+    /// Routing table (254 = main).
+    pub table: u32,
+    /// Route priority (`ip route … metric N`).
+    pub metric: u32,
+    /// Preferred source address for IPv4 / IPv6 routes (`src` in `ip route`).
+    pub prefsrc_ipv4: Option<Ipv4Addr>,
+    pub prefsrc_ipv6: Option<Ipv6Addr>,
+}
+
+impl Default for FibConfig {
+    fn default() -> Self {
+        FibConfig {
+            table: 254,
+            metric: 32,
+            prefsrc_ipv4: None,
+            prefsrc_ipv6: None,
+        }
+    }
+}
+
+/// What a route does with packets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Forward via these gateways (more than one: ECMP). An IPv6 gateway for
+    /// an IPv4 prefix is RFC 8950's case and needs Linux 5.2.
+    Via(Vec<IpAddr>),
+    /// Out of this interface, no gateway.
+    Device(String),
+    Blackhole,
+    Unreachable,
+}
+
+/// Counts of one [`Fib::apply`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub installed: usize,
+    pub removed: usize,
+    pub failed: usize,
+}
+
+pub struct Fib {
+    handle: Handle,
+    config: FibConfig,
+    installed: HashMap<IpNet, Target>,
+    ifindex: HashMap<String, u32>,
+}
+
+impl Fib {
+    /// Opens a netlink connection (its task runs on the current tokio
+    /// runtime).
+    pub fn connect(config: FibConfig) -> Result<Fib> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Fib {
+            handle,
+            config,
+            installed: HashMap::new(),
+            ifindex: HashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &FibConfig {
+        &self.config
+    }
+
+    /// Routes this process installed, by prefix.
+    pub fn installed(&self) -> &HashMap<IpNet, Target> {
+        &self.installed
+    }
+
+    /// Deletes every `proto bgp` route in our table: what a previous run
+    /// left behind. Returns how many.
+    pub async fn remove_stale(&mut self) -> Result<usize> {
+        let mut stale = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let message = match version {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            };
+            let mut routes = self.handle.route().get(message).execute();
+            while let Some(route) = routes
+                .try_next()
+                .await
+                .context("cannot list kernel routes")?
+            {
+                if route.header.protocol == RouteProtocol::Bgp
+                    && table_of(&route) == self.config.table
+                {
+                    stale.push(route);
+                }
+            }
+        }
+        let count = stale.len();
+        let handle = self.handle.clone();
+        stream::iter(stale)
+            .map(|route| {
+                let handle = handle.clone();
+                async move { handle.route().del(route).execute().await }
+            })
+            .buffer_unordered(PIPELINE)
+            .for_each(|_| async {})
+            .await;
+        self.installed.clear();
+        Ok(count)
+    }
+
+    /// Installs (Some) or removes (None) routes, all requests pipelined.
+    /// A route already installed the same way is not touched.
+    pub async fn apply(&mut self, changes: Vec<(IpNet, Option<Target>)>) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut requests: Vec<(IpNet, Option<Target>, RouteMessage)> =
+            Vec::with_capacity(changes.len());
+        for (prefix, target) in changes {
+            if self.installed.get(&prefix) == target.as_ref() {
+                continue;
+            }
+            let message = match &target {
+                Some(t) => match self.message(prefix, t).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("kernel: cannot build route {prefix}: {e:#}");
+                        report.failed += 1;
+                        continue;
+                    }
+                },
+                None => {
+                    if !self.installed.contains_key(&prefix) {
+                        continue;
+                    }
+                    self.delete_message(prefix)
+                }
+            };
+            requests.push((prefix, target, message));
+        }
+        let handle = self.handle.clone();
+        let results: Vec<(IpNet, Option<Target>, Result<(), rtnetlink::Error>)> =
+            stream::iter(requests)
+                .map(|(prefix, target, message)| {
+                    let handle = handle.clone();
+                    async move {
+                        let result = match target {
+                            Some(_) => handle.route().add(message).replace().execute().await,
+                            None => handle.route().del(message).execute().await,
+                        };
+                        (prefix, target, result)
+                    }
+                })
+                .buffer_unordered(PIPELINE)
+                .collect()
+                .await;
+        for (prefix, target, result) in results {
+            match (target, result) {
+                (Some(t), Ok(())) => {
+                    self.installed.insert(prefix, t);
+                    report.installed += 1;
+                }
+                (None, Ok(())) => {
+                    self.installed.remove(&prefix);
+                    report.removed += 1;
+                }
+                (None, Err(e)) if is_no_such_route(&e) => {
+                    self.installed.remove(&prefix);
+                    report.removed += 1;
+                }
+                (t, Err(e)) => {
+                    let what = if t.is_some() { "install" } else { "remove" };
+                    tracing::warn!("kernel: cannot {what} {prefix}: {e}");
+                    report.failed += 1;
+                }
+            }
+        }
+        report
+    }
+
+    /// Removes every route this process installed (at shutdown, unless
+    /// routes should survive a restart).
+    pub async fn remove_all(&mut self) -> ApplyReport {
+        let all: Vec<(IpNet, Option<Target>)> = self.installed.keys().map(|p| (*p, None)).collect();
+        self.apply(all).await
+    }
+
+    async fn interface_index(&mut self, name: &str) -> Result<u32> {
+        if let Some(i) = self.ifindex.get(name) {
+            return Ok(*i);
+        }
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let link = links
+            .try_next()
+            .await
+            .with_context(|| format!("no interface named {name}"))?
+            .with_context(|| format!("no interface named {name}"))?;
+        self.ifindex.insert(name.to_string(), link.header.index);
+        Ok(link.header.index)
+    }
+
+    fn base(&self, prefix: IpNet) -> RouteMessage {
+        let message = match prefix {
+            IpNet::V4(p) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len());
+                if let Some(src) = self.config.prefsrc_ipv4 {
+                    b = b.pref_source(src);
+                }
+                b.build()
+            }
+            IpNet::V6(p) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len());
+                if let Some(src) = self.config.prefsrc_ipv6 {
+                    b = b.pref_source(src);
+                }
+                b.build()
+            }
+        };
+        let mut message = message;
+        message.header.protocol = RouteProtocol::Bgp;
+        set_table(&mut message, self.config.table);
+        message
+            .attributes
+            .push(RouteAttribute::Priority(self.config.metric));
+        message
+    }
+
+    fn delete_message(&self, prefix: IpNet) -> RouteMessage {
+        let mut message = self.base(prefix);
+        message
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::PrefSource(_)));
+        message
+    }
+
+    async fn message(&mut self, prefix: IpNet, target: &Target) -> Result<RouteMessage> {
+        let mut message = self.base(prefix);
+        let family = if prefix.addr().is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        match target {
+            Target::Blackhole => message.header.kind = RouteType::BlackHole,
+            Target::Unreachable => message.header.kind = RouteType::Unreachable,
+            Target::Device(name) => {
+                let index = self.interface_index(name).await?;
+                message.header.scope = rtnetlink::packet_route::route::RouteScope::Link;
+                message.attributes.push(RouteAttribute::Oif(index));
+            }
+            Target::Via(gateways) if gateways.is_empty() => bail!("no gateway"),
+            Target::Via(gateways) if gateways.len() == 1 => {
+                let hop = RouteNextHopBuilder::new(family)
+                    .via(gateways[0])
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                    .build();
+                message.attributes.extend(hop.attributes);
+            }
+            Target::Via(gateways) => {
+                let hops = gateways
+                    .iter()
+                    .map(|g| RouteNextHopBuilder::new(family).via(*g).map(|b| b.build()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                message.attributes.push(RouteAttribute::MultiPath(hops));
+            }
+        }
+        Ok(message)
+    }
+}
+
+fn set_table(message: &mut RouteMessage, table: u32) {
+    if table > 255 {
+        message.header.table = 252; // RT_TABLE_COMPAT: the attribute holds the id
+        message.attributes.push(RouteAttribute::Table(table));
+    } else {
+        message.header.table = table as u8;
+    }
+}
+
+fn table_of(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(route.header.table as u32)
+}
+
+fn is_no_such_route(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -ESRCH)
+}
+
+/// The kernel's answer for deleting a route that is not there.
+const ESRCH: i32 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_ids_above_255_go_in_an_attribute() {
+        let mut m = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        set_table(&mut m, 1000);
+        assert_eq!(m.header.table, 252);
+        assert_eq!(table_of(&m), 1000);
+        let mut m = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        set_table(&mut m, 254);
+        assert_eq!(table_of(&m), 254);
+    }
+}

@@ -1,0 +1,261 @@
+//! Best routes in the kernel: installed with protocol bgp, ECMP as one
+//! multipath route, removed on withdrawal and on exit, stale ones removed
+//! at start.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use bgp4mesh_lab::peers::Bird;
+use bgp4mesh_lab::{Lab, can_run, wait_until};
+use common::*;
+
+fn isp_bird(
+    router_id: &str,
+    me: &str,
+    me6: &str,
+    ours: &str,
+    asn: u32,
+    prefixes4: &[&str],
+    prefixes6: &[&str],
+) -> String {
+    let routes4: String = prefixes4
+        .iter()
+        .map(|p| format!("route {p} blackhole; "))
+        .collect();
+    let routes6: String = prefixes6
+        .iter()
+        .map(|p| format!("route {p} blackhole; "))
+        .collect();
+    let static6 = if prefixes6.is_empty() {
+        String::new()
+    } else {
+        format!("protocol static origin6 {{ ipv6; {routes6} }}")
+    };
+    format!(
+        r#"
+router id {router_id};
+protocol device {{}}
+protocol static origin4 {{ ipv4; {routes4} }}
+{static6}
+protocol bgp ours {{
+  local {me} as {asn};
+  neighbor {ours} as 65001;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import all; export where source = RTS_STATIC; }};
+  ipv6 {{ next hop address {me6}; import all; export where source = RTS_STATIC; }};
+}}
+"#
+    )
+}
+
+#[test]
+fn best_routes_go_into_the_kernel_and_leave_with_them() -> Result<()> {
+    if !can_run(
+        "best_routes_go_into_the_kernel_and_leave_with_them",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("kernel-routes")?;
+    let (router, isp) = (lab.add_node("router")?, lab.add_node("isp")?);
+    let (r, i) = lab.link(&router, &isp)?;
+    let body = |keep: bool| {
+        format!(
+            "{}\n[kernel]\nkeep_routes_on_exit = {keep}\n",
+            our_neighbor(
+                "isp",
+                i.ipv4.into(),
+                65000,
+                &format!(
+                    "import = \"all\"\nexport = \"none\"\nnext_hop_ipv6 = \"{}\"",
+                    r.ipv6
+                )
+            )
+            .replace("families = [\"ipv4\"]", "families = [\"ipv4\", \"ipv6\"]")
+        )
+    };
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &isp_bird(
+            "10.255.1.1",
+            &i.ipv4.to_string(),
+            &i.ipv6.to_string(),
+            &r.ipv4.to_string(),
+            65000,
+            &["198.51.100.0/24", "203.0.113.0/24"],
+            &["2001:db8:100::/48"],
+        ),
+    )?;
+    let ours = start_ours(&lab, &router, 65001, "10.255.0.1", &body(false))?;
+    wait_until(SETTLE, "BIRD's routes in the router's kernel", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        let v6 = kernel_routes(&lab, &router, true)?;
+        ensure!(v4.len() == 2 && v6.len() == 1, "v4 {v4:?}, v6 {v6:?}");
+        Ok(())
+    })?;
+    let v4 = kernel_routes(&lab, &router, false)?;
+    assert!(
+        v4.contains(&("198.51.100.0/24".into(), vec![i.ipv4.to_string()])),
+        "{v4:?}"
+    );
+    let v6 = kernel_routes(&lab, &router, true)?;
+    assert_eq!(
+        v6,
+        vec![("2001:db8:100::/48".to_string(), vec![i.ipv6.to_string()])]
+    );
+    let detail = lab.exec(&router, &["ip", "route", "show", "198.51.100.0/24"])?;
+    assert!(
+        detail.contains("proto bgp") && detail.contains("metric 32"),
+        "{detail}"
+    );
+
+    // A withdrawal removes it from the kernel.
+    bird.birdc("disable origin4")?;
+    wait_until(SETTLE, "the IPv4 routes gone from the kernel", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(v4.is_empty(), "{v4:?}");
+        Ok(())
+    })?;
+    bird.birdc("enable origin4")?;
+    wait_until(SETTLE, "the IPv4 routes back", || {
+        ensure!(kernel_routes(&lab, &router, false)?.len() == 2, "not yet");
+        Ok(())
+    })?;
+
+    // A clean stop removes our routes.
+    lab.signal(ours.proc(), libc::SIGTERM)?;
+    wait_until(SETTLE, "our routes gone after SIGTERM", || {
+        let all = [
+            kernel_routes(&lab, &router, false)?,
+            kernel_routes(&lab, &router, true)?,
+        ]
+        .concat();
+        ensure!(all.is_empty(), "{all:?}");
+        Ok(())
+    })?;
+    wait_until(SETTLE, "the daemon to exit", || {
+        ensure!(!lab.is_running(ours.proc()), "still running");
+        Ok(())
+    })?;
+
+    // Killed with routes kept: the next start removes them before anything else.
+    let keeper = start_ours(&lab, &router, 65001, "10.255.0.1", &body(true))?;
+    wait_until(SETTLE, "routes installed again", || {
+        ensure!(kernel_routes(&lab, &router, false)?.len() == 2, "not yet");
+        Ok(())
+    })?;
+    lab.signal(keeper.proc(), libc::SIGKILL)?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        kernel_routes(&lab, &router, false)?.len(),
+        2,
+        "a killed daemon leaves its routes"
+    );
+    bird.birdc("disable ours")?;
+    let fresh = start_ours(&lab, &router, 65001, "10.255.0.1", &body(false))?;
+    wait_until(SETTLE, "stale routes removed at start", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(v4.is_empty(), "{v4:?}");
+        Ok(())
+    })?;
+    let log = lab.log_tail(fresh.proc(), 50);
+    assert!(log.contains("left by a previous run"), "{log}");
+    Ok(())
+}
+
+/// Seed 001, router side: two servers in one AS announce the same VIP; the
+/// router merges them into one ECMP route; one server dies (kill -9) and
+/// its next hop leaves at once.
+#[test]
+fn seed_001_two_servers_one_ecmp_route_and_failover() -> Result<()> {
+    if !can_run(
+        "seed_001_two_servers_one_ecmp_route_and_failover",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-001-ecmp")?;
+    let (router, s5, s7) = (
+        lab.add_node("router")?,
+        lab.add_node("server5")?,
+        lab.add_node("server7")?,
+    );
+    let (r5, a5) = lab.link(&router, &s5)?;
+    let (r7, a7) = lab.link(&router, &s7)?;
+    // `multipath = true` opens the body, so it lands in [bgp] (BIRD's `merge paths`).
+    let _ours = start_ours(
+        &lab,
+        &router,
+        65001,
+        "10.0.0.1",
+        &format!(
+            "multipath = true\n\n{}{}",
+            our_neighbor(
+                "bgp_server5",
+                a5.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\""
+            ),
+            our_neighbor(
+                "bgp_server7",
+                a7.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\""
+            ),
+        ),
+    )?;
+    let server5 = Bird::start(
+        &lab,
+        &s5,
+        &isp_bird(
+            "10.0.5.1",
+            &a5.ipv4.to_string(),
+            &a5.ipv6.to_string(),
+            &r5.ipv4.to_string(),
+            65000,
+            &["192.168.20.0/24"],
+            &[],
+        ),
+    )?;
+    let _server7 = Bird::start(
+        &lab,
+        &s7,
+        &isp_bird(
+            "10.0.7.1",
+            &a7.ipv4.to_string(),
+            &a7.ipv6.to_string(),
+            &r7.ipv4.to_string(),
+            65000,
+            &["192.168.20.0/24"],
+            &[],
+        ),
+    )?;
+    let mut both = vec![a5.ipv4.to_string(), a7.ipv4.to_string()];
+    both.sort();
+    wait_until(SETTLE, "one route with two next hops", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(
+            v4 == vec![("192.168.20.0/24".to_string(), both.clone())],
+            "{v4:?}"
+        );
+        Ok(())
+    })?;
+
+    lab.signal(server5.proc(), libc::SIGKILL)?;
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(5), "only server7's next hop", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(
+            v4 == vec![("192.168.20.0/24".to_string(), vec![a7.ipv4.to_string()])],
+            "{v4:?}"
+        );
+        Ok(())
+    })?;
+    let took = killed.elapsed();
+    eprintln!("failover: server5's next hop left the kernel {took:?} after kill -9");
+    assert!(took < Duration::from_secs(1), "failover took {took:?}");
+    Ok(())
+}
