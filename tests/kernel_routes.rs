@@ -259,3 +259,97 @@ fn seed_001_two_servers_one_ecmp_route_and_failover() -> Result<()> {
     assert!(took < Duration::from_secs(1), "failover took {took:?}");
     Ok(())
 }
+
+/// A next hop that is not on a connected network is resolved through the
+/// kernel: unreachable, the route is kept but not used; once a route to it
+/// exists, it is installed via that route's gateway; when that goes, so
+/// does the route.
+#[test]
+fn recursive_next_hops_are_tracked_in_the_kernel() -> Result<()> {
+    if !can_run(
+        "recursive_next_hops_are_tracked_in_the_kernel",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("next-hop-tracking")?;
+    let (router, edge) = (lab.add_node("router")?, lab.add_node("edge")?);
+    let (r, e) = lab.link(&router, &edge)?;
+    let ours = start_ours(
+        &lab,
+        &router,
+        65000,
+        "10.255.0.1",
+        &our_neighbor("edge", e.ipv4.into(), 65000, ""),
+    )?;
+    let _edge = Bird::start(
+        &lab,
+        &edge,
+        &format!(
+            r#"
+router id 10.255.1.1;
+protocol device {{}}
+protocol static origin {{ ipv4; route 198.51.100.0/24 blackhole; }}
+protocol bgp ours {{
+  local {e} as 65000;
+  neighbor {r} as 65000;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import none; export filter {{ bgp_next_hop = 10.99.99.1; accept; }}; }};
+}}
+"#,
+            e = e.ipv4,
+            r = r.ipv4
+        ),
+    )?;
+    let route = wait_until(SETTLE, "198.51.100.0/24 at bgp4mesh, best or not", || {
+        let all = ours.routes()?;
+        all.into_iter()
+            .find(|r| r.prefix == "198.51.100.0/24")
+            .ok_or_else(|| anyhow::anyhow!("not yet"))
+    })?;
+    assert_eq!(route.next_hop, Some("10.99.99.1".parse()?));
+    wait_until(SETTLE, "the next hop found unreachable", || {
+        let json = ours.cli(&["show", "route", "198.51.100.0/24", "--json"])?;
+        ensure!(json.contains("\"next_hop_reachable\": false"), "{json}");
+        Ok(())
+    })?;
+    assert!(
+        kernel_routes(&lab, &router, false)?.is_empty(),
+        "not installed while unreachable"
+    );
+    assert!(
+        ours.routes()?.iter().all(|r| !r.best),
+        "not selected while unreachable"
+    );
+
+    lab.exec(
+        &router,
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.99.99.0/24",
+            "via",
+            &e.ipv4.to_string(),
+        ],
+    )?;
+    wait_until(
+        SETTLE,
+        "the route installed via the resolved gateway",
+        || {
+            let v4 = kernel_routes(&lab, &router, false)?;
+            ensure!(
+                v4 == vec![("198.51.100.0/24".to_string(), vec![e.ipv4.to_string()])],
+                "{v4:?}"
+            );
+            Ok(())
+        },
+    )?;
+    lab.exec(&router, &["ip", "route", "del", "10.99.99.0/24"])?;
+    wait_until(SETTLE, "the route gone with its next hop", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(v4.is_empty(), "{v4:?}");
+        Ok(())
+    })?;
+    Ok(())
+}

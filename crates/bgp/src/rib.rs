@@ -85,7 +85,8 @@ pub struct Path {
     pub attrs: Attrs,
 }
 
-/// What best-path selection needs to know about a path's neighbour.
+/// What best-path selection needs to know about a path beyond its
+/// attributes: its neighbour and whether its next hop resolves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceInfo {
     pub ebgp: bool,
@@ -194,7 +195,7 @@ impl LocRib {
         prefix: IpNet,
         source: PathSource,
         attrs: Option<Attrs>,
-        info: &impl Fn(PathSource) -> SourceInfo,
+        info: &impl Fn(&Path) -> SourceInfo,
     ) -> Option<BestChange> {
         let entry = match (self.routes.get_mut(&prefix), &attrs) {
             (Some(e), _) => e,
@@ -234,7 +235,7 @@ impl LocRib {
 
     /// Reselects every prefix (after a change of next-hop reachability or
     /// selection knobs); returns the changes.
-    pub fn reselect_all(&mut self, info: &impl Fn(PathSource) -> SourceInfo) -> Vec<BestChange> {
+    pub fn reselect_all(&mut self, info: &impl Fn(&Path) -> SourceInfo) -> Vec<BestChange> {
         let mut changes = Vec::new();
         for (prefix, entry) in &mut self.routes {
             let old_best = entry.best().cloned();
@@ -255,12 +256,12 @@ impl LocRib {
 }
 
 /// Orders `entry.paths` best first and counts the ECMP set.
-fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(PathSource) -> SourceInfo) {
+fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> SourceInfo) {
     // Linear scan for the best: MED comparison is not transitive, so no
     // sort (a sort may panic on an inconsistent order).
     let mut best: Option<usize> = None;
     for i in 0..entry.paths.len() {
-        if !info(entry.paths[i].source).reachable {
+        if !info(&entry.paths[i]).reachable {
             continue;
         }
         best = match best {
@@ -281,7 +282,7 @@ fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(PathSource) ->
     if selection.multipath {
         for i in 1..entry.paths.len() {
             let p = &entry.paths[i];
-            if info(p.source).reachable && multipath_equal(&entry.paths[0], p, selection, info) {
+            if info(p).reachable && multipath_equal(&entry.paths[0], p, selection, info) {
                 entry.paths.swap(n, i);
                 n += 1;
             }
@@ -300,9 +301,9 @@ fn compare_up_to_igp(
     a: &Path,
     b: &Path,
     selection: Selection,
-    info: &impl Fn(PathSource) -> SourceInfo,
+    info: &impl Fn(&Path) -> SourceInfo,
 ) -> Ordering {
-    let (ia, ib) = (info(a.source), info(b.source));
+    let (ia, ib) = (info(a), info(b));
     // Our own routes first (like a higher administrative preference).
     b.source
         .is_local()
@@ -331,9 +332,9 @@ fn compare(
     a: &Path,
     b: &Path,
     selection: Selection,
-    info: &impl Fn(PathSource) -> SourceInfo,
+    info: &impl Fn(&Path) -> SourceInfo,
 ) -> Ordering {
-    let (ia, ib) = (info(a.source), info(b.source));
+    let (ia, ib) = (info(a), info(b));
     // A reflected path is identified by its ORIGINATOR_ID (RFC 4456 §9).
     let id = |p: &Path, i: SourceInfo| u32::from(p.attrs.originator_id.unwrap_or(i.router_id));
     compare_up_to_igp(a, b, selection, info)
@@ -349,7 +350,7 @@ fn multipath_equal(
     best: &Path,
     p: &Path,
     selection: Selection,
-    info: &impl Fn(PathSource) -> SourceInfo,
+    info: &impl Fn(&Path) -> SourceInfo,
 ) -> bool {
     !best.source.is_local()
         && !p.source.is_local()
@@ -394,8 +395,8 @@ mod tests {
     }
 
     /// Neighbours 0..: eBGP, router id 10.0.0.(n+1); neighbour 9 is iBGP.
-    fn info(source: PathSource) -> SourceInfo {
-        match source {
+    fn info(p: &Path) -> SourceInfo {
+        match p.source {
             PathSource::Neighbor(n) => SourceInfo {
                 ebgp: n != 9,
                 router_id: Ipv4Addr::new(10, 0, 0, n as u8 + 1),
@@ -535,9 +536,9 @@ mod tests {
             &info,
         );
         assert_eq!(best_source(&rib, "203.0.113.0/24"), Some(n(3)));
-        let unreachable = |s: PathSource| SourceInfo {
-            reachable: s != n(3),
-            ..info(s)
+        let unreachable = |p: &Path| SourceInfo {
+            reachable: p.source != n(3),
+            ..info(p)
         };
         let changes = rib.reselect_all(&unreachable);
         assert_eq!(changes.len(), 1);

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use crate::policy::{Outcome, Policy, RouteContext, RouteSource};
 use crate::rib::{
     Attrs, BestChange, Interner, LocRib, NeighborId, Path, PathSource, Selection, SourceInfo,
+    next_hop_address,
 };
 use crate::session::{ConnId, Negotiated, Output, Session, SessionConfig, State};
 use crate::wire::{
@@ -181,6 +182,11 @@ pub enum Event {
         conn: ConnId,
     },
     Route(RouteChange),
+    /// Start resolving this next hop and report with
+    /// [`Speaker::set_next_hop`] (again whenever it changes).
+    WatchNextHop(IpAddr),
+    /// No path uses this next hop any more.
+    UnwatchNextHop(IpAddr),
     Log {
         neighbor: Option<NeighborId>,
         level: Level,
@@ -248,22 +254,52 @@ pub struct Speaker {
     interner: Interner,
     started: bool,
     events: VecDeque<Event>,
+    next_hops: HashMap<IpAddr, WatchedNextHop>,
 }
 
-fn source_info(neighbors: &[Neighbor], local_as: u32, source: PathSource) -> SourceInfo {
-    match source {
+/// How the driver resolved a next hop (in the kernel's routing table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHopState {
+    pub reachable: bool,
+    /// Metric of the route that reaches it (compared as the IGP cost).
+    pub cost: u32,
+}
+
+#[derive(Debug, Default)]
+struct WatchedNextHop {
+    /// Paths in the Loc-RIB that use it.
+    users: usize,
+    /// None until the driver reports: assumed reachable meanwhile.
+    state: Option<NextHopState>,
+}
+
+fn source_info(
+    neighbors: &[Neighbor],
+    next_hops: &HashMap<IpAddr, WatchedNextHop>,
+    local_as: u32,
+    path: &Path,
+) -> SourceInfo {
+    match path.source {
         PathSource::Neighbor(n) => match neighbors.get(n) {
-            Some(nb) => SourceInfo {
-                ebgp: nb.config.remote_as != local_as,
-                router_id: nb
-                    .negotiated
+            Some(nb) => {
+                let state = path
+                    .attrs
+                    .next_hop
                     .as_ref()
-                    .map(|n| n.peer_id)
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
-                address: nb.config.address,
-                igp_cost: 0,
-                reachable: true,
-            },
+                    .and_then(|h| next_hops.get(&next_hop_address(h)))
+                    .and_then(|w| w.state);
+                SourceInfo {
+                    ebgp: nb.config.remote_as != local_as,
+                    router_id: nb
+                        .negotiated
+                        .as_ref()
+                        .map(|n| n.peer_id)
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    address: nb.config.address,
+                    igp_cost: state.map(|s| s.cost).unwrap_or(0),
+                    reachable: state.is_none_or(|s| s.reachable),
+                }
+            }
             None => SourceInfo {
                 reachable: false,
                 ..SourceInfo::LOCAL
@@ -296,6 +332,7 @@ impl Speaker {
             interner: Interner::default(),
             started: false,
             events: VecDeque::new(),
+            next_hops: HashMap::new(),
         }
     }
 
@@ -590,12 +627,7 @@ impl Speaker {
         let identity_changed = new.asn != self.config.asn || new.router_id != self.config.router_id;
         if new.selection != self.config.selection {
             self.rib.set_selection(new.selection);
-            let neighbors = &self.neighbors;
-            let asn = new.asn;
-            let changes = self.rib.reselect_all(&|s| source_info(neighbors, asn, s));
-            for change in changes {
-                self.on_best_change(change);
-            }
+            self.reselect_all();
         }
         let old_cluster = self.config.cluster_id;
         self.config.asn = new.asn;
@@ -1069,14 +1101,81 @@ impl Speaker {
     // ----- Loc-RIB and export ---------------------------------------------------
 
     fn rib_update(&mut self, prefix: IpNet, source: PathSource, attrs: Option<Attrs>) {
-        let neighbors = &self.neighbors;
-        let asn = self.config.asn;
-        let change = self
-            .rib
-            .update(prefix, source, attrs, &|s| source_info(neighbors, asn, s));
+        if let PathSource::Neighbor(_) = source {
+            let old = self
+                .rib
+                .get(&prefix)
+                .and_then(|e| e.paths().iter().find(|p| p.source == source))
+                .and_then(|p| p.attrs.next_hop.as_ref().map(next_hop_address));
+            let new = attrs
+                .as_ref()
+                .and_then(|a| a.next_hop.as_ref().map(next_hop_address));
+            if old != new {
+                if let Some(addr) = new {
+                    let watched = self.next_hops.entry(addr).or_default();
+                    watched.users += 1;
+                    if watched.users == 1 {
+                        self.events.push_back(Event::WatchNextHop(addr));
+                    }
+                }
+                if let Some(addr) = old
+                    && let Some(watched) = self.next_hops.get_mut(&addr)
+                {
+                    watched.users = watched.users.saturating_sub(1);
+                    if watched.users == 0 {
+                        self.next_hops.remove(&addr);
+                        self.events.push_back(Event::UnwatchNextHop(addr));
+                    }
+                }
+            }
+        }
+        let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
+        let change = self.rib.update(prefix, source, attrs, &|p| {
+            source_info(neighbors, next_hops, asn, p)
+        });
         if let Some(change) = change {
             self.on_best_change(change);
         }
+    }
+
+    fn reselect_all(&mut self) {
+        let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
+        let changes = self
+            .rib
+            .reselect_all(&|p| source_info(neighbors, next_hops, asn, p));
+        for change in changes {
+            self.on_best_change(change);
+        }
+    }
+
+    /// The driver's resolution of a watched next hop. Paths through an
+    /// unreachable next hop are not selected; the cost breaks ties like an
+    /// IGP metric.
+    pub fn set_next_hop(&mut self, now: Instant, addr: IpAddr, state: NextHopState) {
+        let Some(watched) = self.next_hops.get_mut(&addr) else {
+            return;
+        };
+        if watched.state == Some(state) {
+            return;
+        }
+        let was = watched.state;
+        watched.state = Some(state);
+        if was.is_none_or(|w| w.reachable != state.reachable) {
+            let word = if state.reachable {
+                "reachable"
+            } else {
+                "unreachable"
+            };
+            self.log(None, Level::Info, format!("next hop {addr} is {word}"));
+        }
+        self.reselect_all();
+        self.flush();
+        self.drain_sessions(now);
+    }
+
+    /// What the driver last said about a next hop (None: not resolved yet).
+    pub fn next_hop_state(&self, addr: IpAddr) -> Option<NextHopState> {
+        self.next_hops.get(&addr).and_then(|w| w.state)
     }
 
     fn on_best_change(&mut self, change: BestChange) {

@@ -69,6 +69,8 @@ struct Net {
     /// Links that are cut (both addresses): nothing passes.
     down: Vec<(IpAddr, IpAddr)>,
     routes: Vec<HashMap<IpNet, RouteChange>>,
+    /// Next hops each speaker asked the driver to resolve.
+    watched: Vec<std::collections::HashSet<IpAddr>>,
 }
 
 impl Net {
@@ -83,6 +85,7 @@ impl Net {
             now,
             down: vec![],
             routes: vec![HashMap::new(); n],
+            watched: vec![Default::default(); n],
         }
     }
 
@@ -164,6 +167,12 @@ impl Net {
             }
             Event::Route(change) => {
                 self.routes[s].insert(change.prefix, change);
+            }
+            Event::WatchNextHop(addr) => {
+                self.watched[s].insert(addr);
+            }
+            Event::UnwatchNextHop(addr) => {
+                self.watched[s].remove(&addr);
             }
             Event::Log { .. } => {}
         }
@@ -578,4 +587,95 @@ fn max_prefixes_warns_restarts_or_shuts_down() {
             }
         }
     }
+}
+
+#[test]
+fn paths_through_an_unreachable_next_hop_are_not_used() {
+    use bgp4mesh_bgp::speaker::NextHopState;
+    // B learns 192.0.2.0/24 from A (next hop 10.1.0.1) and from C (next hop
+    // 10.2.0.3, a longer path). A's next hop becomes unreachable: C's path
+    // takes over, in the RIB and towards D; reachable again: back to A.
+    let mut net = Net::new(vec![
+        speaker(
+            65001,
+            [10, 0, 0, 1],
+            vec![neighbor("b", "10.1.0.2", 65000)],
+            &["192.0.2.0/24"],
+        ),
+        speaker(
+            65000,
+            [10, 0, 0, 2],
+            vec![
+                neighbor("a", "10.1.0.1", 65001),
+                neighbor("c", "10.2.0.3", 65003),
+                neighbor("d", "10.3.0.4", 65004),
+            ],
+            &[],
+        ),
+        speaker(
+            65003,
+            [10, 0, 0, 3],
+            vec![
+                neighbor("b", "10.2.0.2", 65000),
+                neighbor("e", "10.4.0.5", 65005),
+            ],
+            &[],
+        ),
+        speaker(
+            65004,
+            [10, 0, 0, 4],
+            vec![neighbor("b", "10.3.0.2", 65000)],
+            &[],
+        ),
+        speaker(
+            65005,
+            [10, 0, 0, 5],
+            vec![neighbor("c", "10.4.0.3", 65003)],
+            &["192.0.2.0/24"],
+        ),
+    ]);
+    net.link(0, "10.1.0.1", 1, "10.1.0.2");
+    net.link(1, "10.2.0.2", 2, "10.2.0.3");
+    net.link(1, "10.3.0.2", 3, "10.3.0.4");
+    net.link(2, "10.4.0.3", 4, "10.4.0.5");
+    net.start();
+    assert!(
+        net.watched[1].contains(&ip("10.1.0.1")) && net.watched[1].contains(&ip("10.2.0.3")),
+        "{:?}",
+        net.watched[1]
+    );
+    assert_eq!(net.best(1, "192.0.2.0/24").map(|b| b.1), Some(vec![65001]));
+    let now = net.now;
+    net.speakers[1].set_next_hop(
+        now,
+        ip("10.1.0.1"),
+        NextHopState {
+            reachable: false,
+            cost: 0,
+        },
+    );
+    net.pump();
+    assert_eq!(
+        net.best(1, "192.0.2.0/24").map(|b| b.1),
+        Some(vec![65003, 65005]),
+        "C's path takes over"
+    );
+    assert_eq!(
+        net.best(3, "192.0.2.0/24").map(|b| b.1),
+        Some(vec![65000, 65003, 65005]),
+        "and D hears of it"
+    );
+    net.speakers[1].set_next_hop(
+        now,
+        ip("10.1.0.1"),
+        NextHopState {
+            reachable: true,
+            cost: 10,
+        },
+    );
+    net.pump();
+    assert_eq!(net.best(1, "192.0.2.0/24").map(|b| b.1), Some(vec![65001]));
+    // A goes away: its next hop is no longer watched.
+    net.cut("10.1.0.1", "10.1.0.2");
+    assert!(!net.watched[1].contains(&ip("10.1.0.1")));
 }

@@ -338,3 +338,93 @@ mod tests {
         assert_eq!(table_of(&m), 254);
     }
 }
+
+/// How the kernel reaches an address: what BGP next-hop tracking needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution {
+    /// A route other than our own BGP routes leads there.
+    pub reachable: bool,
+    /// That route's metric.
+    pub metric: u32,
+    /// The immediate gateway, when the address is not on a connected
+    /// network (a recursive next hop is installed via this).
+    pub gateway: Option<IpAddr>,
+}
+
+impl Resolution {
+    pub const UNREACHABLE: Resolution = Resolution {
+        reachable: false,
+        metric: 0,
+        gateway: None,
+    };
+}
+
+/// Looks next hops up in the kernel's routing table (read only).
+#[derive(Clone)]
+pub struct Resolver {
+    handle: Handle,
+}
+
+impl Resolver {
+    pub fn connect() -> Result<Resolver> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Resolver { handle })
+    }
+
+    /// The FIB entry matching `addr` (`ip route get fibmatch ADDR`). Our
+    /// own BGP routes do not count: a next hop must not resolve through the
+    /// routes that depend on it.
+    pub async fn resolve(&self, addr: IpAddr) -> Resolution {
+        let mut message = match addr {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        message.header.flags |= rtnetlink::packet_route::route::RouteFlags::FibMatch;
+        let mut answers = self.handle.route().get(message).execute();
+        let Ok(Some(route)) = answers.try_next().await else {
+            return Resolution::UNREACHABLE;
+        };
+        let usable = matches!(route.header.kind, RouteType::Unicast | RouteType::Local);
+        if !usable || route.header.protocol == RouteProtocol::Bgp {
+            return Resolution::UNREACHABLE;
+        }
+        let mut metric = 0;
+        let mut gateway = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Priority(p) => metric = *p,
+                RouteAttribute::Gateway(g) => gateway = route_address(g),
+                RouteAttribute::MultiPath(hops) if gateway.is_none() => {
+                    gateway = hops
+                        .iter()
+                        .flat_map(|h| h.attributes.iter())
+                        .find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_address(g),
+                            _ => None,
+                        });
+                }
+                _ => {}
+            }
+        }
+        Resolution {
+            reachable: true,
+            metric,
+            gateway,
+        }
+    }
+}
+
+fn route_address(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpAddr> {
+    use rtnetlink::packet_route::route::RouteAddress;
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}

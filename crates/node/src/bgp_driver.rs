@@ -10,8 +10,9 @@ use std::time::Instant;
 use bgp4mesh_bgp::rib::NeighborId;
 use bgp4mesh_bgp::rib::PathSource;
 use bgp4mesh_bgp::session::ConnId;
+use bgp4mesh_bgp::speaker::NextHopState;
 use bgp4mesh_bgp::speaker::{Event, Level, RouteChange, Speaker, StaticKind};
-use bgp4mesh_kernel::Target;
+use bgp4mesh_kernel::{Resolution, Resolver, Target};
 use ipnet::IpNet;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +43,14 @@ enum Inbound {
     Closed {
         conn: ConnId,
     },
+    Resolved {
+        addr: IpAddr,
+        resolution: Resolution,
+    },
 }
+
+/// How often watched next hops are looked up again in the kernel.
+const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 enum WriterCommand {
     Data(Vec<u8>),
@@ -80,10 +88,18 @@ pub struct BgpDriver {
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
     install_static: bool,
+    resolver: Option<Resolver>,
+    /// Next hops the speaker watches, with their last resolution.
+    next_hops: HashMap<IpAddr, Option<Resolution>>,
 }
 
 /// What the kernel should do for a prefix after a best-path change.
-fn kernel_target(speaker: &Speaker, change: &RouteChange, install_static: bool) -> Option<Target> {
+fn kernel_target(
+    speaker: &Speaker,
+    change: &RouteChange,
+    install_static: bool,
+    next_hops: &HashMap<IpAddr, Option<Resolution>>,
+) -> Option<Target> {
     let best = change.best.as_ref()?;
     match best.source {
         PathSource::Connected => None,
@@ -97,10 +113,23 @@ fn kernel_target(speaker: &Speaker, change: &RouteChange, install_static: bool) 
         PathSource::Neighbor(_) => {
             let mut gateways: Vec<IpAddr> = Vec::new();
             for path in &change.multipath {
-                let hop = match path.attrs.next_hop {
-                    Some(bgp4mesh_bgp::wire::NextHop::V4(a)) => IpAddr::V4(a),
-                    Some(bgp4mesh_bgp::wire::NextHop::V6 { global, .. }) => IpAddr::V6(global),
-                    None => continue,
+                let Some(next_hop) = path.attrs.next_hop.as_ref() else {
+                    continue;
+                };
+                let address = bgp4mesh_bgp::rib::next_hop_address(next_hop);
+                // A next hop that is not on a connected network is reached
+                // through the gateway the kernel resolved it to.
+                let hop = match next_hops
+                    .get(&address)
+                    .copied()
+                    .flatten()
+                    .and_then(|r| r.gateway)
+                {
+                    Some(gateway) => gateway,
+                    None => match next_hop {
+                        bgp4mesh_bgp::wire::NextHop::V4(a) => IpAddr::V4(*a),
+                        bgp4mesh_bgp::wire::NextHop::V6 { global, .. } => IpAddr::V6(*global),
+                    },
                 };
                 if !gateways.contains(&hop) {
                     gateways.push(hop);
@@ -190,6 +219,14 @@ impl BgpDriver {
             route_sink: None,
             transports,
             install_static: false,
+            resolver: match Resolver::connect() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!("next hops cannot be resolved (all taken as reachable): {e:#}");
+                    None
+                }
+            },
+            next_hops: HashMap::new(),
         })
     }
 
@@ -203,6 +240,8 @@ impl BgpDriver {
     /// Runs until `control` closes or a `Shutdown` request arrives.
     pub async fn run(mut self, mut control: mpsc::Receiver<ControlCall>) {
         self.speaker.start(Instant::now());
+        let mut resolve_tick = tokio::time::interval(RESOLVE_EVERY);
+        resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.carry_out_events();
             let deadline = self.speaker.poll_timeout();
@@ -225,6 +264,10 @@ impl BgpDriver {
                     let _ = call.reply.send(response);
                 }
                 _ = sleep => self.speaker.handle_timeout(Instant::now()),
+                _ = resolve_tick.tick() => {
+                    let all: Vec<IpAddr> = self.next_hops.keys().copied().collect();
+                    self.resolve(all);
+                }
             }
         }
         for l in &self.listeners {
@@ -337,6 +380,75 @@ impl BgpDriver {
                     self.speaker.tcp_closed(now, c.neighbor, conn);
                 }
             }
+            Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
+        }
+    }
+
+    /// Looks next hops up in the background; answers come as Resolved.
+    fn resolve(&self, addrs: Vec<IpAddr>) {
+        let Some(resolver) = self.resolver.clone() else {
+            return;
+        };
+        if addrs.is_empty() {
+            return;
+        }
+        let tx = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            for addr in addrs {
+                let resolution = resolver.resolve(addr).await;
+                if tx.send(Inbound::Resolved { addr, resolution }).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn on_resolved(&mut self, now: Instant, addr: IpAddr, resolution: Resolution) {
+        let Some(last) = self.next_hops.get_mut(&addr) else {
+            return;
+        };
+        if *last == Some(resolution) {
+            return;
+        }
+        let gateway_changed = last.map(|l| l.gateway) != Some(resolution.gateway);
+        *last = Some(resolution);
+        self.speaker.set_next_hop(
+            now,
+            addr,
+            NextHopState {
+                reachable: resolution.reachable,
+                cost: resolution.metric,
+            },
+        );
+        if gateway_changed {
+            // Routes whose best path uses this next hop go in the kernel
+            // via the new immediate gateway.
+            let affected: Vec<RouteChange> = self
+                .speaker
+                .rib()
+                .iter()
+                .filter(|(_, e)| {
+                    e.multipath().iter().any(|p| {
+                        p.attrs
+                            .next_hop
+                            .as_ref()
+                            .map(bgp4mesh_bgp::rib::next_hop_address)
+                            == Some(addr)
+                    })
+                })
+                .map(|(p, e)| RouteChange {
+                    prefix: *p,
+                    best: e.best().cloned(),
+                    multipath: e.multipath().to_vec(),
+                })
+                .collect();
+            for change in affected {
+                let target =
+                    kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
+                if let Some(sink) = self.route_sink.as_mut() {
+                    sink(change.prefix, target);
+                }
+            }
         }
     }
 
@@ -411,8 +523,16 @@ impl BgpDriver {
                         let _ = c.writer.send(WriterCommand::Close);
                     }
                 }
+                Event::WatchNextHop(addr) => {
+                    self.next_hops.insert(addr, None);
+                    self.resolve(vec![addr]);
+                }
+                Event::UnwatchNextHop(addr) => {
+                    self.next_hops.remove(&addr);
+                }
                 Event::Route(change) => {
-                    let target = kernel_target(&self.speaker, &change, self.install_static);
+                    let target =
+                        kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
                     if let Some(sink) = self.route_sink.as_mut() {
                         sink(change.prefix, target);
                     }

@@ -90,6 +90,15 @@ fn path_json(speaker: &Speaker, p: &Path, best: bool, multipath: bool) -> Value 
             _ => None,
         };
         map.insert("from".into(), json!(from));
+        // null: not resolved yet (taken as reachable) or not a BGP path.
+        let reachable = p
+            .attrs
+            .next_hop
+            .as_ref()
+            .filter(|_| matches!(p.source, PathSource::Neighbor(_)))
+            .and_then(|h| speaker.next_hop_state(bgp4mesh_bgp::rib::next_hop_address(h)))
+            .map(|s| s.reachable);
+        map.insert("next_hop_reachable".into(), json!(reachable));
     }
     v
 }
