@@ -544,3 +544,67 @@ protocol bgp vps {{
     assert!(routes.iter().all(|r| r.local_pref == Some(100)));
     Ok(())
 }
+
+/// `connected = ["*"]` originates our interfaces' networks (BIRD's
+/// `protocol direct`); an address that goes away is withdrawn.
+#[test]
+fn connected_networks_are_originated_and_follow_the_interfaces() -> Result<()> {
+    if !can_run(
+        "connected_networks_are_originated_and_follow_the_interfaces",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("connected")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    lab.add_address(&border, "lo", "44.30.127.1/32")?;
+    let ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &format!(
+            "connected = [\"*\"]\n\n{}\n[policy.direct]\nrules = [ {{ match = {{ source = [\"connected\"] }}, action = \"accept\" }} ]\n",
+            our_neighbor(
+                "isp",
+                i.ipv4.into(),
+                65001,
+                "import = \"none\"\nexport = \"direct\""
+            )
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    let route = wait_route("BIRD", "44.30.127.1/32", || bird.routes())?;
+    assert_eq!(route.as_path, vec![65000]);
+    assert!(
+        bird.routes()?.iter().any(|r| r.prefix
+            == format!(
+                "{}/24",
+                b.ipv4
+                    .to_string()
+                    .rsplit_once('.')
+                    .map(|(n, _)| format!("{n}.0"))
+                    .unwrap_or_default()
+            )),
+        "the link network too"
+    );
+    lab.exec(
+        &border,
+        &["ip", "addr", "del", "44.30.127.1/32", "dev", "lo"],
+    )?;
+    wait_no_route("BIRD", "44.30.127.1/32", || bird.routes())?;
+    let _ = ours;
+    Ok(())
+}

@@ -255,6 +255,8 @@ pub struct Speaker {
     started: bool,
     events: VecDeque<Event>,
     next_hops: HashMap<IpAddr, WatchedNextHop>,
+    /// Networks of our interfaces we originate.
+    connected: HashSet<IpNet>,
 }
 
 /// How the driver resolved a next hop (in the kernel's routing table).
@@ -333,6 +335,7 @@ impl Speaker {
             started: false,
             events: VecDeque::new(),
             next_hops: HashMap::new(),
+            connected: HashSet::new(),
         }
     }
 
@@ -1146,6 +1149,31 @@ impl Speaker {
         for change in changes {
             self.on_best_change(change);
         }
+    }
+
+    /// The networks of our interfaces to originate (BIRD's `protocol
+    /// direct`): new ones are added, missing ones withdrawn.
+    pub fn set_connected(&mut self, now: Instant, prefixes: &[IpNet]) {
+        let wanted: HashSet<IpNet> = prefixes.iter().copied().collect();
+        let gone: Vec<IpNet> = self.connected.difference(&wanted).copied().collect();
+        let new: Vec<IpNet> = wanted.difference(&self.connected).copied().collect();
+        if gone.is_empty() && new.is_empty() {
+            return;
+        }
+        for prefix in gone {
+            self.connected.remove(&prefix);
+            self.rib_update(prefix, PathSource::Connected, None);
+        }
+        let attrs = self.interner.intern(PathAttributes {
+            origin: Origin::Igp,
+            ..PathAttributes::default()
+        });
+        for prefix in new {
+            self.connected.insert(prefix);
+            self.rib_update(prefix, PathSource::Connected, Some(attrs.clone()));
+        }
+        self.flush();
+        self.drain_sessions(now);
     }
 
     /// The driver's resolution of a watched next hop. Paths through an

@@ -428,3 +428,62 @@ fn route_address(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpA
         _ => None,
     }
 }
+
+impl Resolver {
+    /// The networks of our interfaces' addresses (`protocol direct`), with
+    /// the interface name; loopback and link-local left out. Only
+    /// interfaces matching `wanted` (names, or "*" for all) and up.
+    pub async fn connected(&self, wanted: &[String]) -> Result<Vec<(IpNet, String)>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+        let mut names: HashMap<u32, (String, bool)> = HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.context("cannot list interfaces")? {
+            let up = link.header.flags.contains(LinkFlags::Up);
+            if let Some(name) = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            }) {
+                names.insert(link.header.index, (name, up));
+            }
+        }
+        let mut out = Vec::new();
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .context("cannot list addresses")?
+        {
+            let Some((name, up)) = names.get(&message.header.index) else {
+                continue;
+            };
+            if !up || !(wanted.iter().any(|w| w == "*" || w == name)) {
+                continue;
+            }
+            let address = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = address.or_else(|| {
+                message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            let Some(address) = address else { continue };
+            let skip = match address {
+                IpAddr::V4(a) => a.is_loopback() || a.is_link_local(),
+                IpAddr::V6(a) => a.is_loopback() || a.is_unicast_link_local(),
+            };
+            if skip {
+                continue;
+            }
+            if let Ok(net) = IpNet::new(address, message.header.prefix_len) {
+                out.push((net.trunc(), name.clone()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}

@@ -47,6 +47,9 @@ enum Inbound {
         addr: IpAddr,
         resolution: Resolution,
     },
+    Interfaces {
+        prefixes: Vec<IpNet>,
+    },
 }
 
 /// How often watched next hops are looked up again in the kernel.
@@ -267,6 +270,7 @@ impl BgpDriver {
                 _ = resolve_tick.tick() => {
                     let all: Vec<IpAddr> = self.next_hops.keys().copied().collect();
                     self.resolve(all);
+                    self.scan_interfaces();
                 }
             }
         }
@@ -381,7 +385,28 @@ impl BgpDriver {
                 }
             }
             Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
+            Inbound::Interfaces { prefixes } => self.speaker.set_connected(now, &prefixes),
         }
+    }
+
+    /// Reads our interfaces' networks in the background, when configured
+    /// to originate them (`bgp.connected`).
+    fn scan_interfaces(&self) {
+        let (Some(resolver), false) = (self.resolver.clone(), self.config.connected.is_empty())
+        else {
+            return;
+        };
+        let wanted = self.config.connected.clone();
+        let tx = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            match resolver.connected(&wanted).await {
+                Ok(list) => {
+                    let prefixes = list.into_iter().map(|(p, _)| p).collect();
+                    let _ = tx.send(Inbound::Interfaces { prefixes });
+                }
+                Err(e) => tracing::warn!("cannot read interface addresses: {e:#}"),
+            }
+        });
     }
 
     /// Looks next hops up in the background; answers come as Resolved.

@@ -111,6 +111,10 @@ pub struct BgpSection {
     #[serde(default)]
     pub always_compare_med: bool,
     pub cluster_id: Option<Ipv4Addr>,
+    /// Originate the networks of these interfaces ("*": all), like BIRD's
+    /// `protocol direct`; export them with `source = ["connected"]`.
+    #[serde(default)]
+    pub connected: Vec<String>,
     #[serde(default)]
     pub neighbor: Vec<NeighborSection>,
     #[serde(default, rename = "static")]
@@ -365,6 +369,8 @@ pub struct BgpConfig {
     pub transport: Vec<Transport>,
     /// Things that are allowed but probably not meant (RFC 8212 defaults).
     pub warnings: Vec<String>,
+    /// Interfaces whose networks we originate.
+    pub connected: Vec<String>,
 }
 
 /// Socket options of one neighbour's TCP connections.
@@ -684,5 +690,6 @@ fn build_bgp(
         listen: bgp.listen,
         transport,
         warnings,
+        connected: bgp.connected,
     })
 }
