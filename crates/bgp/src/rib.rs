@@ -233,25 +233,39 @@ impl LocRib {
         })
     }
 
-    /// Reselects every prefix (after a change of next-hop reachability or
-    /// selection knobs); returns the changes.
+    /// Reselects every prefix (after a change of the selection knobs);
+    /// returns the changes.
     pub fn reselect_all(&mut self, info: &impl Fn(&Path) -> SourceInfo) -> Vec<BestChange> {
-        let mut changes = Vec::new();
-        for (prefix, entry) in &mut self.routes {
-            let old_best = entry.best().cloned();
-            let old_ecmp = entry.multipath().to_vec();
-            select(entry, self.selection, info);
-            let best = entry.best().cloned();
-            if best != old_best || entry.multipath() != old_ecmp.as_slice() {
-                changes.push(BestChange {
-                    prefix: *prefix,
-                    best_changed: best != old_best,
-                    best,
-                    multipath: entry.multipath().to_vec(),
-                });
-            }
+        let prefixes: Vec<IpNet> = self.routes.keys().copied().collect();
+        prefixes
+            .into_iter()
+            .filter_map(|p| self.reselect(p, info))
+            .collect()
+    }
+
+    /// Reselects one prefix (after a change of its next hops' state).
+    pub fn reselect(
+        &mut self,
+        prefix: IpNet,
+        info: &impl Fn(&Path) -> SourceInfo,
+    ) -> Option<BestChange> {
+        let entry = self.routes.get_mut(&prefix)?;
+        let old_best = entry.best().cloned();
+        let old_ecmp_len = entry.ecmp;
+        let old_first: Vec<PathSource> = entry.multipath().iter().map(|p| p.source).collect();
+        select(entry, self.selection, info);
+        let best = entry.best().cloned();
+        let same_set =
+            entry.ecmp == old_ecmp_len && entry.multipath().iter().map(|p| p.source).eq(old_first);
+        if best == old_best && same_set {
+            return None;
         }
-        changes
+        Some(BestChange {
+            prefix,
+            best_changed: best != old_best,
+            best,
+            multipath: entry.multipath().to_vec(),
+        })
     }
 }
 

@@ -127,6 +127,7 @@ pub struct Session {
     conns: Vec<Connection>,
     connect_retry_deadline: Option<Instant>,
     idle_until: Option<Instant>,
+    refuse_until: Option<Instant>,
     backoff: Duration,
     established_at: Option<Instant>,
     since: Instant,
@@ -144,6 +145,7 @@ impl Session {
             conns: Vec::new(),
             connect_retry_deadline: None,
             idle_until: None,
+            refuse_until: None,
             established_at: None,
             since: now,
             last_error: None,
@@ -224,6 +226,7 @@ impl Session {
             return;
         }
         self.enabled = true;
+        self.refuse_until = None;
         self.since = now;
         self.backoff = self.config.idle_hold;
         self.idle_until = None;
@@ -248,6 +251,7 @@ impl Session {
         self.close_all(now, Some(n), "administratively reset");
         self.connecting = false;
         self.idle_until = None;
+        self.refuse_until = None;
         self.backoff = self.config.idle_hold;
         self.try_connect(now);
     }
@@ -266,7 +270,12 @@ impl Session {
         self.connecting = false;
         self.connect_retry_deadline = None;
         match hold_down {
-            Some(wait) => self.idle_until = Some(now + wait),
+            Some(wait) => {
+                self.idle_until = Some(now + wait);
+                // Unlike the error backoff, this hold-down refuses the
+                // neighbour's connections too (max-prefix restart timer).
+                self.refuse_until = Some(now + wait);
+            }
             None => {
                 self.enabled = false;
                 self.idle_until = None;
@@ -306,6 +315,10 @@ impl Session {
         // keep two speakers with equal backoffs refusing each other.
         if !self.enabled {
             self.reject(id, "session is administratively disabled");
+            return;
+        }
+        if self.refuse_until.is_some_and(|t| now < t) {
+            self.reject(id, "holding down after closing the session");
             return;
         }
         if self.established().is_some() || self.conns.len() >= 2 {

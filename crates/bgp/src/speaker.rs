@@ -214,6 +214,9 @@ struct Neighbor {
     negotiated: Option<Negotiated>,
     /// Pre-policy routes (soft reconfiguration inbound only).
     adj_in: HashMap<IpNet, Attrs>,
+    /// `adj_in` holds everything the neighbour sent since it came up
+    /// (false when soft reconfiguration was turned on mid-session).
+    adj_in_complete: bool,
     /// Prefixes this neighbour has in the Loc-RIB.
     imported: HashSet<IpNet>,
     adj_out: HashMap<IpNet, Attrs>,
@@ -257,6 +260,8 @@ pub struct Speaker {
     next_hops: HashMap<IpAddr, WatchedNextHop>,
     /// Networks of our interfaces we originate.
     connected: HashSet<IpNet>,
+    /// Interned attribute sets above which unused ones are dropped.
+    gc_at: usize,
 }
 
 /// How the driver resolved a next hop (in the kernel's routing table).
@@ -269,11 +274,17 @@ pub struct NextHopState {
 
 #[derive(Debug, Default)]
 struct WatchedNextHop {
-    /// Paths in the Loc-RIB that use it.
-    users: usize,
+    /// Prefixes with paths through it, and how many paths each.
+    prefixes: HashMap<IpNet, u32>,
     /// None until the driver reports: assumed reachable meanwhile.
     state: Option<NextHopState>,
 }
+
+/// What an unresolved next hop is taken to be.
+const ASSUMED: NextHopState = NextHopState {
+    reachable: true,
+    cost: 0,
+};
 
 fn source_info(
     neighbors: &[Neighbor],
@@ -336,6 +347,7 @@ impl Speaker {
             events: VecDeque::new(),
             next_hops: HashMap::new(),
             connected: HashSet::new(),
+            gc_at: 4096,
         }
     }
 
@@ -347,6 +359,7 @@ impl Speaker {
             local_address: None,
             negotiated: None,
             adj_in: HashMap::new(),
+            adj_in_complete: false,
             imported: HashSet::new(),
             adj_out: HashMap::new(),
             pending: HashMap::new(),
@@ -569,7 +582,9 @@ impl Speaker {
         let Some(negotiated) = n.negotiated.clone() else {
             return;
         };
-        if n.config.soft_reconfiguration_inbound {
+        // The pre-policy copy is complete only if it was kept since the
+        // session came up; otherwise ask the neighbour.
+        if n.config.soft_reconfiguration_inbound && n.adj_in_complete {
             let routes: Vec<(IpNet, Attrs)> =
                 n.adj_in.iter().map(|(p, a)| (*p, a.clone())).collect();
             for (prefix, attrs) in routes {
@@ -578,6 +593,8 @@ impl Speaker {
             return;
         }
         if negotiated.route_refresh {
+            // The neighbour resends everything: from now on the copy fills.
+            n.adj_in_complete = n.config.soft_reconfiguration_inbound;
             for family in negotiated.families {
                 let rr = Message::RouteRefresh(RouteRefresh {
                     family,
@@ -754,6 +771,17 @@ impl Speaker {
             if export_changed {
                 self.refresh_out(id);
             }
+            if old.route_reflector_client != nc.route_reflector_client {
+                // What is reflected to the other iBGP neighbours depends on
+                // whether this one is a client.
+                let ibgp: Vec<NeighborId> = self
+                    .neighbor_ids()
+                    .filter(|&o| o != id && self.neighbors[o].config.remote_as == self.config.asn)
+                    .collect();
+                for other in ibgp {
+                    self.refresh_out(other);
+                }
+            }
             if import_changed || export_changed {
                 self.log(
                     Some(id),
@@ -830,6 +858,7 @@ impl Speaker {
             .established_conn()
             .and_then(|c| n.conn_local.get(&c).copied());
         n.counters.established_transitions += 1;
+        n.adj_in_complete = n.config.soft_reconfiguration_inbound;
         n.max_prefix_warned = false;
         n.next_hop_warned = false;
         let families = negotiated.families.clone();
@@ -957,7 +986,7 @@ impl Speaker {
         };
         if looped {
             self.neighbors[id].counters.filtered_in += 1;
-            self.withdraw_from(id, prefix);
+            self.unimport(id, prefix);
             return;
         }
         let ctx = RouteContext {
@@ -969,7 +998,7 @@ impl Speaker {
         match n.config.import.evaluate(&ctx, attrs) {
             Outcome::Reject => {
                 self.neighbors[id].counters.filtered_in += 1;
-                self.withdraw_from(id, prefix);
+                self.unimport(id, prefix);
             }
             Outcome::Accept { attrs: changed, .. } => {
                 let accepted = match changed {
@@ -982,15 +1011,20 @@ impl Speaker {
         }
     }
 
+    /// The neighbour withdrew `prefix`: forget it, pre-policy copy too.
     fn withdraw_from(&mut self, id: NeighborId, prefix: IpNet) {
         let n = &mut self.neighbors[id];
-        if n.config.soft_reconfiguration_inbound {
-            n.adj_in.remove(&prefix);
-        }
+        n.adj_in.remove(&prefix);
         for stale in n.refresh_stale.values_mut() {
             stale.remove(&prefix);
         }
-        if n.imported.remove(&prefix) {
+        self.unimport(id, prefix);
+    }
+
+    /// Takes `prefix` from this neighbour out of the Loc-RIB (policy or a
+    /// loop rejected it); the pre-policy copy stays for a later refresh.
+    fn unimport(&mut self, id: NeighborId, prefix: IpNet) {
+        if self.neighbors[id].imported.remove(&prefix) {
             self.rib_update(prefix, PathSource::Neighbor(id), None);
         }
     }
@@ -1053,9 +1087,11 @@ impl Speaker {
                 self.neighbors[id]
                     .adj_out
                     .retain(|p, _| Family::of(p) != family);
+                // Queued withdrawals must still go out: their Adj-RIB-Out
+                // entry is already gone, so nothing else would send them.
                 self.neighbors[id]
                     .pending
-                    .retain(|p, _| Family::of(p) != family);
+                    .retain(|p, change| Family::of(p) != family || change.is_none());
                 if enhanced {
                     let begin = Message::RouteRefresh(RouteRefresh {
                         family,
@@ -1116,16 +1152,21 @@ impl Speaker {
             if old != new {
                 if let Some(addr) = new {
                     let watched = self.next_hops.entry(addr).or_default();
-                    watched.users += 1;
-                    if watched.users == 1 {
+                    if watched.prefixes.is_empty() {
                         self.events.push_back(Event::WatchNextHop(addr));
                     }
+                    *watched.prefixes.entry(prefix).or_insert(0) += 1;
                 }
                 if let Some(addr) = old
                     && let Some(watched) = self.next_hops.get_mut(&addr)
                 {
-                    watched.users = watched.users.saturating_sub(1);
-                    if watched.users == 0 {
+                    if let Some(n) = watched.prefixes.get_mut(&prefix) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            watched.prefixes.remove(&prefix);
+                        }
+                    }
+                    if watched.prefixes.is_empty() {
                         self.next_hops.remove(&addr);
                         self.events.push_back(Event::UnwatchNextHop(addr));
                     }
@@ -1183,12 +1224,14 @@ impl Speaker {
         let Some(watched) = self.next_hops.get_mut(&addr) else {
             return;
         };
-        if watched.state == Some(state) {
+        let was = watched.state.unwrap_or(ASSUMED);
+        watched.state = Some(state);
+        if was == state {
             return;
         }
-        let was = watched.state;
-        watched.state = Some(state);
-        if was.is_none_or(|w| w.reachable != state.reachable) {
+        // Only the prefixes with a path through this next hop.
+        let prefixes: Vec<IpNet> = watched.prefixes.keys().copied().collect();
+        if was.reachable != state.reachable {
             let word = if state.reachable {
                 "reachable"
             } else {
@@ -1196,9 +1239,25 @@ impl Speaker {
             };
             self.log(None, Level::Info, format!("next hop {addr} is {word}"));
         }
-        self.reselect_all();
+        for prefix in prefixes {
+            let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
+            if let Some(change) = self
+                .rib
+                .reselect(prefix, &|p| source_info(neighbors, next_hops, asn, p))
+            {
+                self.on_best_change(change);
+            }
+        }
         self.flush();
         self.drain_sessions(now);
+    }
+
+    /// Prefixes with a path through this next hop.
+    pub fn prefixes_via(&self, addr: IpAddr) -> Vec<IpNet> {
+        self.next_hops
+            .get(&addr)
+            .map(|w| w.prefixes.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// What the driver last said about a next hop (None: not resolved yet).
@@ -1245,6 +1304,7 @@ impl Speaker {
         let asn = self.config.asn;
         let target = &self.neighbors[id];
         let negotiated = target.negotiated.as_ref()?;
+        let negotiated_codec = negotiated.codec;
         let family = Family::of(&prefix);
         if !negotiated.families.contains(&family) || path.source == PathSource::Neighbor(id) {
             return None;
@@ -1317,7 +1377,20 @@ impl Speaker {
                     .insert(0, self.config.cluster_id.unwrap_or(self.config.router_id));
             }
         }
-        if (wants_self && !policy_set_next_hop) || attrs.next_hop.is_none() {
+        // A next hop the neighbour cannot use is replaced by ours: an IPv6
+        // next hop on an IPv4 route without RFC 8950 negotiated. A link-local
+        // next hop only means something on its own link (RFC 2545).
+        let unusable = match attrs.next_hop {
+            Some(NextHop::V6 { .. }) if family.afi == AFI_IPV4 => {
+                !negotiated.extended_next_hop.contains(&family)
+            }
+            Some(NextHop::V4(_)) if family.afi != AFI_IPV4 => true,
+            _ => false,
+        };
+        if let Some(NextHop::V6 { link_local, .. }) = attrs.next_hop.as_mut() {
+            *link_local = None;
+        }
+        if (wants_self && !policy_set_next_hop) || unusable || attrs.next_hop.is_none() {
             match self.self_next_hop(id, family) {
                 Some(hop) => attrs.next_hop = Some(hop),
                 None => {
@@ -1339,6 +1412,27 @@ impl Speaker {
                     return None;
                 }
             }
+        }
+        // Big attribute sets (long paths, many communities) may not fit
+        // this neighbour's message size: such a route is not announced.
+        let rough = attrs.as_path.asns().count() * 4
+            + attrs.communities.len() * 4
+            + attrs.large_communities.len() * 12
+            + attrs.extended_communities.len() * 8
+            + attrs.cluster_list.len() * 4
+            + attrs
+                .unknown
+                .iter()
+                .map(|u| u.value.len() + 4)
+                .sum::<usize>();
+        if rough > 2048 && !UpdateBuilder::new(negotiated_codec).fits(&attrs) {
+            let name = self.neighbors[id].config.name.clone();
+            self.log(
+                Some(id),
+                Level::Warn,
+                format!("{name}: {prefix} not announced: its attributes do not fit in one message"),
+            );
+            return None;
         }
         Some(self.interner.intern(attrs))
     }
@@ -1369,10 +1463,15 @@ impl Speaker {
         }
     }
 
-    /// Encodes every neighbour's pending changes into UPDATEs.
+    /// Encodes every neighbour's pending changes into UPDATEs, and drops
+    /// attribute sets nothing uses once the interner has doubled.
     fn flush(&mut self) {
         for id in 0..self.neighbors.len() {
             self.flush_neighbor(id);
+        }
+        if self.interner.len() > self.gc_at {
+            self.interner.collect_garbage();
+            self.gc_at = (self.interner.len() * 2).max(4096);
         }
     }
 

@@ -64,6 +64,25 @@ struct Conn {
     neighbor: NeighborId,
     writer: mpsc::UnboundedSender<WriterCommand>,
     reader: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+/// How long a closing connection may take to flush what was queued (a
+/// NOTIFICATION) before it is torn down anyway: a peer that stopped reading
+/// must not keep the socket and its queue alive.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Conn {
+    /// Flushes what is queued, then closes; aborts after [`CLOSE_GRACE`].
+    fn close(self) {
+        self.reader.abort();
+        let _ = self.writer.send(WriterCommand::Close);
+        let writer_task = self.writer_task;
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            writer_task.abort();
+        });
+    }
 }
 
 /// A control request with the channel for its answer.
@@ -90,6 +109,8 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
+    /// The listening sockets, for TCP-MD5 keys set at reload.
+    listener_sockets: Vec<std::sync::Arc<tokio::net::TcpListener>>,
     install_static: bool,
     resolver: Option<Resolver>,
     /// Next hops the speaker watches, with their last resolution.
@@ -160,9 +181,13 @@ impl BgpDriver {
         let now = Instant::now();
         let speaker = Speaker::new(config.speaker.clone(), now);
         let mut listeners = Vec::new();
+        let mut listener_sockets = Vec::new();
         for addr in &config.listen {
-            let listener = transport::listen(*addr)
-                .map_err(|e| anyhow::anyhow!("bgp.listen: cannot listen on {addr}: {e}"))?;
+            let listener = std::sync::Arc::new(
+                transport::listen(*addr)
+                    .map_err(|e| anyhow::anyhow!("bgp.listen: cannot listen on {addr}: {e}"))?,
+            );
+            listener_sockets.push(listener.clone());
             // TCP-MD5 keys must be on the listening socket to accept.
             for (n, t) in config.speaker.neighbors.iter().zip(&config.transport) {
                 if let Some(password) = &t.password
@@ -221,6 +246,7 @@ impl BgpDriver {
             listeners,
             route_sink: None,
             transports,
+            listener_sockets,
             install_static: false,
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
@@ -254,7 +280,10 @@ impl BgpDriver {
                     None => std::future::pending().await,
                 }
             };
+            // Biased: input first, so that a KEEPALIVE waiting in the inbox
+            // is read before a hold timer that is due at the same time.
             tokio::select! {
+                biased;
                 Some(inbound) = self.inbox.recv() => self.on_inbound(inbound),
                 call = control.recv() => {
                     let Some(call) = call else { break };
@@ -288,9 +317,8 @@ impl BgpDriver {
             self.speaker.disable(now, id, "bgp4mesh shutting down");
         }
         self.carry_out_events();
-        let writers: Vec<_> = self.conns.drain().map(|(_, c)| c).collect();
-        for c in &writers {
-            let _ = c.writer.send(WriterCommand::Close);
+        for (_, c) in self.conns.drain() {
+            c.close();
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -312,8 +340,45 @@ impl BgpDriver {
         for warning in &bgp.warnings {
             tracing::warn!("{warning}");
         }
-        self.transports = transports_by_name(&bgp);
+        let old = std::mem::replace(&mut self.transports, transports_by_name(&bgp));
+        // TCP-MD5 keys of the listeners follow the config (an empty key
+        // removes one).
+        for n in &bgp.speaker.neighbors {
+            let (was, now_key) = (
+                old.get(&n.name).and_then(|t| t.password.clone()),
+                self.transports
+                    .get(&n.name)
+                    .and_then(|t| t.password.clone()),
+            );
+            if was != now_key {
+                for listener in &self.listener_sockets {
+                    let family_matches = listener
+                        .local_addr()
+                        .is_ok_and(|a| a.is_ipv4() == n.address.is_ipv4());
+                    if family_matches
+                        && let Err(e) = transport::set_md5(
+                            &**listener,
+                            n.address,
+                            now_key.as_deref().unwrap_or("").as_bytes(),
+                        )
+                    {
+                        tracing::warn!(
+                            "neighbor {}: cannot set TCP-MD5 key on the listener: {e}",
+                            n.name
+                        );
+                    }
+                }
+            }
+        }
         self.speaker.reconfigure(now, bgp.speaker.clone());
+        // Changed socket options take effect on a new connection.
+        for (name, t) in &self.transports {
+            if old.get(name).is_some_and(|o| o != t)
+                && let Some(id) = self.speaker.neighbor_by_name(name)
+            {
+                self.speaker.restart(now, id, "transport settings changed");
+            }
+        }
         self.config = bgp;
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
@@ -355,19 +420,23 @@ impl BgpDriver {
                 }
                 self.connecting.remove(&neighbor);
                 match result {
-                    Ok(stream) => {
-                        let local = stream.local_addr().map(|a| canonical(a.ip()));
-                        let conn = self.add_conn(neighbor, stream);
-                        match local {
-                            Ok(local) => {
-                                self.speaker.tcp_connected(now, neighbor, conn, true, local)
-                            }
-                            Err(e) => {
-                                self.speaker
-                                    .tcp_connect_failed(now, neighbor, &e.to_string())
-                            }
+                    // A neighbour removed by a reload meanwhile: just drop it.
+                    Ok(_) if self.speaker.neighbor(neighbor).is_none() => {}
+                    Ok(stream) => match stream.local_addr() {
+                        Ok(local) => {
+                            let conn = self.add_conn(neighbor, stream);
+                            self.speaker.tcp_connected(
+                                now,
+                                neighbor,
+                                conn,
+                                true,
+                                canonical(local.ip()),
+                            );
                         }
-                    }
+                        Err(e) => self
+                            .speaker
+                            .tcp_connect_failed(now, neighbor, &e.to_string()),
+                    },
                     Err(e) => self
                         .speaker
                         .tcp_connect_failed(now, neighbor, &e.to_string()),
@@ -435,7 +504,7 @@ impl BgpDriver {
         if *last == Some(resolution) {
             return;
         }
-        let gateway_changed = last.map(|l| l.gateway) != Some(resolution.gateway);
+        let old_gateway = last.and_then(|l| l.gateway);
         *last = Some(resolution);
         self.speaker.set_next_hop(
             now,
@@ -445,33 +514,22 @@ impl BgpDriver {
                 cost: resolution.metric,
             },
         );
-        if gateway_changed {
-            // Routes whose best path uses this next hop go in the kernel
-            // via the new immediate gateway.
-            let affected: Vec<RouteChange> = self
-                .speaker
-                .rib()
-                .iter()
-                .filter(|(_, e)| {
-                    e.multipath().iter().any(|p| {
-                        p.attrs
-                            .next_hop
-                            .as_ref()
-                            .map(bgp4mesh_bgp::rib::next_hop_address)
-                            == Some(addr)
-                    })
-                })
-                .map(|(p, e)| RouteChange {
-                    prefix: *p,
-                    best: e.best().cloned(),
-                    multipath: e.multipath().to_vec(),
-                })
-                .collect();
-            for change in affected {
+        if old_gateway != resolution.gateway {
+            // Routes through this next hop go in the kernel via the new
+            // immediate gateway, though BGP's choice did not change.
+            for prefix in self.speaker.prefixes_via(addr) {
+                let Some(entry) = self.speaker.rib().get(&prefix) else {
+                    continue;
+                };
+                let change = RouteChange {
+                    prefix,
+                    best: entry.best().cloned(),
+                    multipath: entry.multipath().to_vec(),
+                };
                 let target =
                     kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
                 if let Some(sink) = self.route_sink.as_mut() {
-                    sink(change.prefix, target);
+                    sink(prefix, target);
                 }
             }
         }
@@ -506,7 +564,7 @@ impl BgpDriver {
             }
         });
         let tx = self.inbox_tx.clone();
-        tokio::spawn(async move {
+        let writer_task = tokio::spawn(async move {
             while let Some(command) = commands.recv().await {
                 match command {
                     WriterCommand::Data(bytes) => {
@@ -528,6 +586,7 @@ impl BgpDriver {
                 neighbor,
                 writer,
                 reader,
+                writer_task,
             },
         );
         conn
@@ -544,8 +603,7 @@ impl BgpDriver {
                 }
                 Event::Close { conn, .. } => {
                     if let Some(c) = self.conns.remove(&conn) {
-                        c.reader.abort();
-                        let _ = c.writer.send(WriterCommand::Close);
+                        c.close();
                     }
                 }
                 Event::WatchNextHop(addr) => {

@@ -585,6 +585,27 @@ fn build_bgp(
         if n.families.is_empty() {
             bail!("{at}.families: at least one of \"ipv4\", \"ipv6\"");
         }
+        const DAY: u64 = 86_400;
+        if n.connect_retry > DAY {
+            bail!(
+                "{at}.connect_retry: at most {DAY} seconds, not {}",
+                n.connect_retry
+            );
+        }
+        if n.error_wait[1] > DAY {
+            bail!(
+                "{at}.error_wait: at most {DAY} seconds, not {}",
+                n.error_wait[1]
+            );
+        }
+        if let Some(m) = &n.max_prefixes
+            && m.restart_after > DAY
+        {
+            bail!(
+                "{at}.max_prefixes.restart_after: at most {DAY} seconds, not {}",
+                m.restart_after
+            );
+        }
         if n.error_wait[0] == 0 || n.error_wait[0] > n.error_wait[1] {
             bail!("{at}.error_wait: [min, max] seconds with 0 < min <= max");
         }
@@ -692,4 +713,141 @@ fn build_bgp(
         warnings,
         connected: bgp.connected,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig> {
+        NodeConfig::parse(text, Path::new("test.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", parse(text).expect_err("must be refused"))
+    }
+
+    const BASE: &str = "[bgp]\nasn = 65000\nrouter_id = \"10.0.0.1\"\n";
+
+    #[test]
+    fn a_full_config_loads() {
+        let config = parse(&format!(
+            r#"{BASE}
+multipath = true
+connected = ["*"]
+[[bgp.neighbor]]
+name = "isp"
+address = "172.30.0.1"
+remote_as = 65001
+import = "all"
+export = "announce"
+max_prefixes = {{ limit = 1000, action = "restart", restart_after = 30 }}
+[[bgp.static]]
+prefix = "44.30.127.0/24"
+blackhole = true
+[policy.announce]
+rules = [ {{ match = {{ prefix = ["44.30.127.0/24"] }}, set = {{ prepend = 2 }}, action = "accept" }} ]
+[kernel]
+table = 100
+"#
+        ))
+        .expect("valid");
+        let bgp = config.bgp.expect("bgp");
+        assert_eq!(bgp.speaker.neighbors.len(), 1);
+        assert!(bgp.speaker.selection.multipath);
+        assert_eq!(bgp.connected, vec!["*"]);
+        assert!(bgp.warnings.is_empty());
+        assert_eq!(config.kernel.table, 100);
+    }
+
+    #[test]
+    fn mistakes_name_the_field() {
+        for (text, expected) in [
+            (format!("{BASE}routerid = 1\n"), "unknown field `routerid`"),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"1.2.3\"\nremote_as = 1\n"
+                ),
+                "address",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"10.0.0.2\"\nremote_as = 65001\nimport = \"nope\"\nexport = \"all\"\n"
+                ),
+                "bgp.neighbor[0].import: no policy named \"nope\"",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"10.0.0.2\"\nremote_as = 65001\nhold_time = 2\n"
+                ),
+                "bgp.neighbor[0].hold_time",
+            ),
+            (
+                format!("{BASE}[[bgp.static]]\nprefix = \"44.30.127.1/24\"\nblackhole = true\n"),
+                "did you mean 44.30.127.0/24",
+            ),
+            (
+                format!("{BASE}[[bgp.static]]\nprefix = \"44.30.127.0/24\"\n"),
+                "bgp.static[0]: give exactly one of",
+            ),
+            (
+                format!(
+                    "{BASE}[policy.p]\nrules = [ {{ match = {{ prefix = [\"10.0.0.0/8{{4,8}}\"] }}, action = \"accept\" }} ]\n"
+                ),
+                "10.0.0.0/8{4,8}",
+            ),
+            (
+                format!("{BASE}[policy.p]\nrules = [ {{ action = \"maybe\" }} ]\n"),
+                "maybe",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"10.0.0.2\"\nremote_as = 65001\nconnect_retry = 999999999\n"
+                ),
+                "connect_retry",
+            ),
+            (
+                "[bgp]\nasn = 23456\nrouter_id = \"10.0.0.1\"\n".to_string(),
+                "bgp.asn",
+            ),
+            ("[kernel]\ntable = 255\n".to_string(), "kernel.table"),
+        ] {
+            let message = error(&text);
+            assert!(
+                message.contains(expected),
+                "{expected:?} not in {message:?}"
+            );
+            assert!(
+                message.contains("test.toml"),
+                "the file is named: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn ebgp_without_policies_is_warned_about_and_denies() {
+        let config = parse(&format!(
+            "{BASE}[[bgp.neighbor]]\nname = \"isp\"\naddress = \"10.0.0.2\"\nremote_as = 65001\n"
+        ))
+        .expect("valid");
+        let bgp = config.bgp.expect("bgp");
+        assert!(
+            bgp.warnings
+                .iter()
+                .any(|w| w.contains("RFC 8212") && w.contains("import and export")),
+            "{:?}",
+            bgp.warnings
+        );
+        let n = &bgp.speaker.neighbors[0];
+        assert_eq!(
+            format!("{:?}", n.import),
+            format!("{:?}", Arc::new(Policy::reject_all()))
+        );
+        // iBGP defaults to all, without a warning.
+        let config = parse(&format!(
+            "{BASE}[[bgp.neighbor]]\nname = \"rr\"\naddress = \"10.0.0.3\"\nremote_as = 65000\n"
+        ))
+        .expect("valid");
+        assert!(config.bgp.expect("bgp").warnings.is_empty());
+    }
 }

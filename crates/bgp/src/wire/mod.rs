@@ -187,7 +187,12 @@ pub(crate) fn frame(out: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)
     out.extend_from_slice(&[0xff; 16]);
     out.extend_from_slice(&[0, 0, kind]);
     body(out);
-    let len = (out.len() - start) as u16;
+    debug_assert!(
+        out.len() - start <= MAX_EXTENDED_MESSAGE_LEN,
+        "message of {} bytes",
+        out.len() - start
+    );
+    let len = u16::try_from(out.len() - start).unwrap_or(u16::MAX);
     out[start + 16..start + 18].copy_from_slice(&len.to_be_bytes());
 }
 

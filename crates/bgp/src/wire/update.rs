@@ -363,6 +363,12 @@ impl UpdateBuilder {
         attrs.encode(&mut block, self.codec.four_octet_as, classic);
         let nh_len = next_hop_bytes(&next_hop).len();
         let overhead = HEADER_LEN + 4 + block.len() + if classic { 0 } else { 4 + 5 + nh_len };
+        // Attributes too large for one message with even one prefix: the
+        // route cannot be sent at all (RFC 8654 §5); callers check first
+        // with `fits`.
+        if overhead + 17 > self.codec.max_message_len() {
+            return 0;
+        }
         let mut messages = 0;
         for chunk in chunks(
             prefixes,
@@ -385,6 +391,15 @@ impl UpdateBuilder {
             messages += 1;
         }
         messages
+    }
+
+    /// Whether a route with `attrs` (next hop set) fits in one UPDATE of
+    /// this session with room for a prefix.
+    pub fn fits(&self, attrs: &PathAttributes) -> bool {
+        let mut block = Vec::with_capacity(256);
+        attrs.encode(&mut block, self.codec.four_octet_as, true);
+        // Header, lengths, an MP_REACH with a 32-byte next hop, one /128.
+        HEADER_LEN + 4 + block.len() + 4 + 5 + 32 + 17 <= self.codec.max_message_len()
     }
 
     /// Appends UPDATEs withdrawing `prefixes` (all of one family).
