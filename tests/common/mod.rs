@@ -221,6 +221,20 @@ router bgp {asn}
         }
     }
 
+    /// Asks bgp4mesh (at `ours`) to send its routes again with a
+    /// ROUTE-REFRESH. False when the daemon has no command that sends one:
+    /// GoBGP keeps every received route and re-applies its policy locally
+    /// on `softresetin`.
+    pub fn request_refresh(&self, ours: IpAddr) -> Result<bool> {
+        match self {
+            Peer::Bird(b) => b.birdc("reload in ours").map(|_| true),
+            Peer::Frr(f) => f
+                .vtysh(&[&format!("clear bgp {ours} soft in")])
+                .map(|_| true),
+            Peer::Gobgp(_) => Ok(false),
+        }
+    }
+
     pub fn proc(&self) -> &bgp4mesh_lab::Proc {
         match self {
             Peer::Bird(b) => b.proc(),
