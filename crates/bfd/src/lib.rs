@@ -380,10 +380,8 @@ impl Session {
             return;
         }
         match (self.state, p.state) {
-            (State::Down | State::Init | State::Up, State::AdminDown) => {
-                if self.state != State::Down {
-                    self.set_state(now, State::Down, Diag::NeighborSignaledDown, events);
-                }
+            (State::Init | State::Up, State::AdminDown) => {
+                self.set_state(now, State::Down, Diag::NeighborSignaledDown, events)
             }
             (State::Down, State::Down) => self.set_state(now, State::Init, Diag::None, events),
             (State::Down, State::Init) => self.set_state(now, State::Up, Diag::None, events),
