@@ -72,6 +72,13 @@ enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// BFD: `show bfd sessions`
+    Bfd {
+        #[arg(value_parser = ["sessions"])]
+        what: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +100,7 @@ fn main() -> ExitCode {
         Command::Check => check(&cli),
         Command::Show(ShowCommand::Protocols { words, json }) => show_protocols(&cli, words, *json),
         Command::Show(ShowCommand::Route { words, json }) => show_route(&cli, words, *json),
+        Command::Show(ShowCommand::Bfd { json, .. }) => show_bfd(&cli, *json),
         Command::Bgp {
             action,
             neighbor,
@@ -213,6 +221,15 @@ fn show_route(cli: &Cli, words: &[String], json: bool) -> Result<()> {
         return print_json(&data);
     }
     print!("{}", show::render_routes(&data, all));
+    Ok(())
+}
+
+fn show_bfd(cli: &Cli, json: bool) -> Result<()> {
+    let data = ask(cli, Request::ShowBfd)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_bfd(&data));
     Ok(())
 }
 

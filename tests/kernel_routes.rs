@@ -353,3 +353,127 @@ protocol bgp ours {{
     })?;
     Ok(())
 }
+
+/// Seed 001 with BFD: the servers (BIRD, `bfd on`, 100 ms × 5) are frozen
+/// rather than killed, so no TCP close tells us; BFD does, and the frozen
+/// server's next hop leaves the kernel in well under a second although the
+/// BGP hold time is 90 s.
+#[test]
+fn seed_001_bfd_takes_a_frozen_server_out_in_under_a_second() -> Result<()> {
+    if !can_run(
+        "seed_001_bfd_takes_a_frozen_server_out_in_under_a_second",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-001-bfd")?;
+    let (router, s5, s7) = (
+        lab.add_node("router")?,
+        lab.add_node("server5")?,
+        lab.add_node("server7")?,
+    );
+    let (r5, a5) = lab.link(&router, &s5)?;
+    let (r7, a7) = lab.link(&router, &s7)?;
+    let ours = start_ours(
+        &lab,
+        &router,
+        65001,
+        "10.0.0.1",
+        &format!(
+            "multipath = true\n\n{}{}",
+            our_neighbor(
+                "bgp_server5",
+                a5.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\"\nbfd = true"
+            ),
+            our_neighbor(
+                "bgp_server7",
+                a7.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\"\nbfd = true"
+            ),
+        ),
+    )?;
+    let server = |me: &str, router: &str, id: &str| {
+        format!(
+            r#"
+router id {id};
+protocol device {{}}
+protocol static vip {{ ipv4; route 192.168.20.0/24 blackhole; }}
+protocol bfd {{ interface "*" {{ interval 100 ms; multiplier 5; }}; }}
+protocol bgp bgp_router {{
+  local {me} as 65000;
+  neighbor {router} as 65001;
+  bfd on;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import none; export where source = RTS_STATIC; }};
+}}
+"#
+        )
+    };
+    let server5 = Bird::start(
+        &lab,
+        &s5,
+        &server(&a5.ipv4.to_string(), &r5.ipv4.to_string(), "10.0.5.1"),
+    )?;
+    let _server7 = Bird::start(
+        &lab,
+        &s7,
+        &server(&a7.ipv4.to_string(), &r7.ipv4.to_string(), "10.0.7.1"),
+    )?;
+    let mut both = vec![a5.ipv4.to_string(), a7.ipv4.to_string()];
+    both.sort();
+    wait_until(
+        SETTLE,
+        "one route with two next hops and both BFD sessions Up",
+        || {
+            let v4 = kernel_routes(&lab, &router, false)?;
+            ensure!(
+                v4 == vec![("192.168.20.0/24".to_string(), both.clone())],
+                "{v4:?}"
+            );
+            let bfd = ours.cli(&["show", "bfd", "sessions", "--json"])?;
+            ensure!(bfd.matches("\"Up\"").count() == 2, "{bfd}");
+            Ok(())
+        },
+    )?;
+    let table = ours.cli(&["show", "bfd", "sessions"])?;
+    assert!(
+        table.contains("bgp_server5") && table.contains("100ms"),
+        "{table}"
+    );
+
+    lab.signal(server5.proc(), libc::SIGSTOP)?;
+    let frozen = Instant::now();
+    wait_until(Duration::from_secs(5), "only server7's next hop", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(
+            v4 == vec![("192.168.20.0/24".to_string(), vec![a7.ipv4.to_string()])],
+            "{v4:?}"
+        );
+        Ok(())
+    })?;
+    let took = frozen.elapsed();
+    eprintln!(
+        "failover: frozen server5's next hop left the kernel {took:?} after SIGSTOP (BFD 100 ms x 5)"
+    );
+    assert!(took < Duration::from_secs(1), "BFD failover took {took:?}");
+    let p = ours.protocol("bgp_server5")?;
+    assert!(
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("BFD session down")),
+        "{p}"
+    );
+    lab.signal(server5.proc(), libc::SIGCONT)?;
+    wait_until(SETTLE, "server5 back in the ECMP route", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(
+            v4 == vec![("192.168.20.0/24".to_string(), both.clone())],
+            "{v4:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -305,6 +305,14 @@ impl Session {
         // The connect-retry deadline set at the attempt triggers the next one.
     }
 
+    /// The path to the neighbour is gone (BFD says so): drop the
+    /// connections without a NOTIFICATION, which could not arrive anyway.
+    pub fn transport_failed(&mut self, now: Instant, reason: &str) {
+        while !self.conns.is_empty() {
+            self.drop_connection(now, 0, reason.to_string(), true);
+        }
+    }
+
     /// A TCP connection is up: ours (`outgoing`) or accepted from the peer.
     pub fn tcp_connected(&mut self, now: Instant, id: ConnId, outgoing: bool) {
         if outgoing {

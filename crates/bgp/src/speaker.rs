@@ -558,6 +558,15 @@ impl Speaker {
         self.drain_sessions(now);
     }
 
+    /// BFD declared the path to this neighbour down: the session goes at
+    /// once instead of waiting for its hold timer.
+    pub fn bfd_down(&mut self, now: Instant, neighbor: NeighborId) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.transport_failed(now, "BFD session down");
+        }
+        self.drain_sessions(now);
+    }
+
     pub fn restart(&mut self, now: Instant, neighbor: NeighborId, message: &str) {
         if let Some(n) = self.neighbors.get_mut(neighbor) {
             n.session.restart(now, message);

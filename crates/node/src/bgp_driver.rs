@@ -50,6 +50,10 @@ enum Inbound {
     Interfaces {
         prefixes: Vec<IpNet>,
     },
+    BfdPacket {
+        from: IpAddr,
+        bytes: Vec<u8>,
+    },
 }
 
 /// How often watched next hops are looked up again in the kernel.
@@ -109,6 +113,10 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
+    /// BFD sessions with the neighbours that have `bfd = true`.
+    bfd: bgp4mesh_bfd::Bfd,
+    /// Senders for BFD control packets: IPv4, IPv6.
+    bfd_tx: [Option<std::sync::Arc<tokio::net::UdpSocket>>; 2],
     /// The listening sockets, for TCP-MD5 keys set at reload.
     listener_sockets: Vec<std::sync::Arc<tokio::net::TcpListener>>,
     install_static: bool,
@@ -233,7 +241,7 @@ impl BgpDriver {
             tracing::warn!("{warning}");
         }
         let transports = transports_by_name(&config);
-        Ok(BgpDriver {
+        let mut driver = BgpDriver {
             speaker,
             config,
             config_path: config_path.to_path_buf(),
@@ -247,6 +255,8 @@ impl BgpDriver {
             route_sink: None,
             transports,
             listener_sockets,
+            bfd: bgp4mesh_bfd::Bfd::new(),
+            bfd_tx: [None, None],
             install_static: false,
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
@@ -256,7 +266,102 @@ impl BgpDriver {
                 }
             },
             next_hops: HashMap::new(),
-        })
+        };
+        driver
+            .sync_bfd(Instant::now())
+            .map_err(|e| anyhow::anyhow!("bfd: {e}"))?;
+        Ok(driver)
+    }
+
+    fn bfd_timers(&self) -> bgp4mesh_bfd::SessionConfig {
+        let interval = std::time::Duration::from_millis(self.config.bfd.interval);
+        bgp4mesh_bfd::SessionConfig {
+            desired_min_tx: interval,
+            required_min_rx: interval,
+            detect_mult: self.config.bfd.multiplier,
+        }
+    }
+
+    /// Makes the BFD sessions match the neighbours with `bfd = true`,
+    /// opening the sockets when first needed.
+    fn sync_bfd(&mut self, now: Instant) -> std::io::Result<()> {
+        let wanted: Vec<IpAddr> = self
+            .config
+            .speaker
+            .neighbors
+            .iter()
+            .zip(&self.config.transport)
+            .filter(|(_, t)| t.bfd)
+            .map(|(n, _)| n.address)
+            .collect();
+        for ipv6 in [false, true] {
+            let slot = usize::from(ipv6);
+            if self.bfd_tx[slot].is_none() && wanted.iter().any(|a| a.is_ipv6() == ipv6) {
+                let receiver = transport::bfd_receiver(ipv6)?;
+                let tx = self.inbox_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    while let Ok((n, from)) = receiver.recv_from(&mut buf).await {
+                        let from = canonical(from.ip());
+                        if tx
+                            .send(Inbound::BfdPacket {
+                                from,
+                                bytes: buf[..n].to_vec(),
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                self.bfd_tx[slot] = Some(std::sync::Arc::new(transport::bfd_sender(ipv6)?));
+            }
+        }
+        let timers = self.bfd_timers();
+        for peer in &wanted {
+            self.bfd.add(now, *peer, timers);
+        }
+        let gone: Vec<IpAddr> = self
+            .bfd
+            .sessions()
+            .map(|(p, _)| *p)
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        for peer in gone {
+            if let Some(bye) = self.bfd.remove(peer) {
+                self.bfd_send(peer, &bye);
+            }
+        }
+        Ok(())
+    }
+
+    fn bfd_send(&self, peer: IpAddr, bytes: &[u8]) {
+        if let Some(socket) = &self.bfd_tx[usize::from(peer.is_ipv6())] {
+            let _ = socket.try_send_to(bytes, SocketAddr::new(peer, transport::BFD_PORT));
+        }
+    }
+
+    /// Sends the BFD packets due and acts on state changes: a session that
+    /// leaves Up takes its BGP session down at once.
+    fn bfd_io(&mut self, now: Instant) {
+        self.bfd.handle_timeout(now);
+        for (peer, bytes) in self.bfd.poll_transmit(now) {
+            self.bfd_send(peer, &bytes);
+        }
+        while let Some(event) = self.bfd.poll_event() {
+            tracing::info!(
+                "BFD {}: {} -> {} ({})",
+                event.peer,
+                event.from,
+                event.to,
+                event.diag
+            );
+            if event.from == bgp4mesh_bfd::State::Up
+                && let Some(id) = self.speaker.neighbor_by_address(event.peer)
+            {
+                self.speaker.bfd_down(now, id);
+            }
+        }
     }
 
     /// Sends every best-route change to `sink`; static routes too when
@@ -272,8 +377,12 @@ impl BgpDriver {
         let mut resolve_tick = tokio::time::interval(RESOLVE_EVERY);
         resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.bfd_io(Instant::now());
             self.carry_out_events();
-            let deadline = self.speaker.poll_timeout();
+            let deadline = [self.speaker.poll_timeout(), self.bfd.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -380,6 +489,9 @@ impl BgpDriver {
             }
         }
         self.config = bgp;
+        if let Err(e) = self.sync_bfd(now) {
+            tracing::warn!("bfd: {e}");
+        }
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
     }
@@ -455,6 +567,11 @@ impl BgpDriver {
             }
             Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
             Inbound::Interfaces { prefixes } => self.speaker.set_connected(now, &prefixes),
+            Inbound::BfdPacket { from, bytes } => {
+                if let Err(why) = self.bfd.receive(now, from, &bytes) {
+                    tracing::debug!("BFD packet from {from} discarded: {why}");
+                }
+            }
         }
     }
 
@@ -690,6 +807,7 @@ impl BgpDriver {
                 serde_json::Value::Null
             }),
             Request::Reload => self.reload(now).map(|()| serde_json::Value::Null),
+            Request::ShowBfd => Ok(show::bfd_sessions(&self.bfd, &self.speaker, now)),
             Request::Shutdown => Ok(serde_json::Value::Null),
         };
         match result {

@@ -34,7 +34,37 @@ pub struct FileConfig {
     #[serde(default)]
     pub kernel: KernelSection,
     #[serde(default)]
+    pub bfd: BfdSection,
+    #[serde(default)]
     pub policy: HashMap<String, PolicySection>,
+}
+
+/// BFD timers for neighbours with `bfd = true`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BfdSection {
+    /// Milliseconds between packets we send and expect once Up.
+    #[serde(default = "default_bfd_interval")]
+    pub interval: u64,
+    /// Packets missed before the session is declared down.
+    #[serde(default = "default_bfd_multiplier")]
+    pub multiplier: u8,
+}
+
+impl Default for BfdSection {
+    fn default() -> Self {
+        BfdSection {
+            interval: default_bfd_interval(),
+            multiplier: default_bfd_multiplier(),
+        }
+    }
+}
+
+fn default_bfd_interval() -> u64 {
+    100
+}
+fn default_bfd_multiplier() -> u8 {
+    5
 }
 
 /// Where best routes go in the kernel.
@@ -148,6 +178,10 @@ pub struct NeighborSection {
     pub ttl_security: bool,
     /// TCP MD5 signature (RFC 2385) key.
     pub password: Option<String>,
+    /// Watch the path with BFD (RFC 5880/5881); a BFD Down takes the
+    /// session down at once.
+    #[serde(default)]
+    pub bfd: bool,
     #[serde(default = "default_hold")]
     pub hold_time: u16,
     #[serde(default = "default_connect_retry")]
@@ -371,6 +405,7 @@ pub struct BgpConfig {
     pub warnings: Vec<String>,
     /// Interfaces whose networks we originate.
     pub connected: Vec<String>,
+    pub bfd: BfdSection,
 }
 
 /// Socket options of one neighbour's TCP connections.
@@ -382,6 +417,7 @@ pub struct Transport {
     pub ttl_security: bool,
     pub password: Option<String>,
     pub ebgp: bool,
+    pub bfd: bool,
 }
 
 impl NodeConfig {
@@ -397,9 +433,10 @@ impl NodeConfig {
         let file: FileConfig = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
         let bgp = match file.bgp {
-            Some(bgp) => {
-                Some(build_bgp(bgp, &file.policy).with_context(|| format!("{}", path.display()))?)
-            }
+            Some(bgp) => Some(
+                build_bgp(bgp, &file.policy, file.bfd)
+                    .with_context(|| format!("{}", path.display()))?,
+            ),
             None => None,
         };
         if file.kernel.table == 0 || file.kernel.table == 255 {
@@ -528,7 +565,14 @@ fn build_rule(rule: &RuleSection) -> Result<Rule> {
 fn build_bgp(
     bgp: BgpSection,
     policy_sections: &HashMap<String, PolicySection>,
+    bfd: BfdSection,
 ) -> Result<BgpConfig> {
+    if bfd.interval < 10 || bfd.interval > 60_000 {
+        bail!("bfd.interval: {} ms is outside 10 to 60000", bfd.interval);
+    }
+    if bfd.multiplier == 0 {
+        bail!("bfd.multiplier: at least 1");
+    }
     if bgp.asn == 0 || bgp.asn == 23456 {
         bail!("bgp.asn: {} cannot be used as a local AS number", bgp.asn);
     }
@@ -652,6 +696,7 @@ fn build_bgp(
             ttl_security: n.ttl_security,
             password: n.password.clone(),
             ebgp,
+            bfd: n.bfd,
         });
         if ebgp && (n.import.is_none() || n.export.is_none()) {
             let missing = match (n.import.is_none(), n.export.is_none()) {
@@ -712,6 +757,7 @@ fn build_bgp(
         transport,
         warnings,
         connected: bgp.connected,
+        bfd,
     })
 }
 

@@ -47,6 +47,7 @@ pub enum Request {
     },
     /// Re-read the config file and apply what changed.
     Reload,
+    ShowBfd,
     Shutdown,
 }
 

@@ -224,6 +224,54 @@ pub fn protocols(speaker: &Speaker, name: Option<&str>, now: Instant) -> Result<
     Ok(Value::Array(list))
 }
 
+/// `show bfd sessions`.
+pub fn bfd_sessions(bfd: &bgp4mesh_bfd::Bfd, speaker: &Speaker, now: Instant) -> Value {
+    let mut list: Vec<(&IpAddr, &bgp4mesh_bfd::Session)> = bfd.sessions().collect();
+    list.sort_by_key(|(p, _)| **p);
+    Value::Array(
+        list.into_iter()
+            .map(|(peer, s)| {
+                let (since, since_unix) = wall_clock(s.since(), now);
+                json!({
+                    "peer": peer.to_string(),
+                    "neighbor": speaker.neighbor_by_address(*peer).map(|id| speaker.neighbor_name(id).to_string()),
+                    "state": s.state().to_string(),
+                    "since": since,
+                    "since_unix": since_unix,
+                    "diagnostic": s.diag().to_string(),
+                    "tx_interval_ms": s.tx_interval().as_millis() as u64,
+                    "detection_time_ms": s.detection_time().as_millis() as u64,
+                    "local_discriminator": s.local_discriminator(),
+                    "remote_discriminator": s.remote_discriminator(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Renders `show bfd sessions` like birdc.
+pub fn render_bfd(data: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<16} {:<6} {:<20} {:>9} {:>9}",
+        "IP address", "Neighbor", "State", "Since", "Interval", "Timeout"
+    );
+    for s in data.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<40} {:<16} {:<6} {:<20} {:>7}ms {:>7}ms",
+            text(&s["peer"]),
+            text(&s["neighbor"]),
+            text(&s["state"]),
+            text(&s["since"]),
+            text(&s["tx_interval_ms"]),
+            text(&s["detection_time_ms"])
+        );
+    }
+    out
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),

@@ -142,3 +142,56 @@ fn set_min_ttl(socket: &impl AsRawFd, peer: IpAddr, min: i32) -> io::Result<()> 
     }
     Ok(())
 }
+
+/// BFD's UDP port for single-hop control packets (RFC 5881).
+pub const BFD_PORT: u16 = 3784;
+
+/// The socket BFD control packets arrive on: port 3784, accepting only
+/// TTL/hop limit 255 (RFC 5881 §5: the packet crossed no router).
+pub fn bfd_receiver(ipv6: bool) -> io::Result<tokio::net::UdpSocket> {
+    let addr: SocketAddr = if ipv6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, BFD_PORT).into()
+    } else {
+        ([0, 0, 0, 0], BFD_PORT).into()
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if ipv6 {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let peer = if ipv6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    };
+    set_min_ttl(&socket, peer, 255)?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// The socket BFD control packets leave from: a source port in
+/// 49152-65535 and TTL/hop limit 255 (RFC 5881 §4, §5).
+pub fn bfd_sender(ipv6: bool) -> io::Result<tokio::net::UdpSocket> {
+    let mut last = None;
+    for port in 49152..49252u16 {
+        let addr: SocketAddr = if ipv6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            ([0, 0, 0, 0], port).into()
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if ipv6 {
+            socket.set_only_v6(true)?;
+            socket.set_unicast_hops_v6(255)?;
+        } else {
+            socket.set_ttl_v4(255)?;
+        }
+        socket.set_nonblocking(true)?;
+        match socket.bind(&addr.into()) {
+            Ok(()) => return tokio::net::UdpSocket::from_std(socket.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free source port in 49152-49251")))
+}
