@@ -11,6 +11,8 @@ use bgp4mesh_node::control::{self, Request};
 use bgp4mesh_node::show;
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "bgp4mesh",
@@ -56,6 +58,28 @@ enum Command {
     /// Network-namespace labs on this machine (needs root)
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Benchmarks against the competitors, in network namespaces (needs root)
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Install N routes in the kernel: ip -batch against bgp4mesh's FIB sync
+    Fib {
+        #[arg(long, default_value_t = 1_000_000)]
+        routes: u32,
+    },
+    /// (internal) the bgp4mesh side of `bench fib`, run inside the namespace
+    #[command(hide = true)]
+    FibWorker {
+        #[arg(long)]
+        routes: u32,
+        #[arg(long)]
+        table: u32,
+        #[arg(long)]
+        gateway: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +130,12 @@ fn main() -> ExitCode {
             neighbor,
             message,
         } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
+        Command::Bench(BenchCommand::Fib { routes }) => bench::fib(*routes),
+        Command::Bench(BenchCommand::FibWorker {
+            routes,
+            table,
+            gateway,
+        }) => bench::fib_worker(*routes, *table, *gateway),
         Command::Lab(LabCommand::Demo) => lab_demo(),
         Command::Lab(LabCommand::Sweep { all }) => lab_sweep(*all),
     };
