@@ -477,3 +477,112 @@ protocol bgp bgp_router {{
     })?;
     Ok(())
 }
+
+/// Seed 000 end to end: a VPS (bgp4mesh) learns DN42 prefixes over iBGP
+/// from an edge router (BIRD, next-hop-self) that has eBGP to a DN42 peer;
+/// the VPS kernel holds them via the edge with the configured preferred
+/// source, and a ping to an address behind them gets an answer.
+#[test]
+fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
+    if !can_run(
+        "seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc",
+        &["bird", "birdc", "ping"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-000-e2e")?;
+    let (vps, edge, dn42) = (
+        lab.add_node("vps")?,
+        lab.add_node("edge")?,
+        lab.add_node("dn42")?,
+    );
+    let (v, e1) = lab.link(&vps, &edge)?;
+    let (e2, d) = lab.link(&edge, &dn42)?;
+    lab.enable_forwarding(&edge)?;
+    // The VPS's DN42 address, and the way back to it.
+    lab.add_address(&vps, "lo", "172.22.132.169/32")?;
+    lab.add_route(&edge, &["172.22.132.169/32", "via", &v.ipv4.to_string()])?;
+    lab.add_route(&dn42, &["172.22.132.169/32", "via", &e2.ipv4.to_string()])?;
+    // Something to ping in DN42.
+    lab.add_address(&dn42, "lo", "172.20.0.53/32")?;
+    let routes: String = (0..40)
+        .map(|n| format!("  route 172.20.{n}.0/24 blackhole;\n"))
+        .collect();
+    let _dn42 = Bird::start(
+        &lab,
+        &dn42,
+        &format!(
+            r#"
+router id 172.20.0.53;
+protocol device {{}}
+protocol static dn42 {{ ipv4;
+{routes}}}
+protocol bgp edge {{
+  local {d} as 4242420000;
+  neighbor {e2} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import none; export all; }};
+}}
+"#,
+            d = d.ipv4,
+            e2 = e2.ipv4
+        ),
+    )?;
+    let _edge = Bird::start(
+        &lab,
+        &edge,
+        &format!(
+            r#"
+router id 172.22.132.161;
+protocol device {{}}
+protocol kernel {{ ipv4 {{ export all; }}; }}
+protocol bgp dn42 {{
+  local {e2} as 4242421869;
+  neighbor {d} as 4242420000;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import all; export none; }};
+}}
+protocol bgp vps {{
+  local {e1} as 4242421869;
+  neighbor {v} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ next hop self; import all; export all; }};
+}}
+"#,
+            e1 = e1.ipv4,
+            e2 = e2.ipv4,
+            d = d.ipv4,
+            v = v.ipv4
+        ),
+    )?;
+    let _ours = start_ours(
+        &lab,
+        &vps,
+        4_242_421_869,
+        "172.22.132.169",
+        &format!(
+            "{}\n[kernel]\nprefsrc_ipv4 = \"172.22.132.169\"\n",
+            our_neighbor("edge", e1.ipv4.into(), 4_242_421_869, "")
+        ),
+    )?;
+    wait_until(SETTLE, "the DN42 prefixes in the VPS kernel", || {
+        let v4 = kernel_routes(&lab, &vps, false)?;
+        ensure!(v4.len() == 40, "{} routes", v4.len());
+        ensure!(
+            v4.iter().all(|(_, gw)| gw == &vec![e1.ipv4.to_string()]),
+            "{v4:?}"
+        );
+        Ok(())
+    })?;
+    let detail = lab.exec(&vps, &["ip", "route", "show", "172.20.0.0/24"])?;
+    assert!(
+        detail.contains("src 172.22.132.169") && detail.contains("proto bgp"),
+        "{detail}"
+    );
+    wait_until(SETTLE, "a ping into DN42", || {
+        let out = lab.try_exec(&vps, &["ping", "-c", "1", "-W", "1", "172.20.0.53"])?;
+        ensure!(out.success(), "{}{}", out.stdout, out.stderr);
+        Ok(())
+    })?;
+    Ok(())
+}
