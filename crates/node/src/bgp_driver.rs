@@ -113,6 +113,8 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
+    /// What the kernel module says it installed.
+    in_kernel: Option<crate::kernel_sync::InKernel>,
     /// BFD sessions with the neighbours that have `bfd = true`.
     bfd: bgp4mesh_bfd::Bfd,
     /// Senders for BFD control packets: IPv4, IPv6.
@@ -256,6 +258,7 @@ impl BgpDriver {
             transports,
             listener_sockets,
             bfd: bgp4mesh_bfd::Bfd::new(),
+            in_kernel: None,
             bfd_tx: [None, None],
             install_static: false,
             resolver: match Resolver::connect() {
@@ -366,9 +369,15 @@ impl BgpDriver {
 
     /// Sends every best-route change to `sink`; static routes too when
     /// `install_static`.
-    pub fn set_route_sink(&mut self, sink: RouteSink, install_static: bool) {
+    pub fn set_route_sink(
+        &mut self,
+        sink: RouteSink,
+        install_static: bool,
+        in_kernel: Option<crate::kernel_sync::InKernel>,
+    ) {
         self.route_sink = Some(sink);
         self.install_static = install_static;
+        self.in_kernel = in_kernel;
     }
 
     /// Runs until `control` closes or a `Shutdown` request arrives.
@@ -787,7 +796,12 @@ impl BgpDriver {
             Request::ShowRoute { prefix, export } => match export {
                 Some(name) => neighbor(&self.speaker, &name)
                     .map(|id| show::exported(&self.speaker, id, prefix, now)),
-                None => Ok(show::routes(&self.speaker, prefix, now)),
+                None => Ok(show::routes(
+                    &self.speaker,
+                    prefix,
+                    now,
+                    self.in_kernel.as_ref(),
+                )),
             },
             Request::Enable { name } => neighbor(&self.speaker, &name).map(|id| {
                 self.speaker.enable(now, id);

@@ -32,13 +32,14 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     };
     let kernel = match (&mut driver, config.kernel.enabled) {
         (Some(driver), true) => {
-            let (routes, task) = kernel_sync::start(&config.kernel).await?;
+            let (routes, task, in_kernel) = kernel_sync::start(&config.kernel).await?;
             let sink_routes = routes.clone();
             driver.set_route_sink(
                 Box::new(move |prefix, target| {
                     let _ = sink_routes.send((prefix, target));
                 }),
                 config.kernel.install_static,
+                Some(in_kernel),
             );
             Some((routes, task))
         }

@@ -14,10 +14,13 @@ use crate::config::KernelSection;
 
 pub type RouteSender = mpsc::UnboundedSender<(IpNet, Option<Target>)>;
 
+/// Prefixes the kernel holds a route of ours for, for `show route`.
+pub type InKernel = std::sync::Arc<std::sync::RwLock<std::collections::HashSet<IpNet>>>;
+
 /// Opens the FIB, removes what a previous run left, and starts the task.
 /// Drop every sender to stop it: it then removes our routes unless
 /// `keep_routes_on_exit`.
-pub async fn start(config: &KernelSection) -> Result<(RouteSender, JoinHandle<()>)> {
+pub async fn start(config: &KernelSection) -> Result<(RouteSender, JoinHandle<()>, InKernel)> {
     let mut fib = Fib::connect(FibConfig {
         table: config.table,
         metric: config.metric,
@@ -33,6 +36,8 @@ pub async fn start(config: &KernelSection) -> Result<(RouteSender, JoinHandle<()
     }
     let keep = config.keep_routes_on_exit;
     let (tx, mut rx) = mpsc::unbounded_channel::<(IpNet, Option<Target>)>();
+    let in_kernel = InKernel::default();
+    let published = in_kernel.clone();
     let task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut batch: HashMap<IpNet, Option<Target>> = HashMap::new();
@@ -40,7 +45,17 @@ pub async fn start(config: &KernelSection) -> Result<(RouteSender, JoinHandle<()
             while let Ok((prefix, target)) = rx.try_recv() {
                 batch.insert(prefix, target);
             }
+            let prefixes: Vec<IpNet> = batch.keys().copied().collect();
             let report = fib.apply(batch.into_iter().collect()).await;
+            if let Ok(mut set) = published.write() {
+                for prefix in prefixes {
+                    if fib.installed().contains_key(&prefix) {
+                        set.insert(prefix);
+                    } else {
+                        set.remove(&prefix);
+                    }
+                }
+            }
             tracing::debug!(
                 "kernel: {} installed, {} removed, {} failed",
                 report.installed,
@@ -53,5 +68,5 @@ pub async fn start(config: &KernelSection) -> Result<(RouteSender, JoinHandle<()
             tracing::info!("kernel: removed our {} routes", report.removed);
         }
     });
-    Ok((tx, task))
+    Ok((tx, task, in_kernel))
 }

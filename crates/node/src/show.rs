@@ -104,7 +104,13 @@ fn path_json(speaker: &Speaker, p: &Path, best: bool, multipath: bool) -> Value 
 }
 
 /// `show route [PREFIX]`: every prefix of the Loc-RIB with all its paths.
-pub fn routes(speaker: &Speaker, prefix: Option<IpNet>, _now: Instant) -> Value {
+pub fn routes(
+    speaker: &Speaker,
+    prefix: Option<IpNet>,
+    _now: Instant,
+    in_kernel: Option<&crate::kernel_sync::InKernel>,
+) -> Value {
+    let installed = in_kernel.and_then(|k| k.read().ok());
     let mut entries: Vec<(IpNet, &bgp4mesh_bgp::rib::Entry)> = match prefix {
         Some(p) => speaker.rib().get(&p).map(|e| (p, e)).into_iter().collect(),
         None => speaker.rib().iter().map(|(p, e)| (*p, e)).collect(),
@@ -120,7 +126,8 @@ pub fn routes(speaker: &Speaker, prefix: Option<IpNet>, _now: Instant) -> Value 
                 .enumerate()
                 .map(|(i, p)| path_json(speaker, p, i == 0 && n > 0, i < n))
                 .collect();
-            json!({ "prefix": prefix.to_string(), "paths": paths })
+            let kernel = installed.as_ref().map(|set| set.contains(&prefix));
+            json!({ "prefix": prefix.to_string(), "in_kernel": kernel, "paths": paths })
         })
         .collect();
     Value::Array(list)
@@ -385,9 +392,14 @@ pub fn render_routes(data: &Value, all: bool) -> String {
             } else {
                 format!("[AS{} {origin}]", as_path.replace(' ', " AS"))
             };
+            let kernel = if i == 0 && route["in_kernel"].as_bool() == Some(true) {
+                " (in kernel)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
-                "{prefix:<24} unicast [{}] {mark} {path_note}",
+                "{prefix:<24} unicast [{}] {mark} {path_note}{kernel}",
                 text(&p["source"])
             );
             let _ = writeln!(out, "\tvia {}", text(&p["next_hop"]));
