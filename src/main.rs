@@ -161,6 +161,7 @@ fn run(cli: &Cli, log_level: &str) -> Result<()> {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     bgp4mesh_node::daemon::run(config_path(cli)?)

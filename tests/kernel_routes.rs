@@ -586,3 +586,185 @@ protocol bgp vps {{
     })?;
     Ok(())
 }
+
+/// How a server dies in the loss-window tests.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    /// Its link goes down: the router sees the carrier go.
+    LinkDown,
+    /// It goes silent (nftables drops everything): only BFD can tell.
+    Silent,
+}
+
+/// The loss window of seed 001: a client pings the anycast VIP through the
+/// router every 5 ms; the server its flow hashes to dies; we count the lost
+/// pings.
+fn loss_window(death: Death) -> Result<()> {
+    let test = format!("seed_001_loss_window_{death:?}");
+    if !can_run(&test, &["bird", "birdc", "ping", "nft"]) {
+        return Ok(());
+    }
+    let lab = Lab::new(&format!("loss-{death:?}").to_lowercase())?;
+    let (client, router) = (lab.add_node("client")?, lab.add_node("router")?);
+    let (s5, s7) = (lab.add_node("server5")?, lab.add_node("server7")?);
+    let (c, rc) = lab.link(&client, &router)?;
+    let (r5, a5) = lab.link(&router, &s5)?;
+    let (r7, a7) = lab.link(&router, &s7)?;
+    lab.enable_forwarding(&router)?;
+    lab.add_route(&client, &["default", "via", &rc.ipv4.to_string()])?;
+    for (server, back) in [(&s5, &r5), (&s7, &r7)] {
+        lab.add_address(server, "lo", "192.168.20.1/32")?;
+        lab.add_route(
+            server,
+            &[&format!("{}/32", c.ipv4), "via", &back.ipv4.to_string()],
+        )?;
+    }
+    let _ours = start_ours(
+        &lab,
+        &router,
+        65001,
+        "10.0.0.1",
+        &format!(
+            "multipath = true\n\n{}{}",
+            our_neighbor(
+                "bgp_server5",
+                a5.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\"\nbfd = true"
+            ),
+            our_neighbor(
+                "bgp_server7",
+                a7.ipv4.into(),
+                65000,
+                "import = \"all\"\nexport = \"none\"\nbfd = true"
+            ),
+        ),
+    )?;
+    let server = |me: &str, router: &str, id: &str| {
+        format!(
+            r#"
+router id {id};
+protocol device {{}}
+protocol static vip {{ ipv4; route 192.168.20.0/24 blackhole; }}
+protocol bfd {{ interface "*" {{ interval 100 ms; multiplier 5; }}; }}
+protocol bgp bgp_router {{
+  local {me} as 65000;
+  neighbor {router} as 65001;
+  bfd on;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import none; export where source = RTS_STATIC; }};
+}}
+"#
+        )
+    };
+    let _b5 = Bird::start(
+        &lab,
+        &s5,
+        &server(&a5.ipv4.to_string(), &r5.ipv4.to_string(), "10.0.5.1"),
+    )?;
+    let _b7 = Bird::start(
+        &lab,
+        &s7,
+        &server(&a7.ipv4.to_string(), &r7.ipv4.to_string(), "10.0.7.1"),
+    )?;
+    wait_until(SETTLE, "the ECMP route", || {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(v4.first().is_some_and(|(_, gws)| gws.len() == 2), "{v4:?}");
+        Ok(())
+    })?;
+
+    // Which server does the client's flow reach?
+    let rx = |node: &bgp4mesh_lab::Node, ifname: &str| -> Result<u64> {
+        let out = lab.exec(node, &["ip", "-j", "-s", "link", "show", "dev", ifname])?;
+        let json: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(json[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0))
+    };
+    let before = (rx(&s5, &a5.name)?, rx(&s7, &a7.name)?);
+    lab.exec(
+        &client,
+        &["ping", "-c", "20", "-i", "0.01", "-q", "192.168.20.1"],
+    )?;
+    let after = (rx(&s5, &a5.name)?, rx(&s7, &a7.name)?);
+    let (victim, victim_if) = if after.0 - before.0 >= after.1 - before.1 {
+        (&s5, &a5.name)
+    } else {
+        (&s7, &a7.name)
+    };
+
+    let interval = 0.005;
+    let count = 800;
+    let flood = lab.spawn(
+        &client,
+        "ping-flood",
+        &[
+            "ping",
+            "-i",
+            &interval.to_string(),
+            "-c",
+            &count.to_string(),
+            "-D",
+            "192.168.20.1",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    match death {
+        Death::LinkDown => {
+            lab.exec(victim, &["ip", "link", "set", victim_if, "down"])?;
+        }
+        Death::Silent => {
+            // One nft transaction, so that input and output stop together.
+            let rules = "table inet dead {\n chain input { type filter hook input priority 0; policy drop; }\n chain output { type filter hook output priority 0; policy drop; }\n}\n";
+            let out = lab.exec_full(
+                victim,
+                &["nft", "-f", "-"],
+                Some(rules.as_bytes()),
+                Duration::from_secs(10),
+            )?;
+            ensure!(out.success(), "nft: {}", out.stderr);
+        }
+    }
+    wait_until(Duration::from_secs(20), "the ping flood to end", || {
+        ensure!(!lab.is_running(&flood), "still pinging");
+        Ok(())
+    })?;
+    // With -D every reply carries its arrival time: the window is the
+    // longest silence between two replies.
+    let log = std::fs::read_to_string(&flood.log)?;
+    let replies: Vec<(f64, u64)> = log
+        .lines()
+        .filter_map(|l| {
+            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((time, seq))
+        })
+        .collect();
+    ensure!(
+        replies.len() > 100,
+        "too few replies: {}",
+        lab.log_tail(&flood, 5)
+    );
+    let (window, lost) = replies
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1 - 1))
+        .fold((0.0f64, 0u64), |a, b| if b.0 > a.0 { b } else { a });
+    let summary = lab.log_tail(&flood, 3);
+    eprintln!("loss window ({death:?}): {window:.3} s without replies ({lost} pings lost in it)");
+    assert!(window < 1.0, "loss window {window:.3} s: {summary}");
+    Ok(())
+}
+
+#[test]
+fn seed_001_loss_window_when_a_server_loses_its_link() -> Result<()> {
+    loss_window(Death::LinkDown)
+}
+
+#[test]
+fn seed_001_loss_window_when_a_server_goes_silent() -> Result<()> {
+    loss_window(Death::Silent)
+}
