@@ -391,7 +391,11 @@ impl Resolver {
             return Resolution::UNREACHABLE;
         };
         let usable = matches!(route.header.kind, RouteType::Unicast | RouteType::Local);
-        if !usable || route.header.protocol == RouteProtocol::Bgp {
+        // A route through an interface without carrier is flagged linkdown.
+        let down = route.header.flags.intersects(
+            rtnetlink::packet_route::route::RouteFlags::Linkdown | rtnetlink::packet_route::route::RouteFlags::Dead,
+        );
+        if !usable || down || route.header.protocol == RouteProtocol::Bgp {
             return Resolution::UNREACHABLE;
         }
         let mut metric = 0;
@@ -486,4 +490,44 @@ impl Resolver {
         out.dedup();
         Ok(out)
     }
+}
+
+/// Tells when links, addresses or routes other than our own change, so
+/// next hops and connected networks are looked at again at once rather
+/// than at the next periodic scan. Each message is only a nudge.
+pub fn watch_changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures::StreamExt as _;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+
+    let (mut connection, _handle, mut messages) =
+        rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    let groups = rtnetlink::constants::RTMGRP_LINK
+        | rtnetlink::constants::RTMGRP_IPV4_IFADDR
+        | rtnetlink::constants::RTMGRP_IPV6_IFADDR
+        | rtnetlink::constants::RTMGRP_IPV4_ROUTE
+        | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, groups))
+        .context("cannot subscribe to netlink link and route events")?;
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let ours = match &message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r))
+                | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
+                    r.header.protocol == RouteProtocol::Bgp
+                }
+                _ => false,
+            };
+            if !ours && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }

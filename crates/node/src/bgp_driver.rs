@@ -56,6 +56,9 @@ enum Inbound {
     },
 }
 
+/// How long kernel change notifications are gathered before one rescan.
+const KERNEL_CHANGE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// How often watched next hops are looked up again in the kernel.
 const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -385,6 +388,16 @@ impl BgpDriver {
         self.speaker.start(Instant::now());
         let mut resolve_tick = tokio::time::interval(RESOLVE_EVERY);
         resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Link, address and route changes nudge a rescan (debounced), so a
+        // next hop behind a downed interface goes within milliseconds.
+        let mut kernel_changes = match bgp4mesh_kernel::watch_changes() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::warn!("no netlink change notifications, next hops rescanned every {RESOLVE_EVERY:?}: {e:#}");
+                None
+            }
+        };
+        let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
             self.bfd_io(Instant::now());
             self.carry_out_events();
@@ -414,10 +427,23 @@ impl BgpDriver {
                     let _ = call.reply.send(response);
                 }
                 _ = sleep => self.speaker.handle_timeout(Instant::now()),
-                _ = resolve_tick.tick() => {
-                    let all: Vec<IpAddr> = self.next_hops.keys().copied().collect();
-                    self.resolve(all);
-                    self.scan_interfaces();
+                _ = resolve_tick.tick() => self.rescan(),
+                Some(()) = async {
+                    match kernel_changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    rescan_at.get_or_insert(tokio::time::Instant::now() + KERNEL_CHANGE_DEBOUNCE);
+                }
+                _ = async {
+                    match rescan_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    rescan_at = None;
+                    self.rescan();
                 }
             }
         }
@@ -602,6 +628,13 @@ impl BgpDriver {
                 Err(e) => tracing::warn!("cannot read interface addresses: {e:#}"),
             }
         });
+    }
+
+    /// Looks every watched next hop up again, and our interfaces' networks.
+    fn rescan(&self) {
+        let all: Vec<IpAddr> = self.next_hops.keys().copied().collect();
+        self.resolve(all);
+        self.scan_interfaces();
     }
 
     /// Looks next hops up in the background; answers come as Resolved.
