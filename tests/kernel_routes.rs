@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use bgp4mesh_lab::peers::Bird;
+use bgp4mesh_lab::peers::{Bird, SessionState};
 use bgp4mesh_lab::{Lab, can_run, wait_until};
 use common::*;
 
@@ -767,4 +767,97 @@ fn seed_001_loss_window_when_a_server_loses_its_link() -> Result<()> {
 #[test]
 fn seed_001_loss_window_when_a_server_goes_silent() -> Result<()> {
     loss_window(Death::Silent)
+}
+
+/// Graceful restart (RFC 4724), bgp4mesh as helper: BIRD (`graceful
+/// restart on`) is killed and restarted with `-R`; its routes stay in our
+/// RIB and kernel the whole time; the one it no longer announces goes at
+/// its End-of-RIB.
+#[test]
+fn graceful_restart_helper_keeps_routes_while_bird_restarts() -> Result<()> {
+    if !can_run(
+        "graceful_restart_helper_keeps_routes_while_bird_restarts",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("graceful-restart")?;
+    let (router, isp) = (lab.add_node("router")?, lab.add_node("isp")?);
+    let (r, i) = lab.link(&router, &isp)?;
+    let ours = start_ours(
+        &lab,
+        &router,
+        65001,
+        "10.255.0.1",
+        &our_neighbor(
+            "isp",
+            i.ipv4.into(),
+            65000,
+            "import = \"all\"\nexport = \"none\"\ngraceful_restart = true",
+        ),
+    )?;
+    let config = |routes: &str| {
+        format!(
+            r#"
+router id 10.255.1.1;
+protocol device {{}}
+protocol static origin {{ ipv4; {routes} }}
+protocol bgp ours {{
+  local {i} as 65000;
+  neighbor {r} as 65001;
+  graceful restart on;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import none; export where source = RTS_STATIC; }};
+}}
+"#,
+            i = i.ipv4,
+            r = r.ipv4
+        )
+    };
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &config("route 198.51.100.0/24 blackhole; route 203.0.113.0/24 blackhole;"),
+    )?;
+    wait_until(SETTLE, "both routes in the kernel", || {
+        ensure!(kernel_routes(&lab, &router, false)?.len() == 2, "not yet");
+        Ok(())
+    })?;
+    let p = ours.protocol("isp")?;
+    assert_eq!(p["state"], "Established", "{p}");
+
+    lab.signal(bird.proc(), libc::SIGKILL)?;
+    // For two seconds BIRD is gone: nothing leaves the kernel.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(v4.len() == 2, "a route left during the restart: {v4:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        ours.bgp_state("isp")? != SessionState::Established,
+        "BIRD is dead, the session must be down"
+    );
+
+    // BIRD comes back (graceful restart recovery), without 203.0.113.0/24.
+    let _bird = Bird::start_with(
+        &lab,
+        &isp,
+        &config("route 198.51.100.0/24 blackhole;"),
+        &["-R"],
+    )?;
+    wait_until(
+        SETTLE,
+        "the route BIRD no longer has gone after its End-of-RIB",
+        || {
+            let v4 = kernel_routes(&lab, &router, false)?;
+            ensure!(
+                v4 == vec![("198.51.100.0/24".to_string(), vec![i.ipv4.to_string()])],
+                "{v4:?}"
+            );
+            Ok(())
+        },
+    )?;
+    assert_eq!(ours.bgp_state("isp")?, SessionState::Established);
+    Ok(())
 }

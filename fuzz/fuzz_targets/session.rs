@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
         extended_message: true,
         extended_next_hop: true,
+        graceful_restart: Some(120),
     };
     let mut session = Session::new(config, now);
     session.start(now);

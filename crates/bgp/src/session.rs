@@ -55,6 +55,10 @@ pub struct SessionConfig {
     pub extended_message: bool,
     /// Offer IPv4 routes with IPv6 next hops (RFC 8950).
     pub extended_next_hop: bool,
+    /// Advertise graceful restart (RFC 4724) with this restart time: we
+    /// keep a restarting neighbour's routes (helper). Forwarding state is
+    /// not claimed as preserved across our own restarts.
+    pub graceful_restart: Option<u16>,
 }
 
 impl SessionConfig {
@@ -93,8 +97,10 @@ pub enum Output {
     Close(ConnId),
     /// The session reached Established.
     Established(Box<Negotiated>),
-    /// The session left Established.
-    Down { reason: String },
+    /// The session left Established. `graceful`: it ended without a
+    /// NOTIFICATION (the transport failed), so RFC 4724 helpers keep the
+    /// neighbour's routes.
+    Down { reason: String, graceful: bool },
     /// An UPDATE arrived in Established.
     Update(Box<DecodedUpdate>),
     /// The neighbour asked for our routes again (RFC 2918/7313), or marks
@@ -309,7 +315,7 @@ impl Session {
     /// connections without a NOTIFICATION, which could not arrive anyway.
     pub fn transport_failed(&mut self, now: Instant, reason: &str) {
         while !self.conns.is_empty() {
-            self.drop_connection(now, 0, reason.to_string(), true);
+            self.drop_connection(now, 0, reason.to_string(), true, true);
         }
     }
 
@@ -384,6 +390,14 @@ impl Session {
                 crate::wire::AFI_IPV6,
             )]));
         }
+        if let Some(restart_time) = self.config.graceful_restart {
+            caps.push(Capability::GracefulRestart(crate::wire::GracefulRestart {
+                restarting: false,
+                notification: false,
+                restart_time: restart_time.min(4095),
+                families: self.config.families.iter().map(|f| (*f, false)).collect(),
+            }));
+        }
         Open::new(
             self.config.local_as,
             self.config.hold_time,
@@ -395,7 +409,13 @@ impl Session {
     /// The peer (or the network) closed connection `id`.
     pub fn tcp_closed(&mut self, now: Instant, id: ConnId) {
         if let Some(i) = self.conns.iter().position(|c| c.id == id) {
-            self.drop_connection(now, i, "connection closed by the neighbour".into(), true);
+            self.drop_connection(
+                now,
+                i,
+                "connection closed by the neighbour".into(),
+                true,
+                true,
+            );
         }
     }
 
@@ -445,7 +465,7 @@ impl Session {
         match (state, decoded) {
             (_, Decoded::Message(Message::Notification(n))) => {
                 let reason = format!("received NOTIFICATION: {n}");
-                self.drop_connection(now, i, reason, true);
+                self.drop_connection(now, i, reason, true, false);
             }
             (State::OpenSent, Decoded::Message(Message::Open(open))) => self.on_open(now, i, open),
             (State::OpenSent, _) => self.fail(now, i, fsm_error(1)),
@@ -649,10 +669,17 @@ impl Session {
     fn fail(&mut self, now: Instant, i: usize, n: Notification) {
         let reason = format!("sent NOTIFICATION: {n}");
         self.send(i, Message::Notification(n));
-        self.drop_connection(now, i, reason, true);
+        self.drop_connection(now, i, reason, true, false);
     }
 
-    fn drop_connection(&mut self, now: Instant, i: usize, reason: String, error: bool) {
+    fn drop_connection(
+        &mut self,
+        now: Instant,
+        i: usize,
+        reason: String,
+        error: bool,
+        graceful: bool,
+    ) {
         let conn = self.conns.remove(i);
         self.out.push_back(Output::Close(conn.id));
         let was_established = conn.state == State::Established;
@@ -660,6 +687,7 @@ impl Session {
             self.since = now;
             self.out.push_back(Output::Down {
                 reason: reason.clone(),
+                graceful,
             });
         } else {
             self.out.push_back(Output::Log(format!(
@@ -697,7 +725,7 @@ impl Session {
             if let Some(n) = notification.clone() {
                 self.send(0, Message::Notification(n));
             }
-            self.drop_connection(now, 0, reason.to_string(), false);
+            self.drop_connection(now, 0, reason.to_string(), false, false);
         }
     }
 
@@ -767,6 +795,7 @@ mod tests {
             families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
             extended_message: true,
             extended_next_hop: false,
+            graceful_restart: None,
         }
     }
 
@@ -931,7 +960,7 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                Output::Down { reason } => Some(reason.as_str()),
+                Output::Down { reason, .. } => Some(reason.as_str()),
                 _ => None,
             })
             .collect()

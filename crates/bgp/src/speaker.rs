@@ -70,6 +70,11 @@ pub struct NeighborConfig {
     /// is applied without asking it to resend.
     pub soft_reconfiguration_inbound: bool,
     pub enabled: bool,
+    /// Graceful restart helper (RFC 4724): keep a neighbour's routes while
+    /// it restarts, if it asks for that.
+    pub graceful_restart: bool,
+    /// Restart time we advertise, seconds.
+    pub restart_time: u16,
 }
 
 impl NeighborConfig {
@@ -103,6 +108,8 @@ impl NeighborConfig {
             next_hop_ipv6: None,
             soft_reconfiguration_inbound: false,
             enabled: true,
+            graceful_restart: false,
+            restart_time: 120,
         }
     }
 
@@ -119,6 +126,7 @@ impl NeighborConfig {
             families: self.families.clone(),
             extended_message: self.extended_message,
             extended_next_hop: self.extended_next_hop,
+            graceful_restart: self.graceful_restart.then_some(self.restart_time),
         }
     }
 }
@@ -226,6 +234,10 @@ struct Neighbor {
     eor_pending: Vec<Family>,
     /// Enhanced route refresh from the neighbour in progress.
     refresh_stale: HashMap<Family, HashSet<IpNet>>,
+    /// Routes kept while the neighbour restarts (RFC 4724), by family.
+    gr_stale: HashMap<Family, HashSet<IpNet>>,
+    /// When the kept routes go if the neighbour is not back.
+    gr_deadline: Option<Instant>,
     counters: Counters,
     max_prefix_warned: bool,
     next_hop_warned: bool,
@@ -365,6 +377,8 @@ impl Speaker {
             pending: HashMap::new(),
             eor_pending: Vec::new(),
             refresh_stale: HashMap::new(),
+            gr_stale: HashMap::new(),
+            gr_deadline: None,
             counters: Counters::default(),
             max_prefix_warned: false,
             next_hop_warned: false,
@@ -487,7 +501,8 @@ impl Speaker {
         self.neighbors
             .iter()
             .filter(|n| !n.removed)
-            .filter_map(|n| n.session.poll_timeout())
+            .flat_map(|n| [n.session.poll_timeout(), n.gr_deadline])
+            .flatten()
             .min()
     }
 
@@ -497,6 +512,13 @@ impl Speaker {
                 n.session.handle_timeout(now);
             }
         }
+        for id in 0..self.neighbors.len() {
+            if self.neighbors[id].gr_deadline.is_some_and(|t| t <= now) {
+                // The neighbour did not come back within its restart time.
+                self.flush_gr_stale(id, None);
+            }
+        }
+        self.flush();
         self.drain_sessions(now);
     }
 
@@ -842,7 +864,7 @@ impl Speaker {
                 self.events.push_back(Event::Close { neighbor: id, conn });
             }
             Output::Established(negotiated) => self.on_established(now, id, *negotiated),
-            Output::Down { reason } => self.on_down(id, &reason),
+            Output::Down { reason, graceful } => self.on_down(now, id, &reason, graceful),
             Output::Update(update) => self.on_update(now, id, *update),
             Output::RouteRefresh(rr) => self.on_route_refresh(id, rr),
             Output::Log(message) => {
@@ -860,7 +882,40 @@ impl Speaker {
         });
     }
 
-    fn on_established(&mut self, _now: Instant, id: NeighborId, negotiated: Negotiated) {
+    fn on_established(&mut self, now: Instant, id: NeighborId, negotiated: Negotiated) {
+        // Back from a graceful restart: families whose forwarding state the
+        // neighbour did not keep (no F bit, or no capability) go now; the
+        // others wait for its End-of-RIB.
+        if !self.neighbors[id].gr_stale.is_empty() {
+            self.neighbors[id].gr_deadline = None;
+            let kept: Vec<Family> = negotiated
+                .peer_open
+                .graceful_restart()
+                .map(|gr| {
+                    gr.families
+                        .iter()
+                        .filter(|(_, forwarding)| *forwarding)
+                        .map(|(f, _)| *f)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let stale: Vec<Family> = self.neighbors[id].gr_stale.keys().copied().collect();
+            for family in stale {
+                if !kept.contains(&family) || !negotiated.families.contains(&family) {
+                    self.flush_gr_stale(id, Some(family));
+                }
+            }
+            // An End-of-RIB that never comes must not keep them for ever.
+            if !self.neighbors[id].gr_stale.is_empty() {
+                let restart = negotiated
+                    .peer_open
+                    .graceful_restart()
+                    .map(|gr| gr.restart_time)
+                    .unwrap_or(0);
+                self.neighbors[id].gr_deadline =
+                    Some(now + Duration::from_secs(u64::from(restart.max(60))));
+            }
+        }
         let n = &mut self.neighbors[id];
         n.local_address = n
             .session
@@ -897,27 +952,95 @@ impl Speaker {
         self.neighbors[id].eor_pending = families;
     }
 
-    fn on_down(&mut self, id: NeighborId, reason: &str) {
+    fn on_down(&mut self, now: Instant, id: NeighborId, reason: &str, graceful: bool) {
         let n = &mut self.neighbors[id];
         let name = n.config.name.clone();
+        // RFC 4724 helper: a neighbour that asked for graceful restart and
+        // lost its session without a NOTIFICATION keeps its routes (stale)
+        // for its restart time.
+        let peer_gr = n
+            .negotiated
+            .as_ref()
+            .and_then(|neg| neg.peer_open.graceful_restart().cloned());
+        let retain: Vec<Family> = match (&peer_gr, graceful && n.config.graceful_restart) {
+            (Some(gr), true) if gr.restart_time > 0 => {
+                gr.families.iter().map(|(f, _)| *f).collect()
+            }
+            _ => Vec::new(),
+        };
         n.negotiated = None;
         n.local_address = None;
         n.adj_out.clear();
         n.pending.clear();
         n.eor_pending.clear();
         n.adj_in.clear();
+        n.adj_in_complete = false;
         n.refresh_stale.clear();
-        let gone: Vec<IpNet> = n.imported.drain().collect();
-        self.log(
-            Some(id),
-            Level::Warn,
-            format!(
-                "{name}: session down: {reason}; {} routes withdrawn",
-                gone.len()
-            ),
-        );
+        let mut gone = Vec::new();
+        let mut kept = 0;
+        for prefix in n.imported.iter().copied().collect::<Vec<_>>() {
+            let family = Family::of(&prefix);
+            if retain.contains(&family) {
+                n.gr_stale.entry(family).or_default().insert(prefix);
+                kept += 1;
+            } else {
+                n.imported.remove(&prefix);
+                gone.push(prefix);
+            }
+        }
+        if kept > 0 {
+            let restart = peer_gr.map(|gr| gr.restart_time).unwrap_or(0);
+            n.gr_deadline = Some(now + Duration::from_secs(u64::from(restart)));
+            self.log(
+                Some(id),
+                Level::Warn,
+                format!("{name}: session down: {reason}; keeping {kept} routes for its restart ({restart} s, RFC 4724)"),
+            );
+        } else {
+            self.log(
+                Some(id),
+                Level::Warn,
+                format!(
+                    "{name}: session down: {reason}; {} routes withdrawn",
+                    gone.len()
+                ),
+            );
+        }
         for prefix in gone {
             self.rib_update(prefix, PathSource::Neighbor(id), None);
+        }
+    }
+
+    /// Withdraws what is still stale of a restarted neighbour's `family`
+    /// (all families with None).
+    fn flush_gr_stale(&mut self, id: NeighborId, family: Option<Family>) {
+        let n = &mut self.neighbors[id];
+        let families: Vec<Family> = match family {
+            Some(f) => vec![f],
+            None => n.gr_stale.keys().copied().collect(),
+        };
+        let mut gone = Vec::new();
+        for f in families {
+            if let Some(stale) = n.gr_stale.remove(&f) {
+                gone.extend(stale);
+            }
+        }
+        if n.gr_stale.is_empty() {
+            n.gr_deadline = None;
+        }
+        if !gone.is_empty() {
+            let name = n.config.name.clone();
+            self.log(
+                Some(id),
+                Level::Info,
+                format!(
+                    "{name}: {} stale routes withdrawn after its restart",
+                    gone.len()
+                ),
+            );
+        }
+        for prefix in gone {
+            self.unimport(id, prefix);
         }
     }
 
@@ -936,6 +1059,11 @@ impl Speaker {
                 Level::Warn,
                 format!("{name}: UPDATE treated as withdraw (RFC 7606): {why}"),
             );
+        }
+        // End-of-RIB after a graceful restart: what was not refreshed goes.
+        if let Some(family) = update.end_of_rib() {
+            self.flush_gr_stale(id, Some(family));
+            return;
         }
         let negotiated_families = self.neighbors[id]
             .negotiated
@@ -976,6 +1104,9 @@ impl Speaker {
                 self.neighbors[id].adj_in.insert(*prefix, attrs.clone());
             }
             for stale in self.neighbors[id].refresh_stale.values_mut() {
+                stale.remove(prefix);
+            }
+            if let Some(stale) = self.neighbors[id].gr_stale.get_mut(&Family::of(prefix)) {
                 stale.remove(prefix);
             }
             self.import_one(id, *prefix, &attrs);
@@ -1025,6 +1156,9 @@ impl Speaker {
         let n = &mut self.neighbors[id];
         n.adj_in.remove(&prefix);
         for stale in n.refresh_stale.values_mut() {
+            stale.remove(&prefix);
+        }
+        if let Some(stale) = n.gr_stale.get_mut(&Family::of(&prefix)) {
             stale.remove(&prefix);
         }
         self.unimport(id, prefix);

@@ -679,3 +679,68 @@ fn paths_through_an_unreachable_next_hop_are_not_used() {
     net.cut("10.1.0.1", "10.1.0.2");
     assert!(!net.watched[1].contains(&ip("10.1.0.1")));
 }
+
+#[test]
+fn graceful_restart_keeps_a_restarting_neighbours_routes_while_it_is_away() {
+    // B helps A restart (RFC 4724): A's session dies without a NOTIFICATION,
+    // B keeps A's routes; A comes back announcing only one of its two
+    // prefixes and End-of-RIB; the other goes then. Without A coming back,
+    // the routes go after A's restart time.
+    let with_gr = |mut n: NeighborConfig| {
+        n.graceful_restart = true;
+        n.restart_time = 30;
+        n
+    };
+    let a = |statics: &[&str]| {
+        speaker(
+            65001,
+            [10, 0, 0, 1],
+            vec![with_gr(neighbor("b", "10.1.0.2", 65000))],
+            statics,
+        )
+    };
+    let mut net = Net::new(vec![
+        a(&["192.0.2.0/24", "198.51.100.0/24"]),
+        speaker(
+            65000,
+            [10, 0, 0, 2],
+            vec![with_gr(neighbor("a", "10.1.0.1", 65001))],
+            &[],
+        ),
+    ]);
+    net.link(0, "10.1.0.1", 1, "10.1.0.2");
+    net.start();
+    assert!(net.best(1, "192.0.2.0/24").is_some() && net.best(1, "198.51.100.0/24").is_some());
+    net.cut("10.1.0.1", "10.1.0.2");
+    assert!(
+        net.best(1, "192.0.2.0/24").is_some(),
+        "kept while A restarts"
+    );
+    assert!(net.best(1, "198.51.100.0/24").is_some());
+    // A restarts with one prefix fewer. Its OPEN does not claim preserved
+    // forwarding (we only help), so B drops the stale routes at once.
+    net.speakers[0] = Speaker::new(a(&["192.0.2.0/24"]), net.now);
+    net.down.clear();
+    let now = net.now;
+    net.speakers[0].start(now);
+    net.pump();
+    net.advance(Duration::from_secs(5));
+    assert!(net.best(1, "192.0.2.0/24").is_some(), "re-announced");
+    assert!(
+        net.best(1, "198.51.100.0/24").is_none(),
+        "not re-announced: gone"
+    );
+
+    // A dies and stays away: after its restart time (30 s) everything goes.
+    net.cut("10.1.0.1", "10.1.0.2");
+    net.advance(Duration::from_secs(10));
+    assert!(
+        net.best(1, "192.0.2.0/24").is_some(),
+        "still within the restart time"
+    );
+    net.advance(Duration::from_secs(25));
+    assert!(
+        net.best(1, "192.0.2.0/24").is_none(),
+        "gone after the restart time"
+    );
+}

@@ -393,7 +393,8 @@ impl Resolver {
         let usable = matches!(route.header.kind, RouteType::Unicast | RouteType::Local);
         // A route through an interface without carrier is flagged linkdown.
         let down = route.header.flags.intersects(
-            rtnetlink::packet_route::route::RouteFlags::Linkdown | rtnetlink::packet_route::route::RouteFlags::Dead,
+            rtnetlink::packet_route::route::RouteFlags::Linkdown
+                | rtnetlink::packet_route::route::RouteFlags::Dead,
         );
         if !usable || down || route.header.protocol == RouteProtocol::Bgp {
             return Resolution::UNREACHABLE;

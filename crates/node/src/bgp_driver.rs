@@ -393,7 +393,9 @@ impl BgpDriver {
         let mut kernel_changes = match bgp4mesh_kernel::watch_changes() {
             Ok(rx) => Some(rx),
             Err(e) => {
-                tracing::warn!("no netlink change notifications, next hops rescanned every {RESOLVE_EVERY:?}: {e:#}");
+                tracing::warn!(
+                    "no netlink change notifications, next hops rescanned every {RESOLVE_EVERY:?}: {e:#}"
+                );
                 None
             }
         };

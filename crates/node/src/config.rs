@@ -182,6 +182,13 @@ pub struct NeighborSection {
     /// session down at once.
     #[serde(default)]
     pub bfd: bool,
+    /// Graceful restart helper (RFC 4724): keep the neighbour's routes while
+    /// it restarts.
+    #[serde(default)]
+    pub graceful_restart: bool,
+    /// Restart time we advertise with graceful restart, seconds.
+    #[serde(default = "default_restart_time")]
+    pub restart_time: u16,
     #[serde(default = "default_hold")]
     pub hold_time: u16,
     #[serde(default = "default_connect_retry")]
@@ -208,6 +215,9 @@ pub struct NeighborSection {
     pub description: Option<String>,
 }
 
+fn default_restart_time() -> u16 {
+    120
+}
 fn default_port() -> u16 {
     179
 }
@@ -689,6 +699,11 @@ fn build_bgp(
         nc.next_hop_ipv6 = n.next_hop_ipv6;
         nc.soft_reconfiguration_inbound = n.soft_reconfiguration_inbound;
         nc.enabled = n.enabled;
+        nc.graceful_restart = n.graceful_restart;
+        if n.restart_time > 4095 {
+            bail!("{at}.restart_time: at most 4095 seconds (12 bits in the capability)");
+        }
+        nc.restart_time = n.restart_time;
         transport.push(Transport {
             port: n.port,
             local_address: n.local_address,

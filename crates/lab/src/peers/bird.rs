@@ -22,26 +22,36 @@ impl<'lab> Bird<'lab> {
     /// Starts BIRD in `node` with `config` (bird.conf syntax) and waits until
     /// its control socket answers.
     pub fn start(lab: &'lab Lab, node: &Node, config: &str) -> Result<Bird<'lab>> {
+        Self::start_with(lab, node, config, &[])
+    }
+
+    /// [`Bird::start`] with extra command-line flags (`-R`: recover from a
+    /// graceful restart).
+    pub fn start_with(
+        lab: &'lab Lab,
+        node: &Node,
+        config: &str,
+        flags: &[&str],
+    ) -> Result<Bird<'lab>> {
         let bird = require_binary("bird")?;
         require_binary("birdc")?;
         let config_path = lab.write_config(node, "bird.conf", config)?;
         let run_dir = lab.run_dir(node)?;
         let control_socket = run_dir.join("bird.ctl");
         let pid_file = run_dir.join("bird.pid");
-        let proc = lab.spawn(
-            node,
-            "bird",
-            &[
-                &bird.to_string_lossy(),
-                "-f",
-                "-c",
-                &config_path.to_string_lossy(),
-                "-s",
-                &control_socket.to_string_lossy(),
-                "-P",
-                &pid_file.to_string_lossy(),
-            ],
-        )?;
+        let mut args = vec![
+            bird.to_string_lossy().into_owned(),
+            "-f".into(),
+            "-c".into(),
+            config_path.to_string_lossy().into_owned(),
+            "-s".into(),
+            control_socket.to_string_lossy().into_owned(),
+            "-P".into(),
+            pid_file.to_string_lossy().into_owned(),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = lab.spawn(node, "bird", &args)?;
         let this = Bird {
             lab,
             node: node.clone(),
