@@ -26,35 +26,34 @@ fn prefix(n: u32) -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::from(base), 24).unwrap_or_default()
 }
 
-fn count_routes(lab: &Lab, node: &bgp4mesh_lab::Node, table: u32) -> Result<usize> {
-    let out = lab.exec_full(
-        node,
-        &["ip", "-4", "route", "show", "table", &table.to_string()],
-        None,
-        Duration::from_secs(300),
-    )?;
-    Ok(out.stdout.lines().count())
+/// A namespace of its own for one tool, linked to a gateway node; returns
+/// it and the gateway's address.
+fn fresh_node(lab: &Lab, name: &str) -> Result<(bgp4mesh_lab::Node, String)> {
+    let node = lab.add_node(name)?;
+    let gateway = lab.add_node(&format!("{name}-gw"))?;
+    let (_, far) = lab.link(&node, &gateway)?;
+    Ok((node, far.ipv4.to_string()))
 }
 
-/// `bench fib`: ip -batch and bgp4mesh each install `routes` /24s via one
-/// gateway, in two tables of one namespace; prints seconds and the ratio.
+/// `bench fib`: `ip -batch`, BIRD's kernel protocol and bgp4mesh's FIB
+/// sync each install `routes` /24s via one gateway into the main table of
+/// a namespace of their own; prints seconds and the ratio to `ip -batch`.
 pub fn fib(routes: u32) -> Result<()> {
     let lab = Lab::new("bench-fib")?;
-    let node = lab.add_node("fib")?;
-    let gateway = lab.add_node("gateway")?;
-    let (_, far) = lab.link(&node, &gateway)?;
-    let gateway_address = far.ipv4.to_string();
+    println!(
+        "installing {routes} IPv4 routes via one gateway, each tool in a namespace of its own"
+    );
 
+    let (node, gateway) = fresh_node(&lab, "iproute2")?;
+    let before = main_table_prefixes(&lab, &node)?;
     let mut batch = String::with_capacity(routes as usize * 48);
     for n in 0..routes {
         batch.push_str(&format!(
-            "route add {} via {gateway_address} proto bgp table 100\n",
+            "route add {} via {gateway} proto bgp\n",
             prefix(n)
         ));
     }
     let file = lab.write_config(&node, "routes.batch", &batch)?;
-    println!("installing {routes} IPv4 routes via one gateway, each tool into its own table");
-
     let start = Instant::now();
     let out = lab.exec_full(
         &node,
@@ -62,27 +61,26 @@ pub fn fib(routes: u32) -> Result<()> {
         None,
         Duration::from_secs(1800),
     )?;
-    let ip_time = start.elapsed();
+    let ip_time = start.elapsed().as_secs_f64();
     ensure!(out.success(), "ip -batch failed: {}", out.stderr);
-    let ip_count = count_routes(&lab, &node, 100)?;
+    let ip_count = main_table_prefixes(&lab, &node)? - before;
 
+    let (node, gateway) = fresh_node(&lab, "bgp4mesh")?;
+    let before = main_table_prefixes(&lab, &node)?;
     let binary = std::env::current_exe()?;
-    let out = lab.exec_full(
-        &node,
-        &[
-            &binary.to_string_lossy(),
-            "bench",
-            "fib-worker",
-            "--routes",
-            &routes.to_string(),
-            "--table",
-            "101",
-            "--gateway",
-            &gateway_address,
-        ],
-        None,
-        Duration::from_secs(1800),
-    )?;
+    let (routes_arg, binary) = (routes.to_string(), binary.to_string_lossy().into_owned());
+    let worker = [
+        binary.as_str(),
+        "bench",
+        "fib-worker",
+        "--routes",
+        &routes_arg,
+        "--table",
+        "254",
+        "--gateway",
+        &gateway,
+    ];
+    let out = lab.exec_full(&node, &worker, None, Duration::from_secs(1800))?;
     ensure!(
         out.success(),
         "bgp4mesh worker failed: {}{}",
@@ -94,27 +92,73 @@ pub fn fib(routes: u32) -> Result<()> {
         .trim()
         .parse()
         .with_context(|| format!("worker said {:?}", out.stdout))?;
-    let our_count = count_routes(&lab, &node, 101)?;
+    let our_count = main_table_prefixes(&lab, &node)? - before;
 
+    let bird = match bgp4mesh_lab::find_binary("bird") {
+        Some(_) => Some(bird_kernel(&lab, routes)?),
+        None => {
+            println!("(BIRD not installed: its kernel protocol is not measured)");
+            None
+        }
+    };
+    let row = |tool: &str, count: usize, secs: f64| {
+        println!(
+            "{tool:<28} {count:>10} {secs:>10.2} {:>8.2}",
+            secs / ip_time
+        );
+    };
     println!(
         "{:<28} {:>10} {:>10} {:>8}",
         "tool", "routes", "seconds", "ratio"
     );
-    println!(
-        "{:<28} {:>10} {:>10.2} {:>8.2}",
-        "ip -batch (iproute2)",
-        ip_count,
-        ip_time.as_secs_f64(),
-        1.0
-    );
-    println!(
-        "{:<28} {:>10} {:>10.2} {:>8.2}",
-        "bgp4mesh kernel::Fib",
-        our_count,
-        ours,
-        ours / ip_time.as_secs_f64()
-    );
+    row("ip -batch (iproute2)", ip_count, ip_time);
+    if let Some((count, secs)) = bird {
+        row("BIRD 2 kernel protocol", count, secs);
+    }
+    row("bgp4mesh kernel::Fib", our_count, ours);
     Ok(())
+}
+
+/// Prefixes in the main table of `node`'s namespace, from
+/// /proc/net/fib_triestat (cheap to read at 1M routes).
+fn main_table_prefixes(lab: &Lab, node: &bgp4mesh_lab::Node) -> Result<usize> {
+    let stat = lab.exec(node, &["cat", "/proc/net/fib_triestat"])?;
+    let main = stat.split("Main:").nth(1).unwrap_or_default();
+    Ok(main
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Prefixes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// BIRD's kernel protocol exporting a static protocol of `routes` routes
+/// into the main table of a namespace of its own. The config is parsed with
+/// the static protocol disabled; the clock runs from `enable` until the
+/// kernel holds them all.
+fn bird_kernel(lab: &Lab, routes: u32) -> Result<(usize, f64)> {
+    let (node, gateway) = fresh_node(lab, "bird")?;
+    let before = main_table_prefixes(lab, &node)?;
+    let mut config = String::with_capacity(routes as usize * 48);
+    config.push_str("router id 10.255.255.1;\nprotocol device {}\n");
+    config.push_str("protocol kernel { ipv4 { export all; }; }\n");
+    config.push_str("protocol static bench { disabled; ipv4;\n");
+    for n in 0..routes {
+        config.push_str(&format!("  route {} via {gateway};\n", prefix(n)));
+    }
+    config.push_str("}\n");
+    let bird = bgp4mesh_lab::peers::Bird::start(lab, &node, &config)?;
+    let start = Instant::now();
+    bird.birdc("enable bench")?;
+    let expected = before + routes as usize;
+    let mut count = 0;
+    while start.elapsed() < Duration::from_secs(600) {
+        count = main_table_prefixes(lab, &node)?;
+        if count >= expected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((count.saturating_sub(before), start.elapsed().as_secs_f64()))
 }
 
 /// Runs inside the benchmark's namespace: installs the routes, prints the
