@@ -158,22 +158,19 @@ impl Fib {
             };
             requests.push((prefix, target, message));
         }
-        let handle = self.handle.clone();
-        let results: Vec<(IpNet, Option<Target>, Result<(), rtnetlink::Error>)> =
-            stream::iter(requests)
-                .map(|(prefix, target, message)| {
-                    let handle = handle.clone();
-                    async move {
-                        let result = match target {
-                            Some(_) => handle.route().add(message).replace().execute().await,
-                            None => handle.route().del(message).execute().await,
-                        };
-                        (prefix, target, result)
-                    }
-                })
-                .buffer_unordered(PIPELINE)
-                .collect()
-                .await;
+        let results = match tokio::task::spawn_blocking(move || send_batched(requests)).await {
+            Ok(Ok(results)) => results,
+            Ok(Err(e)) => {
+                tracing::warn!("kernel: netlink batch failed: {e}");
+                report.failed += 1;
+                return report;
+            }
+            Err(e) => {
+                tracing::warn!("kernel: netlink batch task failed: {e}");
+                report.failed += 1;
+                return report;
+            }
+        };
         for (prefix, target, result) in results {
             match (target, result) {
                 (Some(t), Ok(())) => {
@@ -184,13 +181,14 @@ impl Fib {
                     self.installed.remove(&prefix);
                     report.removed += 1;
                 }
-                (None, Err(e)) if is_no_such_route(&e) => {
+                (None, Err(errno)) if errno == ESRCH => {
                     self.installed.remove(&prefix);
                     report.removed += 1;
                 }
-                (t, Err(e)) => {
+                (t, Err(errno)) => {
                     let what = if t.is_some() { "install" } else { "remove" };
-                    tracing::warn!("kernel: cannot {what} {prefix}: {e}");
+                    let error = std::io::Error::from_raw_os_error(errno);
+                    tracing::warn!("kernel: cannot {what} {prefix}: {error}");
                     report.failed += 1;
                 }
             }
@@ -316,8 +314,86 @@ fn table_of(route: &RouteMessage) -> u32 {
         .unwrap_or(route.header.table as u32)
 }
 
-fn is_no_such_route(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -ESRCH)
+/// How many bytes of route messages go in one send.
+const BATCH_BYTES: usize = 64 * 1024;
+
+type Outcome = (IpNet, Option<Target>, Result<(), i32>);
+
+/// Sends route requests many to a send (like one `ip -batch` line each, but
+/// without waiting for each answer), asking for an acknowledgement only on
+/// the last of each send; the kernel still answers every failing request
+/// with its errno. Returns each request's outcome (`Err(errno)`).
+fn send_batched(requests: Vec<(IpNet, Option<Target>, RouteMessage)>) -> std::io::Result<Vec<Outcome>> {
+    use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    // Room for the error answers of a batch that fails as a whole.
+    let _ = socket.set_rx_buf_sz(8 * 1024 * 1024);
+
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(requests.len());
+    let mut send = Vec::with_capacity(BATCH_BYTES + 4096);
+    let mut receive = vec![0u8; 256 * 1024];
+    let mut requests = requests.into_iter().peekable();
+    let mut seq: u32 = 0;
+    while requests.peek().is_some() {
+        let first = outcomes.len();
+        let first_seq = seq.wrapping_add(1);
+        send.clear();
+        while let Some((prefix, target, message)) = requests.next_if(|_| send.len() < BATCH_BYTES) {
+            let add = target.is_some();
+            let payload = if add { RouteNetlinkMessage::NewRoute(message) } else { RouteNetlinkMessage::DelRoute(message) };
+            let mut packet = NetlinkMessage::from(payload);
+            seq = seq.wrapping_add(1);
+            packet.header.sequence_number = seq;
+            packet.header.flags = NLM_F_REQUEST | if add { NLM_F_CREATE | NLM_F_REPLACE } else { 0 };
+            // The last of the send asks for an ACK: its answer ends the wait.
+            if requests.peek().is_none() || send.len() + packet.buffer_len() >= BATCH_BYTES {
+                packet.header.flags |= NLM_F_ACK;
+            }
+            packet.finalize();
+            let start = send.len();
+            send.resize(start + packet.buffer_len(), 0);
+            packet.serialize(&mut send[start..]);
+            outcomes.push((prefix, target, Ok(())));
+            if packet.header.flags & NLM_F_ACK != 0 {
+                break;
+            }
+        }
+        let last_seq = seq;
+        socket.send(&send, 0)?;
+        // Answers: errors for failed requests, then the ACK of the last.
+        'answers: loop {
+            let n = socket.recv(&mut &mut receive[..], 0)?;
+            let mut offset = 0;
+            while offset + 16 <= n {
+                let len = u32::from_ne_bytes([receive[offset], receive[offset + 1], receive[offset + 2], receive[offset + 3]])
+                    as usize;
+                if len < 16 || offset + len > n {
+                    break;
+                }
+                if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..offset + len])
+                    && let NetlinkPayload::Error(error) = &message.payload
+                {
+                    let answer = message.header.sequence_number;
+                    let code = error.raw_code();
+                    if code != 0
+                        && let Some(outcome) = outcomes.get_mut(first + answer.wrapping_sub(first_seq) as usize)
+                    {
+                        outcome.2 = Err(-code);
+                    }
+                    if answer == last_seq {
+                        break 'answers;
+                    }
+                }
+                offset += len.next_multiple_of(4);
+            }
+        }
+    }
+    Ok(outcomes)
 }
 
 /// The kernel's answer for deleting a route that is not there.
