@@ -462,3 +462,47 @@ protocol bgp ours {{
     assert_eq!(ours.bgp_state("isp")?, SessionState::Established);
     Ok(())
 }
+
+/// One route of a batch that the kernel refuses (its gateway is on no
+/// network of ours) is reported by name and kept out of `in kernel`; the
+/// others of the same batch are installed.
+#[test]
+fn a_refused_route_is_reported_and_the_rest_installed() -> Result<()> {
+    if !can_run("a_refused_route_is_reported_and_the_rest_installed", &[]) {
+        return Ok(());
+    }
+    let lab = Lab::new("refused-route")?;
+    let (router, other) = (lab.add_node("router")?, lab.add_node("other")?);
+    let (_, o) = lab.link(&router, &other)?;
+    let ours = start_ours(
+        &lab,
+        &router,
+        65001,
+        "10.255.0.1",
+        &format!(
+            "[[bgp.static]]\nprefix = \"44.30.127.0/24\"\nvia = \"10.77.77.77\"\n\n\
+             [[bgp.static]]\nprefix = \"44.30.128.0/24\"\nvia = \"{}\"\n\n\
+             [[bgp.static]]\nprefix = \"44.30.129.0/24\"\nblackhole = true\n\n\
+             [kernel]\ninstall_static = true\n",
+            o.ipv4
+        ),
+    )?;
+    wait_until(SETTLE, "the two good routes in the kernel", || {
+        let out = lab.exec(&router, &["ip", "-4", "route", "show", "proto", "bgp"])?;
+        ensure!(
+            out.contains("44.30.128.0/24 via") && out.contains("blackhole 44.30.129.0/24"),
+            "{out}"
+        );
+        Ok(())
+    })?;
+    let out = lab.exec(&router, &["ip", "-4", "route", "show", "proto", "bgp"])?;
+    assert!(!out.contains("44.30.127.0/24"), "{out}");
+    wait_until(SETTLE, "the refusal in the log", || {
+        let log = lab.log_tail(ours.proc(), 40);
+        ensure!(log.contains("cannot install 44.30.127.0/24"), "{log}");
+        Ok(())
+    })?;
+    let shown = ours.cli(&["show", "route", "44.30.127.0/24", "--json"])?;
+    assert!(shown.contains("\"in_kernel\": false"), "{shown}");
+    Ok(())
+}

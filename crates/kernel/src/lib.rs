@@ -323,8 +323,12 @@ type Outcome = (IpNet, Option<Target>, Result<(), i32>);
 /// without waiting for each answer), asking for an acknowledgement only on
 /// the last of each send; the kernel still answers every failing request
 /// with its errno. Returns each request's outcome (`Err(errno)`).
-fn send_batched(requests: Vec<(IpNet, Option<Target>, RouteMessage)>) -> std::io::Result<Vec<Outcome>> {
-    use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+fn send_batched(
+    requests: Vec<(IpNet, Option<Target>, RouteMessage)>,
+) -> std::io::Result<Vec<Outcome>> {
+    use rtnetlink::packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    };
     use rtnetlink::packet_route::RouteNetlinkMessage;
     use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -345,11 +349,16 @@ fn send_batched(requests: Vec<(IpNet, Option<Target>, RouteMessage)>) -> std::io
         send.clear();
         while let Some((prefix, target, message)) = requests.next_if(|_| send.len() < BATCH_BYTES) {
             let add = target.is_some();
-            let payload = if add { RouteNetlinkMessage::NewRoute(message) } else { RouteNetlinkMessage::DelRoute(message) };
+            let payload = if add {
+                RouteNetlinkMessage::NewRoute(message)
+            } else {
+                RouteNetlinkMessage::DelRoute(message)
+            };
             let mut packet = NetlinkMessage::from(payload);
             seq = seq.wrapping_add(1);
             packet.header.sequence_number = seq;
-            packet.header.flags = NLM_F_REQUEST | if add { NLM_F_CREATE | NLM_F_REPLACE } else { 0 };
+            packet.header.flags =
+                NLM_F_REQUEST | if add { NLM_F_CREATE | NLM_F_REPLACE } else { 0 };
             // The last of the send asks for an ACK: its answer ends the wait.
             if requests.peek().is_none() || send.len() + packet.buffer_len() >= BATCH_BYTES {
                 packet.header.flags |= NLM_F_ACK;
@@ -370,18 +379,24 @@ fn send_batched(requests: Vec<(IpNet, Option<Target>, RouteMessage)>) -> std::io
             let n = socket.recv(&mut &mut receive[..], 0)?;
             let mut offset = 0;
             while offset + 16 <= n {
-                let len = u32::from_ne_bytes([receive[offset], receive[offset + 1], receive[offset + 2], receive[offset + 3]])
-                    as usize;
+                let len = u32::from_ne_bytes([
+                    receive[offset],
+                    receive[offset + 1],
+                    receive[offset + 2],
+                    receive[offset + 3],
+                ]) as usize;
                 if len < 16 || offset + len > n {
                     break;
                 }
-                if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..offset + len])
-                    && let NetlinkPayload::Error(error) = &message.payload
+                if let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
+                    &receive[offset..offset + len],
+                ) && let NetlinkPayload::Error(error) = &message.payload
                 {
                     let answer = message.header.sequence_number;
                     let code = error.raw_code();
                     if code != 0
-                        && let Some(outcome) = outcomes.get_mut(first + answer.wrapping_sub(first_seq) as usize)
+                        && let Some(outcome) =
+                            outcomes.get_mut(first + answer.wrapping_sub(first_seq) as usize)
                     {
                         outcome.2 = Err(-code);
                     }
