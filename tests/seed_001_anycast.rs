@@ -303,3 +303,155 @@ fn loss_window_when_a_server_loses_its_link() -> Result<()> {
 fn loss_window_when_a_server_goes_silent() -> Result<()> {
     loss_window(Death::Silent)
 }
+
+/// Seed 001 the other way round: the router is BIRD with the seed's router
+/// config (merge paths, BFD, graceful restart) and the servers are
+/// bgp4mesh. A frozen server (BFD) and a killed one (TCP close) each leave
+/// BIRD's ECMP route within a second.
+#[test]
+fn bird_router_with_bgp4mesh_servers() -> Result<()> {
+    if !can_run("bird_router_with_bgp4mesh_servers", &["bird", "birdc"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-001-bird-router")?;
+    let router = lab.add_node("router")?;
+    let (s5, s7) = (lab.add_node("server5")?, lab.add_node("server7")?);
+    let (r5, a5) = lab.link(&router, &s5)?;
+    let (r7, a7) = lab.link(&router, &s7)?;
+    let bird = Bird::start(
+        &lab,
+        &router,
+        &format!(
+            r#"
+router id 10.0.0.1;
+protocol device {{ scan time 10; }}
+protocol direct {{ disabled; }}
+protocol kernel {{
+    ipv4 {{ import none; export where source = RTS_BGP; }};
+    merge paths yes;
+}}
+protocol bgp bgp_server5 {{
+    local {r5} as 65001;
+    neighbor {a5} as 65000;
+    ipv4 {{ import all; export where source = RTS_BGP; }};
+    bfd graceful;
+    graceful restart on;
+    connect delay time 1; connect retry time 1; error wait time 1, 5;
+}}
+protocol bgp bgp_server7 {{
+    local {r7} as 65001;
+    neighbor {a7} as 65000;
+    ipv4 {{ import all; export where source = RTS_BGP; }};
+    bfd on;
+    graceful restart on;
+    connect delay time 1; connect retry time 1; error wait time 1, 5;
+}}
+protocol bfd {{
+    interface "*" {{ interval 100 ms; multiplier 5; }};
+    neighbor {a5};
+    neighbor {a7};
+}}
+"#,
+            r5 = r5.ipv4,
+            a5 = a5.ipv4,
+            r7 = r7.ipv4,
+            a7 = a7.ipv4
+        ),
+    )?;
+    let mut servers = Vec::new();
+    for (node, router_end, id) in [(&s5, &r5, "10.0.5.1"), (&s7, &r7, "10.0.7.1")] {
+        servers.push(start_ours(
+            &lab,
+            node,
+            65000,
+            id,
+            &format!(
+                "{}\n[[bgp.static]]\nprefix = \"192.168.20.0/24\"\nblackhole = true\n\n[policy.vip]\nrules = [ {{ match = {{ source = [\"static\"] }}, action = \"accept\" }} ]\n",
+                our_neighbor("bgp_router", router_end.ipv4.into(), 65001, "import = \"none\"\nexport = \"vip\"\nbfd = true")
+            ),
+        )?);
+    }
+    let via = |which: &[&Iface]| {
+        let mut gateways: Vec<String> = which.iter().map(|i| i.ipv4.to_string()).collect();
+        gateways.sort();
+        vec![("192.168.20.0/24".to_string(), gateways)]
+    };
+    wait_until(SETTLE, "BIRD's kernel route with both servers", || {
+        let v4 = kernel_routes_any(&lab, &router)?;
+        ensure!(v4 == via(&[&a5, &a7]), "{v4:?}");
+        Ok(())
+    })?;
+
+    wait_until(SETTLE, "BIRD's BFD sessions Up", || {
+        let sessions = bird.birdc("show bfd sessions")?;
+        ensure!(sessions.matches(" Up ").count() == 2, "{sessions}");
+        Ok(())
+    })?;
+    // Freeze server5's bgp4mesh: BIRD's BFD notices.
+    lab.signal(servers[0].proc(), libc::SIGSTOP)?;
+    let frozen = Instant::now();
+    wait_until(
+        Duration::from_secs(5),
+        "server5 out of BIRD's route",
+        || {
+            let v4 = kernel_routes_any(&lab, &router)?;
+            ensure!(v4 == via(&[&a7]), "{v4:?}");
+            Ok(())
+        },
+    )?;
+    let took = frozen.elapsed();
+    eprintln!("failover: BIRD dropped frozen bgp4mesh server5 {took:?} after SIGSTOP (BFD)");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    lab.signal(servers[0].proc(), libc::SIGCONT)?;
+    wait_until(SETTLE, "server5 back", || {
+        let v4 = kernel_routes_any(&lab, &router)?;
+        ensure!(v4 == via(&[&a5, &a7]), "{v4:?}");
+        Ok(())
+    })?;
+
+    // Kill server7's bgp4mesh: its TCP session closes.
+    lab.signal(servers[1].proc(), libc::SIGKILL)?;
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(5),
+        "server7 out of BIRD's route",
+        || {
+            let v4 = kernel_routes_any(&lab, &router)?;
+            ensure!(v4 == via(&[&a5]), "{v4:?}");
+            Ok(())
+        },
+    )?;
+    let took = killed.elapsed();
+    eprintln!("failover: BIRD dropped killed bgp4mesh server7 {took:?} after kill -9");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    Ok(())
+}
+
+/// Routes of any protocol but the kernel's own in `node`'s main table,
+/// as `kernel_routes` gives them (BIRD installs with `proto bird`).
+fn kernel_routes_any(lab: &Lab, node: &Node) -> Result<Vec<(String, Vec<String>)>> {
+    let out = lab.exec(node, &["ip", "-j", "-4", "route", "show", "proto", "bird"])?;
+    let json: serde_json::Value =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
+    Ok(json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let dst = r["dst"].as_str().unwrap_or_default().to_string();
+            let mut gateways: Vec<String> = match r["nexthops"].as_array() {
+                Some(hops) => hops
+                    .iter()
+                    .filter_map(|h| h["gateway"].as_str().map(str::to_string))
+                    .collect(),
+                None => r["gateway"]
+                    .as_str()
+                    .map(str::to_string)
+                    .into_iter()
+                    .collect(),
+            };
+            gateways.sort();
+            (dst, gateways)
+        })
+        .collect())
+}
