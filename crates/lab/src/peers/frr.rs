@@ -22,44 +22,85 @@ impl<'lab> Frr<'lab> {
     /// Starts `bgpd -Z` in `node` with `config` (frr.conf syntax, `router bgp`
     /// section) and waits until vtysh reaches it.
     pub fn start(lab: &'lab Lab, node: &Node, config: &str) -> Result<Frr<'lab>> {
-        let bgpd = require_binary("bgpd")?;
+        Self::start_daemon(lab, node, "bgpd", config)
+    }
+
+    /// Starts another FRR daemon standalone (`bfdd` for BFD), with its own
+    /// config, reachable through the same vtysh.
+    pub fn start_daemon(
+        lab: &'lab Lab,
+        node: &Node,
+        daemon: &str,
+        config: &str,
+    ) -> Result<Frr<'lab>> {
+        let binary = require_binary(daemon)?;
         require_binary("vtysh")?;
-        let config_path = lab.write_config(node, "bgpd.conf", config)?;
+        let config_path = lab.write_config(node, &format!("{daemon}.conf"), config)?;
         let vty_dir = lab.run_dir(node)?;
-        let pid_file = vty_dir.join("bgpd.pid");
-        let proc = lab.spawn(
-            node,
-            "bgpd",
-            &[
-                &bgpd.to_string_lossy(),
-                "-Z",
-                "-S",
-                "-f",
-                &config_path.to_string_lossy(),
-                "-i",
-                &pid_file.to_string_lossy(),
-                "--vty_socket",
-                &vty_dir.to_string_lossy(),
-                "-A",
-                "127.0.0.1",
-                "-P",
-                "0",
-                "--log",
-                "stdout",
-            ],
-        )?;
+        let pid_file = vty_dir.join(format!("{daemon}.pid"));
+        let binary = binary.to_string_lossy().into_owned();
+        let (config_arg, pid_arg, dir_arg) = (
+            config_path.to_string_lossy().into_owned(),
+            pid_file.to_string_lossy().into_owned(),
+            vty_dir.to_string_lossy().into_owned(),
+        );
+        let mut args = vec![binary.as_str()];
+        if daemon == "bgpd" {
+            args.push("-Z");
+        }
+        let control = vty_dir
+            .join(format!("{daemon}.ctl"))
+            .to_string_lossy()
+            .into_owned();
+        if daemon == "bfdd" {
+            args.extend(["--bfdctl", control.as_str()]);
+        }
+        // bgpd skips its user switch with -S; the others run as root.
+        if daemon == "bgpd" {
+            args.push("-S");
+        } else {
+            // Its own user, a member of frrvty as FRR insists; it writes its
+            // vty socket and pid file into our run directory.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&vty_dir, std::fs::Permissions::from_mode(0o777))?;
+            args.extend(["-u", "frr", "-g", "frr"]);
+        }
+        args.extend([
+            "-f",
+            &config_arg,
+            "-i",
+            &pid_arg,
+            "--vty_socket",
+            &dir_arg,
+            "-A",
+            "127.0.0.1",
+            "-P",
+            "0",
+            "--log",
+            "stdout",
+        ]);
+        let proc = lab.spawn(node, daemon, &args)?;
         let this = Frr {
             lab,
             node: node.clone(),
             vty_dir,
             proc,
         };
-        wait_until(Duration::from_secs(10), "FRR bgpd's vty", || {
-            if !lab.is_running(&this.proc) {
-                bail!("bgpd exited: {}", lab.log_tail(&this.proc, 20));
-            }
-            this.show_json("show bgp summary json").map(|_| ())
-        })?;
+        let probe = if daemon == "bgpd" {
+            "show bgp summary json"
+        } else {
+            "show bfd peers json"
+        };
+        wait_until(
+            Duration::from_secs(10),
+            &format!("FRR {daemon}'s vty"),
+            || {
+                if !lab.is_running(&this.proc) {
+                    bail!("{daemon} exited: {}", lab.log_tail(&this.proc, 20));
+                }
+                this.show_json(probe).map(|_| ())
+            },
+        )?;
         Ok(this)
     }
 
