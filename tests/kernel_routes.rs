@@ -506,3 +506,109 @@ fn a_refused_route_is_reported_and_the_rest_installed() -> Result<()> {
     assert!(shown.contains("\"in_kernel\": false"), "{shown}");
     Ok(())
 }
+
+/// Graceful restart (RFC 4724), bgp4mesh restarting: killed, its kernel
+/// routes stay and BIRD (helper) keeps its announcement; started again, it
+/// keeps the old routes, tells BIRD it kept its forwarding state (R and F
+/// bits), and at BIRD's End-of-RIB drops only the route BIRD no longer
+/// sends. Neither side's routes ever go missing.
+#[test]
+fn graceful_restart_of_bgp4mesh_itself() -> Result<()> {
+    if !can_run("graceful_restart_of_bgp4mesh_itself", &["bird", "birdc"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-graceful-restart")?;
+    let (router, isp) = (lab.add_node("router")?, lab.add_node("isp")?);
+    let (r, i) = lab.link(&router, &isp)?;
+    let body = format!(
+        "{}\n[[bgp.static]]\nprefix = \"44.30.127.0/24\"\nblackhole = true\n",
+        our_neighbor(
+            "isp",
+            i.ipv4.into(),
+            65000,
+            "import = \"all\"\nexport = \"all\"\ngraceful_restart = true"
+        )
+    );
+    let ours = start_ours(&lab, &router, 65001, "10.255.0.1", &body)?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &format!(
+            r#"
+router id 10.255.1.1;
+protocol device {{}}
+protocol static origin {{ ipv4; route 198.51.100.0/24 blackhole; route 203.0.113.0/24 blackhole; }}
+protocol bgp ours {{
+  local {i} as 65000;
+  neighbor {r} as 65001;
+  graceful restart on;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import all; export where source = RTS_STATIC; }};
+}}
+"#,
+            i = i.ipv4,
+            r = r.ipv4
+        ),
+    )?;
+    wait_until(
+        SETTLE,
+        "both of BIRD's routes in our kernel and ours at BIRD",
+        || {
+            ensure!(
+                kernel_routes(&lab, &router, false)?.len() == 2,
+                "kernel: not yet"
+            );
+            ensure!(
+                bird.routes()?.iter().any(|r| r.prefix == "44.30.127.0/24"),
+                "BIRD: not yet"
+            );
+            Ok(())
+        },
+    )?;
+
+    lab.signal(ours.proc(), libc::SIGKILL)?;
+    // While we are gone, BIRD stops announcing 203.0.113.0/24.
+    let config = std::fs::read_to_string(lab.log_dir().join("isp").join("bird.conf"))?;
+    bird.reconfigure(&config.replace(" route 203.0.113.0/24 blackhole;", ""))?;
+    let check = |what: &str| -> Result<()> {
+        let v4 = kernel_routes(&lab, &router, false)?;
+        ensure!(
+            v4.iter().any(|(p, _)| p == "198.51.100.0/24"),
+            "{what}: our kernel lost 198.51.100.0/24: {v4:?}"
+        );
+        ensure!(
+            bird.routes()?.iter().any(|r| r.prefix == "44.30.127.0/24"),
+            "{what}: BIRD lost our route"
+        );
+        Ok(())
+    };
+    for _ in 0..10 {
+        check("while we are down")?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let again = start_ours(&lab, &router, 65001, "10.255.0.1", &body)?;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        check("while we restart")?;
+        let v4 = kernel_routes(&lab, &router, false)?;
+        if v4 == vec![("198.51.100.0/24".to_string(), vec![i.ipv4.to_string()])] {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "the stale 203.0.113.0/24 never went: {v4:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = lab.log_tail(again.proc(), 60);
+    assert!(
+        log.contains("keeping 2 routes of the previous run"),
+        "{log}"
+    );
+    assert!(
+        log.contains("graceful restart over (every neighbour sent End-of-RIB)"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         extended_message: true,
         extended_next_hop: true,
         graceful_restart: Some(120),
+        restarting: false,
     };
     let mut session = Session::new(config, now);
     session.start(now);

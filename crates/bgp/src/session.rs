@@ -59,6 +59,9 @@ pub struct SessionConfig {
     /// keep a restarting neighbour's routes (helper). Forwarding state is
     /// not claimed as preserved across our own restarts.
     pub graceful_restart: Option<u16>,
+    /// We restarted keeping our forwarding state: the graceful restart
+    /// capability says so (R bit, F bit per family).
+    pub restarting: bool,
 }
 
 impl SessionConfig {
@@ -391,11 +394,17 @@ impl Session {
             )]));
         }
         if let Some(restart_time) = self.config.graceful_restart {
+            let restarting = self.config.restarting;
             caps.push(Capability::GracefulRestart(crate::wire::GracefulRestart {
-                restarting: false,
+                restarting,
                 notification: false,
                 restart_time: restart_time.min(4095),
-                families: self.config.families.iter().map(|f| (*f, false)).collect(),
+                families: self
+                    .config
+                    .families
+                    .iter()
+                    .map(|f| (*f, restarting))
+                    .collect(),
             }));
         }
         Open::new(
@@ -796,6 +805,7 @@ mod tests {
             extended_message: true,
             extended_next_hop: false,
             graceful_restart: None,
+            restarting: false,
         }
     }
 

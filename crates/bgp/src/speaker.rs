@@ -127,6 +127,7 @@ impl NeighborConfig {
             extended_message: self.extended_message,
             extended_next_hop: self.extended_next_hop,
             graceful_restart: self.graceful_restart.then_some(self.restart_time),
+            restarting: false,
         }
     }
 }
@@ -195,6 +196,12 @@ pub enum Event {
     WatchNextHop(IpAddr),
     /// No path uses this next hop any more.
     UnwatchNextHop(IpAddr),
+    /// The neighbour finished its initial (or refreshed) announcements of
+    /// this family.
+    EndOfRib {
+        neighbor: NeighborId,
+        family: Family,
+    },
     Log {
         neighbor: Option<NeighborId>,
         level: Level,
@@ -580,6 +587,20 @@ impl Speaker {
         self.drain_sessions(now);
     }
 
+    /// We restarted with our forwarding state (kernel routes) kept: the
+    /// next OPEN to each graceful-restart neighbour says so (R and F bits),
+    /// so it keeps our routes until our End-of-RIB. Cleared per neighbour
+    /// once its session is up.
+    pub fn set_restarting(&mut self) {
+        for n in &mut self.neighbors {
+            if n.config.graceful_restart {
+                let mut config = n.session.config().clone();
+                config.restarting = true;
+                n.session.set_config(config);
+            }
+        }
+    }
+
     /// BFD declared the path to this neighbour down: the session goes at
     /// once instead of waiting for its hold timer.
     pub fn bfd_down(&mut self, now: Instant, neighbor: NeighborId) {
@@ -917,6 +938,11 @@ impl Speaker {
             }
         }
         let n = &mut self.neighbors[id];
+        if n.session.config().restarting {
+            let mut config = n.session.config().clone();
+            config.restarting = false;
+            n.session.set_config(config);
+        }
         n.local_address = n
             .session
             .established_conn()
@@ -1063,6 +1089,10 @@ impl Speaker {
         // End-of-RIB after a graceful restart: what was not refreshed goes.
         if let Some(family) = update.end_of_rib() {
             self.flush_gr_stale(id, Some(family));
+            self.events.push_back(Event::EndOfRib {
+                neighbor: id,
+                family,
+            });
             return;
         }
         let negotiated_families = self.neighbors[id]

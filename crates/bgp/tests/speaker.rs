@@ -174,7 +174,7 @@ impl Net {
             Event::UnwatchNextHop(addr) => {
                 self.watched[s].remove(&addr);
             }
-            Event::Log { .. } => {}
+            Event::EndOfRib { .. } | Event::Log { .. } => {}
         }
     }
 

@@ -67,6 +67,9 @@ pub struct Fib {
     handle: Handle,
     config: FibConfig,
     installed: HashMap<IpNet, Target>,
+    /// Routes a previous run left, kept through a graceful restart until
+    /// `flush_stale` (those installed again stop being stale).
+    stale: std::collections::HashSet<IpNet>,
     ifindex: HashMap<String, u32>,
 }
 
@@ -81,6 +84,7 @@ impl Fib {
             handle,
             config,
             installed: HashMap::new(),
+            stale: Default::default(),
             ifindex: HashMap::new(),
         })
     }
@@ -92,6 +96,44 @@ impl Fib {
     /// Routes this process installed, by prefix.
     pub fn installed(&self) -> &HashMap<IpNet, Target> {
         &self.installed
+    }
+
+    /// Takes over the `proto bgp` routes a previous run left in our table
+    /// without touching them (graceful restart: forwarding goes on). They
+    /// stay until installed again or `flush_stale`. Returns how many.
+    pub async fn adopt_stale(&mut self) -> Result<usize> {
+        let routes = self.list_ours().await?;
+        self.stale = routes.iter().filter_map(route_prefix).collect();
+        Ok(self.stale.len())
+    }
+
+    /// Deletes the adopted routes that were not installed again.
+    pub async fn flush_stale(&mut self) -> ApplyReport {
+        let stale: Vec<(IpNet, Option<Target>)> = self.stale.iter().map(|p| (*p, None)).collect();
+        self.apply(stale).await
+    }
+
+    async fn list_ours(&self) -> Result<Vec<RouteMessage>> {
+        let mut ours = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let message = match version {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            };
+            let mut routes = self.handle.route().get(message).execute();
+            while let Some(route) = routes
+                .try_next()
+                .await
+                .context("cannot list kernel routes")?
+            {
+                if route.header.protocol == RouteProtocol::Bgp
+                    && table_of(&route) == self.config.table
+                {
+                    ours.push(route);
+                }
+            }
+        }
+        Ok(ours)
     }
 
     /// Deletes every `proto bgp` route in our table: what a previous run
@@ -137,7 +179,10 @@ impl Fib {
         let mut requests: Vec<(IpNet, Option<Target>, RouteMessage)> =
             Vec::with_capacity(changes.len());
         for (prefix, target) in changes {
-            if self.installed.get(&prefix) == target.as_ref() {
+            // Nothing to do, unless it is a stale route of a previous run
+            // to remove (never in `installed`).
+            let stale_removal = target.is_none() && self.stale.contains(&prefix);
+            if self.installed.get(&prefix) == target.as_ref() && !stale_removal {
                 continue;
             }
             let message = match &target {
@@ -150,7 +195,7 @@ impl Fib {
                     }
                 },
                 None => {
-                    if !self.installed.contains_key(&prefix) {
+                    if !self.installed.contains_key(&prefix) && !self.stale.contains(&prefix) {
                         continue;
                     }
                     self.delete_message(prefix)
@@ -172,6 +217,9 @@ impl Fib {
             }
         };
         for (prefix, target, result) in results {
+            if result.is_ok() || target.is_none() {
+                self.stale.remove(&prefix);
+            }
             match (target, result) {
                 (Some(t), Ok(())) => {
                     self.installed.insert(prefix, t);
@@ -292,6 +340,21 @@ impl Fib {
         }
         Ok(message)
     }
+}
+
+/// The destination of a route message.
+fn route_prefix(route: &RouteMessage) -> Option<IpNet> {
+    let len = route.header.destination_prefix_length;
+    let addr = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route_address(d),
+        _ => None,
+    });
+    let addr = addr.or(match route.header.address_family {
+        AddressFamily::Inet if len == 0 => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        AddressFamily::Inet6 if len == 0 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        _ => None,
+    })?;
+    IpNet::new(addr, len).ok()
 }
 
 fn set_table(message: &mut RouteMessage, table: u32) {

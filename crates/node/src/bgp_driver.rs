@@ -100,7 +100,7 @@ pub struct ControlCall {
 
 /// Where best-route changes go: the kernel, as a prefix and what it
 /// should do (None: remove).
-pub type RouteSink = Box<dyn FnMut(IpNet, Option<Target>) + Send>;
+pub type RouteSink = Box<dyn FnMut(crate::kernel_sync::KernelCommand) + Send>;
 
 pub struct BgpDriver {
     speaker: Speaker,
@@ -116,6 +116,12 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
+    /// A graceful restart of ours in progress: the (neighbour, family)
+    /// End-of-RIBs still awaited, and when we stop waiting.
+    restart: Option<(
+        std::collections::HashSet<(String, bgp4mesh_bgp::wire::Family)>,
+        Instant,
+    )>,
     /// What the kernel module says it installed.
     in_kernel: Option<crate::kernel_sync::InKernel>,
     /// BFD sessions with the neighbours that have `bfd = true`.
@@ -262,6 +268,7 @@ impl BgpDriver {
             listener_sockets,
             bfd: bgp4mesh_bfd::Bfd::new(),
             in_kernel: None,
+            restart: None,
             bfd_tx: [None, None],
             install_static: false,
             resolver: match Resolver::connect() {
@@ -277,6 +284,44 @@ impl BgpDriver {
             .sync_bfd(Instant::now())
             .map_err(|e| anyhow::anyhow!("bfd: {e}"))?;
         Ok(driver)
+    }
+
+    /// We restarted with the previous run's kernel routes kept: tell the
+    /// graceful-restart neighbours (R and F bits), and keep the old routes
+    /// until each has sent its End-of-RIB, or its restart time passes.
+    pub fn begin_graceful_restart(&mut self, now: Instant) {
+        let mut waiting = std::collections::HashSet::new();
+        let mut longest = 0u16;
+        for n in self
+            .config
+            .speaker
+            .neighbors
+            .iter()
+            .filter(|n| n.graceful_restart && n.enabled)
+        {
+            longest = longest.max(n.restart_time);
+            for family in &n.families {
+                waiting.insert((n.name.clone(), *family));
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        self.speaker.set_restarting();
+        self.restart = Some((
+            waiting,
+            now + std::time::Duration::from_secs(u64::from(longest)),
+        ));
+    }
+
+    /// The graceful restart is over: the kernel drops what was not learnt again.
+    fn end_graceful_restart(&mut self, why: &str) {
+        if self.restart.take().is_some() {
+            tracing::info!("graceful restart over ({why})");
+            if let Some(sink) = self.route_sink.as_mut() {
+                sink(crate::kernel_sync::KernelCommand::FlushStale);
+            }
+        }
     }
 
     fn bfd_timers(&self) -> bgp4mesh_bfd::SessionConfig {
@@ -402,11 +447,22 @@ impl BgpDriver {
         let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
             self.bfd_io(Instant::now());
+            if self
+                .restart
+                .as_ref()
+                .is_some_and(|(_, deadline)| *deadline <= Instant::now())
+            {
+                self.end_graceful_restart("restart time passed");
+            }
             self.carry_out_events();
-            let deadline = [self.speaker.poll_timeout(), self.bfd.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
+            let deadline = [
+                self.speaker.poll_timeout(),
+                self.bfd.poll_timeout(),
+                self.restart.as_ref().map(|r| r.1),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -690,7 +746,7 @@ impl BgpDriver {
                 let target =
                     kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
                 if let Some(sink) = self.route_sink.as_mut() {
-                    sink(prefix, target);
+                    sink(crate::kernel_sync::KernelCommand::Route(prefix, target));
                 }
             }
         }
@@ -767,6 +823,15 @@ impl BgpDriver {
                         c.close();
                     }
                 }
+                Event::EndOfRib { neighbor, family } => {
+                    let name = self.speaker.neighbor_name(neighbor).to_string();
+                    if let Some((waiting, _)) = self.restart.as_mut() {
+                        waiting.remove(&(name, family));
+                        if waiting.is_empty() {
+                            self.end_graceful_restart("every neighbour sent End-of-RIB");
+                        }
+                    }
+                }
                 Event::WatchNextHop(addr) => {
                     self.next_hops.insert(addr, None);
                     self.resolve(vec![addr]);
@@ -778,7 +843,10 @@ impl BgpDriver {
                     let target =
                         kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
                     if let Some(sink) = self.route_sink.as_mut() {
-                        sink(change.prefix, target);
+                        sink(crate::kernel_sync::KernelCommand::Route(
+                            change.prefix,
+                            target,
+                        ));
                     }
                 }
                 Event::Log {

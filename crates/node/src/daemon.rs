@@ -32,11 +32,19 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     };
     let kernel = match (&mut driver, config.kernel.enabled) {
         (Some(driver), true) => {
-            let (routes, task, in_kernel) = kernel_sync::start(&config.kernel).await?;
+            let graceful = config
+                .bgp
+                .as_ref()
+                .is_some_and(|b| b.speaker.neighbors.iter().any(|n| n.graceful_restart));
+            let (routes, task, in_kernel, adopted) =
+                kernel_sync::start(&config.kernel, graceful).await?;
+            if adopted > 0 {
+                driver.begin_graceful_restart(std::time::Instant::now());
+            }
             let sink_routes = routes.clone();
             driver.set_route_sink(
-                Box::new(move |prefix, target| {
-                    let _ = sink_routes.send((prefix, target));
+                Box::new(move |command| {
+                    let _ = sink_routes.send(command);
                 }),
                 config.kernel.install_static,
                 Some(in_kernel),
