@@ -384,3 +384,62 @@ fn connected_networks_are_originated_and_follow_the_interfaces() -> Result<()> {
     wait_no_route("BIRD", "44.30.127.1/32", || bird.routes())?;
     Ok(())
 }
+
+/// `[kernel] learn = true` takes routes others put in the kernel (`ip route
+/// add`) into BGP as `source = ["kernel"]`; a deleted one is withdrawn.
+#[test]
+fn kernel_routes_are_learnt_and_follow_the_table() -> Result<()> {
+    if !can_run(
+        "kernel_routes_are_learnt_and_follow_the_table",
+        &["bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("kernel-learn")?;
+    let (border, isp, lan) = (
+        lab.add_node("border")?,
+        lab.add_node("isp")?,
+        lab.add_node("lan")?,
+    );
+    let (b, i) = lab.link(&border, &isp)?;
+    let (_, l) = lab.link(&border, &lan)?;
+    let _ours = start_ours(
+        &lab,
+        &border,
+        65000,
+        "10.255.0.1",
+        &format!(
+            "{}\n[kernel]\nlearn = true\n\n[policy.learnt]\nrules = [ {{ match = {{ source = [\"kernel\"] }}, action = \"accept\" }} ]\n",
+            our_neighbor(
+                "isp",
+                i.ipv4.into(),
+                65001,
+                "import = \"none\"\nexport = \"learnt\""
+            )
+        ),
+    )?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &bird_peer(
+            "10.255.1.1",
+            65001,
+            &i.ipv4.to_string(),
+            &b.ipv4.to_string(),
+            65000,
+            "",
+        ),
+    )?;
+    lab.add_route(&border, &["203.0.113.0/24", "via", &l.ipv4.to_string()])?;
+    let route = wait_route("BIRD", "203.0.113.0/24", || bird.routes())?;
+    assert_eq!(route.as_path, vec![65000]);
+    let o = b.ipv4.octets();
+    let link = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    assert!(
+        bird.routes()?.iter().all(|r| r.prefix != link),
+        "interface routes are not learnt"
+    );
+    lab.exec(&border, &["ip", "route", "del", "203.0.113.0/24"])?;
+    wait_no_route("BIRD", "203.0.113.0/24", || bird.routes())?;
+    Ok(())
+}

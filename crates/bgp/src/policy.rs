@@ -262,6 +262,8 @@ pub enum RouteSource {
     Connected,
     /// Learnt from a BGP neighbour.
     Bgp,
+    /// Learnt from the kernel's routing table (`[kernel] learn`).
+    Kernel,
 }
 
 impl fmt::Display for RouteSource {
@@ -270,6 +272,7 @@ impl fmt::Display for RouteSource {
             RouteSource::Static => "static",
             RouteSource::Connected => "connected",
             RouteSource::Bgp => "bgp",
+            RouteSource::Kernel => "kernel",
         })
     }
 }
@@ -277,14 +280,15 @@ impl fmt::Display for RouteSource {
 impl FromStr for RouteSource {
     type Err = ParseError;
 
-    /// `static`, `connected` or `bgp`.
+    /// `static`, `connected`, `bgp` or `kernel`.
     fn from_str(text: &str) -> Result<Self, ParseError> {
         match text.trim() {
             "static" => Ok(RouteSource::Static),
             "connected" => Ok(RouteSource::Connected),
             "bgp" => Ok(RouteSource::Bgp),
+            "kernel" => Ok(RouteSource::Kernel),
             _ => Err(ParseError(format!(
-                "invalid route source `{text}`: expected static, connected or bgp"
+                "invalid route source `{text}`: expected static, connected, bgp or kernel"
             ))),
         }
     }

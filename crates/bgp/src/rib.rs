@@ -70,12 +70,22 @@ pub enum PathSource {
     Static(u32),
     /// A prefix of one of our interfaces.
     Connected,
+    /// A route learnt from the kernel's table (`[kernel] learn`).
+    Kernel,
     Neighbor(NeighborId),
 }
 
 impl PathSource {
+    /// Originated by this router (announced with our own next hop).
     pub fn is_local(self) -> bool {
         !matches!(self, PathSource::Neighbor(_))
+    }
+
+    /// Preferred over anything learnt by BGP, like a better administrative
+    /// distance: our static routes and interfaces, not routes merely seen
+    /// in the kernel (BIRD likewise ranks its kernel protocol below BGP).
+    fn preferred(self) -> bool {
+        matches!(self, PathSource::Static(_) | PathSource::Connected)
     }
 }
 
@@ -320,8 +330,8 @@ fn compare_up_to_igp(
     let (ia, ib) = (info(a), info(b));
     // Our own routes first (like a higher administrative preference).
     b.source
-        .is_local()
-        .cmp(&a.source.is_local())
+        .preferred()
+        .cmp(&a.source.preferred())
         .then_with(|| local_pref(b).cmp(&local_pref(a)))
         .then_with(|| {
             a.attrs

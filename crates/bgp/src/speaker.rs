@@ -279,6 +279,8 @@ pub struct Speaker {
     next_hops: HashMap<IpAddr, WatchedNextHop>,
     /// Networks of our interfaces we originate.
     connected: HashSet<IpNet>,
+    /// Routes learnt from the kernel, with their gateway.
+    kernel_routes: HashMap<IpNet, Option<IpAddr>>,
     /// Interned attribute sets above which unused ones are dropped.
     gc_at: usize,
 }
@@ -345,6 +347,7 @@ fn route_source(source: PathSource) -> RouteSource {
     match source {
         PathSource::Static(_) => RouteSource::Static,
         PathSource::Connected => RouteSource::Connected,
+        PathSource::Kernel => RouteSource::Kernel,
         PathSource::Neighbor(_) => RouteSource::Bgp,
     }
 }
@@ -366,6 +369,7 @@ impl Speaker {
             events: VecDeque::new(),
             next_hops: HashMap::new(),
             connected: HashSet::new(),
+            kernel_routes: HashMap::new(),
             gc_at: 4096,
         }
     }
@@ -1385,6 +1389,46 @@ impl Speaker {
         for prefix in new {
             self.connected.insert(prefix);
             self.rib_update(prefix, PathSource::Connected, Some(attrs.clone()));
+        }
+        self.flush();
+        self.drain_sessions(now);
+    }
+
+    /// Routes learnt from the kernel's table (`[kernel] learn`): prefix and
+    /// gateway. New ones are originated, missing or changed ones updated.
+    pub fn set_kernel_routes(&mut self, now: Instant, routes: &[(IpNet, Option<IpAddr>)]) {
+        let wanted: HashMap<IpNet, Option<IpAddr>> = routes.iter().copied().collect();
+        if wanted == self.kernel_routes {
+            return;
+        }
+        let gone: Vec<IpNet> = self
+            .kernel_routes
+            .keys()
+            .filter(|p| !wanted.contains_key(p))
+            .copied()
+            .collect();
+        for prefix in gone {
+            self.kernel_routes.remove(&prefix);
+            self.rib_update(prefix, PathSource::Kernel, None);
+        }
+        for (prefix, gateway) in wanted {
+            if self.kernel_routes.get(&prefix) == Some(&gateway) {
+                continue;
+            }
+            let next_hop = gateway.map(|g| match g {
+                IpAddr::V4(a) => NextHop::V4(a),
+                IpAddr::V6(a) => NextHop::V6 {
+                    global: a,
+                    link_local: None,
+                },
+            });
+            let attrs = self.interner.intern(PathAttributes {
+                origin: Origin::Incomplete,
+                next_hop,
+                ..PathAttributes::default()
+            });
+            self.kernel_routes.insert(prefix, gateway);
+            self.rib_update(prefix, PathSource::Kernel, Some(attrs));
         }
         self.flush();
         self.drain_sessions(now);

@@ -686,3 +686,49 @@ pub fn watch_changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     });
     Ok(rx)
 }
+
+impl Resolver {
+    /// Routes of `table` put there by others (`ip route add`, static
+    /// configuration, other daemons), for `[kernel] learn`: not ours
+    /// (`proto bgp`) nor the kernel's own for interface addresses.
+    pub async fn learn_routes(&self, table: u32) -> Result<Vec<(IpNet, Option<IpAddr>)>> {
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let message = match version {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            };
+            let mut routes = self.handle.route().get(message).execute();
+            while let Some(route) = routes
+                .try_next()
+                .await
+                .context("cannot list kernel routes")?
+            {
+                let foreign = !matches!(
+                    route.header.protocol,
+                    RouteProtocol::Bgp | RouteProtocol::Kernel
+                );
+                if !foreign || route.header.kind != RouteType::Unicast || table_of(&route) != table
+                {
+                    continue;
+                }
+                let Some(prefix) = route_prefix(&route) else {
+                    continue;
+                };
+                if prefix.addr().is_ipv6()
+                    && matches!(prefix, IpNet::V6(p) if p.network().is_unicast_link_local() || p.network().is_multicast())
+                {
+                    continue;
+                }
+                let gateway = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(g) => route_address(g),
+                    _ => None,
+                });
+                out.push((prefix, gateway));
+            }
+        }
+        out.sort();
+        out.dedup_by_key(|(p, _)| *p);
+        Ok(out)
+    }
+}

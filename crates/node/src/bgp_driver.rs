@@ -50,6 +50,9 @@ enum Inbound {
     Interfaces {
         prefixes: Vec<IpNet>,
     },
+    KernelRoutes {
+        routes: Vec<(IpNet, Option<IpAddr>)>,
+    },
     BfdPacket {
         from: IpAddr,
         bytes: Vec<u8>,
@@ -122,6 +125,8 @@ pub struct BgpDriver {
         std::collections::HashSet<(String, bgp4mesh_bgp::wire::Family)>,
         Instant,
     )>,
+    /// The table whose foreign routes we learn, when `[kernel] learn`.
+    learn_table: Option<u32>,
     /// What the kernel module says it installed.
     in_kernel: Option<crate::kernel_sync::InKernel>,
     /// BFD sessions with the neighbours that have `bfd = true`.
@@ -145,7 +150,7 @@ fn kernel_target(
 ) -> Option<Target> {
     let best = change.best.as_ref()?;
     match best.source {
-        PathSource::Connected => None,
+        PathSource::Connected | PathSource::Kernel => None,
         PathSource::Static(id) if install_static => Some(match &speaker.static_route(id)?.kind {
             StaticKind::Blackhole => Target::Blackhole,
             StaticKind::Unreachable => Target::Unreachable,
@@ -269,6 +274,7 @@ impl BgpDriver {
             bfd: bgp4mesh_bfd::Bfd::new(),
             in_kernel: None,
             restart: None,
+            learn_table: None,
             bfd_tx: [None, None],
             install_static: false,
             resolver: match Resolver::connect() {
@@ -660,6 +666,7 @@ impl BgpDriver {
             }
             Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
             Inbound::Interfaces { prefixes } => self.speaker.set_connected(now, &prefixes),
+            Inbound::KernelRoutes { routes } => self.speaker.set_kernel_routes(now, &routes),
             Inbound::BfdPacket { from, bytes } => {
                 if let Err(why) = self.bfd.receive(now, from, &bytes) {
                     tracing::debug!("BFD packet from {from} discarded: {why}");
@@ -688,11 +695,28 @@ impl BgpDriver {
         });
     }
 
-    /// Looks every watched next hop up again, and our interfaces' networks.
+    /// Looks every watched next hop up again, our interfaces' networks, and
+    /// the routes we learn from the kernel.
     fn rescan(&self) {
         let all: Vec<IpAddr> = self.next_hops.keys().copied().collect();
         self.resolve(all);
         self.scan_interfaces();
+        if let (Some(table), Some(resolver)) = (self.learn_table, self.resolver.clone()) {
+            let tx = self.inbox_tx.clone();
+            tokio::spawn(async move {
+                match resolver.learn_routes(table).await {
+                    Ok(routes) => {
+                        let _ = tx.send(Inbound::KernelRoutes { routes });
+                    }
+                    Err(e) => tracing::warn!("cannot learn kernel routes: {e:#}"),
+                }
+            });
+        }
+    }
+
+    /// Learn the routes others put in this table (`[kernel] learn`).
+    pub fn set_kernel_learning(&mut self, table: u32) {
+        self.learn_table = Some(table);
     }
 
     /// Looks next hops up in the background; answers come as Resolved.

@@ -86,6 +86,10 @@ pub struct KernelSection {
     /// Leave our routes in the kernel when the daemon stops.
     #[serde(default)]
     pub keep_routes_on_exit: bool,
+    /// Learn routes that others put in the table (like BIRD's `learn`),
+    /// for export with `source = ["kernel"]`.
+    #[serde(default)]
+    pub learn: bool,
 }
 
 impl Default for KernelSection {
@@ -98,6 +102,7 @@ impl Default for KernelSection {
             prefsrc_ipv6: None,
             install_static: false,
             keep_routes_on_exit: false,
+            learn: false,
         }
     }
 }
@@ -356,6 +361,7 @@ pub enum SourceName {
     Static,
     Connected,
     Bgp,
+    Kernel,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -521,6 +527,7 @@ fn build_rule(rule: &RuleSection) -> Result<Rule> {
                 SourceName::Static => RouteSource::Static,
                 SourceName::Connected => RouteSource::Connected,
                 SourceName::Bgp => RouteSource::Bgp,
+                SourceName::Kernel => RouteSource::Kernel,
             })
             .collect(),
     };

@@ -41,6 +41,9 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             if adopted > 0 {
                 driver.begin_graceful_restart(std::time::Instant::now());
             }
+            if config.kernel.learn {
+                driver.set_kernel_learning(config.kernel.table);
+            }
             let sink_routes = routes.clone();
             driver.set_route_sink(
                 Box::new(move |command| {

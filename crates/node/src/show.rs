@@ -49,6 +49,7 @@ fn source_name(speaker: &Speaker, source: PathSource) -> String {
     match source {
         PathSource::Static(i) => format!("static{i}"),
         PathSource::Connected => "connected".into(),
+        PathSource::Kernel => "kernel".into(),
         PathSource::Neighbor(n) => speaker.neighbor_name(n).to_string(),
     }
 }
