@@ -1,6 +1,7 @@
 //! BFD against FRR's bfdd (BIRD's BFD is exercised in seed_001_anycast.rs):
-//! the session comes Up both ways; frozen, FRR's side is detected down
-//! within 100 ms × 5; thawed, it is Up again.
+//! the session comes Up both ways with this neighbour's own timers (200 ms
+//! × 3); frozen, FRR's side is detected down in time; thawed, it is Up
+//! again.
 
 mod common;
 
@@ -37,7 +38,7 @@ fn bfd_with_frr(v6: bool) -> Result<()> {
             "frr",
             if v6 { p.ipv6.into() } else { p.ipv4.into() },
             65001,
-            "import = \"none\"\nexport = \"none\"\nbfd = true",
+            "import = \"none\"\nexport = \"none\"\nbfd = true\nbfd_interval = 200\nbfd_multiplier = 3",
         ),
     )?;
     let frr = Frr::start_daemon(
@@ -45,7 +46,7 @@ fn bfd_with_frr(v6: bool) -> Result<()> {
         &peer,
         "bfdd",
         &format!(
-            "bfd\n peer {r} local-address {p}\n  receive-interval 100\n  transmit-interval 100\n  detect-multiplier 5\n !\n!\n",
+            "bfd\n peer {r} local-address {p}\n  receive-interval 200\n  transmit-interval 200\n  detect-multiplier 3\n !\n!\n",
             r = if v6 {
                 r.ipv6.to_string()
             } else {
@@ -73,6 +74,17 @@ fn bfd_with_frr(v6: bool) -> Result<()> {
         Ok(())
     })?;
 
+    // This neighbour's own timers: 200 ms x 3.
+    let json: serde_json::Value =
+        serde_json::from_str(&ours.cli(&["show", "bfd", "sessions", "--json"])?)?;
+    assert_eq!(
+        (
+            json[0]["tx_interval_ms"].as_u64(),
+            json[0]["detection_time_ms"].as_u64()
+        ),
+        (Some(200), Some(600)),
+        "{json}"
+    );
     lab.signal(frr.proc(), libc::SIGSTOP)?;
     let frozen = Instant::now();
     wait_until(Duration::from_secs(5), "our side to see FRR gone", || {

@@ -330,27 +330,27 @@ impl BgpDriver {
         }
     }
 
-    fn bfd_timers(&self) -> bgp4mesh_bfd::SessionConfig {
-        let interval = std::time::Duration::from_millis(self.config.bfd.interval);
-        bgp4mesh_bfd::SessionConfig {
-            desired_min_tx: interval,
-            required_min_rx: interval,
-            detect_mult: self.config.bfd.multiplier,
-        }
-    }
-
     /// Makes the BFD sessions match the neighbours with `bfd = true`,
     /// opening the sockets when first needed.
     fn sync_bfd(&mut self, now: Instant) -> std::io::Result<()> {
-        let wanted: Vec<IpAddr> = self
+        let sessions: Vec<(IpAddr, bgp4mesh_bfd::SessionConfig)> = self
             .config
             .speaker
             .neighbors
             .iter()
             .zip(&self.config.transport)
             .filter(|(_, t)| t.bfd)
-            .map(|(n, _)| n.address)
+            .map(|(n, t)| {
+                let interval = std::time::Duration::from_millis(t.bfd_timers.0);
+                let timers = bgp4mesh_bfd::SessionConfig {
+                    desired_min_tx: interval,
+                    required_min_rx: interval,
+                    detect_mult: t.bfd_timers.1,
+                };
+                (n.address, timers)
+            })
             .collect();
+        let wanted: Vec<IpAddr> = sessions.iter().map(|(a, _)| *a).collect();
         for ipv6 in [false, true] {
             let slot = usize::from(ipv6);
             if self.bfd_tx[slot].is_none() && wanted.iter().any(|a| a.is_ipv6() == ipv6) {
@@ -374,9 +374,8 @@ impl BgpDriver {
                 self.bfd_tx[slot] = Some(std::sync::Arc::new(transport::bfd_sender(ipv6)?));
             }
         }
-        let timers = self.bfd_timers();
-        for peer in &wanted {
-            self.bfd.add(now, *peer, timers);
+        for (peer, timers) in sessions {
+            self.bfd.add(now, peer, timers);
         }
         let gone: Vec<IpAddr> = self
             .bfd

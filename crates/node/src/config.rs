@@ -187,6 +187,10 @@ pub struct NeighborSection {
     /// session down at once.
     #[serde(default)]
     pub bfd: bool,
+    /// This neighbour's BFD interval in milliseconds (default: `[bfd]`).
+    pub bfd_interval: Option<u64>,
+    /// This neighbour's BFD multiplier (default: `[bfd]`).
+    pub bfd_multiplier: Option<u8>,
     /// Graceful restart helper (RFC 4724): keep the neighbour's routes while
     /// it restarts.
     #[serde(default)]
@@ -434,6 +438,8 @@ pub struct Transport {
     pub password: Option<String>,
     pub ebgp: bool,
     pub bfd: bool,
+    /// BFD interval (ms) and multiplier of this neighbour.
+    pub bfd_timers: (u64, u8),
 }
 
 impl NodeConfig {
@@ -646,6 +652,12 @@ fn build_bgp(
         if n.families.is_empty() {
             bail!("{at}.families: at least one of \"ipv4\", \"ipv6\"");
         }
+        if n.bfd_interval.is_some_and(|i| !(10..=60_000).contains(&i)) {
+            bail!("{at}.bfd_interval: milliseconds between 10 and 60000");
+        }
+        if n.bfd_multiplier == Some(0) {
+            bail!("{at}.bfd_multiplier: at least 1");
+        }
         const DAY: u64 = 86_400;
         if n.connect_retry > DAY {
             bail!(
@@ -719,6 +731,10 @@ fn build_bgp(
             password: n.password.clone(),
             ebgp,
             bfd: n.bfd,
+            bfd_timers: (
+                n.bfd_interval.unwrap_or(bfd.interval),
+                n.bfd_multiplier.unwrap_or(bfd.multiplier),
+            ),
         });
         if ebgp && (n.import.is_none() || n.export.is_none()) {
             let missing = match (n.import.is_none(), n.export.is_none()) {
