@@ -1170,6 +1170,7 @@ mod tests {
             RouteSource::Static,
             RouteSource::Connected,
             RouteSource::Bgp,
+            RouteSource::Kernel,
         ] {
             assert_eq!(s.to_string().parse(), Ok(s));
         }
@@ -1181,7 +1182,7 @@ mod tests {
                 .parse::<RouteSource>()
                 .expect_err("no ospf")
                 .to_string(),
-            &["`ospf`", "static, connected or bgp"],
+            &["`ospf`", "static, connected, bgp or kernel"],
         );
         says(
             &"allow"
