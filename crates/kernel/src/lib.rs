@@ -114,50 +114,18 @@ impl Fib {
     }
 
     async fn list_ours(&self) -> Result<Vec<RouteMessage>> {
-        let mut ours = Vec::new();
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let message = match version {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let mut routes = self.handle.route().get(message).execute();
-            while let Some(route) = routes
-                .try_next()
-                .await
-                .context("cannot list kernel routes")?
-            {
-                if route.header.protocol == RouteProtocol::Bgp
-                    && table_of(&route) == self.config.table
-                {
-                    ours.push(route);
-                }
-            }
-        }
-        Ok(ours)
+        let table = self.config.table;
+        Ok(dump_routes(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|r| r.header.protocol == RouteProtocol::Bgp && table_of(r) == table)
+            .collect())
     }
 
     /// Deletes every `proto bgp` route in our table: what a previous run
     /// left behind. Returns how many.
     pub async fn remove_stale(&mut self) -> Result<usize> {
-        let mut stale = Vec::new();
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let message = match version {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let mut routes = self.handle.route().get(message).execute();
-            while let Some(route) = routes
-                .try_next()
-                .await
-                .context("cannot list kernel routes")?
-            {
-                if route.header.protocol == RouteProtocol::Bgp
-                    && table_of(&route) == self.config.table
-                {
-                    stale.push(route);
-                }
-            }
-        }
+        let stale = self.list_ours().await?;
         let count = stale.len();
         let handle = self.handle.clone();
         stream::iter(stale)
@@ -340,6 +308,26 @@ impl Fib {
         }
         Ok(message)
     }
+}
+
+/// Every IPv4 and IPv6 route of every table.
+async fn dump_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    let mut all = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let message = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let mut routes = handle.route().get(message).execute();
+        while let Some(route) = routes
+            .try_next()
+            .await
+            .context("cannot list kernel routes")?
+        {
+            all.push(route);
+        }
+    }
+    Ok(all)
 }
 
 /// The destination of a route message.
@@ -693,39 +681,26 @@ impl Resolver {
     /// (`proto bgp`) nor the kernel's own for interface addresses.
     pub async fn learn_routes(&self, table: u32) -> Result<Vec<(IpNet, Option<IpAddr>)>> {
         let mut out = Vec::new();
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let message = match version {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let mut routes = self.handle.route().get(message).execute();
-            while let Some(route) = routes
-                .try_next()
-                .await
-                .context("cannot list kernel routes")?
-            {
-                let foreign = !matches!(
-                    route.header.protocol,
-                    RouteProtocol::Bgp | RouteProtocol::Kernel
-                );
-                if !foreign || route.header.kind != RouteType::Unicast || table_of(&route) != table
-                {
-                    continue;
-                }
-                let Some(prefix) = route_prefix(&route) else {
-                    continue;
-                };
-                if prefix.addr().is_ipv6()
-                    && matches!(prefix, IpNet::V6(p) if p.network().is_unicast_link_local() || p.network().is_multicast())
-                {
-                    continue;
-                }
-                let gateway = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(g) => route_address(g),
-                    _ => None,
-                });
-                out.push((prefix, gateway));
+        for route in dump_routes(&self.handle).await? {
+            let foreign = !matches!(
+                route.header.protocol,
+                RouteProtocol::Bgp | RouteProtocol::Kernel
+            );
+            if !foreign || route.header.kind != RouteType::Unicast || table_of(&route) != table {
+                continue;
             }
+            let Some(prefix) = route_prefix(&route) else {
+                continue;
+            };
+            if matches!(prefix, IpNet::V6(p) if p.network().is_unicast_link_local() || p.network().is_multicast())
+            {
+                continue;
+            }
+            let gateway = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(g) => route_address(g),
+                _ => None,
+            });
+            out.push((prefix, gateway));
         }
         out.sort();
         out.dedup_by_key(|(p, _)| *p);
