@@ -11,6 +11,10 @@ use ipnet::{IpNet, Ipv4Net};
 
 /// The N-th /24 of the benchmark: 1.0.0.0/24, 1.0.1.0/24, … (past 10/8 and
 /// 127/8 so they never collide with the lab's own addresses).
+pub fn prefix_v4(n: u32) -> IpNet {
+    IpNet::V4(prefix(n))
+}
+
 fn prefix(n: u32) -> Ipv4Net {
     let base = 0x0100_0000u32 + (n << 8);
     let base = if base >= 0x0a00_0000 {

@@ -12,6 +12,7 @@ use bgp4mesh_node::show;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_bgp;
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,33 @@ enum BenchCommand {
     Fib {
         #[arg(long, default_value_t = 1_000_000)]
         routes: u32,
+    },
+    /// One injector -> speaker -> monitor, for BIRD and bgp4mesh: time and peak RSS
+    Bgp {
+        #[arg(long, default_value_t = 1_000_000)]
+        prefixes: u32,
+        #[arg(long, default_value_t = 100_000)]
+        paths: u32,
+    },
+    /// (internal) the injector of `bench bgp`
+    #[command(hide = true)]
+    BgpInject {
+        #[arg(long)]
+        peer: std::net::IpAddr,
+        #[arg(long)]
+        local: std::net::Ipv4Addr,
+        #[arg(long)]
+        prefixes: u32,
+        #[arg(long)]
+        paths: u32,
+    },
+    /// (internal) the monitor of `bench bgp`
+    #[command(hide = true)]
+    BgpMonitor {
+        #[arg(long)]
+        listen: std::net::Ipv4Addr,
+        #[arg(long)]
+        expect: u32,
     },
     /// (internal) the bgp4mesh side of `bench fib`, run inside the namespace
     #[command(hide = true)]
@@ -131,6 +159,16 @@ fn main() -> ExitCode {
             message,
         } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
         Command::Bench(BenchCommand::Fib { routes }) => bench::fib(*routes),
+        Command::Bench(BenchCommand::Bgp { prefixes, paths }) => bench_bgp::bgp(*prefixes, *paths),
+        Command::Bench(BenchCommand::BgpInject {
+            peer,
+            local,
+            prefixes,
+            paths,
+        }) => bench_bgp::inject(*peer, *local, *prefixes, *paths),
+        Command::Bench(BenchCommand::BgpMonitor { listen, expect }) => {
+            bench_bgp::monitor(*listen, *expect)
+        }
         Command::Bench(BenchCommand::FibWorker {
             routes,
             table,
