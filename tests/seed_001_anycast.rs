@@ -377,7 +377,7 @@ protocol bfd {{
         vec![("192.168.20.0/24".to_string(), gateways)]
     };
     wait_until(SETTLE, "BIRD's kernel route with both servers", || {
-        let v4 = kernel_routes_any(&lab, &router)?;
+        let v4 = kernel_routes_of(&lab, &router, false, "bird")?;
         ensure!(v4 == via(&[&a5, &a7]), "{v4:?}");
         Ok(())
     })?;
@@ -394,7 +394,7 @@ protocol bfd {{
         Duration::from_secs(5),
         "server5 out of BIRD's route",
         || {
-            let v4 = kernel_routes_any(&lab, &router)?;
+            let v4 = kernel_routes_of(&lab, &router, false, "bird")?;
             ensure!(v4 == via(&[&a7]), "{v4:?}");
             Ok(())
         },
@@ -404,7 +404,7 @@ protocol bfd {{
     assert!(took < Duration::from_secs(1), "{took:?}");
     lab.signal(servers[0].proc(), libc::SIGCONT)?;
     wait_until(SETTLE, "server5 back", || {
-        let v4 = kernel_routes_any(&lab, &router)?;
+        let v4 = kernel_routes_of(&lab, &router, false, "bird")?;
         ensure!(v4 == via(&[&a5, &a7]), "{v4:?}");
         Ok(())
     })?;
@@ -416,7 +416,7 @@ protocol bfd {{
         Duration::from_secs(5),
         "server7 out of BIRD's route",
         || {
-            let v4 = kernel_routes_any(&lab, &router)?;
+            let v4 = kernel_routes_of(&lab, &router, false, "bird")?;
             ensure!(v4 == via(&[&a5]), "{v4:?}");
             Ok(())
         },
@@ -425,33 +425,4 @@ protocol bfd {{
     eprintln!("failover: BIRD dropped killed bgp4mesh server7 {took:?} after kill -9");
     assert!(took < Duration::from_secs(1), "{took:?}");
     Ok(())
-}
-
-/// Routes of any protocol but the kernel's own in `node`'s main table,
-/// as `kernel_routes` gives them (BIRD installs with `proto bird`).
-fn kernel_routes_any(lab: &Lab, node: &Node) -> Result<Vec<(String, Vec<String>)>> {
-    let out = lab.exec(node, &["ip", "-j", "-4", "route", "show", "proto", "bird"])?;
-    let json: serde_json::Value =
-        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
-    Ok(json
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            let dst = r["dst"].as_str().unwrap_or_default().to_string();
-            let mut gateways: Vec<String> = match r["nexthops"].as_array() {
-                Some(hops) => hops
-                    .iter()
-                    .filter_map(|h| h["gateway"].as_str().map(str::to_string))
-                    .collect(),
-                None => r["gateway"]
-                    .as_str()
-                    .map(str::to_string)
-                    .into_iter()
-                    .collect(),
-            };
-            gateways.sort();
-            (dst, gateways)
-        })
-        .collect())
 }

@@ -298,8 +298,18 @@ pub fn wait_no_route(
 /// `proto bgp` routes in `node`'s kernel (main table): destination and
 /// gateways, read from `ip -j route`.
 pub fn kernel_routes(lab: &Lab, node: &Node, v6: bool) -> Result<Vec<(String, Vec<String>)>> {
+    kernel_routes_of(lab, node, v6, "bgp")
+}
+
+/// Like [`kernel_routes`], for routes of another protocol (`bird`).
+pub fn kernel_routes_of(
+    lab: &Lab,
+    node: &Node,
+    v6: bool,
+    proto: &str,
+) -> Result<Vec<(String, Vec<String>)>> {
     let family = if v6 { "-6" } else { "-4" };
-    let out = lab.exec(node, &["ip", "-j", family, "route", "show", "proto", "bgp"])?;
+    let out = lab.exec(node, &["ip", "-j", family, "route", "show", "proto", proto])?;
     let json: serde_json::Value =
         serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
     Ok(json
