@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_bgp;
+mod wireguard_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +63,21 @@ enum Command {
     /// Benchmarks against the competitors, in network namespaces (needs root)
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A userspace WireGuard device with a `wg`-compatible UAPI socket, like wireguard-go
+    /// (also run as `bgp4mesh-wireguard IFACE` through a symlink, for wg-quick)
+    Wireguard {
+        /// Interface name
+        interface: String,
+        /// Stay in the foreground (logs to stderr) instead of detaching
+        #[arg(short, long)]
+        foreground: bool,
+        /// MTU of the interface
+        #[arg(long, default_value_t = bgp4mesh_wireguard::DEFAULT_MTU)]
+        mtu: u16,
+        /// Log level: error, warn, info, debug
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,7 +162,17 @@ enum LabCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Called as `bgp4mesh-wireguard IFACE` (a symlink, what wg-quick's
+    // WG_QUICK_USERSPACE_IMPLEMENTATION names): the `wireguard` command.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if called_as.as_deref() == Some("bgp4mesh-wireguard") {
+        args.insert(1, "wireguard".into());
+    }
+    let cli = Cli::parse_from(args);
     let result = match &cli.command {
         Command::Run { log_level } => run(&cli, log_level),
         Command::Check => check(&cli),
@@ -174,6 +200,12 @@ fn main() -> ExitCode {
             table,
             gateway,
         }) => bench::fib_worker(*routes, *table, *gateway),
+        Command::Wireguard {
+            interface,
+            foreground,
+            mtu,
+            log_level,
+        } => wireguard_cmd::run(interface, *foreground, *mtu, log_level),
         Command::Lab(LabCommand::Demo) => lab_demo(),
         Command::Lab(LabCommand::Sweep { all }) => lab_sweep(*all),
     };

@@ -1,0 +1,1285 @@
+//! The userspace WireGuard device: a TUN interface, one UDP socket, and the
+//! WireGuard protocol of [`gotatun::noise`] (handshake, cookies, timers,
+//! transport sessions) for each peer.
+//!
+//! Three threads move packets, each a blocking loop:
+//! - **tun → udp** reads the TUN device with virtio-net offloads (one read
+//!   returns a TCP super-packet of up to 64 KiB that tun-rs splits into
+//!   segments), finds each packet's peer by destination in the allowed-IPs
+//!   table, encrypts, and sends runs of equal-sized datagrams to one endpoint
+//!   with one UDP GSO `sendmsg`;
+//! - **udp → tun** receives with UDP GRO and `recvmmsg` (quinn-udp),
+//!   decrypts, checks the inner source against the peer's allowed IPs, and
+//!   writes the batch to the TUN device, where tun-rs coalesces TCP segments
+//!   back into super-packets (GRO) so the kernel sees few large packets;
+//! - **timers** calls each peer's timers every 100 ms (handshake retries,
+//!   rekey, keepalives) and prunes the session-index map.
+//!
+//! A peer's protocol state sits behind one mutex, taken once per run of
+//! packets. gotatun encrypts and decrypts through `&mut Tunn`, so one peer's
+//! transport crypto runs on one core at a time; the two directions run on
+//! both. ARCHITECTURE.md says why that is enough on a 2-core machine.
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{TimerParams, Tunn, TunnResult};
+use gotatun::packet::{Packet, WgKind};
+use gotatun::tun::MtuWatcher;
+use gotatun::x25519;
+use ip_network::IpNetwork;
+use ip_network_table::IpNetworkTable;
+use ipnet::IpNet;
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tracing::{debug, info};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use crate::config::{
+    AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerStatus, SetRequest,
+};
+use crate::key::Key;
+use crate::uapi::UapiError;
+
+/// Handshake messages per second from one source address before the device
+/// answers with cookies (the protocol's DoS defence).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// WireGuard's default MTU: 1500 minus the IPv6, UDP and WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// The largest UDP payload one GSO send may carry.
+const GSO_MAX_BYTES: usize = 65_000;
+const MAX_PACKET: usize = 65_535;
+
+/// How to create a device.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Interface name (at most 15 bytes).
+    pub name: String,
+    pub mtu: u16,
+    /// Protocol timers; `None` is the protocol's own values. Tests shorten
+    /// rekey times with this.
+    pub timer_params: Option<TimerParams>,
+}
+
+impl DeviceOptions {
+    pub fn new(name: impl Into<String>) -> DeviceOptions {
+        DeviceOptions {
+            name: name.into(),
+            mtu: DEFAULT_MTU,
+            timer_params: None,
+        }
+    }
+}
+
+/// A running userspace WireGuard device. Dropping it stops its threads and
+/// removes the interface.
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    name: String,
+    tun: SyncDevice,
+    mtu: u16,
+    timer_params: Option<TimerParams>,
+    index_table: IndexTable,
+    /// Session index (ours, as the peer addresses its packets) → peer.
+    by_index: Mutex<HashMap<u32, Arc<Peer>>>,
+    /// The endpoints [`Device::configure`] last asked for, to tell a new
+    /// desired endpoint from one the peer roamed away from.
+    configured_endpoints: Mutex<HashMap<Key, SocketAddr>>,
+    iface: RwLock<Interface>,
+    udp: RwLock<Option<Arc<Udp>>>,
+    /// Written once, on stop; every wait also polls it.
+    stop_fd: OwnedFd,
+    stopping: AtomicBool,
+}
+
+struct Interface {
+    secret: Option<x25519::StaticSecret>,
+    public: Option<x25519::PublicKey>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    /// As configured; 0 = any.
+    listen_port: u16,
+    fwmark: u32,
+    peers: Vec<Arc<Peer>>,
+    by_key: HashMap<Key, Arc<Peer>>,
+    allowed: IpNetworkTable<Arc<Peer>>,
+}
+
+struct Peer {
+    public_key: Key,
+    state: Mutex<PeerState>,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+}
+
+struct PeerState {
+    /// `None` while the device has no private key.
+    tunn: Option<Tunn>,
+    preshared_key: Option<Key>,
+    keepalive: Option<u16>,
+    /// Where packets go: the configured endpoint, or the address the peer
+    /// last sent an authenticated packet from.
+    endpoint: Option<SocketAddr>,
+    allowed_ips: Vec<IpNet>,
+}
+
+struct Udp {
+    socket: socket2::Socket,
+    state: UdpSocketState,
+    port: u16,
+    /// Bound to `[::]` with IPv4 mapped in, so IPv4 endpoints are sent
+    /// to as `::ffff:a.b.c.d`.
+    dual_stack: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Device {
+    /// Creates the TUN interface (down, no address: addresses and routes are
+    /// the kernel module's or the operator's job), binds a UDP socket on a
+    /// free port and starts the packet threads.
+    pub fn create(options: DeviceOptions) -> io::Result<Device> {
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&options.name)
+            .mtu(options.mtu)
+            .offload(true)
+            .build_sync()
+            .map_err(|e| io::Error::new(e.kind(), format!("creating TUN {}: {e}", options.name)))?;
+        tun.set_nonblocking(true)?;
+        // SAFETY: eventfd takes no pointers; the returned descriptor is new
+        // and owned by nobody else.
+        let stop_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if stop_fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: stop_fd is a fresh, valid descriptor (checked above).
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(stop_fd) };
+        let shared = Arc::new(Shared {
+            name: options.name.clone(),
+            tun,
+            mtu: options.mtu,
+            timer_params: options.timer_params,
+            index_table: IndexTable::from_os_rng(),
+            by_index: Mutex::new(HashMap::new()),
+            configured_endpoints: Mutex::new(HashMap::new()),
+            iface: RwLock::new(Interface {
+                secret: None,
+                public: None,
+                rate_limiter: None,
+                listen_port: 0,
+                fwmark: 0,
+                peers: Vec::new(),
+                by_key: HashMap::new(),
+                allowed: IpNetworkTable::new(),
+            }),
+            udp: RwLock::new(Some(Arc::new(Udp::bind(0, 0)?))),
+            stop_fd,
+            stopping: AtomicBool::new(false),
+        });
+        let mut threads = Vec::new();
+        for (role, body) in [
+            ("tx", tun_to_udp as fn(Arc<Shared>)),
+            ("rx", udp_to_tun),
+            ("timers", timers),
+        ] {
+            let for_thread = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name(format!("wg-{role}-{}", options.name))
+                .spawn(move || body(for_thread));
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.stop();
+                    return Err(e);
+                }
+            }
+        }
+        info!(interface = %options.name, "WireGuard device created");
+        Ok(Device { shared, threads })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// False once the interface is gone (deleted with `ip link del`) or
+    /// the device was stopped.
+    pub fn is_running(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the device stops (its interface deleted, or
+    /// [`Device::stop`] called from elsewhere).
+    pub fn wait(&self) {
+        while self.is_running() {
+            self.shared
+                .wait_readable(None, Some(Duration::from_secs(1)));
+        }
+    }
+
+    /// Asks the threads to stop; `Drop` joins them.
+    pub fn stop(&self) {
+        self.shared.stop();
+    }
+
+    /// A handle that can stop the device from another thread (a signal
+    /// handler, the UAPI server).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(Arc::clone(&self.shared))
+    }
+
+    /// Applies one change request (the UAPI `set=1` semantics).
+    pub fn apply(&self, request: &SetRequest) -> Result<(), UapiError> {
+        self.shared.apply(request)
+    }
+
+    /// Brings the device to `desired`, changing only what differs: peers
+    /// whose key, preshared key and keepalive are unchanged keep their
+    /// sessions; an endpoint is only set when the desired one changed, so a
+    /// roamed peer is not pulled back on every reconcile.
+    pub fn configure(&self, desired: &DeviceConfig) -> Result<(), UapiError> {
+        let current = self.status();
+        let mut request = SetRequest::default();
+        if current.private_key != desired.private_key {
+            request.private_key = Some(desired.private_key);
+        }
+        let configured_port = read(&self.shared.iface).listen_port;
+        if configured_port != desired.listen_port {
+            request.listen_port = Some(desired.listen_port);
+        }
+        if current.fwmark != desired.fwmark {
+            request.fwmark = Some(desired.fwmark);
+        }
+        for peer in &current.peers {
+            if !desired
+                .peers
+                .iter()
+                .any(|p| p.public_key == peer.public_key)
+            {
+                let mut change = PeerChange::new(peer.public_key);
+                change.remove = true;
+                request.peers.push(change);
+            }
+        }
+        for want in &desired.peers {
+            let have = current.peer(&want.public_key);
+            let mut change = PeerChange::new(want.public_key);
+            if have.map(|h| h.preshared_key) != Some(want.preshared_key) {
+                change.preshared_key = Some(want.preshared_key);
+            }
+            let keepalive = want.persistent_keepalive.filter(|k| *k > 0);
+            if have.map(|h| h.persistent_keepalive) != Some(keepalive) {
+                change.persistent_keepalive = Some(keepalive.unwrap_or(0));
+            }
+            let configured = self.shared.configured_endpoint(&want.public_key);
+            if want.endpoint.is_some() && want.endpoint != configured {
+                change.endpoint = want.endpoint;
+            }
+            let mut have_ips = have.map(|h| h.allowed_ips.clone()).unwrap_or_default();
+            let mut want_ips: Vec<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
+            have_ips.sort();
+            want_ips.sort();
+            want_ips.dedup();
+            if have.is_none() || have_ips != want_ips {
+                change.replace_allowed_ips = true;
+                change.allowed_ips = want_ips.into_iter().map(AllowedIpChange::Add).collect();
+            }
+            let unchanged = have.is_some()
+                && change.preshared_key.is_none()
+                && change.persistent_keepalive.is_none()
+                && change.endpoint.is_none()
+                && !change.replace_allowed_ips;
+            if !unchanged {
+                request.peers.push(change);
+            }
+        }
+        self.shared.remember_endpoints(desired);
+        if request == SetRequest::default() {
+            return Ok(());
+        }
+        self.apply(&request)
+    }
+
+    /// The device and its peers with their counters.
+    pub fn status(&self) -> DeviceStatus {
+        self.shared.status()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shared.stop();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Stops a device from another thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+impl Shared {
+    fn stop(&self) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a local u64 to our own eventfd.
+            let _ = unsafe {
+                libc::write(
+                    self.stop_fd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+    }
+
+    /// Waits until `fd` is readable, the device stops, or `timeout` passes.
+    fn wait_readable(&self, fd: Option<RawFd>, timeout: Option<Duration>) {
+        self.wait_for(fd, libc::POLLIN, timeout);
+    }
+
+    fn wait_for(&self, fd: Option<RawFd>, events: libc::c_short, timeout: Option<Duration>) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.stop_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: fd.unwrap_or(-1),
+                events,
+                revents: 0,
+            },
+        ];
+        let timeout = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of
+        // the call; a negative fd is ignored by poll.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+    }
+
+    fn udp(&self) -> Option<Arc<Udp>> {
+        read(&self.udp).clone()
+    }
+
+    fn apply(&self, request: &SetRequest) -> Result<(), UapiError> {
+        let mut iface = self.iface.write().unwrap_or_else(PoisonError::into_inner);
+        // The socket first: a port in use refuses the request before
+        // anything else changed.
+        let port = request.listen_port.unwrap_or(iface.listen_port);
+        let fwmark = request.fwmark.unwrap_or(iface.fwmark);
+        if request.listen_port.is_some() || request.fwmark.is_some() {
+            self.rebind(&iface, port, fwmark)?;
+            iface.listen_port = port;
+            iface.fwmark = fwmark;
+        }
+        if let Some(private_key) = request.private_key {
+            self.set_private_key(&mut iface, private_key);
+        }
+        if request.replace_peers {
+            let all: Vec<Key> = iface.peers.iter().map(|p| p.public_key).collect();
+            for key in all {
+                self.remove_peer(&mut iface, &key);
+            }
+        }
+        for change in &request.peers {
+            self.apply_peer(&mut iface, change);
+        }
+        Ok(())
+    }
+
+    fn rebind(&self, iface: &Interface, port: u16, fwmark: u32) -> Result<(), UapiError> {
+        let current = self.udp();
+        if let Some(udp) = &current
+            && (port == 0 || port == udp.port)
+        {
+            if fwmark != iface.fwmark {
+                udp.socket
+                    .set_mark(fwmark)
+                    .map_err(|e| UapiError::invalid(format!("fwmark={fwmark}: {e}")))?;
+            }
+            return Ok(());
+        }
+        // Free the old port first: the new one may be the same number on
+        // the other address family, and a failed bind must not leave the
+        // device without a socket.
+        let udp = match Udp::bind(port, fwmark) {
+            Ok(udp) => udp,
+            Err(e) => {
+                let errno = if e.kind() == io::ErrorKind::AddrInUse {
+                    libc::EADDRINUSE
+                } else {
+                    libc::EIO
+                };
+                return Err(UapiError {
+                    errno,
+                    message: format!("listen_port={port}: {e}"),
+                });
+            }
+        };
+        *self.udp.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(udp));
+        Ok(())
+    }
+
+    fn set_private_key(&self, iface: &mut Interface, key: Option<Key>) {
+        let secret = key.map(|k| x25519::StaticSecret::from(k.0));
+        let same = match (&secret, &iface.secret) {
+            (Some(a), Some(b)) => a.to_bytes() == b.to_bytes(),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        let Some(secret) = secret else {
+            iface.secret = None;
+            iface.public = None;
+            iface.rate_limiter = None;
+            for peer in &iface.peers {
+                lock(&peer.state).tunn = None;
+            }
+            return;
+        };
+        let public = x25519::PublicKey::from(&secret);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        // A peer with our own public key cannot exist (the kernel and
+        // wireguard-go drop it too).
+        self.remove_peer(iface, &Key(*public.as_bytes()));
+        for peer in &iface.peers {
+            let mut state = lock(&peer.state);
+            match state.tunn.as_mut() {
+                Some(tunn) => tunn.set_static_private(secret.clone(), public, rate_limiter.clone()),
+                None => {
+                    state.tunn = Some(self.new_tunn(
+                        &secret,
+                        &rate_limiter,
+                        peer.public_key,
+                        state.preshared_key,
+                        state.keepalive,
+                    ))
+                }
+            }
+        }
+        iface.secret = Some(secret);
+        iface.public = Some(public);
+        iface.rate_limiter = Some(rate_limiter);
+    }
+
+    fn new_tunn(
+        &self,
+        secret: &x25519::StaticSecret,
+        rate_limiter: &Arc<RateLimiter>,
+        peer: Key,
+        preshared_key: Option<Key>,
+        keepalive: Option<u16>,
+    ) -> Tunn {
+        let mut tunn = Tunn::new(
+            secret.clone(),
+            x25519::PublicKey::from(peer.0),
+            preshared_key.map(|k| k.0),
+            keepalive,
+            self.index_table.clone(),
+            rate_limiter.clone(),
+        );
+        if let Some(params) = &self.timer_params {
+            tunn.dangerously_set_timer_params(params.clone());
+        }
+        tunn
+    }
+
+    fn remove_peer(&self, iface: &mut Interface, key: &Key) {
+        let Some(peer) = iface.by_key.remove(key) else {
+            return;
+        };
+        iface.peers.retain(|p| !Arc::ptr_eq(p, &peer));
+        iface.allowed.retain(|_, owner| !Arc::ptr_eq(owner, &peer));
+        lock(&self.by_index).retain(|_, owner| !Arc::ptr_eq(owner, &peer));
+        let mut state = lock(&peer.state);
+        state.tunn = None;
+        state.allowed_ips.clear();
+        debug!(interface = %self.name, peer = ?key, "peer removed");
+    }
+
+    fn apply_peer(&self, iface: &mut Interface, change: &PeerChange) {
+        if change.remove {
+            self.remove_peer(iface, &change.public_key);
+            return;
+        }
+        if iface.public.map(|p| *p.as_bytes()) == Some(change.public_key.0) {
+            return;
+        }
+        let peer = match iface.by_key.get(&change.public_key) {
+            Some(peer) => Arc::clone(peer),
+            None if change.update_only => return,
+            None => {
+                let tunn = iface.secret.as_ref().zip(iface.rate_limiter.as_ref()).map(
+                    |(secret, limiter)| {
+                        self.new_tunn(secret, limiter, change.public_key, None, None)
+                    },
+                );
+                let peer = Arc::new(Peer {
+                    public_key: change.public_key,
+                    state: Mutex::new(PeerState {
+                        tunn,
+                        preshared_key: None,
+                        keepalive: None,
+                        endpoint: None,
+                        allowed_ips: Vec::new(),
+                    }),
+                    rx_bytes: AtomicU64::new(0),
+                    tx_bytes: AtomicU64::new(0),
+                });
+                iface.peers.push(Arc::clone(&peer));
+                iface.by_key.insert(change.public_key, Arc::clone(&peer));
+                debug!(interface = %self.name, peer = ?change.public_key, "peer added");
+                peer
+            }
+        };
+        let mut displaced: Vec<(Arc<Peer>, IpNet)> = Vec::new();
+        {
+            let mut state = lock(&peer.state);
+            if let Some(psk) = change.preshared_key {
+                state.preshared_key = psk;
+                if let Some(tunn) = state.tunn.as_mut() {
+                    tunn.set_preshared_key(psk.map(|k| k.0));
+                }
+            }
+            if let Some(endpoint) = change.endpoint {
+                state.endpoint = Some(endpoint);
+            }
+            if let Some(keepalive) = change.persistent_keepalive {
+                let keepalive = (keepalive > 0).then_some(keepalive);
+                state.keepalive = keepalive;
+                if let Some(tunn) = state.tunn.as_mut() {
+                    tunn.set_persistent_keepalive(keepalive);
+                }
+            }
+            if change.replace_allowed_ips {
+                for net in std::mem::take(&mut state.allowed_ips) {
+                    let network = to_network(net);
+                    if iface
+                        .allowed
+                        .exact_match(network)
+                        .is_some_and(|owner| Arc::ptr_eq(owner, &peer))
+                    {
+                        iface.allowed.remove(network);
+                    }
+                }
+            }
+            for allowed in &change.allowed_ips {
+                match *allowed {
+                    AllowedIpChange::Add(net) => {
+                        if let Some(previous) =
+                            iface.allowed.insert(to_network(net), Arc::clone(&peer))
+                            && !Arc::ptr_eq(&previous, &peer)
+                        {
+                            displaced.push((previous, net));
+                        }
+                        if !state.allowed_ips.contains(&net) {
+                            state.allowed_ips.push(net);
+                        }
+                    }
+                    AllowedIpChange::Remove(net) => {
+                        let network = to_network(net);
+                        if iface
+                            .allowed
+                            .exact_match(network)
+                            .is_some_and(|owner| Arc::ptr_eq(owner, &peer))
+                        {
+                            iface.allowed.remove(network);
+                        }
+                        state.allowed_ips.retain(|n| *n != net);
+                    }
+                }
+            }
+        }
+        // An allowed IP belongs to one peer: the last one given it. The
+        // write lock on the interface keeps the data path out, so taking a
+        // second peer's lock here cannot deadlock.
+        for (previous, net) in displaced {
+            lock(&previous.state).allowed_ips.retain(|n| *n != net);
+        }
+    }
+
+    fn configured_endpoint(&self, key: &Key) -> Option<SocketAddr> {
+        lock(&self.configured_endpoints).get(key).copied()
+    }
+
+    fn remember_endpoints(&self, desired: &DeviceConfig) {
+        let mut map = lock(&self.configured_endpoints);
+        map.clear();
+        for peer in &desired.peers {
+            if let Some(endpoint) = peer.endpoint {
+                map.insert(peer.public_key, endpoint);
+            }
+        }
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let iface = read(&self.iface);
+        let now = SystemTime::now();
+        let peers = iface
+            .peers
+            .iter()
+            .map(|peer| {
+                let state = lock(&peer.state);
+                PeerStatus {
+                    public_key: peer.public_key,
+                    preshared_key: state.preshared_key,
+                    endpoint: state.endpoint,
+                    allowed_ips: state.allowed_ips.clone(),
+                    persistent_keepalive: state.keepalive,
+                    last_handshake: state
+                        .tunn
+                        .as_ref()
+                        .and_then(Tunn::time_since_last_handshake)
+                        .and_then(|ago| now.checked_sub(ago)),
+                    rx_bytes: peer.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        DeviceStatus {
+            name: self.name.clone(),
+            private_key: iface.secret.as_ref().map(|s| Key(s.to_bytes())),
+            public_key: iface.public.map(|p| Key(*p.as_bytes())),
+            listen_port: self.udp().map_or(0, |u| u.port),
+            fwmark: iface.fwmark,
+            peers,
+        }
+    }
+
+    /// Remembers which peer a handshake message we send belongs to, so the
+    /// answer (addressed to its sender index) finds the peer.
+    fn register_index(&self, packet: &WgKind, peer: &Arc<Peer>) {
+        let index = match packet {
+            WgKind::HandshakeInit(p) => p.sender_idx.get(),
+            WgKind::HandshakeResp(p) => p.sender_idx.get(),
+            _ => return,
+        };
+        lock(&self.by_index).insert(index, Arc::clone(peer));
+    }
+}
+
+fn to_network(net: IpNet) -> IpNetwork {
+    // An ipnet prefix length is always valid for its family, and the
+    // network is truncated before it gets here; the fallback only exists
+    // to avoid a panic path.
+    IpNetwork::new_truncate(net.addr(), net.prefix_len())
+        .unwrap_or_else(|_| IpNetwork::new_truncate(net.addr(), 0).expect("/0 is valid"))
+}
+
+// ---------------------------------------------------------------------------
+// The UDP socket
+
+impl Udp {
+    fn bind(port: u16, fwmark: u32) -> io::Result<Udp> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+            Ok(s)
+        });
+        let (socket, dual_stack) = match dual {
+            Ok(s) => (s, true),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+            Err(_) => {
+                // No IPv6 in this namespace or kernel.
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+                (s, false)
+            }
+        };
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        if fwmark != 0 {
+            socket.set_mark(fwmark)?;
+        }
+        // Deep buffers absorb bursts while a thread is busy encrypting.
+        // The FORCE variants pass the sysctl caps; without CAP_NET_ADMIN
+        // the plain ones apply.
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
+            let size: libc::c_int = 7 << 20;
+            if set_int_option(&socket, force, size).is_err() {
+                let _ = set_int_option(&socket, plain, size);
+            }
+        }
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let port = socket
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .ok_or_else(|| io::Error::other("UDP socket has no IP address"))?;
+        Ok(Udp {
+            socket,
+            state,
+            port,
+            dual_stack,
+        })
+    }
+
+    fn destination(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
+        }
+    }
+
+    /// Sends one datagram, or several of `segment` bytes (the last may be
+    /// shorter) in one GSO call. A full socket buffer waits for room (up to
+    /// 50 ms) rather than dropping.
+    fn send(&self, shared: &Shared, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+        let transmit = Transmit {
+            destination: self.destination(to),
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        for _ in 0..2 {
+            match self
+                .state
+                .try_send(UdpSockRef::from(&self.socket), &transmit)
+            {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    shared.wait_for(
+                        Some(self.socket.as_raw_fd()),
+                        libc::POLLOUT,
+                        Some(Duration::from_millis(50)),
+                    );
+                }
+                Err(e) => {
+                    // Unreachable networks and the like: the datagram is
+                    // lost, as on a wire; the protocol's timers recover.
+                    debug!(interface = %shared.name, %to, "UDP send: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn set_int_option(
+    socket: &socket2::Socket,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a local c_int and its size, as
+    // setsockopt(SOL_SOCKET, ...) expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Encrypted datagrams waiting to go out as one GSO send: same endpoint,
+/// same size, except that the last one may be shorter.
+struct SendBatch {
+    to: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl SendBatch {
+    fn new() -> SendBatch {
+        SendBatch {
+            to: None,
+            buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_PACKET),
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    fn push(&mut self, shared: &Shared, udp: &Udp, to: SocketAddr, datagram: &[u8]) {
+        if self.count > 0
+            && (self.to != Some(to)
+                || self.closed
+                || datagram.len() > self.segment
+                || self.count >= udp.state.max_gso_segments()
+                || self.buf.len() + datagram.len() > GSO_MAX_BYTES)
+        {
+            self.flush(shared, udp);
+        }
+        if self.count == 0 {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+    }
+
+    fn flush(&mut self, shared: &Shared, udp: &Udp) {
+        if let Some(to) = self.to
+            && self.count > 0
+        {
+            let segment = (self.count > 1).then_some(self.segment);
+            udp.send(shared, to, &self.buf, segment);
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+        self.to = None;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tun → udp
+
+fn destination_ip(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let b: [u8; 4] = packet[16..20].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 if packet.len() >= 40 => {
+            let b: [u8; 16] = packet[24..40].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+fn source_ip(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let b: [u8; 4] = packet[12..16].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 if packet.len() >= 40 => {
+            let b: [u8; 16] = packet[8..24].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+fn tun_to_udp(shared: Arc<Shared>) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+    let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| vec![0u8; MAX_PACKET])
+        .collect();
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    let mut batch = SendBatch::new();
+    let mut routes: Vec<Option<Arc<Peer>>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let tun_fd = shared.tun.as_raw_fd();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let n = match shared
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+        {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                shared.wait_readable(Some(tun_fd), Some(Duration::from_secs(1)));
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                info!(interface = %shared.name, "interface deleted; stopping the device");
+                shared.stop();
+                return;
+            }
+            Err(e) => {
+                debug!(interface = %shared.name, "TUN read: {e}");
+                continue;
+            }
+        };
+        let Some(udp) = shared.udp() else { continue };
+        {
+            let iface = read(&shared.iface);
+            routes.clear();
+            routes.extend((0..n).map(|i| {
+                destination_ip(&bufs[i][..sizes[i]])
+                    .and_then(|dst| iface.allowed.longest_match(dst))
+                    .map(|(_, peer)| Arc::clone(peer))
+            }));
+        }
+        let mut i = 0;
+        while i < n {
+            let Some(peer) = routes[i].clone() else {
+                i += 1;
+                continue;
+            };
+            let mut end = i + 1;
+            while end < n && routes[end].as_ref().is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                end += 1;
+            }
+            encrypt_run(
+                &shared,
+                &udp,
+                &peer,
+                &bufs,
+                &sizes[i..end],
+                i,
+                &mut mtu,
+                &mut batch,
+            );
+            i = end;
+        }
+        batch.flush(&shared, &udp);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encrypt_run(
+    shared: &Shared,
+    udp: &Udp,
+    peer: &Arc<Peer>,
+    bufs: &[Vec<u8>],
+    sizes: &[usize],
+    first: usize,
+    mtu: &mut MtuWatcher,
+    batch: &mut SendBatch,
+) {
+    let mut state = lock(&peer.state);
+    let endpoint = state.endpoint;
+    let Some(tunn) = state.tunn.as_mut() else {
+        return;
+    };
+    let mut sent = 0u64;
+    for (k, size) in sizes.iter().enumerate() {
+        let packet = Packet::from_bytes(BytesMut::from(&bufs[first + k][..*size]));
+        match tunn.handle_outgoing_packet(packet, Some(mtu)) {
+            Some(WgKind::Data(data)) => {
+                if let Some(to) = endpoint {
+                    let bytes: Packet = data.into();
+                    sent += bytes.len() as u64;
+                    batch.push(shared, udp, to, &bytes);
+                }
+            }
+            Some(handshake) => {
+                shared.register_index(&handshake, peer);
+                if let Some(to) = endpoint {
+                    let bytes: Packet = handshake.into();
+                    sent += bytes.len() as u64;
+                    batch.flush(shared, udp);
+                    udp.send(shared, to, &bytes, None);
+                }
+            }
+            None => {}
+        }
+    }
+    peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+}
+
+// ---------------------------------------------------------------------------
+// udp → tun
+
+/// Decrypted packets waiting to be written to the TUN device, each behind
+/// room for the virtio-net header.
+struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    used: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    fn push(&mut self, shared: &Shared, packet: &[u8]) {
+        if self.used == IDEAL_BATCH_SIZE {
+            self.flush(shared);
+        }
+        if self.used == self.bufs.len() {
+            self.bufs
+                .push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET));
+        }
+        let buf = &mut self.bufs[self.used];
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        self.used += 1;
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if self.used == 0 {
+            return;
+        }
+        if let Err(e) = shared.tun.send_multiple(
+            &mut self.gro,
+            &mut self.bufs[..self.used],
+            VIRTIO_NET_HDR_LEN,
+        ) {
+            debug!(interface = %shared.name, "TUN write: {e}");
+        }
+        self.used = 0;
+    }
+}
+
+fn udp_to_tun(shared: Arc<Shared>) {
+    let batch_size = quinn_udp::BATCH_SIZE;
+    let mut storage: Vec<Vec<u8>> = (0..batch_size).map(|_| vec![0u8; MAX_PACKET]).collect();
+    let mut meta = vec![RecvMeta::default(); batch_size];
+    let mut out = TunBatch {
+        bufs: Vec::new(),
+        used: 0,
+        gro: GROTable::default(),
+    };
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let Some(udp) = shared.udp() else {
+            shared.wait_readable(None, Some(TIMER_TICK));
+            continue;
+        };
+        let received = {
+            let mut iovs: Vec<IoSliceMut> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            udp.state
+                .recv(UdpSockRef::from(&udp.socket), &mut iovs, &mut meta)
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Also wakes to notice a new socket after a port change.
+                shared.wait_readable(Some(udp.socket.as_raw_fd()), Some(TIMER_TICK));
+                continue;
+            }
+            Err(e) => {
+                debug!(interface = %shared.name, "UDP receive: {e}");
+                continue;
+            }
+        };
+        {
+            let iface = read(&shared.iface);
+            let mut cache: Option<(u32, Arc<Peer>)> = None;
+            for (m, buf) in meta[..n].iter().zip(&storage) {
+                let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                for datagram in buf[..m.len].chunks(stride.max(1)) {
+                    receive(
+                        &shared, &iface, &udp, from, datagram, &mut cache, &mut out, &mut mtu,
+                    );
+                }
+            }
+        }
+        out.flush(&shared);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    shared: &Shared,
+    iface: &Interface,
+    udp: &Udp,
+    from: SocketAddr,
+    datagram: &[u8],
+    cache: &mut Option<(u32, Arc<Peer>)>,
+    out: &mut TunBatch,
+    mtu: &mut MtuWatcher,
+) {
+    if datagram.first() == Some(&4) && datagram.len() >= 32 {
+        let index = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let peer = match cache {
+            Some((i, peer)) if *i == index => Arc::clone(peer),
+            _ => {
+                let Some(peer) = lock(&shared.by_index).get(&index).cloned() else {
+                    return;
+                };
+                *cache = Some((index, Arc::clone(&peer)));
+                peer
+            }
+        };
+        let Ok(WgKind::Data(data)) = Packet::from_bytes(BytesMut::from(datagram)).try_into_wg()
+        else {
+            return;
+        };
+        let mut state = lock(&peer.state);
+        let Some(tunn) = state.tunn.as_mut() else {
+            return;
+        };
+        match tunn.handle_incoming_packet(WgKind::Data(data)) {
+            TunnResult::WriteToTunnel(inner) => {
+                peer.rx_bytes
+                    .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                // Roaming: the peer is wherever it last proved to be.
+                state.endpoint = Some(from);
+                drop(state);
+                if inner.is_empty() {
+                    return; // keepalive
+                }
+                let allowed = source_ip(&inner)
+                    .and_then(|src| iface.allowed.longest_match(src))
+                    .is_some_and(|(_, owner)| Arc::ptr_eq(owner, &peer));
+                if allowed {
+                    out.push(shared, &inner);
+                } else {
+                    debug!(interface = %shared.name, peer = ?peer.public_key,
+                        "dropped a packet from a source outside the peer's allowed IPs");
+                }
+            }
+            TunnResult::WriteToNetwork(packet) => {
+                let bytes: Packet = packet.into();
+                udp.send(shared, from, &bytes, None);
+            }
+            TunnResult::Err(e) => {
+                debug!(interface = %shared.name, peer = ?peer.public_key, "data packet: {e:?}")
+            }
+            TunnResult::Done => {}
+        }
+        return;
+    }
+    receive_handshake(shared, iface, udp, from, datagram, mtu);
+}
+
+fn receive_handshake(
+    shared: &Shared,
+    iface: &Interface,
+    udp: &Udp,
+    from: SocketAddr,
+    datagram: &[u8],
+    mtu: &mut MtuWatcher,
+) {
+    let (Some(limiter), Some(secret), Some(public)) =
+        (&iface.rate_limiter, &iface.secret, &iface.public)
+    else {
+        return;
+    };
+    let packet = match limiter.verify_packet(from, Packet::from_bytes(BytesMut::from(datagram))) {
+        Ok(packet) => packet,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            // Under load: answer with a cookie instead of doing the DH.
+            let bytes: Packet = cookie.into();
+            udp.send(shared, from, &bytes, None);
+            return;
+        }
+        Err(_) => return,
+    };
+    let peer = match &packet {
+        WgKind::HandshakeInit(init) => {
+            let Ok(half) = parse_handshake_anon(secret, public, init) else {
+                return;
+            };
+            iface.by_key.get(&Key(half.peer_static_public)).cloned()
+        }
+        WgKind::HandshakeResp(resp) => lock(&shared.by_index)
+            .get(&resp.receiver_idx.get())
+            .cloned(),
+        WgKind::CookieReply(reply) => lock(&shared.by_index)
+            .get(&reply.receiver_idx.get())
+            .cloned(),
+        WgKind::Data(_) => None,
+    };
+    let Some(peer) = peer else { return };
+    let mut state = lock(&peer.state);
+    let Some(tunn) = state.tunn.as_mut() else {
+        return;
+    };
+    let is_response = matches!(packet, WgKind::HandshakeResp(_));
+    match tunn.handle_incoming_packet(packet) {
+        TunnResult::WriteToNetwork(reply) => {
+            shared.register_index(&reply, &peer);
+            let mut queued: Vec<Packet> = Vec::new();
+            if is_response {
+                // The session is up: send what waited for it.
+                queued.extend(tunn.get_queued_packets(mtu).map(Packet::from));
+            }
+            state.endpoint = Some(from);
+            drop(state);
+            let reply: Packet = reply.into();
+            let mut sent = reply.len() as u64;
+            udp.send(shared, from, &reply, None);
+            for packet in queued {
+                sent += packet.len() as u64;
+                udp.send(shared, from, &packet, None);
+            }
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+        }
+        TunnResult::Done => {
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        }
+        TunnResult::Err(e) => {
+            debug!(interface = %shared.name, peer = ?peer.public_key, "handshake: {e:?}")
+        }
+        TunnResult::WriteToTunnel(_) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// timers
+
+fn timers(shared: Arc<Shared>) {
+    let mut last_prune = Instant::now();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        shared.wait_readable(None, Some(TIMER_TICK));
+        let udp = shared.udp();
+        let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
+        for peer in peers {
+            let mut state = lock(&peer.state);
+            let endpoint = state.endpoint;
+            let Some(tunn) = state.tunn.as_mut() else {
+                continue;
+            };
+            match tunn.update_timers() {
+                Ok(Some(packet)) => {
+                    shared.register_index(&packet, &peer);
+                    drop(state);
+                    if let (Some(udp), Some(to)) = (&udp, endpoint) {
+                        let bytes: Packet = packet.into();
+                        peer.tx_bytes
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        udp.send(&shared, to, &bytes, None);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(interface = %shared.name, peer = ?peer.public_key, "timers: {e:?}")
+                }
+            }
+        }
+        if last_prune.elapsed() >= Duration::from_secs(1) {
+            last_prune = Instant::now();
+            let table = &shared.index_table;
+            lock(&shared.by_index).retain(|index, _| table.in_use(*index));
+        }
+    }
+    info!(interface = %shared.name, "WireGuard device stopped");
+}

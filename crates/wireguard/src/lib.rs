@@ -1,0 +1,20 @@
+//! The WireGuard device of bgp4mesh — the only code that owns one.
+//!
+//! - [`Device`]: the userspace device (TUN + UDP with offloads, protocol by
+//!   gotatun), with a Rust API for the node daemon ([`Device::configure`],
+//!   [`Device::status`]).
+//! - [`uapi`] and [`uapi_server`]: the `wg`-compatible control socket.
+//! - [`Key`]: keys in base64 and hex.
+
+pub mod config;
+pub mod device;
+pub mod key;
+pub mod uapi;
+pub mod uapi_server;
+
+pub use config::{
+    AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerConfig, PeerStatus, SetRequest,
+};
+pub use device::{DEFAULT_MTU, Device, DeviceOptions, Stopper};
+pub use key::Key;
+pub use uapi_server::UapiServer;
