@@ -492,6 +492,32 @@ impl Lab {
         Ok(proc)
     }
 
+    /// Runs `f` on a thread that has entered `node`'s network namespace, so
+    /// a test can open sockets there itself (no helper tools needed). Only
+    /// that thread moves; the caller stays where it is.
+    pub fn in_netns<T: Send>(&self, node: &Node, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/run/netns/{}", node.netns);
+        let ns = fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on a valid namespace descriptor; it only
+                    // changes this thread's network namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(anyhow::anyhow!(
+                            "setns into {}: {}",
+                            node.netns,
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the thread in {} panicked", node.netns))?
+        })
+    }
+
     /// Whether `proc` is still running (a stopped-by-signal process counts).
     pub fn is_running(&self, proc: &Proc) -> bool {
         let mut running = self.lock_running();

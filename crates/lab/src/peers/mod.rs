@@ -17,7 +17,7 @@ pub use bgp4mesh::Bgp4mesh;
 pub use bird::Bird;
 pub use frr::Frr;
 pub use gobgp::Gobgp;
-pub use wireguard_go::{WgPeer, WireguardGo};
+pub use wireguard_go::{WgDevice, WgImpl, WgPeer, WireguardGo};
 
 /// RFC 4271 session states, as every daemon reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

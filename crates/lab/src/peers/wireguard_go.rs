@@ -1,9 +1,10 @@
-//! wireguard-go, the reference userspace WireGuard, configured with `wg`.
-//! Its UAPI socket is `/var/run/wireguard/<iface>.sock`, one directory for
-//! all namespaces, so interface names come from [`Lab::unique_ifname`].
+//! A userspace WireGuard device configured with `wg`: wireguard-go, the
+//! reference, or bgp4mesh's own (`bgp4mesh wireguard -f IFACE`). Their UAPI
+//! socket is `/var/run/wireguard/<iface>.sock`, one directory for all
+//! namespaces, so interface names come from [`Lab::unique_ifname`].
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -11,7 +12,37 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::sweep::WIREGUARD_SOCKET_DIR;
 use crate::{Lab, Node, Proc, require_binary, wait_until};
 
-pub struct WireguardGo<'lab> {
+/// Which implementation runs the device.
+#[derive(Debug, Clone)]
+pub enum WgImpl {
+    WireguardGo,
+    /// The bgp4mesh binary, with extra arguments for `bgp4mesh wireguard`.
+    Bgp4mesh {
+        binary: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+impl WgImpl {
+    pub fn bgp4mesh(binary: impl Into<PathBuf>) -> WgImpl {
+        WgImpl::Bgp4mesh {
+            binary: binary.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            WgImpl::WireguardGo => "wireguard-go",
+            WgImpl::Bgp4mesh { .. } => "bgp4mesh",
+        }
+    }
+}
+
+/// Kept for the tests written before bgp4mesh had its own device.
+pub type WireguardGo<'lab> = WgDevice<'lab>;
+
+pub struct WgDevice<'lab> {
     lab: &'lab Lab,
     node: Node,
     ifname: String,
@@ -32,7 +63,7 @@ pub struct WgPeer {
     pub tx_bytes: u64,
 }
 
-impl<'lab> WireguardGo<'lab> {
+impl<'lab> WgDevice<'lab> {
     /// Creates a wireguard-go interface in `node` with a fresh key pair,
     /// listening on `listen_port`, with `address` (`"10.99.0.1/24"`) on it, up.
     pub fn start(
@@ -40,8 +71,18 @@ impl<'lab> WireguardGo<'lab> {
         node: &Node,
         address: &str,
         listen_port: u16,
-    ) -> Result<WireguardGo<'lab>> {
-        let wireguard_go = require_binary("wireguard-go")?;
+    ) -> Result<WgDevice<'lab>> {
+        Self::start_with(lab, node, &WgImpl::WireguardGo, address, listen_port)
+    }
+
+    /// [`WgDevice::start`] with the implementation to run.
+    pub fn start_with(
+        lab: &'lab Lab,
+        node: &Node,
+        implementation: &WgImpl,
+        address: &str,
+        listen_port: u16,
+    ) -> Result<WgDevice<'lab>> {
         require_binary("wg")?;
         let ifname = lab.unique_ifname("wg")?;
         let private_key = lab.exec(node, &["wg", "genkey"])?.trim().to_string();
@@ -60,18 +101,36 @@ impl<'lab> WireguardGo<'lab> {
         std::fs::write(&key_file, format!("{private_key}\n"))?;
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
 
-        let proc = lab.spawn(
-            node,
-            &format!("wireguard-go-{ifname}"),
-            &[&wireguard_go.to_string_lossy(), "-f", &ifname],
-        )?;
+        let mut command: Vec<String> = match implementation {
+            WgImpl::WireguardGo => vec![
+                require_binary("wireguard-go")?
+                    .to_string_lossy()
+                    .into_owned(),
+                "-f".into(),
+            ],
+            WgImpl::Bgp4mesh { binary, args } => {
+                let mut c = vec![
+                    binary.to_string_lossy().into_owned(),
+                    "wireguard".into(),
+                    "--foreground".into(),
+                    "--log-level".into(),
+                    "debug".into(),
+                ];
+                c.extend(args.iter().cloned());
+                c
+            }
+        };
+        command.push(ifname.clone());
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let label = implementation.label();
+        let proc = lab.spawn(node, &format!("{label}-{ifname}"), &command)?;
         let socket = Path::new(WIREGUARD_SOCKET_DIR).join(format!("{ifname}.sock"));
         wait_until(
             Duration::from_secs(10),
-            "wireguard-go's UAPI socket",
+            &format!("{label}'s UAPI socket"),
             || {
                 if !lab.is_running(&proc) {
-                    bail!("wireguard-go exited: {}", lab.log_tail(&proc, 20));
+                    bail!("{label} exited: {}", lab.log_tail(&proc, 20));
                 }
                 ensure!(socket.exists(), "{} does not exist yet", socket.display());
                 Ok(())
@@ -92,7 +151,7 @@ impl<'lab> WireguardGo<'lab> {
         )?;
         lab.add_address(node, &ifname, address)?;
         lab.exec(node, &["ip", "link", "set", &ifname, "up"])?;
-        Ok(WireguardGo {
+        Ok(WgDevice {
             lab,
             node: node.clone(),
             ifname,
@@ -145,6 +204,18 @@ impl<'lab> WireguardGo<'lab> {
         }
         self.lab.exec(&self.node, &args)?;
         Ok(())
+    }
+
+    /// The node the device runs in.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Runs `wg ARGS...` in the device's node and returns its output.
+    pub fn wg(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = vec!["wg"];
+        cmd.extend_from_slice(args);
+        self.lab.exec(&self.node, &cmd)
     }
 
     /// Removes a peer.

@@ -1,0 +1,571 @@
+//! bgp4mesh's userspace WireGuard device (`bgp4mesh wireguard IFACE`)
+//! against wireguard-go, the reference, and against itself, in network
+//! namespaces, configured with `wg` as an operator would.
+
+mod common;
+
+use std::hash::{DefaultHasher, Hasher};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bgp4mesh_lab::peers::{WgDevice, WgImpl, WgPeer};
+use bgp4mesh_lab::{Iface, Lab, Node, can_run, wait_until};
+
+use common::BIN;
+
+const NEEDS: &[&str] = &["wireguard-go", "wg", "ping", "nft"];
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn ours() -> WgImpl {
+    WgImpl::bgp4mesh(BIN)
+}
+
+/// Two devices in two namespaces joined by a veth link, each the other's
+/// peer with the link address as endpoint; tunnel addresses 100.64.0.1 and
+/// .2, fd64::1 and ::2.
+struct Pair<'l> {
+    left: WgDevice<'l>,
+    right: WgDevice<'l>,
+    left_link: Iface,
+    right_link: Iface,
+}
+
+const LEFT: &str = "100.64.0.1";
+const RIGHT: &str = "100.64.0.2";
+const LEFT6: &str = "fd64::1";
+const RIGHT6: &str = "fd64::2";
+
+impl<'l> Pair<'l> {
+    fn start(lab: &'l Lab, left: &WgImpl, right: &WgImpl, v6_endpoints: bool) -> Result<Pair<'l>> {
+        let (a, b) = (lab.add_node("left")?, lab.add_node("right")?);
+        let (left_link, right_link) = lab.link(&a, &b)?;
+        let l = WgDevice::start_with(lab, &a, left, &format!("{LEFT}/24"), 51820)?;
+        let r = WgDevice::start_with(lab, &b, right, &format!("{RIGHT}/24"), 51821)?;
+        lab.add_address(&a, l.ifname(), &format!("{LEFT6}/64"))?;
+        lab.add_address(&b, r.ifname(), &format!("{RIGHT6}/64"))?;
+        let endpoint = |iface: &Iface, port: u16| {
+            if v6_endpoints {
+                format!("[{}]:{port}", iface.ipv6)
+            } else {
+                format!("{}:{port}", iface.ipv4)
+            }
+        };
+        l.set_peer(
+            r.public_key(),
+            Some(&endpoint(&right_link, 51821)),
+            &[&format!("{RIGHT}/32"), &format!("{RIGHT6}/128")],
+            None,
+        )?;
+        r.set_peer(
+            l.public_key(),
+            Some(&endpoint(&left_link, 51820)),
+            &[&format!("{LEFT}/32"), &format!("{LEFT6}/128")],
+            None,
+        )?;
+        Ok(Pair {
+            left: l,
+            right: r,
+            left_link,
+            right_link,
+        })
+    }
+}
+
+fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
+    let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
+    ensure!(out.success(), "ping {to}: {}{}", out.stdout, out.stderr);
+    Ok(())
+}
+
+/// Pings until one answers (the first may wait for the handshake).
+fn wait_ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
+    wait_until(
+        SETTLE,
+        &format!("a ping from {} to {to}", from.name()),
+        || ping(lab, from, to),
+    )
+}
+
+fn peer_of(device: &WgDevice, key: &str) -> Result<WgPeer> {
+    device
+        .peers()?
+        .into_iter()
+        .find(|p| p.public_key == key)
+        .with_context(|| format!("{key} is not a peer of {}", device.ifname()))
+}
+
+/// Deterministic bytes, so the receiver can check what arrived.
+fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Sends `len` bytes over TCP through the tunnel from `from` to `to_addr`
+/// (an address in `to`), and checks that exactly those bytes arrived.
+fn tcp_transfer(lab: &Lab, from: &Node, to: &Node, to_addr: IpAddr, len: usize) -> Result<()> {
+    let listener = lab.in_netns(to, || TcpListener::bind((to_addr, 5201)))??;
+    listener.set_nonblocking(true)?;
+    let receiver = std::thread::spawn(move || -> Result<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ensure!(Instant::now() < deadline, "nobody connected");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    let data = payload(len);
+    let sent = lab.in_netns(from, || -> Result<()> {
+        let to = SocketAddr::new(to_addr, 5201);
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+        stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(&data)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })?;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    sent?;
+    let got = got?;
+    ensure!(
+        got.len() == data.len() && digest(&got) == digest(&data),
+        "sent {} bytes, received {} (digest {:x} vs {:x})",
+        data.len(),
+        got.len(),
+        digest(&data),
+        digest(&got)
+    );
+    Ok(())
+}
+
+/// Handshake started by each side in turn (the left device pings first),
+/// IPv4 and IPv6 inside the tunnel, 16 MiB over TCP checked byte for byte,
+/// and what `wg show` says on both sides.
+fn handshake_ping_tcp_and_wg_show(left: WgImpl, right: WgImpl, v6_endpoints: bool) -> Result<()> {
+    let lab = Lab::new(&format!("wg-{}-{}", left.label(), right.label()))?;
+    let pair = Pair::start(&lab, &left, &right, v6_endpoints)?;
+    let (a, b) = (pair.left.node().clone(), pair.right.node().clone());
+    wait_ping(&lab, &a, RIGHT)?;
+    ping(&lab, &b, LEFT)?;
+    wait_ping(&lab, &a, RIGHT6)?;
+    ping(&lab, &b, LEFT6)?;
+
+    tcp_transfer(&lab, &a, &b, RIGHT.parse()?, 16 << 20)?;
+    tcp_transfer(&lab, &b, &a, LEFT6.parse()?, 4 << 20)?;
+
+    let left_view = peer_of(&pair.left, pair.right.public_key())?;
+    let right_view = peer_of(&pair.right, pair.left.public_key())?;
+    let (l_ep, r_ep) = if v6_endpoints {
+        (
+            format!("[{}]:51820", pair.left_link.ipv6),
+            format!("[{}]:51821", pair.right_link.ipv6),
+        )
+    } else {
+        (
+            format!("{}:51820", pair.left_link.ipv4),
+            format!("{}:51821", pair.right_link.ipv4),
+        )
+    };
+    assert_eq!(left_view.endpoint.as_deref(), Some(r_ep.as_str()));
+    assert_eq!(right_view.endpoint.as_deref(), Some(l_ep.as_str()));
+    assert_eq!(
+        left_view.allowed_ips,
+        vec![format!("{RIGHT}/32"), format!("{RIGHT6}/128")]
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    for (side, view) in [("left", &left_view), ("right", &right_view)] {
+        assert!(
+            view.latest_handshake > 0 && view.latest_handshake <= now + 1,
+            "{side}: latest handshake {} (now {now})",
+            view.latest_handshake
+        );
+    }
+    // 16 MiB went left to right: both counters count it, with overhead.
+    assert!(
+        left_view.tx_bytes > 16 << 20,
+        "left sent {}",
+        left_view.tx_bytes
+    );
+    assert!(
+        right_view.rx_bytes > 16 << 20,
+        "right got {}",
+        right_view.rx_bytes
+    );
+    assert!(
+        left_view.rx_bytes > 4 << 20,
+        "left got {}",
+        left_view.rx_bytes
+    );
+    // Both ends count whole WireGuard datagrams: what one received, the
+    // other sent (datagrams lost on the way count only at the sender).
+    wait_until(Duration::from_secs(5), "counters agreeing", || {
+        let l = peer_of(&pair.left, pair.right.public_key())?;
+        let r = peer_of(&pair.right, pair.left.public_key())?;
+        ensure!(
+            l.tx_bytes >= r.rx_bytes
+                && l.rx_bytes <= r.tx_bytes
+                && r.rx_bytes * 100 >= l.tx_bytes * 95
+                && l.rx_bytes * 100 >= r.tx_bytes * 95,
+            "left tx {} rx {}, right rx {} tx {}",
+            l.tx_bytes,
+            l.rx_bytes,
+            r.rx_bytes,
+            r.tx_bytes
+        );
+        Ok(())
+    })?;
+    // `wg show IFACE` in the operator's words.
+    let text = pair.left.wg(&["show", pair.left.ifname()])?;
+    for needle in [
+        format!("interface: {}", pair.left.ifname()),
+        format!("public key: {}", pair.left.public_key()),
+        "listening port: 51820".to_string(),
+        format!("peer: {}", pair.right.public_key()),
+        format!("endpoint: {r_ep}"),
+        format!("allowed ips: {RIGHT}/32, {RIGHT6}/128"),
+        "latest handshake:".to_string(),
+        "transfer:".to_string(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} not in:\n{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn ours_initiates_to_wireguard_go() -> Result<()> {
+    if !can_run("ours_initiates_to_wireguard_go", NEEDS) {
+        return Ok(());
+    }
+    handshake_ping_tcp_and_wg_show(ours(), WgImpl::WireguardGo, false)
+}
+
+#[test]
+fn wireguard_go_initiates_to_ours() -> Result<()> {
+    if !can_run("wireguard_go_initiates_to_ours", NEEDS) {
+        return Ok(());
+    }
+    handshake_ping_tcp_and_wg_show(WgImpl::WireguardGo, ours(), false)
+}
+
+#[test]
+fn ours_to_ours_over_ipv6_endpoints() -> Result<()> {
+    if !can_run("ours_to_ours_over_ipv6_endpoints", NEEDS) {
+        return Ok(());
+    }
+    handshake_ping_tcp_and_wg_show(ours(), ours(), true)
+}
+
+/// The right side moves to another address; its next packet tells the
+/// left side (ours) where it is now, and the left side answers there.
+fn endpoint_roaming(right: WgImpl) -> Result<()> {
+    let lab = Lab::new(&format!("wg-roam-{}", right.label()))?;
+    let pair = Pair::start(&lab, &ours(), &right, false)?;
+    let (a, b) = (pair.left.node().clone(), pair.right.node().clone());
+    wait_ping(&lab, &a, RIGHT)?;
+    let old = pair.right_link.ipv4;
+    let new = std::net::Ipv4Addr::from(u32::from(old) + 100);
+    let link = &pair.right_link.name;
+    // Keep the new address when the old (primary) one goes.
+    lab.sysctl(
+        &b,
+        &format!("net.ipv4.conf.{link}.promote_secondaries"),
+        "1",
+    )?;
+    lab.exec(
+        &b,
+        &["ip", "addr", "add", &format!("{new}/24"), "dev", link],
+    )?;
+    lab.exec(
+        &b,
+        &["ip", "addr", "del", &format!("{old}/24"), "dev", link],
+    )?;
+    if matches!(right, WgImpl::WireguardGo) {
+        // wireguard-go keeps sending from the address it last used (its
+        // "sticky" source) for a while; setting its endpoint again resets
+        // that, so the test is about our side noticing the move.
+        pair.right.set_peer(
+            pair.left.public_key(),
+            Some(&format!("{}:51820", pair.left_link.ipv4)),
+            &[&format!("{LEFT}/32"), &format!("{LEFT6}/128")],
+            None,
+        )?;
+    }
+    // The left side cannot reach the old address any more.
+    ensure!(
+        ping(&lab, &a, RIGHT).is_err(),
+        "the left side still reaches the old address"
+    );
+    wait_ping(&lab, &b, LEFT)?;
+    let view = peer_of(&pair.left, pair.right.public_key())?;
+    assert_eq!(
+        view.endpoint,
+        Some(format!("{new}:51821")),
+        "roamed endpoint"
+    );
+    ping(&lab, &a, RIGHT)?;
+    Ok(())
+}
+
+#[test]
+fn endpoint_roaming_with_wireguard_go() -> Result<()> {
+    if !can_run("endpoint_roaming_with_wireguard_go", NEEDS) {
+        return Ok(());
+    }
+    endpoint_roaming(WgImpl::WireguardGo)
+}
+
+#[test]
+fn endpoint_roaming_with_ours() -> Result<()> {
+    if !can_run("endpoint_roaming_with_ours", NEEDS) {
+        return Ok(());
+    }
+    endpoint_roaming(ours())
+}
+
+/// home (ours) — nat (nftables masquerade) — server. The server has no
+/// endpoint for home and no route to home's network: only home's
+/// persistent keepalives, through the NAT, let the server reach it.
+fn keepalive_through_nat(server_impl: WgImpl) -> Result<()> {
+    let lab = Lab::new(&format!("wg-nat-{}", server_impl.label()))?;
+    let home = lab.add_node("home")?;
+    let nat = lab.add_node("nat")?;
+    let server = lab.add_node("server")?;
+    let (home_link, nat_inside) = lab.link(&home, &nat)?;
+    let (nat_outside, server_link) = lab.link(&nat, &server)?;
+    lab.enable_forwarding(&nat)?;
+    lab.add_route(&home, &["default", "via", &nat_inside.ipv4.to_string()])?;
+    for args in [
+        vec!["add", "table", "ip", "nat"],
+        vec![
+            "add",
+            "chain",
+            "ip",
+            "nat",
+            "post",
+            "{ type nat hook postrouting priority 100 ; }",
+        ],
+        vec![
+            "add",
+            "rule",
+            "ip",
+            "nat",
+            "post",
+            "oifname",
+            &nat_outside.name,
+            "masquerade",
+        ],
+    ] {
+        let mut cmd = vec!["nft"];
+        cmd.extend(args);
+        lab.exec(&nat, &cmd)?;
+    }
+    let h = WgDevice::start_with(&lab, &home, &ours(), &format!("{LEFT}/24"), 51820)?;
+    let s = WgDevice::start_with(&lab, &server, &server_impl, &format!("{RIGHT}/24"), 51821)?;
+    s.set_peer(h.public_key(), None, &[&format!("{LEFT}/32")], None)?;
+    h.set_peer(
+        s.public_key(),
+        Some(&format!("{}:51821", server_link.ipv4)),
+        &[&format!("{RIGHT}/32")],
+        Some(1),
+    )?;
+    let seen = wait_until(SETTLE, "the server learning home's NAT address", || {
+        let view = peer_of(&s, h.public_key())?;
+        let endpoint = view.endpoint.context("no endpoint yet")?;
+        ensure!(
+            endpoint.starts_with(&format!("{}:", nat_outside.ipv4)),
+            "endpoint {endpoint}"
+        );
+        Ok(endpoint)
+    })?;
+    // The first packet across goes from the server to home.
+    wait_ping(&lab, &server, LEFT)?;
+    // Keepalives keep flowing while nothing else does.
+    let before = peer_of(&s, h.public_key())?.rx_bytes;
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = peer_of(&s, h.public_key())?.rx_bytes;
+    ensure!(
+        after > before,
+        "no keepalive arrived in 2.5 s (rx {before} -> {after}); endpoint {seen}"
+    );
+    drop(home_link);
+    Ok(())
+}
+
+#[test]
+fn persistent_keepalive_through_nat_to_wireguard_go() -> Result<()> {
+    if !can_run("persistent_keepalive_through_nat_to_wireguard_go", NEEDS) {
+        return Ok(());
+    }
+    keepalive_through_nat(WgImpl::WireguardGo)
+}
+
+#[test]
+fn persistent_keepalive_through_nat_to_ours() -> Result<()> {
+    if !can_run("persistent_keepalive_through_nat_to_ours", NEEDS) {
+        return Ok(());
+    }
+    keepalive_through_nat(ours())
+}
+
+/// A peer removed while a ping flood runs: the device keeps serving, the
+/// traffic stops, and the peer comes back with a new handshake.
+fn peer_removed_during_traffic(right: WgImpl) -> Result<()> {
+    let lab = Lab::new(&format!("wg-remove-{}", right.label()))?;
+    let pair = Pair::start(&lab, &ours(), &right, false)?;
+    let (a, b) = (pair.left.node().clone(), pair.right.node().clone());
+    wait_ping(&lab, &a, RIGHT)?;
+    let flood = lab.spawn(&b, "ping-flood", &["ping", "-i", "0.002", "-W", "1", LEFT])?;
+    std::thread::sleep(Duration::from_millis(300));
+    pair.left.remove_peer(pair.right.public_key())?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        pair.left.peers()?.is_empty(),
+        "the peer is still listed: {:?}",
+        pair.left.peers()?
+    );
+    ensure!(ping(&lab, &a, RIGHT).is_err(), "traffic without the peer");
+    lab.stop(&flood);
+    pair.left.set_peer(
+        pair.right.public_key(),
+        Some(&format!("{}:51821", pair.right_link.ipv4)),
+        &[&format!("{RIGHT}/32")],
+        None,
+    )?;
+    wait_ping(&lab, &a, RIGHT)?;
+    wait_ping(&lab, &b, LEFT)?;
+    Ok(())
+}
+
+#[test]
+fn peer_removed_during_traffic_with_wireguard_go() -> Result<()> {
+    if !can_run("peer_removed_during_traffic_with_wireguard_go", NEEDS) {
+        return Ok(());
+    }
+    peer_removed_during_traffic(WgImpl::WireguardGo)
+}
+
+#[test]
+fn peer_removed_during_traffic_with_ours() -> Result<()> {
+    if !can_run("peer_removed_during_traffic_with_ours", NEEDS) {
+        return Ok(());
+    }
+    peer_removed_during_traffic(ours())
+}
+
+/// `wg showconf` of our device fed back with `wg syncconf` changes nothing;
+/// a config without the peer removes it; bad requests get errno replies.
+#[test]
+fn showconf_syncconf_and_bad_requests() -> Result<()> {
+    if !can_run("showconf_syncconf_and_bad_requests", NEEDS) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-syncconf")?;
+    let pair = Pair::start(&lab, &ours(), &WgImpl::WireguardGo, false)?;
+    let (a, ifname) = (pair.left.node().clone(), pair.left.ifname().to_string());
+    wait_ping(&lab, &a, RIGHT)?;
+    let conf = pair.left.wg(&["showconf", &ifname])?;
+    for needle in [
+        "[Interface]",
+        "ListenPort = 51820",
+        "PrivateKey = ",
+        "[Peer]",
+        &format!("PublicKey = {}", pair.right.public_key()),
+        &format!("AllowedIPs = {RIGHT}/32, {RIGHT6}/128"),
+        &format!("Endpoint = {}:51821", pair.right_link.ipv4),
+    ] {
+        assert!(conf.contains(needle), "{needle:?} not in showconf:\n{conf}");
+    }
+    let file = lab.write_config(&a, "wg.conf", &conf)?;
+    let before = pair.left.wg(&["show", &ifname, "dump"])?;
+    pair.left
+        .wg(&["syncconf", &ifname, &file.to_string_lossy()])?;
+    let after = pair.left.wg(&["show", &ifname, "dump"])?;
+    let first_line = |s: &str| s.lines().next().unwrap_or_default().to_string();
+    assert_eq!(first_line(&before), first_line(&after));
+    ping(&lab, &a, RIGHT)?;
+
+    let without_peer: String = conf
+        .split("[Peer]")
+        .next()
+        .context("showconf has an [Interface] part")?
+        .to_string();
+    let file = lab.write_config(&a, "wg-nopeer.conf", &without_peer)?;
+    pair.left
+        .wg(&["syncconf", &ifname, &file.to_string_lossy()])?;
+    assert!(pair.left.peers()?.is_empty(), "syncconf removed the peer");
+
+    // Raw UAPI: a bad value is refused with -EINVAL and changes nothing.
+    let socket = format!("/var/run/wireguard/{ifname}.sock");
+    let ask = |request: &str| -> Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.ends_with(b"\n\n") {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8(reply)?)
+    };
+    assert_eq!(ask("set=1\nlisten_port=abc\n\n")?, "errno=-22\n\n");
+    assert_eq!(ask("set=1\nbogus=1\n\n")?, "errno=-22\n\n");
+    let peer = "public_key=0101010101010101010101010101010101010101010101010101010101010101";
+    assert_eq!(
+        ask(&format!("set=1\n{peer}\nallowed_ip=10.0.0.0/40\n\n"))?,
+        "errno=-22\n\n"
+    );
+    assert!(ask("get=1\n\n")?.ends_with("\nerrno=0\n\n"));
+    assert!(
+        pair.left.peers()?.is_empty(),
+        "a refused request added a peer"
+    );
+    // Another device with the same port: EADDRINUSE, the old port stays.
+    let out = lab.try_exec(&a, &["wg", "set", &ifname, "listen-port", "51820"])?;
+    ensure!(out.success(), "setting the same port again: {}", out.stderr);
+    let blocker = lab.in_netns(&a, || std::net::UdpSocket::bind("0.0.0.0:51999"))??;
+    let out = lab.try_exec(&a, &["wg", "set", &ifname, "listen-port", "51999"])?;
+    ensure!(!out.success(), "a port in use was accepted");
+    assert!(
+        out.stderr.contains("in use"),
+        "wg's message for EADDRINUSE: {}",
+        out.stderr
+    );
+    drop(blocker);
+    let text = pair.left.wg(&["show", &ifname])?;
+    assert!(text.contains("listening port: 51820"), "{text}");
+    if text.contains("51999") {
+        bail!("the port changed although the bind failed:\n{text}");
+    }
+    Ok(())
+}
