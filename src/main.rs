@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_bgp;
+mod bench_wireguard;
 mod wireguard_cmd;
 
 #[derive(Parser)]
@@ -93,6 +94,12 @@ enum BenchCommand {
         prefixes: u32,
         #[arg(long, default_value_t = 100_000)]
         paths: u32,
+    },
+    /// iperf3 through WireGuard: bgp4mesh, wireguard-go and boringtun-cli, 1 and 4 streams
+    Wireguard {
+        /// Seconds per iperf3 run
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
     },
     /// (internal) the injector of `bench bgp`
     #[command(hide = true)]
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
         Command::Bench(BenchCommand::Fib { routes }) => bench::fib(*routes),
         Command::Bench(BenchCommand::Bgp { prefixes, paths }) => bench_bgp::bgp(*prefixes, *paths),
+        Command::Bench(BenchCommand::Wireguard { seconds }) => bench_wireguard::wireguard(*seconds),
         Command::Bench(BenchCommand::BgpInject {
             peer,
             local,

@@ -21,6 +21,13 @@ pub enum WgImpl {
         binary: PathBuf,
         args: Vec<String>,
     },
+    /// Any other wireguard-go-compatible daemon that stays in the
+    /// foreground: `argv` followed by the interface name (boringtun-cli:
+    /// `["boringtun-cli", "--foreground", "--disable-drop-privileges"]`).
+    Command {
+        label: String,
+        argv: Vec<String>,
+    },
 }
 
 impl WgImpl {
@@ -31,10 +38,11 @@ impl WgImpl {
         }
     }
 
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> &str {
         match self {
             WgImpl::WireguardGo => "wireguard-go",
             WgImpl::Bgp4mesh { .. } => "bgp4mesh",
+            WgImpl::Command { label, .. } => label,
         }
     }
 }
@@ -119,6 +127,7 @@ impl<'lab> WgDevice<'lab> {
                 c.extend(args.iter().cloned());
                 c
             }
+            WgImpl::Command { argv, .. } => argv.clone(),
         };
         command.push(ifname.clone());
         let command: Vec<&str> = command.iter().map(String::as_str).collect();
