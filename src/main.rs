@@ -78,6 +78,9 @@ enum Command {
         /// Log level: error, warn, info, debug
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// (tests) start a new handshake after this many seconds instead of 120
+        #[arg(long, hide = true)]
+        rekey_after_time: Option<u64>,
     },
 }
 
@@ -213,7 +216,8 @@ fn main() -> ExitCode {
             foreground,
             mtu,
             log_level,
-        } => wireguard_cmd::run(interface, *foreground, *mtu, log_level),
+            rekey_after_time,
+        } => wireguard_cmd::run(interface, *foreground, *mtu, log_level, *rekey_after_time),
         Command::Lab(LabCommand::Demo) => lab_demo(),
         Command::Lab(LabCommand::Sweep { all }) => lab_sweep(*all),
     };

@@ -14,14 +14,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bgp4mesh_wireguard::uapi_server::SOCKET_DIR;
-use bgp4mesh_wireguard::{Device, DeviceOptions, UapiServer};
+use bgp4mesh_wireguard::{Device, DeviceOptions, TimerParams, UapiServer};
 
-pub fn run(interface: &str, foreground: bool, mtu: u16, log_level: &str) -> Result<()> {
+pub fn run(
+    interface: &str,
+    foreground: bool,
+    mtu: u16,
+    log_level: &str,
+    rekey_after_time: Option<u64>,
+) -> Result<()> {
     if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
         bail!("{interface:?} is not an interface name (1 to 15 characters, no '/' or space)");
     }
     if !foreground {
-        return start_in_background(interface, mtu, log_level);
+        return start_in_background(interface, mtu, log_level, rekey_after_time);
     }
     let level: tracing::Level = log_level.parse().map_err(|_| {
         anyhow::anyhow!("--log-level: {log_level:?} is not one of error, warn, info, debug, trace")
@@ -34,6 +40,13 @@ pub fn run(interface: &str, foreground: bool, mtu: u16, log_level: &str) -> Resu
         .init();
     let mut options = DeviceOptions::new(interface);
     options.mtu = mtu;
+    if let Some(seconds) = rekey_after_time {
+        let after = Duration::from_secs(seconds);
+        options.timer_params = Some(TimerParams {
+            rekey_after_time: after..=after,
+            ..TimerParams::default()
+        });
+    }
     let device = Arc::new(Device::create(options).context("creating the WireGuard device")?);
     let _uapi = UapiServer::start(Arc::clone(&device)).context("starting the UAPI socket")?;
     let stopper = device.stopper();
@@ -57,12 +70,23 @@ pub fn run(interface: &str, foreground: bool, mtu: u16, log_level: &str) -> Resu
     Ok(())
 }
 
-fn start_in_background(interface: &str, mtu: u16, log_level: &str) -> Result<()> {
+fn start_in_background(
+    interface: &str,
+    mtu: u16,
+    log_level: &str,
+    rekey_after_time: Option<u64>,
+) -> Result<()> {
     let exe = std::env::current_exe().context("finding our own executable")?;
     let mut child = Command::new(exe);
     child
         .args(["wireguard", "--foreground", "--mtu", &mtu.to_string()])
-        .args(["--log-level", log_level, interface])
+        .args(["--log-level", log_level])
+        .args(
+            rekey_after_time
+                .iter()
+                .flat_map(|s| ["--rekey-after-time".to_string(), s.to_string()]),
+        )
+        .arg(interface)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

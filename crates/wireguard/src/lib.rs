@@ -16,5 +16,6 @@ pub use config::{
     AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerConfig, PeerStatus, SetRequest,
 };
 pub use device::{DEFAULT_MTU, Device, DeviceOptions, Stopper};
+pub use gotatun::noise::TimerParams;
 pub use key::Key;
 pub use uapi_server::UapiServer;
