@@ -25,6 +25,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -56,6 +57,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's default MTU: 1500 minus the IPv6, UDP and WireGuard overhead.
 pub const DEFAULT_MTU: u16 = 1420;
 const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Handshake messages waiting for the handshake thread; more are dropped.
+const HANDSHAKE_QUEUE: usize = 1024;
 /// The largest UDP payload one GSO send may carry.
 const GSO_MAX_BYTES: usize = 65_000;
 const MAX_PACKET: usize = 65_535;
@@ -101,6 +104,10 @@ struct Shared {
     configured_endpoints: Mutex<HashMap<Key, SocketAddr>>,
     iface: RwLock<Interface>,
     udp: RwLock<Option<Arc<Udp>>>,
+    /// Handshake messages from the receive thread to the handshake thread.
+    /// Bounded: under a flood the excess is dropped here, so data packets
+    /// never wait behind Diffie-Hellman work or cookie replies.
+    handshakes: SyncSender<(SocketAddr, Vec<u8>)>,
     /// Written once, on stop; every wait also polls it.
     stop_fd: OwnedFd,
     stopping: AtomicBool,
@@ -173,6 +180,7 @@ impl Device {
         }
         // SAFETY: stop_fd is a fresh, valid descriptor (checked above).
         let stop_fd = unsafe { OwnedFd::from_raw_fd(stop_fd) };
+        let (handshakes, handshake_queue) = std::sync::mpsc::sync_channel(HANDSHAKE_QUEUE);
         let shared = Arc::new(Shared {
             name: options.name.clone(),
             tun,
@@ -192,10 +200,22 @@ impl Device {
                 allowed: IpNetworkTable::new(),
             }),
             udp: RwLock::new(Some(Arc::new(Udp::bind(0, 0)?))),
+            handshakes,
             stop_fd,
             stopping: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("wg-hs-{}", options.name))
+            .spawn(move || handshake_worker(for_thread, handshake_queue));
+        match thread {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.stop();
+                return Err(e);
+            }
+        }
         for (role, body) in [
             ("tx", tun_to_udp as fn(Arc<Shared>)),
             ("rx", udp_to_tun),
@@ -1061,7 +1081,6 @@ fn udp_to_tun(shared: Arc<Shared>) {
         used: 0,
         gro: GROTable::default(),
     };
-    let mut mtu = MtuWatcher::new(shared.mtu);
     while !shared.stopping.load(Ordering::Relaxed) {
         let Some(udp) = shared.udp() else {
             shared.wait_readable(None, Some(TIMER_TICK));
@@ -1092,9 +1111,7 @@ fn udp_to_tun(shared: Arc<Shared>) {
                 let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
                 let stride = if m.stride == 0 { m.len } else { m.stride };
                 for datagram in buf[..m.len].chunks(stride.max(1)) {
-                    receive(
-                        &shared, &iface, &udp, from, datagram, &mut cache, &mut out, &mut mtu,
-                    );
+                    receive(&shared, &iface, &udp, from, datagram, &mut cache, &mut out);
                 }
             }
         }
@@ -1111,7 +1128,6 @@ fn receive(
     datagram: &[u8],
     cache: &mut Option<(u32, Arc<Peer>)>,
     out: &mut TunBatch,
-    mtu: &mut MtuWatcher,
 ) {
     if datagram.first() == Some(&4) && datagram.len() >= 32 {
         let index = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
@@ -1164,7 +1180,25 @@ fn receive(
         }
         return;
     }
-    receive_handshake(shared, iface, udp, from, datagram, mtu);
+    if matches!(datagram.first(), Some(1..=3)) {
+        // A full queue drops the message: the sender retries, and a flood
+        // costs us only this copy.
+        let _ = shared.handshakes.try_send((from, datagram.to_vec()));
+    }
+}
+
+fn handshake_worker(shared: Arc<Shared>, queue: Receiver<(SocketAddr, Vec<u8>)>) {
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let (from, datagram) = match queue.recv_timeout(TIMER_TICK) {
+            Ok(message) => message,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(udp) = shared.udp() else { continue };
+        let iface = read(&shared.iface);
+        receive_handshake(&shared, &iface, &udp, from, &datagram, &mut mtu);
+    }
 }
 
 fn receive_handshake(
