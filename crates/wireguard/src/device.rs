@@ -108,6 +108,10 @@ struct Shared {
     /// Bounded: under a flood the excess is dropped here, so data packets
     /// never wait behind Diffie-Hellman work or cookie replies.
     handshakes: SyncSender<(SocketAddr, Vec<u8>)>,
+    /// The network namespace the device was created in. A socket bound
+    /// later (a new listen port) must live there too, whichever thread
+    /// asks for it.
+    netns: Option<std::fs::File>,
     /// Written once, on stop; every wait also polls it.
     stop_fd: OwnedFd,
     stopping: AtomicBool,
@@ -200,6 +204,7 @@ impl Device {
                 allowed: IpNetworkTable::new(),
             }),
             udp: RwLock::new(Some(Arc::new(Udp::bind(0, 0)?))),
+            netns: std::fs::File::open("/proc/thread-self/ns/net").ok(),
             handshakes,
             stop_fd,
             stopping: AtomicBool::new(false),
@@ -406,6 +411,37 @@ impl Shared {
         unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
     }
 
+    /// Runs `f` in the device's network namespace: here if the calling
+    /// thread is already there, else on a short-lived thread that enters it.
+    fn in_device_netns<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        let Some(ns) = &self.netns else {
+            return f();
+        };
+        let same = std::fs::metadata("/proc/thread-self/ns/net")
+            .and_then(|here| Ok((here, ns.metadata()?)))
+            .map(|(here, there)| {
+                use std::os::unix::fs::MetadataExt;
+                here.ino() == there.ino() && here.dev() == there.dev()
+            })
+            .unwrap_or(true);
+        if same {
+            return f();
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns with a valid namespace descriptor; it
+                    // only moves this short-lived thread.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("socket thread panicked")))
+        })
+    }
+
     fn udp(&self) -> Option<Arc<Udp>> {
         read(&self.udp).clone()
     }
@@ -451,7 +487,7 @@ impl Shared {
         // Free the old port first: the new one may be the same number on
         // the other address family, and a failed bind must not leave the
         // device without a socket.
-        let udp = match Udp::bind(port, fwmark) {
+        let udp = match self.in_device_netns(|| Udp::bind(port, fwmark)) {
             Ok(udp) => udp,
             Err(e) => {
                 let errno = if e.kind() == io::ErrorKind::AddrInUse {
