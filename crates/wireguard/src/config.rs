@@ -2,6 +2,7 @@
 //! state), the changes one request makes (`SetRequest`, what a UAPI `set=1`
 //! carries), and what a device reports (`DeviceStatus`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -128,5 +129,155 @@ pub struct PeerStatus {
 impl DeviceStatus {
     pub fn peer(&self, public_key: &Key) -> Option<&PeerStatus> {
         self.peers.iter().find(|p| &p.public_key == public_key)
+    }
+}
+
+/// The change request that brings a device from `current` to `desired`,
+/// touching only what differs: peers whose key, preshared key and
+/// keepalive are unchanged keep their sessions; an endpoint is only set
+/// when the desired one differs from the one last asked for
+/// (`configured_endpoints`), so a roamed peer is not pulled back on every
+/// reconcile. `configured_port` is the listen port as configured (0 =
+/// any), which may differ from the bound one in `current`.
+pub fn plan_changes(
+    current: &DeviceStatus,
+    configured_port: u16,
+    configured_endpoints: &HashMap<Key, SocketAddr>,
+    desired: &DeviceConfig,
+) -> SetRequest {
+    let mut request = SetRequest::default();
+    if current.private_key != desired.private_key {
+        request.private_key = Some(desired.private_key);
+    }
+    if configured_port != desired.listen_port {
+        request.listen_port = Some(desired.listen_port);
+    }
+    if current.fwmark != desired.fwmark {
+        request.fwmark = Some(desired.fwmark);
+    }
+    for peer in &current.peers {
+        if !desired
+            .peers
+            .iter()
+            .any(|p| p.public_key == peer.public_key)
+        {
+            let mut change = PeerChange::new(peer.public_key);
+            change.remove = true;
+            request.peers.push(change);
+        }
+    }
+    for want in &desired.peers {
+        let have = current.peer(&want.public_key);
+        let mut change = PeerChange::new(want.public_key);
+        if have.map(|h| h.preshared_key) != Some(want.preshared_key) {
+            change.preshared_key = Some(want.preshared_key);
+        }
+        let keepalive = want.persistent_keepalive.filter(|k| *k > 0);
+        if have.map(|h| h.persistent_keepalive) != Some(keepalive) {
+            change.persistent_keepalive = Some(keepalive.unwrap_or(0));
+        }
+        let configured = configured_endpoints.get(&want.public_key).copied();
+        let endpoint_unknown = have.is_none_or(|h| h.endpoint.is_none());
+        if want.endpoint.is_some() && (want.endpoint != configured || endpoint_unknown) {
+            change.endpoint = want.endpoint;
+        }
+        let mut have_ips = have.map(|h| h.allowed_ips.clone()).unwrap_or_default();
+        let mut want_ips: Vec<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
+        have_ips.sort();
+        want_ips.sort();
+        want_ips.dedup();
+        if have.is_none() || have_ips != want_ips {
+            change.replace_allowed_ips = true;
+            change.allowed_ips = want_ips.into_iter().map(AllowedIpChange::Add).collect();
+        }
+        let unchanged = have.is_some()
+            && change.preshared_key.is_none()
+            && change.persistent_keepalive.is_none()
+            && change.endpoint.is_none()
+            && !change.replace_allowed_ips;
+        if !unchanged {
+            request.peers.push(change);
+        }
+    }
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(peers: Vec<PeerStatus>) -> DeviceStatus {
+        DeviceStatus {
+            name: "wg0".into(),
+            private_key: Some(Key([1; 32])),
+            public_key: None,
+            listen_port: 51820,
+            fwmark: 0,
+            peers,
+        }
+    }
+
+    fn peer_status(key: u8, endpoint: &str, ips: &[&str]) -> PeerStatus {
+        PeerStatus {
+            public_key: Key([key; 32]),
+            preshared_key: None,
+            endpoint: Some(endpoint.parse().expect("endpoint")),
+            allowed_ips: ips.iter().map(|i| i.parse().expect("net")).collect(),
+            persistent_keepalive: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    fn peer_config(key: u8, endpoint: &str, ips: &[&str]) -> PeerConfig {
+        let mut p = PeerConfig::new(Key([key; 32]));
+        p.endpoint = Some(endpoint.parse().expect("endpoint"));
+        p.allowed_ips = ips.iter().map(|i| i.parse().expect("net")).collect();
+        p
+    }
+
+    #[test]
+    fn nothing_to_do_when_the_device_already_is_as_desired() {
+        let current = status(vec![peer_status(2, "192.0.2.2:51820", &["10.0.0.2/32"])]);
+        let desired = DeviceConfig {
+            private_key: Some(Key([1; 32])),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: vec![peer_config(2, "192.0.2.2:51820", &["10.0.0.2/32"])],
+        };
+        let endpoints = HashMap::from([(Key([2; 32]), "192.0.2.2:51820".parse().expect("a"))]);
+        assert_eq!(
+            plan_changes(&current, 51820, &endpoints, &desired),
+            SetRequest::default()
+        );
+    }
+
+    #[test]
+    fn a_roamed_peer_is_left_where_it_is_and_others_change_in_place() {
+        // Peer 2 roamed to .99; the desired endpoint did not change.
+        let current = status(vec![
+            peer_status(2, "192.0.2.99:4000", &["10.0.0.2/32"]),
+            peer_status(3, "192.0.2.3:51820", &["10.0.0.3/32"]),
+        ]);
+        let desired = DeviceConfig {
+            private_key: Some(Key([1; 32])),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: vec![
+                peer_config(2, "192.0.2.2:51820", &["10.0.0.2/32"]),
+                peer_config(4, "192.0.2.4:51820", &["10.0.0.4/32", "10.0.1.0/24"]),
+            ],
+        };
+        let endpoints = HashMap::from([(Key([2; 32]), "192.0.2.2:51820".parse().expect("a"))]);
+        let request = plan_changes(&current, 51820, &endpoints, &desired);
+        assert_eq!(request.private_key, None);
+        assert_eq!(request.peers.len(), 2, "{request:?}");
+        assert!(request.peers[0].remove && request.peers[0].public_key == Key([3; 32]));
+        let added = &request.peers[1];
+        assert_eq!(added.public_key, Key([4; 32]));
+        assert!(added.replace_allowed_ips);
+        assert_eq!(added.allowed_ips.len(), 2);
+        assert_eq!(added.endpoint, Some("192.0.2.4:51820".parse().expect("a")));
     }
 }

@@ -46,7 +46,7 @@ use tracing::{debug, info};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::config::{
-    AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerStatus, SetRequest,
+    AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerStatus, SetRequest, plan_changes,
 };
 use crate::key::Key;
 use crate::uapi::UapiError;
@@ -283,60 +283,9 @@ impl Device {
     /// roamed peer is not pulled back on every reconcile.
     pub fn configure(&self, desired: &DeviceConfig) -> Result<(), UapiError> {
         let current = self.status();
-        let mut request = SetRequest::default();
-        if current.private_key != desired.private_key {
-            request.private_key = Some(desired.private_key);
-        }
         let configured_port = read(&self.shared.iface).listen_port;
-        if configured_port != desired.listen_port {
-            request.listen_port = Some(desired.listen_port);
-        }
-        if current.fwmark != desired.fwmark {
-            request.fwmark = Some(desired.fwmark);
-        }
-        for peer in &current.peers {
-            if !desired
-                .peers
-                .iter()
-                .any(|p| p.public_key == peer.public_key)
-            {
-                let mut change = PeerChange::new(peer.public_key);
-                change.remove = true;
-                request.peers.push(change);
-            }
-        }
-        for want in &desired.peers {
-            let have = current.peer(&want.public_key);
-            let mut change = PeerChange::new(want.public_key);
-            if have.map(|h| h.preshared_key) != Some(want.preshared_key) {
-                change.preshared_key = Some(want.preshared_key);
-            }
-            let keepalive = want.persistent_keepalive.filter(|k| *k > 0);
-            if have.map(|h| h.persistent_keepalive) != Some(keepalive) {
-                change.persistent_keepalive = Some(keepalive.unwrap_or(0));
-            }
-            let configured = self.shared.configured_endpoint(&want.public_key);
-            if want.endpoint.is_some() && want.endpoint != configured {
-                change.endpoint = want.endpoint;
-            }
-            let mut have_ips = have.map(|h| h.allowed_ips.clone()).unwrap_or_default();
-            let mut want_ips: Vec<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
-            have_ips.sort();
-            want_ips.sort();
-            want_ips.dedup();
-            if have.is_none() || have_ips != want_ips {
-                change.replace_allowed_ips = true;
-                change.allowed_ips = want_ips.into_iter().map(AllowedIpChange::Add).collect();
-            }
-            let unchanged = have.is_some()
-                && change.preshared_key.is_none()
-                && change.persistent_keepalive.is_none()
-                && change.endpoint.is_none()
-                && !change.replace_allowed_ips;
-            if !unchanged {
-                request.peers.push(change);
-            }
-        }
+        let endpoints = lock(&self.shared.configured_endpoints).clone();
+        let request = plan_changes(&current, configured_port, &endpoints, desired);
         self.shared.remember_endpoints(desired);
         if request == SetRequest::default() {
             return Ok(());
@@ -683,10 +632,6 @@ impl Shared {
         for (previous, net) in displaced {
             lock(&previous.state).allowed_ips.retain(|n| *n != net);
         }
-    }
-
-    fn configured_endpoint(&self, key: &Key) -> Option<SocketAddr> {
-        lock(&self.configured_endpoints).get(key).copied()
     }
 
     fn remember_endpoints(&self, desired: &DeviceConfig) {

@@ -4,14 +4,19 @@
 //!   gotatun), with a Rust API for the node daemon ([`Device::configure`],
 //!   [`Device::status`]).
 //! - [`uapi`] and [`uapi_server`]: the `wg`-compatible control socket.
+//! - [`kernel_backend`]: the kernel module over generic netlink, where it
+//!   exists; [`AnyDevice`] picks a backend ([`Backend::Auto`]).
 //! - [`Key`]: keys in base64 and hex.
 
+pub mod backend;
 pub mod config;
 pub mod device;
+pub mod kernel_backend;
 pub mod key;
 pub mod uapi;
 pub mod uapi_server;
 
+pub use backend::{AnyDevice, Backend};
 pub use config::{
     AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerConfig, PeerStatus, SetRequest,
 };

@@ -1,0 +1,121 @@
+//! One type for either backend, chosen at creation: the kernel module
+//! where it exists (`Backend::Auto`), else the userspace device.
+
+use std::collections::HashMap;
+use std::io;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use crate::config::{DeviceConfig, DeviceStatus, SetRequest, plan_changes};
+use crate::device::{Device, DeviceOptions};
+use crate::kernel_backend::{KernelDevice, kernel_module_available};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The kernel module if this kernel has it, else userspace.
+    #[default]
+    Auto,
+    Userspace,
+    Kernel,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "userspace" => Ok(Backend::Userspace),
+            "kernel" => Ok(Backend::Kernel),
+            other => Err(format!(
+                "{other:?} is not a WireGuard backend (auto, userspace, kernel)"
+            )),
+        }
+    }
+}
+
+pub enum AnyDevice {
+    Userspace(Device),
+    Kernel {
+        device: KernelDevice,
+        listen_port: Mutex<u16>,
+        endpoints: Mutex<HashMap<crate::Key, std::net::SocketAddr>>,
+    },
+}
+
+impl AnyDevice {
+    pub fn create(options: DeviceOptions, backend: Backend) -> io::Result<AnyDevice> {
+        let kernel = match backend {
+            Backend::Kernel => true,
+            Backend::Userspace => false,
+            Backend::Auto => kernel_module_available(),
+        };
+        if kernel {
+            Ok(AnyDevice::Kernel {
+                device: KernelDevice::create(&options.name)?,
+                listen_port: Mutex::new(0),
+                endpoints: Mutex::new(HashMap::new()),
+            })
+        } else {
+            Ok(AnyDevice::Userspace(Device::create(options)?))
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyDevice::Userspace(_) => Backend::Userspace,
+            AnyDevice::Kernel { .. } => Backend::Kernel,
+        }
+    }
+
+    /// Brings the device to `desired` (see [`plan_changes`]).
+    pub fn configure(&self, desired: &DeviceConfig) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device) => device.configure(desired).map_err(to_io),
+            AnyDevice::Kernel {
+                device,
+                listen_port,
+                endpoints,
+            } => {
+                let current = device.status()?;
+                let mut port = listen_port.lock().unwrap_or_else(|e| e.into_inner());
+                let mut known = endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                let request = plan_changes(&current, *port, &known, desired);
+                if request != SetRequest::default() {
+                    device.apply(&request)?;
+                }
+                *port = desired.listen_port;
+                *known = desired
+                    .peers
+                    .iter()
+                    .filter_map(|p| Some((p.public_key, p.endpoint?)))
+                    .collect();
+                Ok(())
+            }
+        }
+    }
+
+    pub fn status(&self) -> io::Result<DeviceStatus> {
+        match self {
+            AnyDevice::Userspace(device) => Ok(device.status()),
+            AnyDevice::Kernel { device, .. } => device.status(),
+        }
+    }
+}
+
+fn to_io(e: crate::uapi::UapiError) -> io::Error {
+    io::Error::from_raw_os_error(e.errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names() {
+        assert_eq!("auto".parse(), Ok(Backend::Auto));
+        assert_eq!("kernel".parse(), Ok(Backend::Kernel));
+        assert_eq!("userspace".parse(), Ok(Backend::Userspace));
+        let err = "wg".parse::<Backend>().expect_err("unknown");
+        assert!(err.contains("auto, userspace, kernel"), "{err}");
+    }
+}
