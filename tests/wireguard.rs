@@ -727,3 +727,96 @@ fn handshake_flood_gets_cookies_and_does_not_stall_a_peer() -> Result<()> {
     ping(&lab, &a, RIGHT)?;
     Ok(())
 }
+
+/// wg-quick with our device as its userspace implementation
+/// (`WG_QUICK_USERSPACE_IMPLEMENTATION=bgp4mesh-wireguard`), routing
+/// 0.0.0.0/0 into the tunnel: wg-quick marks the device's own packets
+/// (fwmark) and routes everything else into the tunnel, so the device's
+/// UDP socket must carry the mark or its packets would loop into itself.
+/// `wg-quick down` removes the interface and the daemon goes with it.
+#[test]
+fn wg_quick_runs_our_device_with_a_default_route() -> Result<()> {
+    if !can_run(
+        "wg_quick_runs_our_device_with_a_default_route",
+        &["wireguard-go", "wg", "wg-quick", "ping", "nft"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-quick")?;
+    let (client, server) = (lab.add_node("client")?, lab.add_node("server")?);
+    let (_, server_link) = lab.link(&client, &server)?;
+    let remote = WgDevice::start(&lab, &server, &format!("{RIGHT}/24"), 51821)?;
+    // "The Internet" behind the server.
+    lab.add_address(&server, "lo", "198.51.100.1/32")?;
+
+    let ifname = lab.unique_ifname("wg")?;
+    let private = bgp4mesh_wireguard::Key::generate_private();
+    let conf = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {LEFT}/24\nListenPort = 51820\nMTU = 1420\n\n\
+         [Peer]\nPublicKey = {}\nEndpoint = {}:51821\nAllowedIPs = 0.0.0.0/0\n",
+        private.to_base64(),
+        remote.public_key(),
+        server_link.ipv4
+    );
+    let conf_path = lab.write_config(&client, &format!("{ifname}.conf"), &conf)?;
+    let link = lab.run_dir(&client)?.join("bgp4mesh-wireguard");
+    std::os::unix::fs::symlink(BIN, &link)?;
+    remote.set_peer(
+        &private.public_key().to_base64(),
+        None,
+        &[&format!("{LEFT}/32")],
+        None,
+    )?;
+
+    let up = lab.exec_full(
+        &client,
+        &[
+            "env",
+            &format!("WG_QUICK_USERSPACE_IMPLEMENTATION={}", link.display()),
+            "wg-quick",
+            "up",
+            &conf_path.to_string_lossy(),
+        ],
+        None,
+        Duration::from_secs(30),
+    )?;
+    ensure!(up.success(), "wg-quick up: {}{}", up.stdout, up.stderr);
+    ensure!(
+        up.stderr.contains("userspace implementation"),
+        "wg-quick did not fall back to the userspace device:\n{}",
+        up.stderr
+    );
+    let show = lab.exec(&client, &["wg", "show", &ifname])?;
+    assert!(show.contains("fwmark: 0xca6c"), "wg-quick's mark: {show}");
+    // Through the tunnel to an address only the server has: the default
+    // route points into the tunnel, and the tunnel's own datagrams reach
+    // the server because they carry the mark.
+    wait_ping(&lab, &client, "198.51.100.1")?;
+    let route = lab.exec(&client, &["ip", "route", "get", "198.51.100.1"])?;
+    assert!(
+        route.contains(&ifname),
+        "not routed into the tunnel: {route}"
+    );
+
+    let down = lab.exec_full(
+        &client,
+        &["wg-quick", "down", &conf_path.to_string_lossy()],
+        None,
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        down.success(),
+        "wg-quick down: {}{}",
+        down.stdout,
+        down.stderr
+    );
+    let socket = format!("/var/run/wireguard/{ifname}.sock");
+    wait_until(Duration::from_secs(5), "the device to exit", || {
+        ensure!(
+            !std::path::Path::new(&socket).exists(),
+            "{socket} still exists"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
