@@ -1,0 +1,369 @@
+//! The controller's API as Rust types: what the REST API takes and returns
+//! (JSON), and what the push stream carries. Shared by the controller, the
+//! node agent and the admin CLI so they cannot disagree.
+//!
+//! Field names follow Netmaker's where an operator's existing calls use
+//! them (`netid`, `addressrange`, `natEnabled`), so seed 004's curl calls
+//! work unchanged.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The error body of every 4xx and 5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------
+// Networks
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub netid: String,
+    /// The IPv4 block mesh addresses come from (the operator's public
+    /// block, e.g. 44.30.127.0/24).
+    pub addressrange: Option<String>,
+    pub addressrange6: Option<String>,
+    pub mtu: u16,
+    /// The WireGuard port nodes listen on unless they say otherwise.
+    pub listen_port: u16,
+    /// Seconds; nodes behind NAT keep their mapping open with it.
+    pub persistent_keepalive: u16,
+    pub nodes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub netid: String,
+    #[serde(default)]
+    pub addressrange: Option<String>,
+    #[serde(default)]
+    pub addressrange6: Option<String>,
+    #[serde(default, alias = "defaultmtu")]
+    pub mtu: Option<u16>,
+    #[serde(default, alias = "defaultlistenport")]
+    pub listen_port: Option<u16>,
+    #[serde(default, alias = "defaultkeepalive")]
+    pub persistent_keepalive: Option<u16>,
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment tokens
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub network: String,
+    /// Seconds from now; none: never expires.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    /// How many nodes may join with it; none: unlimited.
+    #[serde(default)]
+    pub uses: Option<u32>,
+    /// Tags the joining nodes get (e.g. "gateway").
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub network: String,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+    pub uses_left: Option<u32>,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    /// The enrollment token itself; only in the answer to its creation
+    /// (the controller keeps a hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// What an enrollment token carries, base64url-encoded JSON, so that `join`
+/// needs nothing else: where the controller is, how to recognise it
+/// without a public CA, and the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub server: String,
+    /// SHA-256 of the controller's certificate (DER), lowercase hex.
+    pub fingerprint: Option<String>,
+    pub network: String,
+    pub secret: String,
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The secret of the enrollment token.
+    pub secret: String,
+    pub name: String,
+    /// WireGuard public key, base64. The private key never leaves the node.
+    pub public_key: String,
+    /// Where peers can reach this node (a public static address), if any.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+    /// A pinned mesh address (gateways and borders); must be in the range.
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node: Node,
+    /// The node's credential for the agent API (bearer token); shown once.
+    pub credential: String,
+    pub network: Network,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub network: String,
+    pub name: String,
+    pub public_key: String,
+    pub address: Option<Ipv4Addr>,
+    pub address6: Option<Ipv6Addr>,
+    /// The endpoint peers use: published by the node, else observed.
+    pub endpoint: Option<String>,
+    pub listen_port: u16,
+    pub tags: Vec<String>,
+    pub egress: Option<Gateway>,
+    /// Unix seconds of the node's last report.
+    pub last_seen: Option<u64>,
+    /// Whether the node's last report came within the last 90 s.
+    pub online: bool,
+    /// Per peer (by node id): Unix seconds of the last handshake, as the
+    /// node last reported it.
+    #[serde(default)]
+    pub handshakes: Vec<PeerHandshake>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHandshake {
+    pub peer: String,
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// An agent's report: what it sees of itself and its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    /// Endpoints the node knows it has (public addresses, port forwards).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+    /// Per peer public key: last handshake and counters.
+    #[serde(default)]
+    pub peers: Vec<ReportedPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedPeer {
+    pub public_key: String,
+    /// The address the peer was last heard from (the controller learns NAT
+    /// mappings from these).
+    pub endpoint: Option<String>,
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Egress gateways
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    pub ranges: Vec<IpNet>,
+    pub nat: bool,
+    pub metric: u32,
+}
+
+/// `POST /api/nodes/{network}/{node}/creategateway`, as Netmaker takes it:
+/// `{"ranges":["0.0.0.0/0"],"natEnabled":"no"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayCreate {
+    pub ranges: Vec<String>,
+    #[serde(
+        default,
+        rename = "natEnabled",
+        alias = "nat",
+        deserialize_with = "yes_no"
+    )]
+    pub nat_enabled: bool,
+    #[serde(default)]
+    pub metric: Option<u32>,
+}
+
+/// "yes"/"no" (Netmaker's strings) or a JSON boolean.
+fn yes_no<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Text(String),
+    }
+    match Flag::deserialize(d)? {
+        Flag::Bool(b) => Ok(b),
+        Flag::Text(t) => match t.as_str() {
+            "yes" | "true" => Ok(true),
+            "no" | "false" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "natEnabled is \"yes\" or \"no\", not {other:?}"
+            ))),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Admin API tokens
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenCreate {
+    /// `admin` (everything), `read` (GET only), or `network:NETID` (one
+    /// network: its nodes, tokens and gateways).
+    pub scope: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub id: String,
+    pub scope: String,
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The push stream
+
+/// One peer as a node configures it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node_id: String,
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    /// Its mesh addresses as host routes, plus its egress ranges.
+    pub allowed_ips: Vec<IpNet>,
+    pub egress: Option<Gateway>,
+}
+
+/// Everything a node needs: its own settings and its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshState {
+    pub revision: u64,
+    pub network: Network,
+    pub node: Node,
+    pub peers: Vec<Peer>,
+}
+
+/// One message of `GET /api/agent/stream`: the whole state first (or when
+/// the agent is too far behind), then only changes. Each carries the
+/// revision it brings the agent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    Snapshot(MeshState),
+    PeerUpsert {
+        revision: u64,
+        peer: Peer,
+    },
+    PeerRemove {
+        revision: u64,
+        node_id: String,
+    },
+    /// The node itself changed (address, egress, network settings).
+    SelfUpdate {
+        revision: u64,
+        node: Node,
+        network: Network,
+    },
+    /// The node was deleted: tear the mesh down.
+    Removed {
+        revision: u64,
+    },
+    /// Nothing changed; sent every 15 s so both ends notice a dead stream.
+    Heartbeat {
+        revision: u64,
+    },
+}
+
+impl StreamEvent {
+    pub fn revision(&self) -> u64 {
+        match self {
+            StreamEvent::Snapshot(s) => s.revision,
+            StreamEvent::PeerUpsert { revision, .. }
+            | StreamEvent::PeerRemove { revision, .. }
+            | StreamEvent::SelfUpdate { revision, .. }
+            | StreamEvent::Removed { revision }
+            | StreamEvent::Heartbeat { revision } => *revision,
+        }
+    }
+}
+
+/// The host route of an address (/32 or /128).
+pub fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_gateway_body_parses() {
+        let g: GatewayCreate =
+            serde_json::from_str(r#"{"ranges":["0.0.0.0/0"],"natEnabled":"no"}"#).expect("seed");
+        assert_eq!(g.ranges, vec!["0.0.0.0/0"]);
+        assert!(!g.nat_enabled);
+        let g: GatewayCreate =
+            serde_json::from_str(r#"{"ranges":[],"natEnabled":true}"#).expect("bool");
+        assert!(g.nat_enabled);
+        let err = serde_json::from_str::<GatewayCreate>(r#"{"ranges":[],"natEnabled":"maybe"}"#)
+            .expect_err("refused");
+        assert!(err.to_string().contains("natEnabled"), "{err}");
+    }
+
+    #[test]
+    fn the_seeds_network_body_parses_and_unknown_fields_are_refused() {
+        let n: NetworkCreate =
+            serde_json::from_str(r#"{"netid": "mynet", "addressrange": "44.30.127.0/24"}"#)
+                .expect("seed");
+        assert_eq!(n.netid, "mynet");
+        assert_eq!(n.addressrange.as_deref(), Some("44.30.127.0/24"));
+        let err = serde_json::from_str::<NetworkCreate>(r#"{"netid":"x","adressrange":"1"}"#)
+            .expect_err("typo refused");
+        assert!(err.to_string().contains("adressrange"), "{err}");
+    }
+
+    #[test]
+    fn stream_events_are_tagged() {
+        let e = StreamEvent::PeerRemove {
+            revision: 7,
+            node_id: "n1".into(),
+        };
+        let text = serde_json::to_string(&e).expect("json");
+        assert_eq!(
+            text,
+            r#"{"type":"peer_remove","revision":7,"node_id":"n1"}"#
+        );
+        assert_eq!(serde_json::from_str::<StreamEvent>(&text).expect("back"), e);
+    }
+}

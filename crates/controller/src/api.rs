@@ -1,0 +1,1144 @@
+//! The REST API (JSON) and the agents' push stream.
+//!
+//! Every refusal is JSON `{"message": ...}` with a 4xx status: 400 for a
+//! bad field (the message names it), 401 for a missing or unknown
+//! credential, 403 for one that may not do this, 404, 409 for a conflict
+//! with what exists. A 500 only means the database failed.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bgp4mesh_api::{
+    ApiError, ApiToken, ApiTokenCreate, EnrollmentToken, GatewayCreate, JoinRequest, JoinResponse,
+    NetworkCreate, NodeReport, PeerHandshake, StreamEvent, Token, TokenCreate,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::hub::{Hub, NodeView, render_gateway, render_network, render_node};
+use crate::metrics::Metrics;
+use crate::store::{
+    ApiTokenRow, GatewayRow, JoinRefusal, NetworkRow, NodeRow, Store, StoreError, TokenRefusal,
+    TokenRow,
+};
+use crate::{ipam, secrets};
+
+pub struct Controller {
+    pub store: Store,
+    pub hub: Hub,
+    master_key: String,
+    /// The URL enrollment tokens point at.
+    pub public_url: String,
+    /// The certificate fingerprint enrollment tokens carry.
+    pub fingerprint: Option<String>,
+    /// Writes go one at a time: revisions reach the hub in order.
+    write: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
+}
+
+impl Controller {
+    /// Loads the store's contents into memory.
+    pub async fn new(
+        store: Store,
+        master_key: String,
+        public_url: String,
+        fingerprint: Option<String>,
+    ) -> Result<Controller, StoreError> {
+        let hub = Hub::load(
+            store.revision().await?,
+            store.networks().await?,
+            store.nodes(None).await?,
+            store.gateways().await?,
+        );
+        Ok(Controller {
+            store,
+            hub,
+            master_key,
+            public_url,
+            fingerprint,
+            write: tokio::sync::Mutex::new(()),
+            metrics: Metrics::default(),
+        })
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+#[derive(Debug)]
+pub struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::NOT_FOUND, message)
+    }
+    fn conflict(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::CONFLICT, message)
+    }
+    fn forbidden(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::FORBIDDEN, message)
+    }
+    fn unauthorized(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::UNAUTHORIZED, message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "{}", self.message);
+        }
+        (
+            self.status,
+            Json(ApiError {
+                message: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        match e {
+            StoreError::Conflict(m) => Failure::conflict(m),
+            StoreError::NotFound(m) => Failure::not_found(m),
+            StoreError::Database(e) => Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("database error: {e}"),
+            ),
+        }
+    }
+}
+
+/// A JSON body, or a 4xx that says what is wrong with it.
+fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
+    json.map(|Json(v)| v).map_err(|r| {
+        let status = if r.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Failure::new(status, r.body_text())
+    })
+}
+
+type Reply<T> = Result<Json<T>, Failure>;
+
+// ---------------------------------------------------------------------------
+// Who is asking
+
+enum Principal {
+    Admin,
+    /// GET anything (except agent endpoints).
+    Read,
+    /// Everything about one network.
+    Network(String),
+    Node(NodeRow),
+}
+
+async fn principal(ctl: &Controller, headers: &HeaderMap) -> Result<Principal, Failure> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(Failure::unauthorized(
+            "missing Authorization header (Authorization: Bearer <key>)",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Failure::unauthorized("the Authorization header is not \"Bearer <key>\""))?;
+    if secrets::same(token, &ctl.master_key) {
+        return Ok(Principal::Admin);
+    }
+    let hash = secrets::hash(token);
+    if let Some(t) = ctl.store.api_token_by_hash(&hash).await? {
+        return Ok(match t.scope.strip_prefix("network:") {
+            Some(net) => Principal::Network(net.to_string()),
+            None if t.scope == "admin" => Principal::Admin,
+            None => Principal::Read,
+        });
+    }
+    if let Some(node) = ctl.store.node_by_credential(&hash).await? {
+        return Ok(Principal::Node(node));
+    }
+    Err(Failure::unauthorized("unknown key"))
+}
+
+/// Admin, or scoped to `netid` (or reading, when `read` is enough).
+async fn may_manage(
+    ctl: &Controller,
+    headers: &HeaderMap,
+    netid: Option<&str>,
+    read: bool,
+) -> Result<(), Failure> {
+    match principal(ctl, headers).await? {
+        Principal::Admin => Ok(()),
+        Principal::Read if read => Ok(()),
+        Principal::Network(n) if netid == Some(n.as_str()) => Ok(()),
+        Principal::Node(_) => Err(Failure::forbidden(
+            "a node credential is only for the agent API (/api/agent/...)",
+        )),
+        _ => Err(Failure::forbidden("this key may not do that")),
+    }
+}
+
+async fn node_principal(ctl: &Controller, headers: &HeaderMap) -> Result<NodeRow, Failure> {
+    match principal(ctl, headers).await? {
+        Principal::Node(n) => Ok(n),
+        _ => Err(Failure::forbidden("the agent API takes a node credential")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The router
+
+pub fn router(ctl: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/api/networks", post(create_network).get(list_networks))
+        .route(
+            "/api/networks/{netid}",
+            get(get_network).delete(delete_network),
+        )
+        .route("/api/tokens", post(create_token).get(list_tokens))
+        .route("/api/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/api/join", post(join))
+        .route("/api/nodes", get(list_all_nodes))
+        .route("/api/nodes/{netid}", get(list_nodes))
+        .route(
+            "/api/nodes/{netid}/{node}",
+            get(get_node).delete(delete_node),
+        )
+        .route(
+            "/api/nodes/{netid}/{node}/creategateway",
+            post(create_gateway),
+        )
+        .route(
+            "/api/nodes/{netid}/{node}/deletegateway",
+            axum::routing::delete(delete_gateway),
+        )
+        .route("/api/gateways", get(list_gateways))
+        .route(
+            "/api/apitokens",
+            post(create_api_token).get(list_api_tokens),
+        )
+        .route(
+            "/api/apitokens/{id}",
+            axum::routing::delete(delete_api_token),
+        )
+        .route("/api/agent/state", get(agent_state))
+        .route("/api/agent/stream", get(agent_stream))
+        .route("/api/agent/report", post(agent_report))
+        .fallback(|| async { Failure::not_found("no such API path") })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&ctl),
+            measure,
+        ))
+        .with_state(ctl)
+}
+
+async fn measure(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let streaming = request.uri().path() == "/api/agent/stream";
+    let response = next.run(request).await;
+    if !streaming {
+        ctl.metrics
+            .observe(start.elapsed(), response.status().as_u16());
+    }
+    response
+}
+
+async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "revision": ctl.hub.revision()}))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document().to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(ctl): State<Arc<Controller>>) -> Response {
+    let (online, total) = ctl.hub.online(now());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctl.metrics.render(online, total, ctl.hub.revision()),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------
+// Networks
+
+fn check_netid(netid: &str) -> Result<(), Failure> {
+    let ok = !netid.is_empty()
+        && netid.len() <= 32
+        && !netid.starts_with('-')
+        && netid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::bad(format!(
+            "netid {netid:?}: 1 to 32 characters, lowercase letters, digits and '-'"
+        )))
+    }
+}
+
+fn parse_range4(text: &str) -> Result<Ipv4Net, Failure> {
+    let net: Ipv4Net = text.parse().map_err(|_| {
+        Failure::bad(format!(
+            "addressrange {text:?} is not an IPv4 prefix (like 44.30.127.0/24)"
+        ))
+    })?;
+    if net.trunc() != net {
+        return Err(Failure::bad(format!(
+            "addressrange {net} has host bits set; the network is {}",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+fn parse_range6(text: &str) -> Result<Ipv6Net, Failure> {
+    let net: Ipv6Net = text.parse().map_err(|_| {
+        Failure::bad(format!(
+            "addressrange6 {text:?} is not an IPv6 prefix (like fd44::/64)"
+        ))
+    })?;
+    if net.trunc() != net {
+        return Err(Failure::bad(format!(
+            "addressrange6 {net} has host bits set; the network is {}",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+async fn create_network(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    json: Result<Json<NetworkCreate>, JsonRejection>,
+) -> Reply<bgp4mesh_api::Network> {
+    may_manage(&ctl, &headers, None, false).await?;
+    let req = body(json)?;
+    check_netid(&req.netid)?;
+    let range4 = req.addressrange.as_deref().map(parse_range4).transpose()?;
+    let range6 = req.addressrange6.as_deref().map(parse_range6).transpose()?;
+    if range4.is_none() && range6.is_none() {
+        return Err(Failure::bad(
+            "a network needs addressrange (IPv4) or addressrange6 (IPv6)",
+        ));
+    }
+    if req.mtu.is_some_and(|m| !(1280..=9000).contains(&m)) {
+        return Err(Failure::bad("mtu: 1280 to 9000"));
+    }
+    let _write = ctl.write.lock().await;
+    for other in ctl.store.networks().await? {
+        if other.netid == req.netid {
+            return Err(Failure::conflict(format!("network {:?} exists", req.netid)));
+        }
+        let overlaps4 = range4
+            .zip(
+                other
+                    .addressrange
+                    .as_deref()
+                    .and_then(|r| r.parse::<IpNet>().ok()),
+            )
+            .is_some_and(|(a, b)| IpNet::V4(a).contains(&b) || b.contains(&IpNet::V4(a)));
+        let overlaps6 = range6
+            .zip(
+                other
+                    .addressrange6
+                    .as_deref()
+                    .and_then(|r| r.parse::<IpNet>().ok()),
+            )
+            .is_some_and(|(a, b)| IpNet::V6(a).contains(&b) || b.contains(&IpNet::V6(a)));
+        if overlaps4 || overlaps6 {
+            return Err(Failure::bad(format!(
+                "the address range overlaps network {:?} ({})",
+                other.netid,
+                [
+                    other.addressrange.as_deref(),
+                    other.addressrange6.as_deref()
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ")
+            )));
+        }
+    }
+    let row = NetworkRow {
+        netid: req.netid.clone(),
+        addressrange: range4.map(|r| r.to_string()),
+        addressrange6: range6.map(|r| r.to_string()),
+        mtu: req.mtu.unwrap_or(1420),
+        listen_port: req.listen_port.unwrap_or(51820),
+        persistent_keepalive: req.persistent_keepalive.unwrap_or(20),
+        created_at: now(),
+    };
+    let revision = ctl.store.create_network(&row, now()).await?;
+    ctl.hub.network_created(revision, row.clone());
+    tracing::info!(netid = %row.netid, "network created");
+    Ok(Json(render_network(&row, 0)))
+}
+
+async fn list_networks(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+) -> Reply<Vec<bgp4mesh_api::Network>> {
+    let principal = principal(&ctl, &headers).await?;
+    let networks = ctl.store.networks().await?;
+    let visible = networks.iter().filter(|n| match &principal {
+        Principal::Admin | Principal::Read => true,
+        Principal::Network(id) => *id == n.netid,
+        Principal::Node(node) => node.network == n.netid,
+    });
+    Ok(Json(
+        visible
+            .map(|n| render_network(n, ctl.hub.node_count(&n.netid)))
+            .collect(),
+    ))
+}
+
+async fn get_network(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path(netid): Path<String>,
+) -> Reply<bgp4mesh_api::Network> {
+    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    let n = ctl
+        .store
+        .network(&netid)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("no network {netid:?}")))?;
+    Ok(Json(render_network(&n, ctl.hub.node_count(&netid))))
+}
+
+async fn delete_network(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path(netid): Path<String>,
+) -> Result<StatusCode, Failure> {
+    may_manage(&ctl, &headers, None, false).await?;
+    let _write = ctl.write.lock().await;
+    let revision = ctl.store.delete_network(&netid, now()).await?;
+    ctl.hub.network_deleted(revision, &netid);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment tokens
+
+fn render_token(t: &TokenRow, secret: Option<String>) -> Token {
+    Token {
+        id: t.id.clone(),
+        network: t.network.clone(),
+        expires_at: t.expires_at,
+        uses_left: t.uses_left,
+        tags: t.tags.clone(),
+        created_at: t.created_at,
+        token: secret,
+    }
+}
+
+async fn create_token(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    json: Result<Json<TokenCreate>, JsonRejection>,
+) -> Reply<Token> {
+    let req = body(json)?;
+    may_manage(&ctl, &headers, Some(&req.network), false).await?;
+    if ctl.store.network(&req.network).await?.is_none() {
+        return Err(Failure::not_found(format!("no network {:?}", req.network)));
+    }
+    if req.uses == Some(0) {
+        return Err(Failure::bad(
+            "uses: at least 1 (leave it out for unlimited)",
+        ));
+    }
+    let secret = secrets::new_secret();
+    let created = now();
+    let row = TokenRow {
+        id: secrets::new_id(),
+        secret_hash: secrets::hash(&secret),
+        network: req.network.clone(),
+        expires_at: req.expires_in.map(|s| created.saturating_add(s)),
+        uses_left: req.uses,
+        tags: req.tags,
+        created_at: created,
+    };
+    ctl.store.create_token(&row).await?;
+    let token = EnrollmentToken {
+        server: ctl.public_url.clone(),
+        fingerprint: ctl.fingerprint.clone(),
+        network: req.network,
+        secret,
+    };
+    let text = serde_json::to_vec(&token)
+        .map(|j| URL_SAFE_NO_PAD.encode(j))
+        .map_err(|e| Failure::bad(e.to_string()))?;
+    Ok(Json(render_token(&row, Some(text))))
+}
+
+#[derive(Deserialize)]
+struct NetworkFilter {
+    network: Option<String>,
+}
+
+async fn list_tokens(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Query(filter): Query<NetworkFilter>,
+) -> Reply<Vec<Token>> {
+    may_manage(&ctl, &headers, filter.network.as_deref(), true).await?;
+    let rows = ctl.store.tokens(filter.network.as_deref()).await?;
+    Ok(Json(rows.iter().map(|t| render_token(t, None)).collect()))
+}
+
+async fn delete_token(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    let token = ctl
+        .store
+        .token(&id)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("no enrollment token {id:?}")))?;
+    may_manage(&ctl, &headers, Some(&token.network), false).await?;
+    ctl.store.delete_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------
+// Joining
+
+fn check_name(name: &str) -> Result<(), Failure> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::bad(format!(
+            "name {name:?}: 1 to 63 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn check_public_key(key: &str) -> Result<(), Failure> {
+    match STANDARD.decode(key.trim()) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        _ => Err(Failure::bad(format!(
+            "public_key {key:?} is not a WireGuard public key (44 characters of base64)"
+        ))),
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), Failure> {
+    if endpoint.parse::<SocketAddr>().is_ok() || endpoint.parse::<IpAddr>().is_ok() {
+        Ok(())
+    } else {
+        Err(Failure::bad(format!(
+            "endpoint {endpoint:?} is not IP or IP:port"
+        )))
+    }
+}
+
+async fn join(
+    State(ctl): State<Arc<Controller>>,
+    json: Result<Json<JoinRequest>, JsonRejection>,
+) -> Reply<JoinResponse> {
+    let req = body(json)?;
+    check_name(&req.name)?;
+    check_public_key(&req.public_key)?;
+    if let Some(e) = &req.endpoint {
+        check_endpoint(e)?;
+    }
+    let credential = secrets::new_secret();
+    let node = NodeRow {
+        id: secrets::new_id(),
+        network: String::new(),
+        name: req.name.clone(),
+        public_key: req.public_key.trim().to_string(),
+        credential_hash: secrets::hash(&credential),
+        address: None,
+        address6: None,
+        endpoint: req.endpoint.clone(),
+        listen_port: 0,
+        tags: Vec::new(),
+        created_at: now(),
+    };
+    let _write = ctl.write.lock().await;
+    // Names and keys are unique per network; say so before the database
+    // would, in words.
+    let duplicate = |net: &NetworkRow, node: &NodeRow| -> Result<(), String> {
+        for (_, other) in ctl.hub.nodes(Some(&net.netid)) {
+            if other.row.name == node.name {
+                return Err(format!(
+                    "a node named {:?} is in network {:?} already",
+                    node.name, net.netid
+                ));
+            }
+            if other.row.public_key == node.public_key {
+                return Err(format!(
+                    "node {:?} in network {:?} has this public key already",
+                    other.row.name, net.netid
+                ));
+            }
+        }
+        Ok(())
+    };
+    let pinned4 = req.address;
+    let pinned6 = req.address6;
+    let listen_port = req.listen_port;
+    let outcome = ctl
+        .store
+        .join(
+            &secrets::hash(&req.secret),
+            now(),
+            node,
+            |net, used4, used6, node| {
+                duplicate(net, node).map_err(|m| format!("conflict: {m}"))?;
+                node.listen_port = listen_port.unwrap_or(net.listen_port);
+                if let Some(range) = net.addressrange.as_deref().and_then(|r| r.parse().ok()) {
+                    node.address = Some(match pinned4 {
+                        Some(a) => ipam::check_pinned_v4(range, used4, a),
+                        None => ipam::allocate_v4(range, used4),
+                    }?);
+                } else if pinned4.is_some() {
+                    return Err("the network has no IPv4 range".into());
+                }
+                if let Some(range) = net.addressrange6.as_deref().and_then(|r| r.parse().ok()) {
+                    node.address6 = Some(match pinned6 {
+                        Some(a) => ipam::check_pinned_v6(range, used6, a),
+                        None => ipam::allocate_v6(range, used6),
+                    }?);
+                } else if pinned6.is_some() {
+                    return Err("the network has no IPv6 range".into());
+                }
+                Ok(())
+            },
+        )
+        .await?;
+    let (node, revision) = match outcome {
+        Ok(done) => done,
+        Err(JoinRefusal::Token(TokenRefusal::Unknown)) => {
+            return Err(Failure::unauthorized("unknown enrollment token"));
+        }
+        Err(JoinRefusal::Token(TokenRefusal::Expired)) => {
+            return Err(Failure::unauthorized("the enrollment token has expired"));
+        }
+        Err(JoinRefusal::Token(TokenRefusal::UsedUp)) => {
+            return Err(Failure::forbidden("the enrollment token is used up"));
+        }
+        Err(JoinRefusal::Address(why)) => {
+            return Err(match why.strip_prefix("conflict: ") {
+                Some(m) => Failure::conflict(m),
+                None if why.contains("in use") || why.contains("exhausted") => {
+                    Failure::conflict(why)
+                }
+                None => Failure::bad(why),
+            });
+        }
+    };
+    let view = NodeView {
+        row: node.clone(),
+        gateway: None,
+        observed_endpoint: None,
+        last_seen: None,
+        handshakes: Vec::new(),
+    };
+    ctl.hub
+        .node_changed(revision, &node.network, &node.id, |_| view.clone());
+    let network = ctl
+        .store
+        .network(&node.network)
+        .await?
+        .ok_or_else(|| Failure::not_found("the network went away"))?;
+    tracing::info!(node = %node.name, network = %node.network, address = ?node.address, "node joined");
+    Ok(Json(JoinResponse {
+        node: render_node(&network, &view, now()),
+        credential,
+        network: render_network(&network, ctl.hub.node_count(&network.netid)),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Nodes and gateways
+
+async fn list_all_nodes(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+) -> Reply<Vec<bgp4mesh_api::Node>> {
+    may_manage(&ctl, &headers, None, true).await?;
+    let t = now();
+    Ok(Json(
+        ctl.hub
+            .nodes(None)
+            .iter()
+            .map(|(net, n)| render_node(net, n, t))
+            .collect(),
+    ))
+}
+
+async fn list_nodes(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path(netid): Path<String>,
+) -> Reply<Vec<bgp4mesh_api::Node>> {
+    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    if ctl.store.network(&netid).await?.is_none() {
+        return Err(Failure::not_found(format!("no network {netid:?}")));
+    }
+    let t = now();
+    Ok(Json(
+        ctl.hub
+            .nodes(Some(&netid))
+            .iter()
+            .map(|(net, n)| render_node(net, n, t))
+            .collect(),
+    ))
+}
+
+async fn find_node(
+    ctl: &Controller,
+    netid: &str,
+    node: &str,
+) -> Result<(NetworkRow, NodeView), Failure> {
+    let network = ctl
+        .store
+        .network(netid)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("no network {netid:?}")))?;
+    let view = ctl
+        .hub
+        .find(netid, node)
+        .ok_or_else(|| Failure::not_found(format!("no node {node:?} in network {netid:?}")))?;
+    Ok((network, view))
+}
+
+async fn get_node(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path((netid, node)): Path<(String, String)>,
+) -> Reply<bgp4mesh_api::Node> {
+    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    let (network, view) = find_node(&ctl, &netid, &node).await?;
+    Ok(Json(render_node(&network, &view, now())))
+}
+
+async fn delete_node(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path((netid, node)): Path<(String, String)>,
+) -> Result<StatusCode, Failure> {
+    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    let _write = ctl.write.lock().await;
+    let (_, view) = find_node(&ctl, &netid, &node).await?;
+    let (_, revision) = ctl.store.delete_node(&view.row.id, now()).await?;
+    ctl.hub.node_removed(revision, &netid, &view.row.id);
+    tracing::info!(node = %view.row.name, network = %netid, "node deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_gateway(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path((netid, node)): Path<(String, String)>,
+    json: Result<Json<GatewayCreate>, JsonRejection>,
+) -> Reply<bgp4mesh_api::Node> {
+    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    let req = body(json)?;
+    if req.ranges.is_empty() {
+        return Err(Failure::bad(
+            "ranges: at least one prefix (0.0.0.0/0 for everything)",
+        ));
+    }
+    let mut ranges = Vec::new();
+    for r in &req.ranges {
+        let net: IpNet = r
+            .parse()
+            .map_err(|_| Failure::bad(format!("ranges: {r:?} is not a prefix")))?;
+        if net.trunc() != net {
+            return Err(Failure::bad(format!(
+                "ranges: {net} has host bits set; the network is {}",
+                net.trunc()
+            )));
+        }
+        ranges.push(net.to_string());
+    }
+    let _write = ctl.write.lock().await;
+    let (network, view) = find_node(&ctl, &netid, &node).await?;
+    let gateway = GatewayRow {
+        node_id: view.row.id.clone(),
+        ranges,
+        nat: req.nat_enabled,
+        metric: req.metric.unwrap_or(256),
+    };
+    let revision = ctl.store.set_gateway(&gateway, &netid, now()).await?;
+    let mut updated = view.clone();
+    updated.gateway = Some(gateway.clone());
+    let id = view.row.id.clone();
+    ctl.hub.node_changed(revision, &netid, &id, |old| {
+        let mut n = old.unwrap_or(view);
+        n.gateway = Some(gateway);
+        n
+    });
+    Ok(Json(render_node(&network, &updated, now())))
+}
+
+async fn delete_gateway(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path((netid, node)): Path<(String, String)>,
+) -> Reply<bgp4mesh_api::Node> {
+    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    let _write = ctl.write.lock().await;
+    let (network, view) = find_node(&ctl, &netid, &node).await?;
+    let revision = ctl
+        .store
+        .delete_gateway(&view.row.id, &netid, now())
+        .await?;
+    let mut updated = view.clone();
+    updated.gateway = None;
+    let id = view.row.id.clone();
+    ctl.hub.node_changed(revision, &netid, &id, |old| {
+        let mut n = old.unwrap_or(view);
+        n.gateway = None;
+        n
+    });
+    Ok(Json(render_node(&network, &updated, now())))
+}
+
+async fn list_gateways(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Query(filter): Query<NetworkFilter>,
+) -> Reply<Vec<serde_json::Value>> {
+    may_manage(&ctl, &headers, filter.network.as_deref(), true).await?;
+    Ok(Json(
+        ctl.hub
+            .nodes(filter.network.as_deref())
+            .iter()
+            .filter_map(|(_, n)| {
+                let g = n.gateway.as_ref()?;
+                Some(serde_json::json!({
+                    "node": n.row.id, "name": n.row.name, "network": n.row.network,
+                    "gateway": render_gateway(g),
+                }))
+            })
+            .collect(),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Admin API tokens
+
+async fn create_api_token(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    json: Result<Json<ApiTokenCreate>, JsonRejection>,
+) -> Reply<ApiToken> {
+    may_manage(&ctl, &headers, None, false).await?;
+    let req = body(json)?;
+    let scope_ok = req.scope == "admin"
+        || req.scope == "read"
+        || req
+            .scope
+            .strip_prefix("network:")
+            .is_some_and(|n| check_netid(n).is_ok());
+    if !scope_ok {
+        return Err(Failure::bad(format!(
+            "scope {:?}: admin, read or network:NETID",
+            req.scope
+        )));
+    }
+    let secret = secrets::new_secret();
+    let row = ApiTokenRow {
+        id: secrets::new_id(),
+        secret_hash: secrets::hash(&secret),
+        scope: req.scope,
+        created_at: now(),
+    };
+    ctl.store.create_api_token(&row).await?;
+    Ok(Json(ApiToken {
+        id: row.id,
+        scope: row.scope,
+        created_at: row.created_at,
+        token: Some(secret),
+    }))
+}
+
+async fn list_api_tokens(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+) -> Reply<Vec<ApiToken>> {
+    may_manage(&ctl, &headers, None, false).await?;
+    Ok(Json(
+        ctl.store
+            .api_tokens()
+            .await?
+            .into_iter()
+            .map(|t| ApiToken {
+                id: t.id,
+                scope: t.scope,
+                created_at: t.created_at,
+                token: None,
+            })
+            .collect(),
+    ))
+}
+
+async fn delete_api_token(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    may_manage(&ctl, &headers, None, false).await?;
+    ctl.store.delete_api_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------
+// The agent API
+
+async fn agent_state(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+) -> Reply<bgp4mesh_api::MeshState> {
+    let node = node_principal(&ctl, &headers).await?;
+    ctl.hub
+        .state(&node.network, &node.id, now())
+        .map(Json)
+        .ok_or_else(|| Failure::not_found("the node is no longer in its network"))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<u64>,
+}
+
+/// Server-sent events: `id: <revision>` and `data: <StreamEvent JSON>`.
+async fn agent_stream(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    Query(since): Query<Since>,
+) -> Result<Response, Failure> {
+    let node = node_principal(&ctl, &headers).await?;
+    let sub = ctl
+        .hub
+        .subscribe(&node.network, &node.id, since.since, now())
+        .ok_or_else(|| Failure::not_found("the node is no longer in its network"))?;
+    let guard = ctl.metrics.stream_opened();
+    struct Stream {
+        ctl: Arc<Controller>,
+        node: NodeRow,
+        queue: VecDeque<StreamEvent>,
+        live: tokio::sync::broadcast::Receiver<Arc<crate::hub::Change>>,
+        last: u64,
+        heartbeat: tokio::time::Interval,
+        done: bool,
+        _guard: crate::metrics::StreamGuard,
+    }
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+    heartbeat.reset();
+    let state = Stream {
+        ctl: Arc::clone(&ctl),
+        node,
+        queue: sub.initial.into(),
+        live: sub.live,
+        last: sub.last_revision,
+        heartbeat,
+        done: false,
+        _guard: guard,
+    };
+    let events = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            if let Some(event) = s.queue.pop_front() {
+                if matches!(event, StreamEvent::Removed { .. }) {
+                    s.done = true;
+                }
+                let frame = format!(
+                    "id: {}\ndata: {}\n\n",
+                    event.revision(),
+                    serde_json::to_string(&event).unwrap_or_default()
+                );
+                return Some((Ok::<_, std::convert::Infallible>(frame), s));
+            }
+            tokio::select! {
+                message = s.live.recv() => match message {
+                    Ok(change) => {
+                        if change.revision <= s.last {
+                            continue;
+                        }
+                        s.last = change.revision;
+                        if let Some(event) = s.ctl.hub.event_for(&s.node.network, &change, &s.node.id, now()) {
+                            s.queue.push_back(event);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow for the live changes: start over.
+                        match s.ctl.hub.state(&s.node.network, &s.node.id, now()) {
+                            Some(state) => {
+                                s.last = state.revision;
+                                s.queue.push_back(StreamEvent::Snapshot(state));
+                            }
+                            None => s.queue.push_back(StreamEvent::Removed { revision: s.last }),
+                        }
+                    }
+                    Err(RecvError::Closed) => {
+                        s.queue.push_back(StreamEvent::Removed { revision: s.last });
+                    }
+                },
+                _ = s.heartbeat.tick() => {
+                    s.queue.push_back(StreamEvent::Heartbeat { revision: s.last });
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(events))
+        .unwrap_or_else(|_| Failure::bad("stream").into_response()))
+}
+
+async fn agent_report(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    json: Result<Json<NodeReport>, JsonRejection>,
+) -> Result<StatusCode, Failure> {
+    let node = node_principal(&ctl, &headers).await?;
+    let report = body(json)?;
+    if let Some(e) = &report.endpoint {
+        check_endpoint(e)?;
+    }
+    let peers = ctl.hub.nodes(Some(&node.network));
+    let by_key = |key: &str| {
+        peers
+            .iter()
+            .find(|(_, n)| n.row.public_key == key)
+            .map(|(_, n)| n.row.id.clone())
+    };
+    let mut handshakes = Vec::new();
+    let mut observed = Vec::new();
+    for p in &report.peers {
+        let Some(id) = by_key(&p.public_key) else {
+            continue;
+        };
+        if let Some(e) = &p.endpoint
+            && e.parse::<SocketAddr>().is_ok()
+        {
+            observed.push((id.clone(), e.clone()));
+        }
+        handshakes.push(PeerHandshake {
+            peer: id,
+            last_handshake: p.last_handshake,
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+        });
+    }
+    let _write = ctl.write.lock().await;
+    let t = now();
+    let changed = ctl
+        .hub
+        .node_reported(&node.network, &node.id, t, handshakes, observed);
+    for peer_id in changed {
+        let revision = ctl
+            .store
+            .note_change(&node.network, &peer_id, "endpoint_observed", t)
+            .await?;
+        ctl.hub
+            .node_changed(revision, &node.network, &peer_id, |old| {
+                old.unwrap_or_else(|| unreachable_view(&peer_id))
+            });
+    }
+    let published_changed = report.endpoint.is_some() && report.endpoint != node.endpoint
+        || report.listen_port.is_some_and(|p| p != node.listen_port);
+    if published_changed {
+        let endpoint = report.endpoint.clone().or(node.endpoint.clone());
+        let port = report.listen_port.unwrap_or(node.listen_port);
+        let revision = ctl
+            .store
+            .update_node_endpoint(&node.id, &node.network, endpoint.as_deref(), port, t)
+            .await?;
+        ctl.hub
+            .node_changed(revision, &node.network, &node.id, |old| {
+                let mut n = old.unwrap_or_else(|| unreachable_view(&node.id));
+                n.row.endpoint = endpoint;
+                n.row.listen_port = port;
+                n
+            });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Only used if a node vanished between the read and the write above,
+/// which the write lock rules out; a placeholder keeps it panic-free.
+fn unreachable_view(id: &str) -> NodeView {
+    NodeView {
+        row: NodeRow {
+            id: id.to_string(),
+            network: String::new(),
+            name: id.to_string(),
+            public_key: String::new(),
+            credential_hash: String::new(),
+            address: None,
+            address6: None,
+            endpoint: None,
+            listen_port: 0,
+            tags: Vec::new(),
+            created_at: 0,
+        },
+        gateway: None,
+        observed_endpoint: None,
+        last_seen: None,
+        handshakes: Vec::new(),
+    }
+}

@@ -1,0 +1,482 @@
+//! The mesh as the controller serves it: an in-memory view of every
+//! network's nodes (loaded from the store at start, changed with it), the
+//! recent changes per network, and one broadcast channel per network that
+//! the agents' streams listen to.
+//!
+//! A change to one node is one message to each stream of its network; no
+//! peer list is recomputed. An agent that reconnects with its last
+//! revision gets the changes it missed from the log, or a snapshot when it
+//! is further behind than the log reaches.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use bgp4mesh_api::{Gateway, MeshState, Network, Node, Peer, PeerHandshake, StreamEvent, host_net};
+use ipnet::IpNet;
+use tokio::sync::broadcast;
+
+use crate::store::{GatewayRow, NetworkRow, NodeRow};
+
+/// Changes kept per network for agents that reconnect.
+const LOG_LEN: usize = 4096;
+/// Live changes queued per stream before a slow one is resynced with a
+/// snapshot.
+const CHANNEL_LEN: usize = 1024;
+/// A node counts as online if it reported within this many seconds.
+pub const ONLINE_WINDOW: u64 = 90;
+
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub row: NodeRow,
+    pub gateway: Option<GatewayRow>,
+    /// Where peers saw this node come from (its NAT mapping), when it
+    /// publishes no endpoint itself.
+    pub observed_endpoint: Option<String>,
+    pub last_seen: Option<u64>,
+    pub handshakes: Vec<PeerHandshake>,
+}
+
+#[derive(Debug)]
+pub enum ChangeKind {
+    NodeUpsert(String),
+    NodeRemove(String),
+    NetworkRemoved,
+}
+
+/// One committed change, as streams replay it.
+#[derive(Debug)]
+pub struct Change {
+    pub revision: u64,
+    pub kind: ChangeKind,
+    /// The node as it was right after the change (for upserts).
+    pub node: Option<NodeView>,
+}
+
+struct NetView {
+    network: NetworkRow,
+    nodes: BTreeMap<String, NodeView>,
+    log: VecDeque<Arc<Change>>,
+    /// Every change after this revision is in `log`.
+    floor: u64,
+    sender: broadcast::Sender<Arc<Change>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    revision: u64,
+    networks: HashMap<String, NetView>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    inner: RwLock<Inner>,
+}
+
+/// What a new stream starts with.
+pub struct Subscription {
+    pub initial: Vec<StreamEvent>,
+    pub last_revision: u64,
+    pub live: broadcast::Receiver<Arc<Change>>,
+}
+
+impl Hub {
+    /// The view of a store's contents at `revision`.
+    pub fn load(
+        revision: u64,
+        networks: Vec<NetworkRow>,
+        nodes: Vec<NodeRow>,
+        gateways: Vec<GatewayRow>,
+    ) -> Hub {
+        let mut inner = Inner {
+            revision,
+            networks: HashMap::new(),
+        };
+        for network in networks {
+            inner
+                .networks
+                .insert(network.netid.clone(), NetView::new(network, revision));
+        }
+        let mut gateways: HashMap<String, GatewayRow> = gateways
+            .into_iter()
+            .map(|g| (g.node_id.clone(), g))
+            .collect();
+        for node in nodes {
+            if let Some(view) = inner.networks.get_mut(&node.network) {
+                let gateway = gateways.remove(&node.id);
+                view.nodes.insert(
+                    node.id.clone(),
+                    NodeView {
+                        row: node,
+                        gateway,
+                        observed_endpoint: None,
+                        last_seen: None,
+                        handshakes: Vec::new(),
+                    },
+                );
+            }
+        }
+        Hub {
+            inner: RwLock::new(inner),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    // -- changes (called in revision order, under the controller's write
+    //    lock, after the store committed) ---------------------------------
+
+    pub fn network_created(&self, revision: u64, network: NetworkRow) {
+        let mut inner = self.write();
+        inner.revision = revision;
+        inner
+            .networks
+            .insert(network.netid.clone(), NetView::new(network, revision));
+    }
+
+    pub fn network_deleted(&self, revision: u64, netid: &str) {
+        let mut inner = self.write();
+        inner.revision = revision;
+        if let Some(view) = inner.networks.remove(netid) {
+            // Every stream of the network learns it is gone.
+            let _ = view.sender.send(Arc::new(Change {
+                revision,
+                kind: ChangeKind::NetworkRemoved,
+                node: None,
+            }));
+        }
+    }
+
+    /// A node was added or changed: `update` edits its view (or makes it).
+    pub fn node_changed(
+        &self,
+        revision: u64,
+        netid: &str,
+        id: &str,
+        update: impl FnOnce(Option<NodeView>) -> NodeView,
+    ) {
+        let mut inner = self.write();
+        inner.revision = revision;
+        let Some(view) = inner.networks.get_mut(netid) else {
+            return;
+        };
+        let node = update(view.nodes.remove(id));
+        view.nodes.insert(id.to_string(), node.clone());
+        view.publish(Change {
+            revision,
+            kind: ChangeKind::NodeUpsert(id.to_string()),
+            node: Some(node),
+        });
+    }
+
+    pub fn node_removed(&self, revision: u64, netid: &str, id: &str) {
+        let mut inner = self.write();
+        inner.revision = revision;
+        let Some(view) = inner.networks.get_mut(netid) else {
+            return;
+        };
+        view.nodes.remove(id);
+        view.publish(Change {
+            revision,
+            kind: ChangeKind::NodeRemove(id.to_string()),
+            node: None,
+        });
+    }
+
+    /// A report: last seen and handshakes, kept in memory only (they are
+    /// observations, not configuration). Returns the peers whose observed
+    /// endpoint changed, for the caller to publish as a change.
+    pub fn node_reported(
+        &self,
+        netid: &str,
+        id: &str,
+        now: u64,
+        handshakes: Vec<PeerHandshake>,
+        observed: Vec<(String, String)>,
+    ) -> Vec<String> {
+        let mut inner = self.write();
+        let Some(view) = inner.networks.get_mut(netid) else {
+            return Vec::new();
+        };
+        if let Some(node) = view.nodes.get_mut(id) {
+            node.last_seen = Some(now);
+            node.handshakes = handshakes;
+        }
+        let mut changed = Vec::new();
+        for (peer_id, endpoint) in observed {
+            if let Some(peer) = view.nodes.get_mut(&peer_id)
+                && peer.row.endpoint.is_none()
+                && peer.observed_endpoint.as_deref() != Some(endpoint.as_str())
+            {
+                peer.observed_endpoint = Some(endpoint);
+                changed.push(peer_id);
+            }
+        }
+        changed
+    }
+
+    // -- reads -------------------------------------------------------------
+
+    pub fn node(&self, netid: &str, id: &str) -> Option<NodeView> {
+        self.read().networks.get(netid)?.nodes.get(id).cloned()
+    }
+
+    pub fn nodes(&self, netid: Option<&str>) -> Vec<(NetworkRow, NodeView)> {
+        let inner = self.read();
+        let mut out = Vec::new();
+        let mut nets: Vec<&NetView> = inner
+            .networks
+            .values()
+            .filter(|v| netid.is_none_or(|n| v.network.netid == n))
+            .collect();
+        nets.sort_by(|a, b| a.network.netid.cmp(&b.network.netid));
+        for view in nets {
+            let mut nodes: Vec<&NodeView> = view.nodes.values().collect();
+            nodes.sort_by(|a, b| (a.row.created_at, &a.row.id).cmp(&(b.row.created_at, &b.row.id)));
+            out.extend(nodes.into_iter().map(|n| (view.network.clone(), n.clone())));
+        }
+        out
+    }
+
+    /// Finds a node of `netid` by id, or by name.
+    pub fn find(&self, netid: &str, id_or_name: &str) -> Option<NodeView> {
+        let inner = self.read();
+        let view = inner.networks.get(netid)?;
+        view.nodes
+            .get(id_or_name)
+            .or_else(|| view.nodes.values().find(|n| n.row.name == id_or_name))
+            .cloned()
+    }
+
+    pub fn node_count(&self, netid: &str) -> u64 {
+        self.read()
+            .networks
+            .get(netid)
+            .map_or(0, |v| v.nodes.len() as u64)
+    }
+
+    pub fn online(&self, now: u64) -> (u64, u64) {
+        let inner = self.read();
+        let mut total = 0;
+        let mut online = 0;
+        for view in inner.networks.values() {
+            for node in view.nodes.values() {
+                total += 1;
+                if is_online(node, now) {
+                    online += 1;
+                }
+            }
+        }
+        (online, total)
+    }
+
+    /// The state of node `id`, as a snapshot.
+    pub fn state(&self, netid: &str, id: &str, now: u64) -> Option<MeshState> {
+        let inner = self.read();
+        let view = inner.networks.get(netid)?;
+        view.snapshot(inner.revision, id, now)
+    }
+
+    /// Starts a stream for node `id` that has seen up to `since`.
+    pub fn subscribe(
+        &self,
+        netid: &str,
+        id: &str,
+        since: Option<u64>,
+        now: u64,
+    ) -> Option<Subscription> {
+        let inner = self.read();
+        let view = inner.networks.get(netid)?;
+        // Subscribe before reading, under the same lock as the writers:
+        // nothing falls between the initial events and the live ones.
+        let live = view.sender.subscribe();
+        let current = inner.revision;
+        let replayable = since.is_some_and(|r| r >= view.floor && r <= current);
+        let initial = match since {
+            Some(r) if replayable => view
+                .log
+                .iter()
+                .filter(|c| c.revision > r)
+                .filter_map(|c| event_for(c, id, view, now))
+                .collect(),
+            _ => vec![StreamEvent::Snapshot(view.snapshot(current, id, now)?)],
+        };
+        Some(Subscription {
+            initial,
+            last_revision: current,
+            live,
+        })
+    }
+
+    /// What a change means to node `id` (None: nothing for it).
+    pub fn event_for(
+        &self,
+        netid: &str,
+        change: &Change,
+        id: &str,
+        now: u64,
+    ) -> Option<StreamEvent> {
+        if let ChangeKind::NetworkRemoved = change.kind {
+            return Some(StreamEvent::Removed {
+                revision: change.revision,
+            });
+        }
+        let inner = self.read();
+        let view = inner.networks.get(netid)?;
+        event_for(change, id, view, now)
+    }
+}
+
+fn is_online(node: &NodeView, now: u64) -> bool {
+    node.last_seen
+        .is_some_and(|t| now.saturating_sub(t) <= ONLINE_WINDOW)
+}
+
+fn event_for(change: &Change, id: &str, view: &NetView, now: u64) -> Option<StreamEvent> {
+    let revision = change.revision;
+    match &change.kind {
+        ChangeKind::NodeUpsert(node_id) => {
+            let node = change.node.as_ref()?;
+            if node_id == id {
+                Some(StreamEvent::SelfUpdate {
+                    revision,
+                    node: render_node(&view.network, node, now),
+                    network: render_network(&view.network, view.nodes.len() as u64),
+                })
+            } else {
+                Some(StreamEvent::PeerUpsert {
+                    revision,
+                    peer: render_peer(node),
+                })
+            }
+        }
+        ChangeKind::NodeRemove(node_id) if node_id == id => Some(StreamEvent::Removed { revision }),
+        ChangeKind::NodeRemove(node_id) => Some(StreamEvent::PeerRemove {
+            revision,
+            node_id: node_id.clone(),
+        }),
+        ChangeKind::NetworkRemoved => Some(StreamEvent::Removed { revision }),
+    }
+}
+
+impl NetView {
+    fn new(network: NetworkRow, revision: u64) -> NetView {
+        NetView {
+            network,
+            nodes: BTreeMap::new(),
+            log: VecDeque::new(),
+            floor: revision,
+            sender: broadcast::channel(CHANNEL_LEN).0,
+        }
+    }
+
+    fn publish(&mut self, change: Change) {
+        let change = Arc::new(change);
+        if self.log.len() == LOG_LEN
+            && let Some(old) = self.log.pop_front()
+        {
+            self.floor = old.revision;
+        }
+        self.log.push_back(Arc::clone(&change));
+        // No receivers is fine: nobody is streaming this network.
+        let _ = self.sender.send(change);
+    }
+
+    fn snapshot(&self, revision: u64, id: &str, now: u64) -> Option<MeshState> {
+        let me = self.nodes.get(id)?;
+        Some(MeshState {
+            revision,
+            network: render_network(&self.network, self.nodes.len() as u64),
+            node: render_node(&self.network, me, now),
+            peers: self
+                .nodes
+                .values()
+                .filter(|n| n.row.id != id)
+                .map(render_peer)
+                .collect(),
+        })
+    }
+}
+
+pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
+    Network {
+        netid: n.netid.clone(),
+        addressrange: n.addressrange.clone(),
+        addressrange6: n.addressrange6.clone(),
+        mtu: n.mtu,
+        listen_port: n.listen_port,
+        persistent_keepalive: n.persistent_keepalive,
+        nodes,
+    }
+}
+
+pub fn render_gateway(g: &GatewayRow) -> Gateway {
+    Gateway {
+        ranges: g.ranges.iter().filter_map(|r| r.parse().ok()).collect(),
+        nat: g.nat,
+        metric: g.metric,
+    }
+}
+
+pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
+    Node {
+        id: n.row.id.clone(),
+        network: n.row.network.clone(),
+        name: n.row.name.clone(),
+        public_key: n.row.public_key.clone(),
+        address: n.row.address,
+        address6: n.row.address6,
+        endpoint: endpoint_of(n),
+        listen_port: n.row.listen_port,
+        tags: n.row.tags.clone(),
+        egress: n.gateway.as_ref().map(render_gateway),
+        last_seen: n.last_seen,
+        online: is_online(n, now),
+        handshakes: n.handshakes.clone(),
+    }
+}
+
+/// The published endpoint (with the listen port when it names none), else
+/// the observed one.
+fn endpoint_of(n: &NodeView) -> Option<String> {
+    match &n.row.endpoint {
+        Some(e) if e.parse::<std::net::SocketAddr>().is_ok() => Some(e.clone()),
+        Some(e) => match e.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => Some(format!("[{ip}]:{}", n.row.listen_port)),
+            Ok(ip) => Some(format!("{ip}:{}", n.row.listen_port)),
+            Err(_) => Some(format!("{e}:{}", n.row.listen_port)),
+        },
+        None => n.observed_endpoint.clone(),
+    }
+}
+
+pub fn render_peer(n: &NodeView) -> Peer {
+    let mut allowed_ips: Vec<IpNet> = Vec::new();
+    if let Some(a) = n.row.address {
+        allowed_ips.push(host_net(a.into()));
+    }
+    if let Some(a) = n.row.address6 {
+        allowed_ips.push(host_net(a.into()));
+    }
+    let egress = n.gateway.as_ref().map(render_gateway);
+    if let Some(g) = &egress {
+        allowed_ips.extend(g.ranges.iter().copied());
+    }
+    Peer {
+        node_id: n.row.id.clone(),
+        name: n.row.name.clone(),
+        public_key: n.row.public_key.clone(),
+        endpoint: endpoint_of(n),
+        allowed_ips,
+        egress,
+    }
+}

@@ -1,0 +1,19 @@
+//! The bgp4mesh controller (`bgp4mesh server`): networks, enrollment
+//! tokens, nodes and egress gateways over a REST API; IPAM from the
+//! operator's block; one push stream per agent.
+//!
+//! - `store`: SQLite or PostgreSQL, one code path, migrations per dialect.
+//! - `hub`: the in-memory mesh, change log and per-network broadcast.
+//! - `api`: the axum router (JSON errors, auth, the SSE stream).
+//! - `ipam`, `secrets`, `tls`, `metrics`, `openapi`, `config`, `server`.
+
+pub mod api;
+pub mod config;
+pub mod hub;
+pub mod ipam;
+pub mod metrics;
+pub mod openapi;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod tls;
