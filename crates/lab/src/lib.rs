@@ -23,6 +23,7 @@
 mod command;
 mod lab;
 pub mod peers;
+pub mod postgres;
 pub mod scenarios;
 mod sweep;
 

@@ -1,0 +1,686 @@
+//! The controller's REST API, the same suite on SQLite and on PostgreSQL:
+//! the seed's calls, enrollment, IPAM, scoped keys, refusals with the
+//! right status and message, the push stream, and a restart on the same
+//! store. Plain HTTPS on loopback against the controller's own
+//! self-signed certificate.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use base64::Engine;
+use bgp4mesh_api::{EnrollmentToken, JoinResponse, MeshState, Node, StreamEvent, Token};
+use bgp4mesh_controller::config::ServerConfig;
+use bgp4mesh_controller::server::{Running, start};
+use bgp4mesh_lab::can_run;
+use bgp4mesh_lab::postgres::{Postgres, find_postgres};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const MASTER: &str = "test-master-key-0123456789";
+
+fn state_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bgp4mesh-ctl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+async fn start_controller(database: &str, dir: &Path) -> Result<Running> {
+    let config = ServerConfig::parse(&format!(
+        "listen = \"127.0.0.1:0\"\nmaster_key = \"{MASTER}\"\ndatabase = \"{database}\"\nstate_dir = \"{}\"\n",
+        dir.display()
+    ))?;
+    start(&config).await
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(running: &Running, dir: &Path) -> Result<Client> {
+        let pem = std::fs::read(dir.join("controller.crt"))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Client {
+            http,
+            base: format!("https://localhost:{}", running.addr.port()),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("{status}: {text}"))?
+        };
+        Ok((status, value))
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> Result<(StatusCode, Value)> {
+        self.call(reqwest::Method::POST, path, key, Some(body))
+            .await
+    }
+
+    async fn get(&self, path: &str, key: Option<&str>) -> Result<(StatusCode, Value)> {
+        self.call(reqwest::Method::GET, path, key, None).await
+    }
+
+    async fn delete(&self, path: &str, key: Option<&str>) -> Result<(StatusCode, Value)> {
+        self.call(reqwest::Method::DELETE, path, key, None).await
+    }
+}
+
+/// Asserts a refusal: the status, and a JSON message containing `needle`.
+fn refused(got: (StatusCode, Value), status: StatusCode, needle: &str) {
+    assert_eq!(got.0, status, "{:?}", got.1);
+    let message = got.1["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{status}: {message:?} does not say {needle:?}"
+    );
+}
+
+fn public_key(n: u8) -> String {
+    base64::engine::general_purpose::STANDARD.encode([n; 32])
+}
+
+async fn token(c: &Client, network: &str, extra: Value) -> Result<(Token, EnrollmentToken)> {
+    let mut body = json!({"network": network});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (status, value) = c.post("/api/tokens", Some(MASTER), body).await?;
+    ensure!(status == StatusCode::OK, "token: {status} {value}");
+    let token: Token = serde_json::from_value(value)?;
+    let text = token.token.clone().context("the token text")?;
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text)?;
+    Ok((token, serde_json::from_slice(&decoded)?))
+}
+
+async fn join(
+    c: &Client,
+    secret: &str,
+    name: &str,
+    key: u8,
+    extra: Value,
+) -> Result<(StatusCode, Value)> {
+    let mut body = json!({"secret": secret, "name": name, "public_key": public_key(key)});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    c.post("/api/join", None, body).await
+}
+
+/// Reads server-sent events from the stream until `want` events arrived.
+async fn stream_events(
+    c: &Client,
+    credential: &str,
+    since: Option<u64>,
+    want: usize,
+    during: impl std::future::Future<Output = Result<()>>,
+) -> Result<Vec<StreamEvent>> {
+    let path = match since {
+        Some(r) => format!("{}/api/agent/stream?since={r}", c.base),
+        None => format!("{}/api/agent/stream", c.base),
+    };
+    let mut resp = c
+        .http
+        .get(path)
+        .bearer_auth(credential)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await?;
+    ensure!(resp.status() == StatusCode::OK, "stream: {}", resp.status());
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut during = Box::pin(during);
+    let mut during_done = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.len() < want {
+        tokio::select! {
+            chunk = resp.chunk() => {
+                let Some(chunk) = chunk? else { break };
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                        let event: StreamEvent = serde_json::from_str(data)?;
+                        if !matches!(event, StreamEvent::Heartbeat { .. }) {
+                            events.push(event);
+                        }
+                    }
+                }
+            }
+            r = &mut during, if !during_done => { r?; during_done = true; }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Ok(events)
+}
+
+async fn suite(database: &str, name: &str) -> Result<()> {
+    let dir = state_dir(name);
+    let running = start_controller(database, &dir).await?;
+    let c = Client::new(&running, &dir)?;
+    let fingerprint = running.fingerprint.clone();
+
+    // -- authentication -------------------------------------------------
+    refused(
+        c.get("/api/networks", None).await?,
+        StatusCode::UNAUTHORIZED,
+        "Authorization",
+    );
+    refused(
+        c.get("/api/networks", Some("wrong-key")).await?,
+        StatusCode::UNAUTHORIZED,
+        "unknown key",
+    );
+
+    // -- networks: the seed's call, then every way to get it wrong -------
+    let (status, net) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "mynet", "addressrange": "44.30.127.0/24"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{net}");
+    assert_eq!(net["netid"], "mynet");
+    assert_eq!(net["addressrange"], "44.30.127.0/24");
+    assert_eq!(net["listen_port"], 51820);
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "mynet", "addressrange": "10.1.0.0/24"}),
+        )
+        .await?,
+        StatusCode::CONFLICT,
+        "exists",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "other", "addressrange": "44.30.127.128/25"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "overlaps network \"mynet\"",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "other", "addressrange": "44.30.127.0/33"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "not an IPv4 prefix",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "other", "addressrange": "10.2.0.5/24"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "host bits",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "Bad Name!", "addressrange": "10.2.0.0/24"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "netid",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "other", "adressrange": "10.2.0.0/24"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "adressrange",
+    );
+    let raw = c
+        .http
+        .post(format!("{}/api/networks", c.base))
+        .bearer_auth(MASTER)
+        .header("content-type", "application/json")
+        .body("{\"netid\": ")
+        .send()
+        .await?;
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    let message: Value = raw.json().await?;
+    assert!(
+        message["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{message}"
+    );
+    let (status, _) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "other", "addressrange": "10.2.0.0/29"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // -- enrollment tokens ----------------------------------------------
+    let (tok, enrollment) = token(&c, "mynet", json!({"uses": 2, "expires_in": 3600})).await?;
+    assert_eq!(enrollment.network, "mynet");
+    assert_eq!(
+        enrollment.fingerprint, fingerprint,
+        "the token carries the fingerprint"
+    );
+    assert_eq!(enrollment.server, running.controller.public_url);
+    assert_eq!(tok.uses_left, Some(2));
+    refused(
+        c.post("/api/tokens", Some(MASTER), json!({"network": "nope"}))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "no network",
+    );
+
+    // -- joining and IPAM -----------------------------------------------
+    let (status, first) = join(
+        &c,
+        &enrollment.secret,
+        "border",
+        1,
+        json!({"endpoint": "192.0.2.10"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let first: JoinResponse = serde_json::from_value(first)?;
+    assert_eq!(first.node.address, Some("44.30.127.1".parse()?));
+    assert_eq!(first.node.endpoint.as_deref(), Some("192.0.2.10:51820"));
+    refused(
+        join(&c, &enrollment.secret, "border", 2, json!({})).await?,
+        StatusCode::CONFLICT,
+        "named \"border\"",
+    );
+    refused(
+        join(&c, &enrollment.secret, "dup-key", 1, json!({})).await?,
+        StatusCode::CONFLICT,
+        "public key",
+    );
+    refused(
+        join(
+            &c,
+            &enrollment.secret,
+            "x",
+            3,
+            json!({"address": "44.30.127.1"}),
+        )
+        .await?,
+        StatusCode::CONFLICT,
+        "in use",
+    );
+    refused(
+        join(
+            &c,
+            &enrollment.secret,
+            "x",
+            3,
+            json!({"address": "10.0.0.1"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "outside",
+    );
+    refused(
+        c.post(
+            "/api/join",
+            None,
+            json!({"secret": enrollment.secret, "name": "x", "public_key": "short"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "public_key",
+    );
+    let (status, second) = join(&c, &enrollment.secret, "laptop", 2, json!({})).await?;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let second: JoinResponse = serde_json::from_value(second)?;
+    assert_eq!(second.node.address, Some("44.30.127.2".parse()?));
+    // Two uses, both taken (refused attempts took none).
+    refused(
+        join(&c, &enrollment.secret, "third", 3, json!({})).await?,
+        StatusCode::FORBIDDEN,
+        "used up",
+    );
+    let (_, expired) = token(&c, "mynet", json!({"expires_in": 0})).await?;
+    refused(
+        join(&c, &expired.secret, "late", 4, json!({})).await?,
+        StatusCode::UNAUTHORIZED,
+        "expired",
+    );
+    refused(
+        join(&c, "not-a-secret", "who", 5, json!({})).await?,
+        StatusCode::UNAUTHORIZED,
+        "unknown enrollment token",
+    );
+    // A /29 has six host addresses; the seventh join is told so.
+    let (_, small) = token(&c, "other", json!({})).await?;
+    for i in 0..6u8 {
+        let (status, v) = join(&c, &small.secret, &format!("n{i}"), 100 + i, json!({})).await?;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    refused(
+        join(&c, &small.secret, "n6", 106, json!({})).await?,
+        StatusCode::CONFLICT,
+        "exhausted",
+    );
+
+    // -- the seed's gateway call ------------------------------------------
+    let (status, node) = c
+        .post(
+            &format!("/api/nodes/mynet/{}/creategateway", first.node.id),
+            Some(MASTER),
+            json!({"ranges": ["0.0.0.0/0"], "natEnabled": "no"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{node}");
+    let node: Node = serde_json::from_value(node)?;
+    let egress = node.egress.context("egress set")?;
+    assert_eq!(egress.ranges, vec!["0.0.0.0/0".parse()?]);
+    assert!(!egress.nat);
+    refused(
+        c.post(
+            "/api/nodes/mynet/nobody/creategateway",
+            Some(MASTER),
+            json!({"ranges": ["0.0.0.0/0"]}),
+        )
+        .await?,
+        StatusCode::NOT_FOUND,
+        "no node",
+    );
+    refused(
+        c.post(
+            "/api/nodes/mynet/border/creategateway",
+            Some(MASTER),
+            json!({"ranges": ["0.0.0.0/0"], "natEnabled": "maybe"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "natEnabled",
+    );
+
+    // -- the agent's view -------------------------------------------------
+    let (status, state) = c.get("/api/agent/state", Some(&second.credential)).await?;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    let state: MeshState = serde_json::from_value(state)?;
+    assert_eq!(state.node.name, "laptop");
+    assert_eq!(state.peers.len(), 1);
+    let border = &state.peers[0];
+    assert_eq!(border.public_key, public_key(1));
+    assert_eq!(
+        border.allowed_ips,
+        vec!["44.30.127.1/32".parse()?, "0.0.0.0/0".parse()?]
+    );
+    assert_eq!(border.endpoint.as_deref(), Some("192.0.2.10:51820"));
+
+    // -- scoped keys --------------------------------------------------------
+    let scoped = |scope: &'static str| {
+        let c = &c;
+        async move {
+            let (status, v) = c
+                .post("/api/apitokens", Some(MASTER), json!({"scope": scope}))
+                .await?;
+            ensure!(status == StatusCode::OK, "{v}");
+            v["token"].as_str().map(str::to_string).context("secret")
+        }
+    };
+    let other_only = scoped("network:other").await?;
+    let reader = scoped("read").await?;
+    refused(
+        c.get("/api/nodes/mynet", Some(&other_only)).await?,
+        StatusCode::FORBIDDEN,
+        "may not",
+    );
+    let (status, nodes) = c.get("/api/nodes/other", Some(&other_only)).await?;
+    assert_eq!(status, StatusCode::OK, "{nodes}");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(6));
+    let (status, _) = c.get("/api/nodes/mynet", Some(&reader)).await?;
+    assert_eq!(status, StatusCode::OK);
+    refused(
+        c.post(
+            "/api/networks",
+            Some(&reader),
+            json!({"netid": "x", "addressrange": "10.9.0.0/24"}),
+        )
+        .await?,
+        StatusCode::FORBIDDEN,
+        "may not",
+    );
+    refused(
+        c.get("/api/nodes", Some(&second.credential)).await?,
+        StatusCode::FORBIDDEN,
+        "agent API",
+    );
+    refused(
+        c.post(
+            "/api/apitokens",
+            Some(MASTER),
+            json!({"scope": "everything"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "scope",
+    );
+
+    // -- the push stream: snapshot, then the deletion of a peer -------------
+    let c2 = &c;
+    let border_id = first.node.id.clone();
+    let events = stream_events(&c, &second.credential, None, 2, async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, v) = c2
+            .delete(&format!("/api/nodes/mynet/{border_id}"), Some(MASTER))
+            .await?;
+        ensure!(status == StatusCode::NO_CONTENT, "{v}");
+        Ok(())
+    })
+    .await?;
+    assert!(
+        matches!(events.first(), Some(StreamEvent::Snapshot(s)) if s.peers.len() == 1),
+        "{events:?}"
+    );
+    let removed_at = match events.get(1) {
+        Some(StreamEvent::PeerRemove { node_id, revision }) if *node_id == first.node.id => {
+            *revision
+        }
+        other => anyhow::bail!("expected the border's removal, got {other:?}"),
+    };
+    // The released address goes to the next node; a stream resumed at the
+    // removal's revision gets only the join.
+    let (_, more) = token(&c, "mynet", json!({})).await?;
+    let (status, third) = join(&c, &more.secret, "desktop", 7, json!({})).await?;
+    assert_eq!(status, StatusCode::OK, "{third}");
+    let third: JoinResponse = serde_json::from_value(third)?;
+    assert_eq!(
+        third.node.address,
+        Some("44.30.127.1".parse()?),
+        "released address reused"
+    );
+    let resumed = stream_events(&c, &second.credential, Some(removed_at), 1, async {
+        Ok(())
+    })
+    .await?;
+    assert!(
+        matches!(resumed.as_slice(), [StreamEvent::PeerUpsert { peer, .. }] if peer.name == "desktop"),
+        "{resumed:?}"
+    );
+
+    // -- documents ------------------------------------------------------------
+    let (status, doc) = c.get("/api/openapi.json", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["paths"]["/api/nodes/{netid}/{node}/creategateway"]["post"].is_object());
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("bgp4mesh_nodes 8"), "{metrics}");
+    refused(
+        c.get("/api/nothing", Some(MASTER)).await?,
+        StatusCode::NOT_FOUND,
+        "no such",
+    );
+
+    // -- a restart on the same store keeps everything -----------------------
+    let revision = running.controller.hub.revision();
+    running.shutdown().await;
+    let running = start_controller(database, &dir).await?;
+    let c = Client::new(&running, &dir)?;
+    assert_eq!(running.controller.hub.revision(), revision);
+    let (status, nodes) = c.get("/api/nodes/mynet", Some(MASTER)).await?;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = nodes
+        .as_array()
+        .context("list")?
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["laptop", "desktop"]);
+    assert_eq!(running.fingerprint, fingerprint, "the certificate is kept");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_sqlite() -> Result<()> {
+    let dir = state_dir("sqlite-db");
+    std::fs::create_dir_all(&dir)?;
+    let url = format!("sqlite://{}", dir.join("controller.db").display());
+    suite(&url, "sqlite").await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_postgresql() -> Result<()> {
+    if !can_run("api_on_postgresql", &["runuser"]) {
+        return Ok(());
+    }
+    if find_postgres().is_none() {
+        let message = "api_on_postgresql: no PostgreSQL server (apt install postgresql)";
+        assert!(std::env::var_os("CI").is_none(), "{message}");
+        eprintln!("SKIPPED {message}");
+        return Ok(());
+    }
+    let pg = Postgres::start()?;
+    let url = pg.create_database("bgp4mesh")?;
+    suite(&url, "postgres").await
+}
+
+/// The seed's two curl calls, byte for byte (only the host differs, and
+/// curl is told to trust the controller's own certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_curl_calls_work_verbatim() -> Result<()> {
+    if !can_run("the_seeds_curl_calls_work_verbatim", &["curl"]) {
+        return Ok(());
+    }
+    let dir = state_dir("curl");
+    std::fs::create_dir_all(&dir)?;
+    let running = start_controller("sqlite::memory:", &dir).await?;
+    let host = format!("localhost:{}", running.addr.port());
+    let cacert = dir.join("controller.crt");
+    let curl = |args: Vec<String>| {
+        let cacert = cacert.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .arg("-sS")
+                .arg("--cacert")
+                .arg(&cacert)
+                .arg("-w")
+                .arg("\n%{http_code}")
+                .args(args)
+                .env("MASTER_KEY", MASTER)
+                .output()
+                .await?;
+            ensure!(
+                out.status.success(),
+                "curl: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8(out.stdout)?;
+            let (body, code) = text.rsplit_once('\n').context("status line")?;
+            Ok::<_, anyhow::Error>((code.to_string(), body.to_string()))
+        }
+    };
+    // Step 2 of the seed.
+    let (code, body) = curl(vec![
+        "-X".into(),
+        "POST".into(),
+        format!("https://{host}/api/networks"),
+        "-H".into(),
+        format!("Authorization: Bearer {MASTER}"),
+        "-H".into(),
+        "Content-Type: application/json".into(),
+        "-d".into(),
+        r#"{"netid": "mynet", "addressrange": "44.30.127.0/24"}"#.into(),
+    ])
+    .await?;
+    assert_eq!(code, "200", "{body}");
+    let net: Value = serde_json::from_str(&body)?;
+    assert_eq!(net["netid"], "mynet");
+    // A node to make the gateway of.
+    let c = Client::new(&running, &dir)?;
+    let (_, enrollment) = token(&c, "mynet", json!({})).await?;
+    let (status, border) = join(&c, &enrollment.secret, "bird-border", 9, json!({})).await?;
+    assert_eq!(status, StatusCode::OK);
+    let node_id = border["node"]["id"].as_str().context("id")?.to_string();
+    // Step 4 of the seed.
+    let (code, body) = curl(vec![
+        "-X".into(),
+        "POST".into(),
+        format!("https://{host}/api/nodes/mynet/{node_id}/creategateway"),
+        "-H".into(),
+        format!("Authorization: Bearer {MASTER}"),
+        "-H".into(),
+        "Content-Type: application/json".into(),
+        "-d".into(),
+        r#"{"ranges":["0.0.0.0/0"],"natEnabled":"no"}"#.into(),
+    ])
+    .await?;
+    assert_eq!(code, "200", "{body}");
+    let node: Value = serde_json::from_str(&body)?;
+    assert_eq!(node["egress"]["ranges"], json!(["0.0.0.0/0"]));
+    assert_eq!(node["egress"]["nat"], json!(false));
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
