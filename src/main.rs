@@ -11,6 +11,7 @@ use bgp4mesh_node::control::{self, Request};
 use bgp4mesh_node::show;
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod bench;
 mod bench_bgp;
 mod bench_wireguard;
@@ -32,6 +33,8 @@ struct Cli {
     /// Config file, to find the control socket
     #[arg(short = 'c', long, global = true)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    remote: admin::Remote,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,6 +67,45 @@ enum Command {
     /// Benchmarks against the competitors, in network namespaces (needs root)
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the controller: REST API, store, enrollment, push stream
+    Server {
+        /// Log level: error, warn, info, debug
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Enroll this machine in a mesh with an enrollment token (then `bgp4mesh run`)
+    Join {
+        token: String,
+        /// Node name (default: the host name)
+        #[arg(long)]
+        name: Option<String>,
+        /// This node's public address, IP or IP:port, if it has one (else it dials out)
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        listen_port: Option<u16>,
+        /// Pin the mesh address (gateways and borders)
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+        /// Where the key and credential go
+        #[arg(long, default_value = bgp4mesh_agent::agent::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Join again although this machine already joined
+        #[arg(long)]
+        force: bool,
+    },
+    /// Networks on the controller (create, list, show, delete)
+    #[command(subcommand)]
+    Network(admin::NetworkCommand),
+    /// Enrollment tokens (create, list, delete)
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Nodes (list, show, delete)
+    #[command(subcommand)]
+    Node(admin::NodeCommand),
+    /// Egress gateways (create, list, delete)
+    #[command(subcommand)]
+    Gateway(admin::GatewayCommand),
     /// A userspace WireGuard device with a `wg`-compatible UAPI socket, like wireguard-go
     /// (also run as `bgp4mesh-wireguard IFACE` through a symlink, for wg-quick)
     Wireguard {
@@ -211,6 +253,32 @@ fn main() -> ExitCode {
             table,
             gateway,
         }) => bench::fib_worker(*routes, *table, *gateway),
+        Command::Server { log_level } => {
+            init_logs(log_level).and_then(|()| admin::server(config_path(&cli)?))
+        }
+        Command::Join {
+            token,
+            name,
+            endpoint,
+            listen_port,
+            address,
+            state_dir,
+            force,
+        } => admin::join(
+            token,
+            state_dir,
+            bgp4mesh_agent::JoinOptions {
+                name: name.clone(),
+                endpoint: endpoint.clone(),
+                listen_port: *listen_port,
+                address: *address,
+                force: *force,
+            },
+        ),
+        Command::Network(c) => admin::network(&cli.remote, c),
+        Command::Token(c) => admin::token(&cli.remote, c),
+        Command::Node(c) => admin::node(&cli.remote, c),
+        Command::Gateway(c) => admin::gateway(&cli.remote, c),
         Command::Wireguard {
             interface,
             foreground,
@@ -236,7 +304,7 @@ fn config_path(cli: &Cli) -> Result<&PathBuf> {
         .context("give the config file with -c FILE")
 }
 
-fn run(cli: &Cli, log_level: &str) -> Result<()> {
+fn init_logs(log_level: &str) -> Result<()> {
     let level: tracing::Level = log_level.parse().map_err(|_| {
         anyhow::anyhow!("--log-level: {log_level:?} is not one of error, warn, info, debug, trace")
     })?;
@@ -246,6 +314,16 @@ fn run(cli: &Cli, log_level: &str) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    Ok(())
+}
+
+fn run(cli: &Cli, log_level: &str) -> Result<()> {
+    init_logs(log_level)?;
+    // After `bgp4mesh join`, `bgp4mesh run` needs no config file.
+    let joined = std::path::Path::new(bgp4mesh_agent::agent::DEFAULT_STATE_DIR);
+    if cli.config.is_none() && joined.join("node.json").exists() {
+        return bgp4mesh_node::daemon::run_config(NodeConfig::mesh_only(joined));
+    }
     bgp4mesh_node::daemon::run(config_path(cli)?)
 }
 

@@ -7,6 +7,8 @@
 //! what a previous run left ([`Fib::remove_stale`]). Requests are pipelined
 //! (many in flight) so a full table does not wait for one ACK at a time.
 
+pub mod links;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

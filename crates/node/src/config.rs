@@ -37,6 +37,44 @@ pub struct FileConfig {
     pub bfd: BfdSection,
     #[serde(default)]
     pub policy: HashMap<String, PolicySection>,
+    /// The WireGuard mesh run by a controller (after `bgp4mesh join`).
+    pub mesh: Option<MeshSection>,
+}
+
+/// `[mesh]`: where `bgp4mesh join` left its files, which interface, which
+/// WireGuard backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    #[serde(default = "default_mesh_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_mesh_interface")]
+    pub interface: String,
+    /// auto (the kernel module if present), kernel, or userspace.
+    #[serde(default = "default_mesh_backend")]
+    pub backend: String,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        MeshSection {
+            state_dir: default_mesh_state_dir(),
+            interface: default_mesh_interface(),
+            backend: default_mesh_backend(),
+        }
+    }
+}
+
+fn default_mesh_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/bgp4mesh/agent")
+}
+
+fn default_mesh_interface() -> String {
+    "bgp4mesh0".into()
+}
+
+fn default_mesh_backend() -> String {
+    "auto".into()
 }
 
 /// BFD timers for neighbours with `bfd = true`.
@@ -412,6 +450,7 @@ pub struct NodeConfig {
     pub control_socket: PathBuf,
     pub bgp: Option<BgpConfig>,
     pub kernel: KernelSection,
+    pub mesh: Option<MeshSection>,
 }
 
 /// What the BGP driver needs beyond the sans-IO speaker's config.
@@ -468,12 +507,41 @@ impl NodeConfig {
                 file.kernel.table
             );
         }
+        if let Some(mesh) = &file.mesh {
+            let name = &mesh.interface;
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                bail!("{}: mesh.interface: {name:?} is not an interface name", path.display());
+            }
+            if !["auto", "kernel", "userspace"].contains(&mesh.backend.as_str()) {
+                bail!(
+                    "{}: mesh.backend: {:?} is not one of auto, kernel, userspace",
+                    path.display(),
+                    mesh.backend
+                );
+            }
+        }
         Ok(NodeConfig {
             path: path.to_path_buf(),
             control_socket: file.control.socket,
             bgp,
             kernel: file.kernel,
+            mesh: file.mesh,
         })
+    }
+
+    /// A node that only runs the mesh, from `join`'s state directory (what
+    /// `bgp4mesh run` does without a config file).
+    pub fn mesh_only(state_dir: &Path) -> NodeConfig {
+        NodeConfig {
+            path: PathBuf::from("(no config file)"),
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            bgp: None,
+            kernel: KernelSection::default(),
+            mesh: Some(MeshSection {
+                state_dir: state_dir.to_path_buf(),
+                ..MeshSection::default()
+            }),
+        }
     }
 }
 

@@ -14,7 +14,12 @@ use crate::kernel_sync;
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
-    let config = NodeConfig::load(config_path)?;
+    run_config(NodeConfig::load(config_path)?)
+}
+
+/// [`run`] with a config already made (`bgp4mesh run` after `join`, with
+/// no file).
+pub fn run_config(config: NodeConfig) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -55,6 +60,40 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             Some((routes, task))
         }
         _ => None,
+    };
+    let (mesh_stop, mesh_stopped) = oneshot::channel::<()>();
+    let mesh = match config.mesh.clone() {
+        Some(section) => {
+            let options = bgp4mesh_agent::AgentOptions {
+                state_dir: section.state_dir,
+                interface: section.interface,
+                backend: section
+                    .backend
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("mesh.backend: {e}"))?,
+            };
+            let stopper = calls_tx.clone();
+            Some(tokio::spawn(async move {
+                let stop = async {
+                    let _ = mesh_stopped.await;
+                };
+                let result = bgp4mesh_agent::run(options, stop).await;
+                if let Err(e) = &result {
+                    tracing::error!("mesh: {e:#}");
+                    // The mesh was the point: stop the daemon with it.
+                    let (reply, answer) = oneshot::channel();
+                    let _ = stopper
+                        .send(ControlCall {
+                            request: Request::Shutdown,
+                            reply,
+                        })
+                        .await;
+                    let _ = answer.await;
+                }
+                result
+            }))
+        }
+        None => None,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -119,7 +158,9 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             driver.run(calls).await;
         }
         None => {
-            tracing::warn!("no [bgp] section: nothing to run but the control socket");
+            if mesh.is_none() {
+                tracing::warn!("no [bgp] or [mesh] section: nothing to run but the control socket");
+            }
             let mut calls = calls;
             while let Some(call) = calls.recv().await {
                 let stop = matches!(call.request, Request::Shutdown);
@@ -132,6 +173,11 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             }
         }
     }
+    let _ = mesh_stop.send(());
+    let mesh_failed = match mesh {
+        Some(task) => matches!(task.await, Ok(Err(_))),
+        None => false,
+    };
     if let Some((routes, task)) = kernel {
         // Closing the channel lets the kernel task finish: apply what is
         // queued, then remove our routes unless told to keep them.
@@ -140,5 +186,8 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     }
     server.abort();
     let _ = std::fs::remove_file(&config.control_socket);
+    if mesh_failed {
+        anyhow::bail!("the mesh stopped (see the log above)");
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{DeviceConfig, DeviceStatus, SetRequest, plan_changes};
 use crate::device::{Device, DeviceOptions};
@@ -34,7 +34,7 @@ impl FromStr for Backend {
 }
 
 pub enum AnyDevice {
-    Userspace(Device),
+    Userspace(Arc<Device>, Option<crate::UapiServer>),
     Kernel {
         device: KernelDevice,
         listen_port: Mutex<u16>,
@@ -56,13 +56,23 @@ impl AnyDevice {
                 endpoints: Mutex::new(HashMap::new()),
             })
         } else {
-            Ok(AnyDevice::Userspace(Device::create(options)?))
+            let device = Arc::new(Device::create(options)?);
+            // `wg show` sees the device; a UAPI socket that cannot be made
+            // (another daemon has the name) only costs that.
+            let uapi = match crate::UapiServer::start(Arc::clone(&device)) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::warn!(interface = device.name(), "no UAPI socket: {e}");
+                    None
+                }
+            };
+            Ok(AnyDevice::Userspace(device, uapi))
         }
     }
 
     pub fn backend(&self) -> Backend {
         match self {
-            AnyDevice::Userspace(_) => Backend::Userspace,
+            AnyDevice::Userspace(..) => Backend::Userspace,
             AnyDevice::Kernel { .. } => Backend::Kernel,
         }
     }
@@ -70,7 +80,7 @@ impl AnyDevice {
     /// Brings the device to `desired` (see [`plan_changes`]).
     pub fn configure(&self, desired: &DeviceConfig) -> io::Result<()> {
         match self {
-            AnyDevice::Userspace(device) => device.configure(desired).map_err(to_io),
+            AnyDevice::Userspace(device, _) => device.configure(desired).map_err(to_io),
             AnyDevice::Kernel {
                 device,
                 listen_port,
@@ -96,8 +106,17 @@ impl AnyDevice {
 
     pub fn status(&self) -> io::Result<DeviceStatus> {
         match self {
-            AnyDevice::Userspace(device) => Ok(device.status()),
+            AnyDevice::Userspace(device, _) => Ok(device.status()),
             AnyDevice::Kernel { device, .. } => device.status(),
+        }
+    }
+}
+
+impl Drop for AnyDevice {
+    fn drop(&mut self) {
+        // The UAPI thread holds the device too: stop it so both go.
+        if let AnyDevice::Userspace(device, _) = self {
+            device.stop();
         }
     }
 }

@@ -1,0 +1,396 @@
+//! The node agent: `join` enrolls once; `run` holds the stream to the
+//! controller and keeps the WireGuard device, the interface's addresses
+//! and the routes to its peers' ranges equal to what the controller says.
+//!
+//! The last state applied is cached on disk: with the controller away the
+//! agent keeps what it has (and comes back up from the cache after a
+//! restart), and reconnects with backoff, resuming from its revision.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use bgp4mesh_api::{
+    EnrollmentToken, JoinRequest, JoinResponse, MeshState, NodeReport, ReportedPeer, StreamEvent,
+};
+use bgp4mesh_kernel::links::Links;
+use bgp4mesh_wireguard::{AnyDevice, Backend, DeviceConfig, DeviceOptions, Key, PeerConfig};
+use futures::StreamExt;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+
+/// Default place of the agent's files.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
+/// Default WireGuard interface of the mesh.
+pub const DEFAULT_INTERFACE: &str = "bgp4mesh0";
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// What `join` leaves in the state directory (`node.json`, mode 0600).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub server: String,
+    pub fingerprint: Option<String>,
+    pub network: String,
+    pub node_id: String,
+    pub name: String,
+    pub credential: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JoinOptions {
+    pub name: Option<String>,
+    pub endpoint: Option<String>,
+    pub listen_port: Option<u16>,
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Join again although the state directory holds an enrollment.
+    pub force: bool,
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn decode_token(text: &str) -> Result<EnrollmentToken> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim())
+        .context("this is not an enrollment token (not base64url)")?;
+    serde_json::from_slice(&bytes).context("this is not an enrollment token (not its JSON)")
+}
+
+/// Enrolls this machine: makes the key pair here, registers the public key
+/// with the controller named in the token, stores the credential.
+pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result<JoinResponse> {
+    let token = decode_token(token)?;
+    let node_file = state_dir.join("node.json");
+    if node_file.exists() && !options.force {
+        let old: Enrollment = serde_json::from_slice(&std::fs::read(&node_file)?)
+            .with_context(|| format!("reading {}", node_file.display()))?;
+        bail!(
+            "already joined network {:?} as {:?} ({}); use --force to join again",
+            old.network,
+            old.name,
+            node_file.display()
+        );
+    }
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let name = match options.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into()),
+    };
+    let private = Key::generate_private();
+    let client = Client::new(&token.server, token.fingerprint.as_deref(), None)?;
+    let response: JoinResponse = client
+        .post(
+            "/api/join",
+            &JoinRequest {
+                secret: token.secret.clone(),
+                name: name.clone(),
+                public_key: private.public_key().to_base64(),
+                endpoint: options.endpoint,
+                listen_port: options.listen_port,
+                address: options.address,
+                address6: None,
+            },
+        )
+        .await?;
+    write_private(&state_dir.join("private.key"), private.to_base64().as_bytes())?;
+    let enrollment = Enrollment {
+        server: token.server,
+        fingerprint: token.fingerprint,
+        network: response.node.network.clone(),
+        node_id: response.node.id.clone(),
+        name,
+        credential: response.credential.clone(),
+    };
+    write_private(&node_file, &serde_json::to_vec_pretty(&enrollment)?)?;
+    let _ = std::fs::remove_file(state_dir.join("mesh.json"));
+    Ok(response)
+}
+
+/// How `run` runs the mesh.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub backend: Backend,
+}
+
+impl Default for AgentOptions {
+    fn default() -> AgentOptions {
+        AgentOptions {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            interface: DEFAULT_INTERFACE.to_string(),
+            backend: Backend::Auto,
+        }
+    }
+}
+
+struct Mesh {
+    options: AgentOptions,
+    private: Key,
+    device: AnyDevice,
+    links: Links,
+}
+
+impl Mesh {
+    /// Brings the device, addresses and routes to `state`.
+    async fn apply(&self, state: &MeshState) -> Result<()> {
+        let behind_nat = state.node.endpoint.is_none();
+        let keepalive = (behind_nat && state.network.persistent_keepalive > 0)
+            .then_some(state.network.persistent_keepalive);
+        let peers = state
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let key = Key::from_base64(&p.public_key).ok()?;
+                let mut peer = PeerConfig::new(key);
+                peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                peer.allowed_ips = p.allowed_ips.clone();
+                peer.persistent_keepalive = keepalive;
+                Some(peer)
+            })
+            .collect();
+        let desired = DeviceConfig {
+            private_key: Some(self.private),
+            listen_port: state.node.listen_port,
+            fwmark: 0,
+            peers,
+        };
+        self.device
+            .configure(&desired)
+            .context("configuring the WireGuard device")?;
+        let mut addresses = Vec::new();
+        if let (Some(a), Some(range)) = (state.node.address, &state.network.addressrange)
+            && let Ok(range) = range.parse::<IpNet>()
+        {
+            addresses.push(IpNet::new(a.into(), range.prefix_len())?);
+        }
+        if let (Some(a), Some(range)) = (state.node.address6, &state.network.addressrange6)
+            && let Ok(range) = range.parse::<IpNet>()
+        {
+            addresses.push(IpNet::new(a.into(), range.prefix_len())?);
+        }
+        let name = &self.options.interface;
+        self.links
+            .up(name, Some(u32::from(state.network.mtu)))
+            .await?;
+        self.links.set_addresses(name, &addresses).await?;
+        // Egress ranges other than the default route go into the tunnel
+        // (the default route needs policy routing: the border issue).
+        let mut routes: Vec<IpNet> = state
+            .peers
+            .iter()
+            .filter_map(|p| p.egress.as_ref())
+            .flat_map(|g| g.ranges.iter().copied())
+            .filter(|r| r.prefix_len() > 0)
+            .filter(|r| !addresses.iter().any(|a| a.contains(r)))
+            .collect();
+        routes.sort();
+        routes.dedup();
+        self.links.set_device_routes(name, &routes).await?;
+        Ok(())
+    }
+
+    fn report(&self) -> NodeReport {
+        let mut report = NodeReport::default();
+        if let Ok(status) = self.device.status() {
+            report.listen_port = (status.listen_port != 0).then_some(status.listen_port);
+            report.peers = status
+                .peers
+                .iter()
+                .map(|p| ReportedPeer {
+                    public_key: p.public_key.to_base64(),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    last_handshake: p
+                        .last_handshake
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                })
+                .collect();
+        }
+        report
+    }
+}
+
+fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Result<bool> {
+    match event {
+        StreamEvent::Snapshot(s) => {
+            *state = Some(s);
+            Ok(true)
+        }
+        StreamEvent::Heartbeat { revision } => {
+            if let Some(s) = state {
+                s.revision = revision;
+            }
+            Ok(false)
+        }
+        StreamEvent::Removed { .. } => {
+            bail!("this node was removed from the controller; join again to come back")
+        }
+        other => {
+            let Some(s) = state else {
+                // A change before any snapshot cannot be applied; the
+                // stream starts over.
+                bail!("a change came before the first snapshot");
+            };
+            match other {
+                StreamEvent::PeerUpsert { revision, peer } => {
+                    s.revision = revision;
+                    s.peers.retain(|p| p.node_id != peer.node_id);
+                    s.peers.push(peer);
+                }
+                StreamEvent::PeerRemove { revision, node_id } => {
+                    s.revision = revision;
+                    s.peers.retain(|p| p.node_id != node_id);
+                }
+                StreamEvent::SelfUpdate {
+                    revision,
+                    node,
+                    network,
+                } => {
+                    s.revision = revision;
+                    s.node = node;
+                    s.network = network;
+                }
+                _ => {}
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Runs the mesh until `stop` resolves, or until the controller says the
+/// node was removed (an error).
+pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+    let dir = &options.state_dir;
+    let enrollment: Enrollment = serde_json::from_slice(
+        &std::fs::read(dir.join("node.json"))
+            .with_context(|| format!("{}: run `bgp4mesh join TOKEN` first", dir.join("node.json").display()))?,
+    )
+    .context("reading node.json")?;
+    let private = Key::from_base64(
+        &std::fs::read_to_string(dir.join("private.key")).context("reading private.key")?,
+    )
+    .context("private.key")?;
+    let device = AnyDevice::create(DeviceOptions::new(&options.interface), options.backend)
+        .with_context(|| format!("creating the WireGuard interface {}", options.interface))?;
+    let mesh = Arc::new(Mesh {
+        options: options.clone(),
+        private,
+        device,
+        links: Links::connect()?,
+    });
+    let client = Client::new(
+        &enrollment.server,
+        enrollment.fingerprint.as_deref(),
+        Some(enrollment.credential.clone()),
+    )?;
+    let cache = dir.join("mesh.json");
+    let mut state: Option<MeshState> = std::fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(s) = &state {
+        tracing::info!(revision = s.revision, peers = s.peers.len(), "mesh from the cache");
+        if let Err(e) = mesh.apply(s).await {
+            tracing::warn!("applying the cached mesh: {e:#}");
+        }
+    }
+    let reporter = {
+        let mesh = Arc::clone(&mesh);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REPORT_EVERY);
+            loop {
+                tick.tick().await;
+                if let Err(e) = client.post_empty("/api/agent/report", &mesh.report()).await {
+                    tracing::debug!("report: {e:#}");
+                }
+            }
+        })
+    };
+    let work = async {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let since = state.as_ref().map(|s| s.revision);
+            match client.stream(since).await {
+                Ok(events) => {
+                    tracing::info!(server = client.server(), since, "connected to the controller");
+                    backoff = Duration::from_secs(1);
+                    let mut events = Box::pin(events);
+                    while let Some(event) = events.next().await {
+                        let event = match event {
+                            Ok(e) => e,
+                            Err(e) => {
+                                tracing::warn!("stream: {e:#}");
+                                break;
+                            }
+                        };
+                        match apply_event(&mut state, event) {
+                            Ok(false) => {}
+                            Ok(true) => {
+                                let Some(s) = &state else { continue };
+                                if let Err(e) = mesh.apply(s).await {
+                                    tracing::warn!("applying the mesh: {e:#}");
+                                }
+                                if let Ok(bytes) = serde_json::to_vec(s)
+                                    && let Err(e) = write_private(&cache, &bytes)
+                                {
+                                    tracing::warn!("caching the mesh: {e:#}");
+                                }
+                            }
+                            Err(e) if e.to_string().contains("removed") => {
+                                let _ = std::fs::remove_file(&cache);
+                                return Err(e);
+                            }
+                            Err(e) => {
+                                tracing::warn!("{e:#}; starting over");
+                                state = None;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let refused = e
+                        .downcast_ref::<crate::client::Refused>()
+                        .is_some_and(|r| r.status == reqwest::StatusCode::UNAUTHORIZED);
+                    if refused {
+                        let _ = std::fs::remove_file(&cache);
+                        return Err(e.context("the controller no longer knows this node"));
+                    }
+                    tracing::warn!("controller unreachable ({e:#}); keeping the mesh as it is");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = stop => Ok(()),
+    };
+    reporter.abort();
+    result
+}

@@ -1,0 +1,239 @@
+//! HTTPS client of the controller, for the agent and the admin CLI.
+//!
+//! A controller with a self-signed certificate is recognised by the
+//! SHA-256 fingerprint the enrollment token carries (or `--fingerprint`);
+//! otherwise the certificate must chain to a public root (webpki roots).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use bgp4mesh_api::{ApiError, StreamEvent};
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The controller answered with an error status.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the controller refused ({}): {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+/// Accepts exactly the certificate with this SHA-256 (still checking the
+/// handshake signatures with it).
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        let got: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        if got == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the controller's certificate has fingerprint {got}, the token says {}",
+                self.fingerprint
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl Client {
+    /// `server`: https://host:port; `fingerprint`: pin a self-signed
+    /// certificate; `key`: the bearer credential (master key, API token or
+    /// node credential).
+    pub fn new(server: &str, fingerprint: Option<&str>, key: Option<String>) -> Result<Client> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_keepalive(Duration::from_secs(30));
+        if let Some(fp) = fingerprint {
+            let fingerprint = fp.trim().to_lowercase().replace(':', "");
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| anyhow!("TLS versions: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned {
+                    fingerprint,
+                    provider,
+                }))
+                .with_no_client_auth();
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        Ok(Client {
+            http: builder.build().context("building the HTTP client")?,
+            base: server.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(30));
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {}{path}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ApiError>(&text)
+            .map(|e| e.message)
+            .unwrap_or(text);
+        Err(Refused { status, message }.into())
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.send(Method::GET, path, None::<&()>).await?;
+        Ok(resp.json().await?)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let resp = self.send(Method::POST, path, Some(body)).await?;
+        Ok(resp.json().await?)
+    }
+
+    /// A POST whose answer has no body.
+    pub async fn post_empty<B: Serialize>(&self, path: &str, body: &B) -> Result<()> {
+        self.send(Method::POST, path, Some(body)).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send(Method::DELETE, path, None::<&()>).await?;
+        Ok(())
+    }
+
+    /// The agent's stream: events as they come; ends when the connection
+    /// does. No event for 45 s (three heartbeats) counts as a dead stream.
+    pub async fn stream(
+        &self,
+        since: Option<u64>,
+    ) -> Result<impl futures::Stream<Item = Result<StreamEvent>> + use<>> {
+        let path = match since {
+            Some(r) => format!("/api/agent/stream?since={r}"),
+            None => "/api/agent/stream".to_string(),
+        };
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.context("opening the stream")?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.message)
+                .unwrap_or(text);
+            return Err(Refused { status, message }.into());
+        }
+        let bytes = resp.bytes_stream();
+        Ok(futures::stream::unfold(
+            (bytes, String::new()),
+            |(mut bytes, mut buffer)| async move {
+                loop {
+                    if let Some(end) = buffer.find("\n\n") {
+                        let frame: String = buffer.drain(..end + 2).collect();
+                        let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                            continue;
+                        };
+                        let event = serde_json::from_str::<StreamEvent>(data)
+                            .map_err(|e| anyhow!("a stream event that does not parse: {e}"));
+                        return Some((event, (bytes, buffer)));
+                    }
+                    match tokio::time::timeout(Duration::from_secs(45), bytes.next()).await {
+                        Ok(Some(Ok(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                        Ok(Some(Err(e))) => return Some((Err(e.into()), (bytes, buffer))),
+                        Ok(None) => return None,
+                        Err(_) => {
+                            return Some((
+                                Err(anyhow!("no heartbeat from the controller in 45 s")),
+                                (bytes, buffer),
+                            ));
+                        }
+                    }
+                }
+            },
+        ))
+    }
+}

@@ -1,0 +1,8 @@
+//! The node agent (`bgp4mesh join`, the mesh part of `bgp4mesh run`) and
+//! the controller's HTTPS client (also used by the admin CLI).
+
+pub mod agent;
+pub mod client;
+
+pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run};
+pub use client::Client;

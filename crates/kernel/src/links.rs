@@ -1,0 +1,193 @@
+//! Interfaces the mesh uses: bring a link up with its MTU, make its
+//! addresses exactly the wanted ones, and keep routes out of it for the
+//! ranges its peers carry (protocol `static`, so ours are told apart).
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+pub struct Links {
+    handle: Handle,
+}
+
+impl Links {
+    /// Opens a netlink connection (its task runs on the current runtime).
+    pub fn connect() -> Result<Links> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Links { handle })
+    }
+
+    pub async fn index(&self, name: &str) -> Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let link = links
+            .try_next()
+            .await
+            .with_context(|| format!("no interface named {name}"))?
+            .with_context(|| format!("no interface named {name}"))?;
+        Ok(link.header.index)
+    }
+
+    /// Sets the link up, with this MTU when given.
+    pub async fn up(&self, name: &str, mtu: Option<u32>) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut message = LinkUnspec::new_with_index(index).up();
+        if let Some(mtu) = mtu {
+            message = message.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .with_context(|| format!("setting {name} up"))
+    }
+
+    /// Makes the interface's addresses exactly `wanted` (IPv6 link-local
+    /// addresses are left alone).
+    pub async fn set_addresses(&self, name: &str, wanted: &[IpNet]) -> Result<()> {
+        let index = self.index(name).await?;
+        let current: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await?;
+        let mut have = Vec::new();
+        for message in current {
+            let addr = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let Some(addr) = addr else { continue };
+            if let IpAddr::V6(v6) = addr
+                && v6.segments()[0] & 0xffc0 == 0xfe80
+            {
+                continue;
+            }
+            let net = IpNet::new(addr, message.header.prefix_len)
+                .with_context(|| format!("address {addr}/{}", message.header.prefix_len))?;
+            if wanted.contains(&net) {
+                have.push(net);
+            } else {
+                self.handle
+                    .address()
+                    .del(message)
+                    .execute()
+                    .await
+                    .with_context(|| format!("removing {net} from {name}"))?;
+            }
+        }
+        for net in wanted.iter().filter(|n| !have.contains(n)) {
+            self.handle
+                .address()
+                .add(index, net.addr(), net.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding {net} to {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the routes out of `name` with protocol `static` exactly
+    /// `wanted` (in the main table).
+    pub async fn set_device_routes(&self, name: &str, wanted: &[IpNet]) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut have = Vec::new();
+        for family in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+            let filter = match family {
+                rtnetlink::IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+                rtnetlink::IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            };
+            let routes: Vec<_> = self
+                .handle
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await?;
+            for route in routes {
+                let ours = route.header.protocol == RouteProtocol::Static
+                    && route
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+                if !ours {
+                    continue;
+                }
+                let dest = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(d) => Some(d.clone()),
+                    _ => None,
+                });
+                let net = match dest {
+                    Some(rtnetlink::packet_route::route::RouteAddress::Inet(v4)) => {
+                        IpNet::new(v4.into(), route.header.destination_prefix_length).ok()
+                    }
+                    Some(rtnetlink::packet_route::route::RouteAddress::Inet6(v6)) => {
+                        IpNet::new(v6.into(), route.header.destination_prefix_length).ok()
+                    }
+                    None if route.header.destination_prefix_length == 0 => Some(
+                        if route.header.address_family
+                            == rtnetlink::packet_route::AddressFamily::Inet6
+                        {
+                            "::/0".parse().context("::/0")?
+                        } else {
+                            "0.0.0.0/0".parse().context("0/0")?
+                        },
+                    ),
+                    _ => None,
+                };
+                match net {
+                    Some(net) if wanted.contains(&net) => have.push(net),
+                    _ => {
+                        self.handle
+                            .route()
+                            .del(route)
+                            .execute()
+                            .await
+                            .with_context(|| format!("removing a route from {name}"))?;
+                    }
+                }
+            }
+        }
+        for net in wanted.iter().filter(|n| !have.contains(n)) {
+            let mut message = match net {
+                IpNet::V4(v4) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                    .destination_prefix(v4.addr(), v4.prefix_len())
+                    .output_interface(index)
+                    .protocol(RouteProtocol::Static)
+                    .scope(RouteScope::Link)
+                    .build(),
+                IpNet::V6(v6) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                    .destination_prefix(v6.addr(), v6.prefix_len())
+                    .output_interface(index)
+                    .protocol(RouteProtocol::Static)
+                    .scope(RouteScope::Link)
+                    .build(),
+            };
+            message.header.table = 254;
+            self.handle
+                .route()
+                .add(message)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding the route {net} dev {name}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,398 @@
+//! `bgp4mesh server`, `bgp4mesh join`, and the admin commands that talk to
+//! the controller's API (`network`, `token`, `node`, `gateway`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use bgp4mesh_agent::Client;
+use bgp4mesh_api::{
+    GatewayCreate, Network, NetworkCreate, Node, Token, TokenCreate,
+};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the controller is and how to authenticate (flags or environment).
+#[derive(Args, Debug, Clone)]
+pub struct Remote {
+    /// Controller URL, e.g. https://controller.example.net:8443
+    #[arg(long, env = "BGP4MESH_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Master key or API token
+    #[arg(long, env = "BGP4MESH_KEY", global = true, hide_env_values = true)]
+    pub key: Option<String>,
+    /// SHA-256 of a self-signed controller certificate (from `bgp4mesh server`'s log)
+    #[arg(long, env = "BGP4MESH_FINGERPRINT", global = true)]
+    pub fingerprint: Option<String>,
+    /// Print the controller's JSON instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> Result<Client> {
+        let server = self
+            .server
+            .as_deref()
+            .context("give the controller with --server URL (or BGP4MESH_SERVER)")?;
+        let key = self
+            .key
+            .clone()
+            .context("give the master key or an API token with --key (or BGP4MESH_KEY)")?;
+        Client::new(server, self.fingerprint.as_deref(), Some(key))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Create a network whose mesh addresses come from RANGE
+    Create {
+        netid: String,
+        /// IPv4 block, e.g. 44.30.127.0/24
+        #[arg(long)]
+        range: Option<String>,
+        /// IPv6 block
+        #[arg(long)]
+        range6: Option<String>,
+        #[arg(long)]
+        mtu: Option<u16>,
+        #[arg(long)]
+        listen_port: Option<u16>,
+        #[arg(long)]
+        keepalive: Option<u16>,
+    },
+    List,
+    Show {
+        netid: String,
+    },
+    Delete {
+        netid: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an enrollment token for `bgp4mesh join`
+    Create {
+        #[arg(long)]
+        network: String,
+        /// How many nodes may join with it (default: unlimited)
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Seconds until it expires (default: never)
+        #[arg(long)]
+        expires_in: Option<u64>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    List {
+        #[arg(long)]
+        network: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    List {
+        network: Option<String>,
+    },
+    Show {
+        network: String,
+        node: String,
+    },
+    /// Remove a node: its peers drop it, its address is released
+    Delete {
+        network: String,
+        node: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Make NODE an egress gateway for --range (0.0.0.0/0: the Internet)
+    Create {
+        network: String,
+        node: String,
+        #[arg(long = "range", required = true)]
+        ranges: Vec<String>,
+        #[arg(long)]
+        nat: bool,
+        #[arg(long)]
+        metric: Option<u32>,
+    },
+    List {
+        #[arg(long)]
+        network: Option<String>,
+    },
+    Delete {
+        network: String,
+        node: String,
+    },
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_networks(networks: &[Network]) {
+    println!("{:<16} {:<20} {:<24} {:>5} {:>6} nodes", "netid", "range", "range6", "mtu", "port");
+    for n in networks {
+        println!(
+            "{:<16} {:<20} {:<24} {:>5} {:>6} {}",
+            n.netid,
+            n.addressrange.as_deref().unwrap_or("-"),
+            n.addressrange6.as_deref().unwrap_or("-"),
+            n.mtu,
+            n.listen_port,
+            n.nodes
+        );
+    }
+}
+
+fn print_nodes(nodes: &[Node]) {
+    println!(
+        "{:<16} {:<12} {:<16} {:<16} {:<22} {:<7} egress",
+        "id", "network", "name", "address", "endpoint", "online"
+    );
+    for n in nodes {
+        let egress = n
+            .egress
+            .as_ref()
+            .map(|g| {
+                let ranges: Vec<String> = g.ranges.iter().map(|r| r.to_string()).collect();
+                format!("{}{}", ranges.join(","), if g.nat { " nat" } else { "" })
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<16} {:<12} {:<16} {:<16} {:<22} {:<7} {}",
+            n.id,
+            n.network,
+            n.name,
+            n.address.map_or("-".to_string(), |a| a.to_string()),
+            n.endpoint.as_deref().unwrap_or("-"),
+            if n.online { "yes" } else { "no" },
+            egress
+        );
+    }
+}
+
+fn print_tokens(tokens: &[Token]) {
+    println!("{:<16} {:<12} {:<10} {:<12} tags", "id", "network", "uses left", "expires at");
+    for t in tokens {
+        println!(
+            "{:<16} {:<12} {:<10} {:<12} {}",
+            t.id,
+            t.network,
+            t.uses_left.map_or("unlimited".into(), |u| u.to_string()),
+            t.expires_at.map_or("never".into(), |e| e.to_string()),
+            t.tags.join(",")
+        );
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn network(remote: &Remote, command: &NetworkCommand) -> Result<()> {
+    let client = remote.client()?;
+    runtime()?.block_on(async {
+        match command {
+            NetworkCommand::Create {
+                netid,
+                range,
+                range6,
+                mtu,
+                listen_port,
+                keepalive,
+            } => {
+                let n: Network = client
+                    .post(
+                        "/api/networks",
+                        &NetworkCreate {
+                            netid: netid.clone(),
+                            addressrange: range.clone(),
+                            addressrange6: range6.clone(),
+                            mtu: *mtu,
+                            listen_port: *listen_port,
+                            persistent_keepalive: *keepalive,
+                        },
+                    )
+                    .await?;
+                if remote.json { print_json(&n) } else { print_networks(&[n]); Ok(()) }
+            }
+            NetworkCommand::List => {
+                let n: Vec<Network> = client.get("/api/networks").await?;
+                if remote.json { print_json(&n) } else { print_networks(&n); Ok(()) }
+            }
+            NetworkCommand::Show { netid } => {
+                let n: Network = client.get(&format!("/api/networks/{netid}")).await?;
+                if remote.json { print_json(&n) } else { print_networks(&[n]); Ok(()) }
+            }
+            NetworkCommand::Delete { netid } => {
+                client.delete(&format!("/api/networks/{netid}")).await?;
+                println!("network {netid} deleted");
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn token(remote: &Remote, command: &TokenCommand) -> Result<()> {
+    let client = remote.client()?;
+    runtime()?.block_on(async {
+        match command {
+            TokenCommand::Create {
+                network,
+                uses,
+                expires_in,
+                tags,
+            } => {
+                let t: Token = client
+                    .post(
+                        "/api/tokens",
+                        &TokenCreate {
+                            network: network.clone(),
+                            expires_in: *expires_in,
+                            uses: *uses,
+                            tags: tags.clone(),
+                        },
+                    )
+                    .await?;
+                if remote.json {
+                    return print_json(&t);
+                }
+                // The token alone on stdout, for `bgp4mesh join $(...)`.
+                println!("{}", t.token.unwrap_or_default());
+                Ok(())
+            }
+            TokenCommand::List { network } => {
+                let path = match network {
+                    Some(n) => format!("/api/tokens?network={n}"),
+                    None => "/api/tokens".into(),
+                };
+                let t: Vec<Token> = client.get(&path).await?;
+                if remote.json { print_json(&t) } else { print_tokens(&t); Ok(()) }
+            }
+            TokenCommand::Delete { id } => {
+                client.delete(&format!("/api/tokens/{id}")).await?;
+                println!("token {id} deleted");
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn node(remote: &Remote, command: &NodeCommand) -> Result<()> {
+    let client = remote.client()?;
+    runtime()?.block_on(async {
+        match command {
+            NodeCommand::List { network } => {
+                let path = match network {
+                    Some(n) => format!("/api/nodes/{n}"),
+                    None => "/api/nodes".into(),
+                };
+                let n: Vec<Node> = client.get(&path).await?;
+                if remote.json { print_json(&n) } else { print_nodes(&n); Ok(()) }
+            }
+            NodeCommand::Show { network, node } => {
+                let n: Node = client.get(&format!("/api/nodes/{network}/{node}")).await?;
+                if remote.json { print_json(&n) } else { print_nodes(&[n]); Ok(()) }
+            }
+            NodeCommand::Delete { network, node } => {
+                client.delete(&format!("/api/nodes/{network}/{node}")).await?;
+                println!("node {node} deleted from {network}");
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
+    let client = remote.client()?;
+    runtime()?.block_on(async {
+        match command {
+            GatewayCommand::Create {
+                network,
+                node,
+                ranges,
+                nat,
+                metric,
+            } => {
+                let n: Node = client
+                    .post(
+                        &format!("/api/nodes/{network}/{node}/creategateway"),
+                        &GatewayCreate {
+                            ranges: ranges.clone(),
+                            nat_enabled: *nat,
+                            metric: *metric,
+                        },
+                    )
+                    .await?;
+                if remote.json { print_json(&n) } else { print_nodes(&[n]); Ok(()) }
+            }
+            GatewayCommand::List { network } => {
+                let path = match network {
+                    Some(n) => format!("/api/gateways?network={n}"),
+                    None => "/api/gateways".into(),
+                };
+                let g: Vec<Value> = client.get(&path).await?;
+                print_json(&g)
+            }
+            GatewayCommand::Delete { network, node } => {
+                client
+                    .delete(&format!("/api/nodes/{network}/{node}/deletegateway"))
+                    .await?;
+                println!("{node} is no longer an egress gateway");
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn join(
+    token: &str,
+    state_dir: &Path,
+    options: bgp4mesh_agent::JoinOptions,
+) -> Result<()> {
+    let response = runtime()?.block_on(bgp4mesh_agent::join(token, state_dir, options))?;
+    println!(
+        "joined network {} as {} ({}), mesh address {}",
+        response.network.netid,
+        response.node.name,
+        response.node.id,
+        response
+            .node
+            .address
+            .map_or("-".to_string(), |a| a.to_string())
+    );
+    println!("state in {}; now run `bgp4mesh run`", state_dir.display());
+    Ok(())
+}
+
+pub fn server(config: &Path) -> Result<()> {
+    let config = bgp4mesh_controller::config::ServerConfig::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let running = bgp4mesh_controller::server::start(&config).await?;
+        if let Some(fp) = &running.fingerprint {
+            println!("fingerprint {fp}");
+        }
+        println!("listening on {}", running.addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        }
+        running.shutdown().await;
+        anyhow::Ok(())
+    })
+}
