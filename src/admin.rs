@@ -5,9 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use bgp4mesh_agent::Client;
-use bgp4mesh_api::{
-    GatewayCreate, Network, NetworkCreate, Node, Token, TokenCreate,
-};
+use bgp4mesh_api::{GatewayCreate, Network, NetworkCreate, Node, Token, TokenCreate};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -138,7 +136,10 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
 }
 
 fn print_networks(networks: &[Network]) {
-    println!("{:<16} {:<20} {:<24} {:>5} {:>6} nodes", "netid", "range", "range6", "mtu", "port");
+    println!(
+        "{:<16} {:<20} {:<24} {:>5} {:>6} nodes",
+        "netid", "range", "range6", "mtu", "port"
+    );
     for n in networks {
         println!(
             "{:<16} {:<20} {:<24} {:>5} {:>6} {}",
@@ -180,7 +181,10 @@ fn print_nodes(nodes: &[Node]) {
 }
 
 fn print_tokens(tokens: &[Token]) {
-    println!("{:<16} {:<12} {:<10} {:<12} tags", "id", "network", "uses left", "expires at");
+    println!(
+        "{:<16} {:<12} {:<10} {:<12} tags",
+        "id", "network", "uses left", "expires at"
+    );
     for t in tokens {
         println!(
             "{:<16} {:<12} {:<10} {:<12} {}",
@@ -224,15 +228,30 @@ pub fn network(remote: &Remote, command: &NetworkCommand) -> Result<()> {
                         },
                     )
                     .await?;
-                if remote.json { print_json(&n) } else { print_networks(&[n]); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_networks(&[n]);
+                    Ok(())
+                }
             }
             NetworkCommand::List => {
                 let n: Vec<Network> = client.get("/api/networks").await?;
-                if remote.json { print_json(&n) } else { print_networks(&n); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_networks(&n);
+                    Ok(())
+                }
             }
             NetworkCommand::Show { netid } => {
                 let n: Network = client.get(&format!("/api/networks/{netid}")).await?;
-                if remote.json { print_json(&n) } else { print_networks(&[n]); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_networks(&[n]);
+                    Ok(())
+                }
             }
             NetworkCommand::Delete { netid } => {
                 client.delete(&format!("/api/networks/{netid}")).await?;
@@ -277,7 +296,12 @@ pub fn token(remote: &Remote, command: &TokenCommand) -> Result<()> {
                     None => "/api/tokens".into(),
                 };
                 let t: Vec<Token> = client.get(&path).await?;
-                if remote.json { print_json(&t) } else { print_tokens(&t); Ok(()) }
+                if remote.json {
+                    print_json(&t)
+                } else {
+                    print_tokens(&t);
+                    Ok(())
+                }
             }
             TokenCommand::Delete { id } => {
                 client.delete(&format!("/api/tokens/{id}")).await?;
@@ -298,14 +322,26 @@ pub fn node(remote: &Remote, command: &NodeCommand) -> Result<()> {
                     None => "/api/nodes".into(),
                 };
                 let n: Vec<Node> = client.get(&path).await?;
-                if remote.json { print_json(&n) } else { print_nodes(&n); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_nodes(&n);
+                    Ok(())
+                }
             }
             NodeCommand::Show { network, node } => {
                 let n: Node = client.get(&format!("/api/nodes/{network}/{node}")).await?;
-                if remote.json { print_json(&n) } else { print_nodes(&[n]); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_nodes(&[n]);
+                    Ok(())
+                }
             }
             NodeCommand::Delete { network, node } => {
-                client.delete(&format!("/api/nodes/{network}/{node}")).await?;
+                client
+                    .delete(&format!("/api/nodes/{network}/{node}"))
+                    .await?;
                 println!("node {node} deleted from {network}");
                 Ok(())
             }
@@ -334,7 +370,12 @@ pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
                         },
                     )
                     .await?;
-                if remote.json { print_json(&n) } else { print_nodes(&[n]); Ok(()) }
+                if remote.json {
+                    print_json(&n)
+                } else {
+                    print_nodes(&[n]);
+                    Ok(())
+                }
             }
             GatewayCommand::List { network } => {
                 let path = match network {
@@ -355,11 +396,7 @@ pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
     })
 }
 
-pub fn join(
-    token: &str,
-    state_dir: &Path,
-    options: bgp4mesh_agent::JoinOptions,
-) -> Result<()> {
+pub fn join(token: &str, state_dir: &Path, options: bgp4mesh_agent::JoinOptions) -> Result<()> {
     let response = runtime()?.block_on(bgp4mesh_agent::join(token, state_dir, options))?;
     println!(
         "joined network {} as {} ({}), mesh address {}",

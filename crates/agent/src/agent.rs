@@ -113,7 +113,10 @@ pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result
             },
         )
         .await?;
-    write_private(&state_dir.join("private.key"), private.to_base64().as_bytes())?;
+    write_private(
+        &state_dir.join("private.key"),
+        private.to_base64().as_bytes(),
+    )?;
     let enrollment = Enrollment {
         server: token.server,
         fingerprint: token.fingerprint,
@@ -285,11 +288,14 @@ fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Result<bool
 /// node was removed (an error).
 pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = ()>) -> Result<()> {
     let dir = &options.state_dir;
-    let enrollment: Enrollment = serde_json::from_slice(
-        &std::fs::read(dir.join("node.json"))
-            .with_context(|| format!("{}: run `bgp4mesh join TOKEN` first", dir.join("node.json").display()))?,
-    )
-    .context("reading node.json")?;
+    let enrollment: Enrollment =
+        serde_json::from_slice(&std::fs::read(dir.join("node.json")).with_context(|| {
+            format!(
+                "{}: run `bgp4mesh join TOKEN` first",
+                dir.join("node.json").display()
+            )
+        })?)
+        .context("reading node.json")?;
     let private = Key::from_base64(
         &std::fs::read_to_string(dir.join("private.key")).context("reading private.key")?,
     )
@@ -312,7 +318,11 @@ pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = 
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(s) = &state {
-        tracing::info!(revision = s.revision, peers = s.peers.len(), "mesh from the cache");
+        tracing::info!(
+            revision = s.revision,
+            peers = s.peers.len(),
+            "mesh from the cache"
+        );
         if let Err(e) = mesh.apply(s).await {
             tracing::warn!("applying the cached mesh: {e:#}");
         }
@@ -336,7 +346,11 @@ pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = 
             let since = state.as_ref().map(|s| s.revision);
             match client.stream(since).await {
                 Ok(events) => {
-                    tracing::info!(server = client.server(), since, "connected to the controller");
+                    tracing::info!(
+                        server = client.server(),
+                        since,
+                        "connected to the controller"
+                    );
                     backoff = Duration::from_secs(1);
                     let mut events = Box::pin(events);
                     while let Some(event) = events.next().await {

@@ -26,7 +26,11 @@ pub struct Refused {
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the controller refused ({}): {}", self.status, self.message)
+        write!(
+            f,
+            "the controller refused ({}): {}",
+            self.status, self.message
+        )
     }
 }
 
@@ -137,7 +141,12 @@ impl Client {
         &self.base
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<reqwest::Response> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<reqwest::Response> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -214,7 +223,8 @@ impl Client {
                 loop {
                     if let Some(end) = buffer.find("\n\n") {
                         let frame: String = buffer.drain(..end + 2).collect();
-                        let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                        let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: "))
+                        else {
                             continue;
                         };
                         let event = serde_json::from_str::<StreamEvent>(data)

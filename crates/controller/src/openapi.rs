@@ -3,8 +3,17 @@
 
 use serde_json::{Value, json};
 
-/// Every route: method, path, summary, request schema, response schema.
-pub const ROUTES: &[(&str, &str, &str, Option<&str>, Option<&str>)] = &[
+/// One route: method, path, summary, request schema, response schema.
+pub type Route = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+/// Every route of the router.
+pub const ROUTES: &[Route] = &[
     (
         "get",
         "/api/health",

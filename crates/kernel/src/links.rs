@@ -110,8 +110,12 @@ impl Links {
         let mut have = Vec::new();
         for family in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
             let filter = match family {
-                rtnetlink::IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-                rtnetlink::IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+                rtnetlink::IpVersion::V4 => {
+                    RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+                }
+                rtnetlink::IpVersion::V6 => {
+                    RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+                }
             };
             let routes: Vec<_> = self
                 .handle

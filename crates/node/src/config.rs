@@ -510,7 +510,10 @@ impl NodeConfig {
         if let Some(mesh) = &file.mesh {
             let name = &mesh.interface;
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                bail!("{}: mesh.interface: {name:?} is not an interface name", path.display());
+                bail!(
+                    "{}: mesh.interface: {name:?} is not an interface name",
+                    path.display()
+                );
             }
             if !["auto", "kernel", "userspace"].contains(&mesh.backend.as_str()) {
                 bail!(

@@ -1,0 +1,322 @@
+//! The mesh end to end: `bgp4mesh server` in one namespace, nodes that
+//! `bgp4mesh join` with a token and `bgp4mesh run`, each in a namespace of
+//! its own on one LAN, on our userspace WireGuard. The admin commands
+//! (`bgp4mesh network|token|node`) drive the controller.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use bgp4mesh_lab::{Iface, Lab, Node, Proc, Switch, can_run, wait_until};
+use serde_json::Value;
+
+use common::BIN;
+
+const MASTER: &str = "mesh-test-master-key-0123";
+const NEEDS: &[&str] = &["wg", "ping"];
+
+struct Controller {
+    node: Node,
+    iface: Iface,
+    config: PathBuf,
+    proc: Proc,
+    fingerprint: String,
+}
+
+impl Controller {
+    fn start(lab: &Lab, switch: &Switch) -> Result<Controller> {
+        let node = lab.add_node("controller")?;
+        let iface = lab.attach(switch, &node)?;
+        let dir = lab.run_dir(&node)?;
+        let config = lab.write_config(
+            &node,
+            "server.toml",
+            &format!(
+                "listen = \"{}:8443\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n",
+                iface.ipv4,
+                dir.join("state").display()
+            ),
+        )?;
+        let (proc, fingerprint) = Self::spawn(lab, &node, &config)?;
+        Ok(Controller {
+            node,
+            iface,
+            config,
+            proc,
+            fingerprint,
+        })
+    }
+
+    fn spawn(lab: &Lab, node: &Node, config: &std::path::Path) -> Result<(Proc, String)> {
+        let proc = lab.spawn(
+            node,
+            "controller",
+            &[
+                BIN,
+                "server",
+                "-c",
+                &config.to_string_lossy(),
+                "--log-level",
+                "debug",
+            ],
+        )?;
+        let fingerprint = wait_until(Duration::from_secs(20), "the controller to listen", || {
+            ensure!(lab.is_running(&proc), "exited: {}", lab.log_tail(&proc, 20));
+            let log = std::fs::read_to_string(&proc.log)?;
+            ensure!(log.contains("listening on"), "not yet");
+            log.lines()
+                .find_map(|l| l.strip_prefix("fingerprint "))
+                .map(str::to_string)
+                .context("no fingerprint line")
+        })?;
+        Ok((proc, fingerprint))
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}:8443", self.iface.ipv4)
+    }
+
+    /// Runs an admin command (`bgp4mesh --server … ARGS`) next to the
+    /// controller.
+    fn admin(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+        let url = self.url();
+        let mut cmd = vec![
+            BIN,
+            "--server",
+            &url,
+            "--key",
+            MASTER,
+            "--fingerprint",
+            &self.fingerprint,
+        ];
+        cmd.extend_from_slice(args);
+        lab.exec(&self.node, &cmd)
+    }
+
+    fn nodes(&self, lab: &Lab) -> Result<Vec<Value>> {
+        let text = self.admin(lab, &["--json", "node", "list", "mynet"])?;
+        Ok(serde_json::from_str::<Value>(&text)?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+struct MeshNode {
+    node: Node,
+    ifname: String,
+    proc: Proc,
+    name: String,
+}
+
+fn start_node(
+    lab: &Lab,
+    switch: &Switch,
+    ctl: &Controller,
+    token: &str,
+    name: &str,
+    public: bool,
+) -> Result<MeshNode> {
+    let node = lab.add_node(name)?;
+    let iface = lab.attach(switch, &node)?;
+    let dir = lab.run_dir(&node)?;
+    let state = dir.join("agent");
+    let state_text = state.to_string_lossy().to_string();
+    let endpoint = iface.ipv4.to_string();
+    let mut join = vec![
+        BIN,
+        "join",
+        token,
+        "--name",
+        name,
+        "--state-dir",
+        &state_text,
+    ];
+    if public {
+        join.extend(["--endpoint", &endpoint]);
+    }
+    let out = lab.exec(&node, &join)?;
+    ensure!(out.contains("joined network mynet"), "{out}");
+    let ifname = lab.unique_ifname("mesh")?;
+    let config = lab.write_config(
+        &node,
+        "node.toml",
+        &format!(
+            "[control]\nsocket = \"{}\"\n\n[mesh]\nstate_dir = \"{state_text}\"\ninterface = \"{ifname}\"\nbackend = \"userspace\"\n",
+            dir.join("bgp4mesh.sock").display()
+        ),
+    )?;
+    let proc = lab.spawn(
+        &node,
+        &format!("bgp4mesh-{name}"),
+        &[
+            BIN,
+            "run",
+            "-c",
+            &config.to_string_lossy(),
+            "--log-level",
+            "debug",
+        ],
+    )?;
+    let _ = ctl;
+    Ok(MeshNode {
+        node,
+        ifname,
+        proc,
+        name: name.to_string(),
+    })
+}
+
+fn address_of(nodes: &[Value], name: &str) -> Result<String> {
+    nodes
+        .iter()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["address"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no address for {name} in {nodes:?}"))
+}
+
+fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
+    let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
+    ensure!(out.success(), "ping {to}: {}", out.stdout);
+    Ok(())
+}
+
+fn full_mesh(lab: &Lab, nodes: &[&MeshNode], addresses: &[Value]) -> Result<()> {
+    for a in nodes {
+        ensure!(
+            lab.is_running(&a.proc),
+            "{} stopped: {}",
+            a.name,
+            lab.log_tail(&a.proc, 30)
+        );
+        for b in nodes {
+            if a.name == b.name {
+                continue;
+            }
+            let to = address_of(addresses, &b.name)?;
+            wait_until(
+                Duration::from_secs(30),
+                &format!("{} reaching {} ({to})", a.name, b.name),
+                || ping(lab, &a.node, &to),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn peer_count(lab: &Lab, node: &MeshNode) -> Result<usize> {
+    let dump = lab.exec(&node.node, &["wg", "show", &node.ifname, "dump"])?;
+    Ok(dump
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
+/// Controller + 4 nodes (one behind no published endpoint): full mesh;
+/// a deleted node leaves every peer's `wg show`; with the controller
+/// killed the mesh keeps forwarding; restarted, the nodes resync and a
+/// new node reaches everyone.
+#[test]
+fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
+    if !can_run(
+        "controller_and_four_nodes_full_mesh_survive_the_controller",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("mesh")?;
+    let lan = lab.add_switch("lan")?;
+    let mut ctl = Controller::start(&lab, &lan)?;
+    let out = ctl.admin(
+        &lab,
+        &["network", "create", "mynet", "--range", "44.30.127.0/24"],
+    )?;
+    ensure!(out.contains("44.30.127.0/24"), "{out}");
+    let token = ctl
+        .admin(&lab, &["token", "create", "--network", "mynet"])?
+        .trim()
+        .to_string();
+    let mut nodes = Vec::new();
+    for (i, public) in [true, true, true, false].into_iter().enumerate() {
+        nodes.push(start_node(
+            &lab,
+            &lan,
+            &ctl,
+            &token,
+            &format!("n{i}"),
+            public,
+        )?);
+    }
+    let addresses = ctl.nodes(&lab)?;
+    assert_eq!(addresses.len(), 4);
+    assert_eq!(address_of(&addresses, "n0")?, "44.30.127.1");
+    let all: Vec<&MeshNode> = nodes.iter().collect();
+    full_mesh(&lab, &all, &addresses)?;
+    for n in &nodes {
+        assert_eq!(peer_count(&lab, n)?, 3, "{} has 3 peers", n.name);
+    }
+
+    // Delete n2: every other node drops it.
+    let started = Instant::now();
+    ctl.admin(&lab, &["node", "delete", "mynet", "n2"])?;
+    let survivors: Vec<&MeshNode> = nodes.iter().filter(|n| n.name != "n2").collect();
+    for n in &survivors {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{} dropping n2", n.name),
+            || {
+                let count = peer_count(&lab, n)?;
+                ensure!(count == 2, "{count} peers");
+                Ok(())
+            },
+        )?;
+    }
+    let took = started.elapsed();
+    eprintln!("a deleted node left every peer's wg show in {took:?}");
+    wait_until(Duration::from_secs(10), "n2's agent to stop", || {
+        ensure!(!lab.is_running(&nodes[2].proc), "still running");
+        Ok(())
+    })?;
+
+    // kill -9 the controller: the mesh keeps forwarding.
+    lab.signal(&ctl.proc, libc::SIGKILL)?;
+    std::thread::sleep(Duration::from_secs(1));
+    full_mesh(&lab, &survivors, &addresses)?;
+
+    // Back: the nodes reconnect, and a new node reaches everyone.
+    let (proc, fingerprint) = Controller::spawn(&lab, &ctl.node, &ctl.config)?;
+    assert_eq!(
+        fingerprint, ctl.fingerprint,
+        "the controller keeps its certificate"
+    );
+    ctl.proc = proc;
+    let token = ctl
+        .admin(
+            &lab,
+            &["token", "create", "--network", "mynet", "--uses", "1"],
+        )?
+        .trim()
+        .to_string();
+    let late = start_node(&lab, &lan, &ctl, &token, "n4", true)?;
+    let addresses = ctl.nodes(&lab)?;
+    assert_eq!(
+        address_of(&addresses, "n4")?,
+        "44.30.127.3",
+        "n2's released address goes to the next node"
+    );
+    let mut everyone = survivors.clone();
+    everyone.push(&late);
+    full_mesh(&lab, &everyone, &addresses)?;
+    // The nodes report in: the controller sees them online.
+    wait_until(Duration::from_secs(30), "every node online", || {
+        let nodes = ctl.nodes(&lab)?;
+        let offline: Vec<&Value> = nodes.iter().filter(|n| n["online"] != true).collect();
+        ensure!(offline.is_empty(), "offline: {offline:?}");
+        Ok(())
+    })?;
+    Ok(())
+}
