@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench;
 mod bench_bgp;
+mod bench_controller;
 mod bench_wireguard;
 mod wireguard_cmd;
 
@@ -140,6 +141,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         paths: u32,
     },
+    /// N simulated agents against one controller: join rate, change fan-out p50/p99, RSS
+    Controller {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: u32,
+        /// How many changes to time
+        #[arg(long, default_value_t = 5)]
+        changes: u32,
+    },
     /// iperf3 through WireGuard: bgp4mesh, wireguard-go and boringtun-cli, 1 and 4 streams
     Wireguard {
         /// Seconds per iperf3 run
@@ -239,6 +248,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Fib { routes }) => bench::fib(*routes),
         Command::Bench(BenchCommand::Bgp { prefixes, paths }) => bench_bgp::bgp(*prefixes, *paths),
         Command::Bench(BenchCommand::Wireguard { seconds }) => bench_wireguard::wireguard(*seconds),
+        Command::Bench(BenchCommand::Controller { nodes, changes }) => {
+            bench_controller::controller(*nodes, *changes)
+        }
         Command::Bench(BenchCommand::BgpInject {
             peer,
             local,

@@ -109,6 +109,7 @@ struct MeshNode {
     ifname: String,
     proc: Proc,
     name: String,
+    config: PathBuf,
 }
 
 fn start_node(
@@ -166,6 +167,7 @@ fn start_node(
         ifname,
         proc,
         name: name.to_string(),
+        config,
     })
 }
 
@@ -201,7 +203,16 @@ fn full_mesh(lab: &Lab, nodes: &[&MeshNode], addresses: &[Value]) -> Result<()> 
                 Duration::from_secs(30),
                 &format!("{} reaching {} ({to})", a.name, b.name),
                 || ping(lab, &a.node, &to),
-            )?;
+            )
+            .with_context(|| {
+                format!(
+                    "{}'s log:\n{}\n{}'s log:\n{}",
+                    a.name,
+                    lab.log_tail(&a.proc, 15),
+                    b.name,
+                    lab.log_tail(&b.proc, 15)
+                )
+            })?;
         }
     }
     Ok(())
@@ -259,6 +270,33 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
     for n in &nodes {
         assert_eq!(peer_count(&lab, n)?, 3, "{} has 3 peers", n.name);
     }
+    // n3 published no endpoint: the controller learns where its peers see
+    // it from (their reports) and hands that on.
+    let n3_lan = lab.exec(
+        &nodes[3].node,
+        &["ip", "-4", "-o", "addr", "show", "scope", "global"],
+    )?;
+    wait_until(
+        Duration::from_secs(30),
+        "the controller to learn n3's endpoint",
+        || {
+            let listed = ctl.nodes(&lab)?;
+            let n3 = listed
+                .iter()
+                .find(|n| n["name"] == "n3")
+                .context("n3 listed")?;
+            let endpoint = n3["endpoint"].as_str().context("no endpoint yet")?;
+            let ip = endpoint
+                .rsplit_once(':')
+                .map(|(ip, _)| ip)
+                .unwrap_or(endpoint);
+            ensure!(
+                n3_lan.contains(&format!(" {ip}/")),
+                "endpoint {endpoint} is not n3's ({n3_lan})"
+            );
+            Ok(())
+        },
+    )?;
 
     // Delete n2: every other node drops it.
     let started = Instant::now();
@@ -285,6 +323,28 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
     // kill -9 the controller: the mesh keeps forwarding.
     lab.signal(&ctl.proc, libc::SIGKILL)?;
     std::thread::sleep(Duration::from_secs(1));
+    full_mesh(&lab, &survivors, &addresses)?;
+    // An agent restarted while the controller is down comes back up from
+    // its cache.
+    let n1 = &mut nodes[1];
+    lab.signal(&n1.proc, libc::SIGKILL)?;
+    wait_until(Duration::from_secs(5), "n1's agent to die", || {
+        ensure!(!lab.is_running(&n1.proc), "still running");
+        Ok(())
+    })?;
+    n1.proc = lab.spawn(
+        &n1.node,
+        "bgp4mesh-n1-again",
+        &[
+            BIN,
+            "run",
+            "-c",
+            &n1.config.to_string_lossy(),
+            "--log-level",
+            "debug",
+        ],
+    )?;
+    let survivors: Vec<&MeshNode> = nodes.iter().filter(|n| n.name != "n2").collect();
     full_mesh(&lab, &survivors, &addresses)?;
 
     // Back: the nodes reconnect, and a new node reaches everyone.

@@ -137,6 +137,15 @@ impl Client {
         })
     }
 
+    /// The same connection pool with another credential.
+    pub fn with_key(&self, key: String) -> Client {
+        Client {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            key: Some(key),
+        }
+    }
+
     pub fn server(&self) -> &str {
         &self.base
     }

@@ -615,21 +615,10 @@ async fn join(
     // Names and keys are unique per network; say so before the database
     // would, in words.
     let duplicate = |net: &NetworkRow, node: &NodeRow| -> Result<(), String> {
-        for (_, other) in ctl.hub.nodes(Some(&net.netid)) {
-            if other.row.name == node.name {
-                return Err(format!(
-                    "a node named {:?} is in network {:?} already",
-                    node.name, net.netid
-                ));
-            }
-            if other.row.public_key == node.public_key {
-                return Err(format!(
-                    "node {:?} in network {:?} has this public key already",
-                    other.row.name, net.netid
-                ));
-            }
+        match ctl.hub.taken(&net.netid, &node.name, &node.public_key) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        Ok(())
     };
     let pinned4 = req.address;
     let pinned6 = req.address6;
@@ -640,6 +629,7 @@ async fn join(
             &secrets::hash(&req.secret),
             now(),
             node,
+            |netid| ctl.hub.used_addresses(netid),
             |net, used4, used6, node| {
                 duplicate(net, node).map_err(|m| format!("conflict: {m}"))?;
                 node.listen_port = listen_port.unwrap_or(net.listen_port);

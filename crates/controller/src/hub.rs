@@ -257,6 +257,45 @@ impl Hub {
             .cloned()
     }
 
+    /// The mesh addresses in use in a network.
+    pub fn used_addresses(
+        &self,
+        netid: &str,
+    ) -> (
+        std::collections::HashSet<std::net::Ipv4Addr>,
+        std::collections::HashSet<std::net::Ipv6Addr>,
+    ) {
+        let inner = self.read();
+        let Some(view) = inner.networks.get(netid) else {
+            return Default::default();
+        };
+        (
+            view.nodes.values().filter_map(|n| n.row.address).collect(),
+            view.nodes.values().filter_map(|n| n.row.address6).collect(),
+        )
+    }
+
+    /// Why `name` or `public_key` cannot join `netid` (both are unique in
+    /// a network), if so.
+    pub fn taken(&self, netid: &str, name: &str, public_key: &str) -> Option<String> {
+        let inner = self.read();
+        let view = inner.networks.get(netid)?;
+        view.nodes.values().find_map(|other| {
+            if other.row.name == name {
+                Some(format!(
+                    "a node named {name:?} is in network {netid:?} already"
+                ))
+            } else if other.row.public_key == public_key {
+                Some(format!(
+                    "node {:?} in network {netid:?} has this public key already",
+                    other.row.name
+                ))
+            } else {
+                None
+            }
+        })
+    }
+
     pub fn node_count(&self, netid: &str) -> u64 {
         self.read()
             .networks

@@ -33,8 +33,26 @@ impl Running {
     }
 }
 
+/// Lifts the open-files limit to its hard maximum: every agent holds a
+/// connection.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit get a pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub async fn start(config: &ServerConfig) -> Result<Running> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_open_files_limit();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
     let store = Store::open(&config.database_url())

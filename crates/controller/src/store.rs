@@ -460,12 +460,15 @@ impl Store {
 
     /// A node joins: in one transaction the token is checked and one use
     /// taken, the addresses are chosen by `allocate` (given the addresses
-    /// in use) unless the node pinned them, and the node is stored.
+    /// in use, from `used(network)`: the caller's in-memory view, which the
+    /// unique constraints back up) unless the node pinned them, and the
+    /// node is stored.
     pub async fn join(
         &self,
         secret_hash: &str,
         now: u64,
         mut node: NodeRow,
+        used: impl FnOnce(&str) -> (HashSet<Ipv4Addr>, HashSet<Ipv6Addr>),
         allocate: impl FnOnce(
             &NetworkRow,
             &HashSet<Ipv4Addr>,
@@ -504,20 +507,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let network = network_row(&network)?;
-        let used = sqlx::query("SELECT address, address6 FROM nodes WHERE network = $1")
-            .bind(&network.netid)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut used4 = HashSet::new();
-        let mut used6 = HashSet::new();
-        for row in &used {
-            if let Some(a) = parse_opt::<Ipv4Addr>(row.try_get("address")?) {
-                used4.insert(a);
-            }
-            if let Some(a) = parse_opt::<Ipv6Addr>(row.try_get("address6")?) {
-                used6.insert(a);
-            }
-        }
+        let (used4, used6) = used(&network.netid);
         node.network = network.netid.clone();
         for tag in &token.tags {
             if !node.tags.contains(tag) {
