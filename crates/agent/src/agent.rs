@@ -28,6 +28,34 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
 /// Default WireGuard interface of the mesh.
 pub const DEFAULT_INTERFACE: &str = "bgp4mesh0";
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Routing table and firewall mark of the default route through the mesh
+/// (wg-quick uses 51820 for both; ours differ so both can coexist).
+pub const EGRESS_TABLE: u32 = 4400;
+pub const EGRESS_MARK: u32 = 4400;
+
+/// Whether a gateway carries the default route of this address family.
+fn carries_default(peer: &bgp4mesh_api::Peer, v6: bool) -> bool {
+    peer.egress.as_ref().is_some_and(|g| {
+        g.ranges
+            .iter()
+            .any(|r| r.prefix_len() == 0 && r.addr().is_ipv6() == v6)
+    })
+}
+
+/// The gateway this node sends its default route to: the lowest metric,
+/// then the lowest node id (so every node picks the same one).
+fn default_gateway(state: &MeshState, v6: bool) -> Option<&bgp4mesh_api::Peer> {
+    state
+        .peers
+        .iter()
+        .filter(|p| carries_default(p, v6))
+        .min_by_key(|p| {
+            (
+                p.egress.as_ref().map_or(u32::MAX, |g| g.metric),
+                p.node_id.clone(),
+            )
+        })
+}
 
 /// What `join` leaves in the state directory (`node.json`, mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +189,22 @@ impl Mesh {
         let behind_nat = state.node.endpoint.is_none();
         let keepalive = (behind_nat && state.network.persistent_keepalive > 0)
             .then_some(state.network.persistent_keepalive);
+        // A node that is itself an exit keeps its own default route.
+        let self_exit = |v6: bool| {
+            state.node.egress.as_ref().is_some_and(|g| {
+                g.ranges
+                    .iter()
+                    .any(|r| r.prefix_len() == 0 && r.addr().is_ipv6() == v6)
+            })
+        };
+        let exit4 = (!self_exit(false))
+            .then(|| default_gateway(state, false))
+            .flatten()
+            .map(|p| p.node_id.clone());
+        let exit6 = (!self_exit(true))
+            .then(|| default_gateway(state, true))
+            .flatten()
+            .map(|p| p.node_id.clone());
         let peers = state
             .peers
             .iter()
@@ -168,15 +212,34 @@ impl Mesh {
                 let key = Key::from_base64(&p.public_key).ok()?;
                 let mut peer = PeerConfig::new(key);
                 peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
-                peer.allowed_ips = p.allowed_ips.clone();
+                // A default route belongs to one peer: the chosen exit.
+                peer.allowed_ips = p
+                    .allowed_ips
+                    .iter()
+                    .filter(|r| {
+                        r.prefix_len() != 0
+                            || Some(&p.node_id)
+                                == if r.addr().is_ipv6() {
+                                    exit6.as_ref()
+                                } else {
+                                    exit4.as_ref()
+                                }
+                    })
+                    .copied()
+                    .collect();
                 peer.persistent_keepalive = keepalive;
                 Some(peer)
             })
             .collect();
+        let fwmark = if exit4.is_some() || exit6.is_some() {
+            EGRESS_MARK
+        } else {
+            0
+        };
         let desired = DeviceConfig {
             private_key: Some(self.private),
             listen_port: state.node.listen_port,
-            fwmark: 0,
+            fwmark,
             peers,
         };
         self.device
@@ -211,13 +274,30 @@ impl Mesh {
         routes.sort();
         routes.dedup();
         self.links.set_device_routes(name, &routes).await?;
+        self.links
+            .set_default_through(
+                name,
+                EGRESS_TABLE,
+                EGRESS_MARK,
+                exit4.is_some(),
+                exit6.is_some(),
+            )
+            .await?;
+        // A gateway forwards between the mesh and the world.
+        if let Some(g) = &state.node.egress {
+            bgp4mesh_kernel::links::sysctl("net.ipv4.ip_forward", "1")?;
+            if g.ranges.iter().any(|r| r.addr().is_ipv6()) || state.node.address6.is_some() {
+                bgp4mesh_kernel::links::sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
+        }
         Ok(())
     }
 
     fn report(&self) -> NodeReport {
         let mut report = NodeReport::default();
         if let Ok(status) = self.device.status() {
-            report.listen_port = (status.listen_port != 0).then_some(status.listen_port);
+            // The listen port is the controller's to set; the report only
+            // says what the node sees.
             report.peers = status
                 .peers
                 .iter()

@@ -9,7 +9,20 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::rule::{RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
+
+/// Rule priorities of the default route through a tunnel (below the
+/// kernel's `main` at 32766, above anything `ip rule add` picks by
+/// default for a first rule).
+const SUPPRESS_PRIORITY: u32 = 30999;
+const MARK_PRIORITY: u32 = 31000;
+
+/// Writes a sysctl (`net.ipv4.ip_forward`, ...).
+pub fn sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))
+}
 
 pub struct Links {
     handle: Handle,
@@ -193,5 +206,123 @@ impl Links {
                 .with_context(|| format!("adding the route {net} dev {name}"))?;
         }
         Ok(())
+    }
+
+    /// A default route into the tunnel `name`, the way wg-quick makes one:
+    /// the tunnel's own packets carry `mark` and keep using the main table;
+    /// every other packet looks in `table`, which routes everything into
+    /// the tunnel, except that the main table's more specific routes still
+    /// win (`suppress_prefixlength 0`). `v4`/`v6` false removes it.
+    pub async fn set_default_through(
+        &self,
+        name: &str,
+        table: u32,
+        mark: u32,
+        v4: bool,
+        v6: bool,
+    ) -> Result<()> {
+        let index = self.index(name).await?;
+        for (version, wanted) in [(IpVersion::V4, v4), (IpVersion::V6, v6)] {
+            self.set_rules(version.clone(), wanted, table, mark).await?;
+            let mut route = match version {
+                IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                    .output_interface(index)
+                    .protocol(RouteProtocol::Static)
+                    .scope(RouteScope::Link)
+                    .build(),
+                IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                    .output_interface(index)
+                    .protocol(RouteProtocol::Static)
+                    .scope(RouteScope::Link)
+                    .build(),
+            };
+            set_route_table(&mut route, table);
+            if wanted {
+                self.handle
+                    .route()
+                    .add(route)
+                    .replace()
+                    .execute()
+                    .await
+                    .with_context(|| format!("default route dev {name} table {table}"))?;
+            } else {
+                // Absent already is fine.
+                let _ = self.handle.route().del(route).execute().await;
+            }
+        }
+        if v4 {
+            // Marked packets must pass reverse-path filtering.
+            let _ = sysctl("net.ipv4.conf.all.src_valid_mark", "1");
+        }
+        Ok(())
+    }
+
+    async fn set_rules(
+        &self,
+        version: IpVersion,
+        wanted: bool,
+        table: u32,
+        mark: u32,
+    ) -> Result<()> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(version.clone())
+            .execute()
+            .try_collect()
+            .await?;
+        let find = |priority: u32| {
+            rules
+                .iter()
+                .find(|r| r.attributes.contains(&RuleAttribute::Priority(priority)))
+                .cloned()
+        };
+        for priority in [SUPPRESS_PRIORITY, MARK_PRIORITY] {
+            match (find(priority), wanted) {
+                (Some(rule), false) => {
+                    self.handle.rule().del(rule).execute().await?;
+                }
+                (None, true) => {
+                    let request = self
+                        .handle
+                        .rule()
+                        .add()
+                        .priority(priority)
+                        .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+                    let mut request = if priority == SUPPRESS_PRIORITY {
+                        request.table_id(254)
+                    } else {
+                        request.table_id(table).fw_mark(mark)
+                    };
+                    {
+                        let message = request.message_mut();
+                        message.header.family = match version {
+                            IpVersion::V4 => rtnetlink::packet_route::AddressFamily::Inet,
+                            IpVersion::V6 => rtnetlink::packet_route::AddressFamily::Inet6,
+                        };
+                        if priority == SUPPRESS_PRIORITY {
+                            message.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+                        } else {
+                            message.header.flags |= RuleFlags::Invert;
+                        }
+                    }
+                    request
+                        .execute()
+                        .await
+                        .with_context(|| format!("adding rule priority {priority}"))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_route_table(route: &mut rtnetlink::packet_route::route::RouteMessage, table: u32) {
+    if table < 256 {
+        route.header.table = table as u8;
+    } else {
+        route.header.table = 252; // RT_TABLE_COMPAT: the real id is the attribute
+        route.attributes.push(RouteAttribute::Table(table));
     }
 }

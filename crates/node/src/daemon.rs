@@ -164,9 +164,15 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             let mut calls = calls;
             while let Some(call) = calls.recv().await {
                 let stop = matches!(call.request, Request::Shutdown);
-                let _ = call
-                    .reply
-                    .send(control::Response::error("no [bgp] section in the config"));
+                // No BGP: no protocols to list (a mesh-only node), and
+                // nothing else to act on.
+                let response = match call.request {
+                    Request::ShowProtocols { name: None } | Request::Shutdown => {
+                        control::Response::ok(serde_json::json!([]))
+                    }
+                    _ => control::Response::error("no [bgp] section in the config"),
+                };
+                let _ = call.reply.send(response);
                 if stop {
                     break;
                 }

@@ -1,0 +1,428 @@
+//! Seed 004's "Testing with Mock ISP", in namespaces: your own AS.
+//!
+//! ```text
+//!  internet host ── isp (AS 65001) ── border (AS 65000, 44.30.127.1, egress 0.0.0.0/0)
+//!  198.51.100.10    198.51.100.1      172.30.0.100
+//!                   172.30.0.1           │  WireGuard mesh over the "wan" switch
+//!                                        ├── n1 44.30.127.2
+//!            controller (wan) ───────────├── n2 44.30.127.3
+//!                                        └── …
+//! ```
+//!
+//! The border announces 44.30.127.0/24 to the ISP and learns the ISP's
+//! routes (a default and the Internet host's network); mesh nodes get
+//! public addresses of the block from the controller and send everything
+//! else through the border. The ISP runs bgp4mesh or BIRD.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::peers::{Bgp4mesh, Bird};
+use crate::{Lab, Node, Proc, Switch, wait_until};
+
+pub const BLOCK: &str = "44.30.127.0/24";
+pub const BORDER_ADDRESS: &str = "44.30.127.1";
+pub const INTERNET_HOST: &str = "198.51.100.10";
+pub const ISP_PEERING: &str = "172.30.0.1";
+pub const BORDER_PEERING: &str = "172.30.0.100";
+const MASTER_KEY: &str = "lab-master-key-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IspKind {
+    Bgp4mesh,
+    Bird,
+}
+
+#[derive(Debug, Clone)]
+pub struct OwnAsOptions {
+    pub binary: PathBuf,
+    pub nodes: usize,
+    pub isp: IspKind,
+}
+
+pub enum Isp<'lab> {
+    Bgp4mesh(Bgp4mesh<'lab>),
+    Bird(Bird<'lab>),
+}
+
+pub struct MeshNode<'lab> {
+    pub name: String,
+    pub daemon: Bgp4mesh<'lab>,
+    pub interface: String,
+    pub address: Ipv4Addr,
+}
+
+pub struct OwnAs<'lab> {
+    lab: &'lab Lab,
+    binary: PathBuf,
+    pub isp: Isp<'lab>,
+    pub isp_node: Node,
+    pub internet: Node,
+    pub controller: Node,
+    pub controller_proc: Proc,
+    pub controller_url: String,
+    pub fingerprint: String,
+    pub border: MeshNode<'lab>,
+    pub nodes: Vec<MeshNode<'lab>>,
+    wan: Switch,
+}
+
+impl<'lab> OwnAs<'lab> {
+    pub fn start(lab: &'lab Lab, options: &OwnAsOptions) -> Result<OwnAs<'lab>> {
+        let binary = options.binary.clone();
+        // The Internet as the lab sees it: an ISP, a host behind it, and a
+        // switch where the mesh's machines meet (their underlay).
+        let isp_node = lab.add_node("isp")?;
+        let internet = lab.add_node("internet")?;
+        let controller = lab.add_node("controller")?;
+        let border_node = lab.add_node("border")?;
+        let wan = lab.add_switch("wan")?;
+
+        let (isp_to_host, host_to_isp) = lab.link(&isp_node, &internet)?;
+        lab.add_address(&isp_node, &isp_to_host.name, "198.51.100.1/24")?;
+        lab.add_address(&internet, &host_to_isp.name, &format!("{INTERNET_HOST}/24"))?;
+        lab.add_route(&internet, &["default", "via", "198.51.100.1"])?;
+        let (isp_to_border, border_to_isp) = lab.link(&isp_node, &border_node)?;
+        lab.add_address(&isp_node, &isp_to_border.name, &format!("{ISP_PEERING}/24"))?;
+        lab.add_address(
+            &border_node,
+            &border_to_isp.name,
+            &format!("{BORDER_PEERING}/24"),
+        )?;
+        lab.enable_forwarding(&isp_node)?;
+        lab.enable_forwarding(&border_node)?;
+
+        let controller_wan = lab.attach(&wan, &controller)?;
+        let border_wan = lab.attach(&wan, &border_node)?;
+
+        let isp = match options.isp {
+            IspKind::Bgp4mesh => Isp::Bgp4mesh(Bgp4mesh::start(
+                lab,
+                &isp_node,
+                &binary,
+                &isp_config(&isp_to_host.name),
+            )?),
+            IspKind::Bird => Isp::Bird(Bird::start(lab, &isp_node, &bird_isp_config())?),
+        };
+
+        // The controller.
+        let dir = lab.run_dir(&controller)?;
+        let config = lab.write_config(
+            &controller,
+            "server.toml",
+            &format!(
+                "listen = \"{}:8443\"\nmaster_key = \"{MASTER_KEY}\"\nstate_dir = \"{}\"\n",
+                controller_wan.ipv4,
+                dir.join("state").display()
+            ),
+        )?;
+        let controller_proc = lab.spawn(
+            &controller,
+            "controller",
+            &[
+                &binary.to_string_lossy(),
+                "server",
+                "-c",
+                &config.to_string_lossy(),
+            ],
+        )?;
+        let fingerprint = wait_until(Duration::from_secs(20), "the controller", || {
+            ensure!(
+                lab.is_running(&controller_proc),
+                "exited: {}",
+                lab.log_tail(&controller_proc, 20)
+            );
+            let log = std::fs::read_to_string(&controller_proc.log)?;
+            ensure!(log.contains("listening on"), "not yet");
+            log.lines()
+                .find_map(|l| l.strip_prefix("fingerprint "))
+                .map(str::to_string)
+                .context("no fingerprint")
+        })?;
+        let controller_url = format!("https://{}:8443", controller_wan.ipv4);
+        let this_admin = Admin {
+            lab,
+            binary: &binary,
+            node: &controller,
+            url: &controller_url,
+            fingerprint: &fingerprint,
+        };
+        this_admin.run(&["network", "create", "mynet", "--range", BLOCK])?;
+        let token = this_admin
+            .run(&["token", "create", "--network", "mynet"])?
+            .trim()
+            .to_string();
+
+        // The border: BGP with the ISP, the mesh, and the egress.
+        join(
+            lab,
+            &binary,
+            &border_node,
+            &token,
+            "border",
+            &border_wan.ipv4.to_string(),
+            Some(BORDER_ADDRESS),
+        )?;
+        let border_interface = lab.unique_ifname("mesh")?;
+        let border = MeshNode {
+            name: "border".into(),
+            daemon: Bgp4mesh::start(
+                lab,
+                &border_node,
+                &binary,
+                &format!(
+                    "{}\n{}",
+                    border_bgp_config(),
+                    mesh_config(lab, &border_node, &border_interface)?
+                ),
+            )?,
+            interface: border_interface,
+            address: BORDER_ADDRESS.parse()?,
+        };
+        this_admin.run(&[
+            "gateway",
+            "create",
+            "mynet",
+            "border",
+            "--range",
+            "0.0.0.0/0",
+        ])?;
+
+        let mut nodes = Vec::new();
+        for i in 1..=options.nodes {
+            let name = format!("n{i}");
+            let node = lab.add_node(&name)?;
+            let wan_end = lab.attach(&wan, &node)?;
+            join(
+                lab,
+                &binary,
+                &node,
+                &token,
+                &name,
+                &wan_end.ipv4.to_string(),
+                None,
+            )?;
+            let interface = lab.unique_ifname("mesh")?;
+            let daemon =
+                Bgp4mesh::start(lab, &node, &binary, &mesh_config(lab, &node, &interface)?)?;
+            nodes.push(MeshNode {
+                name,
+                daemon,
+                interface,
+                address: Ipv4Addr::UNSPECIFIED,
+            });
+        }
+        let listed = this_admin.run(&["--json", "node", "list", "mynet"])?;
+        let listed: serde_json::Value = serde_json::from_str(&listed)?;
+        for n in &mut nodes {
+            n.address = listed
+                .as_array()
+                .and_then(|a| a.iter().find(|v| v["name"] == n.name.as_str()))
+                .and_then(|v| v["address"].as_str())
+                .and_then(|a| a.parse().ok())
+                .with_context(|| format!("no address for {}", n.name))?;
+        }
+        Ok(OwnAs {
+            lab,
+            binary,
+            isp,
+            isp_node,
+            internet,
+            controller,
+            controller_proc,
+            controller_url,
+            fingerprint,
+            border,
+            nodes,
+            wan,
+        })
+    }
+
+    /// Runs an admin command against the controller.
+    pub fn admin(&self, args: &[&str]) -> Result<String> {
+        Admin {
+            lab: self.lab,
+            binary: &self.binary,
+            node: &self.controller,
+            url: &self.controller_url,
+            fingerprint: &self.fingerprint,
+        }
+        .run(args)
+    }
+
+    pub fn wan(&self) -> &Switch {
+        &self.wan
+    }
+
+    /// Waits until the border's session with the ISP is up and the ISP has
+    /// the block.
+    pub fn wait_bgp(&self, timeout: Duration) -> Result<()> {
+        wait_until(timeout, "the border's BGP session with the ISP", || {
+            let state = self.border.daemon.bgp_state("isp")?;
+            ensure!(
+                state == crate::peers::SessionState::Established,
+                "{state:?}"
+            );
+            Ok(())
+        })?;
+        wait_until(timeout, "44.30.127.0/24 at the ISP", || {
+            let routes = match &self.isp {
+                Isp::Bgp4mesh(isp) => isp.routes()?,
+                Isp::Bird(isp) => isp.routes()?,
+            };
+            ensure!(
+                routes.iter().any(|r| r.prefix == BLOCK),
+                "the ISP has {routes:?}"
+            );
+            Ok(())
+        })
+    }
+}
+
+struct Admin<'a> {
+    lab: &'a Lab,
+    binary: &'a Path,
+    node: &'a Node,
+    url: &'a str,
+    fingerprint: &'a str,
+}
+
+impl Admin<'_> {
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let binary = self.binary.to_string_lossy();
+        let mut cmd = vec![
+            binary.as_ref(),
+            "--server",
+            self.url,
+            "--key",
+            MASTER_KEY,
+            "--fingerprint",
+            self.fingerprint,
+        ];
+        cmd.extend_from_slice(args);
+        self.lab.exec(self.node, &cmd)
+    }
+}
+
+fn join(
+    lab: &Lab,
+    binary: &Path,
+    node: &Node,
+    token: &str,
+    name: &str,
+    endpoint: &str,
+    address: Option<&str>,
+) -> Result<()> {
+    let state = lab.run_dir(node)?.join("agent");
+    let binary = binary.to_string_lossy();
+    let state = state.to_string_lossy();
+    let mut cmd = vec![
+        binary.as_ref(),
+        "join",
+        token,
+        "--name",
+        name,
+        "--endpoint",
+        endpoint,
+        "--state-dir",
+        state.as_ref(),
+    ];
+    if let Some(a) = address {
+        cmd.extend(["--address", a]);
+    }
+    let out = lab.exec(node, &cmd)?;
+    if !out.contains("joined network") {
+        bail!("{name} did not join: {out}");
+    }
+    Ok(())
+}
+
+fn mesh_config(lab: &Lab, node: &Node, interface: &str) -> Result<String> {
+    let state = lab.run_dir(node)?.join("agent");
+    Ok(format!(
+        "[mesh]\nstate_dir = {:?}\ninterface = \"{interface}\"\nbackend = \"userspace\"\n",
+        state.to_string_lossy()
+    ))
+}
+
+fn border_bgp_config() -> String {
+    format!(
+        r#"[bgp]
+asn = 65000
+router_id = "{BORDER_PEERING}"
+
+[[bgp.neighbor]]
+name = "isp"
+address = "{ISP_PEERING}"
+remote_as = 65001
+local_address = "{BORDER_PEERING}"
+import = "all"
+export = "announce"
+connect_retry = 1
+error_wait = [1, 4]
+
+[[bgp.static]]
+prefix = "{BLOCK}"
+blackhole = true
+
+[policy.announce]
+rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
+"#
+    )
+}
+
+fn isp_config(host_interface: &str) -> String {
+    format!(
+        r#"[bgp]
+asn = 65001
+router_id = "{ISP_PEERING}"
+
+[[bgp.neighbor]]
+name = "customer"
+address = "{BORDER_PEERING}"
+remote_as = 65000
+local_address = "{ISP_PEERING}"
+import = "customer_in"
+export = "all"
+connect_retry = 1
+error_wait = [1, 4]
+
+# A default route and the Internet host's network, for the customer.
+[[bgp.static]]
+prefix = "0.0.0.0/0"
+blackhole = true
+
+[[bgp.static]]
+prefix = "198.51.100.0/24"
+device = "{host_interface}"
+
+[policy.customer_in]
+rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
+"#
+    )
+}
+
+fn bird_isp_config() -> String {
+    format!(
+        r#"router id {ISP_PEERING};
+protocol device {{ }}
+protocol direct {{ ipv4; }}
+protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}
+protocol static {{
+  ipv4;
+  route 0.0.0.0/0 blackhole;
+}}
+protocol bgp customer {{
+  local {ISP_PEERING} as 65001;
+  neighbor {BORDER_PEERING} as 65000;
+  ipv4 {{
+    import where net = {BLOCK};
+    export where source = RTS_STATIC || net = 198.51.100.0/24;
+  }};
+}}
+"#
+    )
+}
