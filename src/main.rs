@@ -16,6 +16,7 @@ mod bench;
 mod bench_bgp;
 mod bench_controller;
 mod bench_wireguard;
+mod lab_as;
 mod wireguard_cmd;
 
 #[derive(Parser)]
@@ -212,6 +213,27 @@ enum ShowCommand {
 
 #[derive(Subcommand)]
 enum LabCommand {
+    /// Build your own AS (seed 004 with a mock ISP) in namespaces and leave it running
+    Up {
+        /// Mesh nodes
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// The mock ISP's BGP speaker: bgp4mesh or bird
+        #[arg(long, default_value = "bgp4mesh")]
+        isp: String,
+        #[arg(long, default_value_t = 1)]
+        borders: usize,
+    },
+    /// What the lab that is up has: nodes, addresses, sessions, routes
+    Status,
+    /// Remove the lab that is up
+    Down,
+    /// Run a command in a node of the lab that is up (`bgp4mesh …` talks to that node's daemon)
+    Exec {
+        node: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Build BIRD — FRR — GoBGP in namespaces, show a route crossing them, tear down
     Demo,
     /// Remove namespaces and processes left behind by killed lab runs
@@ -298,6 +320,14 @@ fn main() -> ExitCode {
             log_level,
             rekey_after_time,
         } => wireguard_cmd::run(interface, *foreground, *mtu, log_level, *rekey_after_time),
+        Command::Lab(LabCommand::Up {
+            nodes,
+            isp,
+            borders,
+        }) => lab_as::up(*nodes, isp, *borders),
+        Command::Lab(LabCommand::Status) => lab_as::status(),
+        Command::Lab(LabCommand::Down) => lab_as::down(),
+        Command::Lab(LabCommand::Exec { node, command }) => lab_as::exec(node, command),
         Command::Lab(LabCommand::Demo) => lab_demo(),
         Command::Lab(LabCommand::Sweep { all }) => lab_sweep(*all),
     };

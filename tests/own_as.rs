@@ -95,6 +95,39 @@ fn own_as(isp: IspKind) -> Result<()> {
             e.context(dump)
         })?;
     }
+    // The path in: ISP → border → node.
+    if bgp4mesh_lab::find_binary("traceroute").is_some() {
+        let n = &world.nodes[0];
+        let trace = lab.exec(
+            &world.isp_node,
+            &[
+                "traceroute",
+                "-n",
+                "-q",
+                "1",
+                "-w",
+                "2",
+                &n.address.to_string(),
+            ],
+        )?;
+        let hops: Vec<&str> = trace
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect();
+        ensure!(
+            hops == vec![
+                bgp4mesh_lab::own_as::BORDER_PEERING,
+                n.address.to_string().as_str()
+            ],
+            "traceroute from the ISP: {trace}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "traceroute is missing (apt install traceroute)"
+        );
+    }
     // Egress: every node reaches the Internet host through the border,
     // with its default route in the tunnel.
     for n in &world.nodes {

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 pub use command::{CommandOutput, find_binary, require_binary};
 pub use lab::{Iface, Lab, Node, Proc, Switch};
-pub use sweep::{SweepReport, sweep, sweep_all, sweep_persistent};
+pub use sweep::{
+    SweepReport, find_persistent, netns_of, state_dir, sweep, sweep_all, sweep_persistent,
+};
 
 /// Polls `probe` until it returns `Ok`, backing off from 20 ms to 250 ms.
 /// On timeout the error names `what` and carries the last probe's error, so

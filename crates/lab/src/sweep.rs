@@ -43,7 +43,7 @@ impl SweepReport {
     }
 }
 
-pub(crate) fn state_dir(id: &str) -> PathBuf {
+pub fn state_dir(id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(id)
 }
 
@@ -174,6 +174,25 @@ pub fn sweep() -> Result<SweepReport> {
 /// Removes every lab, live or not, persistent or not (`bgp4mesh lab sweep --all`).
 pub fn sweep_all() -> Result<SweepReport> {
     sweep_where(|_| true)
+}
+
+/// The id of the persistent lab called `name` (`bgp4mesh lab up` makes
+/// one), if there is one.
+pub fn find_persistent(name: &str) -> Option<String> {
+    list_dir_names(STATE_ROOT)
+        .into_iter()
+        .filter(|id| !id.starts_with('.'))
+        .find(|id| {
+            let dir = state_dir(id);
+            let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
+            let lab = fs::read_to_string(dir.join("name")).unwrap_or_default();
+            owner.trim() == PERSISTENT_OWNER && lab.trim() == name
+        })
+}
+
+/// The network namespace of node `node` in lab `id`.
+pub fn netns_of(id: &str, node: &str) -> String {
+    format!("{NETNS_PREFIX}{id}-{node}")
 }
 
 /// Removes the persistent labs (`bgp4mesh lab down`).

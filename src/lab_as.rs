@@ -1,0 +1,166 @@
+//! `bgp4mesh lab up | status | down | exec`: seed 004's "Testing with Mock
+//! ISP" as network namespaces on this machine (root), left running until
+//! `lab down`.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bgp4mesh_lab::own_as::{
+    BLOCK, BORDER_ADDRESS, BORDER_PEERING, INTERNET_HOST, ISP_PEERING, IspKind, OwnAs, OwnAsOptions,
+};
+use bgp4mesh_lab::{Lab, find_persistent, netns_of, state_dir, sweep_persistent};
+
+const LAB_NAME: &str = "as";
+
+pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
+    if borders != 1 {
+        bail!(
+            "--borders {borders}: only one border so far (two borders with failover are not built yet)"
+        );
+    }
+    let isp = match isp {
+        "bgp4mesh" => IspKind::Bgp4mesh,
+        "bird" => IspKind::Bird,
+        other => bail!("--isp {other:?}: bgp4mesh or bird"),
+    };
+    if let Some(id) = find_persistent(LAB_NAME) {
+        bail!("a lab is up already ({id}); `bgp4mesh lab down` first");
+    }
+    let lab = Lab::new_persistent(LAB_NAME)?;
+    let binary = std::env::current_exe().context("finding our own executable")?;
+    println!(
+        "building your AS in lab {} (network namespaces b4m-{}-*)…",
+        lab.id(),
+        lab.id()
+    );
+    let world = OwnAs::start(&lab, &OwnAsOptions { binary, nodes, isp })?;
+    world.wait_bgp(Duration::from_secs(60))?;
+    let isp_name = match isp {
+        IspKind::Bgp4mesh => "bgp4mesh",
+        IspKind::Bird => "BIRD",
+    };
+    let mut summary = String::new();
+    summary.push_str(&format!(
+        "your AS 65000 announces {BLOCK} to a mock ISP; mesh nodes own addresses of it\n\n"
+    ));
+    summary.push_str(&format!(
+        "  isp         AS 65001 ({isp_name}), {ISP_PEERING} towards the border, 198.51.100.1 towards the Internet host\n"
+    ));
+    summary.push_str(&format!(
+        "  internet    the Internet host, {INTERNET_HOST}\n"
+    ));
+    summary.push_str(&format!(
+        "  controller  {} (fingerprint {}…)\n",
+        world.controller_url,
+        &world.fingerprint[..16.min(world.fingerprint.len())]
+    ));
+    summary.push_str(&format!(
+        "  border      AS 65000, {BORDER_PEERING} towards the ISP, mesh {BORDER_ADDRESS} on {}, egress 0.0.0.0/0\n",
+        world.border.interface
+    ));
+    for n in &world.nodes {
+        summary.push_str(&format!(
+            "  {:<11} mesh {} on {}\n",
+            n.name, n.address, n.interface
+        ));
+    }
+    let first = world.nodes.first();
+    summary.push_str("\ntry:\n");
+    if let Some(n) = first {
+        summary.push_str(&format!(
+            "  bgp4mesh lab exec isp ping -c 3 {}          # the Internet reaches a mesh node\n",
+            n.address
+        ));
+        summary.push_str(&format!(
+            "  bgp4mesh lab exec {} ping -c 3 {INTERNET_HOST}   # a mesh node reaches the Internet\n",
+            n.name
+        ));
+        summary.push_str(&format!(
+            "  bgp4mesh lab exec {} wg show {}\n",
+            n.name, n.interface
+        ));
+    }
+    summary.push_str("  bgp4mesh lab exec border bgp4mesh show protocols\n");
+    summary.push_str("  bgp4mesh lab exec border bgp4mesh show route\n");
+    summary.push_str("  bgp4mesh lab status\n  bgp4mesh lab down\n");
+    std::fs::write(state_dir(lab.id()).join("summary.txt"), &summary)?;
+    println!("{summary}");
+    Ok(())
+}
+
+fn current() -> Result<String> {
+    find_persistent(LAB_NAME).context("no lab is up (`bgp4mesh lab up`)")
+}
+
+/// Runs `command` in a node of the lab that is up, with this terminal.
+pub fn exec(node: &str, command: &[String]) -> Result<()> {
+    let id = current()?;
+    if command.is_empty() {
+        bail!("give a command: bgp4mesh lab exec {node} ping -c 3 {INTERNET_HOST}");
+    }
+    let netns = netns_of(&id, node);
+    if !std::path::Path::new("/run/netns").join(&netns).exists() {
+        bail!("no node {node:?} in lab {id} (see `bgp4mesh lab status`)");
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &netns]).args(command);
+    // `bgp4mesh show …` in a node talks to that node's daemon.
+    if command
+        .first()
+        .is_some_and(|c| c == "bgp4mesh" || c.ends_with("/bgp4mesh"))
+    {
+        let socket = state_dir(&id).join(node).join("bgp4mesh.sock");
+        let exe = std::env::current_exe()?;
+        cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &netns])
+            .arg(exe)
+            .arg("-s")
+            .arg(socket)
+            .args(&command[1..]);
+    }
+    Err(cmd.exec()).context("running ip netns exec")
+}
+
+pub fn status() -> Result<()> {
+    let id = current()?;
+    let summary = std::fs::read_to_string(state_dir(&id).join("summary.txt")).unwrap_or_default();
+    println!("lab {id}\n{summary}");
+    let exe = std::env::current_exe()?;
+    let socket = state_dir(&id).join("border").join("bgp4mesh.sock");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns_of(&id, "border")])
+        .arg(&exe)
+        .arg("-s")
+        .arg(&socket)
+        .args(["show", "protocols"])
+        .output()?;
+    println!(
+        "border's BGP sessions:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns_of(&id, "isp"), "ip", "route"])
+        .output()?;
+    println!(
+        "the ISP's routes:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
+pub fn down() -> Result<()> {
+    let report = sweep_persistent()?;
+    if report.is_empty() {
+        println!("no lab was up");
+    } else {
+        println!(
+            "removed lab {}: {} namespaces, {} processes",
+            report.labs.join(", "),
+            report.namespaces.len(),
+            report.processes_killed
+        );
+    }
+    Ok(())
+}

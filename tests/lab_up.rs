@@ -1,0 +1,106 @@
+//! `bgp4mesh lab up` is the README's first command: it must build the AS,
+//! leave it running for `lab exec` and `lab status`, and `lab down` must
+//! remove every namespace.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use bgp4mesh_lab::{can_run, find_persistent};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bgp4mesh");
+
+fn bgp4mesh(args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(BIN).args(args).output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Takes the lab down however the test ends.
+struct Down;
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = bgp4mesh(&["lab", "down"]);
+    }
+}
+
+#[test]
+fn lab_up_exec_status_down() -> Result<()> {
+    if !can_run("lab_up_exec_status_down", &["wg", "ping", "ip"]) {
+        return Ok(());
+    }
+    // One persistent lab at a time; this test owns the name while it runs.
+    ensure!(
+        find_persistent("as").is_none(),
+        "a lab is up already; `bgp4mesh lab down` first"
+    );
+    let _down = Down;
+    let (ok, out) = bgp4mesh(&["lab", "up", "--nodes", "2"])?;
+    ensure!(ok, "lab up: {out}");
+    let id = find_persistent("as").context("the lab that is up")?;
+    for needle in [
+        "44.30.127.0/24",
+        "border",
+        "n1",
+        "n2",
+        "bgp4mesh lab exec isp ping",
+    ] {
+        ensure!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    let (ok, ping) = bgp4mesh(&[
+        "lab",
+        "exec",
+        "isp",
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "44.30.127.2",
+    ])?;
+    ensure!(ok, "the ISP pinging n1: {ping}");
+    let (ok, ping) = bgp4mesh(&[
+        "lab",
+        "exec",
+        "n2",
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "198.51.100.10",
+    ])?;
+    ensure!(ok, "n2 pinging the Internet host: {ping}");
+    let (ok, protocols) = bgp4mesh(&["lab", "exec", "border", "bgp4mesh", "show", "protocols"])?;
+    ensure!(ok && protocols.contains("Established"), "{protocols}");
+    let (ok, status) = bgp4mesh(&["lab", "status"])?;
+    ensure!(
+        ok && status.contains("44.30.127.0/24 via 172.30.0.100"),
+        "{status}"
+    );
+    let (ok, again) = bgp4mesh(&["lab", "up"])?;
+    ensure!(
+        !ok && again.contains("up already"),
+        "a second lab up: {again}"
+    );
+    let (ok, down) = bgp4mesh(&["lab", "down"])?;
+    ensure!(ok && down.contains("removed lab"), "{down}");
+    ensure!(find_persistent("as").is_none(), "the lab is still there");
+    // Every namespace of this lab is gone (other tests' labs may run).
+    let prefix = format!("b4m-{id}-");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    let (ok, none) = bgp4mesh(&["lab", "exec", "isp", "true"])?;
+    ensure!(!ok && none.contains("no lab is up"), "{none}");
+    Ok(())
+}
