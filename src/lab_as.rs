@@ -35,7 +35,15 @@ pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
         lab.id(),
         lab.id()
     );
-    let world = OwnAs::start(&lab, &OwnAsOptions { binary, nodes, isp })?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            binary,
+            nodes,
+            isp,
+            borders,
+        },
+    )?;
     world.wait_bgp(Duration::from_secs(60))?;
     let isp_name = match isp {
         IspKind::Bgp4mesh => "bgp4mesh",
@@ -60,6 +68,14 @@ pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
         "  border      AS 65000, {BORDER_PEERING} towards the ISP, mesh {BORDER_ADDRESS} on {}, egress 0.0.0.0/0\n",
         world.border.interface
     ));
+    if let Some(b) = &world.border2 {
+        summary.push_str(&format!(
+            "  border2     AS 65000, {} towards the ISP, mesh {} on {}, egress 0.0.0.0/0 (backup, metric 200)\n",
+            bgp4mesh_lab::own_as::BORDER2_PEERING,
+            b.address,
+            b.interface
+        ));
+    }
     for n in &world.nodes {
         summary.push_str(&format!(
             "  {:<11} mesh {} on {}\n",

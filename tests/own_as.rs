@@ -31,6 +31,7 @@ fn own_as(isp: IspKind) -> Result<()> {
             binary: BIN.into(),
             nodes: 3,
             isp,
+            borders: 1,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -184,4 +185,202 @@ fn own_as_with_a_bird_isp() -> Result<()> {
         return Ok(());
     }
     own_as(IspKind::Bird)
+}
+
+/// The longest time without a reply in `ping -D -i 0.02` output (each reply
+/// line starts with `[unix time]`), and how many were lost.
+fn loss_window(output: &str, started: f64) -> (f64, usize) {
+    let times: Vec<f64> = output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let mut worst = 0.0f64;
+    let mut last = started;
+    for t in &times {
+        worst = worst.max(t - last);
+        last = *t;
+    }
+    let sent: usize = output
+        .lines()
+        .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
+        .unwrap_or(0);
+    (worst, sent.saturating_sub(times.len()))
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Two borders, the first preferred. A mesh node pings the Internet host
+/// every 20 ms while the first border dies (kill -9), comes back, and then
+/// loses its BGP upstream: traffic moves to the second border and back.
+/// The longest gap without a reply is the failover window (printed; the
+/// figures are in BENCHMARKS.md).
+#[test]
+fn two_borders_fail_over_and_back() -> Result<()> {
+    if !can_run("two_borders_fail_over_and_back", &["wg", "ping"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-two-borders")?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            binary: BIN.into(),
+            nodes: 1,
+            isp: IspKind::Bgp4mesh,
+            borders: 2,
+        },
+    )?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let border2 = world.border2.as_ref().expect("two borders");
+    wait_until(Duration::from_secs(30), "border2's session", || {
+        let state = border2.daemon.bgp_state("isp")?;
+        ensure!(
+            state == bgp4mesh_lab::peers::SessionState::Established,
+            "{state:?}"
+        );
+        Ok(())
+    })?;
+    let n1 = &world.nodes[0];
+    let node = n1.daemon.node();
+    wait_until(
+        Duration::from_secs(30),
+        "n1 reaching the Internet host",
+        || ping(&lab, node, INTERNET_HOST),
+    )?;
+    // n1 uses the first border (metric 100).
+    let exit_of = |lab: &Lab| -> Result<String> {
+        let dump = lab.exec(node, &["wg", "show", &n1.interface, "allowed-ips"])?;
+        Ok(dump
+            .lines()
+            .find(|l| l.contains("0.0.0.0/0"))
+            .map(|l| {
+                if l.contains(&world.border.address.to_string()) {
+                    "border"
+                } else {
+                    "border2"
+                }
+            })
+            .unwrap_or("none")
+            .to_string())
+    };
+    assert_eq!(exit_of(&lab)?, "border");
+
+    let flood = |seconds: u32| -> Result<bgp4mesh_lab::Proc> {
+        let count = (seconds * 50).to_string();
+        lab.spawn(
+            node,
+            "ping-flood",
+            &[
+                "ping",
+                "-D",
+                "-i",
+                "0.02",
+                "-W",
+                "1",
+                "-c",
+                &count,
+                INTERNET_HOST,
+            ],
+        )
+    };
+    let finish = |proc: &bgp4mesh_lab::Proc| -> Result<String> {
+        wait_until(Duration::from_secs(30), "the ping flood to end", || {
+            ensure!(!lab.is_running(proc), "still pinging");
+            Ok(())
+        })?;
+        Ok(std::fs::read_to_string(&proc.log)?)
+    };
+
+    // 1. The preferred border dies.
+    let started = now_unix();
+    let ping = flood(6)?;
+    std::thread::sleep(Duration::from_secs(2));
+    lab.signal(world.border.daemon.proc(), libc::SIGKILL)?;
+    let out = finish(&ping)?;
+    let (gap, lost) = loss_window(&out, started);
+    eprintln!("border killed: longest gap {:.3} s, {lost} pings lost", gap);
+    ensure!(gap < 1.0, "failover took {gap:.3} s:\n{out}");
+    assert_eq!(exit_of(&lab)?, "border2");
+
+    // 2. It comes back: traffic returns to it without loss.
+    let config = world.border.daemon.config_path().to_path_buf();
+    let started = now_unix();
+    let ping = flood(6)?;
+    let back = lab.spawn(
+        world.border.daemon.node(),
+        "bgp4mesh-again",
+        &[BIN, "run", "-c", &config.to_string_lossy()],
+    )?;
+    wait_until(
+        Duration::from_secs(15),
+        "n1 back on the first border",
+        || {
+            ensure!(exit_of(&lab)? == "border", "still on {}", exit_of(&lab)?);
+            Ok(())
+        },
+    )?;
+    let out = finish(&ping)?;
+    let (gap, lost) = loss_window(&out, started);
+    eprintln!("border back: longest gap {:.3} s, {lost} pings lost", gap);
+    // Goal: no loss. Measured: 0 to 3 pings (at most 0.11 s) right as
+    // the border's BGP session comes up (BENCHMARKS.md); not solved yet.
+    ensure!(gap < 1.0, "coming back cost {gap:.3} s:\n{out}");
+
+    // 3. The first border loses its upstream (its BGP session is shut).
+    wait_until(
+        Duration::from_secs(30),
+        "the border's session again",
+        || {
+            let socket = lab
+                .run_dir(world.border.daemon.node())?
+                .join("bgp4mesh.sock");
+            let out = lab.exec(
+                world.border.daemon.node(),
+                &[
+                    BIN,
+                    "-s",
+                    &socket.to_string_lossy(),
+                    "show",
+                    "protocols",
+                    "--json",
+                ],
+            )?;
+            ensure!(out.contains("\"Established\""), "{out}");
+            Ok(())
+        },
+    )?;
+    let started = now_unix();
+    let ping = flood(8)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let socket = lab
+        .run_dir(world.border.daemon.node())?
+        .join("bgp4mesh.sock");
+    lab.exec(
+        world.border.daemon.node(),
+        &[
+            BIN,
+            "-s",
+            &socket.to_string_lossy(),
+            "bgp",
+            "disable",
+            "isp",
+        ],
+    )?;
+    let out = finish(&ping)?;
+    let (gap, lost) = loss_window(&out, started);
+    eprintln!(
+        "border's upstream lost: longest gap {:.3} s, {lost} pings lost",
+        gap
+    );
+    ensure!(
+        gap < 3.0,
+        "failover after the upstream loss took {gap:.3} s:\n{out}"
+    );
+    assert_eq!(exit_of(&lab)?, "border2");
+    lab.stop(&back);
+    Ok(())
 }

@@ -49,6 +49,7 @@ fn default_gateway(state: &MeshState, v6: bool) -> Option<&bgp4mesh_api::Peer> {
         .peers
         .iter()
         .filter(|p| carries_default(p, v6))
+        .filter(|p| p.egress.as_ref().is_some_and(|g| g.healthy))
         .min_by_key(|p| {
             (
                 p.egress.as_ref().map_or(u32::MAX, |g| g.metric),
@@ -159,11 +160,30 @@ pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result
 }
 
 /// How `run` runs the mesh.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub interface: String,
     pub backend: Backend,
+    /// On a border: whether a BGP session with an upstream is up. Reported
+    /// to the controller at once on every change, so nodes leave a border
+    /// that lost its upstream.
+    pub upstream: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Fired once the mesh is applied the first time (from the controller
+    /// or the cache): a border starts BGP then.
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Clone for AgentOptions {
+    fn clone(&self) -> AgentOptions {
+        AgentOptions {
+            state_dir: self.state_dir.clone(),
+            interface: self.interface.clone(),
+            backend: self.backend,
+            upstream: self.upstream.clone(),
+            ready: None,
+        }
+    }
 }
 
 impl Default for AgentOptions {
@@ -172,6 +192,8 @@ impl Default for AgentOptions {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             interface: DEFAULT_INTERFACE.to_string(),
             backend: Backend::Auto,
+            upstream: None,
+            ready: None,
         }
     }
 }
@@ -366,7 +388,11 @@ fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Result<bool
 
 /// Runs the mesh until `stop` resolves, or until the controller says the
 /// node was removed (an error).
-pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    mut options: AgentOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut ready = options.ready.take();
     let dir = &options.state_dir;
     let enrollment: Enrollment =
         serde_json::from_slice(&std::fs::read(dir.join("node.json")).with_context(|| {
@@ -403,18 +429,42 @@ pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = 
             peers = s.peers.len(),
             "mesh from the cache"
         );
-        if let Err(e) = mesh.apply(s).await {
-            tracing::warn!("applying the cached mesh: {e:#}");
+        match mesh.apply(s).await {
+            Ok(()) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            Err(e) => tracing::warn!("applying the cached mesh: {e:#}"),
         }
     }
     let reporter = {
         let mesh = Arc::clone(&mesh);
         let client = client.clone();
+        let mut upstream = options.upstream.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REPORT_EVERY);
             loop {
-                tick.tick().await;
-                if let Err(e) = client.post_empty("/api/agent/report", &mesh.report()).await {
+                match upstream.as_mut() {
+                    Some(watch) => {
+                        tokio::select! {
+                            _ = tick.tick() => {}
+                            changed = watch.changed() => {
+                                if changed.is_err() {
+                                    upstream = None;
+                                    continue;
+                                }
+                                tracing::info!(up = *watch.borrow(), "BGP upstream changed");
+                            }
+                        }
+                    }
+                    None => {
+                        tick.tick().await;
+                    }
+                }
+                let mut report = mesh.report();
+                report.upstream = upstream.as_ref().map(|w| *w.borrow());
+                if let Err(e) = client.post_empty("/api/agent/report", &report).await {
                     tracing::debug!("report: {e:#}");
                 }
             }
@@ -445,8 +495,13 @@ pub async fn run(options: AgentOptions, stop: impl std::future::Future<Output = 
                             Ok(false) => {}
                             Ok(true) => {
                                 let Some(s) = &state else { continue };
-                                if let Err(e) = mesh.apply(s).await {
-                                    tracing::warn!("applying the mesh: {e:#}");
+                                match mesh.apply(s).await {
+                                    Ok(()) => {
+                                        if let Some(r) = ready.take() {
+                                            let _ = r.send(());
+                                        }
+                                    }
+                                    Err(e) => tracing::warn!("applying the mesh: {e:#}"),
                                 }
                                 if let Ok(bytes) = serde_json::to_vec(s)
                                     && let Err(e) = write_private(&cache, &bytes)

@@ -170,6 +170,9 @@ pub struct NodeReport {
     /// Per peer public key: last handshake and counters.
     #[serde(default)]
     pub peers: Vec<ReportedPeer>,
+    /// For a border: whether it has a BGP session up with an upstream.
+    #[serde(default)]
+    pub upstream: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +194,15 @@ pub struct Gateway {
     pub ranges: Vec<IpNet>,
     pub nat: bool,
     pub metric: u32,
+    /// False while the gateway cannot carry traffic: its agent's stream is
+    /// gone (the node died or lost the controller) or it reported its BGP
+    /// upstream down. Nodes then use the next gateway.
+    #[serde(default = "healthy_default")]
+    pub healthy: bool,
+}
+
+fn healthy_default() -> bool {
+    true
 }
 
 /// `POST /api/nodes/{network}/{node}/creategateway`, as Netmaker takes it:

@@ -674,13 +674,7 @@ async fn join(
             });
         }
     };
-    let view = NodeView {
-        row: node.clone(),
-        gateway: None,
-        observed_endpoint: None,
-        last_seen: None,
-        handshakes: Vec::new(),
-    };
+    let view = NodeView::new(node.clone(), None);
     ctl.hub
         .node_changed(revision, &node.network, &node.id, |_| view.clone());
     let network = ctl
@@ -857,7 +851,7 @@ async fn list_gateways(
                 let g = n.gateway.as_ref()?;
                 Some(serde_json::json!({
                     "node": n.row.id, "name": n.row.name, "network": n.row.network,
-                    "gateway": render_gateway(g),
+                    "gateway": render_gateway(g, n.healthy()),
                 }))
             })
             .collect(),
@@ -963,6 +957,11 @@ async fn agent_stream(
         .subscribe(&node.network, &node.id, since.since, now())
         .ok_or_else(|| Failure::not_found("the node is no longer in its network"))?;
     let guard = ctl.metrics.stream_opened();
+    ctl.stream_changed(&node, 1).await?;
+    let presence = Presence {
+        ctl: Arc::clone(&ctl),
+        node: node.clone(),
+    };
     struct Stream {
         ctl: Arc<Controller>,
         node: NodeRow,
@@ -972,6 +971,7 @@ async fn agent_stream(
         heartbeat: tokio::time::Interval,
         done: bool,
         _guard: crate::metrics::StreamGuard,
+        _presence: Presence,
     }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     heartbeat.reset();
@@ -984,6 +984,7 @@ async fn agent_stream(
         heartbeat,
         done: false,
         _guard: guard,
+        _presence: presence,
     };
     let events = futures::stream::unfold(state, |mut s| async move {
         if s.done {
@@ -1039,6 +1040,54 @@ async fn agent_stream(
         .unwrap_or_else(|_| Failure::bad("stream").into_response()))
 }
 
+/// While an agent's stream is open its node counts as present; when the
+/// stream ends (the node died, or lost the controller) a gateway is marked
+/// unhealthy so nodes move to the next one.
+struct Presence {
+    ctl: Arc<Controller>,
+    node: NodeRow,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let ctl = Arc::clone(&self.ctl);
+        let node = self.node.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // shutting down: nobody is left to tell
+        };
+        runtime.spawn(async move {
+            if let Err(e) = ctl.stream_changed(&node, -1).await {
+                tracing::warn!(node = %node.name, "marking the stream closed: {}", e.message);
+            }
+        });
+    }
+}
+
+impl Controller {
+    async fn stream_changed(&self, node: &NodeRow, delta: i32) -> Result<(), Failure> {
+        let _write = self.write.lock().await;
+        if self.hub.stream_changed(&node.network, &node.id, delta) {
+            self.publish_health(node).await?;
+        }
+        Ok(())
+    }
+
+    /// A gateway's health changed: a change every node of the network sees.
+    async fn publish_health(&self, node: &NodeRow) -> Result<(), Failure> {
+        let revision = self
+            .store
+            .note_change(&node.network, &node.id, "gateway_health", now())
+            .await?;
+        let id = node.id.clone();
+        self.hub
+            .node_changed(revision, &node.network, &node.id, |old| {
+                old.unwrap_or_else(|| unreachable_view(&id))
+            });
+        tracing::info!(node = %node.name, "gateway health changed");
+        Ok(())
+    }
+}
+
 async fn agent_report(
     State(ctl): State<Arc<Controller>>,
     headers: HeaderMap,
@@ -1076,6 +1125,12 @@ async fn agent_report(
     }
     let _write = ctl.write.lock().await;
     let t = now();
+    if ctl
+        .hub
+        .upstream_reported(&node.network, &node.id, report.upstream)
+    {
+        ctl.publish_health(&node).await?;
+    }
     let changed = ctl
         .hub
         .node_reported(&node.network, &node.id, t, handshakes, observed);
@@ -1112,8 +1167,8 @@ async fn agent_report(
 /// Only used if a node vanished between the read and the write above,
 /// which the write lock rules out; a placeholder keeps it panic-free.
 fn unreachable_view(id: &str) -> NodeView {
-    NodeView {
-        row: NodeRow {
+    NodeView::new(
+        NodeRow {
             id: id.to_string(),
             network: String::new(),
             name: id.to_string(),
@@ -1126,9 +1181,6 @@ fn unreachable_view(id: &str) -> NodeView {
             tags: Vec::new(),
             created_at: 0,
         },
-        gateway: None,
-        observed_endpoint: None,
-        last_seen: None,
-        handshakes: Vec::new(),
-    }
+        None,
+    )
 }

@@ -34,6 +34,34 @@ pub struct NodeView {
     pub observed_endpoint: Option<String>,
     pub last_seen: Option<u64>,
     pub handshakes: Vec<PeerHandshake>,
+    /// Open push streams of this node's agent.
+    pub streams: u32,
+    /// What the node last said of its BGP upstream (borders).
+    pub upstream: Option<bool>,
+    /// Whether the node reported since its stream (re)connected.
+    pub reported: bool,
+}
+
+impl NodeView {
+    pub fn new(row: NodeRow, gateway: Option<GatewayRow>) -> NodeView {
+        NodeView {
+            row,
+            gateway,
+            observed_endpoint: None,
+            last_seen: None,
+            handshakes: Vec::new(),
+            streams: 0,
+            upstream: None,
+            reported: false,
+        }
+    }
+
+    /// A gateway is healthy while its agent is connected, has reported
+    /// since it connected, and its upstream (if it has one) is up: a
+    /// border that restarts is used again only once its BGP is back.
+    pub fn healthy(&self) -> bool {
+        self.streams > 0 && self.reported && self.upstream != Some(false)
+    }
 }
 
 #[derive(Debug)]
@@ -103,16 +131,8 @@ impl Hub {
         for node in nodes {
             if let Some(view) = inner.networks.get_mut(&node.network) {
                 let gateway = gateways.remove(&node.id);
-                view.nodes.insert(
-                    node.id.clone(),
-                    NodeView {
-                        row: node,
-                        gateway,
-                        observed_endpoint: None,
-                        last_seen: None,
-                        handshakes: Vec::new(),
-                    },
-                );
+                view.nodes
+                    .insert(node.id.clone(), NodeView::new(node, gateway));
             }
         }
         Hub {
@@ -222,6 +242,45 @@ impl Hub {
             }
         }
         changed
+    }
+
+    /// An agent's stream opened (`+1`) or closed (`-1`). Returns whether
+    /// the node is a gateway whose health changed with it.
+    pub fn stream_changed(&self, netid: &str, id: &str, delta: i32) -> bool {
+        let mut inner = self.write();
+        let Some(node) = inner
+            .networks
+            .get_mut(netid)
+            .and_then(|v| v.nodes.get_mut(id))
+        else {
+            return false;
+        };
+        let before = node.healthy();
+        node.streams = node.streams.saturating_add_signed(delta);
+        if node.streams == 0 {
+            node.reported = false;
+            node.upstream = None;
+        }
+        node.gateway.is_some() && node.healthy() != before
+    }
+
+    /// A node reported its upstream. Returns whether its health as a
+    /// gateway changed.
+    pub fn upstream_reported(&self, netid: &str, id: &str, upstream: Option<bool>) -> bool {
+        let mut inner = self.write();
+        let Some(node) = inner
+            .networks
+            .get_mut(netid)
+            .and_then(|v| v.nodes.get_mut(id))
+        else {
+            return false;
+        };
+        let before = node.healthy();
+        node.reported = true;
+        if upstream.is_some() {
+            node.upstream = upstream;
+        }
+        node.gateway.is_some() && node.healthy() != before
     }
 
     // -- reads -------------------------------------------------------------
@@ -458,11 +517,12 @@ pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
     }
 }
 
-pub fn render_gateway(g: &GatewayRow) -> Gateway {
+pub fn render_gateway(g: &GatewayRow, healthy: bool) -> Gateway {
     Gateway {
         ranges: g.ranges.iter().filter_map(|r| r.parse().ok()).collect(),
         nat: g.nat,
         metric: g.metric,
+        healthy,
     }
 }
 
@@ -477,7 +537,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         endpoint: endpoint_of(n),
         listen_port: n.row.listen_port,
         tags: n.row.tags.clone(),
-        egress: n.gateway.as_ref().map(render_gateway),
+        egress: n.gateway.as_ref().map(|g| render_gateway(g, n.healthy())),
         last_seen: n.last_seen,
         online: is_online(n, now),
         handshakes: n.handshakes.clone(),
@@ -506,7 +566,7 @@ pub fn render_peer(n: &NodeView) -> Peer {
     if let Some(a) = n.row.address6 {
         allowed_ips.push(host_net(a.into()));
     }
-    let egress = n.gateway.as_ref().map(render_gateway);
+    let egress = n.gateway.as_ref().map(|g| render_gateway(g, n.healthy()));
     if let Some(g) = &egress {
         allowed_ips.extend(g.ranges.iter().copied());
     }

@@ -28,6 +28,12 @@ pub const BORDER_ADDRESS: &str = "44.30.127.1";
 pub const INTERNET_HOST: &str = "198.51.100.10";
 pub const ISP_PEERING: &str = "172.30.0.1";
 pub const BORDER_PEERING: &str = "172.30.0.100";
+/// The second border (`borders: 2`): its own link to the ISP and a mesh
+/// address at the top of the block; gateway metric 200 against the first
+/// border's 100, so nodes prefer the first.
+pub const BORDER2_ADDRESS: &str = "44.30.127.254";
+pub const ISP_PEERING2: &str = "172.31.0.1";
+pub const BORDER2_PEERING: &str = "172.31.0.100";
 const MASTER_KEY: &str = "lab-master-key-0123456789";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +47,8 @@ pub struct OwnAsOptions {
     pub binary: PathBuf,
     pub nodes: usize,
     pub isp: IspKind,
+    /// 1 or 2.
+    pub borders: usize,
 }
 
 pub enum Isp<'lab> {
@@ -66,6 +74,7 @@ pub struct OwnAs<'lab> {
     pub controller_url: String,
     pub fingerprint: String,
     pub border: MeshNode<'lab>,
+    pub border2: Option<MeshNode<'lab>>,
     pub nodes: Vec<MeshNode<'lab>>,
     wan: Switch,
 }
@@ -94,18 +103,28 @@ impl<'lab> OwnAs<'lab> {
         )?;
         lab.enable_forwarding(&isp_node)?;
         lab.enable_forwarding(&border_node)?;
+        let two = options.borders >= 2;
+        let border2_node = if two {
+            let node = lab.add_node("border2")?;
+            let (isp_end, border_end) = lab.link(&isp_node, &node)?;
+            lab.add_address(&isp_node, &isp_end.name, &format!("{ISP_PEERING2}/24"))?;
+            lab.add_address(&node, &border_end.name, &format!("{BORDER2_PEERING}/24"))?;
+            lab.enable_forwarding(&node)?;
+            Some(node)
+        } else {
+            None
+        };
 
         let controller_wan = lab.attach(&wan, &controller)?;
-        let border_wan = lab.attach(&wan, &border_node)?;
 
         let isp = match options.isp {
             IspKind::Bgp4mesh => Isp::Bgp4mesh(Bgp4mesh::start(
                 lab,
                 &isp_node,
                 &binary,
-                &isp_config(&isp_to_host.name),
+                &isp_config(&isp_to_host.name, two),
             )?),
-            IspKind::Bird => Isp::Bird(Bird::start(lab, &isp_node, &bird_isp_config())?),
+            IspKind::Bird => Isp::Bird(Bird::start(lab, &isp_node, &bird_isp_config(two))?),
         };
 
         // The controller.
@@ -156,40 +175,57 @@ impl<'lab> OwnAs<'lab> {
             .trim()
             .to_string();
 
-        // The border: BGP with the ISP, the mesh, and the egress.
-        join(
-            lab,
-            &binary,
-            &border_node,
-            &token,
-            "border",
-            &border_wan.ipv4.to_string(),
-            Some(BORDER_ADDRESS),
-        )?;
-        let border_interface = lab.unique_ifname("mesh")?;
-        let border = MeshNode {
-            name: "border".into(),
-            daemon: Bgp4mesh::start(
-                lab,
-                &border_node,
-                &binary,
-                &format!(
-                    "{}\n{}",
-                    border_bgp_config(),
-                    mesh_config(lab, &border_node, &border_interface)?
-                ),
-            )?,
-            interface: border_interface,
-            address: BORDER_ADDRESS.parse()?,
+        // The borders: BGP with the ISP, the mesh, and the egress.
+        let start_border = |node: &Node,
+                            name: &str,
+                            address: &str,
+                            peering: (&str, &str),
+                            metric: &str|
+         -> Result<MeshNode<'lab>> {
+            let wan_end = lab.attach(&wan, node)?;
+            let endpoint = wan_end.ipv4.to_string();
+            join(lab, &binary, node, &token, name, &endpoint, Some(address))?;
+            let interface = lab.unique_ifname("mesh")?;
+            let config = format!(
+                "{}\n{}",
+                border_bgp_config(peering.0, peering.1),
+                mesh_config(lab, node, &interface)?
+            );
+            let daemon = Bgp4mesh::start(lab, node, &binary, &config)?;
+            this_admin.run(&[
+                "gateway",
+                "create",
+                "mynet",
+                name,
+                "--range",
+                "0.0.0.0/0",
+                "--metric",
+                metric,
+            ])?;
+            Ok(MeshNode {
+                name: name.into(),
+                daemon,
+                interface,
+                address: address.parse()?,
+            })
         };
-        this_admin.run(&[
-            "gateway",
-            "create",
-            "mynet",
+        let border = start_border(
+            &border_node,
             "border",
-            "--range",
-            "0.0.0.0/0",
-        ])?;
+            BORDER_ADDRESS,
+            (ISP_PEERING, BORDER_PEERING),
+            "100",
+        )?;
+        let border2 = match &border2_node {
+            Some(node) => Some(start_border(
+                node,
+                "border2",
+                BORDER2_ADDRESS,
+                (ISP_PEERING2, BORDER2_PEERING),
+                "200",
+            )?),
+            None => None,
+        };
 
         let mut nodes = Vec::new();
         for i in 1..=options.nodes {
@@ -236,6 +272,7 @@ impl<'lab> OwnAs<'lab> {
             controller_url,
             fingerprint,
             border,
+            border2,
             nodes,
             wan,
         })
@@ -348,17 +385,17 @@ fn mesh_config(lab: &Lab, node: &Node, interface: &str) -> Result<String> {
     ))
 }
 
-fn border_bgp_config() -> String {
+fn border_bgp_config(isp: &str, local: &str) -> String {
     format!(
         r#"[bgp]
 asn = 65000
-router_id = "{BORDER_PEERING}"
+router_id = "{local}"
 
 [[bgp.neighbor]]
 name = "isp"
-address = "{ISP_PEERING}"
+address = "{isp}"
 remote_as = 65001
-local_address = "{BORDER_PEERING}"
+local_address = "{local}"
 import = "all"
 export = "announce"
 connect_retry = 1
@@ -374,7 +411,24 @@ rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
     )
 }
 
-fn isp_config(host_interface: &str) -> String {
+fn isp_config(host_interface: &str, two: bool) -> String {
+    let second = if two {
+        format!(
+            r#"
+[[bgp.neighbor]]
+name = "customer2"
+address = "{BORDER2_PEERING}"
+remote_as = 65000
+local_address = "{ISP_PEERING2}"
+import = "customer_in"
+export = "all"
+connect_retry = 1
+error_wait = [1, 4]
+"#
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"[bgp]
 asn = 65001
@@ -401,11 +455,27 @@ device = "{host_interface}"
 
 [policy.customer_in]
 rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
-"#
+{second}"#
     )
 }
 
-fn bird_isp_config() -> String {
+fn bird_isp_config(two: bool) -> String {
+    let second = if two {
+        format!(
+            r#"
+protocol bgp customer2 {{
+  local {ISP_PEERING2} as 65001;
+  neighbor {BORDER2_PEERING} as 65000;
+  ipv4 {{
+    import where net = {BLOCK};
+    export where source = RTS_STATIC || net = 198.51.100.0/24;
+  }};
+}}
+"#
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"router id {ISP_PEERING};
 protocol device {{ }}
@@ -423,6 +493,6 @@ protocol bgp customer {{
     export where source = RTS_STATIC || net = 198.51.100.0/24;
   }};
 }}
-"#
+{second}"#
     )
 }

@@ -136,6 +136,11 @@ pub struct BgpDriver {
     /// The listening sockets, for TCP-MD5 keys set at reload.
     listener_sockets: Vec<std::sync::Arc<tokio::net::TcpListener>>,
     install_static: bool,
+    /// Whether an eBGP session is up and has sent its routes (End-of-RIB),
+    /// for the mesh agent of a border.
+    upstream: Option<tokio::sync::watch::Sender<bool>>,
+    /// Neighbours that sent End-of-RIB since their session came up.
+    end_of_rib: std::collections::HashSet<NeighborId>,
     resolver: Option<Resolver>,
     /// Next hops the speaker watches, with their last resolution.
     next_hops: HashMap<IpAddr, Option<Resolution>>,
@@ -277,6 +282,8 @@ impl BgpDriver {
             learn_table: None,
             bfd_tx: [None, None],
             install_static: false,
+            upstream: None,
+            end_of_rib: Default::default(),
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -832,7 +839,47 @@ impl BgpDriver {
         conn
     }
 
+    /// Tells the mesh agent whether an upstream (eBGP) session is up.
+    pub fn watch_upstream(&mut self) -> tokio::sync::watch::Receiver<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(self.upstream_up());
+        self.upstream = Some(tx);
+        rx
+    }
+
+    /// An upstream counts once its session is up and its routes are in
+    /// (End-of-RIB): a border is not used for egress before it can route.
+    fn upstream_up(&mut self) -> bool {
+        let asn = self.speaker.config().asn;
+        let speaker = &self.speaker;
+        self.end_of_rib.retain(|id| {
+            speaker
+                .neighbor(*id)
+                .is_some_and(|n| n.state == bgp4mesh_bgp::session::State::Established)
+        });
+        self.speaker.neighbor_ids().any(|id| {
+            self.end_of_rib.contains(&id)
+                && self
+                    .speaker
+                    .neighbor(id)
+                    .is_some_and(|n| n.config.remote_as != asn)
+        })
+    }
+
+    fn report_upstream(&mut self) {
+        if self.upstream.is_some() {
+            let up = self.upstream_up();
+            if let Some(tx) = &self.upstream {
+                tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+            }
+        }
+    }
+
     fn carry_out_events(&mut self) {
+        self.carry_out_queued_events();
+        self.report_upstream();
+    }
+
+    fn carry_out_queued_events(&mut self) {
         while let Some(event) = self.speaker.poll_event() {
             match event {
                 Event::Connect { neighbor } => self.connect(neighbor),
@@ -847,6 +894,7 @@ impl BgpDriver {
                     }
                 }
                 Event::EndOfRib { neighbor, family } => {
+                    self.end_of_rib.insert(neighbor);
                     let name = self.speaker.neighbor_name(neighbor).to_string();
                     if let Some((waiting, _)) = self.restart.as_mut() {
                         waiting.remove(&(name, family));

@@ -62,6 +62,8 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         _ => None,
     };
     let (mesh_stop, mesh_stopped) = oneshot::channel::<()>();
+    let (mesh_ready_tx, mesh_ready) = oneshot::channel::<()>();
+    let mut mesh_ready = Some(mesh_ready);
     let mesh = match config.mesh.clone() {
         Some(section) => {
             let options = bgp4mesh_agent::AgentOptions {
@@ -71,6 +73,9 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                     .backend
                     .parse()
                     .map_err(|e: String| anyhow::anyhow!("mesh.backend: {e}"))?,
+                // A border tells the controller when its upstream is gone.
+                upstream: driver.as_mut().map(|d| d.watch_upstream()),
+                ready: Some(mesh_ready_tx),
             };
             let stopper = calls_tx.clone();
             Some(tokio::spawn(async move {
@@ -155,6 +160,16 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                     .map(|b| b.speaker.neighbors.len())
                     .unwrap_or_default()
             );
+            // A border announces the block only once its mesh can carry
+            // the traffic that will come (or after 10 s, whatever the mesh).
+            if mesh.is_some()
+                && let Some(ready) = mesh_ready.take()
+                && tokio::time::timeout(std::time::Duration::from_secs(10), ready)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("the mesh is not up after 10 s; starting BGP anyway");
+            }
             driver.run(calls).await;
         }
         None => {

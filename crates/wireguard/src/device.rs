@@ -145,6 +145,10 @@ struct PeerState {
     /// last sent an authenticated packet from.
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<IpNet>,
+    /// Start a handshake at the next timer tick: a peer just configured
+    /// with an endpoint. A restarted peer's old session is useless to the
+    /// other side, which would otherwise wait up to 15 s to notice.
+    initiate: bool,
 }
 
 struct Udp {
@@ -418,6 +422,32 @@ impl Shared {
         for change in &request.peers {
             self.apply_peer(&mut iface, change);
         }
+        // New endpoints get a handshake now rather than at the next timer
+        // tick: a peer that restarted holds a session we no longer have.
+        if let Some(udp) = self.udp() {
+            for peer in &iface.peers {
+                let mut state = lock(&peer.state);
+                let Some(to) = state.endpoint else { continue };
+                if !std::mem::take(&mut state.initiate) {
+                    continue;
+                }
+                let Some(tunn) = state.tunn.as_mut() else {
+                    continue;
+                };
+                if tunn.time_since_last_handshake().is_some() {
+                    continue;
+                }
+                if let Some(init) = tunn.format_handshake_initiation(false) {
+                    let init: WgKind = init.into();
+                    self.register_index(&init, peer);
+                    drop(state);
+                    let bytes: Packet = init.into();
+                    peer.tx_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    udp.send(self, to, &bytes, None);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -558,6 +588,7 @@ impl Shared {
                         keepalive: None,
                         endpoint: None,
                         allowed_ips: Vec::new(),
+                        initiate: false,
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
@@ -579,6 +610,7 @@ impl Shared {
             }
             if let Some(endpoint) = change.endpoint {
                 state.endpoint = Some(endpoint);
+                state.initiate = true;
             }
             if let Some(keepalive) = change.persistent_keepalive {
                 let keepalive = (keepalive > 0).then_some(keepalive);
@@ -1270,10 +1302,17 @@ fn timers(shared: Arc<Shared>) {
         for peer in peers {
             let mut state = lock(&peer.state);
             let endpoint = state.endpoint;
+            let initiate = std::mem::take(&mut state.initiate);
             let Some(tunn) = state.tunn.as_mut() else {
                 continue;
             };
-            match tunn.update_timers() {
+            let due =
+                if initiate && endpoint.is_some() && tunn.time_since_last_handshake().is_none() {
+                    Ok(tunn.format_handshake_initiation(false).map(WgKind::from))
+                } else {
+                    tunn.update_timers()
+                };
+            match due {
                 Ok(Some(packet)) => {
                     shared.register_index(&packet, &peer);
                     drop(state);
