@@ -130,6 +130,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_deploy_example_is_valid() {
+        let c = ServerConfig::parse(include_str!("../../../deploy/examples/server.toml"))
+            .expect("deploy/examples/server.toml");
+        assert_eq!(c.listen.port(), 8443);
+        assert!(c.master_key_file.is_some());
+    }
+
+    #[test]
     fn minimal_config_and_errors_name_the_key() {
         let c = ServerConfig::parse("master_key = \"0123456789abcdef\"").expect("minimal");
         assert_eq!(c.listen.port(), 8443);

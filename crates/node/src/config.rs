@@ -885,6 +885,16 @@ mod tests {
     const BASE: &str = "[bgp]\nasn = 65000\nrouter_id = \"10.0.0.1\"\n";
 
     #[test]
+    fn the_deploy_example_border_is_valid() {
+        let c = NodeConfig::parse(
+            include_str!("../../../deploy/examples/border.toml"),
+            Path::new("border.toml"),
+        )
+        .expect("deploy/examples/border.toml");
+        assert!(c.bgp.is_some() && c.mesh.is_some());
+    }
+
+    #[test]
     fn a_full_config_loads() {
         let config = parse(&format!(
             r#"{BASE}
