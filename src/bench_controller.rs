@@ -19,37 +19,15 @@ use tokio::sync::mpsc;
 
 const MASTER: &str = "bench-master-key-0123456789";
 
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit get a pointer to a local rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-fn vm_hwm_mb(pid: u32) -> Result<f64> {
+/// A memory figure of process `pid` from /proc/PID/status (`VmHWM`,
+/// `VmRSS`), in MB.
+fn vm_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")?;
-    Ok(kb / 1024.0)
-}
-
-fn vm_rss_mb(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")?;
+        .with_context(|| format!("no {field} for {pid}"))?;
     Ok(kb / 1024.0)
 }
 
@@ -62,7 +40,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 pub fn controller(nodes: u32, changes: u32) -> Result<()> {
-    raise_open_files_limit();
+    bgp4mesh_controller::server::raise_open_files_limit();
     let dir =
         std::env::temp_dir().join(format!("bgp4mesh-bench-controller-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -183,7 +161,7 @@ async fn run(port: u16, fingerprint: &str, nodes: u32, changes: u32, pid: u32) -
     println!(
         "joins: {nodes} in {:.1} s ({join_rate:.0}/s); controller RSS {:.0} MB",
         join_time.as_secs_f64(),
-        vm_rss_mb(pid)?
+        vm_mb(pid, "VmRSS")?
     );
 
     // One full snapshot: what a new or far-behind agent gets.
@@ -237,7 +215,7 @@ async fn run(port: u16, fingerprint: &str, nodes: u32, changes: u32, pid: u32) -
         "streams: {} open in {:.1} s; controller RSS {:.0} MB",
         opened.load(Ordering::Relaxed),
         open_time.as_secs_f64(),
-        vm_rss_mb(pid)?
+        vm_mb(pid, "VmRSS")?
     );
     ensure!(
         opened.load(Ordering::Relaxed) == nodes as usize,
@@ -286,7 +264,7 @@ async fn run(port: u16, fingerprint: &str, nodes: u32, changes: u32, pid: u32) -
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     all.sort();
-    let rss = vm_hwm_mb(pid)?;
+    let rss = vm_mb(pid, "VmHWM")?;
     println!();
     println!(
         "| agents | join rate | streams open in | change → all streams p50 | p99 | max | snapshot ({} peers) | controller peak RSS |",

@@ -29,15 +29,7 @@ pub fn run(
     if !foreground {
         return start_in_background(interface, mtu, log_level, rekey_after_time);
     }
-    let level: tracing::Level = log_level.parse().map_err(|_| {
-        anyhow::anyhow!("--log-level: {log_level:?} is not one of error, warn, info, debug, trace")
-    })?;
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    crate::init_logs(log_level)?;
     let mut options = DeviceOptions::new(interface);
     options.mtu = mtu;
     if let Some(seconds) = rekey_after_time {

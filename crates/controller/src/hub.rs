@@ -95,6 +95,12 @@ struct Inner {
     networks: HashMap<String, NetView>,
 }
 
+impl Inner {
+    fn node_mut(&mut self, netid: &str, id: &str) -> Option<&mut NodeView> {
+        self.networks.get_mut(netid)?.nodes.get_mut(id)
+    }
+}
+
 #[derive(Default)]
 pub struct Hub {
     inner: RwLock<Inner>,
@@ -248,11 +254,7 @@ impl Hub {
     /// the node is a gateway whose health changed with it.
     pub fn stream_changed(&self, netid: &str, id: &str, delta: i32) -> bool {
         let mut inner = self.write();
-        let Some(node) = inner
-            .networks
-            .get_mut(netid)
-            .and_then(|v| v.nodes.get_mut(id))
-        else {
+        let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
         let before = node.healthy();
@@ -268,11 +270,7 @@ impl Hub {
     /// gateway changed.
     pub fn upstream_reported(&self, netid: &str, id: &str, upstream: Option<bool>) -> bool {
         let mut inner = self.write();
-        let Some(node) = inner
-            .networks
-            .get_mut(netid)
-            .and_then(|v| v.nodes.get_mut(id))
-        else {
+        let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
         let before = node.healthy();

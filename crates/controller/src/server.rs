@@ -35,7 +35,7 @@ impl Running {
 
 /// Lifts the open-files limit to its hard maximum: every agent holds a
 /// connection.
-fn raise_open_files_limit() {
+pub fn raise_open_files_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

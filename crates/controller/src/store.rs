@@ -54,66 +54,11 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Schema changes, in order; each applied once, in a transaction.
-const MIGRATIONS_SQLITE: &[&str] = &[r#"
-CREATE TABLE networks (
-    netid TEXT PRIMARY KEY,
-    addressrange TEXT,
-    addressrange6 TEXT,
-    mtu BIGINT NOT NULL,
-    listen_port BIGINT NOT NULL,
-    persistent_keepalive BIGINT NOT NULL,
-    created_at BIGINT NOT NULL
-);
-CREATE TABLE enrollment_tokens (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL UNIQUE,
-    network TEXT NOT NULL REFERENCES networks(netid) ON DELETE CASCADE,
-    expires_at BIGINT,
-    uses_left BIGINT,
-    tags TEXT NOT NULL,
-    created_at BIGINT NOT NULL
-);
-CREATE TABLE nodes (
-    id TEXT PRIMARY KEY,
-    network TEXT NOT NULL REFERENCES networks(netid) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    public_key TEXT NOT NULL,
-    credential_hash TEXT NOT NULL UNIQUE,
-    address TEXT,
-    address6 TEXT,
-    endpoint TEXT,
-    listen_port BIGINT NOT NULL,
-    tags TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    UNIQUE (network, name),
-    UNIQUE (network, public_key),
-    UNIQUE (network, address),
-    UNIQUE (network, address6)
-);
-CREATE TABLE gateways (
-    node_id TEXT PRIMARY KEY REFERENCES nodes(id) ON DELETE CASCADE,
-    ranges TEXT NOT NULL,
-    nat BIGINT NOT NULL,
-    metric BIGINT NOT NULL
-);
-CREATE TABLE api_tokens (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL UNIQUE,
-    scope TEXT NOT NULL,
-    created_at BIGINT NOT NULL
-);
-CREATE TABLE changes (
-    revision BIGINT PRIMARY KEY,
-    network TEXT NOT NULL,
-    node_id TEXT,
-    kind TEXT NOT NULL,
-    at BIGINT NOT NULL
-);
-"#];
-
-/// The same schema in PostgreSQL's words.
-const MIGRATIONS_POSTGRES: &[&str] = &[r#"
+/// Schema changes, in order; each applied once, in a transaction. The SQL
+/// is written to mean the same on SQLite and PostgreSQL (TEXT, BIGINT,
+/// plain constraints); a change that cannot be should get a per-dialect
+/// entry here.
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE networks (
     netid TEXT PRIMARY KEY,
     addressrange TEXT,
@@ -313,11 +258,7 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get("v")?;
-        let migrations = match self.dialect {
-            Dialect::Sqlite => MIGRATIONS_SQLITE,
-            Dialect::Postgres => MIGRATIONS_POSTGRES,
-        };
-        for (i, migration) in migrations.iter().enumerate() {
+        for (i, migration) in MIGRATIONS.iter().enumerate() {
             let version = i as i64 + 1;
             if version <= current {
                 continue;

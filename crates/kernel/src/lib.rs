@@ -19,6 +19,17 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder, RouteNextHopBuilder};
 
+/// The index of the interface called `name`.
+pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let link = links
+        .try_next()
+        .await
+        .with_context(|| format!("no interface named {name}"))?
+        .with_context(|| format!("no interface named {name}"))?;
+    Ok(link.header.index)
+}
+
 /// How many netlink requests may be in flight at once.
 const PIPELINE: usize = 256;
 
@@ -225,19 +236,9 @@ impl Fib {
         if let Some(i) = self.ifindex.get(name) {
             return Ok(*i);
         }
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link = links
-            .try_next()
-            .await
-            .with_context(|| format!("no interface named {name}"))?
-            .with_context(|| format!("no interface named {name}"))?;
-        self.ifindex.insert(name.to_string(), link.header.index);
-        Ok(link.header.index)
+        let index = link_index(&self.handle, name).await?;
+        self.ifindex.insert(name.to_string(), index);
+        Ok(index)
     }
 
     fn base(&self, prefix: IpNet) -> RouteMessage {

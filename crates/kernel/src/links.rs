@@ -38,18 +38,7 @@ impl Links {
     }
 
     pub async fn index(&self, name: &str) -> Result<u32> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link = links
-            .try_next()
-            .await
-            .with_context(|| format!("no interface named {name}"))?
-            .with_context(|| format!("no interface named {name}"))?;
-        Ok(link.header.index)
+        crate::link_index(&self.handle, name).await
     }
 
     /// Sets the link up, with this MTU when given.

@@ -86,14 +86,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 if let Err(e) = &result {
                     tracing::error!("mesh: {e:#}");
                     // The mesh was the point: stop the daemon with it.
-                    let (reply, answer) = oneshot::channel();
-                    let _ = stopper
-                        .send(ControlCall {
-                            request: Request::Shutdown,
-                            reply,
-                        })
-                        .await;
-                    let _ = answer.await;
+                    request_shutdown(&stopper).await;
                 }
                 result
             }))
@@ -131,14 +124,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        let (reply, answer) = oneshot::channel();
-        let _ = stopper
-            .send(ControlCall {
-                request: Request::Shutdown,
-                reply,
-            })
-            .await;
-        let _ = answer.await;
+        request_shutdown(&stopper).await;
     });
     match driver {
         Some(driver) => {
@@ -211,4 +197,17 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         anyhow::bail!("the mesh stopped (see the log above)");
     }
     Ok(())
+}
+
+/// Asks the daemon's main loop to stop (as `bgp4mesh` on the control socket
+/// would) and waits for its answer.
+async fn request_shutdown(calls: &mpsc::Sender<ControlCall>) {
+    let (reply, answer) = oneshot::channel();
+    let _ = calls
+        .send(ControlCall {
+            request: Request::Shutdown,
+            reply,
+        })
+        .await;
+    let _ = answer.await;
 }

@@ -907,28 +907,17 @@ impl SendBatch {
 // ---------------------------------------------------------------------------
 // tun → udp
 
-fn destination_ip(packet: &[u8]) -> Option<IpAddr> {
+/// The source (`destination: false`) or destination address of an IP packet.
+fn packet_address(packet: &[u8], destination: bool) -> Option<IpAddr> {
     match packet.first()? >> 4 {
         4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[16..20].try_into().ok()?;
+            let at = if destination { 16 } else { 12 };
+            let b: [u8; 4] = packet[at..at + 4].try_into().ok()?;
             Some(IpAddr::from(b))
         }
         6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[24..40].try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        _ => None,
-    }
-}
-
-fn source_ip(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[12..16].try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[8..24].try_into().ok()?;
+            let at = if destination { 24 } else { 8 };
+            let b: [u8; 16] = packet[at..at + 16].try_into().ok()?;
             Some(IpAddr::from(b))
         }
         _ => None,
@@ -970,7 +959,7 @@ fn tun_to_udp(shared: Arc<Shared>) {
             let iface = read(&shared.iface);
             routes.clear();
             routes.extend((0..n).map(|i| {
-                destination_ip(&bufs[i][..sizes[i]])
+                packet_address(&bufs[i][..sizes[i]], true)
                     .and_then(|dst| iface.allowed.longest_match(dst))
                     .map(|(_, peer)| Arc::clone(peer))
             }));
@@ -1172,7 +1161,7 @@ fn receive(
                 if inner.is_empty() {
                     return; // keepalive
                 }
-                let allowed = source_ip(&inner)
+                let allowed = packet_address(&inner, false)
                     .and_then(|src| iface.allowed.longest_match(src))
                     .is_some_and(|(_, owner)| Arc::ptr_eq(owner, &peer));
                 if allowed {
