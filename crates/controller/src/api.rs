@@ -75,6 +75,12 @@ impl Controller {
     }
 }
 
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -609,7 +615,9 @@ async fn join(
         endpoint: req.endpoint.clone(),
         listen_port: 0,
         tags: Vec::new(),
-        created_at: now(),
+        // Milliseconds: nodes are listed in join order, and seconds would
+        // tie for nodes that join together.
+        created_at: now_millis(),
     };
     let _write = ctl.write.lock().await;
     // Names and keys are unique per network; say so before the database

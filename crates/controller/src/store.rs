@@ -149,6 +149,7 @@ pub struct NodeRow {
     pub endpoint: Option<String>,
     pub listen_port: u16,
     pub tags: Vec<String>,
+    /// Unix milliseconds (nodes list in join order), unlike the other rows' seconds.
     pub created_at: u64,
 }
 
