@@ -30,6 +30,18 @@ fn prefix(n: u32) -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::from(base), 24).unwrap_or_default()
 }
 
+/// A memory figure of process `pid` from /proc/PID/status (`VmHWM`,
+/// `VmRSS`), in MB.
+pub fn vm_mb(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} for {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
 /// A namespace of its own for one tool, linked to a gateway node; returns
 /// it and the gateway's address.
 fn fresh_node(lab: &Lab, name: &str) -> Result<(bgp4mesh_lab::Node, String)> {

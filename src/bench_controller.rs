@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::bench::vm_mb;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use bgp4mesh_agent::Client;
@@ -18,18 +19,6 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 const MASTER: &str = "bench-master-key-0123456789";
-
-/// A memory figure of process `pid` from /proc/PID/status (`VmHWM`,
-/// `VmRSS`), in MB.
-fn vm_mb(pid: u32, field: &str) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} for {pid}"))?;
-    Ok(kb / 1024.0)
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
