@@ -125,6 +125,13 @@ impl Policy {
     ///
     /// The attributes are cloned only when an action changes them; the
     /// outcome carries `attrs: None` when the route is accepted as it came.
+    /// Whether a rule looks at the prefix. When none does, the outcome
+    /// depends only on the attributes, the neighbour and the source, so
+    /// one evaluation serves every prefix that shares them.
+    pub fn depends_on_prefix(&self) -> bool {
+        self.rules.iter().any(|r| !r.matches.prefixes.is_empty())
+    }
+
     pub fn evaluate(&self, ctx: &RouteContext<'_>, attrs: &PathAttributes) -> Outcome {
         let mut current = Cow::Borrowed(attrs);
         let mut next_hop_self = false;

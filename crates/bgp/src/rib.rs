@@ -6,10 +6,11 @@
 //! per path for its attributes.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use hashbrown::{DefaultHashBuilder, HashSet, HashTable};
 use ipnet::IpNet;
 
 use crate::wire::{NextHop, PathAttributes};
@@ -131,24 +132,82 @@ pub struct Selection {
 /// One prefix's paths, the best first.
 #[derive(Debug, Clone, Default)]
 pub struct Entry {
-    /// Every usable path; `paths[0]` is the best when `best` is true.
-    paths: Vec<Path>,
+    /// Every usable path; `paths[0]` is the best when `ecmp > 0`.
+    paths: Paths,
     /// How many of the first paths form the ECMP set (0 = no best).
-    ecmp: usize,
+    ecmp: u32,
+}
+
+/// A prefix's paths: almost always one, kept inline (no allocation).
+#[derive(Debug, Clone, Default)]
+enum Paths {
+    #[default]
+    None,
+    One([Path; 1]),
+    Many(Vec<Path>),
+}
+
+impl Paths {
+    fn as_slice(&self) -> &[Path] {
+        match self {
+            Paths::None => &[],
+            Paths::One(p) => p,
+            Paths::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Path] {
+        match self {
+            Paths::None => &mut [],
+            Paths::One(p) => p,
+            Paths::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, path: Path) {
+        *self = match std::mem::take(self) {
+            Paths::None => Paths::One([path]),
+            Paths::One([first]) => Paths::Many(vec![first, path]),
+            Paths::Many(mut v) => {
+                v.push(path);
+                Paths::Many(v)
+            }
+        };
+    }
+
+    fn remove(&mut self, i: usize) -> Path {
+        match std::mem::take(self) {
+            Paths::None => unreachable!("remove from no paths"),
+            Paths::One([only]) => only,
+            Paths::Many(mut v) => {
+                let gone = v.remove(i);
+                *self = if v.len() == 1 {
+                    Paths::One([v.remove(0)])
+                } else {
+                    Paths::Many(v)
+                };
+                gone
+            }
+        }
+    }
 }
 
 impl Entry {
     pub fn paths(&self) -> &[Path] {
-        &self.paths
+        self.paths.as_slice()
     }
 
     pub fn best(&self) -> Option<&Path> {
-        (self.ecmp > 0).then(|| &self.paths[0])
+        (self.ecmp > 0).then(|| &self.paths()[0])
     }
 
     /// The best path and those equal to it for multipath.
     pub fn multipath(&self) -> &[Path] {
-        &self.paths[..self.ecmp]
+        &self.paths()[..self.ecmp as usize]
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self.paths, Paths::None)
     }
 }
 
@@ -156,6 +215,8 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BestChange {
     pub prefix: IpNet,
+    /// Where the prefix lives in the Loc-RIB (see [`LocRib::slot`]).
+    pub slot: Slot,
     pub best: Option<Path>,
     /// Best first; more than one with multipath.
     pub multipath: Vec<Path>,
@@ -164,38 +225,156 @@ pub struct BestChange {
     pub best_changed: bool,
 }
 
+/// What [`LocRib::update`] did.
+#[derive(Debug, Clone, Default)]
+pub struct RibUpdate {
+    /// The attributes the source's path had before (None: it had none).
+    pub old: Option<Attrs>,
+    pub change: Option<BestChange>,
+}
+
+/// A prefix's place in the Loc-RIB: stable while the prefix has paths, and
+/// until [`LocRib::release`] after it lost its last one, so per-neighbour
+/// tables can be plain vectors indexed by slot.
+pub type Slot = u32;
+
+#[derive(Debug, Clone)]
+struct SlotEntry {
+    prefix: IpNet,
+    entry: Entry,
+}
+
+/// Every prefix's paths. Prefixes live in a vector of slots; a hash table
+/// of slot numbers (4 bytes a prefix, hashed by the slot's prefix) finds
+/// them.
 #[derive(Debug, Default)]
 pub struct LocRib {
-    routes: HashMap<IpNet, Entry>,
+    index: HashTable<Slot>,
+    hasher: DefaultHashBuilder,
+    slots: Vec<SlotEntry>,
+    /// Slots free for new prefixes.
+    free: Vec<Slot>,
+    /// Slots that lost their last path since the last `release`.
+    emptied: Vec<Slot>,
+    len: usize,
     selection: Selection,
 }
 
 impl LocRib {
     pub fn new(selection: Selection) -> Self {
         LocRib {
-            routes: HashMap::new(),
             selection,
+            ..LocRib::default()
         }
     }
 
+    /// Prefixes with at least one path.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len == 0
+    }
+
+    /// One past the highest slot in use: the size of per-slot tables.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
     }
 
     pub fn set_selection(&mut self, selection: Selection) {
         self.selection = selection;
     }
 
-    pub fn get(&self, prefix: &IpNet) -> Option<&Entry> {
-        self.routes.get(prefix)
+    fn hash(&self, prefix: &IpNet) -> u64 {
+        prefix_hash(&self.hasher, prefix)
     }
 
+    fn find(&self, prefix: &IpNet) -> Option<Slot> {
+        let hash = self.hash(prefix);
+        self.index
+            .find(hash, |&s| self.slots[s as usize].prefix == *prefix)
+            .copied()
+    }
+
+    pub fn get(&self, prefix: &IpNet) -> Option<&Entry> {
+        let slot = self.find(prefix)?;
+        let entry = &self.slots[slot as usize].entry;
+        (!entry.is_empty()).then_some(entry)
+    }
+
+    /// The slot of a prefix that has paths.
+    pub fn slot(&self, prefix: &IpNet) -> Option<Slot> {
+        self.find(prefix)
+            .filter(|&s| !self.slots[s as usize].entry.is_empty())
+    }
+
+    /// The prefix in `slot` and its entry (with no paths once emptied and
+    /// not yet released).
+    pub fn at(&self, slot: Slot) -> Option<(&IpNet, &Entry)> {
+        self.slots.get(slot as usize).map(|s| (&s.prefix, &s.entry))
+    }
+
+    /// Every prefix with paths.
     pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &Entry)> {
-        self.routes.iter()
+        self.iter_slots().map(|(_, p, e)| (p, e))
+    }
+
+    /// Every prefix with paths, with its slot.
+    pub fn iter_slots(&self) -> impl Iterator<Item = (Slot, &IpNet, &Entry)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.entry.is_empty())
+            .map(|(i, s)| (i as Slot, &s.prefix, &s.entry))
+    }
+
+    /// Frees the slots of prefixes that lost their last path: after this,
+    /// such a slot may hold another prefix. Callers release once nothing
+    /// refers to emptied slots any more (after encoding pending updates).
+    pub fn release(&mut self) {
+        for slot in std::mem::take(&mut self.emptied) {
+            let s = &self.slots[slot as usize];
+            if !s.entry.is_empty() {
+                continue; // the prefix came back before the release
+            }
+            let hash = self.hash(&s.prefix);
+            if let Ok(found) = self.index.find_entry(hash, |&x| x == slot) {
+                found.remove();
+            }
+            self.free.push(slot);
+        }
+    }
+
+    fn slot_for(&mut self, prefix: IpNet) -> Slot {
+        if let Some(slot) = self.find(&prefix) {
+            return slot;
+        }
+        let entry = SlotEntry {
+            prefix,
+            entry: Entry::default(),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = entry;
+                s
+            }
+            None => {
+                self.slots.push(entry);
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        let hash = self.hash(&prefix);
+        let LocRib {
+            index,
+            slots,
+            hasher,
+            ..
+        } = self;
+        index.insert_unique(hash, slot, |&s| {
+            prefix_hash(hasher, &slots[s as usize].prefix)
+        });
+        slot
     }
 
     /// Sets (or with `None` removes) the path from `source` for `prefix`,
@@ -206,50 +385,73 @@ impl LocRib {
         source: PathSource,
         attrs: Option<Attrs>,
         info: &impl Fn(&Path) -> SourceInfo,
-    ) -> Option<BestChange> {
-        let entry = match (self.routes.get_mut(&prefix), &attrs) {
-            (Some(e), _) => e,
-            (None, None) => return None,
-            (None, Some(_)) => self.routes.entry(prefix).or_default(),
+    ) -> RibUpdate {
+        let slot = match (&attrs, self.find(&prefix)) {
+            (_, Some(s)) => s,
+            (None, None) => return RibUpdate::default(),
+            (Some(_), None) => self.slot_for(prefix),
         };
-        let old_best = entry.best().cloned();
-        let old_ecmp: Vec<Path> = entry.multipath().to_vec();
-        let existing = entry.paths.iter().position(|p| p.source == source);
-        match (existing, attrs) {
+        let selection = self.selection;
+        let entry = &mut self.slots[slot as usize].entry;
+        let was_empty = entry.is_empty();
+        let old_best_source = entry.best().map(|b| b.source);
+        let old_best_attrs = entry.best().map(|b| Arc::as_ptr(&b.attrs));
+        let old_ecmp: Vec<(PathSource, *const PathAttributes)> = if entry.ecmp > 1 {
+            ecmp_key(entry)
+        } else {
+            Vec::new()
+        };
+        let old_ecmp_len = entry.ecmp;
+        let existing = entry.paths().iter().position(|p| p.source == source);
+        let old = match (existing, attrs) {
             (Some(i), Some(attrs)) => {
-                if Arc::ptr_eq(&entry.paths[i].attrs, &attrs) {
-                    return None;
+                let path = &mut entry.paths.as_mut_slice()[i];
+                if Arc::ptr_eq(&path.attrs, &attrs) {
+                    return RibUpdate {
+                        old: Some(attrs),
+                        change: None,
+                    };
                 }
-                entry.paths[i].attrs = attrs;
+                Some(std::mem::replace(&mut path.attrs, attrs))
             }
-            (Some(i), None) => {
-                entry.paths.remove(i);
+            (Some(i), None) => Some(entry.paths.remove(i).attrs),
+            (None, Some(attrs)) => {
+                entry.paths.push(Path { source, attrs });
+                None
             }
-            (None, Some(attrs)) => entry.paths.push(Path { source, attrs }),
-            (None, None) => return None,
-        }
-        select(entry, self.selection, info);
-        let new_best = entry.best().cloned();
-        let multipath = entry.multipath().to_vec();
-        if entry.paths.is_empty() {
-            self.routes.remove(&prefix);
-        }
-        let best_changed = old_best != new_best;
-        (best_changed || old_ecmp != multipath).then_some(BestChange {
+            (None, None) => return RibUpdate::default(),
+        };
+        select(entry, selection, info);
+        let now_empty = entry.is_empty();
+        let best_changed = entry.best().map(|b| b.source) != old_best_source
+            || entry.best().map(|b| Arc::as_ptr(&b.attrs)) != old_best_attrs;
+        let ecmp_changed =
+            entry.ecmp != old_ecmp_len || (entry.ecmp > 1 && ecmp_key(entry) != old_ecmp);
+        let change = (best_changed || ecmp_changed).then(|| BestChange {
             prefix,
-            best: new_best,
-            multipath,
+            slot,
+            best: entry.best().cloned(),
+            multipath: entry.multipath().to_vec(),
             best_changed,
-        })
+        });
+        match (was_empty, now_empty) {
+            (true, false) => self.len += 1,
+            (false, true) => {
+                self.len -= 1;
+                self.emptied.push(slot);
+            }
+            _ => {}
+        }
+        RibUpdate { old, change }
     }
 
     /// Reselects every prefix (after a change of the selection knobs);
     /// returns the changes.
     pub fn reselect_all(&mut self, info: &impl Fn(&Path) -> SourceInfo) -> Vec<BestChange> {
-        let prefixes: Vec<IpNet> = self.routes.keys().copied().collect();
-        prefixes
+        let slots: Vec<Slot> = self.iter_slots().map(|(s, _, _)| s).collect();
+        slots
             .into_iter()
-            .filter_map(|p| self.reselect(p, info))
+            .filter_map(|s| self.reselect_slot(s, info))
             .collect()
     }
 
@@ -259,11 +461,22 @@ impl LocRib {
         prefix: IpNet,
         info: &impl Fn(&Path) -> SourceInfo,
     ) -> Option<BestChange> {
-        let entry = self.routes.get_mut(&prefix)?;
+        let slot = self.slot(&prefix)?;
+        self.reselect_slot(slot, info)
+    }
+
+    fn reselect_slot(
+        &mut self,
+        slot: Slot,
+        info: &impl Fn(&Path) -> SourceInfo,
+    ) -> Option<BestChange> {
+        let selection = self.selection;
+        let s = self.slots.get_mut(slot as usize)?;
+        let entry = &mut s.entry;
         let old_best = entry.best().cloned();
         let old_ecmp_len = entry.ecmp;
         let old_first: Vec<PathSource> = entry.multipath().iter().map(|p| p.source).collect();
-        select(entry, self.selection, info);
+        select(entry, selection, info);
         let best = entry.best().cloned();
         let same_set =
             entry.ecmp == old_ecmp_len && entry.multipath().iter().map(|p| p.source).eq(old_first);
@@ -271,7 +484,8 @@ impl LocRib {
             return None;
         }
         Some(BestChange {
-            prefix,
+            prefix: s.prefix,
+            slot,
             best_changed: best != old_best,
             best,
             multipath: entry.multipath().to_vec(),
@@ -279,20 +493,49 @@ impl LocRib {
     }
 }
 
+/// One 64-bit word per prefix for the hasher (the derived `Hash` of
+/// `IpNet` feeds it field by field, a third of a lookup's time).
+fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
+    let word = match prefix {
+        IpNet::V4(n) => (u64::from(u32::from(n.addr())) << 8) | u64::from(n.prefix_len()),
+        IpNet::V6(n) => {
+            let a = u128::from(n.addr());
+            ((a >> 64) as u64 ^ (a as u64).rotate_left(29)).rotate_left(8)
+                ^ u64::from(n.prefix_len())
+                ^ (1 << 63)
+        }
+    };
+    hasher.hash_one(word)
+}
+
+fn ecmp_key(entry: &Entry) -> Vec<(PathSource, *const PathAttributes)> {
+    entry
+        .multipath()
+        .iter()
+        .map(|p| (p.source, Arc::as_ptr(&p.attrs)))
+        .collect()
+}
+
 /// Orders `entry.paths` best first and counts the ECMP set.
 fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> SourceInfo) {
+    let paths = entry.paths.as_mut_slice();
+    if paths.len() == 1 {
+        // The common case of a full table from one upstream.
+        let reachable = info(&paths[0]).reachable;
+        entry.ecmp = u32::from(reachable);
+        return;
+    }
     // Linear scan for the best: MED comparison is not transitive, so no
     // sort (a sort may panic on an inconsistent order).
     let mut best: Option<usize> = None;
-    for i in 0..entry.paths.len() {
-        if !info(&entry.paths[i]).reachable {
+    for i in 0..paths.len() {
+        if !info(&paths[i]).reachable {
             continue;
         }
         best = match best {
             None => Some(i),
             Some(b) => {
-                let better =
-                    compare(&entry.paths[i], &entry.paths[b], selection, info) == Ordering::Less;
+                let better = compare(&paths[i], &paths[b], selection, info) == Ordering::Less;
                 Some(if better { i } else { b })
             }
         };
@@ -301,18 +544,18 @@ fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> Sour
         entry.ecmp = 0;
         return;
     };
-    entry.paths.swap(0, b);
+    paths.swap(0, b);
     let mut n = 1;
     if selection.multipath {
-        for i in 1..entry.paths.len() {
-            let p = &entry.paths[i];
-            if info(p).reachable && multipath_equal(&entry.paths[0], p, selection, info) {
-                entry.paths.swap(n, i);
+        for i in 1..paths.len() {
+            let p = &paths[i];
+            if info(p).reachable && multipath_equal(&paths[0], p, selection, info) {
+                paths.swap(n, i);
                 n += 1;
             }
         }
     }
-    entry.ecmp = n;
+    entry.ecmp = n as u32;
 }
 
 fn local_pref(p: &Path) -> u32 {
@@ -467,7 +710,10 @@ mod tests {
         );
         assert_eq!(best_source(&rib, "192.0.2.0/24"), Some(n(0)));
         // Withdrawing the preferred path falls back to the other.
-        let change = rib.update(p, n(0), None, &info).expect("best changes");
+        let change = rib
+            .update(p, n(0), None, &info)
+            .change
+            .expect("best changes");
         assert_eq!(change.best.map(|b| b.source), Some(n(1)));
         // Origin IGP beats incomplete.
         rib.update(
@@ -591,6 +837,7 @@ mod tests {
                 Some(attrs(&mut i, &[65000], [10, 0, 7, 1], |_| {})),
                 &info,
             )
+            .change
             .expect("the ECMP set grows");
         assert_eq!(change.multipath.len(), 2);
         assert!(!change.best_changed, "the best path itself stays");
@@ -603,7 +850,7 @@ mod tests {
         );
         assert_eq!(rib.get(&vip).map(|e| e.multipath().len()), Some(2));
         // One server dies: one next hop remains.
-        let change = rib.update(vip, n(0), None, &info).expect("changes");
+        let change = rib.update(vip, n(0), None, &info).change.expect("changes");
         assert_eq!(change.multipath.len(), 1);
         assert_eq!(change.best.map(|b| b.source), Some(n(1)));
     }
@@ -635,13 +882,25 @@ mod tests {
         assert_eq!(rib.len(), 1);
         let change = rib
             .update(p, PathSource::Neighbor(0), None, &info)
+            .change
             .expect("withdrawn");
         assert_eq!(change.best, None);
         assert!(rib.is_empty());
-        assert_eq!(
-            rib.update(p, PathSource::Neighbor(0), None, &info),
-            None,
+        assert!(
+            rib.update(p, PathSource::Neighbor(0), None, &info)
+                .change
+                .is_none(),
             "nothing to withdraw"
         );
+        // The slot is reused only after release.
+        let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
+        let q = net("198.51.100.0/24");
+        rib.update(q, PathSource::Neighbor(0), Some(a.clone()), &info);
+        assert_eq!(rib.slot(&q), Some(1), "slot 0 is not released yet");
+        rib.release();
+        rib.update(p, PathSource::Neighbor(0), Some(a), &info);
+        assert_eq!(rib.slot(&p), Some(0), "released slot reused");
+        assert_eq!(rib.len(), 2);
+        assert_eq!(rib.iter().count(), 2);
     }
 }

@@ -7,16 +7,17 @@
 //! [`Speaker::poll_event`]. Routes for the kernel come out as
 //! [`Event::Route`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::{HashMap, HashSet};
 use ipnet::IpNet;
 
 use crate::policy::{Outcome, Policy, RouteContext, RouteSource};
 use crate::rib::{
-    Attrs, BestChange, Interner, LocRib, NeighborId, Path, PathSource, Selection, SourceInfo,
+    Attrs, BestChange, Interner, LocRib, NeighborId, Path, PathSource, Selection, Slot, SourceInfo,
     next_hop_address,
 };
 use crate::session::{ConnId, Negotiated, Output, Session, SessionConfig, State};
@@ -232,11 +233,22 @@ struct Neighbor {
     /// `adj_in` holds everything the neighbour sent since it came up
     /// (false when soft reconfiguration was turned on mid-session).
     adj_in_complete: bool,
-    /// Prefixes this neighbour has in the Loc-RIB.
-    imported: HashSet<IpNet>,
-    adj_out: HashMap<IpNet, Attrs>,
-    /// Announcements (Some) and withdrawals (None) not yet encoded.
-    pending: HashMap<IpNet, Option<Attrs>>,
+    /// How many prefixes this neighbour has a path for in the Loc-RIB.
+    imported: usize,
+    /// Adj-RIB-Out: what we announced, by Loc-RIB slot (a plain vector:
+    /// 8 bytes a prefix, nothing to hash).
+    adj_out: Vec<Option<Attrs>>,
+    /// How many entries of `adj_out` are announced.
+    exported: usize,
+    /// Slots whose `adj_out` entry changed since the last UPDATE was
+    /// encoded (a withdrawal where it is now None), each once.
+    pending: Vec<Slot>,
+    pending_mark: Vec<u64>,
+    /// Export results by (source attributes, source, family) while the
+    /// export policy does not look at prefixes: a full table with 100k
+    /// attribute sets needs 100k policy runs, not 1M. Holds the source
+    /// `Attrs` so the address stays theirs.
+    export_cache: HashMap<(usize, PathSource, Family), (Attrs, Option<Attrs>)>,
     /// End-of-RIB markers to send after the pending updates.
     eor_pending: Vec<Family>,
     /// Enhanced route refresh from the neighbour in progress.
@@ -295,8 +307,9 @@ pub struct NextHopState {
 
 #[derive(Debug, Default)]
 struct WatchedNextHop {
-    /// Prefixes with paths through it, and how many paths each.
-    prefixes: HashMap<IpNet, u32>,
+    /// How many paths go through it (the prefixes are found by a scan of
+    /// the Loc-RIB when its state changes, which is rare).
+    paths: u32,
     /// None until the driver reports: assumed reachable meanwhile.
     state: Option<NextHopState>,
 }
@@ -383,9 +396,12 @@ impl Speaker {
             negotiated: None,
             adj_in: HashMap::new(),
             adj_in_complete: false,
-            imported: HashSet::new(),
-            adj_out: HashMap::new(),
-            pending: HashMap::new(),
+            imported: 0,
+            adj_out: Vec::new(),
+            exported: 0,
+            pending: Vec::new(),
+            pending_mark: Vec::new(),
+            export_cache: HashMap::new(),
             eor_pending: Vec::new(),
             refresh_stale: HashMap::new(),
             gr_stale: HashMap::new(),
@@ -476,8 +492,8 @@ impl Speaker {
             last_error: n.session.last_error(),
             negotiated: n.negotiated.as_ref(),
             local_address: n.local_address,
-            routes_imported: n.imported.len(),
-            routes_exported: n.adj_out.len(),
+            routes_imported: n.imported,
+            routes_exported: n.exported,
             counters: n.counters,
         })
     }
@@ -495,11 +511,19 @@ impl Speaker {
     }
 
     /// What we last announced to a neighbour (Adj-RIB-Out).
-    pub fn adj_rib_out(&self, id: NeighborId) -> Option<&HashMap<IpNet, Attrs>> {
-        self.neighbors
-            .get(id)
-            .filter(|n| !n.removed)
-            .map(|n| &n.adj_out)
+    pub fn adj_rib_out(&self, id: NeighborId) -> Option<Vec<(IpNet, Attrs)>> {
+        let n = self.neighbors.get(id).filter(|n| !n.removed)?;
+        Some(
+            n.adj_out
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, a)| {
+                    let attrs = a.as_ref()?;
+                    let (prefix, _) = self.rib.at(slot as Slot)?;
+                    Some((*prefix, attrs.clone()))
+                })
+                .collect(),
+        )
     }
 
     // ----- driver input ----------------------------------------------------
@@ -679,17 +703,11 @@ impl Speaker {
         {
             return;
         }
-        let prefixes: Vec<IpNet> = self
-            .rib
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(self.neighbors[id].adj_out.keys().copied())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        for prefix in prefixes {
-            let best = self.rib.get(&prefix).and_then(|e| e.best()).cloned();
-            self.export_update(id, prefix, best.as_ref());
+        self.neighbors[id].export_cache.clear();
+        let slots = self.rib.slot_count().max(self.neighbors[id].adj_out.len());
+        for slot in 0..slots as Slot {
+            let best = self.rib.at(slot).and_then(|(_, e)| e.best()).cloned();
+            self.export_update(id, slot, best.as_ref());
         }
     }
 
@@ -700,6 +718,7 @@ impl Speaker {
     /// De-configured), new ones start. Changing the AS number or router id
     /// restarts every session.
     pub fn reconfigure(&mut self, now: Instant, new: SpeakerConfig) {
+        self.clear_export_caches();
         let identity_changed = new.asn != self.config.asn || new.router_id != self.config.router_id;
         if new.selection != self.config.selection {
             self.rib.set_selection(new.selection);
@@ -970,14 +989,16 @@ impl Speaker {
         );
         n.negotiated = Some(negotiated);
         self.log(Some(id), Level::Info, message);
+        // Its address and router id feed every export.
+        self.clear_export_caches();
         // Initial dump of our best routes, then End-of-RIB per family.
-        let dump: Vec<(IpNet, Path)> = self
+        let dump: Vec<(Slot, Path)> = self
             .rib
-            .iter()
-            .filter_map(|(p, e)| e.best().map(|b| (*p, b.clone())))
+            .iter_slots()
+            .filter_map(|(s, _, e)| e.best().map(|b| (s, b.clone())))
             .collect();
-        for (prefix, best) in dump {
-            self.export_update(id, prefix, Some(&best));
+        for (slot, best) in dump {
+            self.export_update(id, slot, Some(&best));
         }
         self.neighbors[id].eor_pending = families;
     }
@@ -1000,21 +1021,30 @@ impl Speaker {
         };
         n.negotiated = None;
         n.local_address = None;
-        n.adj_out.clear();
-        n.pending.clear();
+        n.adj_out = Vec::new();
+        n.exported = 0;
+        n.pending = Vec::new();
+        n.pending_mark = Vec::new();
         n.eor_pending.clear();
         n.adj_in.clear();
         n.adj_in_complete = false;
         n.refresh_stale.clear();
         let mut gone = Vec::new();
         let mut kept = 0;
-        for prefix in n.imported.iter().copied().collect::<Vec<_>>() {
+        let source = PathSource::Neighbor(id);
+        let mine: Vec<IpNet> = self
+            .rib
+            .iter()
+            .filter(|(_, e)| e.paths().iter().any(|p| p.source == source))
+            .map(|(p, _)| *p)
+            .collect();
+        let n = &mut self.neighbors[id];
+        for prefix in mine {
             let family = Family::of(&prefix);
             if retain.contains(&family) {
                 n.gr_stale.entry(family).or_default().insert(prefix);
                 kept += 1;
             } else {
-                n.imported.remove(&prefix);
                 gone.push(prefix);
             }
         }
@@ -1036,8 +1066,15 @@ impl Speaker {
                 ),
             );
         }
+        self.clear_export_caches();
         for prefix in gone {
             self.rib_update(prefix, PathSource::Neighbor(id), None);
+        }
+    }
+
+    fn clear_export_caches(&mut self) {
+        for n in &mut self.neighbors {
+            n.export_cache.clear();
         }
     }
 
@@ -1131,24 +1168,47 @@ impl Speaker {
 
     fn import_many(&mut self, id: NeighborId, prefixes: &[IpNet], attrs: PathAttributes) {
         self.neighbors[id].counters.updates_received += prefixes.len() as u64;
+        let Some(first) = prefixes.first() else {
+            return;
+        };
         let attrs = self.interner.intern(attrs);
-        let soft = self.neighbors[id].config.soft_reconfiguration_inbound;
+        let n = &self.neighbors[id];
+        let soft = n.config.soft_reconfiguration_inbound;
+        let stale = !n.refresh_stale.is_empty() || !n.gr_stale.is_empty();
+        // Loop checks look at the attributes only, and so does the import
+        // policy unless it matches prefixes: decide once per UPDATE.
+        let once = (!n.config.import.depends_on_prefix())
+            .then(|| self.import_decision(id, *first, &attrs));
         for prefix in prefixes {
+            let n = &mut self.neighbors[id];
             if soft {
-                self.neighbors[id].adj_in.insert(*prefix, attrs.clone());
+                n.adj_in.insert(*prefix, attrs.clone());
             }
-            for stale in self.neighbors[id].refresh_stale.values_mut() {
-                stale.remove(prefix);
+            if stale {
+                for stale in n.refresh_stale.values_mut() {
+                    stale.remove(prefix);
+                }
+                if let Some(stale) = n.gr_stale.get_mut(&Family::of(prefix)) {
+                    stale.remove(prefix);
+                }
             }
-            if let Some(stale) = self.neighbors[id].gr_stale.get_mut(&Family::of(prefix)) {
-                stale.remove(prefix);
-            }
-            self.import_one(id, *prefix, &attrs);
+            let decision = match &once {
+                Some(d) => d.clone(),
+                None => self.import_decision(id, *prefix, &attrs),
+            };
+            self.apply_import(id, *prefix, decision);
         }
     }
 
     /// Loop checks and import policy for one received path.
     fn import_one(&mut self, id: NeighborId, prefix: IpNet, attrs: &Attrs) {
+        let decision = self.import_decision(id, prefix, attrs);
+        self.apply_import(id, prefix, decision);
+    }
+
+    /// What goes into the Loc-RIB for a received path: None when a loop
+    /// check or the import policy rejects it.
+    fn import_decision(&mut self, id: NeighborId, prefix: IpNet, attrs: &Attrs) -> Option<Attrs> {
         let n = &self.neighbors[id];
         let ebgp = n.config.remote_as != self.config.asn;
         let cluster_id = self.config.cluster_id.unwrap_or(self.config.router_id);
@@ -1159,9 +1219,7 @@ impl Speaker {
                 || attrs.cluster_list.contains(&cluster_id)
         };
         if looped {
-            self.neighbors[id].counters.filtered_in += 1;
-            self.unimport(id, prefix);
-            return;
+            return None;
         }
         let ctx = RouteContext {
             prefix: &prefix,
@@ -1170,18 +1228,21 @@ impl Speaker {
             local_as: self.config.asn,
         };
         match n.config.import.evaluate(&ctx, attrs) {
-            Outcome::Reject => {
+            Outcome::Reject => None,
+            Outcome::Accept { attrs: changed, .. } => Some(match changed {
+                Some(a) => self.interner.intern(a),
+                None => attrs.clone(),
+            }),
+        }
+    }
+
+    fn apply_import(&mut self, id: NeighborId, prefix: IpNet, decision: Option<Attrs>) {
+        match decision {
+            None => {
                 self.neighbors[id].counters.filtered_in += 1;
                 self.unimport(id, prefix);
             }
-            Outcome::Accept { attrs: changed, .. } => {
-                let accepted = match changed {
-                    Some(a) => self.interner.intern(a),
-                    None => attrs.clone(),
-                };
-                self.neighbors[id].imported.insert(prefix);
-                self.rib_update(prefix, PathSource::Neighbor(id), Some(accepted));
-            }
+            Some(accepted) => self.rib_update(prefix, PathSource::Neighbor(id), Some(accepted)),
         }
     }
 
@@ -1201,9 +1262,7 @@ impl Speaker {
     /// Takes `prefix` from this neighbour out of the Loc-RIB (policy or a
     /// loop rejected it); the pre-policy copy stays for a later refresh.
     fn unimport(&mut self, id: NeighborId, prefix: IpNet) {
-        if self.neighbors[id].imported.remove(&prefix) {
-            self.rib_update(prefix, PathSource::Neighbor(id), None);
-        }
+        self.rib_update(prefix, PathSource::Neighbor(id), None);
     }
 
     fn check_max_prefixes(&mut self, now: Instant, id: NeighborId) {
@@ -1211,7 +1270,7 @@ impl Speaker {
         let Some(max) = n.config.max_prefixes else {
             return;
         };
-        let count = n.imported.len();
+        let count = n.imported;
         if count <= max.limit {
             n.max_prefix_warned = false;
             return;
@@ -1260,15 +1319,22 @@ impl Speaker {
         match rr.subtype {
             RefreshSubtype::Request => {
                 // Re-send everything of the family: forget what was sent.
+                // A slot whose announcement is forgotten but still
+                // pending becomes a withdrawal unless the dump below
+                // announces it again (it does, while it has a best path).
                 let family = rr.family;
-                self.neighbors[id]
-                    .adj_out
-                    .retain(|p, _| Family::of(p) != family);
-                // Queued withdrawals must still go out: their Adj-RIB-Out
-                // entry is already gone, so nothing else would send them.
-                self.neighbors[id]
-                    .pending
-                    .retain(|p, change| Family::of(p) != family || change.is_none());
+                let n = &mut self.neighbors[id];
+                for (slot, out) in n.adj_out.iter_mut().enumerate() {
+                    if out.is_some()
+                        && self
+                            .rib
+                            .at(slot as Slot)
+                            .is_some_and(|(p, _)| Family::of(p) == family)
+                    {
+                        *out = None;
+                        n.exported -= 1;
+                    }
+                }
                 if enhanced {
                     let begin = Message::RouteRefresh(RouteRefresh {
                         family,
@@ -1276,14 +1342,14 @@ impl Speaker {
                     });
                     self.neighbors[id].session.send_message(&begin);
                 }
-                let routes: Vec<(IpNet, Path)> = self
+                let routes: Vec<(Slot, Path)> = self
                     .rib
-                    .iter()
-                    .filter(|(p, _)| Family::of(p) == family)
-                    .filter_map(|(p, e)| e.best().map(|b| (*p, b.clone())))
+                    .iter_slots()
+                    .filter(|(_, p, _)| Family::of(p) == family)
+                    .filter_map(|(s, _, e)| e.best().map(|b| (s, b.clone())))
                     .collect();
-                for (prefix, best) in routes {
-                    self.export_update(id, prefix, Some(&best));
+                for (slot, best) in routes {
+                    self.export_update(id, slot, Some(&best));
                 }
                 self.flush_neighbor(id);
                 if enhanced {
@@ -1295,11 +1361,14 @@ impl Speaker {
                 }
             }
             RefreshSubtype::Begin => {
-                let stale: HashSet<IpNet> = self.neighbors[id]
-                    .imported
+                let source = PathSource::Neighbor(id);
+                let stale: HashSet<IpNet> = self
+                    .rib
                     .iter()
-                    .filter(|p| Family::of(p) == rr.family)
-                    .copied()
+                    .filter(|(p, e)| {
+                        Family::of(p) == rr.family && e.paths().iter().any(|x| x.source == source)
+                    })
+                    .map(|(p, _)| *p)
                     .collect();
                 self.neighbors[id].refresh_stale.insert(rr.family, stale);
             }
@@ -1317,44 +1386,50 @@ impl Speaker {
     // ----- Loc-RIB and export ---------------------------------------------------
 
     fn rib_update(&mut self, prefix: IpNet, source: PathSource, attrs: Option<Attrs>) {
-        if let PathSource::Neighbor(_) = source {
-            let old = self
-                .rib
-                .get(&prefix)
-                .and_then(|e| e.paths().iter().find(|p| p.source == source))
-                .and_then(|p| p.attrs.next_hop.as_ref().map(next_hop_address));
-            let new = attrs
+        let new_hop = match source {
+            PathSource::Neighbor(_) => attrs
+                .as_ref()
+                .and_then(|a| a.next_hop.as_ref().map(next_hop_address)),
+            _ => None,
+        };
+        let added = attrs.is_some();
+        let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
+        let update = self.rib.update(prefix, source, attrs, &|p| {
+            source_info(neighbors, next_hops, asn, p)
+        });
+        if let PathSource::Neighbor(id) = source {
+            let had = update.old.is_some();
+            if let Some(n) = self.neighbors.get_mut(id) {
+                match (had, added) {
+                    (false, true) => n.imported += 1,
+                    (true, false) => n.imported -= 1,
+                    _ => {}
+                }
+            }
+            let old_hop = update
+                .old
                 .as_ref()
                 .and_then(|a| a.next_hop.as_ref().map(next_hop_address));
-            if old != new {
-                if let Some(addr) = new {
+            if old_hop != new_hop {
+                if let Some(addr) = new_hop {
                     let watched = self.next_hops.entry(addr).or_default();
-                    if watched.prefixes.is_empty() {
+                    if watched.paths == 0 {
                         self.events.push_back(Event::WatchNextHop(addr));
                     }
-                    *watched.prefixes.entry(prefix).or_insert(0) += 1;
+                    watched.paths += 1;
                 }
-                if let Some(addr) = old
+                if let Some(addr) = old_hop
                     && let Some(watched) = self.next_hops.get_mut(&addr)
                 {
-                    if let Some(n) = watched.prefixes.get_mut(&prefix) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            watched.prefixes.remove(&prefix);
-                        }
-                    }
-                    if watched.prefixes.is_empty() {
+                    watched.paths = watched.paths.saturating_sub(1);
+                    if watched.paths == 0 {
                         self.next_hops.remove(&addr);
                         self.events.push_back(Event::UnwatchNextHop(addr));
                     }
                 }
             }
         }
-        let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
-        let change = self.rib.update(prefix, source, attrs, &|p| {
-            source_info(neighbors, next_hops, asn, p)
-        });
-        if let Some(change) = change {
+        if let Some(change) = update.change {
             self.on_best_change(change);
         }
     }
@@ -1404,7 +1479,7 @@ impl Speaker {
         let gone: Vec<IpNet> = self
             .kernel_routes
             .keys()
-            .filter(|p| !wanted.contains_key(p))
+            .filter(|p| !wanted.contains_key(*p))
             .copied()
             .collect();
         for prefix in gone {
@@ -1447,7 +1522,7 @@ impl Speaker {
             return;
         }
         // Only the prefixes with a path through this next hop.
-        let prefixes: Vec<IpNet> = watched.prefixes.keys().copied().collect();
+        let prefixes = self.prefixes_via(addr);
         if was.reachable != state.reachable {
             let word = if state.reachable {
                 "reachable"
@@ -1471,10 +1546,18 @@ impl Speaker {
 
     /// Prefixes with a path through this next hop.
     pub fn prefixes_via(&self, addr: IpAddr) -> Vec<IpNet> {
-        self.next_hops
-            .get(&addr)
-            .map(|w| w.prefixes.keys().copied().collect())
-            .unwrap_or_default()
+        if !self.next_hops.contains_key(&addr) {
+            return Vec::new();
+        }
+        let via = |p: &Path| {
+            matches!(p.source, PathSource::Neighbor(_))
+                && p.attrs.next_hop.as_ref().map(next_hop_address) == Some(addr)
+        };
+        self.rib
+            .iter()
+            .filter(|(_, e)| e.paths().iter().any(via))
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// What the driver last said about a next hop (None: not resolved yet).
@@ -1486,7 +1569,7 @@ impl Speaker {
         if change.best_changed {
             for id in 0..self.neighbors.len() {
                 if self.neighbors[id].negotiated.is_some() {
-                    self.export_update(id, change.prefix, change.best.as_ref());
+                    self.export_update(id, change.slot, change.best.as_ref());
                 }
             }
         }
@@ -1497,23 +1580,61 @@ impl Speaker {
         }));
     }
 
-    /// Brings neighbour `id`'s Adj-RIB-Out for `prefix` in line with `best`.
-    fn export_update(&mut self, id: NeighborId, prefix: IpNet, best: Option<&Path>) {
-        let new = best.and_then(|b| self.export_attrs(id, prefix, b));
+    /// Brings neighbour `id`'s Adj-RIB-Out for the prefix in `slot` in line
+    /// with `best`.
+    fn export_update(&mut self, id: NeighborId, slot: Slot, best: Option<&Path>) {
+        let Some(prefix) = self.rib.at(slot).map(|(p, _)| *p) else {
+            return;
+        };
+        let new = best.and_then(|b| self.export_cached(id, prefix, b));
         let n = &mut self.neighbors[id];
-        match (&new, n.adj_out.get(&prefix)) {
-            (Some(a), Some(old)) if Arc::ptr_eq(a, old) => return,
-            (None, None) => {
-                n.pending.remove(&prefix);
-                return;
-            }
+        let i = slot as usize;
+        let old = n.adj_out.get(i).and_then(Option::as_ref);
+        match (&new, old) {
+            (Some(a), Some(o)) if Arc::ptr_eq(a, o) => return,
+            (None, None) => return,
             _ => {}
         }
-        match &new {
-            Some(a) => n.adj_out.insert(prefix, a.clone()),
-            None => n.adj_out.remove(&prefix),
-        };
-        n.pending.insert(prefix, new);
+        if n.adj_out.len() <= i {
+            if new.is_none() {
+                return;
+            }
+            n.adj_out.resize(i + 1, None);
+        }
+        match (&new, n.adj_out[i].is_some()) {
+            (Some(_), false) => n.exported += 1,
+            (None, true) => n.exported -= 1,
+            _ => {}
+        }
+        n.adj_out[i] = new;
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if n.pending_mark.len() <= word {
+            n.pending_mark.resize(word + 1, 0);
+        }
+        if n.pending_mark[word] & bit == 0 {
+            n.pending_mark[word] |= bit;
+            n.pending.push(slot);
+        }
+    }
+
+    /// [`Self::export_attrs`] through the neighbour's export cache.
+    fn export_cached(&mut self, id: NeighborId, prefix: IpNet, path: &Path) -> Option<Attrs> {
+        if self.neighbors[id].config.export.depends_on_prefix() {
+            return self.export_attrs(id, prefix, path);
+        }
+        let key = (
+            Arc::as_ptr(&path.attrs) as usize,
+            path.source,
+            Family::of(&prefix),
+        );
+        if let Some((_, out)) = self.neighbors[id].export_cache.get(&key) {
+            return out.clone();
+        }
+        let out = self.export_attrs(id, prefix, path);
+        self.neighbors[id]
+            .export_cache
+            .insert(key, (path.attrs.clone(), out.clone()));
+        out
     }
 
     /// What we would announce to neighbour `id` for `path`, or None.
@@ -1680,13 +1801,17 @@ impl Speaker {
         }
     }
 
-    /// Encodes every neighbour's pending changes into UPDATEs, and drops
-    /// attribute sets nothing uses once the interner has doubled.
+    /// Encodes every neighbour's pending changes into UPDATEs, frees the
+    /// Loc-RIB slots nothing refers to any more, and drops attribute sets
+    /// nothing uses once the interner has doubled.
     fn flush(&mut self) {
         for id in 0..self.neighbors.len() {
             self.flush_neighbor(id);
         }
+        self.rib.release();
         if self.interner.len() > self.gc_at {
+            // Cached exports hold their source attributes.
+            self.clear_export_caches();
             self.interner.collect_garbage();
             self.gc_at = (self.interner.len() * 2).max(4096);
         }
@@ -1699,20 +1824,28 @@ impl Speaker {
         }
         let Some(negotiated) = n.negotiated.as_ref() else {
             n.pending.clear();
+            n.pending_mark.clear();
             n.eor_pending.clear();
             return;
         };
         let builder = UpdateBuilder::new(negotiated.codec);
         let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
         // Group announcements by (family, interned attributes).
-        let mut announce: HashMap<(Family, *const PathAttributes), (Attrs, Vec<IpNet>)> =
-            HashMap::new();
-        for (prefix, change) in n.pending.drain() {
+        let mut announce: HashMap<(Family, usize), (Attrs, Vec<IpNet>)> = HashMap::new();
+        for slot in std::mem::take(&mut n.pending) {
+            let i = slot as usize;
+            if let Some(word) = n.pending_mark.get_mut(i / 64) {
+                *word &= !(1u64 << (i % 64));
+            }
+            let Some((prefix, _)) = self.rib.at(slot) else {
+                continue;
+            };
+            let prefix = *prefix;
             let family = Family::of(&prefix);
-            match change {
+            match n.adj_out.get(i).and_then(Option::as_ref) {
                 None => withdraw.entry(family).or_default().push(prefix),
                 Some(attrs) => announce
-                    .entry((family, Arc::as_ptr(&attrs)))
+                    .entry((family, Arc::as_ptr(attrs) as usize))
                     .or_insert_with(|| (attrs.clone(), Vec::new()))
                     .1
                     .push(prefix),
@@ -1720,12 +1853,12 @@ impl Speaker {
         }
         let mut bytes = Vec::new();
         for prefixes in withdraw.values_mut() {
-            prefixes.sort();
+            prefixes.sort_unstable();
             n.counters.withdraws_sent += prefixes.len() as u64;
             builder.withdraw(&mut bytes, prefixes);
         }
         for (attrs, prefixes) in announce.values_mut() {
-            prefixes.sort();
+            prefixes.sort_unstable();
             n.counters.updates_sent += prefixes.len() as u64;
             builder.announce(&mut bytes, attrs, prefixes);
         }

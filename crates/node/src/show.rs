@@ -139,15 +139,15 @@ pub fn exported(speaker: &Speaker, id: NeighborId, prefix: Option<IpNet>, _now: 
     let Some(out) = speaker.adj_rib_out(id) else {
         return Value::Array(vec![]);
     };
-    let mut list: Vec<(&IpNet, _)> = out
-        .iter()
-        .filter(|(p, _)| prefix.is_none_or(|want| **p == want))
+    let mut list: Vec<(IpNet, _)> = out
+        .into_iter()
+        .filter(|(p, _)| prefix.is_none_or(|want| *p == want))
         .collect();
-    list.sort_by(|a, b| a.0.cmp(b.0));
+    list.sort_by_key(|(p, _)| *p);
     Value::Array(
         list.into_iter()
             .map(|(p, attrs)| {
-                let mut v = attributes_json(attrs);
+                let mut v = attributes_json(&attrs);
                 if let Value::Object(map) = &mut v {
                     map.insert("best".into(), json!(true));
                     map.insert("multipath".into(), json!(true));
