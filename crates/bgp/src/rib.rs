@@ -244,6 +244,67 @@ struct SlotEntry {
     entry: Entry,
 }
 
+/// A vector grown in fixed chunks: a full table never reallocates (and so
+/// never holds the old and the new copy at once, which would be the peak
+/// memory of the whole load).
+#[derive(Debug)]
+struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+const CHUNK: usize = 1 << 15;
+
+impl<T> Default for Chunked<T> {
+    fn default() -> Self {
+        Chunked {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Chunked<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, value: T) {
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        if let Some(last) = self.chunks.last_mut() {
+            last.push(value);
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<&T> {
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+}
+
+impl<T> std::ops::Index<usize> for Chunked<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for Chunked<T> {
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
 /// Every prefix's paths. Prefixes live in a vector of slots; a hash table
 /// of slot numbers (4 bytes a prefix, hashed by the slot's prefix) finds
 /// them.
@@ -251,7 +312,7 @@ struct SlotEntry {
 pub struct LocRib {
     index: HashTable<Slot>,
     hasher: DefaultHashBuilder,
-    slots: Vec<SlotEntry>,
+    slots: Chunked<SlotEntry>,
     /// Slots free for new prefixes.
     free: Vec<Slot>,
     /// Slots that lost their last path since the last `release`.

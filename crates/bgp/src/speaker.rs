@@ -235,19 +235,23 @@ struct Neighbor {
     adj_in_complete: bool,
     /// How many prefixes this neighbour has a path for in the Loc-RIB.
     imported: usize,
-    /// Adj-RIB-Out: what we announced, by Loc-RIB slot (a plain vector:
-    /// 8 bytes a prefix, nothing to hash).
-    adj_out: Vec<Option<Attrs>>,
-    /// How many entries of `adj_out` are announced.
+    /// Adj-RIB-Out as one bit per Loc-RIB slot: announced or not. What
+    /// was announced is the export of the slot's best path, computed again
+    /// when needed (BIRD keeps no Adj-RIB-Out either), so a full table
+    /// costs 1 bit a prefix per neighbour instead of a pointer and an
+    /// attribute set per distinct path.
+    announced: Vec<u64>,
+    /// How many slots are announced.
     exported: usize,
-    /// Slots whose `adj_out` entry changed since the last UPDATE was
-    /// encoded (a withdrawal where it is now None), each once.
+    /// Slots whose best path changed since the last UPDATE was encoded,
+    /// each once (`pending_mark`).
     pending: Vec<Slot>,
     pending_mark: Vec<u64>,
     /// Export results by (source attributes, source, family) while the
-    /// export policy does not look at prefixes: a full table with 100k
-    /// attribute sets needs 100k policy runs, not 1M. Holds the source
-    /// `Attrs` so the address stays theirs.
+    /// export policy does not look at prefixes: one policy run per
+    /// attribute set and batch, not per prefix. Holds the source `Attrs`
+    /// so the address stays theirs; emptied when it grows past
+    /// `EXPORT_CACHE_MAX`.
     export_cache: HashMap<(usize, PathSource, Family), (Attrs, Option<Attrs>)>,
     /// End-of-RIB markers to send after the pending updates.
     eor_pending: Vec<Family>,
@@ -295,6 +299,43 @@ pub struct Speaker {
     kernel_routes: HashMap<IpNet, Option<IpAddr>>,
     /// Interned attribute sets above which unused ones are dropped.
     gc_at: usize,
+    /// Whether best-route changes come out as [`Event::Route`].
+    route_events: bool,
+}
+
+/// Cached exports per neighbour before the cache is emptied: enough for
+/// the attribute sets of one batch of UPDATEs.
+const EXPORT_CACHE_MAX: usize = 16 * 1024;
+
+fn bit(bits: &[u64], slot: Slot) -> bool {
+    let i = slot as usize;
+    bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(bits: &mut Vec<u64>, slot: Slot, on: bool) {
+    let i = slot as usize;
+    if bits.len() <= i / 64 {
+        if !on {
+            return;
+        }
+        bits.resize(i / 64 + 1, 0);
+    }
+    if on {
+        bits[i / 64] |= 1 << (i % 64);
+    } else {
+        bits[i / 64] &= !(1 << (i % 64));
+    }
+}
+
+/// Why a route is not exported to a neighbour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Policy, split horizon, iBGP rules, communities, family.
+    Filtered,
+    /// No address of ours of the family to put as next hop.
+    NoNextHop(Family),
+    /// The attributes do not fit in one message of the session.
+    TooBig,
 }
 
 /// How the driver resolved a next hop (in the kernel's routing table).
@@ -384,6 +425,7 @@ impl Speaker {
             connected: HashSet::new(),
             kernel_routes: HashMap::new(),
             gc_at: 4096,
+            route_events: true,
         }
     }
 
@@ -397,7 +439,7 @@ impl Speaker {
             adj_in: HashMap::new(),
             adj_in_complete: false,
             imported: 0,
-            adj_out: Vec::new(),
+            announced: Vec::new(),
             exported: 0,
             pending: Vec::new(),
             pending_mark: Vec::new(),
@@ -411,6 +453,12 @@ impl Speaker {
             next_hop_warned: false,
             removed: false,
         }
+    }
+
+    /// Turns [`Event::Route`] off (for a driver with no kernel to feed,
+    /// where a million queued changes would only cost memory) or on again.
+    pub fn set_route_events(&mut self, on: bool) {
+        self.route_events = on;
     }
 
     pub fn config(&self) -> &SpeakerConfig {
@@ -510,17 +558,17 @@ impl Speaker {
         self.statics.get(id as usize).and_then(Option::as_ref)
     }
 
-    /// What we last announced to a neighbour (Adj-RIB-Out).
-    pub fn adj_rib_out(&self, id: NeighborId) -> Option<Vec<(IpNet, Attrs)>> {
+    /// What we announce to a neighbour (Adj-RIB-Out), computed from the
+    /// announced prefixes' best paths.
+    pub fn adj_rib_out(&self, id: NeighborId) -> Option<Vec<(IpNet, PathAttributes)>> {
         let n = self.neighbors.get(id).filter(|n| !n.removed)?;
         Some(
-            n.adj_out
-                .iter()
-                .enumerate()
-                .filter_map(|(slot, a)| {
-                    let attrs = a.as_ref()?;
-                    let (prefix, _) = self.rib.at(slot as Slot)?;
-                    Some((*prefix, attrs.clone()))
+            self.rib
+                .iter_slots()
+                .filter(|(slot, _, _)| bit(&n.announced, *slot))
+                .filter_map(|(_, prefix, e)| {
+                    let attrs = self.export_plain(id, *prefix, e.best()?).ok()?;
+                    Some((*prefix, attrs))
                 })
                 .collect(),
         )
@@ -704,8 +752,7 @@ impl Speaker {
             return;
         }
         self.neighbors[id].export_cache.clear();
-        let slots = self.rib.slot_count().max(self.neighbors[id].adj_out.len());
-        for slot in 0..slots as Slot {
+        for slot in 0..self.rib.slot_count() as Slot {
             let best = self.rib.at(slot).and_then(|(_, e)| e.best()).cloned();
             self.export_update(id, slot, best.as_ref());
         }
@@ -1021,7 +1068,7 @@ impl Speaker {
         };
         n.negotiated = None;
         n.local_address = None;
-        n.adj_out = Vec::new();
+        n.announced = Vec::new();
         n.exported = 0;
         n.pending = Vec::new();
         n.pending_mark = Vec::new();
@@ -1324,14 +1371,9 @@ impl Speaker {
                 // announces it again (it does, while it has a best path).
                 let family = rr.family;
                 let n = &mut self.neighbors[id];
-                for (slot, out) in n.adj_out.iter_mut().enumerate() {
-                    if out.is_some()
-                        && self
-                            .rib
-                            .at(slot as Slot)
-                            .is_some_and(|(p, _)| Family::of(p) == family)
-                    {
-                        *out = None;
+                for (slot, prefix, _) in self.rib.iter_slots() {
+                    if Family::of(prefix) == family && bit(&n.announced, slot) {
+                        set_bit(&mut n.announced, slot, false);
                         n.exported -= 1;
                     }
                 }
@@ -1573,46 +1615,25 @@ impl Speaker {
                 }
             }
         }
-        self.events.push_back(Event::Route(RouteChange {
-            prefix: change.prefix,
-            best: change.best,
-            multipath: change.multipath,
-        }));
+        if self.route_events {
+            self.events.push_back(Event::Route(RouteChange {
+                prefix: change.prefix,
+                best: change.best,
+                multipath: change.multipath,
+            }));
+        }
     }
 
-    /// Brings neighbour `id`'s Adj-RIB-Out for the prefix in `slot` in line
-    /// with `best`.
+    /// The best path of the prefix in `slot` changed: neighbour `id`
+    /// gets an UPDATE for it at the next flush (an announcement, or a
+    /// withdrawal of what it was announced).
     fn export_update(&mut self, id: NeighborId, slot: Slot, best: Option<&Path>) {
-        let Some(prefix) = self.rib.at(slot).map(|(p, _)| *p) else {
-            return;
-        };
-        let new = best.and_then(|b| self.export_cached(id, prefix, b));
         let n = &mut self.neighbors[id];
-        let i = slot as usize;
-        let old = n.adj_out.get(i).and_then(Option::as_ref);
-        match (&new, old) {
-            (Some(a), Some(o)) if Arc::ptr_eq(a, o) => return,
-            (None, None) => return,
-            _ => {}
+        if best.is_none() && !bit(&n.announced, slot) {
+            return;
         }
-        if n.adj_out.len() <= i {
-            if new.is_none() {
-                return;
-            }
-            n.adj_out.resize(i + 1, None);
-        }
-        match (&new, n.adj_out[i].is_some()) {
-            (Some(_), false) => n.exported += 1,
-            (None, true) => n.exported -= 1,
-            _ => {}
-        }
-        n.adj_out[i] = new;
-        let (word, bit) = (i / 64, 1u64 << (i % 64));
-        if n.pending_mark.len() <= word {
-            n.pending_mark.resize(word + 1, 0);
-        }
-        if n.pending_mark[word] & bit == 0 {
-            n.pending_mark[word] |= bit;
+        if !bit(&n.pending_mark, slot) {
+            set_bit(&mut n.pending_mark, slot, true);
             n.pending.push(slot);
         }
     }
@@ -1637,15 +1658,58 @@ impl Speaker {
         out
     }
 
-    /// What we would announce to neighbour `id` for `path`, or None.
+    /// What we would announce to neighbour `id` for `path`, or None; the
+    /// attributes are not interned (only the export cache shares them).
     fn export_attrs(&mut self, id: NeighborId, prefix: IpNet, path: &Path) -> Option<Attrs> {
+        match self.export_plain(id, prefix, path) {
+            Ok(attrs) => Some(Arc::new(attrs)),
+            Err(Refusal::Filtered) => None,
+            Err(Refusal::NoNextHop(family)) => {
+                let n = &mut self.neighbors[id];
+                if !n.next_hop_warned {
+                    n.next_hop_warned = true;
+                    let message = format!(
+                        "{}: no {} address of ours to announce as next hop; set next_hop_{} for this neighbour",
+                        n.config.name,
+                        family,
+                        if family.afi == AFI_IPV4 {
+                            "ipv4"
+                        } else {
+                            "ipv6"
+                        }
+                    );
+                    self.log(Some(id), Level::Warn, message);
+                }
+                None
+            }
+            Err(Refusal::TooBig) => {
+                let name = self.neighbors[id].config.name.clone();
+                self.log(
+                    Some(id),
+                    Level::Warn,
+                    format!(
+                        "{name}: {prefix} not announced: its attributes do not fit in one message"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// What we would announce to neighbour `id` for `path`, or why not.
+    fn export_plain(
+        &self,
+        id: NeighborId,
+        prefix: IpNet,
+        path: &Path,
+    ) -> Result<PathAttributes, Refusal> {
         let asn = self.config.asn;
         let target = &self.neighbors[id];
-        let negotiated = target.negotiated.as_ref()?;
+        let negotiated = target.negotiated.as_ref().ok_or(Refusal::Filtered)?;
         let negotiated_codec = negotiated.codec;
         let family = Family::of(&prefix);
         if !negotiated.families.contains(&family) || path.source == PathSource::Neighbor(id) {
-            return None;
+            return Err(Refusal::Filtered);
         }
         let target_ebgp = target.config.remote_as != asn;
         let from = match path.source {
@@ -1660,7 +1724,7 @@ impl Speaker {
         {
             // RFC 4271 §9.2 / RFC 4456: iBGP routes go to iBGP peers only
             // through a route reflector.
-            return None;
+            return Err(Refusal::Filtered);
         }
         let communities = &path.attrs.communities;
         if communities.contains(&Community::NO_ADVERTISE)
@@ -1668,7 +1732,7 @@ impl Speaker {
                 && (communities.contains(&Community::NO_EXPORT)
                     || communities.contains(&Community::NO_EXPORT_SUBCONFED)))
         {
-            return None;
+            return Err(Refusal::Filtered);
         }
         let ctx = RouteContext {
             prefix: &prefix,
@@ -1678,7 +1742,7 @@ impl Speaker {
         };
         let (mut attrs, policy_next_hop_self) =
             match target.config.export.evaluate(&ctx, &path.attrs) {
-                Outcome::Reject => return None,
+                Outcome::Reject => return Err(Refusal::Filtered),
                 Outcome::Accept {
                     attrs: Some(a),
                     next_hop_self,
@@ -1729,27 +1793,10 @@ impl Speaker {
             *link_local = None;
         }
         if (wants_self && !policy_set_next_hop) || unusable || attrs.next_hop.is_none() {
-            match self.self_next_hop(id, family) {
-                Some(hop) => attrs.next_hop = Some(hop),
-                None => {
-                    let n = &mut self.neighbors[id];
-                    if !n.next_hop_warned {
-                        n.next_hop_warned = true;
-                        let message = format!(
-                            "{}: no {} address of ours to announce as next hop; set next_hop_{} for this neighbour",
-                            n.config.name,
-                            family,
-                            if family.afi == AFI_IPV4 {
-                                "ipv4"
-                            } else {
-                                "ipv6"
-                            }
-                        );
-                        self.log(Some(id), Level::Warn, message);
-                    }
-                    return None;
-                }
-            }
+            attrs.next_hop = Some(
+                self.self_next_hop(id, family)
+                    .ok_or(Refusal::NoNextHop(family))?,
+            );
         }
         // Big attribute sets (long paths, many communities) may not fit
         // this neighbour's message size: such a route is not announced.
@@ -1764,15 +1811,9 @@ impl Speaker {
                 .map(|u| u.value.len() + 4)
                 .sum::<usize>();
         if rough > 2048 && !UpdateBuilder::new(negotiated_codec).fits(&attrs) {
-            let name = self.neighbors[id].config.name.clone();
-            self.log(
-                Some(id),
-                Level::Warn,
-                format!("{name}: {prefix} not announced: its attributes do not fit in one message"),
-            );
-            return None;
+            return Err(Refusal::TooBig);
         }
-        Some(self.interner.intern(attrs))
+        Ok(attrs)
     }
 
     /// Our next hop towards neighbour `id` for routes of `family`.
@@ -1822,34 +1863,50 @@ impl Speaker {
         if n.pending.is_empty() && n.eor_pending.is_empty() {
             return;
         }
-        let Some(negotiated) = n.negotiated.as_ref() else {
+        let Some(codec) = n.negotiated.as_ref().map(|neg| neg.codec) else {
             n.pending.clear();
             n.pending_mark.clear();
             n.eor_pending.clear();
             return;
         };
-        let builder = UpdateBuilder::new(negotiated.codec);
+        let pending = std::mem::take(&mut n.pending);
+        n.pending_mark.clear();
         let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
-        // Group announcements by (family, interned attributes).
+        // Group announcements by (family, attributes from the cache).
         let mut announce: HashMap<(Family, usize), (Attrs, Vec<IpNet>)> = HashMap::new();
-        for slot in std::mem::take(&mut n.pending) {
-            let i = slot as usize;
-            if let Some(word) = n.pending_mark.get_mut(i / 64) {
-                *word &= !(1u64 << (i % 64));
-            }
-            let Some((prefix, _)) = self.rib.at(slot) else {
+        for slot in pending {
+            let Some((prefix, entry)) = self.rib.at(slot) else {
                 continue;
             };
-            let prefix = *prefix;
+            let (prefix, best) = (*prefix, entry.best().cloned());
             let family = Family::of(&prefix);
-            match n.adj_out.get(i).and_then(Option::as_ref) {
-                None => withdraw.entry(family).or_default().push(prefix),
-                Some(attrs) => announce
-                    .entry((family, Arc::as_ptr(attrs) as usize))
-                    .or_insert_with(|| (attrs.clone(), Vec::new()))
-                    .1
-                    .push(prefix),
+            let new = best.and_then(|b| self.export_cached(id, prefix, &b));
+            let n = &mut self.neighbors[id];
+            let was = bit(&n.announced, slot);
+            match new {
+                Some(attrs) => {
+                    if !was {
+                        set_bit(&mut n.announced, slot, true);
+                        n.exported += 1;
+                    }
+                    announce
+                        .entry((family, Arc::as_ptr(&attrs) as usize))
+                        .or_insert_with(|| (attrs, Vec::new()))
+                        .1
+                        .push(prefix);
+                }
+                None if was => {
+                    set_bit(&mut n.announced, slot, false);
+                    n.exported -= 1;
+                    withdraw.entry(family).or_default().push(prefix);
+                }
+                None => {}
             }
+        }
+        let builder = UpdateBuilder::new(codec);
+        let n = &mut self.neighbors[id];
+        if n.export_cache.len() > EXPORT_CACHE_MAX {
+            n.export_cache.clear();
         }
         let mut bytes = Vec::new();
         for prefixes in withdraw.values_mut() {

@@ -208,7 +208,9 @@ impl BgpDriver {
     pub fn new(config: BgpConfig, config_path: &std::path::Path) -> anyhow::Result<BgpDriver> {
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
         let now = Instant::now();
-        let speaker = Speaker::new(config.speaker.clone(), now);
+        let mut speaker = Speaker::new(config.speaker.clone(), now);
+        // Until a route sink is attached nothing consumes route changes.
+        speaker.set_route_events(false);
         let mut listeners = Vec::new();
         let mut listener_sockets = Vec::new();
         for addr in &config.listen {
@@ -436,6 +438,7 @@ impl BgpDriver {
         in_kernel: Option<crate::kernel_sync::InKernel>,
     ) {
         self.route_sink = Some(sink);
+        self.speaker.set_route_events(true);
         self.install_static = install_static;
         self.in_kernel = in_kernel;
     }
