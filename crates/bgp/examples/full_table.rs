@@ -154,6 +154,8 @@ fn main() {
     };
     let now = Instant::now();
     let mut speaker = Speaker::new(config, now);
+    // As `bench bgp` runs it: `[kernel] enabled = false`, no route events.
+    speaker.set_route_events(false);
     speaker.start(now);
     pump(&mut speaker, now);
     speaker.tcp_connected(

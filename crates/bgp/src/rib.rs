@@ -218,7 +218,8 @@ pub struct BestChange {
     /// Where the prefix lives in the Loc-RIB (see [`LocRib::slot`]).
     pub slot: Slot,
     pub best: Option<Path>,
-    /// Best first; more than one with multipath.
+    /// Best first; more than one with multipath (empty after
+    /// `set_report_multipath(false)`).
     pub multipath: Vec<Path>,
     /// The best path itself changed (not only the ECMP set): neighbours
     /// need an UPDATE.
@@ -319,6 +320,9 @@ pub struct LocRib {
     emptied: Vec<Slot>,
     len: usize,
     selection: Selection,
+    /// Whether [`BestChange::multipath`] is filled in (an allocation per
+    /// change, wasted when nobody installs routes).
+    skip_multipath: bool,
 }
 
 impl LocRib {
@@ -327,6 +331,11 @@ impl LocRib {
             selection,
             ..LocRib::default()
         }
+    }
+
+    /// Leaves [`BestChange::multipath`] empty (`false`) or fills it in.
+    pub fn set_report_multipath(&mut self, on: bool) {
+        self.skip_multipath = !on;
     }
 
     /// Prefixes with at least one path.
@@ -407,10 +416,8 @@ impl LocRib {
         }
     }
 
-    fn slot_for(&mut self, prefix: IpNet) -> Slot {
-        if let Some(slot) = self.find(&prefix) {
-            return slot;
-        }
+    /// A new slot for `prefix`, which has none.
+    fn new_slot(&mut self, prefix: IpNet) -> Slot {
         let entry = SlotEntry {
             prefix,
             entry: Entry::default(),
@@ -450,7 +457,7 @@ impl LocRib {
         let slot = match (&attrs, self.find(&prefix)) {
             (_, Some(s)) => s,
             (None, None) => return RibUpdate::default(),
-            (Some(_), None) => self.slot_for(prefix),
+            (Some(_), None) => self.new_slot(prefix),
         };
         let selection = self.selection;
         let entry = &mut self.slots[slot as usize].entry;
@@ -488,11 +495,16 @@ impl LocRib {
             || entry.best().map(|b| Arc::as_ptr(&b.attrs)) != old_best_attrs;
         let ecmp_changed =
             entry.ecmp != old_ecmp_len || (entry.ecmp > 1 && ecmp_key(entry) != old_ecmp);
+        let skip_multipath = self.skip_multipath;
         let change = (best_changed || ecmp_changed).then(|| BestChange {
             prefix,
             slot,
             best: entry.best().cloned(),
-            multipath: entry.multipath().to_vec(),
+            multipath: if skip_multipath {
+                Vec::new()
+            } else {
+                entry.multipath().to_vec()
+            },
             best_changed,
         });
         match (was_empty, now_empty) {
@@ -554,19 +566,27 @@ impl LocRib {
     }
 }
 
-/// One 64-bit word per prefix for the hasher (the derived `Hash` of
-/// `IpNet` feeds it field by field, a third of a lookup's time).
+/// The hash of a prefix in the Loc-RIB index.
+///
+/// IPv4: neighbouring prefixes of one length land in neighbouring
+/// buckets, so a table that arrives roughly in order (as full tables do)
+/// finds its buckets in cache instead of missing on every prefix. The low
+/// bits (the bucket) are the prefix's /24 number plus an odd multiple of
+/// its low byte and length, which spreads longer prefixes inside one /24
+/// over the table; the top 7 bits (hashbrown's tag) come from the seeded
+/// hasher. IPv6 goes through the seeded hasher whole.
 fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
-    let word = match prefix {
-        IpNet::V4(n) => (u64::from(u32::from(n.addr())) << 8) | u64::from(n.prefix_len()),
-        IpNet::V6(n) => {
-            let a = u128::from(n.addr());
-            ((a >> 64) as u64 ^ (a as u64).rotate_left(29)).rotate_left(8)
-                ^ u64::from(n.prefix_len())
-                ^ (1 << 63)
+    match prefix {
+        IpNet::V4(n) => {
+            let addr = u64::from(u32::from(n.addr()));
+            let len = u64::from(n.prefix_len());
+            let spread = ((addr & 0xff) | (len << 8)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let low = ((addr >> 8).wrapping_add(spread)) & ((1 << 57) - 1);
+            let tag = hasher.hash_one((addr << 8) | len) & !((1 << 57) - 1);
+            tag | low
         }
-    };
-    hasher.hash_one(word)
+        IpNet::V6(n) => hasher.hash_one((u128::from(n.addr()), n.prefix_len())),
+    }
 }
 
 fn ecmp_key(entry: &Entry) -> Vec<(PathSource, *const PathAttributes)> {

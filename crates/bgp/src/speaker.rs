@@ -459,6 +459,7 @@ impl Speaker {
     /// where a million queued changes would only cost memory) or on again.
     pub fn set_route_events(&mut self, on: bool) {
         self.route_events = on;
+        self.rib.set_report_multipath(on);
     }
 
     pub fn config(&self) -> &SpeakerConfig {
@@ -1079,20 +1080,18 @@ impl Speaker {
         let mut gone = Vec::new();
         let mut kept = 0;
         let source = PathSource::Neighbor(id);
-        let mine: Vec<IpNet> = self
+        let n = &mut self.neighbors[id];
+        for (prefix, _) in self
             .rib
             .iter()
             .filter(|(_, e)| e.paths().iter().any(|p| p.source == source))
-            .map(|(p, _)| *p)
-            .collect();
-        let n = &mut self.neighbors[id];
-        for prefix in mine {
-            let family = Family::of(&prefix);
+        {
+            let family = Family::of(prefix);
             if retain.contains(&family) {
-                n.gr_stale.entry(family).or_default().insert(prefix);
+                n.gr_stale.entry(family).or_default().insert(*prefix);
                 kept += 1;
             } else {
-                gone.push(prefix);
+                gone.push(*prefix);
             }
         }
         if kept > 0 {
@@ -1629,7 +1628,9 @@ impl Speaker {
     /// withdrawal of what it was announced).
     fn export_update(&mut self, id: NeighborId, slot: Slot, best: Option<&Path>) {
         let n = &mut self.neighbors[id];
-        if best.is_none() && !bit(&n.announced, slot) {
+        // Nothing to withdraw, or its own route (never sent back to it).
+        let nothing = best.is_none_or(|b| b.source == PathSource::Neighbor(id));
+        if nothing && !bit(&n.announced, slot) {
             return;
         }
         if !bit(&n.pending_mark, slot) {
