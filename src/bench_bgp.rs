@@ -496,6 +496,8 @@ pub struct BenchOptions {
     pub scenarios: Vec<Scenario>,
     /// Give up on one measurement after this long.
     pub timeout: Duration,
+    /// Runs of everything; the table shows each median.
+    pub runs: u32,
 }
 
 /// One measured row.
@@ -925,11 +927,56 @@ pub fn bgp(opts: &BenchOptions) -> Result<()> {
         "bench bgp: {} IPv4 prefixes / {} attribute sets; {} IPv6; {} injectors x {}",
         opts.prefixes, opts.paths, opts.v6_prefixes, opts.injectors, opts.per_injector
     );
-    let mut rows = Vec::new();
-    for &scenario in &opts.scenarios {
-        for &target in &opts.targets {
-            run_scenario(opts, scenario, target, &mut rows);
+    // Each run goes through every target in turn, so a noisy spell of the
+    // machine hits them alike; the table takes each one's median.
+    let mut all = Vec::new();
+    for run in 0..opts.runs.max(1) {
+        if opts.runs > 1 {
+            println!("run {} of {}", run + 1, opts.runs);
         }
+        for &scenario in &opts.scenarios {
+            for &target in &opts.targets {
+                run_scenario(opts, scenario, target, &mut all);
+            }
+        }
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for row in &all {
+        if rows
+            .iter()
+            .any(|r| r.case == row.case && r.target == row.target)
+        {
+            continue;
+        }
+        let same: Vec<&Row> = all
+            .iter()
+            .filter(|r| r.case == row.case && r.target == row.target)
+            .collect();
+        let mut times: Vec<f64> = same.iter().filter_map(|r| r.seconds).collect();
+        times.sort_by(f64::total_cmp);
+        let failed = same.len() - times.len();
+        let note = match (failed, same.iter().find(|r| !r.note.is_empty())) {
+            (0, Some(r)) => r.note.clone(),
+            (0, None) if same.len() > 1 => format!(
+                "median of {}: {:.2}-{:.2} s",
+                times.len(),
+                times.first().copied().unwrap_or(0.0),
+                times.last().copied().unwrap_or(0.0)
+            ),
+            (0, None) => String::new(),
+            (n, r) => format!(
+                "{n} of {} failed: {}",
+                same.len(),
+                r.map(|r| r.note.as_str()).unwrap_or("")
+            ),
+        };
+        rows.push(Row {
+            case: row.case.clone(),
+            target: row.target,
+            seconds: (!times.is_empty()).then(|| times[times.len() / 2]),
+            rss_mb: same.iter().filter_map(|r| r.rss_mb).reduce(f64::max),
+            note,
+        });
     }
     println!();
     println!(

@@ -161,6 +161,9 @@ enum BenchCommand {
         /// Seconds before one measurement is given up
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Runs of everything (the table shows medians, peak RSS the highest)
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
     },
     /// N simulated agents against one controller: join rate, change fan-out p50/p99, RSS
     Controller {
@@ -315,6 +318,7 @@ fn main() -> ExitCode {
             targets,
             scenarios,
             timeout,
+            runs,
         }) => (|| {
             let opts = bench_bgp::BenchOptions {
                 prefixes: *prefixes,
@@ -325,6 +329,7 @@ fn main() -> ExitCode {
                 targets: split_list(targets, bench_bgp::Target::parse)?,
                 scenarios: split_list(scenarios, bench_bgp::Scenario::parse)?,
                 timeout: std::time::Duration::from_secs(*timeout),
+                runs: *runs,
             };
             bench_bgp::bgp(&opts)
         })(),

@@ -73,10 +73,24 @@ pub enum PathSource {
     Connected,
     /// A route learnt from the kernel's table (`[kernel] learn`).
     Kernel,
-    Neighbor(NeighborId),
+    /// A neighbour, by its [`NeighborId`] (in 32 bits, so a path takes 16
+    /// bytes: it is stored for every prefix).
+    Neighbor(u32),
 }
 
 impl PathSource {
+    pub fn neighbor(id: NeighborId) -> PathSource {
+        PathSource::Neighbor(id as u32)
+    }
+
+    /// The neighbour of a path learnt by BGP.
+    pub fn neighbor_id(self) -> Option<NeighborId> {
+        match self {
+            PathSource::Neighbor(n) => Some(n as NeighborId),
+            _ => None,
+        }
+    }
+
     /// Originated by this router (announced with our own next hop).
     pub fn is_local(self) -> bool {
         !matches!(self, PathSource::Neighbor(_))

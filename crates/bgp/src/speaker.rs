@@ -307,6 +307,9 @@ pub struct Speaker {
 /// the attribute sets of one batch of UPDATEs.
 const EXPORT_CACHE_MAX: usize = 16 * 1024;
 
+/// Pending changes encoded at a time.
+const FLUSH_BATCH: usize = 16 * 1024;
+
 fn bit(bits: &[u64], slot: Slot) -> bool {
     let i = slot as usize;
     bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
@@ -368,7 +371,7 @@ fn source_info(
     path: &Path,
 ) -> SourceInfo {
     match path.source {
-        PathSource::Neighbor(n) => match neighbors.get(n) {
+        PathSource::Neighbor(n) => match neighbors.get(n as usize) {
             Some(nb) => {
                 let state = path
                     .attrs
@@ -1079,7 +1082,7 @@ impl Speaker {
         n.refresh_stale.clear();
         let mut gone = Vec::new();
         let mut kept = 0;
-        let source = PathSource::Neighbor(id);
+        let source = PathSource::neighbor(id);
         let n = &mut self.neighbors[id];
         for (prefix, _) in self
             .rib
@@ -1114,7 +1117,7 @@ impl Speaker {
         }
         self.clear_export_caches();
         for prefix in gone {
-            self.rib_update(prefix, PathSource::Neighbor(id), None);
+            self.rib_update(prefix, PathSource::neighbor(id), None);
         }
     }
 
@@ -1288,7 +1291,7 @@ impl Speaker {
                 self.neighbors[id].counters.filtered_in += 1;
                 self.unimport(id, prefix);
             }
-            Some(accepted) => self.rib_update(prefix, PathSource::Neighbor(id), Some(accepted)),
+            Some(accepted) => self.rib_update(prefix, PathSource::neighbor(id), Some(accepted)),
         }
     }
 
@@ -1308,7 +1311,7 @@ impl Speaker {
     /// Takes `prefix` from this neighbour out of the Loc-RIB (policy or a
     /// loop rejected it); the pre-policy copy stays for a later refresh.
     fn unimport(&mut self, id: NeighborId, prefix: IpNet) {
-        self.rib_update(prefix, PathSource::Neighbor(id), None);
+        self.rib_update(prefix, PathSource::neighbor(id), None);
     }
 
     fn check_max_prefixes(&mut self, now: Instant, id: NeighborId) {
@@ -1402,7 +1405,7 @@ impl Speaker {
                 }
             }
             RefreshSubtype::Begin => {
-                let source = PathSource::Neighbor(id);
+                let source = PathSource::neighbor(id);
                 let stale: HashSet<IpNet> = self
                     .rib
                     .iter()
@@ -1438,7 +1441,7 @@ impl Speaker {
         let update = self.rib.update(prefix, source, attrs, &|p| {
             source_info(neighbors, next_hops, asn, p)
         });
-        if let PathSource::Neighbor(id) = source {
+        if let Some(id) = source.neighbor_id() {
             let had = update.old.is_some();
             if let Some(n) = self.neighbors.get_mut(id) {
                 match (had, added) {
@@ -1629,7 +1632,7 @@ impl Speaker {
     fn export_update(&mut self, id: NeighborId, slot: Slot, best: Option<&Path>) {
         let n = &mut self.neighbors[id];
         // Nothing to withdraw, or its own route (never sent back to it).
-        let nothing = best.is_none_or(|b| b.source == PathSource::Neighbor(id));
+        let nothing = best.is_none_or(|b| b.source == PathSource::neighbor(id));
         if nothing && !bit(&n.announced, slot) {
             return;
         }
@@ -1709,12 +1712,12 @@ impl Speaker {
         let negotiated = target.negotiated.as_ref().ok_or(Refusal::Filtered)?;
         let negotiated_codec = negotiated.codec;
         let family = Family::of(&prefix);
-        if !negotiated.families.contains(&family) || path.source == PathSource::Neighbor(id) {
+        if !negotiated.families.contains(&family) || path.source == PathSource::neighbor(id) {
             return Err(Refusal::Filtered);
         }
         let target_ebgp = target.config.remote_as != asn;
         let from = match path.source {
-            PathSource::Neighbor(s) => self.neighbors.get(s),
+            PathSource::Neighbor(s) => self.neighbors.get(s as usize),
             _ => None,
         };
         let from_ibgp = from.is_some_and(|f| f.config.remote_as == asn);
@@ -1872,10 +1875,31 @@ impl Speaker {
         };
         let pending = std::mem::take(&mut n.pending);
         n.pending_mark.clear();
+        // In batches, so a million changes (a full table, or an upstream
+        // going down) never sit encoded in memory at once.
+        for batch in pending.chunks(FLUSH_BATCH) {
+            self.flush_batch(id, codec, batch);
+        }
+        let n = &mut self.neighbors[id];
+        if n.export_cache.len() > EXPORT_CACHE_MAX {
+            n.export_cache.clear();
+        }
+        let mut bytes = Vec::new();
+        let builder = UpdateBuilder::new(codec);
+        for family in std::mem::take(&mut n.eor_pending) {
+            builder.end_of_rib(&mut bytes, family);
+        }
+        if !bytes.is_empty() {
+            n.session.send_bytes(bytes);
+        }
+    }
+
+    /// Encodes the UPDATEs for some pending slots of neighbour `id`.
+    fn flush_batch(&mut self, id: NeighborId, codec: crate::wire::Codec, batch: &[Slot]) {
         let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
         // Group announcements by (family, attributes from the cache).
         let mut announce: HashMap<(Family, usize), (Attrs, Vec<IpNet>)> = HashMap::new();
-        for slot in pending {
+        for &slot in batch {
             let Some((prefix, entry)) = self.rib.at(slot) else {
                 continue;
             };
@@ -1906,9 +1930,6 @@ impl Speaker {
         }
         let builder = UpdateBuilder::new(codec);
         let n = &mut self.neighbors[id];
-        if n.export_cache.len() > EXPORT_CACHE_MAX {
-            n.export_cache.clear();
-        }
         let mut bytes = Vec::new();
         for prefixes in withdraw.values_mut() {
             prefixes.sort_unstable();
@@ -1919,9 +1940,6 @@ impl Speaker {
             prefixes.sort_unstable();
             n.counters.updates_sent += prefixes.len() as u64;
             builder.announce(&mut bytes, attrs, prefixes);
-        }
-        for family in std::mem::take(&mut n.eor_pending) {
-            builder.end_of_rib(&mut bytes, family);
         }
         if !bytes.is_empty() {
             n.session.send_bytes(bytes);

@@ -70,8 +70,15 @@ enum WriterCommand {
     Close,
 }
 
+/// Reads of 64 KiB one connection may have queued for the speaker.
+const READ_AHEAD: usize = 8;
+
 struct Conn {
     neighbor: NeighborId,
+    /// Reads the reader task may have in flight: it stops reading (and
+    /// TCP pushes back on the peer) while the speaker is behind, instead
+    /// of queueing a whole table in memory.
+    credit: std::sync::Arc<tokio::sync::Semaphore>,
     writer: mpsc::UnboundedSender<WriterCommand>,
     reader: JoinHandle<()>,
     writer_task: JoinHandle<()>,
@@ -665,6 +672,7 @@ impl BgpDriver {
             Inbound::Bytes { conn, data } => {
                 if let Some(c) = self.conns.get(&conn) {
                     let neighbor = c.neighbor;
+                    c.credit.add_permits(1);
                     self.speaker.received(now, neighbor, conn, &data);
                 }
             }
@@ -791,9 +799,15 @@ impl BgpDriver {
         let (mut read, mut write) = stream.into_split();
         let (writer, mut commands) = mpsc::unbounded_channel::<WriterCommand>();
         let tx = self.inbox_tx.clone();
+        let credit = std::sync::Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
+        let reader_credit = credit.clone();
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
+                match reader_credit.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
                 match read.read(&mut buf).await {
                     Ok(0) | Err(_) => {
                         let _ = tx.send(Inbound::Closed { conn });
@@ -834,6 +848,7 @@ impl BgpDriver {
             conn,
             Conn {
                 neighbor,
+                credit,
                 writer,
                 reader,
                 writer_task,
