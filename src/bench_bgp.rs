@@ -296,7 +296,7 @@ fn wait_for_file(path: &Path) {
 /// and counts the prefixes it has: `full` each time it reaches `expect`
 /// from below, `empty` each time it falls to 0. Once `flap` exists in the
 /// control directory, `back` when every prefix has been announced again
-/// since (and all are there).
+/// since, or the count fell below `expect` since and is whole again.
 pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
     let listener = TcpListener::bind(SocketAddr::new(listen, 179))?;
     let (mut stream, _) = listener.accept()?;
@@ -311,6 +311,7 @@ pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
     let mut seen: HashSet<IpNet> = HashSet::with_capacity(expect);
     let mut again: Option<HashSet<IpNet>> = None;
     let mut flap_seen = false;
+    let mut dipped = false;
     let mut full = false;
     let mut had_any = false;
     let mut chunk = vec![0u8; 1 << 16];
@@ -367,7 +368,15 @@ pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
         } else if !seen.is_empty() {
             had_any = true;
         }
-        if again.as_ref().is_some_and(|a| a.len() >= expect) && full {
+        // Back: every prefix announced again since the flap, or (for a
+        // speaker that sends only what changed, as FRR does) the count
+        // fell and is whole again.
+        if flap_seen && !full && again.is_some() {
+            dipped = true;
+        }
+        if full
+            && (again.as_ref().is_some_and(|a| a.len() >= expect) || (dipped && again.is_some()))
+        {
             again = None;
             stamp("back")?;
         }

@@ -201,11 +201,26 @@ fn main() {
         peak_kb as f64 / 1024.0,
         (announce.len() + withdraw.len()) as f64 / 1e6
     );
+    let m = speaker.memory();
+    let per = |b: usize| b as f64 / m.prefixes.max(1) as f64;
     println!(
-        "rib:      {} prefixes, {} interned attribute sets, hit rate {:.3}",
-        speaker.rib().len(),
-        speaker.interner().len(),
+        "rib:      {} prefixes, {} interned attribute sets ({:.1} prefixes each), interner hit rate {:.3} \
+         (one lookup per UPDATE)",
+        m.prefixes,
+        m.attribute_sets,
+        m.prefixes as f64 / m.attribute_sets.max(1) as f64,
         speaker.interner().hit_rate()
+    );
+    println!(
+        "bytes per prefix: Loc-RIB slots {:.1}, Loc-RIB index {:.1}, Adj-RIB-In {:.1}, \
+         Adj-RIB-Out {:.1}, attribute sets {:.1} ({:.0} bytes a set); total {:.1}",
+        per(m.loc_rib),
+        per(m.loc_rib_index),
+        per(m.adj_rib_in),
+        per(m.adj_rib_out),
+        per(m.attributes),
+        m.attributes as f64 / m.attribute_sets.max(1) as f64,
+        per(m.loc_rib + m.loc_rib_index + m.adj_rib_in + m.adj_rib_out + m.attributes)
     );
     let t = Instant::now();
     let sent = feed(&mut speaker, now, &withdraw);

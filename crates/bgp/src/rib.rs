@@ -51,6 +51,13 @@ impl Interner {
         self.set.is_empty()
     }
 
+    /// Bytes the interned sets take on the heap: each set (with its `Arc`
+    /// counts) and the vectors it owns, by capacity, plus the hash set.
+    pub fn heap_bytes(&self) -> usize {
+        let sets: usize = self.set.iter().map(|a| attrs_heap_bytes(a)).sum();
+        sets + self.set.capacity() * (std::mem::size_of::<Attrs>() + 1)
+    }
+
     /// Share of lookups that found an existing set.
     pub fn hit_rate(&self) -> f64 {
         if self.lookups == 0 {
@@ -59,6 +66,32 @@ impl Interner {
             self.hits as f64 / self.lookups as f64
         }
     }
+}
+
+/// One attribute set's heap bytes: the set behind its `Arc` (two counts)
+/// and the vectors it owns, by capacity.
+pub fn attrs_heap_bytes(a: &PathAttributes) -> usize {
+    fn vec<T>(v: &[T], cap: usize) -> usize {
+        let _ = v;
+        cap * std::mem::size_of::<T>()
+    }
+    let segments: usize = a
+        .as_path
+        .segments
+        .iter()
+        .map(|s| vec(&s.asns, s.asns.capacity()))
+        .sum::<usize>()
+        + vec(&a.as_path.segments, a.as_path.segments.capacity());
+    16 + std::mem::size_of::<PathAttributes>()
+        + segments
+        + vec(&a.communities, a.communities.capacity())
+        + vec(&a.extended_communities, a.extended_communities.capacity())
+        + vec(&a.large_communities, a.large_communities.capacity())
+        + vec(&a.cluster_list, a.cluster_list.capacity())
+        + a.unknown
+            .iter()
+            .map(|u| u.value.capacity() + std::mem::size_of_val(u))
+            .sum::<usize>()
 }
 
 /// Index of a neighbour in the speaker.
@@ -359,6 +392,25 @@ impl LocRib {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Heap bytes of the Loc-RIB: the slots (by capacity), the paths of
+    /// prefixes with more than one, and the index. Attribute sets are the
+    /// interner's.
+    pub fn heap_bytes(&self) -> (usize, usize) {
+        let slots = self.slots.chunks.iter().map(Vec::capacity).sum::<usize>()
+            * std::mem::size_of::<SlotEntry>()
+            + self
+                .slots
+                .iter()
+                .map(|s| match &s.entry.paths {
+                    Paths::Many(v) => v.capacity() * std::mem::size_of::<Path>(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+            + self.free.capacity() * 4;
+        let index = self.index.capacity() * (std::mem::size_of::<Slot>() + 1);
+        (slots, index)
     }
 
     /// One past the highest slot in use: the size of per-slot tables.

@@ -210,6 +210,23 @@ pub enum Event {
     },
 }
 
+/// Heap bytes by structure ([`Speaker::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub prefixes: usize,
+    /// Slots: prefix, paths, best and ECMP count.
+    pub loc_rib: usize,
+    /// The hash index of slots.
+    pub loc_rib_index: usize,
+    /// Pre-policy copies (soft reconfiguration inbound only).
+    pub adj_rib_in: usize,
+    /// Announced bits, pending changes and the export caches.
+    pub adj_rib_out: usize,
+    pub attribute_sets: usize,
+    /// The interned attribute sets.
+    pub attributes: usize,
+}
+
 /// Message counters of one neighbour, like birdc's route change stats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -463,6 +480,35 @@ impl Speaker {
     pub fn set_route_events(&mut self, on: bool) {
         self.route_events = on;
         self.rib.set_report_multipath(on);
+    }
+
+    /// Where the bytes go, for `bench` and profiling.
+    pub fn memory(&self) -> MemoryReport {
+        let (loc_rib, index) = self.rib.heap_bytes();
+        let mut adj_in = 0;
+        let mut adj_out = 0;
+        for n in self.neighbors.iter().filter(|n| !n.removed) {
+            adj_in += n.adj_in.capacity() * (std::mem::size_of::<(IpNet, Attrs)>() + 1);
+            adj_out += (n.announced.capacity() + n.pending_mark.capacity()) * 8
+                + n.pending.capacity() * 4
+                + n.export_cache.capacity()
+                    * (std::mem::size_of::<((usize, PathSource, Family), (Attrs, Option<Attrs>))>(
+                    ) + 1)
+                + n.export_cache
+                    .values()
+                    .filter_map(|(_, out)| out.as_deref())
+                    .map(crate::rib::attrs_heap_bytes)
+                    .sum::<usize>();
+        }
+        MemoryReport {
+            prefixes: self.rib.len(),
+            loc_rib,
+            loc_rib_index: index,
+            adj_rib_in: adj_in,
+            adj_rib_out: adj_out,
+            attribute_sets: self.interner.len(),
+            attributes: self.interner.heap_bytes(),
+        }
     }
 
     pub fn config(&self) -> &SpeakerConfig {
