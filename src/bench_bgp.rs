@@ -965,6 +965,9 @@ pub fn bgp(opts: &BenchOptions) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let failed = same.len() - times.len();
         let note = match (failed, same.iter().find(|r| !r.note.is_empty())) {
+            (n, Some(r)) if n == same.len() && same.iter().all(|x| x.note == r.note) => {
+                r.note.clone()
+            }
             (0, Some(r)) => r.note.clone(),
             (0, None) if same.len() > 1 => format!(
                 "median of {}: {:.2}-{:.2} s",

@@ -187,6 +187,131 @@ fn own_as_with_a_bird_isp() -> Result<()> {
     own_as(IspKind::Bird)
 }
 
+/// The source address a TCP connection from `from` to the Internet host
+/// arrives with, as the Internet host sees it.
+fn source_seen_by_internet(lab: &Lab, world: &OwnAs<'_>, from: &Node) -> Result<String> {
+    use std::net::TcpListener;
+    let listener = lab.in_netns(&world.internet, || TcpListener::bind((INTERNET_HOST, 8080)))??;
+    listener.set_nonblocking(true)?;
+    let probe = lab.try_exec(
+        from,
+        &[
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{INTERNET_HOST}/8080 && echo hi >&3"),
+        ],
+    )?;
+    ensure!(
+        probe.success(),
+        "connecting to the Internet host: {}",
+        probe.stderr
+    );
+    let started = std::time::Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((_, peer)) => return Ok(peer.ip().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                ensure!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "no connection reached the Internet host"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `natEnabled: yes` on the border's egress: mesh traffic reaches the
+/// Internet with the border's own address; off again, with the node's
+/// public mesh address (the seed's setup), and the NAT table is gone.
+#[test]
+fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
+    if !can_run(
+        "nat_on_egress_can_be_switched_on_and_off",
+        &["wg", "ping", "nft", "bash"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-nat")?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            binary: BIN.into(),
+            nodes: 1,
+            isp: IspKind::Bgp4mesh,
+            borders: 1,
+        },
+    )?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let node = lab
+        .nodes()
+        .into_iter()
+        .find(|n| n.name() == "n1")
+        .ok_or_else(|| anyhow::anyhow!("no node n1"))?;
+    let border = lab
+        .nodes()
+        .into_iter()
+        .find(|n| n.name() == "border")
+        .ok_or_else(|| anyhow::anyhow!("no border"))?;
+    let mesh_address = world.nodes[0].address.to_string();
+    wait_until(Duration::from_secs(30), "n1 reaching the Internet", || {
+        ping(&lab, &node, INTERNET_HOST)
+    })?;
+    let seen = source_seen_by_internet(&lab, &world, &node)?;
+    ensure!(seen == mesh_address, "without NAT the Internet sees {seen}");
+
+    let table = bgp4mesh_kernel::nat::table_name(&world.border.interface);
+    let has_table = || -> Result<bool> {
+        Ok(lab
+            .try_exec(&border, &["nft", "list", "table", "inet", &table])?
+            .success())
+    };
+    ensure!(!has_table()?, "a NAT table before NAT was asked for");
+    let gateway = |nat: bool| -> Result<()> {
+        let mut args = vec![
+            "gateway",
+            "create",
+            "mynet",
+            "border",
+            "--range",
+            "0.0.0.0/0",
+            "--metric",
+            "100",
+        ];
+        if nat {
+            args.push("--nat");
+        }
+        world.admin(&args).map(|_| ())
+    };
+    gateway(true)?;
+    wait_until(Duration::from_secs(10), "the border's NAT table", || {
+        ensure!(has_table()?, "not yet");
+        Ok(())
+    })?;
+    let seen = source_seen_by_internet(&lab, &world, &node)?;
+    let border_addresses = lab.exec(&border, &["ip", "-o", "-4", "addr", "show"])?;
+    ensure!(
+        seen != mesh_address
+            && border_addresses
+                .split_whitespace()
+                .any(|w| w.split('/').next() == Some(seen.as_str())),
+        "with NAT the Internet sees {seen}, not one of the border's addresses: {border_addresses}"
+    );
+
+    gateway(false)?;
+    wait_until(Duration::from_secs(10), "the NAT table to go", || {
+        ensure!(!has_table()?, "still there");
+        Ok(())
+    })?;
+    let seen = source_seen_by_internet(&lab, &world, &node)?;
+    ensure!(
+        seen == mesh_address,
+        "NAT off again, the Internet sees {seen}"
+    );
+    Ok(())
+}
+
 /// The longest time without a reply in `ping -D -i 0.02` output (each reply
 /// line starts with `[unix time]`), and how many were lost.
 fn loss_window(output: &str, started: f64) -> (f64, usize) {
@@ -224,13 +349,31 @@ fn two_borders_fail_over_and_back() -> Result<()> {
     if !can_run("two_borders_fail_over_and_back", &["wg", "ping"]) {
         return Ok(());
     }
-    let lab = Lab::new("own-as-two-borders")?;
+    two_borders(IspKind::Bgp4mesh)
+}
+
+#[test]
+fn two_borders_fail_over_and_back_with_a_bird_isp() -> Result<()> {
+    if !can_run(
+        "two_borders_fail_over_and_back_with_a_bird_isp",
+        &["wg", "ping", "bird", "birdc"],
+    ) {
+        return Ok(());
+    }
+    two_borders(IspKind::Bird)
+}
+
+fn two_borders(isp: IspKind) -> Result<()> {
+    let lab = Lab::new(&format!(
+        "own-as-two-borders-{}",
+        if isp == IspKind::Bird { "bird" } else { "ours" }
+    ))?;
     let world = OwnAs::start(
         &lab,
         &OwnAsOptions {
             binary: BIN.into(),
             nodes: 1,
-            isp: IspKind::Bgp4mesh,
+            isp,
             borders: 2,
         },
     )?;

@@ -28,6 +28,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
 /// Default WireGuard interface of the mesh.
 pub const DEFAULT_INTERFACE: &str = "bgp4mesh0";
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long the first apply waits for tunnels to come up before it says
+/// the mesh is ready (and a border starts BGP).
+const HANDSHAKES_BEFORE_READY: Duration = Duration::from_secs(2);
 /// Routing table and firewall mark of the default route through the mesh
 /// (wg-quick uses 51820 for both; ours differ so both can coexist).
 pub const EGRESS_TABLE: u32 = 4400;
@@ -203,6 +206,8 @@ struct Mesh {
     private: Key,
     device: AnyDevice,
     links: Links,
+    /// Whether our NAT table is in place (None: not set since start).
+    nat: std::sync::Mutex<Option<bool>>,
 }
 
 impl Mesh {
@@ -312,7 +317,53 @@ impl Mesh {
                 bgp4mesh_kernel::links::sysctl("net.ipv6.conf.all.forwarding", "1")?;
             }
         }
+        // NAT on egress (`natEnabled: yes`): mesh traffic leaves with the
+        // gateway's own address. The seed's setup has it off: mesh
+        // addresses are public and the border only routes.
+        let nat = state.node.egress.as_ref().is_some_and(|g| g.nat);
+        let mut applied = self
+            .nat
+            .lock()
+            .map_err(|_| anyhow::anyhow!("NAT state lock poisoned"))?;
+        if *applied != Some(nat) {
+            bgp4mesh_kernel::nat::set_masquerade(name, nat)?;
+            if nat || applied.is_some() {
+                tracing::info!(
+                    "NAT on egress {} for {name}",
+                    if nat { "on" } else { "off" }
+                );
+            }
+            *applied = Some(nat);
+        }
         Ok(())
+    }
+
+    /// Waits (at most `within`) until every peer with an endpoint has
+    /// completed a handshake with us. A border announces the block only
+    /// after this: the moment the ISP sends return traffic our way, the
+    /// tunnels it goes into must be up, or the first packets are lost
+    /// while a handshake is made (seen as 1-3 lost pings when a border
+    /// came back).
+    async fn wait_for_handshakes(&self, within: Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            let pending = match self.device.status() {
+                Ok(status) => status
+                    .peers
+                    .iter()
+                    .filter(|p| p.endpoint.is_some() && p.last_handshake.is_none())
+                    .count(),
+                Err(_) => 0,
+            };
+            if pending == 0 {
+                return;
+            }
+            if started.elapsed() >= within {
+                tracing::info!("{pending} peer(s) without a handshake after {within:?}; going on");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn report(&self) -> NodeReport {
@@ -413,6 +464,7 @@ pub async fn run(
         private,
         device,
         links: Links::connect()?,
+        nat: std::sync::Mutex::new(None),
     });
     let client = Client::new(
         &enrollment.server,
@@ -432,6 +484,7 @@ pub async fn run(
         match mesh.apply(s).await {
             Ok(()) => {
                 if let Some(r) = ready.take() {
+                    mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
                     let _ = r.send(());
                 }
             }
@@ -498,6 +551,7 @@ pub async fn run(
                                 match mesh.apply(s).await {
                                     Ok(()) => {
                                         if let Some(r) = ready.take() {
+                                            mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
                                             let _ = r.send(());
                                         }
                                     }

@@ -125,6 +125,12 @@ impl Policy {
     ///
     /// The attributes are cloned only when an action changes them; the
     /// outcome carries `attrs: None` when the route is accepted as it came.
+    /// Whether every route is rejected whatever it is (`none`, or no rule
+    /// and no default that accepts): nothing to evaluate.
+    pub fn rejects_all(&self) -> bool {
+        self.default != Verdict::Accept && self.rules.iter().all(|r| r.verdict != Verdict::Accept)
+    }
+
     /// Whether a rule looks at the prefix. When none does, the outcome
     /// depends only on the attributes, the neighbour and the source, so
     /// one evaluation serves every prefix that shares them.
@@ -836,6 +842,25 @@ impl Outcome {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rejects_all_only_when_nothing_can_accept() {
+        assert!(Policy::reject_all().rejects_all());
+        assert!(!Policy::accept_all().rejects_all());
+        let mut p = Policy::reject_all();
+        p.rules.push(Rule {
+            matches: Match::default(),
+            set: vec![],
+            verdict: Verdict::Next,
+        });
+        assert!(p.rejects_all(), "a Next rule still ends in the default");
+        p.rules.push(Rule {
+            matches: Match::default(),
+            set: vec![],
+            verdict: Verdict::Accept,
+        });
+        assert!(!p.rejects_all());
+    }
     use super::*;
     use crate::wire::{AsSegment, SegmentKind};
     use proptest::prelude::*;

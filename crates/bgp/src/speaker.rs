@@ -1658,7 +1658,10 @@ impl Speaker {
     fn on_best_change(&mut self, change: BestChange) {
         if change.best_changed {
             for id in 0..self.neighbors.len() {
-                if self.neighbors[id].negotiated.is_some() {
+                let n = &self.neighbors[id];
+                // An export policy that takes nothing has nothing to
+                // withdraw either (it was never announced anything).
+                if n.negotiated.is_some() && !n.config.export.rejects_all() {
                     self.export_update(id, change.slot, change.best.as_ref());
                 }
             }

@@ -8,6 +8,7 @@
 //! (many in flight) so a full table does not wait for one ACK at a time.
 
 pub mod links;
+pub mod nat;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -57,6 +57,10 @@ enum Inbound {
         from: IpAddr,
         bytes: Vec<u8>,
     },
+    /// The kernel has what the neighbour sent up to its End-of-RIB.
+    InKernelUpTo {
+        neighbor: NeighborId,
+    },
 }
 
 /// How long kernel change notifications are gathered before one rescan.
@@ -148,6 +152,8 @@ pub struct BgpDriver {
     upstream: Option<tokio::sync::watch::Sender<bool>>,
     /// Neighbours that sent End-of-RIB since their session came up.
     end_of_rib: std::collections::HashSet<NeighborId>,
+    /// Neighbours whose End-of-RIB waits for the kernel to catch up.
+    eor_in_kernel: std::collections::HashSet<NeighborId>,
     resolver: Option<Resolver>,
     /// Next hops the speaker watches, with their last resolution.
     next_hops: HashMap<IpAddr, Option<Resolution>>,
@@ -293,6 +299,7 @@ impl BgpDriver {
             install_static: false,
             upstream: None,
             end_of_rib: Default::default(),
+            eor_in_kernel: Default::default(),
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -684,6 +691,12 @@ impl BgpDriver {
             Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
             Inbound::Interfaces { prefixes } => self.speaker.set_connected(now, &prefixes),
             Inbound::KernelRoutes { routes } => self.speaker.set_kernel_routes(now, &routes),
+            Inbound::InKernelUpTo { neighbor } => {
+                // Still the same session that sent the End-of-RIB?
+                if self.eor_in_kernel.remove(&neighbor) {
+                    self.end_of_rib.insert(neighbor);
+                }
+            }
             Inbound::BfdPacket { from, bytes } => {
                 if let Err(why) = self.bfd.receive(now, from, &bytes) {
                     tracing::debug!("BFD packet from {from} discarded: {why}");
@@ -869,11 +882,13 @@ impl BgpDriver {
     fn upstream_up(&mut self) -> bool {
         let asn = self.speaker.config().asn;
         let speaker = &self.speaker;
-        self.end_of_rib.retain(|id| {
+        let established = |id: &NeighborId| {
             speaker
                 .neighbor(*id)
                 .is_some_and(|n| n.state == bgp4mesh_bgp::session::State::Established)
-        });
+        };
+        self.end_of_rib.retain(established);
+        self.eor_in_kernel.retain(established);
         self.speaker.neighbor_ids().any(|id| {
             self.end_of_rib.contains(&id)
                 && self
@@ -912,7 +927,26 @@ impl BgpDriver {
                     }
                 }
                 Event::EndOfRib { neighbor, family } => {
-                    self.end_of_rib.insert(neighbor);
+                    // An upstream counts as up once what it sent before its
+                    // End-of-RIB is in the kernel: a node that moves its
+                    // Internet traffic to this border on that word must find
+                    // the default route there.
+                    match self.route_sink.as_mut() {
+                        Some(sink) => {
+                            let (done, applied) = tokio::sync::oneshot::channel();
+                            sink(crate::kernel_sync::KernelCommand::Barrier(done));
+                            self.eor_in_kernel.insert(neighbor);
+                            let tx = self.inbox_tx.clone();
+                            tokio::spawn(async move {
+                                if applied.await.is_ok() {
+                                    let _ = tx.send(Inbound::InKernelUpTo { neighbor });
+                                }
+                            });
+                        }
+                        None => {
+                            self.end_of_rib.insert(neighbor);
+                        }
+                    }
                     let name = self.speaker.neighbor_name(neighbor).to_string();
                     if let Some((waiting, _)) = self.restart.as_mut() {
                         waiting.remove(&(name, family));

@@ -20,7 +20,10 @@ pub fn run(config_path: &Path) -> Result<()> {
 /// [`run`] with a config already made (`bgp4mesh run` after `join`, with
 /// no file).
 pub fn run_config(config: NodeConfig) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: socket reads and writes go on while the BGP task
+    // works through a table (the task itself is one at a time, in order).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(run_async(config))

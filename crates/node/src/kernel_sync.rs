@@ -13,13 +13,15 @@ use tokio::task::JoinHandle;
 use crate::config::KernelSection;
 
 /// What the kernel task is asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum KernelCommand {
     /// Install (Some) or remove (None) our route for a prefix.
     Route(IpNet, Option<Target>),
     /// A graceful restart is over: remove what the previous run left that
     /// was not installed again.
     FlushStale,
+    /// Answered once every command sent before it is applied.
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 pub type RouteSender = mpsc::UnboundedSender<KernelCommand>;
@@ -67,6 +69,7 @@ pub async fn start(
         while let Some(first) = rx.recv().await {
             let mut batch: HashMap<IpNet, Option<Target>> = HashMap::new();
             let mut flush_stale = false;
+            let mut barriers = Vec::new();
             let mut next = Some(first);
             while let Some(command) = next {
                 match command {
@@ -74,6 +77,7 @@ pub async fn start(
                         batch.insert(prefix, target);
                     }
                     KernelCommand::FlushStale => flush_stale = true,
+                    KernelCommand::Barrier(done) => barriers.push(done),
                 }
                 next = rx.try_recv().ok();
             }
@@ -100,6 +104,9 @@ pub async fn start(
                     "kernel: graceful restart over: {} stale routes removed",
                     report.removed
                 );
+            }
+            for done in barriers {
+                let _ = done.send(());
             }
         }
         if !keep {
