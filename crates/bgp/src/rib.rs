@@ -179,59 +179,96 @@ pub struct Selection {
 /// One prefix's paths, the best first.
 #[derive(Debug, Clone, Default)]
 pub struct Entry {
-    /// Every usable path; `paths[0]` is the best when `ecmp > 0`.
+    /// Every usable path; the first is the best when the ECMP count is
+    /// above 0.
     paths: Paths,
-    /// How many of the first paths form the ECMP set (0 = no best).
-    ecmp: u32,
 }
 
-/// A prefix's paths: almost always one, kept inline (no allocation).
+/// A prefix's paths with the size of the ECMP set (0: no best path).
+/// Almost always one path, kept inline: 24 bytes, no allocation.
 #[derive(Debug, Clone, Default)]
 enum Paths {
     #[default]
     None,
-    One([Path; 1]),
-    Many(Vec<Path>),
+    One {
+        path: Path,
+        best: bool,
+    },
+    Many {
+        paths: Box<[Path]>,
+        ecmp: u32,
+    },
 }
 
 impl Paths {
     fn as_slice(&self) -> &[Path] {
         match self {
             Paths::None => &[],
-            Paths::One(p) => p,
-            Paths::Many(v) => v,
+            Paths::One { path, .. } => std::slice::from_ref(path),
+            Paths::Many { paths, .. } => paths,
         }
     }
 
     fn as_mut_slice(&mut self) -> &mut [Path] {
         match self {
             Paths::None => &mut [],
-            Paths::One(p) => p,
-            Paths::Many(v) => v,
+            Paths::One { path, .. } => std::slice::from_mut(path),
+            Paths::Many { paths, .. } => paths,
+        }
+    }
+
+    fn ecmp(&self) -> u32 {
+        match self {
+            Paths::None => 0,
+            Paths::One { best, .. } => u32::from(*best),
+            Paths::Many { ecmp, .. } => *ecmp,
+        }
+    }
+
+    fn set_ecmp(&mut self, n: u32) {
+        match self {
+            Paths::None => {}
+            Paths::One { best, .. } => *best = n > 0,
+            Paths::Many { ecmp, .. } => *ecmp = n,
         }
     }
 
     fn push(&mut self, path: Path) {
         *self = match std::mem::take(self) {
-            Paths::None => Paths::One([path]),
-            Paths::One([first]) => Paths::Many(vec![first, path]),
-            Paths::Many(mut v) => {
+            Paths::None => Paths::One { path, best: false },
+            Paths::One { path: first, best } => Paths::Many {
+                paths: vec![first, path].into_boxed_slice(),
+                ecmp: u32::from(best),
+            },
+            Paths::Many { paths, ecmp } => {
+                let mut v = paths.into_vec();
                 v.push(path);
-                Paths::Many(v)
+                Paths::Many {
+                    paths: v.into_boxed_slice(),
+                    ecmp,
+                }
             }
         };
     }
 
-    fn remove(&mut self, i: usize) -> Path {
+    /// Removes path `i` (the ECMP count is for the caller to set again).
+    fn remove(&mut self, i: usize) -> Option<Path> {
         match std::mem::take(self) {
-            Paths::None => unreachable!("remove from no paths"),
-            Paths::One([only]) => only,
-            Paths::Many(mut v) => {
-                let gone = v.remove(i);
-                *self = if v.len() == 1 {
-                    Paths::One([v.remove(0)])
-                } else {
-                    Paths::Many(v)
+            Paths::None => None,
+            Paths::One { path, .. } => Some(path),
+            Paths::Many { paths, ecmp } => {
+                let mut v = paths.into_vec();
+                let gone = (i < v.len()).then(|| v.remove(i));
+                *self = match v.len() {
+                    0 => Paths::None,
+                    1 => Paths::One {
+                        path: v.remove(0),
+                        best: false,
+                    },
+                    _ => Paths::Many {
+                        paths: v.into_boxed_slice(),
+                        ecmp,
+                    },
                 };
                 gone
             }
@@ -245,12 +282,12 @@ impl Entry {
     }
 
     pub fn best(&self) -> Option<&Path> {
-        (self.ecmp > 0).then(|| &self.paths()[0])
+        (self.paths.ecmp() > 0).then(|| &self.paths()[0])
     }
 
     /// The best path and those equal to it for multipath.
     pub fn multipath(&self) -> &[Path] {
-        &self.paths()[..self.ecmp as usize]
+        &self.paths()[..self.paths.ecmp() as usize]
     }
 
     fn is_empty(&self) -> bool {
@@ -404,7 +441,7 @@ impl LocRib {
                 .slots
                 .iter()
                 .map(|s| match &s.entry.paths {
-                    Paths::Many(v) => v.capacity() * std::mem::size_of::<Path>(),
+                    Paths::Many { paths, .. } => std::mem::size_of_val(&**paths),
                     _ => 0,
                 })
                 .sum::<usize>()
@@ -530,12 +567,12 @@ impl LocRib {
         let was_empty = entry.is_empty();
         let old_best_source = entry.best().map(|b| b.source);
         let old_best_attrs = entry.best().map(|b| Arc::as_ptr(&b.attrs));
-        let old_ecmp: Vec<(PathSource, *const PathAttributes)> = if entry.ecmp > 1 {
+        let old_ecmp: Vec<(PathSource, *const PathAttributes)> = if entry.paths.ecmp() > 1 {
             ecmp_key(entry)
         } else {
             Vec::new()
         };
-        let old_ecmp_len = entry.ecmp;
+        let old_ecmp_len = entry.paths.ecmp();
         let existing = entry.paths().iter().position(|p| p.source == source);
         let old = match (existing, attrs) {
             (Some(i), Some(attrs)) => {
@@ -548,7 +585,7 @@ impl LocRib {
                 }
                 Some(std::mem::replace(&mut path.attrs, attrs))
             }
-            (Some(i), None) => Some(entry.paths.remove(i).attrs),
+            (Some(i), None) => entry.paths.remove(i).map(|p| p.attrs),
             (None, Some(attrs)) => {
                 entry.paths.push(Path { source, attrs });
                 None
@@ -559,8 +596,8 @@ impl LocRib {
         let now_empty = entry.is_empty();
         let best_changed = entry.best().map(|b| b.source) != old_best_source
             || entry.best().map(|b| Arc::as_ptr(&b.attrs)) != old_best_attrs;
-        let ecmp_changed =
-            entry.ecmp != old_ecmp_len || (entry.ecmp > 1 && ecmp_key(entry) != old_ecmp);
+        let ecmp_changed = entry.paths.ecmp() != old_ecmp_len
+            || (entry.paths.ecmp() > 1 && ecmp_key(entry) != old_ecmp);
         let skip_multipath = self.skip_multipath;
         let change = (best_changed || ecmp_changed).then(|| BestChange {
             prefix,
@@ -613,12 +650,12 @@ impl LocRib {
         let s = self.slots.get_mut(slot as usize)?;
         let entry = &mut s.entry;
         let old_best = entry.best().cloned();
-        let old_ecmp_len = entry.ecmp;
+        let old_ecmp_len = entry.paths.ecmp();
         let old_first: Vec<PathSource> = entry.multipath().iter().map(|p| p.source).collect();
         select(entry, selection, info);
         let best = entry.best().cloned();
-        let same_set =
-            entry.ecmp == old_ecmp_len && entry.multipath().iter().map(|p| p.source).eq(old_first);
+        let same_set = entry.paths.ecmp() == old_ecmp_len
+            && entry.multipath().iter().map(|p| p.source).eq(old_first);
         if best == old_best && same_set {
             return None;
         }
@@ -669,7 +706,7 @@ fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> Sour
     if paths.len() == 1 {
         // The common case of a full table from one upstream.
         let reachable = info(&paths[0]).reachable;
-        entry.ecmp = u32::from(reachable);
+        entry.paths.set_ecmp(u32::from(reachable));
         return;
     }
     // Linear scan for the best: MED comparison is not transitive, so no
@@ -688,7 +725,7 @@ fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> Sour
         };
     }
     let Some(b) = best else {
-        entry.ecmp = 0;
+        entry.paths.set_ecmp(0);
         return;
     };
     paths.swap(0, b);
@@ -702,7 +739,7 @@ fn select(entry: &mut Entry, selection: Selection, info: &impl Fn(&Path) -> Sour
             }
         }
     }
-    entry.ecmp = n as u32;
+    entry.paths.set_ecmp(n as u32);
 }
 
 fn local_pref(p: &Path) -> u32 {

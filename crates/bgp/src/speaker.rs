@@ -1130,17 +1130,18 @@ impl Speaker {
         let mut kept = 0;
         let source = PathSource::neighbor(id);
         let n = &mut self.neighbors[id];
-        for (prefix, _) in self
+        // Slots, not prefixes: 4 bytes each when a full table goes.
+        for (slot, prefix, _) in self
             .rib
-            .iter()
-            .filter(|(_, e)| e.paths().iter().any(|p| p.source == source))
+            .iter_slots()
+            .filter(|(_, _, e)| e.paths().iter().any(|p| p.source == source))
         {
             let family = Family::of(prefix);
             if retain.contains(&family) {
                 n.gr_stale.entry(family).or_default().insert(*prefix);
                 kept += 1;
             } else {
-                gone.push(*prefix);
+                gone.push(slot);
             }
         }
         if kept > 0 {
@@ -1162,8 +1163,13 @@ impl Speaker {
             );
         }
         self.clear_export_caches();
-        for prefix in gone {
-            self.rib_update(prefix, PathSource::neighbor(id), None);
+        for slot in gone {
+            // Nothing is released before the next flush: the slot is still
+            // this prefix's.
+            if let Some((prefix, _)) = self.rib.at(slot) {
+                let prefix = *prefix;
+                self.rib_update(prefix, PathSource::neighbor(id), None);
+            }
         }
     }
 
