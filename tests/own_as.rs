@@ -469,8 +469,10 @@ fn two_borders(isp: IspKind) -> Result<()> {
     let out = finish(&ping)?;
     let (gap, lost) = loss_window(&out, started);
     eprintln!("border back: longest gap {:.3} s, {lost} pings lost", gap);
-    // Goal: no loss. Measured: 0 to 3 pings (at most 0.11 s) right as
-    // the border's BGP session comes up (BENCHMARKS.md); not solved yet.
+    // Goal: no loss. Measured: 0 or 1 ping (the border announces its block
+    // only once the controller calls it healthy; what is left is the time
+    // between the nodes moving their exit and the ISP moving the return
+    // traffic, BENCHMARKS.md).
     ensure!(gap < 1.0, "coming back cost {gap:.3} s:\n{out}");
 
     // 3. The first border loses its upstream (its BGP session is shut).

@@ -31,6 +31,9 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long the first apply waits for tunnels to come up before it says
 /// the mesh is ready (and a border starts BGP).
 const HANDSHAKES_BEFORE_READY: Duration = Duration::from_secs(2);
+/// How long after the mesh is ready a border waits at most for the
+/// controller to call it healthy before it announces its block anyway.
+const ANNOUNCE_ANYWAY: Duration = Duration::from_secs(10);
 /// Routing table and firewall mark of the default route through the mesh
 /// (wg-quick uses 51820 for both; ours differ so both can coexist).
 pub const EGRESS_TABLE: u32 = 4400;
@@ -175,6 +178,12 @@ pub struct AgentOptions {
     /// Fired once the mesh is applied the first time (from the controller
     /// or the cache): a border starts BGP then.
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set to true, once, when a border may announce its block: when the
+    /// controller says this gateway is healthy (the nodes move their exit
+    /// in the same revision), when the node is no gateway, or
+    /// `ANNOUNCE_ANYWAY` after the mesh was ready (a controller that does
+    /// not answer must not keep the block off the Internet).
+    pub announce: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Clone for AgentOptions {
@@ -185,6 +194,7 @@ impl Clone for AgentOptions {
             backend: self.backend,
             upstream: self.upstream.clone(),
             ready: None,
+            announce: None,
         }
     }
 }
@@ -197,6 +207,7 @@ impl Default for AgentOptions {
             backend: Backend::Auto,
             upstream: None,
             ready: None,
+            announce: None,
         }
     }
 }
@@ -390,6 +401,21 @@ impl Mesh {
     }
 }
 
+/// Opens the announcement gate `ANNOUNCE_ANYWAY` from now whatever the
+/// controller says.
+fn announce_anyway(gate: &Option<Arc<tokio::sync::watch::Sender<bool>>>) {
+    if let Some(gate) = gate.clone() {
+        tokio::spawn(async move {
+            tokio::time::sleep(ANNOUNCE_ANYWAY).await;
+            if gate.send_if_modified(|open| !std::mem::replace(open, true)) {
+                tracing::warn!(
+                    "announcing after {ANNOUNCE_ANYWAY:?} without the controller saying this exit is healthy"
+                );
+            }
+        });
+    }
+}
+
 fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Result<bool> {
     match event {
         StreamEvent::Snapshot(s) => {
@@ -444,6 +470,16 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut ready = options.ready.take();
+    let announce = options.announce.take().map(Arc::new);
+    // Opens the border's announcement gate (once; later calls do nothing).
+    let open_gate = |why: &str| {
+        if let Some(gate) = &announce
+            && gate.send_if_modified(|open| !std::mem::replace(open, true))
+        {
+            tracing::info!("announcing: {why}");
+        }
+    };
+    let may_announce = |s: &MeshState| s.node.egress.as_ref().is_none_or(|g| g.healthy);
     let dir = &options.state_dir;
     let enrollment: Enrollment =
         serde_json::from_slice(&std::fs::read(dir.join("node.json")).with_context(|| {
@@ -486,6 +522,10 @@ pub async fn run(
                 if let Some(r) = ready.take() {
                     mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
                     let _ = r.send(());
+                    // The cache's health is stale (it may be from before this
+                    // border went down): only the controller, or the
+                    // fallback, opens the gate.
+                    announce_anyway(&announce);
                 }
             }
             Err(e) => tracing::warn!("applying the cached mesh: {e:#}"),
@@ -553,6 +593,10 @@ pub async fn run(
                                         if let Some(r) = ready.take() {
                                             mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
                                             let _ = r.send(());
+                                            announce_anyway(&announce);
+                                        }
+                                        if may_announce(s) {
+                                            open_gate("the controller has this exit healthy");
                                         }
                                     }
                                     Err(e) => tracing::warn!("applying the mesh: {e:#}"),

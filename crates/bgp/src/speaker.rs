@@ -318,6 +318,8 @@ pub struct Speaker {
     gc_at: usize,
     /// Whether best-route changes come out as [`Event::Route`].
     route_events: bool,
+    /// Static routes wait for [`Speaker::release_origination`].
+    hold_statics: bool,
 }
 
 /// Cached exports per neighbour before the cache is emptied: enough for
@@ -446,6 +448,7 @@ impl Speaker {
             kernel_routes: HashMap::new(),
             gc_at: 4096,
             route_events: true,
+            hold_statics: false,
         }
     }
 
@@ -529,10 +532,8 @@ impl Speaker {
             return;
         }
         self.started = true;
-        for i in 0..self.statics.len() {
-            if let Some(route) = self.statics[i].clone() {
-                self.originate_static(i, &route);
-            }
+        if !self.hold_statics {
+            self.originate_statics();
         }
         for id in 0..self.neighbors.len() {
             if self.neighbors[id].config.enabled {
@@ -540,6 +541,35 @@ impl Speaker {
             }
         }
         self.drain_sessions(now);
+    }
+
+    fn originate_statics(&mut self) {
+        for i in 0..self.statics.len() {
+            if let Some(route) = self.statics[i].clone() {
+                self.originate_static(i, &route);
+            }
+        }
+    }
+
+    /// Keeps the static routes out of the Loc-RIB (so nothing announces
+    /// them) until [`Speaker::release_origination`]: a border announces its
+    /// block only once the mesh behind it is ready to take the traffic.
+    /// Call before [`Speaker::start`].
+    pub fn hold_origination(&mut self) {
+        self.hold_statics = true;
+    }
+
+    /// Originates the held static routes (once; later calls do nothing).
+    pub fn release_origination(&mut self, now: Instant) {
+        if !self.hold_statics {
+            return;
+        }
+        self.hold_statics = false;
+        if self.started {
+            self.originate_statics();
+            self.flush();
+            self.drain_sessions(now);
+        }
     }
 
     fn static_attrs(&mut self, route: &StaticRoute) -> Attrs {
@@ -883,7 +913,7 @@ impl Speaker {
         for route in &new.statics {
             if !self.statics.iter().flatten().any(|r| r == route) {
                 self.statics.push(Some(route.clone()));
-                if self.started {
+                if self.started && !self.hold_statics {
                     self.originate_static(self.statics.len() - 1, route);
                 }
             }

@@ -282,6 +282,46 @@ fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
 }
 
 #[test]
+fn held_static_routes_are_announced_only_once_released() {
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![neighbor("isp", "172.30.0.1", 65001)],
+            &["44.30.127.0/24"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("border", "172.30.0.100", 65000)],
+            &[],
+        ),
+    ]);
+    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    net.speakers[0].hold_origination();
+    net.start();
+    assert!(
+        net.speakers[1].neighbor(0).map(|n| n.state)
+            == Some(bgp4mesh_bgp::session::State::Established),
+        "the session comes up while the routes are held"
+    );
+    assert!(
+        net.best(1, "44.30.127.0/24").is_none(),
+        "nothing announced while held"
+    );
+    assert!(net.speakers[0].rib().is_empty(), "not even in our own RIB");
+    let now = net.now;
+    net.speakers[0].release_origination(now);
+    net.pump();
+    let (source, path, _) = net.best(1, "44.30.127.0/24").expect("announced now");
+    assert_eq!((source, path), (PathSource::Neighbor(0), vec![65000]));
+    // A second release changes nothing.
+    net.speakers[0].release_origination(now);
+    net.pump();
+    assert_eq!(net.speakers[0].rib().len(), 1);
+}
+
+#[test]
 fn own_as_in_the_path_is_a_loop_and_is_dropped() {
     // A (65000) — B (65001) — C (65000): C must not accept A's route back.
     let mut net = Net::new(vec![

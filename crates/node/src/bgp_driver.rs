@@ -154,6 +154,8 @@ pub struct BgpDriver {
     end_of_rib: std::collections::HashSet<NeighborId>,
     /// Neighbours whose End-of-RIB waits for the kernel to catch up.
     eor_in_kernel: std::collections::HashSet<NeighborId>,
+    /// Static routes wait until this is true (`hold_announcements_until`).
+    announce_gate: Option<tokio::sync::watch::Receiver<bool>>,
     resolver: Option<Resolver>,
     /// Next hops the speaker watches, with their last resolution.
     next_hops: HashMap<IpAddr, Option<Resolution>>,
@@ -300,6 +302,7 @@ impl BgpDriver {
             upstream: None,
             end_of_rib: Default::default(),
             eor_in_kernel: Default::default(),
+            announce_gate: None,
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -531,6 +534,19 @@ impl BgpDriver {
                 } => {
                     rescan_at = None;
                     self.rescan();
+                }
+                open = async {
+                    match self.announce_gate.as_mut() {
+                        Some(gate) => gate.wait_for(|open| *open).await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Opens once, for good (or the agent is gone: announce).
+                    self.announce_gate = None;
+                    if open {
+                        tracing::info!("the mesh is ready for traffic: announcing our routes");
+                    }
+                    self.speaker.release_origination(Instant::now());
                 }
             }
         }
@@ -871,6 +887,15 @@ impl BgpDriver {
     }
 
     /// Tells the mesh agent whether an upstream (eBGP) session is up.
+    /// Holds our static routes (a border's block) back until `gate` is
+    /// true: the agent opens it when the controller has made this border
+    /// an exit the nodes use, so the ISP sends return traffic our way in the
+    /// same moment the nodes send theirs.
+    pub fn hold_announcements_until(&mut self, gate: tokio::sync::watch::Receiver<bool>) {
+        self.speaker.hold_origination();
+        self.announce_gate = Some(gate);
+    }
+
     pub fn watch_upstream(&mut self) -> tokio::sync::watch::Receiver<bool> {
         let (tx, rx) = tokio::sync::watch::channel(self.upstream_up());
         self.upstream = Some(tx);

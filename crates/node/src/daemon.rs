@@ -79,6 +79,13 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 // A border tells the controller when its upstream is gone.
                 upstream: driver.as_mut().map(|d| d.watch_upstream()),
                 ready: Some(mesh_ready_tx),
+                // ... and announces its block once the controller makes it
+                // an exit the nodes use.
+                announce: driver.as_mut().map(|d| {
+                    let (open, gate) = tokio::sync::watch::channel(false);
+                    d.hold_announcements_until(gate);
+                    open
+                }),
             };
             let stopper = calls_tx.clone();
             Some(tokio::spawn(async move {
