@@ -512,10 +512,12 @@ impl LocRib {
                 continue; // the prefix came back before the release
             }
             let hash = self.hash(&s.prefix);
+            // A slot emptied, refilled and emptied again before a release
+            // is listed twice: it is freed once, when it leaves the index.
             if let Ok(found) = self.index.find_entry(hash, |&x| x == slot) {
                 found.remove();
+                self.free.push(slot);
             }
-            self.free.push(slot);
         }
     }
 
@@ -674,17 +676,22 @@ impl LocRib {
 /// IPv4: neighbouring prefixes of one length land in neighbouring
 /// buckets, so a table that arrives roughly in order (as full tables do)
 /// finds its buckets in cache instead of missing on every prefix. The low
-/// bits (the bucket) are the prefix's /24 number plus an odd multiple of
-/// its low byte and length, which spreads longer prefixes inside one /24
-/// over the table; the top 7 bits (hashbrown's tag) come from the seeded
-/// hasher. IPv6 goes through the seeded hasher whole.
+/// bits (the bucket) are a seeded offset per /16, plus the prefix's /24
+/// number, plus an odd multiple of its low byte and length (which spreads
+/// longer prefixes inside one /24 over the table); the top 7 bits
+/// (hashbrown's tag on 64-bit machines) come from the seeded hasher. IPv6
+/// goes through the seeded hasher whole.
 fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
     match prefix {
         IpNet::V4(n) => {
             let addr = u64::from(u32::from(n.addr()));
             let len = u64::from(n.prefix_len());
             let spread = ((addr & 0xff) | (len << 8)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let low = ((addr >> 8).wrapping_add(spread)) & ((1 << 57) - 1);
+            // Each /16 starts at a seeded place: the 256 /24s of one /16
+            // stay neighbours, but nobody can choose prefixes of different
+            // /16s that pile onto one bucket.
+            let base = hasher.hash_one(addr >> 16);
+            let low = ((addr >> 8).wrapping_add(spread).wrapping_add(base)) & ((1 << 57) - 1);
             let tag = hasher.hash_one((addr << 8) | len) & !((1 << 57) - 1);
             tag | low
         }
@@ -1086,5 +1093,25 @@ mod tests {
         assert_eq!(rib.slot(&p), Some(0), "released slot reused");
         assert_eq!(rib.len(), 2);
         assert_eq!(rib.iter().count(), 2);
+    }
+
+    #[test]
+    fn a_slot_emptied_twice_before_a_release_is_freed_once() {
+        let mut i = Interner::default();
+        let mut rib = LocRib::new(Selection::default());
+        let p = net("192.0.2.0/24");
+        let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
+        let n = PathSource::Neighbor(0);
+        rib.update(p, n, Some(a.clone()), &info);
+        rib.update(p, n, None, &info);
+        rib.update(p, n, Some(a.clone()), &info);
+        rib.update(p, n, None, &info);
+        rib.release();
+        let (x, y) = (net("198.51.100.0/24"), net("203.0.113.0/24"));
+        rib.update(x, n, Some(a.clone()), &info);
+        rib.update(y, n, Some(a), &info);
+        assert_ne!(rib.slot(&x), rib.slot(&y), "two prefixes, two slots");
+        assert_eq!(rib.len(), 2);
+        assert!(rib.get(&x).is_some() && rib.get(&y).is_some());
     }
 }

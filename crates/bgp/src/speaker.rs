@@ -1449,18 +1449,10 @@ impl Speaker {
             .is_some_and(|n| n.enhanced_route_refresh);
         match rr.subtype {
             RefreshSubtype::Request => {
-                // Re-send everything of the family: forget what was sent.
-                // A slot whose announcement is forgotten but still
-                // pending becomes a withdrawal unless the dump below
-                // announces it again (it does, while it has a best path).
+                // Re-send everything of the family: every slot of it goes
+                // through the next flush again, which announces what we
+                // export and withdraws what we announced and no longer do.
                 let family = rr.family;
-                let n = &mut self.neighbors[id];
-                for (slot, prefix, _) in self.rib.iter_slots() {
-                    if Family::of(prefix) == family && bit(&n.announced, slot) {
-                        set_bit(&mut n.announced, slot, false);
-                        n.exported -= 1;
-                    }
-                }
                 if enhanced {
                     let begin = Message::RouteRefresh(RouteRefresh {
                         family,
@@ -1468,14 +1460,17 @@ impl Speaker {
                     });
                     self.neighbors[id].session.send_message(&begin);
                 }
-                let routes: Vec<(Slot, Path)> = self
-                    .rib
-                    .iter_slots()
-                    .filter(|(_, p, _)| Family::of(p) == family)
-                    .filter_map(|(s, _, e)| e.best().map(|b| (s, b.clone())))
-                    .collect();
-                for (slot, best) in routes {
-                    self.export_update(id, slot, Some(&best));
+                let n = &mut self.neighbors[id];
+                for slot in 0..self.rib.slot_count() as Slot {
+                    let Some((prefix, entry)) = self.rib.at(slot) else {
+                        continue;
+                    };
+                    let queue = Family::of(prefix) == family
+                        && (entry.best().is_some() || bit(&n.announced, slot));
+                    if queue && !bit(&n.pending_mark, slot) {
+                        set_bit(&mut n.pending_mark, slot, true);
+                        n.pending.push(slot);
+                    }
                 }
                 self.flush_neighbor(id);
                 if enhanced {
@@ -1964,11 +1959,12 @@ impl Speaker {
         // going down) never sit encoded in memory at once.
         for batch in pending.chunks(FLUSH_BATCH) {
             self.flush_batch(id, codec, batch);
+            let n = &mut self.neighbors[id];
+            if n.export_cache.len() > EXPORT_CACHE_MAX {
+                n.export_cache.clear();
+            }
         }
         let n = &mut self.neighbors[id];
-        if n.export_cache.len() > EXPORT_CACHE_MAX {
-            n.export_cache.clear();
-        }
         let mut bytes = Vec::new();
         let builder = UpdateBuilder::new(codec);
         for family in std::mem::take(&mut n.eor_pending) {
@@ -2013,6 +2009,16 @@ impl Speaker {
                 None => {}
             }
         }
+        // Exports that are equal but not shared (an export policy that
+        // matches prefixes makes each one afresh; different source sets can
+        // export alike) go into one group: one hash of each distinct set.
+        let mut by_value: HashMap<(Family, Attrs), Vec<IpNet>> = HashMap::new();
+        for ((family, _), (attrs, prefixes)) in announce {
+            by_value
+                .entry((family, attrs))
+                .or_default()
+                .extend(prefixes);
+        }
         let builder = UpdateBuilder::new(codec);
         let n = &mut self.neighbors[id];
         let mut bytes = Vec::new();
@@ -2021,7 +2027,7 @@ impl Speaker {
             n.counters.withdraws_sent += prefixes.len() as u64;
             builder.withdraw(&mut bytes, prefixes);
         }
-        for (attrs, prefixes) in announce.values_mut() {
+        for ((_, attrs), prefixes) in by_value.iter_mut() {
             prefixes.sort_unstable();
             n.counters.updates_sent += prefixes.len() as u64;
             builder.announce(&mut bytes, attrs, prefixes);
