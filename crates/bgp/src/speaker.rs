@@ -2014,10 +2014,12 @@ impl Speaker {
         // export alike) go into one group: one hash of each distinct set.
         let mut by_value: HashMap<(Family, Attrs), Vec<IpNet>> = HashMap::new();
         for ((family, _), (attrs, prefixes)) in announce {
-            by_value
-                .entry((family, attrs))
-                .or_default()
-                .extend(prefixes);
+            match by_value.entry((family, attrs)) {
+                hashbrown::hash_map::Entry::Vacant(v) => {
+                    v.insert(prefixes);
+                }
+                hashbrown::hash_map::Entry::Occupied(mut o) => o.get_mut().extend(prefixes),
+            }
         }
         let builder = UpdateBuilder::new(codec);
         let n = &mut self.neighbors[id];
