@@ -231,8 +231,9 @@ impl Net {
     }
 }
 
-#[test]
-fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
+/// Seed 004's border (AS 65000, a static for its block) linked to its ISP
+/// (AS 65001), not started.
+fn border_and_isp() -> Net {
     let mut net = Net::new(vec![
         speaker(
             65000,
@@ -248,6 +249,12 @@ fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
         ),
     ]);
     net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    net
+}
+
+#[test]
+fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
+    let mut net = border_and_isp();
     net.start();
     let (source, path, _) = net
         .best(1, "44.30.127.0/24")
@@ -283,21 +290,7 @@ fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
 
 #[test]
 fn held_static_routes_are_announced_only_once_released() {
-    let mut net = Net::new(vec![
-        speaker(
-            65000,
-            [10, 0, 0, 1],
-            vec![neighbor("isp", "172.30.0.1", 65001)],
-            &["44.30.127.0/24"],
-        ),
-        speaker(
-            65001,
-            [10, 0, 0, 2],
-            vec![neighbor("border", "172.30.0.100", 65000)],
-            &[],
-        ),
-    ]);
-    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    let mut net = border_and_isp();
     net.speakers[0].hold_origination();
     net.start();
     assert!(
