@@ -681,15 +681,22 @@ impl Bed {
         self.speaker.as_ref().and_then(|p| peak_rss_mb(p.pid))
     }
 
-    /// Starts every injector; seconds until the monitor has everything.
-    fn load(&self, timeout: Duration) -> Result<f64> {
+    /// Touches `trigger`; the earliest stamp `word` of the injectors after
+    /// it.
+    fn trigger(&self, trigger: &str, word: &str, timeout: Duration) -> Result<u128> {
         let before = unix_nanos();
-        self.touch("go")?;
+        self.touch(trigger)?;
         let mut start = u128::MAX;
         for p in &self.injectors {
-            start = start.min(read_stamp(&self.lab, p, "start", before, timeout)?);
+            start = start.min(read_stamp(&self.lab, p, word, before, timeout)?);
         }
-        let full = read_stamp(&self.lab, &self.monitor, "full", before, timeout)?;
+        Ok(start)
+    }
+
+    /// Starts every injector; seconds until the monitor has everything.
+    fn load(&self, timeout: Duration) -> Result<f64> {
+        let start = self.trigger("go", "start", timeout)?;
+        let full = read_stamp(&self.lab, &self.monitor, "full", start, timeout)?;
         Ok(secs(start, full))
     }
 
@@ -706,12 +713,7 @@ impl Bed {
     /// Every injector withdraws everything: seconds until the monitor has
     /// nothing left.
     fn withdraw(&self, timeout: Duration) -> Result<f64> {
-        let before = unix_nanos();
-        self.touch("withdraw")?;
-        let mut start = u128::MAX;
-        for p in &self.injectors {
-            start = start.min(read_stamp(&self.lab, p, "withdraw", before, timeout)?);
-        }
+        let start = self.trigger("withdraw", "withdraw", timeout)?;
         let empty = read_stamp(&self.lab, &self.monitor, "empty", start, timeout)?;
         Ok(secs(start, empty))
     }
@@ -898,19 +900,15 @@ fn run_scenario(opts: &BenchOptions, scenario: Scenario, target: Target, rows: &
         }
         Scenario::Ipv6 => {
             let case = format!("{}k IPv6, 1 injector", opts.v6_prefixes / 1000);
-            let r = build_bed(
+            let bed = build_bed(
                 target,
                 true,
                 1,
                 opts.v6_prefixes,
                 (opts.paths / 5).max(1),
                 t,
-            )
-            .and_then(|bed| Ok((bed.load(t)?, bed.rss())));
-            match r {
-                Ok((s, rss)) => measure(rows, &case, target, rss, Ok(s)),
-                Err(e) => measure(rows, &case, target, None, Err(e)),
-            }
+            );
+            measure_load(rows, &case, target, bed, t);
         }
         Scenario::Many => {
             let case = format!(
@@ -919,13 +917,17 @@ fn run_scenario(opts: &BenchOptions, scenario: Scenario, target: Target, rows: &
                 opts.per_injector / 1000
             );
             let paths = (opts.paths / opts.injectors.max(1)).max(1);
-            let r = build_bed(target, false, opts.injectors, opts.per_injector, paths, t)
-                .and_then(|bed| Ok((bed.load(t)?, bed.rss())));
-            match r {
-                Ok((s, rss)) => measure(rows, &case, target, rss, Ok(s)),
-                Err(e) => measure(rows, &case, target, None, Err(e)),
-            }
+            let bed = build_bed(target, false, opts.injectors, opts.per_injector, paths, t);
+            measure_load(rows, &case, target, bed, t);
         }
+    }
+}
+
+/// The load of a freshly built bed, as one row.
+fn measure_load(rows: &mut Vec<Row>, case: &str, target: Target, bed: Result<Bed>, t: Duration) {
+    match bed.and_then(|bed| Ok((bed.load(t)?, bed.rss()))) {
+        Ok((s, rss)) => measure(rows, case, target, rss, Ok(s)),
+        Err(e) => measure(rows, case, target, None, Err(e)),
     }
 }
 

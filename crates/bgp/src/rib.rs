@@ -71,27 +71,22 @@ impl Interner {
 /// One attribute set's heap bytes: the set behind its `Arc` (two counts)
 /// and the vectors it owns, by capacity.
 pub fn attrs_heap_bytes(a: &PathAttributes) -> usize {
-    fn vec<T>(v: &[T], cap: usize) -> usize {
-        let _ = v;
-        cap * std::mem::size_of::<T>()
+    fn cap<T>(v: &Vec<T>) -> usize {
+        v.capacity() * std::mem::size_of::<T>()
     }
-    let segments: usize = a
-        .as_path
-        .segments
-        .iter()
-        .map(|s| vec(&s.asns, s.asns.capacity()))
-        .sum::<usize>()
-        + vec(&a.as_path.segments, a.as_path.segments.capacity());
     16 + std::mem::size_of::<PathAttributes>()
-        + segments
-        + vec(&a.communities, a.communities.capacity())
-        + vec(&a.extended_communities, a.extended_communities.capacity())
-        + vec(&a.large_communities, a.large_communities.capacity())
-        + vec(&a.cluster_list, a.cluster_list.capacity())
-        + a.unknown
+        + cap(&a.as_path.segments)
+        + a.as_path
+            .segments
             .iter()
-            .map(|u| u.value.capacity() + std::mem::size_of_val(u))
+            .map(|s| cap(&s.asns))
             .sum::<usize>()
+        + cap(&a.communities)
+        + cap(&a.extended_communities)
+        + cap(&a.large_communities)
+        + cap(&a.cluster_list)
+        + cap(&a.unknown)
+        + a.unknown.iter().map(|u| cap(&u.value)).sum::<usize>()
 }
 
 /// Index of a neighbour in the speaker.
@@ -692,7 +687,10 @@ fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
             // /16s that pile onto one bucket.
             let base = hasher.hash_one(addr >> 16);
             let low = ((addr >> 8).wrapping_add(spread).wrapping_add(base)) & ((1 << 57) - 1);
-            let tag = hasher.hash_one((addr << 8) | len) & !((1 << 57) - 1);
+            // The tag from the same seeded hash: a multiply mixes the whole
+            // prefix into the top bits, no second hasher call.
+            let tag =
+                (((addr << 8) | len) ^ base).wrapping_mul(0x9E37_79B9_7F4A_7C15) & !((1 << 57) - 1);
             tag | low
         }
         IpNet::V6(n) => hasher.hash_one((u128::from(n.addr()), n.prefix_len())),
