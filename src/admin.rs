@@ -109,16 +109,21 @@ pub enum NodeCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum GatewayCommand {
-    /// Make NODE an egress gateway for --range (0.0.0.0/0: the Internet)
+    /// Make NODE an egress gateway for --range (0.0.0.0/0: the Internet),
+    /// and with --bgp for what it learns by BGP and exports ([mesh] export)
     Create {
         network: String,
         node: String,
-        #[arg(long = "range", required = true)]
+        #[arg(long = "range", required_unless_present = "bgp")]
         ranges: Vec<String>,
         #[arg(long)]
         nat: bool,
         #[arg(long)]
         metric: Option<u32>,
+        /// Also carry the prefixes the node learns by BGP and its [mesh]
+        /// export policy takes (--range may then be left out)
+        #[arg(long)]
+        bgp: bool,
     },
     List {
         #[arg(long)]
@@ -163,7 +168,11 @@ fn print_nodes(nodes: &[Node]) {
             .egress
             .as_ref()
             .map(|g| {
-                let ranges: Vec<String> = g.ranges.iter().map(|r| r.to_string()).collect();
+                let mut ranges: Vec<String> = g.ranges.iter().map(|r| r.to_string()).collect();
+                if g.bgp {
+                    // BGP-learned ranges can be many: a count, `--json` lists them.
+                    ranges.push(format!("bgp({})", g.bgp_ranges.len()));
+                }
                 format!("{}{}", ranges.join(","), if g.nat { " nat" } else { "" })
             })
             .unwrap_or_default();
@@ -359,6 +368,7 @@ pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
                 ranges,
                 nat,
                 metric,
+                bgp,
             } => {
                 let n: Node = client
                     .post(
@@ -367,6 +377,7 @@ pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
                             ranges: ranges.clone(),
                             nat_enabled: *nat,
                             metric: *metric,
+                            bgp: *bgp,
                         },
                     )
                     .await?;

@@ -14,12 +14,15 @@ use bgp4mesh_lab::{Lab, find_persistent, netns_of, state_dir, sweep_persistent};
 
 const LAB_NAME: &str = "as";
 
-pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
-    if borders != 1 {
-        bail!(
-            "--borders {borders}: only one border so far (two borders with failover are not built yet)"
-        );
+pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
+    if !(1..=2).contains(&borders) {
+        bail!("--borders {borders}: 1 or 2");
     }
+    let bgp_egress = match egress {
+        "static" => false,
+        "bgp" => true,
+        other => bail!("--egress {other:?}: static or bgp"),
+    };
     let isp = match isp {
         "bgp4mesh" => IspKind::Bgp4mesh,
         "bird" => IspKind::Bird,
@@ -42,12 +45,19 @@ pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
             nodes,
             isp,
             borders,
+            bgp_egress,
+            friend: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(60))?;
     let isp_name = match isp {
         IspKind::Bgp4mesh => "bgp4mesh",
         IspKind::Bird => "BIRD",
+    };
+    let egress_text = if bgp_egress {
+        "what it learns from the ISP ([mesh] export)"
+    } else {
+        "0.0.0.0/0"
     };
     let mut summary = String::new();
     summary.push_str(&format!(
@@ -65,12 +75,12 @@ pub fn up(nodes: usize, isp: &str, borders: usize) -> Result<()> {
         &world.fingerprint[..16.min(world.fingerprint.len())]
     ));
     summary.push_str(&format!(
-        "  border      AS 65000, {BORDER_PEERING} towards the ISP, mesh {BORDER_ADDRESS} on {}, egress 0.0.0.0/0\n",
+        "  border      AS 65000, {BORDER_PEERING} towards the ISP, mesh {BORDER_ADDRESS} on {}, egress {egress_text}\n",
         world.border.interface
     ));
     if let Some(b) = &world.border2 {
         summary.push_str(&format!(
-            "  border2     AS 65000, {} towards the ISP, mesh {} on {}, egress 0.0.0.0/0 (backup, metric 200)\n",
+            "  border2     AS 65000, {} towards the ISP, mesh {} on {}, egress {egress_text} (backup, metric 200)\n",
             bgp4mesh_lab::own_as::BORDER2_PEERING,
             b.address,
             b.interface

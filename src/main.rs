@@ -262,8 +262,13 @@ enum LabCommand {
         /// The mock ISP's BGP speaker: bgp4mesh or bird
         #[arg(long, default_value = "bgp4mesh")]
         isp: String,
+        /// Border routers: 1, or 2 (the second a backup, metric 200)
         #[arg(long, default_value_t = 1)]
         borders: usize,
+        /// The borders' egress: `static` (0.0.0.0/0) or `bgp` (what they
+        /// learn from the ISP, by `[mesh] export`)
+        #[arg(long, default_value = "static")]
+        egress: String,
     },
     /// What the lab that is up has: nodes, addresses, sessions, routes
     Status,
@@ -406,7 +411,8 @@ fn main() -> ExitCode {
             nodes,
             isp,
             borders,
-        }) => lab_as::up(*nodes, isp, *borders),
+            egress,
+        }) => lab_as::up(*nodes, isp, *borders, egress),
         Command::Lab(LabCommand::Status) => lab_as::status(),
         Command::Lab(LabCommand::Down) => lab_as::down(),
         Command::Lab(LabCommand::Exec { node, command }) => lab_as::exec(node, command),

@@ -32,6 +32,8 @@ fn own_as(isp: IspKind) -> Result<()> {
             nodes: 3,
             isp,
             borders: 1,
+            bgp_egress: false,
+            friend: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -241,6 +243,8 @@ fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
             nodes: 1,
             isp: IspKind::Bgp4mesh,
             borders: 1,
+            bgp_egress: false,
+            friend: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -375,6 +379,8 @@ fn two_borders(isp: IspKind) -> Result<()> {
             nodes: 1,
             isp,
             borders: 2,
+            bgp_egress: false,
+            friend: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -527,5 +533,217 @@ fn two_borders(isp: IspKind) -> Result<()> {
     );
     assert_eq!(exit_of(&lab)?, "border2");
     lab.stop(&back);
+    Ok(())
+}
+
+/// Routes and WireGuard peers of every mesh machine and the ISP's routes,
+/// for a failure message.
+fn dump_paths(lab: &Lab, world: &OwnAs<'_>) -> String {
+    let mut dump = String::new();
+    let mut machines = vec![&world.border];
+    machines.extend(world.border2.as_ref());
+    machines.extend(world.nodes.iter());
+    for m in machines {
+        for cmd in [
+            vec!["ip", "route", "show", "table", "all"],
+            vec!["wg", "show", m.interface.as_str(), "allowed-ips"],
+        ] {
+            let out = lab
+                .try_exec(m.daemon.node(), &cmd)
+                .map(|o| format!("{}{}", o.stdout, o.stderr))
+                .unwrap_or_default();
+            dump.push_str(&format!("== {}: {}\n{out}\n", m.name, cmd.join(" ")));
+        }
+    }
+    let isp = lab
+        .try_exec(&world.isp_node, &["ip", "route"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    dump.push_str(&format!("== isp: ip route\n{isp}\n"));
+    dump
+}
+
+/// Which border `node`'s WireGuard gives `range` to (by the border's mesh
+/// address among the peer's allowed IPs), or "none".
+fn exit_for(lab: &Lab, world: &OwnAs<'_>, n: usize, range: &str) -> Result<String> {
+    let n = &world.nodes[n];
+    let dump = lab.exec(
+        n.daemon.node(),
+        &["wg", "show", &n.interface, "allowed-ips"],
+    )?;
+    let line = dump
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w == range));
+    let border2 = world.border2.as_ref().map(|b| format!("{}/32", b.address));
+    Ok(match line {
+        None => "none",
+        Some(l) if l.contains(&format!("{}/32", world.border.address)) => "border",
+        Some(l) if border2.as_ref().is_some_and(|b| l.contains(b.as_str())) => "border2",
+        Some(_) => "another peer",
+    }
+    .to_string())
+}
+
+/// The BGP-aware mesh: the borders have no static egress; they offer the
+/// mesh what they learn by BGP (`[mesh] export`, gateways made with
+/// `--bgp`). The second border also peers with a friend's network. The
+/// node gets the ISP's default route and the Internet host's network
+/// from the preferred border and the friend's network from the second;
+/// the friend's session goes and comes back, and so does that one prefix
+/// in the mesh, while the rest stays; the first border's upstream goes
+/// and its prefixes move to the second.
+#[test]
+fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
+    if !can_run(
+        "bgp_learned_routes_are_the_mesh_egress",
+        &["wg", "ping", "traceroute"],
+    ) {
+        return Ok(());
+    }
+    use bgp4mesh_lab::own_as::{FRIEND_HOST, FRIEND_NET};
+    let lab = Lab::new("own-as-bgp-egress")?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            binary: BIN.into(),
+            nodes: 1,
+            isp: IspKind::Bgp4mesh,
+            borders: 2,
+            bgp_egress: true,
+            friend: true,
+        },
+    )?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let n1 = &world.nodes[0];
+    let node = n1.daemon.node();
+    const HOST_NET: &str = "198.51.100.0/24";
+    let bgp_ranges = |name: &str| -> Result<Vec<String>> {
+        let list: serde_json::Value =
+            serde_json::from_str(&world.admin(&["--json", "gateway", "list"])?)?;
+        let g = list
+            .as_array()
+            .and_then(|a| a.iter().find(|g| g["name"] == name))
+            .ok_or_else(|| anyhow::anyhow!("no gateway {name}: {list}"))?;
+        ensure!(
+            g["gateway"]["bgp"] == true,
+            "{name} is not a BGP gateway: {g}"
+        );
+        Ok(g["gateway"]["bgp_ranges"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    let wait_ranges = |name: &str, want: &[&str]| -> Result<()> {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{name} offering {want:?}"),
+            || {
+                let have = bgp_ranges(name)?;
+                ensure!(have == want, "{name} offers {have:?}");
+                Ok(())
+            },
+        )
+    };
+    let wait_exit = |range: &str, want: &str| -> Result<()> {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("n1 sending {range} to {want}"),
+            || {
+                let exit = exit_for(&lab, &world, 0, range)?;
+                ensure!(exit == want, "{range} goes to {exit}");
+                Ok(())
+            },
+        )
+        .map_err(|e| e.context(dump_paths(&lab, &world)))
+    };
+    let reach = |to: &str| -> Result<()> {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("n1 reaching {to}"),
+            || ping(&lab, node, to),
+        )
+        .map_err(|e| e.context(dump_paths(&lab, &world)))
+    };
+    let first_hop = |to: &str| -> Result<String> {
+        let trace = lab.exec(
+            node,
+            &["traceroute", "-n", "-q", "1", "-w", "1", "-m", "1", to],
+        )?;
+        Ok(trace
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("")
+            .to_string())
+    };
+    let border2 = world.border2.as_ref().expect("two borders");
+    let (first, second) = (
+        world.border.address.to_string(),
+        border2.address.to_string(),
+    );
+
+    wait_ranges("border", &["0.0.0.0/0", HOST_NET])?;
+    wait_ranges("border2", &["0.0.0.0/0", HOST_NET, FRIEND_NET])?;
+    wait_exit("0.0.0.0/0", "border")?;
+    wait_exit(HOST_NET, "border")?;
+    wait_exit(FRIEND_NET, "border2")?;
+    reach(INTERNET_HOST)?;
+    reach(FRIEND_HOST)?;
+    // Prefixes are routes of their own into the tunnel (the default goes
+    // through the egress table).
+    for net in [HOST_NET, FRIEND_NET] {
+        let route = lab.exec(node, &["ip", "route", "show", net])?;
+        ensure!(route.contains(&n1.interface), "n1: {net}: {route}");
+    }
+    assert_eq!(first_hop(INTERNET_HOST)?, first);
+    assert_eq!(first_hop(FRIEND_HOST)?, second);
+
+    // The friend's session goes: its prefix leaves the mesh, the rest stays.
+    let friend = world.friend.as_ref().expect("a friend");
+    let started = std::time::Instant::now();
+    friend.cli(&["bgp", "disable", "border2"])?;
+    wait_until(
+        Duration::from_secs(10),
+        "n1's route to the friend to go",
+        || {
+            let route = lab.exec(node, &["ip", "route", "show", FRIEND_NET])?;
+            ensure!(route.trim().is_empty(), "{route}");
+            Ok(())
+        },
+    )?;
+    eprintln!(
+        "friend's session down: its prefix out of n1's routes after {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    wait_ranges("border2", &["0.0.0.0/0", HOST_NET])?;
+    wait_exit(FRIEND_NET, "none")?;
+    ping(&lab, node, INTERNET_HOST)?;
+    friend.cli(&["bgp", "enable", "border2"])?;
+    wait_ranges("border2", &["0.0.0.0/0", HOST_NET, FRIEND_NET])?;
+    wait_exit(FRIEND_NET, "border2")?;
+    reach(FRIEND_HOST)?;
+
+    // The first border's upstream goes: what it offered moves to the
+    // second border, and traffic with it.
+    let started = std::time::Instant::now();
+    world.border.daemon.cli(&["bgp", "disable", "isp"])?;
+    wait_exit(HOST_NET, "border2")?;
+    eprintln!(
+        "first border's upstream down: {HOST_NET} on the second border after {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    wait_ranges("border", &[])?;
+    wait_exit("0.0.0.0/0", "border2")?;
+    reach(INTERNET_HOST)?;
+    assert_eq!(first_hop(INTERNET_HOST)?, second);
+    world.border.daemon.cli(&["bgp", "enable", "isp"])?;
+    wait_ranges("border", &["0.0.0.0/0", HOST_NET])?;
+    wait_exit(HOST_NET, "border")?;
+    reach(INTERNET_HOST)?;
+    assert_eq!(first_hop(INTERNET_HOST)?, first);
     Ok(())
 }

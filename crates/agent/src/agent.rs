@@ -39,29 +39,104 @@ const ANNOUNCE_ANYWAY: Duration = Duration::from_secs(10);
 pub const EGRESS_TABLE: u32 = 4400;
 pub const EGRESS_MARK: u32 = 4400;
 
-/// Whether a gateway carries the default route of this address family.
-fn carries_default(peer: &bgp4mesh_api::Peer, v6: bool) -> bool {
-    peer.egress.as_ref().is_some_and(|g| {
-        g.ranges
-            .iter()
-            .any(|r| r.prefix_len() == 0 && r.addr().is_ipv6() == v6)
-    })
+/// Which peer carries each egress range for this node.
+///
+/// Per range, among the peers whose gateway carries it (the operator's
+/// ranges and the BGP-learned ones alike): the healthy ones first, then the
+/// lowest metric, then the lowest node id, so every node picks the same
+/// one and two borders offering one prefix fail over per prefix. A range
+/// only unhealthy gateways carry stays with the best of them, since nothing
+/// else reaches it, except a default route: without a healthy exit the
+/// node keeps its own. Ranges this node carries itself, and ranges within
+/// its own mesh networks, are not sent into the tunnel.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Exits {
+    /// Range → node id of the peer that carries it.
+    chosen: std::collections::BTreeMap<IpNet, String>,
 }
 
-/// The gateway this node sends its default route to: the lowest metric,
-/// then the lowest node id (so every node picks the same one).
-fn default_gateway(state: &MeshState, v6: bool) -> Option<&bgp4mesh_api::Peer> {
-    state
-        .peers
+impl Exits {
+    fn of(state: &MeshState, own_networks: &[IpNet]) -> Exits {
+        let own: Vec<IpNet> = state
+            .node
+            .egress
+            .as_ref()
+            .map(|g| g.all_ranges().copied().collect())
+            .unwrap_or_default();
+        type Rank = (bool, u32, String);
+        let mut best: std::collections::BTreeMap<IpNet, Rank> = Default::default();
+        for peer in &state.peers {
+            let Some(g) = &peer.egress else { continue };
+            for range in g.all_ranges() {
+                if own.contains(range) || own_networks.iter().any(|a| a.contains(range)) {
+                    continue;
+                }
+                if range.prefix_len() == 0 && !g.healthy {
+                    continue;
+                }
+                let rank = (!g.healthy, g.metric, peer.node_id.clone());
+                match best.get(range) {
+                    Some(have) if *have <= rank => {}
+                    _ => {
+                        best.insert(*range, rank);
+                    }
+                }
+            }
+        }
+        Exits {
+            chosen: best.into_iter().map(|(r, (_, _, id))| (r, id)).collect(),
+        }
+    }
+
+    /// Whether `peer` is the exit for `range`.
+    fn is_exit(&self, range: &IpNet, peer: &str) -> bool {
+        self.chosen.get(range).is_some_and(|id| id == peer)
+    }
+
+    /// The default route's exit of one address family.
+    fn default_exit(&self, v6: bool) -> Option<&str> {
+        let default: IpNet = if v6 {
+            IpNet::V6(ipnet::Ipv6Net::default())
+        } else {
+            IpNet::V4(ipnet::Ipv4Net::default())
+        };
+        self.chosen.get(&default).map(String::as_str)
+    }
+
+    /// The routes into the tunnel other than the default routes.
+    fn routes(&self) -> Vec<IpNet> {
+        self.chosen
+            .keys()
+            .filter(|r| r.prefix_len() > 0)
+            .copied()
+            .collect()
+    }
+}
+
+/// The node's mesh addresses with their network's prefix length.
+fn own_addresses(state: &MeshState) -> Result<Vec<IpNet>> {
+    let mut addresses = Vec::new();
+    if let (Some(a), Some(range)) = (state.node.address, &state.network.addressrange)
+        && let Ok(range) = range.parse::<IpNet>()
+    {
+        addresses.push(IpNet::new(a.into(), range.prefix_len())?);
+    }
+    if let (Some(a), Some(range)) = (state.node.address6, &state.network.addressrange6)
+        && let Ok(range) = range.parse::<IpNet>()
+    {
+        addresses.push(IpNet::new(a.into(), range.prefix_len())?);
+    }
+    Ok(addresses)
+}
+
+/// The networks of the node's mesh addresses (reached directly, never
+/// through an exit).
+fn own_networks(state: &MeshState) -> Vec<IpNet> {
+    own_addresses(state)
+        .unwrap_or_default()
         .iter()
-        .filter(|p| carries_default(p, v6))
-        .filter(|p| p.egress.as_ref().is_some_and(|g| g.healthy))
-        .min_by_key(|p| {
-            (
-                p.egress.as_ref().map_or(u32::MAX, |g| g.metric),
-                p.node_id.clone(),
-            )
-        })
+        .map(IpNet::trunc)
+        .collect()
 }
 
 /// What `join` leaves in the state directory (`node.json`, mode 0600).
@@ -175,6 +250,10 @@ pub struct AgentOptions {
     /// to the controller at once on every change, so nodes leave a border
     /// that lost its upstream.
     pub upstream: Option<tokio::sync::watch::Receiver<bool>>,
+    /// On a border with `[mesh] export`: the BGP-learned prefixes its
+    /// export policy takes. Reported at once on every change (and with
+    /// every report), for the controller to hand out as egress ranges.
+    pub bgp_ranges: Option<tokio::sync::watch::Receiver<Vec<IpNet>>>,
     /// Fired once the mesh is applied the first time (from the controller
     /// or the cache): a border starts BGP then.
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
@@ -193,6 +272,7 @@ impl Clone for AgentOptions {
             interface: self.interface.clone(),
             backend: self.backend,
             upstream: self.upstream.clone(),
+            bgp_ranges: self.bgp_ranges.clone(),
             ready: None,
             announce: None,
         }
@@ -206,6 +286,7 @@ impl Default for AgentOptions {
             interface: DEFAULT_INTERFACE.to_string(),
             backend: Backend::Auto,
             upstream: None,
+            bgp_ranges: None,
             ready: None,
             announce: None,
         }
@@ -227,22 +308,10 @@ impl Mesh {
         let behind_nat = state.node.endpoint.is_none();
         let keepalive = (behind_nat && state.network.persistent_keepalive > 0)
             .then_some(state.network.persistent_keepalive);
-        // A node that is itself an exit keeps its own default route.
-        let self_exit = |v6: bool| {
-            state.node.egress.as_ref().is_some_and(|g| {
-                g.ranges
-                    .iter()
-                    .any(|r| r.prefix_len() == 0 && r.addr().is_ipv6() == v6)
-            })
-        };
-        let exit4 = (!self_exit(false))
-            .then(|| default_gateway(state, false))
-            .flatten()
-            .map(|p| p.node_id.clone());
-        let exit6 = (!self_exit(true))
-            .then(|| default_gateway(state, true))
-            .flatten()
-            .map(|p| p.node_id.clone());
+        let own_networks = own_networks(state);
+        let exits = Exits::of(state, &own_networks);
+        let exit4 = exits.default_exit(false);
+        let exit6 = exits.default_exit(true);
         let peers = state
             .peers
             .iter()
@@ -250,19 +319,17 @@ impl Mesh {
                 let key = Key::from_base64(&p.public_key).ok()?;
                 let mut peer = PeerConfig::new(key);
                 peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
-                // A default route belongs to one peer: the chosen exit.
+                // An egress range belongs to one peer: its chosen exit. The
+                // rest (the peer's own addresses) stays.
+                let carries = |r: &IpNet| {
+                    p.egress
+                        .as_ref()
+                        .is_some_and(|g| g.all_ranges().any(|x| x == r))
+                };
                 peer.allowed_ips = p
                     .allowed_ips
                     .iter()
-                    .filter(|r| {
-                        r.prefix_len() != 0
-                            || Some(&p.node_id)
-                                == if r.addr().is_ipv6() {
-                                    exit6.as_ref()
-                                } else {
-                                    exit4.as_ref()
-                                }
-                    })
+                    .filter(|r| !carries(r) || exits.is_exit(r, &p.node_id))
                     .copied()
                     .collect();
                 peer.persistent_keepalive = keepalive;
@@ -283,34 +350,15 @@ impl Mesh {
         self.device
             .configure(&desired)
             .context("configuring the WireGuard device")?;
-        let mut addresses = Vec::new();
-        if let (Some(a), Some(range)) = (state.node.address, &state.network.addressrange)
-            && let Ok(range) = range.parse::<IpNet>()
-        {
-            addresses.push(IpNet::new(a.into(), range.prefix_len())?);
-        }
-        if let (Some(a), Some(range)) = (state.node.address6, &state.network.addressrange6)
-            && let Ok(range) = range.parse::<IpNet>()
-        {
-            addresses.push(IpNet::new(a.into(), range.prefix_len())?);
-        }
+        let addresses = own_addresses(state)?;
         let name = &self.options.interface;
         self.links
             .up(name, Some(u32::from(state.network.mtu)))
             .await?;
         self.links.set_addresses(name, &addresses).await?;
         // Egress ranges other than the default route go into the tunnel
-        // (the default route needs policy routing: the border issue).
-        let mut routes: Vec<IpNet> = state
-            .peers
-            .iter()
-            .filter_map(|p| p.egress.as_ref())
-            .flat_map(|g| g.ranges.iter().copied())
-            .filter(|r| r.prefix_len() > 0)
-            .filter(|r| !addresses.iter().any(|a| a.contains(r)))
-            .collect();
-        routes.sort();
-        routes.dedup();
+        // (the default route needs policy routing, below).
+        let routes = exits.routes();
         self.links.set_device_routes(name, &routes).await?;
         self.links
             .set_default_through(
@@ -324,7 +372,7 @@ impl Mesh {
         // A gateway forwards between the mesh and the world.
         if let Some(g) = &state.node.egress {
             bgp4mesh_kernel::links::sysctl("net.ipv4.ip_forward", "1")?;
-            if g.ranges.iter().any(|r| r.addr().is_ipv6()) || state.node.address6.is_some() {
+            if g.all_ranges().any(|r| r.addr().is_ipv6()) || state.node.address6.is_some() {
                 bgp4mesh_kernel::links::sysctl("net.ipv6.conf.all.forwarding", "1")?;
             }
         }
@@ -398,6 +446,16 @@ impl Mesh {
                 .collect();
         }
         report
+    }
+}
+
+/// Waits for the next change of a watched value; never, without one.
+async fn changed_or_never<T>(
+    watch: &mut Option<tokio::sync::watch::Receiver<T>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -535,28 +593,36 @@ pub async fn run(
         let mesh = Arc::clone(&mesh);
         let client = client.clone();
         let mut upstream = options.upstream.clone();
+        let mut bgp_ranges = options.bgp_ranges.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REPORT_EVERY);
             loop {
-                match upstream.as_mut() {
-                    Some(watch) => {
-                        tokio::select! {
-                            _ = tick.tick() => {}
-                            changed = watch.changed() => {
-                                if changed.is_err() {
-                                    upstream = None;
-                                    continue;
-                                }
-                                tracing::info!(up = *watch.borrow(), "BGP upstream changed");
-                            }
+                // A report every REPORT_EVERY, and at once when the border's
+                // upstream or its BGP-learned ranges change.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = changed_or_never(&mut upstream) => {
+                        if changed.is_err() {
+                            upstream = None;
+                            continue;
+                        }
+                        if let Some(w) = &upstream {
+                            tracing::info!(up = *w.borrow(), "BGP upstream changed");
                         }
                     }
-                    None => {
-                        tick.tick().await;
+                    changed = changed_or_never(&mut bgp_ranges) => {
+                        if changed.is_err() {
+                            bgp_ranges = None;
+                            continue;
+                        }
+                        if let Some(w) = &bgp_ranges {
+                            tracing::info!(ranges = w.borrow().len(), "BGP-learned egress ranges changed");
+                        }
                     }
                 }
                 let mut report = mesh.report();
                 report.upstream = upstream.as_ref().map(|w| *w.borrow());
+                report.bgp_ranges = bgp_ranges.as_ref().map(|w| w.borrow().clone());
                 if let Err(e) = client.post_empty("/api/agent/report", &report).await {
                     tracing::debug!("report: {e:#}");
                 }
@@ -640,4 +706,169 @@ pub async fn run(
     };
     reporter.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bgp4mesh_api::{Gateway, Network, Node, Peer};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("prefix")
+    }
+
+    fn gateway(ranges: &[&str], bgp_ranges: &[&str], metric: u32, healthy: bool) -> Gateway {
+        Gateway {
+            ranges: ranges.iter().map(|r| net(r)).collect(),
+            nat: false,
+            metric,
+            healthy,
+            bgp: !bgp_ranges.is_empty(),
+            bgp_ranges: bgp_ranges.iter().map(|r| net(r)).collect(),
+        }
+    }
+
+    fn peer(id: &str, egress: Option<Gateway>) -> Peer {
+        Peer {
+            node_id: id.into(),
+            name: id.into(),
+            public_key: String::new(),
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            egress,
+        }
+    }
+
+    fn state(own: Option<Gateway>, peers: Vec<Peer>) -> MeshState {
+        MeshState {
+            revision: 1,
+            network: Network {
+                netid: "mynet".into(),
+                addressrange: Some("44.30.127.0/24".into()),
+                addressrange6: None,
+                mtu: 1420,
+                listen_port: 51820,
+                persistent_keepalive: 0,
+                nodes: 3,
+            },
+            node: Node {
+                id: "me".into(),
+                network: "mynet".into(),
+                name: "me".into(),
+                public_key: String::new(),
+                address: Some("44.30.127.2".parse().expect("address")),
+                address6: None,
+                endpoint: None,
+                listen_port: 51820,
+                tags: Vec::new(),
+                egress: own,
+                last_seen: None,
+                online: true,
+                handshakes: Vec::new(),
+            },
+            peers,
+        }
+    }
+
+    fn exits(s: &MeshState) -> Vec<(String, String)> {
+        Exits::of(s, &own_networks(s))
+            .chosen
+            .into_iter()
+            .map(|(r, id)| (r.to_string(), id))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(r, id)| (r.to_string(), id.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn each_range_goes_to_its_best_healthy_gateway() {
+        let s = state(
+            None,
+            vec![
+                peer(
+                    "b1",
+                    Some(gateway(&[], &["0.0.0.0/0", "198.51.100.0/24"], 100, true)),
+                ),
+                peer(
+                    "b2",
+                    Some(gateway(
+                        &[],
+                        &["0.0.0.0/0", "198.51.100.0/24", "203.0.113.0/24"],
+                        200,
+                        true,
+                    )),
+                ),
+                peer("n2", None),
+            ],
+        );
+        assert_eq!(
+            exits(&s),
+            pairs(&[
+                ("0.0.0.0/0", "b1"),
+                ("198.51.100.0/24", "b1"),
+                ("203.0.113.0/24", "b2")
+            ])
+        );
+        let e = Exits::of(&s, &own_networks(&s));
+        assert_eq!(e.default_exit(false), Some("b1"));
+        assert_eq!(e.default_exit(true), None);
+        assert_eq!(
+            e.routes(),
+            vec![net("198.51.100.0/24"), net("203.0.113.0/24")]
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_gateway_keeps_only_what_no_healthy_one_carries() {
+        let s = state(
+            None,
+            vec![
+                peer(
+                    "b1",
+                    Some(gateway(&["0.0.0.0/0", "10.1.0.0/16"], &[], 100, false)),
+                ),
+                peer("b2", Some(gateway(&["0.0.0.0/0"], &[], 200, true))),
+            ],
+        );
+        assert_eq!(
+            exits(&s),
+            pairs(&[("0.0.0.0/0", "b2"), ("10.1.0.0/16", "b1")])
+        );
+        // With no healthy exit at all, the node keeps its own default.
+        let s = state(
+            None,
+            vec![peer("b1", Some(gateway(&["0.0.0.0/0"], &[], 100, false)))],
+        );
+        assert_eq!(exits(&s), Vec::new());
+    }
+
+    #[test]
+    fn what_the_node_carries_itself_or_its_own_network_stays_out_of_the_tunnel() {
+        let s = state(
+            Some(gateway(&[], &["0.0.0.0/0", "198.51.100.0/24"], 100, true)),
+            vec![peer(
+                "b2",
+                Some(gateway(
+                    &["44.30.127.0/24", "44.30.127.128/25"],
+                    &["0.0.0.0/0", "198.51.100.0/24", "203.0.113.0/24"],
+                    200,
+                    true,
+                )),
+            )],
+        );
+        assert_eq!(exits(&s), pairs(&[("203.0.113.0/24", "b2")]));
+    }
+
+    #[test]
+    fn equal_gateways_are_told_apart_by_node_id_the_same_everywhere() {
+        let g = || Some(gateway(&["0.0.0.0/0"], &[], 100, true));
+        let a = state(None, vec![peer("zz", g()), peer("aa", g())]);
+        let b = state(None, vec![peer("aa", g()), peer("zz", g())]);
+        assert_eq!(exits(&a), pairs(&[("0.0.0.0/0", "aa")]));
+        assert_eq!(exits(&a), exits(&b));
+    }
 }

@@ -173,7 +173,17 @@ pub struct NodeReport {
     /// For a border: whether it has a BGP session up with an upstream.
     #[serde(default)]
     pub upstream: Option<bool>,
+    /// For a border with `[mesh] export`: the BGP-learned prefixes its
+    /// export policy takes, offered to the mesh as egress ranges (used
+    /// only if the controller's gateway for it has `bgp` set). At most
+    /// [`MAX_BGP_RANGES`].
+    #[serde(default)]
+    pub bgp_ranges: Option<Vec<IpNet>>,
 }
+
+/// The most BGP-learned ranges one gateway may offer the mesh: each is a
+/// WireGuard allowed IP and a kernel route on every node.
+pub const MAX_BGP_RANGES: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedPeer {
@@ -191,9 +201,17 @@ pub struct ReportedPeer {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gateway {
+    /// The ranges the operator gave it.
     pub ranges: Vec<IpNet>,
     pub nat: bool,
     pub metric: u32,
+    /// Whether the gateway also carries what it learns by BGP and exports
+    /// to the mesh (its `[mesh] export` policy): `bgp_ranges`.
+    #[serde(default)]
+    pub bgp: bool,
+    /// The BGP-learned ranges it exports now (empty unless `bgp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bgp_ranges: Vec<IpNet>,
     /// False while the gateway cannot carry traffic: its agent's stream is
     /// gone (the node died or lost the controller) or it reported its BGP
     /// upstream down. Nodes then use the next gateway.
@@ -203,6 +221,13 @@ pub struct Gateway {
 
 fn healthy_default() -> bool {
     true
+}
+
+impl Gateway {
+    /// Every range it carries: the operator's and the BGP-learned ones.
+    pub fn all_ranges(&self) -> impl Iterator<Item = &IpNet> {
+        self.ranges.iter().chain(&self.bgp_ranges)
+    }
 }
 
 /// `POST /api/nodes/{network}/{node}/creategateway`, as Netmaker takes it:
@@ -220,6 +245,10 @@ pub struct GatewayCreate {
     pub nat_enabled: bool,
     #[serde(default)]
     pub metric: Option<u32>,
+    /// Also carry the ranges the node learns by BGP and exports to the
+    /// mesh (its `[mesh] export` policy); `ranges` may then be empty.
+    #[serde(default)]
+    pub bgp: bool,
 }
 
 /// "yes"/"no" (Netmaker's strings) or a JSON boolean.

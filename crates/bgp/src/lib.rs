@@ -5,6 +5,7 @@
 //! back (bytes to send, timers to arm, routes to install). That keeps every
 //! behaviour testable on virtual time, byte for byte.
 
+pub mod export_set;
 pub mod policy;
 pub mod rib;
 pub mod session;

@@ -777,3 +777,82 @@ fn graceful_restart_keeps_a_restarting_neighbours_routes_while_it_is_away() {
         "gone after the restart time"
     );
 }
+
+/// A border's `[mesh] export`: the BGP-learned prefixes its policy takes,
+/// kept up to date from route changes, bounded, never its own statics.
+#[test]
+fn an_export_set_follows_the_best_routes_its_policy_takes() {
+    use bgp4mesh_bgp::export_set::ExportSet;
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![neighbor("isp", "172.30.0.1", 65001)],
+            &["44.30.127.0/24"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("border", "172.30.0.100", 65000)],
+            &[
+                "0.0.0.0/0",
+                "198.51.100.0/24",
+                "198.51.100.128/25",
+                "203.0.113.0/24",
+            ],
+        ),
+    ]);
+    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    net.start();
+    let to_mesh = Arc::new(Policy {
+        name: "to-mesh".into(),
+        rules: vec![Rule {
+            matches: Match {
+                prefixes: vec![
+                    PrefixRange::or_longer(pfx("198.51.100.0/24")),
+                    PrefixRange::exact(pfx("0.0.0.0/0")),
+                    // The border's own block: a static, so never taken.
+                    PrefixRange::exact(pfx("44.30.127.0/24")),
+                ],
+                neighbors: vec!["isp".into()],
+                ..Match::default()
+            },
+            set: Vec::new(),
+            verdict: Verdict::Accept,
+        }],
+        default: Verdict::Reject,
+    });
+    let mut set = ExportSet::new(to_mesh.clone(), 100);
+    set.rebuild(&net.speakers[0], to_mesh.clone(), 100);
+    assert_eq!(
+        set.take_changed(),
+        Some(vec![
+            pfx("0.0.0.0/0"),
+            pfx("198.51.100.0/24"),
+            pfx("198.51.100.128/25")
+        ])
+    );
+    assert_eq!(set.take_changed(), None, "reported once");
+    // The same set from the route changes as they came.
+    let mut fed = ExportSet::new(to_mesh.clone(), 100);
+    for change in net.routes[0].values() {
+        fed.route_changed(&net.speakers[0], change);
+    }
+    assert_eq!(fed.take_changed().map(|v| v.len()), Some(3));
+
+    // A limit leaves the rest out, and says how many.
+    let mut small = ExportSet::new(to_mesh.clone(), 2);
+    small.rebuild(&net.speakers[0], to_mesh.clone(), 2);
+    assert_eq!(small.len(), 2);
+    assert_eq!(small.left_out(), 1);
+
+    // The ISP goes: every learned route is withdrawn, and the set follows
+    // the route changes one by one.
+    net.cut("172.30.0.100", "172.30.0.1");
+    let changes: Vec<RouteChange> = net.routes[0].values().cloned().collect();
+    for change in &changes {
+        set.route_changed(&net.speakers[0], change);
+    }
+    assert_eq!(set.take_changed(), Some(Vec::new()));
+    assert!(set.is_empty());
+}

@@ -784,9 +784,9 @@ async fn create_gateway(
 ) -> Reply<bgp4mesh_api::Node> {
     may_manage(&ctl, &headers, Some(&netid), false).await?;
     let req = body(json)?;
-    if req.ranges.is_empty() {
+    if req.ranges.is_empty() && !req.bgp {
         return Err(Failure::bad(
-            "ranges: at least one prefix (0.0.0.0/0 for everything)",
+            "ranges: at least one prefix (0.0.0.0/0 for everything), or bgp: true for the ranges the node learns by BGP",
         ));
     }
     let mut ranges = Vec::new();
@@ -809,6 +809,7 @@ async fn create_gateway(
         ranges,
         nat: req.nat_enabled,
         metric: req.metric.unwrap_or(256),
+        bgp: req.bgp,
     };
     let revision = ctl.store.set_gateway(&gateway, &netid, now()).await?;
     let mut updated = view.clone();
@@ -856,10 +857,10 @@ async fn list_gateways(
             .nodes(filter.network.as_deref())
             .iter()
             .filter_map(|(_, n)| {
-                let g = n.gateway.as_ref()?;
+                let g = render_gateway(n)?;
                 Some(serde_json::json!({
                     "node": n.row.id, "name": n.row.name, "network": n.row.network,
-                    "gateway": render_gateway(g, n.healthy()),
+                    "gateway": g,
                 }))
             })
             .collect(),
@@ -1096,6 +1097,28 @@ impl Controller {
     }
 }
 
+/// A border's BGP-learned ranges: networks (no host bits), at most
+/// `MAX_BGP_RANGES`; returned sorted and unique.
+fn check_bgp_ranges(ranges: &[IpNet]) -> Result<Vec<IpNet>, Failure> {
+    if ranges.len() > bgp4mesh_api::MAX_BGP_RANGES {
+        return Err(Failure::bad(format!(
+            "bgp_ranges: {} ranges, at most {} (narrow the [mesh] export policy)",
+            ranges.len(),
+            bgp4mesh_api::MAX_BGP_RANGES
+        )));
+    }
+    if let Some(r) = ranges.iter().find(|r| r.trunc() != **r) {
+        return Err(Failure::bad(format!(
+            "bgp_ranges: {r} has host bits set; the network is {}",
+            r.trunc()
+        )));
+    }
+    let mut ranges = ranges.to_vec();
+    ranges.sort();
+    ranges.dedup();
+    Ok(ranges)
+}
+
 async fn agent_report(
     State(ctl): State<Arc<Controller>>,
     headers: HeaderMap,
@@ -1106,6 +1129,10 @@ async fn agent_report(
     if let Some(e) = &report.endpoint {
         check_endpoint(e)?;
     }
+    let bgp_ranges = match &report.bgp_ranges {
+        Some(ranges) => Some(check_bgp_ranges(ranges)?),
+        None => None,
+    };
     let peers = ctl.hub.nodes(Some(&node.network));
     let by_key = |key: &str| {
         peers
@@ -1138,6 +1165,20 @@ async fn agent_report(
         .upstream_reported(&node.network, &node.id, report.upstream)
     {
         ctl.publish_health(&node).await?;
+    }
+    if let Some(ranges) = bgp_ranges
+        && ctl.hub.bgp_ranges_reported(&node.network, &node.id, ranges)
+    {
+        let revision = ctl
+            .store
+            .note_change(&node.network, &node.id, "gateway_bgp_ranges", now())
+            .await?;
+        let id = node.id.clone();
+        ctl.hub
+            .node_changed(revision, &node.network, &node.id, |old| {
+                old.unwrap_or_else(|| unreachable_view(&id))
+            });
+        tracing::info!(node = %node.name, "BGP-learned egress ranges changed");
     }
     let changed = ctl
         .hub

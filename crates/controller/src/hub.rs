@@ -38,6 +38,9 @@ pub struct NodeView {
     pub streams: u32,
     /// What the node last said of its BGP upstream (borders).
     pub upstream: Option<bool>,
+    /// The BGP-learned ranges it last said it exports (sorted, unique);
+    /// carried by its gateway when that has `bgp` set.
+    pub bgp_ranges: Vec<IpNet>,
     /// Whether the node reported since its stream (re)connected.
     pub reported: bool,
 }
@@ -52,6 +55,7 @@ impl NodeView {
             handshakes: Vec::new(),
             streams: 0,
             upstream: None,
+            bgp_ranges: Vec::new(),
             reported: false,
         }
     }
@@ -258,12 +262,17 @@ impl Hub {
             return false;
         };
         let before = node.healthy();
+        let mut ranges_dropped = false;
         node.streams = node.streams.saturating_add_signed(delta);
         if node.streams == 0 {
             node.reported = false;
             node.upstream = None;
+            // What it learns by BGP is said again when it is back.
+            ranges_dropped = !std::mem::take(&mut node.bgp_ranges).is_empty();
         }
-        node.gateway.is_some() && node.healthy() != before
+        node.gateway
+            .as_ref()
+            .is_some_and(|g| node.healthy() != before || g.bgp && ranges_dropped)
     }
 
     /// A node reported its upstream. Returns whether its health as a
@@ -279,6 +288,20 @@ impl Hub {
             node.upstream = upstream;
         }
         node.gateway.is_some() && node.healthy() != before
+    }
+
+    /// A node reported the ranges it exports from BGP (sorted, unique).
+    /// Returns whether its gateway carries them and they changed.
+    pub fn bgp_ranges_reported(&self, netid: &str, id: &str, ranges: Vec<IpNet>) -> bool {
+        let mut inner = self.write();
+        let Some(node) = inner.node_mut(netid, id) else {
+            return false;
+        };
+        if node.bgp_ranges == ranges {
+            return false;
+        }
+        node.bgp_ranges = ranges;
+        node.gateway.as_ref().is_some_and(|g| g.bgp)
     }
 
     // -- reads -------------------------------------------------------------
@@ -515,13 +538,21 @@ pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
     }
 }
 
-pub fn render_gateway(g: &GatewayRow, healthy: bool) -> Gateway {
-    Gateway {
+/// A node's gateway as nodes and operators see it.
+pub fn render_gateway(n: &NodeView) -> Option<Gateway> {
+    let g = n.gateway.as_ref()?;
+    Some(Gateway {
         ranges: g.ranges.iter().filter_map(|r| r.parse().ok()).collect(),
         nat: g.nat,
         metric: g.metric,
-        healthy,
-    }
+        healthy: n.healthy(),
+        bgp: g.bgp,
+        bgp_ranges: if g.bgp {
+            n.bgp_ranges.clone()
+        } else {
+            Vec::new()
+        },
+    })
 }
 
 pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
@@ -535,7 +566,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         endpoint: endpoint_of(n),
         listen_port: n.row.listen_port,
         tags: n.row.tags.clone(),
-        egress: n.gateway.as_ref().map(|g| render_gateway(g, n.healthy())),
+        egress: render_gateway(n),
         last_seen: n.last_seen,
         online: is_online(n, now),
         handshakes: n.handshakes.clone(),
@@ -564,9 +595,9 @@ pub fn render_peer(n: &NodeView) -> Peer {
     if let Some(a) = n.row.address6 {
         allowed_ips.push(host_net(a.into()));
     }
-    let egress = n.gateway.as_ref().map(|g| render_gateway(g, n.healthy()));
+    let egress = render_gateway(n);
     if let Some(g) = &egress {
-        allowed_ips.extend(g.ranges.iter().copied());
+        allowed_ips.extend(g.all_ranges().copied());
     }
     Peer {
         node_id: n.row.id.clone(),

@@ -58,7 +58,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// is written to mean the same on SQLite and PostgreSQL (TEXT, BIGINT,
 /// plain constraints); a change that cannot be should get a per-dialect
 /// entry here.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE networks (
     netid TEXT PRIMARY KEY,
     addressrange TEXT,
@@ -113,7 +114,11 @@ CREATE TABLE changes (
     kind TEXT NOT NULL,
     at BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE gateways ADD COLUMN bgp BIGINT NOT NULL DEFAULT 0
+"#,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRow {
@@ -159,6 +164,8 @@ pub struct GatewayRow {
     pub ranges: Vec<String>,
     pub nat: bool,
     pub metric: u32,
+    /// Whether it also carries the ranges it reports learning by BGP.
+    pub bgp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -555,13 +562,16 @@ impl Store {
             .bind(&g.node_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO gateways (node_id, ranges, nat, metric) VALUES ($1, $2, $3, $4)")
-            .bind(&g.node_id)
-            .bind(list_text(&g.ranges))
-            .bind(i64::from(g.nat))
-            .bind(i64::from(g.metric))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO gateways (node_id, ranges, nat, metric, bgp) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&g.node_id)
+        .bind(list_text(&g.ranges))
+        .bind(i64::from(g.nat))
+        .bind(i64::from(g.metric))
+        .bind(i64::from(g.bgp))
+        .execute(&mut *tx)
+        .await?;
         let revision =
             record_change(&mut tx, network, Some(&g.node_id), "gateway_set", now).await?;
         tx.commit().await?;
@@ -587,7 +597,7 @@ impl Store {
 
     pub async fn gateways(&self) -> Result<Vec<GatewayRow>> {
         let rows =
-            sqlx::query("SELECT node_id, ranges, nat, metric FROM gateways ORDER BY node_id")
+            sqlx::query("SELECT node_id, ranges, nat, metric, bgp FROM gateways ORDER BY node_id")
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
@@ -597,6 +607,7 @@ impl Store {
                     ranges: list(&r.try_get::<String, _>("ranges")?),
                     nat: r.try_get::<i64, _>("nat")? != 0,
                     metric: u32::try_from(r.try_get::<i64, _>("metric")?).unwrap_or(0),
+                    bgp: r.try_get::<i64, _>("bgp")? != 0,
                 })
             })
             .collect()

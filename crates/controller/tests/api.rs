@@ -450,6 +450,105 @@ async fn suite(database: &str, name: &str) -> Result<()> {
     );
     assert_eq!(border.endpoint.as_deref(), Some("192.0.2.10:51820"));
 
+    // -- BGP-learned egress ranges ------------------------------------------
+    let report = |ranges: Value| {
+        let c = &c;
+        let credential = first.credential.clone();
+        async move {
+            c.post(
+                "/api/agent/report",
+                Some(&credential),
+                json!({"bgp_ranges": ranges}),
+            )
+            .await
+        }
+    };
+    let border_seen_by_laptop = || {
+        let c = &c;
+        let credential = second.credential.clone();
+        async move {
+            let (status, state) = c.get("/api/agent/state", Some(&credential)).await?;
+            ensure!(status == StatusCode::OK, "{state}");
+            let state: MeshState = serde_json::from_value(state)?;
+            state.peers.into_iter().next().context("the border")
+        }
+    };
+    // A gateway without `bgp` ignores what the node says it learns.
+    let (status, v) = report(json!(["203.0.113.0/24"])).await?;
+    assert!(status.is_success(), "{status} {v}");
+    let seen = border_seen_by_laptop().await?;
+    assert_eq!(
+        seen.allowed_ips,
+        vec!["44.30.127.1/32".parse()?, "0.0.0.0/0".parse()?]
+    );
+    refused(
+        c.post(
+            &format!("/api/nodes/mynet/{}/creategateway", first.node.id),
+            Some(MASTER),
+            json!({"ranges": []}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "bgp: true",
+    );
+    let (status, v) = c
+        .post(
+            &format!("/api/nodes/mynet/{}/creategateway", first.node.id),
+            Some(MASTER),
+            json!({"ranges": [], "bgp": true}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let seen = border_seen_by_laptop().await?;
+    assert_eq!(
+        seen.allowed_ips,
+        vec!["44.30.127.1/32".parse()?, "203.0.113.0/24".parse()?],
+        "what it reported before counts now"
+    );
+    let (status, v) = report(json!([
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "198.51.100.0/24"
+    ]))
+    .await?;
+    assert!(status.is_success(), "{status} {v}");
+    let seen = border_seen_by_laptop().await?;
+    let egress = seen.egress.context("egress")?;
+    assert!(egress.bgp && egress.ranges.is_empty());
+    assert_eq!(
+        egress.bgp_ranges,
+        vec!["198.51.100.0/24".parse()?, "203.0.113.0/24".parse()?],
+        "sorted, once each"
+    );
+    refused(
+        report(json!(["198.51.100.7/24"])).await?,
+        StatusCode::BAD_REQUEST,
+        "host bits",
+    );
+    let too_many: Vec<String> = (0..=bgp4mesh_api::MAX_BGP_RANGES)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    refused(
+        report(json!(too_many)).await?,
+        StatusCode::BAD_REQUEST,
+        "at most",
+    );
+    let seen = border_seen_by_laptop().await?;
+    assert_eq!(
+        seen.egress.map(|g| g.bgp_ranges.len()),
+        Some(2),
+        "a refused report changes nothing"
+    );
+    // Back to the seed's gateway for the rest.
+    let (status, v) = c
+        .post(
+            &format!("/api/nodes/mynet/{}/creategateway", first.node.id),
+            Some(MASTER),
+            json!({"ranges": ["0.0.0.0/0"], "natEnabled": "no"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+
     // -- scoped keys --------------------------------------------------------
     let scoped = |scope: &'static str| {
         let c = &c;

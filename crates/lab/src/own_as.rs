@@ -34,6 +34,11 @@ pub const BORDER_PEERING: &str = "172.30.0.100";
 pub const BORDER2_ADDRESS: &str = "44.30.127.254";
 pub const ISP_PEERING2: &str = "172.31.0.1";
 pub const BORDER2_PEERING: &str = "172.31.0.100";
+/// The friend's network and its one address in it (`friend: true`).
+pub const FRIEND_NET: &str = "203.0.113.0/24";
+pub const FRIEND_HOST: &str = "203.0.113.1";
+pub const FRIEND_PEERING: &str = "172.29.0.1";
+pub const BORDER2_FRIEND_PEERING: &str = "172.29.0.100";
 const MASTER_KEY: &str = "lab-master-key-0123456789";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +54,14 @@ pub struct OwnAsOptions {
     pub isp: IspKind,
     /// 1 or 2.
     pub borders: usize,
+    /// The borders' egress: what they learn from the ISP (`[mesh] export`
+    /// of the ISP's routes, a gateway with `--bgp`) instead of a static
+    /// 0.0.0.0/0.
+    pub bgp_egress: bool,
+    /// A friend's network (AS 65002, 203.0.113.0/24) peering by eBGP with
+    /// the second border only (needs `borders: 2`): with `bgp_egress`, the
+    /// mesh reaches it through that border.
+    pub friend: bool,
 }
 
 pub enum Isp<'lab> {
@@ -76,6 +89,8 @@ pub struct OwnAs<'lab> {
     pub border: MeshNode<'lab>,
     pub border2: Option<MeshNode<'lab>>,
     pub nodes: Vec<MeshNode<'lab>>,
+    /// The friend's speaker (`friend: true`).
+    pub friend: Option<Bgp4mesh<'lab>>,
     wan: Switch,
 }
 
@@ -113,6 +128,32 @@ impl<'lab> OwnAs<'lab> {
             Some(node)
         } else {
             None
+        };
+        let friend = match (&border2_node, options.friend) {
+            (Some(border2), true) => {
+                let friend = lab.add_node("friend")?;
+                let (friend_end, border_end) = lab.link(&friend, border2)?;
+                lab.add_address(&friend, &friend_end.name, &format!("{FRIEND_PEERING}/24"))?;
+                lab.add_address(
+                    border2,
+                    &border_end.name,
+                    &format!("{BORDER2_FRIEND_PEERING}/24"),
+                )?;
+                lab.exec(
+                    &friend,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("{FRIEND_HOST}/32"),
+                        "dev",
+                        "lo",
+                    ],
+                )?;
+                Some(Bgp4mesh::start(lab, &friend, &binary, &friend_config())?)
+            }
+            (None, true) => bail!("a friend peers with the second border: borders: 2"),
+            _ => None,
         };
 
         let controller_wan = lab.attach(&wan, &controller)?;
@@ -180,28 +221,29 @@ impl<'lab> OwnAs<'lab> {
                             name: &str,
                             address: &str,
                             peering: (&str, &str),
-                            metric: &str|
+                            metric: &str,
+                            friend: bool|
          -> Result<MeshNode<'lab>> {
             let wan_end = lab.attach(&wan, node)?;
             let endpoint = wan_end.ipv4.to_string();
             join(lab, &binary, node, &token, name, &endpoint, Some(address))?;
             let interface = lab.unique_ifname("mesh")?;
+            let export = if options.bgp_egress { MESH_EXPORT } else { "" };
+            let friend = if friend { FRIEND_NEIGHBOR } else { "" };
             let config = format!(
-                "{}\n{}",
+                "{}{friend}\n{}{export}",
                 border_bgp_config(peering.0, peering.1),
                 mesh_config(lab, node, &interface)?
             );
             let daemon = Bgp4mesh::start(lab, node, &binary, &config)?;
-            this_admin.run(&[
-                "gateway",
-                "create",
-                "mynet",
-                name,
-                "--range",
-                "0.0.0.0/0",
-                "--metric",
-                metric,
-            ])?;
+            let egress: &[&str] = if options.bgp_egress {
+                &["--bgp"]
+            } else {
+                &["--range", "0.0.0.0/0"]
+            };
+            let mut args = vec!["gateway", "create", "mynet", name, "--metric", metric];
+            args.extend_from_slice(egress);
+            this_admin.run(&args)?;
             Ok(MeshNode {
                 name: name.into(),
                 daemon,
@@ -215,6 +257,7 @@ impl<'lab> OwnAs<'lab> {
             BORDER_ADDRESS,
             (ISP_PEERING, BORDER_PEERING),
             "100",
+            false,
         )?;
         let border2 = match &border2_node {
             Some(node) => Some(start_border(
@@ -223,6 +266,7 @@ impl<'lab> OwnAs<'lab> {
                 BORDER2_ADDRESS,
                 (ISP_PEERING2, BORDER2_PEERING),
                 "200",
+                friend.is_some(),
             )?),
             None => None,
         };
@@ -274,6 +318,7 @@ impl<'lab> OwnAs<'lab> {
             border,
             border2,
             nodes,
+            friend,
             wan,
         })
     }
@@ -383,6 +428,57 @@ fn mesh_config(lab: &Lab, node: &Node, interface: &str) -> Result<String> {
         "[mesh]\nstate_dir = {:?}\ninterface = \"{interface}\"\nbackend = \"userspace\"\n",
         state.to_string_lossy()
     ))
+}
+
+/// A border's `[mesh] export` (appended to its `[mesh]` section): what the
+/// ISP and the friend send is the mesh's egress.
+const MESH_EXPORT: &str = r#"export = "from-upstreams"
+
+[policy.from-upstreams]
+rules = [ { match = { neighbor = ["isp", "friend"] }, action = "accept" } ]
+"#;
+
+/// The second border's session with the friend (appended to its `[bgp]`).
+const FRIEND_NEIGHBOR: &str = r#"
+[[bgp.neighbor]]
+name = "friend"
+address = "172.29.0.1"
+remote_as = 65002
+local_address = "172.29.0.100"
+import = "all"
+export = "announce"
+connect_retry = 1
+error_wait = [1, 4]
+"#;
+
+/// The friend (AS 65002): its network for us, our block for it.
+fn friend_config() -> String {
+    format!(
+        r#"[bgp]
+asn = 65002
+router_id = "{FRIEND_PEERING}"
+
+[[bgp.neighbor]]
+name = "border2"
+address = "{BORDER2_FRIEND_PEERING}"
+remote_as = 65000
+local_address = "{FRIEND_PEERING}"
+import = "our_friend"
+export = "mine"
+connect_retry = 1
+error_wait = [1, 4]
+
+[[bgp.static]]
+prefix = "{FRIEND_NET}"
+blackhole = true
+
+[policy.our_friend]
+rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
+
+[policy.mine]
+rules = [ {{ match = {{ prefix = ["{FRIEND_NET}"] }}, action = "accept" }} ]
+"#
+    )
 }
 
 fn border_bgp_config(isp: &str, local: &str) -> String {

@@ -159,6 +159,16 @@ pub struct BgpDriver {
     resolver: Option<Resolver>,
     /// Next hops the speaker watches, with their last resolution.
     next_hops: HashMap<IpAddr, Option<Resolution>>,
+    /// `[mesh] export`: what the mesh is offered, and where it goes.
+    mesh_export: Option<MeshExport>,
+}
+
+/// A border's BGP-learned prefixes for its mesh, sent to the agent.
+struct MeshExport {
+    set: bgp4mesh_bgp::export_set::ExportSet,
+    tx: tokio::sync::watch::Sender<Vec<ipnet::IpNet>>,
+    /// `set.left_out()` when we last warned about it.
+    warned_left_out: usize,
 }
 
 /// What the kernel should do for a prefix after a best-path change.
@@ -311,6 +321,7 @@ impl BgpDriver {
                 }
             },
             next_hops: HashMap::new(),
+            mesh_export: None,
         };
         driver
             .sync_bfd(Instant::now())
@@ -627,6 +638,25 @@ impl BgpDriver {
             }
         }
         self.config = bgp;
+        match (&mut self.mesh_export, self.config.mesh_export.clone()) {
+            // Neighbour numbers may have changed with the policy: start over.
+            (Some(export), Some((policy, limit))) => {
+                export.set.rebuild(&self.speaker, policy, limit);
+                export.warned_left_out = 0;
+            }
+            (Some(export), None) => {
+                let none = std::sync::Arc::new(bgp4mesh_bgp::policy::Policy::reject_all());
+                export.set.rebuild(&self.speaker, none, 1);
+                tracing::warn!(
+                    "mesh.export removed: the mesh is offered nothing until the next start"
+                );
+            }
+            (None, Some(_)) => {
+                tracing::warn!("mesh.export added: takes effect at the next start");
+            }
+            (None, None) => {}
+        }
+        self.send_mesh_export();
         if let Err(e) = self.sync_bfd(now) {
             tracing::warn!("bfd: {e}");
         }
@@ -896,6 +926,41 @@ impl BgpDriver {
         self.announce_gate = Some(gate);
     }
 
+    /// The BGP-learned prefixes the `[mesh] export` policy takes, kept up
+    /// to date for the mesh agent; None without `[mesh] export`.
+    pub fn export_to_mesh(&mut self) -> Option<tokio::sync::watch::Receiver<Vec<ipnet::IpNet>>> {
+        let (policy, limit) = self.config.mesh_export.clone()?;
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        let mut set = bgp4mesh_bgp::export_set::ExportSet::new(policy.clone(), limit);
+        set.rebuild(&self.speaker, policy, limit);
+        self.speaker.set_route_events(true);
+        self.mesh_export = Some(MeshExport {
+            set,
+            tx,
+            warned_left_out: 0,
+        });
+        Some(rx)
+    }
+
+    /// Hands a changed mesh export to the agent.
+    fn send_mesh_export(&mut self) {
+        let Some(export) = self.mesh_export.as_mut() else {
+            return;
+        };
+        let left_out = export.set.left_out();
+        if left_out > export.warned_left_out {
+            tracing::warn!(
+                "mesh.export: the policy takes more than mesh.export_limit = {}; {left_out} prefixes left out (narrow the policy or raise the limit, then reload)",
+                export.set.limit()
+            );
+            export.warned_left_out = left_out.max(export.warned_left_out * 2);
+        }
+        if let Some(prefixes) = export.set.take_changed() {
+            tracing::debug!(prefixes = prefixes.len(), "mesh export changed");
+            export.tx.send_replace(prefixes);
+        }
+    }
+
     pub fn watch_upstream(&mut self) -> tokio::sync::watch::Receiver<bool> {
         let (tx, rx) = tokio::sync::watch::channel(self.upstream_up());
         self.upstream = Some(tx);
@@ -935,6 +1000,7 @@ impl BgpDriver {
     fn carry_out_events(&mut self) {
         self.carry_out_queued_events();
         self.report_upstream();
+        self.send_mesh_export();
     }
 
     fn carry_out_queued_events(&mut self) {
@@ -988,6 +1054,9 @@ impl BgpDriver {
                     self.next_hops.remove(&addr);
                 }
                 Event::Route(change) => {
+                    if let Some(export) = self.mesh_export.as_mut() {
+                        export.set.route_changed(&self.speaker, &change);
+                    }
                     let target =
                         kernel_target(&self.speaker, &change, self.install_static, &self.next_hops);
                     if let Some(sink) = self.route_sink.as_mut() {

@@ -53,6 +53,13 @@ pub struct MeshSection {
     /// auto (the kernel module if present), kernel, or userspace.
     #[serde(default = "default_mesh_backend")]
     pub backend: String,
+    /// On a border: a policy (`[policy.NAME]`, or `all`) choosing which
+    /// BGP-learned best routes are offered to the mesh as egress ranges
+    /// (the controller's gateway for this node needs `bgp` set).
+    pub export: Option<String>,
+    /// The most prefixes `export` offers; more are left out with a warning.
+    #[serde(default = "default_export_limit")]
+    pub export_limit: usize,
 }
 
 impl Default for MeshSection {
@@ -61,8 +68,14 @@ impl Default for MeshSection {
             state_dir: default_mesh_state_dir(),
             interface: default_mesh_interface(),
             backend: default_mesh_backend(),
+            export: None,
+            export_limit: default_export_limit(),
         }
     }
+}
+
+fn default_export_limit() -> usize {
+    1000
 }
 
 fn default_mesh_state_dir() -> PathBuf {
@@ -465,6 +478,9 @@ pub struct BgpConfig {
     /// Interfaces whose networks we originate.
     pub connected: Vec<String>,
     pub bfd: BfdSection,
+    /// `[mesh] export`: the policy and limit of what is offered to the
+    /// mesh as egress ranges.
+    pub mesh_export: Option<(Arc<Policy>, usize)>,
 }
 
 /// Socket options of one neighbour's TCP connections.
@@ -493,13 +509,43 @@ impl NodeConfig {
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig> {
         let file: FileConfig = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
-        let bgp = match file.bgp {
+        let mut bgp = match file.bgp {
             Some(bgp) => Some(
                 build_bgp(bgp, &file.policy, file.bfd)
                     .with_context(|| format!("{}", path.display()))?,
             ),
             None => None,
         };
+        if let Some(mesh) = &file.mesh
+            && let Some(name) = &mesh.export
+        {
+            let Some(bgp) = bgp.as_mut() else {
+                bail!(
+                    "{}: mesh.export: exports BGP-learned routes, but there is no [bgp] section",
+                    path.display()
+                );
+            };
+            let policy = match Policy::builtin(name) {
+                Some(p) => Arc::new(p),
+                None => build_policies(&file.policy)?
+                    .remove(name)
+                    .with_context(|| {
+                        format!(
+                            "{}: mesh.export: no policy named {name:?} (define [policy.{name}])",
+                            path.display()
+                        )
+                    })?,
+            };
+            let max = bgp4mesh_api::MAX_BGP_RANGES;
+            if mesh.export_limit == 0 || mesh.export_limit > max {
+                bail!(
+                    "{}: mesh.export_limit: {} is outside 1 to {max}",
+                    path.display(),
+                    mesh.export_limit
+                );
+            }
+            bgp.mesh_export = Some((policy, mesh.export_limit));
+        }
         if file.kernel.table == 0 || file.kernel.table == 255 {
             bail!(
                 "{}: kernel.table: {} is reserved; use 254 (main) or a table of your own",
@@ -867,6 +913,7 @@ fn build_bgp(
         warnings,
         connected: bgp.connected,
         bfd,
+        mesh_export: None,
     })
 }
 
@@ -892,6 +939,32 @@ mod tests {
         )
         .expect("deploy/examples/border.toml");
         assert!(c.bgp.is_some() && c.mesh.is_some());
+    }
+
+    #[test]
+    fn a_mesh_export_names_a_policy_and_a_limit() {
+        let c = parse(&format!(
+            "{BASE}[mesh]\nexport = \"to-mesh\"\nexport_limit = 50\n[policy.to-mesh]\ndefault = \"accept\"\n"
+        ))
+        .expect("valid");
+        let (policy, limit) = c.bgp.and_then(|b| b.mesh_export).expect("an export");
+        assert_eq!((policy.name.as_str(), limit), ("to-mesh", 50));
+        let c = parse(&format!("{BASE}[mesh]\nexport = \"all\"\n")).expect("valid");
+        assert_eq!(c.bgp.and_then(|b| b.mesh_export).map(|e| e.1), Some(1000));
+        assert!(
+            error("[mesh]\nexport = \"all\"\n")
+                .contains("mesh.export: exports BGP-learned routes, but there is no [bgp] section")
+        );
+        assert!(
+            error(&format!("{BASE}[mesh]\nexport = \"nope\"\n"))
+                .contains("mesh.export: no policy named \"nope\"")
+        );
+        assert!(
+            error(&format!(
+                "{BASE}[mesh]\nexport = \"all\"\nexport_limit = 0\n"
+            ))
+            .contains("mesh.export_limit: 0 is outside 1 to 10000")
+        );
     }
 
     #[test]

@@ -78,6 +78,8 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                     .map_err(|e: String| anyhow::anyhow!("mesh.backend: {e}"))?,
                 // A border tells the controller when its upstream is gone.
                 upstream: driver.as_mut().map(|d| d.watch_upstream()),
+                // ... and offers the mesh what it learns, by `[mesh] export`.
+                bgp_ranges: driver.as_mut().and_then(|d| d.export_to_mesh()),
                 ready: Some(mesh_ready_tx),
                 // ... and announces its block once the controller makes it
                 // an exit the nodes use.
