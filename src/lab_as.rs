@@ -47,6 +47,7 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
             borders,
             bgp_egress,
             friend: false,
+            bfd: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(60))?;

@@ -34,6 +34,7 @@ fn own_as(isp: IspKind) -> Result<()> {
             borders: 1,
             bgp_egress: false,
             friend: false,
+            bfd: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -245,6 +246,7 @@ fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
             borders: 1,
             bgp_egress: false,
             friend: false,
+            bfd: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -381,6 +383,7 @@ fn two_borders(isp: IspKind) -> Result<()> {
             borders: 2,
             bgp_egress: false,
             friend: false,
+            bfd: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -611,6 +614,7 @@ fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
             borders: 2,
             bgp_egress: true,
             friend: true,
+            bfd: false,
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -745,5 +749,102 @@ fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
     wait_exit(HOST_NET, "border")?;
     reach(INTERNET_HOST)?;
     assert_eq!(first_hop(INTERNET_HOST)?, first);
+    Ok(())
+}
+
+/// A border that dies without closing anything (it drops every packet, as
+/// a machine that lost power): the ISP notices by BFD, the controller by
+/// the border's missing pulses, and a mesh node pinging the Internet host
+/// every 20 ms moves to the second border within a second. When the first
+/// border's packets flow again, the node goes back to it.
+#[test]
+fn a_border_that_goes_silent_is_left_within_a_second() -> Result<()> {
+    if !can_run(
+        "a_border_that_goes_silent_is_left_within_a_second",
+        &["wg", "ping", "nft"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-silent-border")?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            binary: BIN.into(),
+            nodes: 1,
+            isp: IspKind::Bgp4mesh,
+            borders: 2,
+            bgp_egress: false,
+            friend: false,
+            bfd: true,
+        },
+    )?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let border2 = world.border2.as_ref().expect("two borders");
+    wait_until(Duration::from_secs(30), "border2's session", || {
+        let state = border2.daemon.bgp_state("isp")?;
+        ensure!(
+            state == bgp4mesh_lab::peers::SessionState::Established,
+            "{state:?}"
+        );
+        Ok(())
+    })?;
+    let node = world.nodes[0].daemon.node();
+    wait_until(
+        Duration::from_secs(30),
+        "n1 reaching the Internet host",
+        || ping(&lab, node, INTERNET_HOST),
+    )?;
+    wait_until(Duration::from_secs(10), "n1 on the first border", || {
+        let exit = exit_for(&lab, &world, 0, "0.0.0.0/0")?;
+        ensure!(exit == "border", "on {exit}");
+        Ok(())
+    })?;
+    let started = now_unix();
+    let flood = lab.spawn(
+        node,
+        "ping-flood",
+        &[
+            "ping",
+            "-D",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            "-c",
+            "300",
+            INTERNET_HOST,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    world.silence(world.border.daemon.node(), true)?;
+    wait_until(Duration::from_secs(15), "the ping flood to end", || {
+        ensure!(!lab.is_running(&flood), "still pinging");
+        Ok(())
+    })?;
+    let out = std::fs::read_to_string(&flood.log)?;
+    let (gap, lost) = loss_window(&out, started);
+    eprintln!("border silent: longest gap {gap:.3} s, {lost} pings lost");
+    ensure!(
+        gap < 1.0,
+        "failover from a silent border took {gap:.3} s:\n{out}"
+    );
+    assert_eq!(exit_for(&lab, &world, 0, "0.0.0.0/0")?, "border2");
+
+    // Its packets flow again: BGP comes back, and so does the node.
+    world.silence(world.border.daemon.node(), false)?;
+    wait_until(
+        Duration::from_secs(30),
+        "n1 back on the first border",
+        || {
+            let exit = exit_for(&lab, &world, 0, "0.0.0.0/0")?;
+            ensure!(exit == "border", "on {exit}");
+            Ok(())
+        },
+    )?;
+    wait_until(
+        Duration::from_secs(10),
+        "n1 reaching the Internet host again",
+        || ping(&lab, node, INTERNET_HOST),
+    )?;
     Ok(())
 }

@@ -629,6 +629,41 @@ pub async fn run(
             }
         })
     };
+    // A gateway pulses several times a second, so the controller notices
+    // within `PULSE_LOST` when it dies without closing its stream.
+    let is_gateway = Arc::new(std::sync::atomic::AtomicBool::new(
+        state.as_ref().is_some_and(|s| s.node.egress.is_some()),
+    ));
+    let pulser = {
+        let client = client.clone();
+        let upstream = options.upstream.clone();
+        let is_gateway = Arc::clone(&is_gateway);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(bgp4mesh_api::PULSE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let pulse = bgp4mesh_api::Pulse {
+                    upstream: upstream.as_ref().map(|w| *w.borrow()),
+                };
+                let sent = tokio::time::timeout(
+                    bgp4mesh_api::PULSE_LOST,
+                    client.post_empty("/api/agent/pulse", &pulse),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("pulse: {e:#}"),
+                    Err(_) => {
+                        tracing::debug!("pulse: no answer within {:?}", bgp4mesh_api::PULSE_LOST)
+                    }
+                }
+            }
+        })
+    };
     let work = async {
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -654,6 +689,10 @@ pub async fn run(
                             Ok(false) => {}
                             Ok(true) => {
                                 let Some(s) = &state else { continue };
+                                is_gateway.store(
+                                    s.node.egress.is_some(),
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
                                 match mesh.apply(s).await {
                                     Ok(()) => {
                                         if let Some(r) = ready.take() {
@@ -705,6 +744,7 @@ pub async fn run(
         _ = stop => Ok(()),
     };
     reporter.abort();
+    pulser.abort();
     result
 }
 

@@ -181,6 +181,23 @@ pub struct NodeReport {
     pub bgp_ranges: Option<Vec<IpNet>>,
 }
 
+/// `POST /api/agent/pulse`: a gateway's sign of life, several a second
+/// (`PULSE_EVERY`). A gateway whose pulses stop for `PULSE_LOST` is taken
+/// as dead although its stream's TCP connection looks open (a machine that
+/// lost power closes nothing), and nodes leave it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pulse {
+    /// For a border: whether its BGP upstream is up (as in [`NodeReport`]).
+    #[serde(default)]
+    pub upstream: Option<bool>,
+}
+
+/// How often a gateway's agent pulses.
+pub const PULSE_EVERY: std::time::Duration = std::time::Duration::from_millis(150);
+/// Pulses missing this long make a gateway unhealthy.
+pub const PULSE_LOST: std::time::Duration = std::time::Duration::from_millis(600);
+
 /// The most BGP-learned ranges one gateway may offer the mesh: each is a
 /// WireGuard allowed IP and a kernel route on every node.
 pub const MAX_BGP_RANGES: usize = 10_000;

@@ -270,6 +270,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/agent/state", get(agent_state))
         .route("/api/agent/stream", get(agent_stream))
         .route("/api/agent/report", post(agent_report))
+        .route("/api/agent/pulse", post(agent_pulse))
         .fallback(|| async { Failure::not_found("no such API path") })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&ctl),
@@ -1081,6 +1082,36 @@ impl Controller {
         Ok(())
     }
 
+    /// Marks gateways whose pulses stopped as unhealthy, every 50 ms, for
+    /// as long as the controller runs.
+    pub async fn watch_pulses(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let quiet = self
+                .hub
+                .silence_quiet_gateways(Instant::now(), bgp4mesh_api::PULSE_LOST);
+            if quiet.is_empty() {
+                continue;
+            }
+            let _write = self.write.lock().await;
+            for (netid, id) in quiet {
+                let Some(node) = self.hub.node(&netid, &id) else {
+                    continue;
+                };
+                tracing::warn!(
+                    node = %node.row.name,
+                    "no pulse for {:?}: taken as dead",
+                    bgp4mesh_api::PULSE_LOST
+                );
+                if let Err(e) = self.publish_health(&node.row).await {
+                    tracing::warn!(node = %node.row.name, "publishing its health: {}", e.message);
+                }
+            }
+        }
+    }
+
     /// A gateway's health changed: a change every node of the network sees.
     async fn publish_health(&self, node: &NodeRow) -> Result<(), Failure> {
         let revision = self
@@ -1095,6 +1126,24 @@ impl Controller {
         tracing::info!(node = %node.name, "gateway health changed");
         Ok(())
     }
+}
+
+/// A gateway's sign of life (`bgp4mesh_api::Pulse`): several a second, so
+/// a gateway that dies without closing its stream is left within
+/// `PULSE_LOST` (see `Controller::watch_pulses`).
+async fn agent_pulse(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    json: Result<Json<bgp4mesh_api::Pulse>, JsonRejection>,
+) -> Result<StatusCode, Failure> {
+    let node = node_principal(&ctl, &headers).await?;
+    let pulse = body(json)?;
+    let at = Instant::now();
+    if ctl.hub.pulsed(&node.network, &node.id, at, pulse.upstream) {
+        let _write = ctl.write.lock().await;
+        ctl.publish_health(&node).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A border's BGP-learned ranges: networks (no host bits), at most

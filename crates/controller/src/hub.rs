@@ -43,6 +43,11 @@ pub struct NodeView {
     pub bgp_ranges: Vec<IpNet>,
     /// Whether the node reported since its stream (re)connected.
     pub reported: bool,
+    /// When its agent last pulsed (gateways pulse; None: not since its
+    /// stream opened).
+    pub last_pulse: Option<std::time::Instant>,
+    /// Its pulses stopped while its stream looks open: taken as dead.
+    pub silent: bool,
 }
 
 impl NodeView {
@@ -57,14 +62,17 @@ impl NodeView {
             upstream: None,
             bgp_ranges: Vec::new(),
             reported: false,
+            last_pulse: None,
+            silent: false,
         }
     }
 
     /// A gateway is healthy while its agent is connected, has reported
-    /// since it connected, and its upstream (if it has one) is up: a
-    /// border that restarts is used again only once its BGP is back.
+    /// since it connected, its upstream (if it has one) is up, and its
+    /// pulses (if it pulses) keep coming: a border that restarts is used
+    /// again only once its BGP is back.
     pub fn healthy(&self) -> bool {
-        self.streams > 0 && self.reported && self.upstream != Some(false)
+        self.streams > 0 && self.reported && self.upstream != Some(false) && !self.silent
     }
 }
 
@@ -267,6 +275,8 @@ impl Hub {
         if node.streams == 0 {
             node.reported = false;
             node.upstream = None;
+            node.last_pulse = None;
+            node.silent = false;
             // What it learns by BGP is said again when it is back.
             ranges_dropped = !std::mem::take(&mut node.bgp_ranges).is_empty();
         }
@@ -288,6 +298,56 @@ impl Hub {
             node.upstream = upstream;
         }
         node.gateway.is_some() && node.healthy() != before
+    }
+
+    /// A gateway's agent pulsed (a short report). Returns whether its
+    /// health changed.
+    pub fn pulsed(
+        &self,
+        netid: &str,
+        id: &str,
+        at: std::time::Instant,
+        upstream: Option<bool>,
+    ) -> bool {
+        let mut inner = self.write();
+        let Some(node) = inner.node_mut(netid, id) else {
+            return false;
+        };
+        let before = node.healthy();
+        node.last_pulse = Some(at);
+        node.silent = false;
+        node.reported = true;
+        if upstream.is_some() {
+            node.upstream = upstream;
+        }
+        node.gateway.is_some() && node.healthy() != before
+    }
+
+    /// Marks silent the gateways whose last pulse is older than `lost`;
+    /// returns those whose health changed with it, as (network, node id).
+    pub fn silence_quiet_gateways(
+        &self,
+        now: std::time::Instant,
+        lost: std::time::Duration,
+    ) -> Vec<(String, String)> {
+        let mut inner = self.write();
+        let mut changed = Vec::new();
+        for (netid, view) in inner.networks.iter_mut() {
+            for (id, node) in view.nodes.iter_mut() {
+                let quiet = node
+                    .last_pulse
+                    .is_some_and(|t| now.saturating_duration_since(t) > lost);
+                if node.gateway.is_none() || node.silent || !quiet {
+                    continue;
+                }
+                let before = node.healthy();
+                node.silent = true;
+                if before {
+                    changed.push((netid.clone(), id.clone()));
+                }
+            }
+        }
+        changed
     }
 
     /// A node reported the ranges it exports from BGP (sorted, unique).

@@ -164,6 +164,13 @@ pub const ROUTES: &[Route] = &[
         Some("NodeReport"),
         None,
     ),
+    (
+        "post",
+        "/api/agent/pulse",
+        "The calling gateway is alive (several a second; silence for 600 ms makes it unhealthy)",
+        Some("Pulse"),
+        None,
+    ),
 ];
 
 fn schema_ref(name: &str) -> Value {
@@ -234,6 +241,7 @@ pub fn document() -> Value {
                 "ApiTokenCreate": object(&["scope"], json!({"scope": s})),
                 "ApiToken": object(&["id", "scope"], json!({"id": s, "scope": s, "created_at": n, "token": s})),
                 "NodeReport": object(&[], json!({"endpoint": s, "listen_port": n, "peers": {"type": "array", "items": {"type": "object"}}, "upstream": b, "bgp_ranges": strings})),
+                "Pulse": object(&[], json!({"upstream": b})),
                 "MeshState": object(&["revision", "network", "node", "peers"], json!({"revision": n, "network": schema_ref("Network"), "node": schema_ref("Node"), "peers": {"type": "array", "items": {"type": "object"}}})),
                 "StreamEvent": object(&["type"], json!({"type": {"type": "string", "enum": ["snapshot", "peer_upsert", "peer_remove", "self_update", "removed", "heartbeat"]}, "revision": n}))
             }

@@ -16,12 +16,14 @@ pub struct Running {
     pub fingerprint: Option<String>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    pulses: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     /// Stops accepting and ends open connections (streams included).
     pub async fn shutdown(self) {
         self.handle.shutdown();
+        self.pulses.abort();
         let _ = self.task.await;
     }
 
@@ -78,6 +80,7 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         .await?,
     );
     let app = router(Arc::clone(&controller)).into_make_service();
+    let pulses = tokio::spawn(Arc::clone(&controller).watch_pulses());
     let handle = axum_server::Handle::new();
     let task = match identity {
         Some(id) => {
@@ -99,5 +102,6 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         fingerprint,
         handle,
         task,
+        pulses,
     })
 }

@@ -539,6 +539,30 @@ async fn suite(database: &str, name: &str) -> Result<()> {
         Some(2),
         "a refused report changes nothing"
     );
+    // A gateway's pulse: a node credential and a short body, nothing else.
+    let (status, v) = c
+        .post(
+            "/api/agent/pulse",
+            Some(&first.credential),
+            json!({"upstream": true}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    refused(
+        c.post(
+            "/api/agent/pulse",
+            Some(&first.credential),
+            json!({"upstream": "yes"}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "upstream",
+    );
+    refused(
+        c.post("/api/agent/pulse", Some(MASTER), json!({})).await?,
+        StatusCode::FORBIDDEN,
+        "node credential",
+    );
     // Back to the seed's gateway for the rest.
     let (status, v) = c
         .post(

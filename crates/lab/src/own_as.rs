@@ -62,6 +62,10 @@ pub struct OwnAsOptions {
     /// the second border only (needs `borders: 2`): with `bgp_egress`, the
     /// mesh reaches it through that border.
     pub friend: bool,
+    /// BFD on the sessions between the ISP and the borders (100 ms × 3), so
+    /// the ISP notices a border that dies without closing TCP (bgp4mesh
+    /// ISP only).
+    pub bfd: bool,
 }
 
 pub enum Isp<'lab> {
@@ -163,8 +167,9 @@ impl<'lab> OwnAs<'lab> {
                 lab,
                 &isp_node,
                 &binary,
-                &isp_config(&isp_to_host.name, two),
+                &with_bfd(isp_config(&isp_to_host.name, two), options.bfd),
             )?),
+            IspKind::Bird if options.bfd => bail!("bfd: with a bgp4mesh ISP only"),
             IspKind::Bird => Isp::Bird(Bird::start(lab, &isp_node, &bird_isp_config(two))?),
         };
 
@@ -232,7 +237,7 @@ impl<'lab> OwnAs<'lab> {
             let friend = if friend { FRIEND_NEIGHBOR } else { "" };
             let config = format!(
                 "{}{friend}\n{}{export}",
-                border_bgp_config(peering.0, peering.1),
+                with_bfd(border_bgp_config(peering.0, peering.1), options.bfd),
                 mesh_config(lab, node, &interface)?
             );
             let daemon = Bgp4mesh::start(lab, node, &binary, &config)?;
@@ -333,6 +338,30 @@ impl<'lab> OwnAs<'lab> {
             fingerprint: &self.fingerprint,
         }
         .run(args)
+    }
+
+    /// Makes a machine of the lab drop every packet in and out (`true`), as
+    /// if it had lost power: nothing is closed, its peers notice only by
+    /// timers. `false` brings it back.
+    pub fn silence(&self, node: &Node, silent: bool) -> Result<()> {
+        let table = "b4m_silence";
+        if silent {
+            let rules = format!(
+                "table inet {table} {{\n\
+                 chain input {{ type filter hook input priority -300; policy drop; }}\n\
+                 chain output {{ type filter hook output priority -300; policy drop; }}\n\
+                 chain forward {{ type filter hook forward priority -300; policy drop; }}\n\
+                 }}\n"
+            );
+            let file = self.lab.run_dir(node)?.join("silence.nft");
+            std::fs::write(&file, rules)?;
+            self.lab
+                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
+        } else {
+            self.lab
+                .exec(node, &["nft", "delete", "table", "inet", table])?;
+        }
+        Ok(())
     }
 
     pub fn wan(&self) -> &Switch {
@@ -479,6 +508,15 @@ rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
 rules = [ {{ match = {{ prefix = ["{FRIEND_NET}"] }}, action = "accept" }} ]
 "#
     )
+}
+
+/// Turns BFD on for every neighbour of a lab config (100 ms × 3).
+fn with_bfd(config: String, bfd: bool) -> String {
+    if !bfd {
+        return config;
+    }
+    let config = config.replace("connect_retry = 1\n", "connect_retry = 1\nbfd = true\n");
+    format!("[bfd]\ninterval = 100\nmultiplier = 3\n\n{config}")
 }
 
 fn border_bgp_config(isp: &str, local: &str) -> String {
