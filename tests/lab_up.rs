@@ -102,5 +102,45 @@ fn lab_up_exec_status_down() -> Result<()> {
     ensure!(left.is_empty(), "left behind: {left:?}");
     let (ok, none) = bgp4mesh(&["lab", "exec", "isp", "true"])?;
     ensure!(!ok && none.contains("no lab is up"), "{none}");
+
+    // Two borders that offer the mesh what they learn from the ISP.
+    for (args, needle) in [
+        (&["lab", "up", "--borders", "3"][..], "1 or 2"),
+        (&["lab", "up", "--egress", "ospf"][..], "static or bgp"),
+    ] {
+        let (ok, out) = bgp4mesh(args)?;
+        ensure!(!ok && out.contains(needle), "{args:?}: {out}");
+    }
+    let (ok, out) = bgp4mesh(&[
+        "lab",
+        "up",
+        "--nodes",
+        "1",
+        "--borders",
+        "2",
+        "--egress",
+        "bgp",
+    ])?;
+    ensure!(ok, "lab up --borders 2 --egress bgp: {out}");
+    ensure!(
+        out.contains("border2") && out.contains("[mesh] export"),
+        "{out}"
+    );
+    let (ok, ping) = bgp4mesh(&[
+        "lab",
+        "exec",
+        "n1",
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "198.51.100.10",
+    ])?;
+    ensure!(ok, "n1 pinging the Internet host: {ping}");
+    let (ok, protocols) = bgp4mesh(&["lab", "exec", "border2", "bgp4mesh", "show", "protocols"])?;
+    ensure!(ok && protocols.contains("Established"), "{protocols}");
+    let (ok, down) = bgp4mesh(&["lab", "down"])?;
+    ensure!(ok && down.contains("removed lab"), "{down}");
     Ok(())
 }
