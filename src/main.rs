@@ -11,6 +11,27 @@ use bgp4mesh_node::control::{self, Request};
 use bgp4mesh_node::show;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: a full table is a million small
+/// allocations (attribute sets, prefix lists, UPDATEs), and glibc's
+/// free-list upkeep took a fifth of the load (perf, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's number for `mi_option_purge_delay` (`mi_option_e` in the
+/// bundled mimalloc 3's mimalloc.h; libmimalloc-sys does not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed goes back to the kernel at once instead of 10 ms later.
+/// With that and arenas committed as they are used (`.cargo/config.toml`:
+/// that one is read before `main`), a full table's peak RSS is below
+/// BIRD's; with mimalloc's defaults it was 5-10% over, and an IPv6 table's
+/// twice (BENCHMARKS.md).
+fn tune_allocator() {
+    // SAFETY: mi_option_set stores an integer in mimalloc's option table;
+    // no pointers are involved, and 0 is a valid purge delay.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 mod admin;
 mod bench;
 mod bench_bgp;
@@ -291,6 +312,7 @@ enum LabCommand {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     // Called as `bgp4mesh-wireguard IFACE` (a symlink, what wg-quick's
     // WG_QUICK_USERSPACE_IMPLEMENTATION names): the `wireguard` command.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -8,6 +8,7 @@
 //! ```sh
 //! cargo run --release -p bgp4mesh-bgp --example full_table -- 1000000 100000
 //! ```
+//! `FULL_TABLE_LOAD_ONLY=1` stops after the load (to profile it alone).
 //! Under callgrind (repeatable instruction counts on a noisy machine):
 //! `valgrind --tool=callgrind target/release/examples/full_table 100000 10000`.
 
@@ -23,6 +24,10 @@ use bgp4mesh_bgp::wire::{
     UpdateBuilder,
 };
 use ipnet::{IpNet, Ipv4Net};
+
+/// The daemon's allocator (src/main.rs), so the figures are the daemon's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const INJECTOR: usize = 0;
 const MONITOR: usize = 1;
@@ -222,6 +227,10 @@ fn main() {
         m.attributes as f64 / m.attribute_sets.max(1) as f64,
         per(m.loc_rib + m.loc_rib_index + m.adj_rib_in + m.adj_rib_out + m.attributes)
     );
+    if std::env::var_os("FULL_TABLE_LOAD_ONLY").is_some() {
+        // For profiling the load alone: no withdrawal, no teardown.
+        std::process::exit(0);
+    }
     let t = Instant::now();
     let sent = feed(&mut speaker, now, &withdraw);
     println!(
