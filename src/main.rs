@@ -672,5 +672,13 @@ mod tests {
         // SAFETY: as above.
         let set = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
         assert_eq!(set, 0);
+        // `.cargo/config.toml`'s CFLAGS reached mimalloc's build (a CFLAGS
+        // of the environment would replace it): arenas committed lazily.
+        // SAFETY: as above; 4 is `mi_option_arena_eager_commit`.
+        let eager = unsafe { libmimalloc_sys::mi_option_get(4) };
+        assert_eq!(
+            eager, 0,
+            "mimalloc was built without -DMI_DEFAULT_ARENA_EAGER_COMMIT=0"
+        );
     }
 }

@@ -45,10 +45,11 @@ pub const EGRESS_MARK: u32 = 4400;
 /// ranges and the BGP-learned ones alike): the healthy ones first, then the
 /// lowest metric, then the lowest node id, so every node picks the same
 /// one and two borders offering one prefix fail over per prefix. A range
-/// only unhealthy gateways carry stays with the best of them, since nothing
-/// else reaches it, except a default route: without a healthy exit the
-/// node keeps its own. Ranges this node carries itself, and ranges within
-/// its own mesh networks, are not sent into the tunnel.
+/// only unhealthy gateways carry stays with the best of them when no
+/// healthy gateway covers it with a wider range, except a default route:
+/// without a healthy exit the node keeps its own. Ranges this node carries
+/// itself, ranges within its own mesh networks, and ranges that hold a
+/// peer's endpoint are not sent into the tunnel.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Exits {
     /// Range → node id of the peer that carries it.
@@ -83,8 +84,36 @@ impl Exits {
                 }
             }
         }
+        // An unhealthy gateway keeps a range only when no healthy one covers
+        // it (a default route included): else its traffic goes the way of
+        // the covering range instead of into a dead gateway.
+        let healthy_cover: Vec<IpNet> = state
+            .peers
+            .iter()
+            .filter_map(|p| p.egress.as_ref())
+            .filter(|g| g.healthy)
+            .flat_map(|g| g.all_ranges().copied())
+            .collect();
+        // A range holding a peer's endpoint would route the tunnel's own
+        // packets into the tunnel (wg-quick guards only the default route).
+        let endpoints: Vec<std::net::IpAddr> = state
+            .peers
+            .iter()
+            .filter_map(|p| p.endpoint.as_deref())
+            .filter_map(|e| e.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
         Exits {
-            chosen: best.into_iter().map(|(r, (_, _, id))| (r, id)).collect(),
+            chosen: best
+                .into_iter()
+                .filter(|(range, (unhealthy, _, _))| {
+                    !*unhealthy || !healthy_cover.iter().any(|c| c.contains(range))
+                })
+                .filter(|(range, _)| {
+                    range.prefix_len() == 0 || !endpoints.iter().any(|e| range.contains(e))
+                })
+                .map(|(r, (_, _, id))| (r, id))
+                .collect(),
         }
     }
 
@@ -589,18 +618,33 @@ pub async fn run(
             Err(e) => tracing::warn!("applying the cached mesh: {e:#}"),
         }
     }
+    // A gateway pulses several times a second, so the controller notices
+    // within `PULSE_LOST` when it dies without closing its stream.
+    let is_gateway = Arc::new(std::sync::atomic::AtomicBool::new(
+        state.as_ref().is_some_and(|s| s.node.egress.is_some()),
+    ));
+    // Set when a stream to the controller opens: report at once, since the
+    // controller forgets a node's report when its stream closes.
+    let connected = Arc::new(tokio::sync::Notify::new());
     let reporter = {
         let mesh = Arc::clone(&mesh);
         let client = client.clone();
         let mut upstream = options.upstream.clone();
         let mut bgp_ranges = options.bgp_ranges.clone();
+        let is_gateway = Arc::clone(&is_gateway);
+        let connected = Arc::clone(&connected);
         tokio::spawn(async move {
+            const RANGES_EVERY: Duration = Duration::from_millis(200);
             let mut tick = tokio::time::interval(REPORT_EVERY);
+            let mut ranges_sent: Option<std::time::Instant> = None;
             loop {
-                // A report every REPORT_EVERY, and at once when the border's
-                // upstream or its BGP-learned ranges change.
+                // A report every REPORT_EVERY, at once when a stream opens
+                // or the border's upstream changes, and when its BGP-learned
+                // ranges change, at most one in 200 ms for those (a table
+                // being loaded changes them many times in a row).
                 tokio::select! {
                     _ = tick.tick() => {}
+                    _ = connected.notified() => {}
                     changed = changed_or_never(&mut upstream) => {
                         if changed.is_err() {
                             upstream = None;
@@ -615,13 +659,25 @@ pub async fn run(
                             bgp_ranges = None;
                             continue;
                         }
-                        if let Some(w) = &bgp_ranges {
+                        // The first change goes at once; more within 200 ms
+                        // of a report wait for the rest of the 200 ms.
+                        let since = ranges_sent.map(|t: std::time::Instant| t.elapsed());
+                        if let Some(since) = since.filter(|d| *d < RANGES_EVERY) {
+                            tokio::time::sleep(RANGES_EVERY - since).await;
+                        }
+                        if let Some(w) = &mut bgp_ranges {
+                            w.mark_unchanged();
                             tracing::info!(ranges = w.borrow().len(), "BGP-learned egress ranges changed");
                         }
+                        ranges_sent = Some(std::time::Instant::now());
                     }
                 }
                 let mut report = mesh.report();
-                report.upstream = upstream.as_ref().map(|w| *w.borrow());
+                // A gateway's pulses carry its upstream, in order; a report
+                // racing them could bring back an older value.
+                if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
+                    report.upstream = upstream.as_ref().map(|w| *w.borrow());
+                }
                 report.bgp_ranges = bgp_ranges.as_ref().map(|w| w.borrow().clone());
                 if let Err(e) = client.post_empty("/api/agent/report", &report).await {
                     tracing::debug!("report: {e:#}");
@@ -629,20 +685,23 @@ pub async fn run(
             }
         })
     };
-    // A gateway pulses several times a second, so the controller notices
-    // within `PULSE_LOST` when it dies without closing its stream.
-    let is_gateway = Arc::new(std::sync::atomic::AtomicBool::new(
-        state.as_ref().is_some_and(|s| s.node.egress.is_some()),
-    ));
     let pulser = {
         let client = client.clone();
-        let upstream = options.upstream.clone();
+        let mut upstream = options.upstream.clone();
         let is_gateway = Arc::clone(&is_gateway);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(bgp4mesh_api::PULSE_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
-                tick.tick().await;
+                // Every PULSE_EVERY, and at once when the upstream changes.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = changed_or_never(&mut upstream) => {
+                        if changed.is_err() {
+                            upstream = None;
+                        }
+                    }
+                }
                 if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
@@ -676,6 +735,7 @@ pub async fn run(
                         "connected to the controller"
                     );
                     backoff = Duration::from_secs(1);
+                    connected.notify_one();
                     let mut events = Box::pin(events);
                     while let Some(event) = events.next().await {
                         let event = match event {
@@ -871,12 +931,12 @@ mod tests {
                     "b1",
                     Some(gateway(&["0.0.0.0/0", "10.1.0.0/16"], &[], 100, false)),
                 ),
-                peer("b2", Some(gateway(&["0.0.0.0/0"], &[], 200, true))),
+                peer("b2", Some(gateway(&["10.2.0.0/16"], &[], 200, true))),
             ],
         );
         assert_eq!(
             exits(&s),
-            pairs(&[("0.0.0.0/0", "b2"), ("10.1.0.0/16", "b1")])
+            pairs(&[("10.1.0.0/16", "b1"), ("10.2.0.0/16", "b2")])
         );
         // With no healthy exit at all, the node keeps its own default.
         let s = state(
@@ -884,6 +944,32 @@ mod tests {
             vec![peer("b1", Some(gateway(&["0.0.0.0/0"], &[], 100, false)))],
         );
         assert_eq!(exits(&s), Vec::new());
+    }
+
+    #[test]
+    fn a_dead_gateway_loses_what_a_healthy_ones_wider_range_covers() {
+        let s = state(
+            None,
+            vec![
+                peer(
+                    "b1",
+                    Some(gateway(&[], &["0.0.0.0/0", "198.51.100.0/24"], 100, false)),
+                ),
+                peer("b2", Some(gateway(&["0.0.0.0/0"], &[], 200, true))),
+            ],
+        );
+        assert_eq!(exits(&s), pairs(&[("0.0.0.0/0", "b2")]));
+    }
+
+    #[test]
+    fn a_range_holding_a_peers_endpoint_stays_out_of_the_tunnel() {
+        let mut b1 = peer(
+            "b1",
+            Some(gateway(&["0.0.0.0/0", "192.0.2.0/24"], &[], 100, true)),
+        );
+        b1.endpoint = Some("192.0.2.7:51820".into());
+        let s = state(None, vec![b1]);
+        assert_eq!(exits(&s), pairs(&[("0.0.0.0/0", "b1")]));
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub struct NodeReport {
     /// export policy takes, offered to the mesh as egress ranges (used
     /// only if the controller's gateway for it has `bgp` set). At most
     /// [`MAX_BGP_RANGES`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp_ranges: Option<Vec<IpNet>>,
 }
 
@@ -264,7 +264,8 @@ pub struct GatewayCreate {
     pub metric: Option<u32>,
     /// Also carry the ranges the node learns by BGP and exports to the
     /// mesh (its `[mesh] export` policy); `ranges` may then be empty.
-    #[serde(default)]
+    /// Left out when false, so older controllers take the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bgp: bool,
 }
 

@@ -6,7 +6,9 @@
 //! connected or kernel routes are what it announces, not what it can
 //! reach). The set is bounded: a policy that takes a full table must not
 //! turn into a million WireGuard allowed IPs on every node; prefixes past
-//! the limit are left out and counted until the set is rebuilt.
+//! the limit are left out (a freed place goes to the next prefix taken, so
+//! which ones depends on arrival order) and the refusals counted until the
+//! set is rebuilt.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ pub struct ExportSet {
     policy: Arc<Policy>,
     limit: usize,
     prefixes: BTreeSet<IpNet>,
-    /// Prefixes the policy took that did not fit, since the last rebuild.
+    /// Times a prefix the policy took did not fit, since the last rebuild.
     left_out: usize,
     changed: bool,
 }
@@ -89,7 +91,8 @@ impl ExportSet {
         self.changed |= self.prefixes != before;
     }
 
-    /// How many prefixes the policy took that did not fit under the limit.
+    /// How many times a prefix the policy took did not fit under the limit
+    /// (since the last rebuild).
     pub fn left_out(&self) -> usize {
         self.left_out
     }

@@ -819,6 +819,9 @@ async fn create_gateway(
     ctl.hub.node_changed(revision, &netid, &id, |old| {
         let mut n = old.unwrap_or(view);
         n.gateway = Some(gateway);
+        // Pulses count from the next one: an old one must not silence it.
+        n.last_pulse = None;
+        n.silent = false;
         n
     });
     Ok(Json(render_node(&network, &updated, now())))
@@ -1085,10 +1088,19 @@ impl Controller {
     /// Marks gateways whose pulses stopped as unhealthy, every 50 ms, for
     /// as long as the controller runs.
     pub async fn watch_pulses(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        const EVERY: Duration = Duration::from_millis(50);
+        let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
         loop {
             tick.tick().await;
+            // A watchdog that was itself held up (an overloaded runtime)
+            // saw nothing: pulses may be waiting to be handled.
+            let late = last.elapsed() > EVERY * 3;
+            last = Instant::now();
+            if late {
+                continue;
+            }
             let quiet = self
                 .hub
                 .silence_quiet_gateways(Instant::now(), bgp4mesh_api::PULSE_LOST);

@@ -316,7 +316,8 @@ impl Hub {
         let before = node.healthy();
         node.last_pulse = Some(at);
         node.silent = false;
-        node.reported = true;
+        // Not `reported`: that waits for a whole report after each connect
+        // (it brings the BGP-learned ranges).
         if upstream.is_some() {
             node.upstream = upstream;
         }
@@ -325,6 +326,12 @@ impl Hub {
 
     /// Marks silent the gateways whose last pulse is older than `lost`;
     /// returns those whose health changed with it, as (network, node id).
+    ///
+    /// When two or more pulsing gateways of a network all went quiet at
+    /// once, nobody is marked: that is the controller not hearing (a
+    /// stalled store, its own network), not the gateways dying, and there
+    /// would be no exit left to move to anyway. A lone gateway is marked
+    /// (its nodes then fall back to their own default route).
     pub fn silence_quiet_gateways(
         &self,
         now: std::time::Instant,
@@ -333,11 +340,22 @@ impl Hub {
         let mut inner = self.write();
         let mut changed = Vec::new();
         for (netid, view) in inner.networks.iter_mut() {
+            let pulsing = |n: &NodeView| n.gateway.is_some() && n.last_pulse.is_some() && !n.silent;
+            let quiet = |n: &NodeView| {
+                n.last_pulse
+                    .is_some_and(|t| now.saturating_duration_since(t) > lost)
+            };
+            let live = view.nodes.values().filter(|n| pulsing(n)).count();
+            let going = view
+                .nodes
+                .values()
+                .filter(|n| pulsing(n) && quiet(n))
+                .count();
+            if going == 0 || (live >= 2 && going == live) {
+                continue;
+            }
             for (id, node) in view.nodes.iter_mut() {
-                let quiet = node
-                    .last_pulse
-                    .is_some_and(|t| now.saturating_duration_since(t) > lost);
-                if node.gateway.is_none() || node.silent || !quiet {
+                if !pulsing(node) || !quiet(node) {
                     continue;
                 }
                 let before = node.healthy();

@@ -950,7 +950,7 @@ impl BgpDriver {
         let left_out = export.set.left_out();
         if left_out > export.warned_left_out {
             tracing::warn!(
-                "mesh.export: the policy takes more than mesh.export_limit = {}; {left_out} prefixes left out (narrow the policy or raise the limit, then reload)",
+                "mesh.export: the policy takes more than mesh.export_limit = {}; prefixes were left out {left_out} times (narrow the policy or raise the limit, then reload)",
                 export.set.limit()
             );
             export.warned_left_out = left_out.max(export.warned_left_out * 2);
