@@ -686,3 +686,120 @@ pub fn render_peer(n: &NodeView) -> Peer {
         egress,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn hub(gateways: &[&str], plain: &[&str]) -> Hub {
+        let network = NetworkRow {
+            netid: "mynet".into(),
+            addressrange: Some("44.30.127.0/24".into()),
+            addressrange6: None,
+            mtu: 1420,
+            listen_port: 51820,
+            persistent_keepalive: 20,
+            created_at: 0,
+        };
+        let node = |id: &str| NodeRow {
+            id: id.into(),
+            network: "mynet".into(),
+            name: id.into(),
+            public_key: format!("key-{id}"),
+            credential_hash: format!("hash-{id}"),
+            address: None,
+            address6: None,
+            endpoint: None,
+            listen_port: 51820,
+            tags: Vec::new(),
+            created_at: 0,
+        };
+        let nodes = gateways.iter().chain(plain).map(|id| node(id)).collect();
+        let rows = gateways
+            .iter()
+            .map(|id| GatewayRow {
+                node_id: (*id).into(),
+                ranges: vec!["0.0.0.0/0".into()],
+                nat: false,
+                metric: 100,
+                bgp: false,
+            })
+            .collect();
+        let hub = Hub::load(1, vec![network], nodes, rows);
+        for id in gateways.iter().chain(plain) {
+            hub.stream_changed("mynet", id, 1);
+            hub.upstream_reported("mynet", id, None);
+        }
+        hub
+    }
+
+    fn healthy(hub: &Hub, id: &str) -> bool {
+        hub.node("mynet", id).is_some_and(|n| n.healthy())
+    }
+
+    #[test]
+    fn a_gateway_whose_pulses_stop_is_unhealthy_until_they_come_back() {
+        let hub = hub(&["b1", "b2"], &["n1"]);
+        let t0 = Instant::now();
+        let lost = Duration::from_millis(600);
+        for id in ["b1", "b2"] {
+            assert!(!hub.pulsed("mynet", id, t0, Some(true)), "healthy already");
+        }
+        // b2 goes on pulsing, b1 does not.
+        let t1 = t0 + Duration::from_millis(700);
+        hub.pulsed("mynet", "b2", t1, Some(true));
+        assert_eq!(
+            hub.silence_quiet_gateways(t1, lost),
+            vec![("mynet".to_string(), "b1".to_string())]
+        );
+        assert!(!healthy(&hub, "b1") && healthy(&hub, "b2"));
+        assert!(healthy(&hub, "n1"), "not a gateway, never silenced");
+        // A pulse again: healthy again, and that is a change.
+        assert!(hub.pulsed("mynet", "b1", t1, Some(true)));
+        assert!(healthy(&hub, "b1"));
+        // A pulse carrying the upstream down makes it unhealthy, too.
+        assert!(hub.pulsed("mynet", "b1", t1, Some(false)));
+        assert!(!healthy(&hub, "b1"));
+    }
+
+    #[test]
+    fn gateways_going_quiet_together_are_the_controller_not_hearing() {
+        let hub = hub(&["b1", "b2"], &[]);
+        let t0 = Instant::now();
+        for id in ["b1", "b2"] {
+            hub.pulsed("mynet", id, t0, Some(true));
+        }
+        let later = t0 + Duration::from_secs(2);
+        assert!(
+            hub.silence_quiet_gateways(later, Duration::from_millis(600))
+                .is_empty()
+        );
+        assert!(healthy(&hub, "b1") && healthy(&hub, "b2"));
+        // A lone gateway is marked: its nodes fall back to their own route.
+        let lone = self::hub(&["b1"], &[]);
+        lone.pulsed("mynet", "b1", t0, Some(true));
+        assert_eq!(
+            lone.silence_quiet_gateways(later, Duration::from_millis(600)),
+            vec![("mynet".to_string(), "b1".to_string())]
+        );
+        assert!(!healthy(&lone, "b1"));
+    }
+
+    #[test]
+    fn a_closed_stream_forgets_pulses_ranges_and_the_report() {
+        let hub = hub(&["b1"], &[]);
+        let t0 = Instant::now();
+        hub.pulsed("mynet", "b1", t0, Some(true));
+        hub.bgp_ranges_reported("mynet", "b1", vec!["198.51.100.0/24".parse().expect("net")]);
+        assert!(hub.stream_changed("mynet", "b1", -1), "health went with it");
+        let n = hub.node("mynet", "b1").expect("b1");
+        assert!(n.last_pulse.is_none() && n.bgp_ranges.is_empty() && !n.reported);
+        // Back: a pulse alone does not make it healthy; a report does.
+        hub.stream_changed("mynet", "b1", 1);
+        hub.pulsed("mynet", "b1", t0, Some(true));
+        assert!(!healthy(&hub, "b1"));
+        assert!(hub.upstream_reported("mynet", "b1", None));
+        assert!(healthy(&hub, "b1"));
+    }
+}
