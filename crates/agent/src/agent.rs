@@ -631,7 +631,6 @@ pub async fn run(
         let client = client.clone();
         let mut upstream = options.upstream.clone();
         let mut bgp_ranges = options.bgp_ranges.clone();
-        let is_gateway = Arc::clone(&is_gateway);
         let connected = Arc::clone(&connected);
         tokio::spawn(async move {
             const RANGES_EVERY: Duration = Duration::from_millis(200);
@@ -673,11 +672,7 @@ pub async fn run(
                     }
                 }
                 let mut report = mesh.report();
-                // A gateway's pulses carry its upstream, in order; a report
-                // racing them could bring back an older value.
-                if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
-                    report.upstream = upstream.as_ref().map(|w| *w.borrow());
-                }
+                report.upstream = upstream.as_ref().map(|w| *w.borrow());
                 report.bgp_ranges = bgp_ranges.as_ref().map(|w| w.borrow().clone());
                 if let Err(e) = client.post_empty("/api/agent/report", &report).await {
                     tracing::debug!("report: {e:#}");
@@ -687,37 +682,39 @@ pub async fn run(
     };
     let pulser = {
         let client = client.clone();
-        let mut upstream = options.upstream.clone();
         let is_gateway = Arc::clone(&is_gateway);
+        let connected = Arc::clone(&connected);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(bgp4mesh_api::PULSE_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut failing = false;
             loop {
-                // Every PULSE_EVERY, and at once when the upstream changes.
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    changed = changed_or_never(&mut upstream) => {
-                        if changed.is_err() {
-                            upstream = None;
-                        }
-                    }
-                }
+                tick.tick().await;
                 if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
-                let pulse = bgp4mesh_api::Pulse {
-                    upstream: upstream.as_ref().map(|w| *w.borrow()),
-                };
+                // The upstream goes in reports only (one at a time, in order).
+                let pulse = bgp4mesh_api::Pulse::default();
                 let sent = tokio::time::timeout(
                     bgp4mesh_api::PULSE_LOST,
                     client.post_empty("/api/agent/pulse", &pulse),
                 )
                 .await;
                 match sent {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!("pulse: {e:#}"),
+                    Ok(Ok(())) => {
+                        // Heard again after silence: the controller waits for
+                        // a whole report before it uses this exit again.
+                        if std::mem::take(&mut failing) {
+                            connected.notify_one();
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        failing = true;
+                        tracing::debug!("pulse: {e:#}");
+                    }
                     Err(_) => {
-                        tracing::debug!("pulse: no answer within {:?}", bgp4mesh_api::PULSE_LOST)
+                        failing = true;
+                        tracing::debug!("pulse: no answer within {:?}", bgp4mesh_api::PULSE_LOST);
                     }
                 }
             }

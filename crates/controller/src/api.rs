@@ -47,6 +47,9 @@ pub struct Controller {
     /// Writes go one at a time: revisions reach the hub in order.
     write: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
+    /// Gateways whose health change could not be recorded (a store error):
+    /// the pulse watchdog tries again, so nodes do not keep a stale exit.
+    unpublished: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Controller {
@@ -71,6 +74,7 @@ impl Controller {
             fingerprint,
             write: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
+            unpublished: Default::default(),
         })
     }
 }
@@ -174,18 +178,23 @@ enum Principal {
     Node(NodeRow),
 }
 
-async fn principal(ctl: &Controller, headers: &HeaderMap) -> Result<Principal, Failure> {
+/// The key of `Authorization: Bearer <key>`.
+fn bearer(headers: &HeaderMap) -> Result<&str, Failure> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(Failure::unauthorized(
             "missing Authorization header (Authorization: Bearer <key>)",
         ));
     };
-    let token = value
+    value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or_else(|| Failure::unauthorized("the Authorization header is not \"Bearer <key>\""))?;
+        .ok_or_else(|| Failure::unauthorized("the Authorization header is not \"Bearer <key>\""))
+}
+
+async fn principal(ctl: &Controller, headers: &HeaderMap) -> Result<Principal, Failure> {
+    let token = bearer(headers)?;
     if secrets::same(token, &ctl.master_key) {
         return Ok(Principal::Admin);
     }
@@ -1104,19 +1113,30 @@ impl Controller {
             let quiet = self
                 .hub
                 .silence_quiet_gateways(Instant::now(), bgp4mesh_api::PULSE_LOST);
-            if quiet.is_empty() {
+            let retry: Vec<(String, String)> = self
+                .unpublished
+                .lock()
+                .map(|left| left.iter().cloned().collect())
+                .unwrap_or_default();
+            if quiet.is_empty() && retry.is_empty() {
                 continue;
             }
             let _write = self.write.lock().await;
-            for (netid, id) in quiet {
-                let Some(node) = self.hub.node(&netid, &id) else {
+            let marked = quiet.iter().map(|q| (q, true));
+            for ((netid, id), silenced) in marked.chain(retry.iter().map(|r| (r, false))) {
+                let Some(node) = self.hub.node(netid, id) else {
+                    if let Ok(mut left) = self.unpublished.lock() {
+                        left.remove(&(netid.clone(), id.clone()));
+                    }
                     continue;
                 };
-                tracing::warn!(
-                    node = %node.row.name,
-                    "no pulse for {:?}: taken as dead",
-                    bgp4mesh_api::PULSE_LOST
-                );
+                if silenced {
+                    tracing::warn!(
+                        node = %node.row.name,
+                        "no pulse for {:?}: taken as dead",
+                        bgp4mesh_api::PULSE_LOST
+                    );
+                }
                 if let Err(e) = self.publish_health(&node.row).await {
                     tracing::warn!(node = %node.row.name, "publishing its health: {}", e.message);
                 }
@@ -1126,10 +1146,23 @@ impl Controller {
 
     /// A gateway's health changed: a change every node of the network sees.
     async fn publish_health(&self, node: &NodeRow) -> Result<(), Failure> {
-        let revision = self
+        let key = (node.network.clone(), node.id.clone());
+        let revision = match self
             .store
             .note_change(&node.network, &node.id, "gateway_health", now())
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if let Ok(mut left) = self.unpublished.lock() {
+                    left.insert(key);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Ok(mut left) = self.unpublished.lock() {
+            left.remove(&key);
+        }
         let id = node.id.clone();
         self.hub
             .node_changed(revision, &node.network, &node.id, |old| {
@@ -1148,7 +1181,15 @@ async fn agent_pulse(
     headers: HeaderMap,
     json: Result<Json<bgp4mesh_api::Pulse>, JsonRejection>,
 ) -> Result<StatusCode, Failure> {
-    let node = node_principal(&ctl, &headers).await?;
+    // Gateways are found in memory: pulses must not wait on the store
+    // (a stalled store would otherwise silence every gateway at once).
+    let known = ctl
+        .hub
+        .gateway_by_credential(&secrets::hash(bearer(&headers)?));
+    let node = match known {
+        Some(node) => node,
+        None => node_principal(&ctl, &headers).await?,
+    };
     let pulse = body(json)?;
     let at = Instant::now();
     if ctl.hub.pulsed(&node.network, &node.id, at, pulse.upstream) {

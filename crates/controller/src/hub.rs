@@ -324,6 +324,17 @@ impl Hub {
         node.gateway.is_some() && node.healthy() != before
     }
 
+    /// The gateway node whose credential hashes to `hash`, if any.
+    pub fn gateway_by_credential(&self, hash: &str) -> Option<NodeRow> {
+        let inner = self.read();
+        inner
+            .networks
+            .values()
+            .flat_map(|v| v.nodes.values())
+            .find(|n| n.gateway.is_some() && n.row.credential_hash == hash)
+            .map(|n| n.row.clone())
+    }
+
     /// Marks silent the gateways whose last pulse is older than `lost`;
     /// returns those whose health changed with it, as (network, node id).
     ///
@@ -360,6 +371,9 @@ impl Hub {
                 }
                 let before = node.healthy();
                 node.silent = true;
+                // What it said of its upstream may be stale by the time it
+                // is heard again: it is used again after a new report.
+                node.reported = false;
                 if before {
                     changed.push((netid.clone(), id.clone()));
                 }
@@ -755,11 +769,14 @@ mod tests {
         );
         assert!(!healthy(&hub, "b1") && healthy(&hub, "b2"));
         assert!(healthy(&hub, "n1"), "not a gateway, never silenced");
-        // A pulse again: healthy again, and that is a change.
-        assert!(hub.pulsed("mynet", "b1", t1, Some(true)));
+        // A pulse again is not enough: its report may be stale; a new
+        // report makes it healthy again.
+        assert!(!hub.pulsed("mynet", "b1", t1, None));
+        assert!(!healthy(&hub, "b1"));
+        assert!(hub.upstream_reported("mynet", "b1", Some(true)));
         assert!(healthy(&hub, "b1"));
-        // A pulse carrying the upstream down makes it unhealthy, too.
-        assert!(hub.pulsed("mynet", "b1", t1, Some(false)));
+        // A report of the upstream down makes it unhealthy, too.
+        assert!(hub.upstream_reported("mynet", "b1", Some(false)));
         assert!(!healthy(&hub, "b1"));
     }
 
