@@ -41,13 +41,8 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
     let world = OwnAs::start(
         &lab,
         &OwnAsOptions {
-            binary,
-            nodes,
-            isp,
-            borders,
             bgp_egress,
-            friend: false,
-            bfd: false,
+            ..OwnAsOptions::new(binary, nodes, isp, borders)
         },
     )?;
     world.wait_bgp(Duration::from_secs(60))?;

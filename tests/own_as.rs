@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::own_as::{BLOCK, INTERNET_HOST, IspKind, OwnAs, OwnAsOptions};
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
@@ -25,18 +25,7 @@ fn own_as(isp: IspKind) -> Result<()> {
         "own-as-{}",
         if isp == IspKind::Bird { "bird" } else { "ours" }
     ))?;
-    let world = OwnAs::start(
-        &lab,
-        &OwnAsOptions {
-            binary: BIN.into(),
-            nodes: 3,
-            isp,
-            borders: 1,
-            bgp_egress: false,
-            friend: false,
-            bfd: false,
-        },
-    )?;
+    let world = OwnAs::start(&lab, &OwnAsOptions::new(BIN, 3, isp, 1))?;
     world.wait_bgp(Duration::from_secs(30))?;
     let routes = match &world.isp {
         bgp4mesh_lab::own_as::Isp::Bgp4mesh(d) => d.routes()?,
@@ -237,18 +226,7 @@ fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::new("own-as-nat")?;
-    let world = OwnAs::start(
-        &lab,
-        &OwnAsOptions {
-            binary: BIN.into(),
-            nodes: 1,
-            isp: IspKind::Bgp4mesh,
-            borders: 1,
-            bgp_egress: false,
-            friend: false,
-            bfd: false,
-        },
-    )?;
+    let world = OwnAs::start(&lab, &OwnAsOptions::new(BIN, 1, IspKind::Bgp4mesh, 1))?;
     world.wait_bgp(Duration::from_secs(30))?;
     let node = lab
         .nodes()
@@ -339,6 +317,49 @@ fn loss_window(output: &str, started: f64) -> (f64, usize) {
     (worst, sent.saturating_sub(times.len()))
 }
 
+/// Waits until the second border's session with the ISP is up.
+fn wait_second_border(world: &OwnAs<'_>) -> Result<()> {
+    let border2 = world.border2.as_ref().context("two borders")?;
+    wait_until(Duration::from_secs(30), "border2's session", || {
+        let state = border2.daemon.bgp_state("isp")?;
+        ensure!(
+            state == bgp4mesh_lab::peers::SessionState::Established,
+            "{state:?}"
+        );
+        Ok(())
+    })
+}
+
+/// Pings the Internet host from `node` every 20 ms for `seconds`, with
+/// timestamps (`ping -D`), for `loss_window`.
+fn ping_flood(lab: &Lab, node: &Node, seconds: u32) -> Result<bgp4mesh_lab::Proc> {
+    let count = (seconds * 50).to_string();
+    lab.spawn(
+        node,
+        "ping-flood",
+        &[
+            "ping",
+            "-D",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            "-c",
+            &count,
+            INTERNET_HOST,
+        ],
+    )
+}
+
+/// Waits for a ping flood to end; its output.
+fn flood_output(lab: &Lab, proc: &bgp4mesh_lab::Proc) -> Result<String> {
+    wait_until(Duration::from_secs(30), "the ping flood to end", || {
+        ensure!(!lab.is_running(proc), "still pinging");
+        Ok(())
+    })?;
+    Ok(std::fs::read_to_string(&proc.log)?)
+}
+
 fn now_unix() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -374,28 +395,9 @@ fn two_borders(isp: IspKind) -> Result<()> {
         "own-as-two-borders-{}",
         if isp == IspKind::Bird { "bird" } else { "ours" }
     ))?;
-    let world = OwnAs::start(
-        &lab,
-        &OwnAsOptions {
-            binary: BIN.into(),
-            nodes: 1,
-            isp,
-            borders: 2,
-            bgp_egress: false,
-            friend: false,
-            bfd: false,
-        },
-    )?;
+    let world = OwnAs::start(&lab, &OwnAsOptions::new(BIN, 1, isp, 2))?;
     world.wait_bgp(Duration::from_secs(30))?;
-    let border2 = world.border2.as_ref().expect("two borders");
-    wait_until(Duration::from_secs(30), "border2's session", || {
-        let state = border2.daemon.bgp_state("isp")?;
-        ensure!(
-            state == bgp4mesh_lab::peers::SessionState::Established,
-            "{state:?}"
-        );
-        Ok(())
-    })?;
+    wait_second_border(&world)?;
     let n1 = &world.nodes[0];
     let node = n1.daemon.node();
     wait_until(
@@ -421,31 +423,8 @@ fn two_borders(isp: IspKind) -> Result<()> {
     };
     assert_eq!(exit_of(&lab)?, "border");
 
-    let flood = |seconds: u32| -> Result<bgp4mesh_lab::Proc> {
-        let count = (seconds * 50).to_string();
-        lab.spawn(
-            node,
-            "ping-flood",
-            &[
-                "ping",
-                "-D",
-                "-i",
-                "0.02",
-                "-W",
-                "1",
-                "-c",
-                &count,
-                INTERNET_HOST,
-            ],
-        )
-    };
-    let finish = |proc: &bgp4mesh_lab::Proc| -> Result<String> {
-        wait_until(Duration::from_secs(30), "the ping flood to end", || {
-            ensure!(!lab.is_running(proc), "still pinging");
-            Ok(())
-        })?;
-        Ok(std::fs::read_to_string(&proc.log)?)
-    };
+    let flood = |seconds: u32| ping_flood(&lab, node, seconds);
+    let finish = |proc: &bgp4mesh_lab::Proc| flood_output(&lab, proc);
 
     // 1. The preferred border dies.
     let started = now_unix();
@@ -608,13 +587,9 @@ fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
     let world = OwnAs::start(
         &lab,
         &OwnAsOptions {
-            binary: BIN.into(),
-            nodes: 1,
-            isp: IspKind::Bgp4mesh,
-            borders: 2,
             bgp_egress: true,
             friend: true,
-            bfd: false,
+            ..OwnAsOptions::new(BIN, 1, IspKind::Bgp4mesh, 2)
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
@@ -769,25 +744,12 @@ fn a_border_that_goes_silent_is_left_within_a_second() -> Result<()> {
     let world = OwnAs::start(
         &lab,
         &OwnAsOptions {
-            binary: BIN.into(),
-            nodes: 1,
-            isp: IspKind::Bgp4mesh,
-            borders: 2,
-            bgp_egress: false,
-            friend: false,
             bfd: true,
+            ..OwnAsOptions::new(BIN, 1, IspKind::Bgp4mesh, 2)
         },
     )?;
     world.wait_bgp(Duration::from_secs(30))?;
-    let border2 = world.border2.as_ref().expect("two borders");
-    wait_until(Duration::from_secs(30), "border2's session", || {
-        let state = border2.daemon.bgp_state("isp")?;
-        ensure!(
-            state == bgp4mesh_lab::peers::SessionState::Established,
-            "{state:?}"
-        );
-        Ok(())
-    })?;
+    wait_second_border(&world)?;
     let node = world.nodes[0].daemon.node();
     wait_until(
         Duration::from_secs(30),
@@ -800,28 +762,10 @@ fn a_border_that_goes_silent_is_left_within_a_second() -> Result<()> {
         Ok(())
     })?;
     let started = now_unix();
-    let flood = lab.spawn(
-        node,
-        "ping-flood",
-        &[
-            "ping",
-            "-D",
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-            "-c",
-            "300",
-            INTERNET_HOST,
-        ],
-    )?;
+    let flood = ping_flood(&lab, node, 6)?;
     std::thread::sleep(Duration::from_secs(2));
     world.silence(world.border.daemon.node(), true)?;
-    wait_until(Duration::from_secs(15), "the ping flood to end", || {
-        ensure!(!lab.is_running(&flood), "still pinging");
-        Ok(())
-    })?;
-    let out = std::fs::read_to_string(&flood.log)?;
+    let out = flood_output(&lab, &flood)?;
     let (gap, lost) = loss_window(&out, started);
     eprintln!("border silent: longest gap {gap:.3} s, {lost} pings lost");
     // The goal (< 1 s) is a figure measured alone (BENCHMARKS.md: 0.50-0.65

@@ -68,6 +68,21 @@ pub struct OwnAsOptions {
     pub bfd: bool,
 }
 
+impl OwnAsOptions {
+    /// Seed 004 as it is: static 0.0.0.0/0 egress, no friend, no BFD.
+    pub fn new(binary: impl Into<PathBuf>, nodes: usize, isp: IspKind, borders: usize) -> Self {
+        OwnAsOptions {
+            binary: binary.into(),
+            nodes,
+            isp,
+            borders,
+            bgp_egress: false,
+            friend: false,
+            bfd: false,
+        }
+    }
+}
+
 pub enum Isp<'lab> {
     Bgp4mesh(Bgp4mesh<'lab>),
     Bird(Bird<'lab>),
