@@ -10,7 +10,7 @@ use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use hashbrown::{DefaultHashBuilder, HashSet, HashTable};
+use hashbrown::{DefaultHashBuilder, HashTable};
 use ipnet::IpNet;
 
 use crate::wire::{NextHop, PathAttributes};
@@ -18,10 +18,13 @@ use crate::wire::{NextHop, PathAttributes};
 /// Interned path attributes.
 pub type Attrs = Arc<PathAttributes>;
 
-/// Hash-consing of attribute sets.
+/// Hash-consing of attribute sets. Each set's hash is kept beside it, so
+/// growing the table never hashes a set again (a million-route load grows
+/// it 17 times: rehashing was 5% of the load).
 #[derive(Debug, Default)]
 pub struct Interner {
-    set: HashSet<Attrs>,
+    set: HashTable<(u64, Attrs)>,
+    hasher: DefaultHashBuilder,
     lookups: u64,
     hits: u64,
 }
@@ -29,18 +32,20 @@ pub struct Interner {
 impl Interner {
     pub fn intern(&mut self, attrs: PathAttributes) -> Attrs {
         self.lookups += 1;
-        if let Some(existing) = self.set.get(&attrs) {
+        let hash = self.hasher.hash_one(&attrs);
+        if let Some((_, existing)) = self.set.find(hash, |(h, a)| *h == hash && **a == attrs) {
             self.hits += 1;
             return existing.clone();
         }
         let new = Arc::new(attrs);
-        self.set.insert(new.clone());
+        self.set
+            .insert_unique(hash, (hash, new.clone()), |(h, _)| *h);
         new
     }
 
     /// Forgets attribute sets no path uses any more.
     pub fn collect_garbage(&mut self) {
-        self.set.retain(|a| Arc::strong_count(a) > 1);
+        self.set.retain(|(_, a)| Arc::strong_count(a) > 1);
     }
 
     pub fn len(&self) -> usize {
@@ -54,8 +59,8 @@ impl Interner {
     /// Bytes the interned sets take on the heap: each set (with its `Arc`
     /// counts) and the vectors it owns, by capacity, plus the hash set.
     pub fn heap_bytes(&self) -> usize {
-        let sets: usize = self.set.iter().map(|a| attrs_heap_bytes(a)).sum();
-        sets + self.set.capacity() * (std::mem::size_of::<Attrs>() + 1)
+        let sets: usize = self.set.iter().map(|(_, a)| attrs_heap_bytes(a)).sum();
+        sets + self.set.capacity() * (std::mem::size_of::<(u64, Attrs)>() + 1)
     }
 
     /// Share of lookups that found an existing set.
@@ -532,6 +537,9 @@ impl LocRib {
                 (self.slots.len() - 1) as Slot
             }
         };
+        if self.index.len() == self.index.capacity() {
+            self.grow_index();
+        }
         let hash = self.hash(&prefix);
         let LocRib {
             index,
@@ -543,6 +551,29 @@ impl LocRib {
             prefix_hash(hasher, &slots[s as usize].prefix)
         });
         slot
+    }
+
+    /// Doubles the index, inserting the prefixes in slot order. hashbrown
+    /// would rehash in bucket order, reading each slot's prefix at random
+    /// (a cache miss per prefix at a million: 16% of the load's L2 misses);
+    /// in slot order the slots are read front to back.
+    fn grow_index(&mut self) {
+        let mut indexed = vec![0u64; self.slots.len().div_ceil(64)];
+        for &s in self.index.iter() {
+            indexed[s as usize / 64] |= 1 << (s % 64);
+        }
+        // One more than fits now: hashbrown rounds that up to twice the
+        // buckets, as its own growth would.
+        let mut grown = HashTable::with_capacity(self.index.capacity() + 1);
+        let LocRib { slots, hasher, .. } = self;
+        for (i, s) in slots.iter().enumerate() {
+            if indexed[i / 64] & (1 << (i % 64)) != 0 {
+                grown.insert_unique(prefix_hash(hasher, &s.prefix), i as Slot, |&s| {
+                    prefix_hash(hasher, &slots[s as usize].prefix)
+                });
+            }
+        }
+        self.index = grown;
     }
 
     /// Sets (or with `None` removes) the path from `source` for `prefix`,
@@ -668,25 +699,33 @@ impl LocRib {
 
 /// The hash of a prefix in the Loc-RIB index.
 ///
-/// IPv4: neighbouring prefixes of one length land in neighbouring
-/// buckets, so a table that arrives roughly in order (as full tables do)
-/// finds its buckets in cache instead of missing on every prefix. The low
-/// bits (the bucket) are a seeded offset per /16, plus the prefix's /24
-/// number, plus an odd multiple of its low byte and length (which spreads
+/// IPv4: the 16 /24s of one /20 land in neighbouring buckets, so a table
+/// that arrives roughly in order (as full tables do) finds their buckets
+/// and control bytes in one or two cache lines. The low bits (the bucket)
+/// are a seeded offset per /20, plus the prefix's /24 number within the
+/// /20, plus an odd multiple of its low byte and length (which spreads
 /// longer prefixes inside one /24 over the table); the top 7 bits
-/// (hashbrown's tag on 64-bit machines) come from the seeded hasher. IPv6
-/// goes through the seeded hasher whole.
+/// (hashbrown's tag on 64-bit machines) come from the seeded hasher.
+///
+/// Runs of 16 and not longer: with the 256 /24s of a /16 side by side,
+/// the runs of different /16s overlapped into long clusters, a new prefix
+/// probed about 8 groups, and each false tag match on the way read a cold
+/// slot (1–2 per new prefix against 0.2 now; cachegrind: 13% fewer
+/// instructions and 30% fewer L1 misses on a 1M load). IPv6 goes through
+/// the seeded hasher whole.
 fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
+    /// log2 of the /24s that share a run of buckets.
+    const RUN: u32 = 4;
     match prefix {
         IpNet::V4(n) => {
             let addr = u64::from(u32::from(n.addr()));
             let len = u64::from(n.prefix_len());
             let spread = ((addr & 0xff) | (len << 8)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            // Each /16 starts at a seeded place: the 256 /24s of one /16
-            // stay neighbours, but nobody can choose prefixes of different
-            // /16s that pile onto one bucket.
-            let base = hasher.hash_one(addr >> 16);
-            let low = ((addr >> 8).wrapping_add(spread).wrapping_add(base)) & ((1 << 57) - 1);
+            // Each run starts at a seeded place: nobody can choose
+            // prefixes of different runs that pile onto one bucket.
+            let base = hasher.hash_one(addr >> (8 + RUN));
+            let in_run = (addr >> 8) & ((1 << RUN) - 1);
+            let low = (in_run.wrapping_add(spread).wrapping_add(base)) & ((1 << 57) - 1);
             // The tag from the same seeded hash: a multiply mixes the whole
             // prefix into the top bits, no second hasher call.
             let tag =
@@ -1111,5 +1150,62 @@ mod tests {
         assert_ne!(rib.slot(&x), rib.slot(&y), "two prefixes, two slots");
         assert_eq!(rib.len(), 2);
         assert!(rib.get(&x).is_some() && rib.get(&y).is_some());
+    }
+
+    /// A prefix from a small number: IPv4 of every length (many /24s side
+    /// by side, as a full table has them) and some IPv6.
+    fn numbered(n: u32) -> IpNet {
+        match n % 8 {
+            0 => IpNet::V6(
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(u128::from(n) << 80), 48)
+                    .expect("length"),
+            ),
+            1 => IpNet::V4(
+                ipnet::Ipv4Net::new(Ipv4Addr::from(n << 12), 20 + (n % 13) as u8)
+                    .expect("length")
+                    .trunc(),
+            ),
+            _ => IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(n << 8), 24).expect("length")),
+        }
+    }
+
+    proptest::proptest! {
+        /// Through index growth (done in slot order), withdrawals,
+        /// releases and slot reuse, the Loc-RIB holds exactly the
+        /// prefixes a plain set says it should, each in its own slot.
+        #[test]
+        fn the_index_finds_every_prefix_through_growth_and_reuse(
+            ops in proptest::collection::vec((0u32..3000, proptest::bool::ANY, 0u8..8), 1..4000)
+        ) {
+            let mut i = Interner::default();
+            let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
+            let mut rib = LocRib::new(Selection::default());
+            let mut model = std::collections::HashSet::new();
+            for (n, add, release) in ops {
+                let p = numbered(n);
+                if add {
+                    rib.update(p, PathSource::Neighbor(0), Some(a.clone()), &info);
+                    model.insert(p);
+                } else {
+                    rib.update(p, PathSource::Neighbor(0), None, &info);
+                    model.remove(&p);
+                }
+                if release == 0 {
+                    rib.release();
+                }
+            }
+            proptest::prop_assert_eq!(rib.len(), model.len());
+            let mut slots = std::collections::HashSet::new();
+            for p in &model {
+                let slot = rib.slot(p);
+                proptest::prop_assert!(slot.is_some(), "{} lost", p);
+                proptest::prop_assert!(slots.insert(slot), "{} shares a slot", p);
+                proptest::prop_assert_eq!(rib.at(slot.unwrap_or_default()).map(|(q, _)| *q), Some(*p));
+            }
+            for n in 0..3000 {
+                let p = numbered(n);
+                proptest::prop_assert_eq!(rib.get(&p).is_some(), model.contains(&p), "{}", p);
+            }
+        }
     }
 }
