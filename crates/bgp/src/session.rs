@@ -468,6 +468,35 @@ impl Session {
         }
     }
 
+    /// Messages of connection `id` that the driver framed and decoded
+    /// itself (with [`Session::codec`]), in the order they arrived. An
+    /// error fails the connection, as it would in [`Session::received`];
+    /// what follows it is dropped.
+    pub fn received_decoded(
+        &mut self,
+        now: Instant,
+        id: ConnId,
+        messages: Vec<Result<Decoded, Notification>>,
+    ) {
+        for message in messages {
+            // The connection may be gone after the previous message.
+            let Some(i) = self.conns.iter().position(|c| c.id == id) else {
+                return;
+            };
+            match message {
+                Ok(decoded) => self.on_message(now, i, decoded),
+                Err(n) => return self.fail(now, i, n),
+            }
+        }
+    }
+
+    /// How messages on connection `id` are decoded, once its OPENs are
+    /// exchanged (it never changes after that).
+    pub fn codec(&self, id: ConnId) -> Option<Codec> {
+        let conn = self.conns.iter().find(|c| c.id == id)?;
+        conn.negotiated.as_ref().map(|n| n.codec)
+    }
+
     fn on_message(&mut self, now: Instant, i: usize, decoded: Decoded) {
         let state = self.conns[i].state;
         let fsm_error = |sub: u8| Notification::new(error_code::FSM, sub, vec![]);

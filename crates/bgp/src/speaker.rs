@@ -22,8 +22,8 @@ use crate::rib::{
 };
 use crate::session::{ConnId, Negotiated, Output, Session, SessionConfig, State};
 use crate::wire::{
-    AFI_IPV4, Community, DecodedUpdate, Family, Message, NextHop, Notification, Origin,
-    PathAttributes, RefreshSubtype, RouteRefresh, UpdateBuilder, cease, error_code,
+    AFI_IPV4, Codec, Community, Decoded, DecodedUpdate, Family, Message, NextHop, Notification,
+    Origin, PathAttributes, RefreshSubtype, RouteRefresh, UpdateBuilder, cease, error_code,
 };
 
 /// What to do when a neighbour sends more prefixes than allowed.
@@ -723,6 +723,26 @@ impl Speaker {
             n.session.received(now, conn, bytes);
         }
         self.drain_sessions(now);
+    }
+
+    /// Messages the driver decoded itself, with [`Speaker::codec`].
+    pub fn received_decoded(
+        &mut self,
+        now: Instant,
+        neighbor: NeighborId,
+        conn: ConnId,
+        messages: Vec<Result<Decoded, Notification>>,
+    ) {
+        if let Some(n) = self.neighbors.get_mut(neighbor) {
+            n.session.received_decoded(now, conn, messages);
+        }
+        self.drain_sessions(now);
+    }
+
+    /// The codec of a connection whose OPENs are exchanged: the driver may
+    /// decode what follows on it off the speaker's thread.
+    pub fn codec(&self, neighbor: NeighborId, conn: ConnId) -> Option<Codec> {
+        self.neighbors.get(neighbor)?.session.codec(conn)
     }
 
     // ----- administration ----------------------------------------------------

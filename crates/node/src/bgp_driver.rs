@@ -12,6 +12,7 @@ use bgp4mesh_bgp::rib::PathSource;
 use bgp4mesh_bgp::session::ConnId;
 use bgp4mesh_bgp::speaker::NextHopState;
 use bgp4mesh_bgp::speaker::{Event, Level, RouteChange, Speaker, StaticKind};
+use bgp4mesh_bgp::wire::Codec;
 use bgp4mesh_kernel::{Resolution, Resolver, Target};
 use ipnet::IpNet;
 use socket2::SockRef;
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::bgp_reader::{MessageReader, Received};
 use crate::config::{BgpConfig, Transport};
 use crate::control::{Request, Response};
 use crate::{show, transport};
@@ -36,9 +38,10 @@ enum Inbound {
         attempt: u64,
         result: std::io::Result<TcpStream>,
     },
-    Bytes {
+    /// What a connection's reader took from the socket.
+    Received {
         conn: ConnId,
-        data: Vec<u8>,
+        received: Received,
     },
     Closed {
         conn: ConnId,
@@ -74,7 +77,7 @@ enum WriterCommand {
     Close,
 }
 
-/// Reads of 64 KiB one connection may have queued for the speaker.
+/// Reads (of up to 64 KiB) one connection may have queued for the speaker.
 const READ_AHEAD: usize = 8;
 
 struct Conn {
@@ -83,6 +86,9 @@ struct Conn {
     /// TCP pushes back on the peer) while the speaker is behind, instead
     /// of queueing a whole table in memory.
     credit: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Set once the session has negotiated: from then on the reader
+    /// decodes what it reads.
+    codec: std::sync::Arc<std::sync::OnceLock<Codec>>,
     writer: mpsc::UnboundedSender<WriterCommand>,
     reader: JoinHandle<()>,
     writer_task: JoinHandle<()>,
@@ -722,11 +728,26 @@ impl BgpDriver {
                         .tcp_connect_failed(now, neighbor, &e.to_string()),
                 }
             }
-            Inbound::Bytes { conn, data } => {
+            Inbound::Received { conn, received } => {
                 if let Some(c) = self.conns.get(&conn) {
                     let neighbor = c.neighbor;
                     c.credit.add_permits(1);
-                    self.speaker.received(now, neighbor, conn, &data);
+                    match received {
+                        Received::Bytes(data) => {
+                            self.speaker.received(now, neighbor, conn, &data);
+                            // The OPENs may be through: hand the reader the
+                            // codec, so it decodes the table off this task.
+                            if let Some(c) = self.conns.get(&conn)
+                                && c.codec.get().is_none()
+                                && let Some(codec) = self.speaker.codec(neighbor, conn)
+                            {
+                                let _ = c.codec.set(codec);
+                            }
+                        }
+                        Received::Messages(messages) => {
+                            self.speaker.received_decoded(now, neighbor, conn, messages);
+                        }
+                    }
                 }
             }
             Inbound::Closed { conn } => {
@@ -860,28 +881,29 @@ impl BgpDriver {
         let tx = self.inbox_tx.clone();
         let credit = std::sync::Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
         let reader_credit = credit.clone();
+        let codec = std::sync::Arc::new(std::sync::OnceLock::new());
+        let reader_codec = codec.clone();
         let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut messages = MessageReader::default();
             loop {
                 match reader_credit.acquire().await {
                     Ok(permit) => permit.forget(),
                     Err(_) => return,
                 }
-                match read.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(Inbound::Closed { conn });
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx
-                            .send(Inbound::Bytes {
-                                conn,
-                                data: buf[..n].to_vec(),
-                            })
-                            .is_err()
-                        {
+                loop {
+                    match read.read_buf(messages.buffer()).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send(Inbound::Closed { conn });
                             return;
                         }
+                        Ok(_) => {}
+                    }
+                    // Nothing whole yet: read on, on the same credit.
+                    if let Some(received) = messages.take(reader_codec.get()) {
+                        if tx.send(Inbound::Received { conn, received }).is_err() {
+                            return;
+                        }
+                        break;
                     }
                 }
             }
@@ -908,6 +930,7 @@ impl BgpDriver {
             Conn {
                 neighbor,
                 credit,
+                codec,
                 writer,
                 reader,
                 writer_task,

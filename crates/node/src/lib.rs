@@ -3,6 +3,7 @@
 //! `bgp4mesh show …` talks to.
 
 pub mod bgp_driver;
+pub mod bgp_reader;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,0 +1,275 @@
+//! The reading half of a BGP connection, between the socket and the BGP
+//! task: it cuts the byte stream into whole messages and, once the session
+//! has negotiated its codec, decodes them. The reader runs on a tokio
+//! worker, so a full table is parsed on the second core while the BGP task
+//! (one at a time, in order) works on the RIB.
+//!
+//! Before the codec is known (OPEN, KEEPALIVE), whole messages go to the
+//! session undecoded and it checks and decodes them itself. Only the
+//! header's length field is read here; everything else the session or the
+//! codec checks, and a stream whose length field cannot be right goes to
+//! the session as it came, which answers it with a NOTIFICATION.
+
+use bgp4mesh_bgp::wire::{Codec, Decoded, Notification, decode_message, next_frame};
+
+/// Bytes read ahead of a whole message at a time.
+pub const READ_SIZE: usize = 64 * 1024;
+
+/// What one read gives the BGP task.
+#[derive(Debug)]
+pub enum Received {
+    /// Whole messages as they came (or, after a header that cannot be
+    /// framed, the rest of the stream): for [`Speaker::received`].
+    ///
+    /// [`Speaker::received`]: bgp4mesh_bgp::speaker::Speaker::received
+    Bytes(Vec<u8>),
+    /// Decoded messages, in order; an error is the last one. For
+    /// [`Speaker::received_decoded`].
+    ///
+    /// [`Speaker::received_decoded`]: bgp4mesh_bgp::speaker::Speaker::received_decoded
+    Messages(Vec<Result<Decoded, Notification>>),
+}
+
+/// One connection's incoming byte stream, cut into messages.
+#[derive(Debug, Default)]
+pub struct MessageReader {
+    /// Read and not yet passed on: at most part of one message between
+    /// calls to [`MessageReader::take`].
+    buf: Vec<u8>,
+    /// A length field shorter than a header was seen: from there on the
+    /// stream is not cut here any more.
+    unframed: bool,
+    /// A message failed to decode: the session closes the connection and
+    /// nothing after it is passed on.
+    failed: bool,
+}
+
+impl MessageReader {
+    /// The buffer to read into (appending), with room for one read.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        self.buf.reserve(READ_SIZE);
+        &mut self.buf
+    }
+
+    /// The whole messages in the buffer: decoded with `codec` when the
+    /// session has negotiated one, else as bytes. None: nothing whole yet.
+    pub fn take(&mut self, codec: Option<&Codec>) -> Option<Received> {
+        if self.failed {
+            self.buf.clear();
+            return None;
+        }
+        if self.unframed {
+            return (!self.buf.is_empty()).then(|| Received::Bytes(std::mem::take(&mut self.buf)));
+        }
+        let mut end = 0;
+        let mut lengths = Vec::new();
+        let mut bad_header = None;
+        while end < self.buf.len() {
+            // Every header check as soon as the header is in, so a bad one
+            // is answered at once, not when its claimed length has come.
+            match next_frame(&self.buf[end..], codec.unwrap_or(&ANY_NEGOTIATION)) {
+                Ok(Some((_, len))) => {
+                    lengths.push(len);
+                    end += len;
+                }
+                Ok(None) => break,
+                // Before the codec: wrong whatever the OPENs agree. The
+                // session sees it as it came and sends the NOTIFICATION.
+                Err(_) if codec.is_none() => {
+                    self.unframed = true;
+                    return Some(Received::Bytes(std::mem::take(&mut self.buf)));
+                }
+                Err(n) => {
+                    bad_header = Some(n);
+                    break;
+                }
+            }
+        }
+        let Some(codec) = codec else {
+            if end == 0 {
+                return None;
+            }
+            let rest = self.buf.split_off(end);
+            return Some(Received::Bytes(std::mem::replace(&mut self.buf, rest)));
+        };
+        if end == 0 && bad_header.is_none() {
+            return None;
+        }
+        let mut messages = Vec::with_capacity(lengths.len() + 1);
+        let mut at = 0;
+        for len in lengths {
+            let message = decode_message(&self.buf[at..at + len], codec);
+            at += len;
+            if message.is_err() {
+                bad_header = None;
+                messages.push(message);
+                break;
+            }
+            messages.push(message);
+        }
+        if let Some(n) = bad_header {
+            messages.push(Err(n));
+        }
+        if matches!(messages.last(), Some(Err(_))) {
+            self.failed = true;
+            self.buf.clear();
+        } else {
+            self.buf.drain(..end);
+        }
+        Some(Received::Messages(messages))
+    }
+}
+
+/// Framing before the session's codec is known: the longest messages any
+/// negotiation allows (RFC 8654), so only what is wrong under every codec
+/// is refused here. (An UPDATE longer than 4096 bytes before extended
+/// messages are agreed goes to the session once whole, which refuses it.)
+const ANY_NEGOTIATION: Codec = Codec {
+    four_octet_as: true,
+    extended_message: true,
+    ebgp: true,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bgp4mesh_bgp::wire::{
+        AsPath, Message, NextHop, Origin, PathAttributes, UpdateBuilder, error_code,
+    };
+    use ipnet::IpNet;
+
+    const CODEC: Codec = Codec {
+        four_octet_as: true,
+        extended_message: false,
+        ebgp: true,
+    };
+
+    fn update(prefixes: &[&str]) -> Vec<u8> {
+        let attrs = PathAttributes {
+            origin: Origin::Igp,
+            as_path: AsPath::sequence([65001]),
+            next_hop: Some(NextHop::V4([192, 0, 2, 1].into())),
+            ..PathAttributes::default()
+        };
+        let prefixes: Vec<IpNet> = prefixes
+            .iter()
+            .map(|p| p.parse().expect("prefix"))
+            .collect();
+        let mut out = Vec::new();
+        UpdateBuilder::new(CODEC).announce(&mut out, &attrs, &prefixes);
+        out
+    }
+
+    fn feed(reader: &mut MessageReader, bytes: &[u8], codec: Option<&Codec>) -> Vec<Received> {
+        reader.buffer().extend_from_slice(bytes);
+        reader.take(codec).into_iter().collect()
+    }
+
+    fn announced(received: &[Received]) -> Vec<String> {
+        let mut out = Vec::new();
+        for r in received {
+            let Received::Messages(messages) = r else {
+                panic!("bytes, not messages")
+            };
+            for m in messages {
+                let Ok(Decoded::Update(u)) = m else {
+                    panic!("not an UPDATE: {m:?}")
+                };
+                out.extend(u.update.nlri.iter().map(|p| p.to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn messages_split_anywhere_come_out_whole_and_in_order() {
+        let mut stream = update(&["192.0.2.0/24", "198.51.100.0/24"]);
+        stream.extend(update(&["203.0.113.0/24"]));
+        stream.extend(Message::Keepalive.encode(&CODEC));
+        for cut in 0..stream.len() {
+            let mut reader = MessageReader::default();
+            let mut out = feed(&mut reader, &stream[..cut], Some(&CODEC));
+            out.extend(feed(&mut reader, &stream[cut..], Some(&CODEC)));
+            let messages: Vec<_> = out
+                .into_iter()
+                .flat_map(|r| match r {
+                    Received::Messages(m) => m,
+                    Received::Bytes(_) => panic!("bytes with a codec"),
+                })
+                .collect();
+            assert_eq!(messages.len(), 3, "cut at {cut}");
+            assert!(matches!(
+                messages[2],
+                Ok(Decoded::Message(Message::Keepalive))
+            ));
+            let nlri = announced(&[Received::Messages(messages.into_iter().take(2).collect())]);
+            assert_eq!(nlri, ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]);
+        }
+    }
+
+    #[test]
+    fn before_the_codec_whole_messages_go_on_as_bytes() {
+        let first = update(&["192.0.2.0/24"]);
+        let second = update(&["198.51.100.0/24"]);
+        let mut reader = MessageReader::default();
+        let mut stream = first.clone();
+        stream.extend(&second[..10]);
+        match feed(&mut reader, &stream, None).as_slice() {
+            [Received::Bytes(b)] => assert_eq!(b, &first, "only the whole message"),
+            other => panic!("{other:?}"),
+        }
+        // The codec arrives: the rest of the second message is decoded.
+        let out = feed(&mut reader, &second[10..], Some(&CODEC));
+        assert_eq!(announced(&out), ["198.51.100.0/24"]);
+    }
+
+    #[test]
+    fn a_bad_message_is_the_last_one_passed_on() {
+        let mut bad = update(&["192.0.2.0/24"]);
+        bad[0] = 0; // not the marker
+        let mut stream = update(&["198.51.100.0/24"]);
+        stream.extend(&bad);
+        stream.extend(update(&["203.0.113.0/24"]));
+        let mut reader = MessageReader::default();
+        let out = feed(&mut reader, &stream, Some(&CODEC));
+        let [Received::Messages(m)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(m.len(), 2);
+        assert!(matches!(&m[1], Err(n) if n.code == error_code::HEADER));
+        assert!(feed(&mut reader, &update(&["10.0.0.0/8"]), Some(&CODEC)).is_empty());
+    }
+
+    #[test]
+    fn a_bad_header_is_answered_before_its_length_has_come() {
+        let mut stream = update(&["192.0.2.0/24"]);
+        // A header claiming more than 4096 bytes without extended messages.
+        let mut long = update(&["198.51.100.0/24"]);
+        long[16..18].copy_from_slice(&5000u16.to_be_bytes());
+        stream.extend(&long);
+        let mut reader = MessageReader::default();
+        let out = feed(&mut reader, &stream, Some(&CODEC));
+        let [Received::Messages(m)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(m.len(), 2);
+        assert!(matches!(&m[1], Err(n) if n.code == error_code::HEADER));
+    }
+
+    #[test]
+    fn before_the_codec_a_header_wrong_under_any_codec_goes_on_unframed() {
+        let mut stream = update(&["192.0.2.0/24"]);
+        let mut bad = update(&["198.51.100.0/24"]);
+        bad[16..18].copy_from_slice(&5u16.to_be_bytes());
+        stream.extend(&bad);
+        let mut reader = MessageReader::default();
+        match feed(&mut reader, &stream, None).as_slice() {
+            [Received::Bytes(b)] => assert_eq!(b, &stream, "all of it, for the session to refuse"),
+            other => panic!("{other:?}"),
+        }
+        match feed(&mut reader, b"more", Some(&CODEC)).as_slice() {
+            [Received::Bytes(b)] => assert_eq!(b, b"more"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
