@@ -2044,13 +2044,13 @@ impl Speaker {
         let builder = UpdateBuilder::new(codec);
         let n = &mut self.neighbors[id];
         let mut bytes = Vec::new();
-        for prefixes in withdraw.values_mut() {
-            prefixes.sort_unstable();
+        // Prefixes go out in the order they changed (no sort: 7% of the
+        // speaker's time on a full table, for nothing a peer needs).
+        for prefixes in withdraw.values() {
             n.counters.withdraws_sent += prefixes.len() as u64;
             builder.withdraw(&mut bytes, prefixes);
         }
-        for ((_, attrs), prefixes) in by_value.iter_mut() {
-            prefixes.sort_unstable();
+        for ((_, attrs), prefixes) in &by_value {
             n.counters.updates_sent += prefixes.len() as u64;
             builder.announce(&mut bytes, attrs, prefixes);
         }
