@@ -390,12 +390,39 @@ impl<T> std::ops::IndexMut<usize> for Chunked<T> {
     }
 }
 
+/// The most prefixes a Loc-RIB holds (2^27, a hundred full tables): an
+/// index entry is a slot number in 27 bits and 5 more bits of the
+/// prefix's hash.
+pub const MAX_PREFIXES: usize = 1 << SLOT_BITS;
+const SLOT_BITS: u32 = 27;
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
+
+/// An index entry: a slot and 5 bits of its prefix's hash, compared before
+/// the slot is read. hashbrown's 7-bit tag alone let 1 in 128 entries on
+/// the way match, and each such match read a cold slot (a cache miss of
+/// 5% of a full table's load); with 5 more bits it is 1 in 4096.
+type IndexEntry = u32;
+
+fn index_entry(slot: Slot, hash: u64) -> IndexEntry {
+    slot | (check_bits(hash) << SLOT_BITS)
+}
+
+/// The hash bits in an index entry: below hashbrown's tag (the top 7) and
+/// above any bucket number (the low 52).
+fn check_bits(hash: u64) -> u32 {
+    ((hash >> 52) & 0x1f) as u32
+}
+
+fn entry_slot(entry: IndexEntry) -> Slot {
+    entry & SLOT_MASK
+}
+
 /// Every prefix's paths. Prefixes live in a vector of slots; a hash table
 /// of slot numbers (4 bytes a prefix, hashed by the slot's prefix) finds
 /// them.
 #[derive(Debug, Default)]
 pub struct LocRib {
-    index: HashTable<Slot>,
+    index: HashTable<IndexEntry>,
     hasher: DefaultHashBuilder,
     slots: Chunked<SlotEntry>,
     /// Slots free for new prefixes.
@@ -407,6 +434,8 @@ pub struct LocRib {
     /// Whether [`BestChange::multipath`] is filled in (an allocation per
     /// change, wasted when nobody installs routes).
     skip_multipath: bool,
+    /// New prefixes turned away with [`MAX_PREFIXES`] in the table.
+    refused: u64,
 }
 
 impl LocRib {
@@ -446,7 +475,7 @@ impl LocRib {
                 })
                 .sum::<usize>()
             + self.free.capacity() * 4;
-        let index = self.index.capacity() * (std::mem::size_of::<Slot>() + 1);
+        let index = self.index.capacity() * (std::mem::size_of::<IndexEntry>() + 1);
         (slots, index)
     }
 
@@ -465,9 +494,17 @@ impl LocRib {
 
     fn find(&self, prefix: &IpNet) -> Option<Slot> {
         let hash = self.hash(prefix);
+        let check = check_bits(hash);
         self.index
-            .find(hash, |&s| self.slots[s as usize].prefix == *prefix)
-            .copied()
+            .find(hash, |&e| {
+                e >> SLOT_BITS == check && self.slots[entry_slot(e) as usize].prefix == *prefix
+            })
+            .map(|&e| entry_slot(e))
+    }
+
+    /// New prefixes refused because the table held [`MAX_PREFIXES`].
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     pub fn get(&self, prefix: &IpNet) -> Option<&Entry> {
@@ -514,15 +551,16 @@ impl LocRib {
             let hash = self.hash(&s.prefix);
             // A slot emptied, refilled and emptied again before a release
             // is listed twice: it is freed once, when it leaves the index.
-            if let Ok(found) = self.index.find_entry(hash, |&x| x == slot) {
+            if let Ok(found) = self.index.find_entry(hash, |&e| entry_slot(e) == slot) {
                 found.remove();
                 self.free.push(slot);
             }
         }
     }
 
-    /// A new slot for `prefix`, which has none.
-    fn new_slot(&mut self, prefix: IpNet) -> Slot {
+    /// A new slot for `prefix`, which has none; None with
+    /// [`MAX_PREFIXES`] slots taken.
+    fn new_slot(&mut self, prefix: IpNet) -> Option<Slot> {
         let entry = SlotEntry {
             prefix,
             entry: Entry::default(),
@@ -531,6 +569,10 @@ impl LocRib {
             Some(s) => {
                 self.slots[s as usize] = entry;
                 s
+            }
+            None if self.slots.len() >= MAX_PREFIXES => {
+                self.refused += 1;
+                return None;
             }
             None => {
                 self.slots.push(entry);
@@ -547,10 +589,10 @@ impl LocRib {
             hasher,
             ..
         } = self;
-        index.insert_unique(hash, slot, |&s| {
-            prefix_hash(hasher, &slots[s as usize].prefix)
+        index.insert_unique(hash, index_entry(slot, hash), |&e| {
+            prefix_hash(hasher, &slots[entry_slot(e) as usize].prefix)
         });
-        slot
+        Some(slot)
     }
 
     /// Doubles the index, inserting the prefixes in slot order. hashbrown
@@ -559,7 +601,8 @@ impl LocRib {
     /// in slot order the slots are read front to back.
     fn grow_index(&mut self) {
         let mut indexed = vec![0u64; self.slots.len().div_ceil(64)];
-        for &s in self.index.iter() {
+        for &e in self.index.iter() {
+            let s = entry_slot(e);
             indexed[s as usize / 64] |= 1 << (s % 64);
         }
         // One more than fits now: hashbrown rounds that up to twice the
@@ -568,8 +611,9 @@ impl LocRib {
         let LocRib { slots, hasher, .. } = self;
         for (i, s) in slots.iter().enumerate() {
             if indexed[i / 64] & (1 << (i % 64)) != 0 {
-                grown.insert_unique(prefix_hash(hasher, &s.prefix), i as Slot, |&s| {
-                    prefix_hash(hasher, &slots[s as usize].prefix)
+                let hash = prefix_hash(hasher, &s.prefix);
+                grown.insert_unique(hash, index_entry(i as Slot, hash), |&e| {
+                    prefix_hash(hasher, &slots[entry_slot(e) as usize].prefix)
                 });
             }
         }
@@ -588,7 +632,10 @@ impl LocRib {
         let slot = match (&attrs, self.find(&prefix)) {
             (_, Some(s)) => s,
             (None, None) => return RibUpdate::default(),
-            (Some(_), None) => self.new_slot(prefix),
+            (Some(_), None) => match self.new_slot(prefix) {
+                Some(slot) => slot,
+                None => return RibUpdate::default(),
+            },
         };
         let selection = self.selection;
         let entry = &mut self.slots[slot as usize].entry;
@@ -704,8 +751,9 @@ impl LocRib {
 /// and control bytes in one or two cache lines. The low bits (the bucket)
 /// are a seeded offset per /20, plus the prefix's /24 number within the
 /// /20, plus an odd multiple of its low byte and length (which spreads
-/// longer prefixes inside one /24 over the table); the top 7 bits
-/// (hashbrown's tag on 64-bit machines) come from the seeded hasher.
+/// longer prefixes inside one /24 over the table); the top 12 bits
+/// (hashbrown's 7-bit tag on 64-bit machines and the index entry's 5 check
+/// bits) mix the whole prefix with the seeded offset.
 ///
 /// Runs of 16 and not longer: with the 256 /24s of a /16 side by side,
 /// the runs of different /16s overlapped into long clusters, a new prefix
@@ -725,12 +773,13 @@ fn prefix_hash(hasher: &DefaultHashBuilder, prefix: &IpNet) -> u64 {
             // prefixes of different runs that pile onto one bucket.
             let base = hasher.hash_one(addr >> (8 + RUN));
             let in_run = (addr >> 8) & ((1 << RUN) - 1);
-            let low = (in_run.wrapping_add(spread).wrapping_add(base)) & ((1 << 57) - 1);
-            // The tag from the same seeded hash: a multiply mixes the whole
-            // prefix into the top bits, no second hasher call.
-            let tag =
-                (((addr << 8) | len) ^ base).wrapping_mul(0x9E37_79B9_7F4A_7C15) & !((1 << 57) - 1);
-            tag | low
+            let low = (in_run.wrapping_add(spread).wrapping_add(base)) & ((1 << 52) - 1);
+            // The tag and the index entry's check bits (the top 12) from
+            // the same seeded hash: a multiply mixes the whole prefix into
+            // the top bits, no second hasher call.
+            let mixed =
+                (((addr << 8) | len) ^ base).wrapping_mul(0x9E37_79B9_7F4A_7C15) & !((1 << 52) - 1);
+            mixed | low
         }
         IpNet::V6(n) => hasher.hash_one((u128::from(n.addr()), n.prefix_len())),
     }

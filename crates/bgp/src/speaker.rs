@@ -1263,20 +1263,22 @@ impl Speaker {
     }
 
     fn on_update(&mut self, now: Instant, id: NeighborId, update: DecodedUpdate) {
-        let name = self.neighbors[id].config.name.clone();
-        for why in &update.discarded {
-            self.log(
-                Some(id),
-                Level::Warn,
-                format!("{name}: UPDATE attribute discarded (RFC 7606): {why}"),
-            );
-        }
-        if let Some(why) = &update.treat_as_withdraw {
-            self.log(
-                Some(id),
-                Level::Warn,
-                format!("{name}: UPDATE treated as withdraw (RFC 7606): {why}"),
-            );
+        if !update.discarded.is_empty() || update.treat_as_withdraw.is_some() {
+            let name = self.neighbors[id].config.name.clone();
+            for why in &update.discarded {
+                self.log(
+                    Some(id),
+                    Level::Warn,
+                    format!("{name}: UPDATE attribute discarded (RFC 7606): {why}"),
+                );
+            }
+            if let Some(why) = &update.treat_as_withdraw {
+                self.log(
+                    Some(id),
+                    Level::Warn,
+                    format!("{name}: UPDATE treated as withdraw (RFC 7606): {why}"),
+                );
+            }
         }
         // End-of-RIB after a graceful restart: what was not refreshed goes.
         if let Some(family) = update.end_of_rib() {
@@ -1287,15 +1289,9 @@ impl Speaker {
             });
             return;
         }
-        let negotiated_families = self.neighbors[id]
-            .negotiated
-            .as_ref()
-            .map(|n| n.families.clone())
-            .unwrap_or_default();
-        let withdrawn: Vec<IpNet> = update.withdrawn().copied().collect();
-        self.neighbors[id].counters.withdraws_received += withdrawn.len() as u64;
-        for prefix in withdrawn {
-            self.withdraw_from(id, prefix);
+        self.neighbors[id].counters.withdraws_received += update.withdrawn().count() as u64;
+        for prefix in update.withdrawn() {
+            self.withdraw_from(id, *prefix);
         }
         if update.treat_as_withdraw.is_some() {
             return;
@@ -1304,15 +1300,29 @@ impl Speaker {
         let Some(attrs) = update.attributes else {
             return;
         };
-        if !update.nlri.is_empty() && negotiated_families.contains(&Family::IPV4_UNICAST) {
-            self.import_many(id, &update.nlri, attrs.clone());
-        }
-        if let Some(reach) = update.mp_reach
-            && negotiated_families.contains(&reach.family)
-        {
-            let mut attrs = attrs;
-            attrs.next_hop = Some(reach.next_hop);
-            self.import_many(id, &reach.nlri, attrs);
+        // Per UPDATE, so without allocating: which families were agreed.
+        let agreed = |speaker: &Self, family: Family| {
+            speaker.neighbors[id]
+                .negotiated
+                .as_ref()
+                .is_some_and(|n| n.families.contains(&family))
+        };
+        let ipv4 = !update.nlri.is_empty() && agreed(self, Family::IPV4_UNICAST);
+        let reach = update.mp_reach.filter(|r| agreed(self, r.family));
+        match (ipv4, reach) {
+            (true, None) => self.import_many(id, &update.nlri, attrs),
+            (true, Some(reach)) => {
+                self.import_many(id, &update.nlri, attrs.clone());
+                let mut attrs = attrs;
+                attrs.next_hop = Some(reach.next_hop);
+                self.import_many(id, &reach.nlri, attrs);
+            }
+            (false, Some(reach)) => {
+                let mut attrs = attrs;
+                attrs.next_hop = Some(reach.next_hop);
+                self.import_many(id, &reach.nlri, attrs);
+            }
+            (false, None) => {}
         }
         self.check_max_prefixes(now, id);
     }
@@ -1535,9 +1545,20 @@ impl Speaker {
         };
         let added = attrs.is_some();
         let (neighbors, next_hops, asn) = (&self.neighbors, &self.next_hops, self.config.asn);
+        let refused = self.rib.refused();
         let update = self.rib.update(prefix, source, attrs, &|p| {
             source_info(neighbors, next_hops, asn, p)
         });
+        if self.rib.refused() != refused {
+            if refused == 0 {
+                let message = format!(
+                    "the Loc-RIB holds {} prefixes, its most: new prefixes are left out",
+                    crate::rib::MAX_PREFIXES
+                );
+                self.log(source.neighbor_id(), Level::Warn, message);
+            }
+            return;
+        }
         if let Some(id) = source.neighbor_id() {
             let had = update.old.is_some();
             if let Some(n) = self.neighbors.get_mut(id) {
