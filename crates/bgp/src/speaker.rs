@@ -2019,28 +2019,53 @@ impl Speaker {
     /// Encodes the UPDATEs for some pending slots of neighbour `id`.
     fn flush_batch(&mut self, id: NeighborId, codec: crate::wire::Codec, batch: &[Slot]) {
         let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
-        // Group announcements by (family, attributes from the cache).
-        let mut announce: HashMap<(Family, usize), (Attrs, Vec<IpNet>)> = HashMap::new();
+        // Announcements grouped by (family, attributes from the cache).
+        let mut groups: Vec<(Family, Attrs, Vec<IpNet>)> = Vec::new();
+        let mut group_of: HashMap<(Family, usize), usize> = HashMap::new();
+        // The last best path's attributes and source, and the group its
+        // export went to (None: not exported). Prefixes that changed
+        // together mostly share their path (they came in one UPDATE), so
+        // most slots need neither the export cache nor the group map.
+        let mut last: Option<(*const PathAttributes, PathSource, Family, Option<usize>)> = None;
+        let per_prefix = self.neighbors[id].config.export.depends_on_prefix();
         for &slot in batch {
             let Some((prefix, entry)) = self.rib.at(slot) else {
                 continue;
             };
-            let (prefix, best) = (*prefix, entry.best().cloned());
+            let prefix = *prefix;
             let family = Family::of(&prefix);
-            let new = best.and_then(|b| self.export_cached(id, prefix, &b));
+            let best = entry.best();
+            let key = best.map(|b| (Arc::as_ptr(&b.attrs), b.source, family));
+            let memo = match (last, key) {
+                (Some((a, s, f, group)), Some(k)) if (a, s, f) == k && !per_prefix => Some(group),
+                _ => None,
+            };
+            let group = match memo {
+                Some(group) => group,
+                None => {
+                    let best = best.cloned();
+                    let new = best.and_then(|b| self.export_cached(id, prefix, &b));
+                    let group = new.map(|attrs| {
+                        *group_of
+                            .entry((family, Arc::as_ptr(&attrs) as usize))
+                            .or_insert_with(|| {
+                                groups.push((family, attrs, Vec::new()));
+                                groups.len() - 1
+                            })
+                    });
+                    last = key.map(|(a, s, f)| (a, s, f, group));
+                    group
+                }
+            };
             let n = &mut self.neighbors[id];
             let was = bit(&n.announced, slot);
-            match new {
-                Some(attrs) => {
+            match group {
+                Some(g) => {
                     if !was {
                         set_bit(&mut n.announced, slot, true);
                         n.exported += 1;
                     }
-                    announce
-                        .entry((family, Arc::as_ptr(&attrs) as usize))
-                        .or_insert_with(|| (attrs, Vec::new()))
-                        .1
-                        .push(prefix);
+                    groups[g].2.push(prefix);
                 }
                 None if was => {
                     set_bit(&mut n.announced, slot, false);
@@ -2054,7 +2079,7 @@ impl Speaker {
         // matches prefixes makes each one afresh; different source sets can
         // export alike) go into one group: one hash of each distinct set.
         let mut by_value: HashMap<(Family, Attrs), Vec<IpNet>> = HashMap::new();
-        for ((family, _), (attrs, prefixes)) in announce {
+        for (family, attrs, prefixes) in groups {
             match by_value.entry((family, attrs)) {
                 hashbrown::hash_map::Entry::Vacant(v) => {
                     v.insert(prefixes);
