@@ -272,6 +272,9 @@ struct Neighbor {
     export_cache: HashMap<(usize, PathSource, Family), (Attrs, Option<Attrs>)>,
     /// End-of-RIB markers to send after the pending updates.
     eor_pending: Vec<Family>,
+    /// UPDATE bytes handed to the driver and not yet reported written
+    /// ([`Speaker::written`]); with a send window, flushing stops at it.
+    in_flight: usize,
     /// Enhanced route refresh from the neighbour in progress.
     refresh_stale: HashMap<Family, HashSet<IpNet>>,
     /// Routes kept while the neighbour restarts (RFC 4724), by family.
@@ -320,6 +323,9 @@ pub struct Speaker {
     route_events: bool,
     /// Static routes wait for [`Speaker::release_origination`].
     hold_statics: bool,
+    /// UPDATE bytes a neighbour may have unwritten before the rest waits
+    /// as pending slots (None: no limit).
+    send_window: Option<usize>,
 }
 
 /// Cached exports per neighbour before the cache is emptied: enough for
@@ -449,6 +455,7 @@ impl Speaker {
             gc_at: 4096,
             route_events: true,
             hold_statics: false,
+            send_window: None,
         }
     }
 
@@ -468,6 +475,7 @@ impl Speaker {
             pending_mark: Vec::new(),
             export_cache: HashMap::new(),
             eor_pending: Vec::new(),
+            in_flight: 0,
             refresh_stale: HashMap::new(),
             gr_stale: HashMap::new(),
             gr_deadline: None,
@@ -723,6 +731,27 @@ impl Speaker {
             n.session.received(now, conn, bytes);
         }
         self.drain_sessions(now);
+    }
+
+    /// Limits the UPDATE bytes a neighbour may have handed out and not yet
+    /// written ([`Speaker::written`]): past it, changes wait as pending
+    /// slots until the connection has taken what it was given. None (the
+    /// default): everything is encoded at once.
+    pub fn set_send_window(&mut self, bytes: Option<usize>) {
+        self.send_window = bytes;
+    }
+
+    /// The driver wrote `bytes` of what it was handed for `neighbor`: with
+    /// a send window, what waited goes out now.
+    pub fn written(&mut self, now: Instant, neighbor: NeighborId, bytes: usize) {
+        let Some(n) = self.neighbors.get_mut(neighbor) else {
+            return;
+        };
+        n.in_flight = n.in_flight.saturating_sub(bytes);
+        if !n.pending.is_empty() || !n.eor_pending.is_empty() {
+            self.flush();
+            self.drain_sessions(now);
+        }
     }
 
     /// Messages the driver decoded itself, with [`Speaker::codec`].
@@ -1135,6 +1164,7 @@ impl Speaker {
                 .join(", ")
         );
         n.negotiated = Some(negotiated);
+        n.in_flight = 0;
         self.log(Some(id), Level::Info, message);
         // Its address and router id feed every export.
         self.clear_export_caches();
@@ -1167,6 +1197,7 @@ impl Speaker {
             _ => Vec::new(),
         };
         n.negotiated = None;
+        n.in_flight = 0;
         n.local_address = None;
         n.announced = Vec::new();
         n.exported = 0;
@@ -1974,7 +2005,12 @@ impl Speaker {
         for id in 0..self.neighbors.len() {
             self.flush_neighbor(id);
         }
-        self.rib.release();
+        // A slot still pending for a neighbour (its send window is full)
+        // keeps its prefix: released and reused, the withdrawal of what it
+        // held would be lost.
+        if self.neighbors.iter().all(|n| n.pending.is_empty()) {
+            self.rib.release();
+        }
         if self.interner.len() > self.gc_at {
             // Cached exports hold their source attributes.
             self.clear_export_caches();
@@ -1994,18 +2030,37 @@ impl Speaker {
             n.eor_pending.clear();
             return;
         };
+        let window = self.send_window;
+        if window.is_some_and(|w| n.in_flight >= w) {
+            return; // the rest once the driver has written some
+        }
         let pending = std::mem::take(&mut n.pending);
         n.pending_mark.clear();
         // In batches, so a million changes (a full table, or an upstream
-        // going down) never sit encoded in memory at once.
-        for batch in pending.chunks(FLUSH_BATCH) {
+        // going down) never sit encoded in memory at once; with a send
+        // window, only as many as the connection takes: the rest waits
+        // here as slot numbers (4 bytes a prefix), not as UPDATEs queued
+        // for the socket.
+        let mut batches = pending.chunks(FLUSH_BATCH);
+        for batch in batches.by_ref() {
             self.flush_batch(id, codec, batch);
             let n = &mut self.neighbors[id];
             if n.export_cache.len() > EXPORT_CACHE_MAX {
                 n.export_cache.clear();
             }
+            if window.is_some_and(|w| n.in_flight >= w) {
+                break;
+            }
         }
+        let rest: Vec<Slot> = batches.flatten().copied().collect();
         let n = &mut self.neighbors[id];
+        if !rest.is_empty() {
+            for &slot in &rest {
+                set_bit(&mut n.pending_mark, slot, true);
+            }
+            n.pending = rest;
+            return; // End-of-RIB after them
+        }
         let mut bytes = Vec::new();
         let builder = UpdateBuilder::new(codec);
         for family in std::mem::take(&mut n.eor_pending) {
@@ -2101,6 +2156,7 @@ impl Speaker {
             builder.announce(&mut bytes, attrs, prefixes);
         }
         if !bytes.is_empty() {
+            n.in_flight += bytes.len();
             n.session.send_bytes(bytes);
         }
     }

@@ -71,6 +71,10 @@ struct Net {
     routes: Vec<HashMap<IpNet, RouteChange>>,
     /// Next hops each speaker asked the driver to resolve.
     watched: Vec<std::collections::HashSet<IpAddr>>,
+    /// Bytes each speaker sent to each neighbour and was not yet told
+    /// were written (only counted for speakers with a send window).
+    unwritten: HashMap<(usize, usize), usize>,
+    windowed: Vec<bool>,
 }
 
 impl Net {
@@ -86,6 +90,8 @@ impl Net {
             down: vec![],
             routes: vec![HashMap::new(); n],
             watched: vec![Default::default(); n],
+            unwritten: HashMap::new(),
+            windowed: vec![false; n],
         }
     }
 
@@ -153,7 +159,14 @@ impl Net {
                 self.speakers[s].tcp_connected(now, neighbor, conn, true, local);
                 self.speakers[other].tcp_connected(now, m, conn, false, remote);
             }
-            Event::Send { conn, bytes, .. } => {
+            Event::Send {
+                conn,
+                bytes,
+                neighbor,
+            } => {
+                if self.windowed[s] {
+                    *self.unwritten.entry((s, neighbor)).or_default() += bytes.len();
+                }
                 if let Some(ends) = self.conns.get(&conn).copied() {
                     let (o, m) = if ends[0].0 == s { ends[1] } else { ends[0] };
                     self.speakers[o].received(now, m, conn, &bytes);
@@ -855,4 +868,57 @@ fn an_export_set_follows_the_best_routes_its_policy_takes() {
     }
     assert_eq!(set.take_changed(), Some(Vec::new()));
     assert!(set.is_empty());
+}
+
+/// With a send window, a big table goes out as the connection takes it:
+/// never more than the window (and the batch that crossed it) handed out
+/// unwritten, and all of it, End-of-RIB last, once everything is written.
+#[test]
+fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
+    let prefixes: Vec<String> = (0..60_000u32)
+        .map(|n| format!("{}.{}.{}.0/24", 20 + n / 65536, (n / 256) % 256, n % 256))
+        .collect();
+    let statics: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![neighbor("isp", "172.30.0.1", 65001)],
+            &statics,
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("border", "172.30.0.100", 65000)],
+            &[],
+        ),
+    ]);
+    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    const WINDOW: usize = 64 * 1024;
+    net.speakers[0].set_send_window(Some(WINDOW));
+    net.windowed[0] = true;
+    net.start();
+    let received = |net: &Net| net.speakers[1].rib().len();
+    let first = received(&net);
+    assert!(
+        first > 0 && first < prefixes.len(),
+        "{first} prefixes before any write"
+    );
+    let mut rounds = 0;
+    while received(&net) < prefixes.len() {
+        let unwritten = net.unwritten.remove(&(0, 0)).unwrap_or_default();
+        // One batch of 16k prefixes may cross the window: at most 10
+        // bytes a /24 here, some 160 KB, on top of it.
+        assert!(unwritten < WINDOW + 200_000, "{unwritten} bytes unwritten");
+        assert!(unwritten > 0, "stuck at {} prefixes", received(&net));
+        let now = net.now;
+        net.speakers[0].written(now, 0, unwritten);
+        net.pump();
+        rounds += 1;
+    }
+    assert!(rounds > 1, "the window never held anything back");
+    assert_eq!(
+        net.speakers[0].neighbor(0).map(|n| n.routes_exported),
+        Some(prefixes.len())
+    );
 }

@@ -46,6 +46,11 @@ enum Inbound {
     Closed {
         conn: ConnId,
     },
+    /// A connection's writer put this many bytes on the socket.
+    Written {
+        conn: ConnId,
+        bytes: usize,
+    },
     Resolved {
         addr: IpAddr,
         resolution: Resolution,
@@ -96,6 +101,12 @@ struct Conn {
     reader: JoinHandle<()>,
     writer_task: JoinHandle<()>,
 }
+
+/// UPDATE bytes a neighbour may have queued for its socket before the
+/// speaker holds the rest back as pending slots (4 bytes a prefix): a
+/// slow peer, or a fast table to a peer on the same machine, never has a
+/// full table encoded and waiting in memory.
+const SEND_WINDOW: usize = 512 * 1024;
 
 /// How long a closing connection may take to flush what was queued (a
 /// NOTIFICATION) before it is torn down anyway: a peer that stopped reading
@@ -243,6 +254,7 @@ impl BgpDriver {
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
         let now = Instant::now();
         let mut speaker = Speaker::new(config.speaker.clone(), now);
+        speaker.set_send_window(Some(SEND_WINDOW));
         // Until a route sink is attached nothing consumes route changes.
         speaker.set_route_events(false);
         let mut listeners = Vec::new();
@@ -753,6 +765,11 @@ impl BgpDriver {
                     }
                 }
             }
+            Inbound::Written { conn, bytes } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    self.speaker.written(now, c.neighbor, bytes);
+                }
+            }
             Inbound::Closed { conn } => {
                 if let Some(c) = self.conns.remove(&conn) {
                     self.speaker.tcp_closed(now, c.neighbor, conn);
@@ -913,12 +930,20 @@ impl BgpDriver {
         });
         let tx = self.inbox_tx.clone();
         let writer_task = tokio::spawn(async move {
+            let mut written = 0;
             while let Some(command) = commands.recv().await {
                 match command {
                     WriterCommand::Data(bytes) => {
                         if write.write_all(&bytes).await.is_err() {
                             let _ = tx.send(Inbound::Closed { conn });
                             return;
+                        }
+                        // Reported in sums: the speaker's send window
+                        // opens as the socket takes what it was given.
+                        written += bytes.len();
+                        if written >= SEND_WINDOW / 4 || commands.is_empty() {
+                            let bytes = std::mem::take(&mut written);
+                            let _ = tx.send(Inbound::Written { conn, bytes });
                         }
                     }
                     WriterCommand::Close => {

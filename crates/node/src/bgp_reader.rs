@@ -287,4 +287,61 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// Messages and errors of a whole run, for comparing runs: bytes
+    /// passed on unframed are joined, however they were cut.
+    fn outcome(received: Vec<Received>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut bytes: Option<Vec<u8>> = None;
+        for r in received {
+            match r {
+                Received::Bytes(b) => bytes.get_or_insert_with(Vec::new).extend(b),
+                Received::Messages(m) => {
+                    out.extend(bytes.take().map(|b| format!("bytes {b:?}")));
+                    out.extend(m.iter().map(|m| format!("{m:?}")));
+                }
+            }
+        }
+        out.extend(bytes.take().map(|b| format!("bytes {b:?}")));
+        out
+    }
+
+    proptest::proptest! {
+        /// However the stream is cut into reads (whole messages, a damaged
+        /// byte anywhere), the same messages and the same error come out,
+        /// in the same order, and nothing panics.
+        #[test]
+        fn reads_cut_anywhere_give_what_one_read_gives(
+            count in 1usize..8,
+            damage in proptest::option::of((0usize..2000, proptest::num::u8::ANY)),
+            cuts in proptest::collection::vec(1usize..300, 1..20),
+        ) {
+            let mut stream = Vec::new();
+            for i in 0..count {
+                if i % 3 == 2 {
+                    stream.extend(Message::Keepalive.encode(&CODEC));
+                } else {
+                    stream.extend(update(&["192.0.2.0/24", "198.51.100.0/25"]));
+                }
+            }
+            if let Some((at, byte)) = damage {
+                let at = at % stream.len();
+                stream[at] = byte;
+            }
+            let mut whole = MessageReader::default();
+            let expected = outcome(feed(&mut whole, &stream, Some(&CODEC)));
+            let mut reader = MessageReader::default();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*cut).min(rest.len()));
+                got.extend(feed(&mut reader, now, Some(&CODEC)));
+                rest = later;
+            }
+            proptest::prop_assert_eq!(outcome(got), expected);
+        }
+    }
 }
