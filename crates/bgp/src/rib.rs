@@ -433,6 +433,8 @@ pub struct LocRib {
     free: Vec<Slot>,
     /// Slots that lost their last path since the last `release`.
     emptied: Vec<Slot>,
+    /// The slots in `emptied`, each listed once.
+    emptied_mark: Vec<u64>,
     len: usize,
     selection: Selection,
     /// Whether [`BestChange::multipath`] is filled in (an allocation per
@@ -547,7 +549,22 @@ impl LocRib {
     /// such a slot may hold another prefix. Callers release once nothing
     /// refers to emptied slots any more (after encoding pending updates).
     pub fn release(&mut self) {
+        self.release_except(|_| false);
+    }
+
+    /// [`LocRib::release`], but slots for which `keep` says true stay
+    /// (something still refers to them: a neighbour's update waiting for
+    /// its send window) until a later release.
+    pub fn release_except(&mut self, keep: impl Fn(Slot) -> bool) {
+        let mut kept = Vec::new();
         for slot in std::mem::take(&mut self.emptied) {
+            if keep(slot) && self.slots[slot as usize].entry.is_empty() {
+                kept.push(slot);
+                continue;
+            }
+            if let Some(word) = self.emptied_mark.get_mut(slot as usize / 64) {
+                *word &= !(1 << (slot % 64));
+            }
             let s = &self.slots[slot as usize];
             if !s.entry.is_empty() {
                 continue; // the prefix came back before the release
@@ -560,6 +577,12 @@ impl LocRib {
                 self.free.push(slot);
             }
         }
+        self.emptied = kept;
+    }
+
+    /// Slots emptied and not yet released.
+    pub fn emptied(&self) -> usize {
+        self.emptied.len()
     }
 
     /// A new slot for `prefix`, which has none; None with
@@ -693,7 +716,14 @@ impl LocRib {
             (true, false) => self.len += 1,
             (false, true) => {
                 self.len -= 1;
-                self.emptied.push(slot);
+                let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+                if self.emptied_mark.len() <= word {
+                    self.emptied_mark.resize(word + 1, 0);
+                }
+                if self.emptied_mark[word] & bit == 0 {
+                    self.emptied_mark[word] |= bit;
+                    self.emptied.push(slot);
+                }
             }
             _ => {}
         }
@@ -1205,6 +1235,33 @@ mod tests {
         assert!(rib.get(&x).is_some() && rib.get(&y).is_some());
     }
 
+    #[test]
+    fn a_slot_held_back_is_not_reused_until_a_later_release() {
+        let mut i = Interner::default();
+        let mut rib = LocRib::new(Selection::default());
+        let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
+        let n = PathSource::Neighbor(0);
+        let (p, q, r) = (
+            net("192.0.2.0/24"),
+            net("198.51.100.0/24"),
+            net("203.0.113.0/24"),
+        );
+        rib.update(p, n, Some(a.clone()), &info);
+        rib.update(p, n, None, &info);
+        rib.release_except(|slot| slot == 0);
+        assert_eq!(rib.emptied(), 1, "held back");
+        rib.update(q, n, Some(a.clone()), &info);
+        assert_eq!(
+            rib.slot(&q),
+            Some(1),
+            "slot 0 still holds the withdrawn prefix"
+        );
+        rib.release();
+        assert_eq!(rib.emptied(), 0);
+        rib.update(r, n, Some(a), &info);
+        assert_eq!(rib.slot(&r), Some(0), "freed by the later release");
+    }
+
     /// A prefix from a small number: IPv4 of every length (many /24s side
     /// by side, as a full table has them) and some IPv6.
     fn numbered(n: u32) -> IpNet {
@@ -1243,8 +1300,10 @@ mod tests {
                     rib.update(p, PathSource::Neighbor(0), None, &info);
                     model.remove(&p);
                 }
-                if release == 0 {
-                    rib.release();
+                match release {
+                    0 => rib.release(),
+                    1 => rib.release_except(|slot| slot % 2 == 1),
+                    _ => {}
                 }
             }
             proptest::prop_assert_eq!(rib.len(), model.len());

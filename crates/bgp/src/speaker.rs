@@ -272,6 +272,9 @@ struct Neighbor {
     export_cache: HashMap<(usize, PathSource, Family), (Attrs, Option<Attrs>)>,
     /// End-of-RIB markers to send after the pending updates.
     eor_pending: Vec<Family>,
+    /// End-of-Route-Refresh markers (RFC 7313) to send after the pending
+    /// updates: the neighbour drops what it was not sent again before one.
+    eorr_pending: Vec<Family>,
     /// UPDATE bytes handed to the driver and not yet reported written
     /// ([`Speaker::written`]); with a send window, flushing stops at it.
     in_flight: usize,
@@ -326,6 +329,9 @@ pub struct Speaker {
     /// UPDATE bytes a neighbour may have unwritten before the rest waits
     /// as pending slots (None: no limit).
     send_window: Option<usize>,
+    /// Emptied Loc-RIB slots at which those not held back are released
+    /// while some are (see `flush`).
+    release_at: usize,
 }
 
 /// Cached exports per neighbour before the cache is emptied: enough for
@@ -456,6 +462,7 @@ impl Speaker {
             route_events: true,
             hold_statics: false,
             send_window: None,
+            release_at: 0,
         }
     }
 
@@ -475,6 +482,7 @@ impl Speaker {
             pending_mark: Vec::new(),
             export_cache: HashMap::new(),
             eor_pending: Vec::new(),
+            eorr_pending: Vec::new(),
             in_flight: 0,
             refresh_stale: HashMap::new(),
             gr_stale: HashMap::new(),
@@ -741,14 +749,19 @@ impl Speaker {
         self.send_window = bytes;
     }
 
-    /// The driver wrote `bytes` of what it was handed for `neighbor`: with
+    /// The driver wrote `bytes` on connection `conn` of `neighbor`: with
     /// a send window, what waited goes out now.
-    pub fn written(&mut self, now: Instant, neighbor: NeighborId, bytes: usize) {
+    pub fn written(&mut self, now: Instant, neighbor: NeighborId, conn: ConnId, bytes: usize) {
         let Some(n) = self.neighbors.get_mut(neighbor) else {
             return;
         };
+        // Only the established connection's writes count: what an old or
+        // colliding connection wrote was never in the window.
+        if n.session.established_conn() != Some(conn) {
+            return;
+        }
         n.in_flight = n.in_flight.saturating_sub(bytes);
-        if !n.pending.is_empty() || !n.eor_pending.is_empty() {
+        if !n.pending.is_empty() || !n.eor_pending.is_empty() || !n.eorr_pending.is_empty() {
             self.flush();
             self.drain_sessions(now);
         }
@@ -1204,6 +1217,7 @@ impl Speaker {
         n.pending = Vec::new();
         n.pending_mark = Vec::new();
         n.eor_pending.clear();
+        n.eorr_pending.clear();
         n.adj_in.clear();
         n.adj_in_complete = false;
         n.refresh_stale.clear();
@@ -1533,14 +1547,12 @@ impl Speaker {
                         n.pending.push(slot);
                     }
                 }
-                self.flush_neighbor(id);
                 if enhanced {
-                    let end = Message::RouteRefresh(RouteRefresh {
-                        family,
-                        subtype: RefreshSubtype::End,
-                    });
-                    self.neighbors[id].session.send_message(&end);
+                    // After the last of them, which a full send window
+                    // may hold back.
+                    self.neighbors[id].eorr_pending.push(family);
                 }
+                self.flush_neighbor(id);
             }
             RefreshSubtype::Begin => {
                 let source = PathSource::neighbor(id);
@@ -2007,9 +2019,17 @@ impl Speaker {
         }
         // A slot still pending for a neighbour (its send window is full)
         // keeps its prefix: released and reused, the withdrawal of what it
-        // held would be lost.
-        if self.neighbors.iter().all(|n| n.pending.is_empty()) {
+        // held would be lost. The others are freed.
+        // Going through the emptied slots costs a look at each, so with
+        // some held back that is done once their number has doubled.
+        let neighbors = &self.neighbors;
+        if neighbors.iter().all(|n| n.pending.is_empty()) {
             self.rib.release();
+            self.release_at = 0;
+        } else if self.rib.emptied() >= self.release_at {
+            self.rib
+                .release_except(|slot| neighbors.iter().any(|n| bit(&n.pending_mark, slot)));
+            self.release_at = (self.rib.emptied() * 2).max(64 * 1024);
         }
         if self.interner.len() > self.gc_at {
             // Cached exports hold their source attributes.
@@ -2021,13 +2041,14 @@ impl Speaker {
 
     fn flush_neighbor(&mut self, id: NeighborId) {
         let n = &mut self.neighbors[id];
-        if n.pending.is_empty() && n.eor_pending.is_empty() {
+        if n.pending.is_empty() && n.eor_pending.is_empty() && n.eorr_pending.is_empty() {
             return;
         }
         let Some(codec) = n.negotiated.as_ref().map(|neg| neg.codec) else {
             n.pending.clear();
             n.pending_mark.clear();
             n.eor_pending.clear();
+            n.eorr_pending.clear();
             return;
         };
         let window = self.send_window;
@@ -2068,6 +2089,13 @@ impl Speaker {
         }
         if !bytes.is_empty() {
             n.session.send_bytes(bytes);
+        }
+        for family in std::mem::take(&mut n.eorr_pending) {
+            let end = Message::RouteRefresh(RouteRefresh {
+                family,
+                subtype: RefreshSubtype::End,
+            });
+            n.session.send_message(&end);
         }
     }
 

@@ -912,7 +912,13 @@ fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
         assert!(unwritten < WINDOW + 200_000, "{unwritten} bytes unwritten");
         assert!(unwritten > 0, "stuck at {} prefixes", received(&net));
         let now = net.now;
-        net.speakers[0].written(now, 0, unwritten);
+        let conn = net
+            .conns
+            .iter()
+            .find(|(_, ends)| ends.contains(&(0, 0)))
+            .map(|(c, _)| *c)
+            .expect("connected");
+        net.speakers[0].written(now, 0, conn, unwritten);
         net.pump();
         rounds += 1;
     }

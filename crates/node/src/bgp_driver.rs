@@ -767,7 +767,7 @@ impl BgpDriver {
             }
             Inbound::Written { conn, bytes } => {
                 if let Some(c) = self.conns.get(&conn) {
-                    self.speaker.written(now, c.neighbor, bytes);
+                    self.speaker.written(now, c.neighbor, conn, bytes);
                 }
             }
             Inbound::Closed { conn } => {

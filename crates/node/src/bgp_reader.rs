@@ -77,14 +77,16 @@ impl MessageReader {
         while end < self.buf.len() {
             // Every header check as soon as the header is in, so a bad one
             // is answered at once, not when its claimed length has come.
-            match next_frame(&self.buf[end..], codec.unwrap_or(&ANY_NEGOTIATION)) {
+            match next_frame(&self.buf[end..], codec.unwrap_or(&Codec::INITIAL)) {
                 Ok(Some((_, len))) => {
                     lengths.push(len);
                     end += len;
                 }
                 Ok(None) => break,
-                // Before the codec: wrong whatever the OPENs agree. The
-                // session sees it as it came and sends the NOTIFICATION.
+                // Before the codec: wrong for 4096-byte messages. The
+                // session, which may have the codec by now (an extended
+                // UPDATE right behind the OPEN), frames the rest itself
+                // and answers a bad header at once, as it always did.
                 Err(_) if codec.is_none() => {
                     self.unframed = true;
                     return Some(Received::Bytes(std::mem::take(&mut self.buf)));
@@ -129,16 +131,6 @@ impl MessageReader {
         Some(Received::Messages(messages))
     }
 }
-
-/// Framing before the session's codec is known: the longest messages any
-/// negotiation allows (RFC 8654), so only what is wrong under every codec
-/// is refused here. (An UPDATE longer than 4096 bytes before extended
-/// messages are agreed goes to the session once whole, which refuses it.)
-const ANY_NEGOTIATION: Codec = Codec {
-    four_octet_as: true,
-    extended_message: true,
-    ebgp: true,
-};
 
 #[cfg(test)]
 mod tests {
@@ -269,6 +261,18 @@ mod tests {
         };
         assert_eq!(m.len(), 2);
         assert!(matches!(&m[1], Err(n) if n.code == error_code::HEADER));
+    }
+
+    #[test]
+    fn before_the_codec_a_header_longer_than_4096_goes_on_unframed_at_once() {
+        let mut header = update(&["192.0.2.0/24"]);
+        header.truncate(19);
+        header[16..18].copy_from_slice(&5000u16.to_be_bytes());
+        let mut reader = MessageReader::default();
+        match feed(&mut reader, &header, None).as_slice() {
+            [Received::Bytes(b)] => assert_eq!(b, &header, "for the session to judge now"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
