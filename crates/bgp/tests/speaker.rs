@@ -247,12 +247,17 @@ impl Net {
 /// Seed 004's border (AS 65000, a static for its block) linked to its ISP
 /// (AS 65001), not started.
 fn border_and_isp() -> Net {
+    border_with_statics_and_isp(&["44.30.127.0/24"])
+}
+
+/// [`border_and_isp`] with these static routes on the border.
+fn border_with_statics_and_isp(statics: &[&str]) -> Net {
     let mut net = Net::new(vec![
         speaker(
             65000,
             [10, 0, 0, 1],
             vec![neighbor("isp", "172.30.0.1", 65001)],
-            &["44.30.127.0/24"],
+            statics,
         ),
         speaker(
             65001,
@@ -879,21 +884,7 @@ fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
         .map(|n| format!("{}.{}.{}.0/24", 20 + n / 65536, (n / 256) % 256, n % 256))
         .collect();
     let statics: Vec<&str> = prefixes.iter().map(String::as_str).collect();
-    let mut net = Net::new(vec![
-        speaker(
-            65000,
-            [10, 0, 0, 1],
-            vec![neighbor("isp", "172.30.0.1", 65001)],
-            &statics,
-        ),
-        speaker(
-            65001,
-            [10, 0, 0, 2],
-            vec![neighbor("border", "172.30.0.100", 65000)],
-            &[],
-        ),
-    ]);
-    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    let mut net = border_with_statics_and_isp(&statics);
     const WINDOW: usize = 64 * 1024;
     net.speakers[0].set_send_window(Some(WINDOW));
     net.windowed[0] = true;

@@ -72,17 +72,19 @@ impl MessageReader {
             return (!self.buf.is_empty()).then(|| Received::Bytes(std::mem::take(&mut self.buf)));
         }
         let mut end = 0;
-        let mut lengths = Vec::new();
-        let mut bad_header = None;
+        let mut messages = Vec::new();
         while end < self.buf.len() {
             // Every header check as soon as the header is in, so a bad one
             // is answered at once, not when its claimed length has come.
-            match next_frame(&self.buf[end..], codec.unwrap_or(&Codec::INITIAL)) {
-                Ok(Some((_, len))) => {
-                    lengths.push(len);
-                    end += len;
-                }
+            let message = match next_frame(&self.buf[end..], codec.unwrap_or(&Codec::INITIAL)) {
                 Ok(None) => break,
+                Ok(Some((_, len))) => {
+                    end += len;
+                    match codec {
+                        Some(codec) => decode_message(&self.buf[end - len..end], codec),
+                        None => continue,
+                    }
+                }
                 // Before the codec: wrong for 4096-byte messages. The
                 // session, which may have the codec by now (an extended
                 // UPDATE right behind the OPEN), frames the rest itself
@@ -91,43 +93,24 @@ impl MessageReader {
                     self.unframed = true;
                     return Some(Received::Bytes(std::mem::take(&mut self.buf)));
                 }
-                Err(n) => {
-                    bad_header = Some(n);
-                    break;
-                }
+                Err(n) => Err(n),
+            };
+            let failed = message.is_err();
+            messages.push(message);
+            if failed {
+                self.failed = true;
+                self.buf.clear();
+                return Some(Received::Messages(messages));
             }
         }
-        let Some(codec) = codec else {
-            if end == 0 {
-                return None;
-            }
-            let rest = self.buf.split_off(end);
-            return Some(Received::Bytes(std::mem::replace(&mut self.buf, rest)));
-        };
-        if end == 0 && bad_header.is_none() {
+        if end == 0 {
             return None;
         }
-        let mut messages = Vec::with_capacity(lengths.len() + 1);
-        let mut at = 0;
-        for len in lengths {
-            let message = decode_message(&self.buf[at..at + len], codec);
-            at += len;
-            if message.is_err() {
-                bad_header = None;
-                messages.push(message);
-                break;
-            }
-            messages.push(message);
+        if codec.is_none() {
+            let rest = self.buf.split_off(end);
+            return Some(Received::Bytes(std::mem::replace(&mut self.buf, rest)));
         }
-        if let Some(n) = bad_header {
-            messages.push(Err(n));
-        }
-        if matches!(messages.last(), Some(Err(_))) {
-            self.failed = true;
-            self.buf.clear();
-        } else {
-            self.buf.drain(..end);
-        }
+        self.buf.drain(..end);
         Some(Received::Messages(messages))
     }
 }
@@ -160,6 +143,12 @@ mod tests {
         let mut out = Vec::new();
         UpdateBuilder::new(CODEC).announce(&mut out, &attrs, &prefixes);
         out
+    }
+
+    /// `message` with its header's length field set to `len`.
+    fn with_length(mut message: Vec<u8>, len: u16) -> Vec<u8> {
+        message[16..18].copy_from_slice(&len.to_be_bytes());
+        message
     }
 
     fn feed(reader: &mut MessageReader, bytes: &[u8], codec: Option<&Codec>) -> Vec<Received> {
@@ -251,9 +240,7 @@ mod tests {
     fn a_bad_header_is_answered_before_its_length_has_come() {
         let mut stream = update(&["192.0.2.0/24"]);
         // A header claiming more than 4096 bytes without extended messages.
-        let mut long = update(&["198.51.100.0/24"]);
-        long[16..18].copy_from_slice(&5000u16.to_be_bytes());
-        stream.extend(&long);
+        stream.extend(with_length(update(&["198.51.100.0/24"]), 5000));
         let mut reader = MessageReader::default();
         let out = feed(&mut reader, &stream, Some(&CODEC));
         let [Received::Messages(m)] = out.as_slice() else {
@@ -265,9 +252,8 @@ mod tests {
 
     #[test]
     fn before_the_codec_a_header_longer_than_4096_goes_on_unframed_at_once() {
-        let mut header = update(&["192.0.2.0/24"]);
+        let mut header = with_length(update(&["192.0.2.0/24"]), 5000);
         header.truncate(19);
-        header[16..18].copy_from_slice(&5000u16.to_be_bytes());
         let mut reader = MessageReader::default();
         match feed(&mut reader, &header, None).as_slice() {
             [Received::Bytes(b)] => assert_eq!(b, &header, "for the session to judge now"),
@@ -278,9 +264,7 @@ mod tests {
     #[test]
     fn before_the_codec_a_header_wrong_under_any_codec_goes_on_unframed() {
         let mut stream = update(&["192.0.2.0/24"]);
-        let mut bad = update(&["198.51.100.0/24"]);
-        bad[16..18].copy_from_slice(&5u16.to_be_bytes());
-        stream.extend(&bad);
+        stream.extend(with_length(update(&["198.51.100.0/24"]), 5));
         let mut reader = MessageReader::default();
         match feed(&mut reader, &stream, None).as_slice() {
             [Received::Bytes(b)] => assert_eq!(b, &stream, "all of it, for the session to refuse"),
