@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::connections::ConnectionHandle;
 use crate::hub::{Hub, NodeView, render_gateway, render_network, render_node};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -144,10 +145,14 @@ impl From<StoreError> for Failure {
         match e {
             StoreError::Conflict(m) => Failure::conflict(m),
             StoreError::NotFound(m) => Failure::not_found(m),
-            StoreError::Database(e) => Failure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("database error: {e}"),
-            ),
+            StoreError::Database(e) => {
+                // The details (redacted) go to the log, not to the caller.
+                tracing::error!("database: {}", crate::config::redact_url(&e.to_string()));
+                Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the database failed; the controller's log says why",
+                )
+            }
         }
     }
 }
@@ -155,10 +160,9 @@ impl From<StoreError> for Failure {
 /// A JSON body, or a 4xx that says what is wrong with it.
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
     json.map(|Json(v)| v).map_err(|r| {
-        let status = if r.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        } else {
-            StatusCode::BAD_REQUEST
+        let status = match r.status() {
+            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+            _ => StatusCode::BAD_REQUEST,
         };
         Failure::new(status, r.body_text())
     })
@@ -169,7 +173,8 @@ type Reply<T> = Result<Json<T>, Failure>;
 // ---------------------------------------------------------------------------
 // Who is asking
 
-enum Principal {
+#[derive(Clone)]
+pub enum Principal {
     Admin,
     /// GET anything (except agent endpoints).
     Read,
@@ -190,15 +195,30 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Failure> {
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
         .ok_or_else(|| Failure::unauthorized("the Authorization header is not \"Bearer <key>\""))
 }
 
-async fn principal(ctl: &Controller, headers: &HeaderMap) -> Result<Principal, Failure> {
+/// Longer than any key the controller makes (43 characters) or accepts
+/// as a master key worth having; longer ones are not even hashed.
+const MAX_KEY_LEN: usize = 512;
+
+/// Who the request's key belongs to. Gateways are found in memory first
+/// for the agent API: their pulses must not wait on the store (a stalled
+/// store would otherwise silence every gateway at once).
+async fn principal(
+    ctl: &Controller,
+    headers: &HeaderMap,
+    agent: bool,
+) -> Result<Principal, Failure> {
     let token = bearer(headers)?;
     if secrets::same(token, &ctl.master_key) {
         return Ok(Principal::Admin);
     }
     let hash = secrets::hash(token);
+    if agent && let Some(node) = ctl.hub.gateway_by_credential(&hash) {
+        return Ok(Principal::Node(node));
+    }
     if let Some(t) = ctl.store.api_token_by_hash(&hash).await? {
         return Ok(match t.scope.strip_prefix("network:") {
             Some(net) => Principal::Network(net.to_string()),
@@ -212,14 +232,51 @@ async fn principal(ctl: &Controller, headers: &HeaderMap) -> Result<Principal, F
     Err(Failure::unauthorized("unknown key"))
 }
 
+/// Paths that take no bearer key: the health check, and joining (its
+/// enrollment secret is in the body).
+fn open_path(path: &str) -> bool {
+    path == "/api/health" || path == "/api/join"
+}
+
+/// Authenticates every request but the open ones before anything else
+/// runs: no path lookup, body parsing or store read happens for a caller
+/// without a valid key, who gets 401. A key that checks out proves the
+/// connection (`connections`).
+async fn authenticate(
+    State(ctl): State<Arc<Controller>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if open_path(path) {
+        return next.run(request).await;
+    }
+    let agent = path.starts_with("/api/agent/");
+    let who = match principal(&ctl, request.headers(), agent).await {
+        Ok(who) => who,
+        Err(refusal) => {
+            // A small body is read (not parsed) so the client, still
+            // writing it, gets the 401 rather than a reset connection; a
+            // large or slow one is not waited for.
+            let body = request.into_body();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                axum::body::to_bytes(body, 64 * 1024),
+            )
+            .await;
+            return refusal.into_response();
+        }
+    };
+    if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
+        connection.prove();
+    }
+    request.extensions_mut().insert(who);
+    next.run(request).await
+}
+
 /// Admin, or scoped to `netid` (or reading, when `read` is enough).
-async fn may_manage(
-    ctl: &Controller,
-    headers: &HeaderMap,
-    netid: Option<&str>,
-    read: bool,
-) -> Result<(), Failure> {
-    match principal(ctl, headers).await? {
+fn may_manage(who: &Principal, netid: Option<&str>, read: bool) -> Result<(), Failure> {
+    match who {
         Principal::Admin => Ok(()),
         Principal::Read if read => Ok(()),
         Principal::Network(n) if netid == Some(n.as_str()) => Ok(()),
@@ -230,9 +287,9 @@ async fn may_manage(
     }
 }
 
-async fn node_principal(ctl: &Controller, headers: &HeaderMap) -> Result<NodeRow, Failure> {
-    match principal(ctl, headers).await? {
-        Principal::Node(n) => Ok(n),
+fn as_node(who: &Principal) -> Result<NodeRow, Failure> {
+    match who {
+        Principal::Node(n) => Ok(n.clone()),
         _ => Err(Failure::forbidden("the agent API takes a node credential")),
     }
 }
@@ -283,6 +340,10 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .fallback(|| async { Failure::not_found("no such API path") })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&ctl),
+            authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&ctl),
             measure,
         ))
         .with_state(ctl)
@@ -303,21 +364,37 @@ async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "revision": ctl.hub.revision()}))
 }
 
-async fn openapi() -> Response {
-    (
+/// Monitoring reads: the admin or a read key (a network-scoped key sees
+/// only its network through the API, not the whole controller).
+fn may_monitor(who: &Principal) -> Result<(), Failure> {
+    match who {
+        Principal::Admin | Principal::Read => Ok(()),
+        _ => Err(Failure::forbidden(
+            "metrics and the API document take an admin or read key",
+        )),
+    }
+}
+
+async fn openapi(Extension(who): Extension<Principal>) -> Result<Response, Failure> {
+    may_monitor(&who)?;
+    Ok((
         [(header::CONTENT_TYPE, "application/json")],
         crate::openapi::document().to_string(),
     )
-        .into_response()
+        .into_response())
 }
 
-async fn metrics(State(ctl): State<Arc<Controller>>) -> Response {
+async fn metrics(
+    State(ctl): State<Arc<Controller>>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, Failure> {
+    may_monitor(&who)?;
     let (online, total) = ctl.hub.online(now());
-    (
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctl.metrics.render(online, total, ctl.hub.revision()),
     )
-        .into_response()
+        .into_response())
 }
 
 // ---------------------------------------------------------------------------
@@ -371,10 +448,10 @@ fn parse_range6(text: &str) -> Result<Ipv6Net, Failure> {
 
 async fn create_network(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     json: Result<Json<NetworkCreate>, JsonRejection>,
 ) -> Reply<bgp4mesh_api::Network> {
-    may_manage(&ctl, &headers, None, false).await?;
+    may_manage(&who, None, false)?;
     let req = body(json)?;
     check_netid(&req.netid)?;
     let range4 = req.addressrange.as_deref().map(parse_range4).transpose()?;
@@ -386,6 +463,9 @@ async fn create_network(
     }
     if req.mtu.is_some_and(|m| !(1280..=9000).contains(&m)) {
         return Err(Failure::bad("mtu: 1280 to 9000"));
+    }
+    if req.listen_port == Some(0) {
+        return Err(Failure::bad("listen_port: 1 to 65535"));
     }
     let _write = ctl.write.lock().await;
     for other in ctl.store.networks().await? {
@@ -409,7 +489,7 @@ async fn create_network(
             )
             .is_some_and(|(a, b)| IpNet::V6(a).contains(&b) || b.contains(&IpNet::V6(a)));
         if overlaps4 || overlaps6 {
-            return Err(Failure::bad(format!(
+            return Err(Failure::conflict(format!(
                 "the address range overlaps network {:?} ({})",
                 other.netid,
                 [
@@ -440,9 +520,9 @@ async fn create_network(
 
 async fn list_networks(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
 ) -> Reply<Vec<bgp4mesh_api::Network>> {
-    let principal = principal(&ctl, &headers).await?;
+    let principal = who;
     let networks = ctl.store.networks().await?;
     let visible = networks.iter().filter(|n| match &principal {
         Principal::Admin | Principal::Read => true,
@@ -458,10 +538,10 @@ async fn list_networks(
 
 async fn get_network(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path(netid): Path<String>,
 ) -> Reply<bgp4mesh_api::Network> {
-    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    may_manage(&who, Some(&netid), true)?;
     let n = ctl
         .store
         .network(&netid)
@@ -472,10 +552,10 @@ async fn get_network(
 
 async fn delete_network(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path(netid): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    may_manage(&ctl, &headers, None, false).await?;
+    may_manage(&who, None, false)?;
     let _write = ctl.write.lock().await;
     let revision = ctl.store.delete_network(&netid, now()).await?;
     ctl.hub.network_deleted(revision, &netid);
@@ -499,11 +579,11 @@ fn render_token(t: &TokenRow, secret: Option<String>) -> Token {
 
 async fn create_token(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     json: Result<Json<TokenCreate>, JsonRejection>,
 ) -> Reply<Token> {
     let req = body(json)?;
-    may_manage(&ctl, &headers, Some(&req.network), false).await?;
+    may_manage(&who, Some(&req.network), false)?;
     if ctl.store.network(&req.network).await?.is_none() {
         return Err(Failure::not_found(format!("no network {:?}", req.network)));
     }
@@ -512,6 +592,15 @@ async fn create_token(
             "uses: at least 1 (leave it out for unlimited)",
         ));
     }
+    if req
+        .expires_in
+        .is_some_and(|s| s == 0 || s > MAX_TOKEN_LIFETIME)
+    {
+        return Err(Failure::bad(format!(
+            "expires_in: 1 to {MAX_TOKEN_LIFETIME} seconds (leave it out for no expiry)"
+        )));
+    }
+    check_tags(&req.tags)?;
     let secret = secrets::new_secret();
     let created = now();
     let row = TokenRow {
@@ -536,6 +625,36 @@ async fn create_token(
     Ok(Json(render_token(&row, Some(text))))
 }
 
+/// Ten years, in seconds: the longest `expires_in`.
+const MAX_TOKEN_LIFETIME: u64 = 10 * 365 * 24 * 3600;
+/// Tags an enrollment token gives its nodes: at most this many...
+const MAX_TAGS: usize = 32;
+/// ...of at most this many characters each.
+const MAX_TAG_LEN: usize = 64;
+
+fn check_tags(tags: &[String]) -> Result<(), Failure> {
+    if tags.len() > MAX_TAGS {
+        return Err(Failure::bad(format!(
+            "tags: {} tags, at most {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for tag in tags {
+        let ok = !tag.is_empty()
+            && tag.len() <= MAX_TAG_LEN
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:=/".contains(&b));
+        if !ok {
+            let shown: String = tag.chars().take(MAX_TAG_LEN).collect();
+            return Err(Failure::bad(format!(
+                "tags: {shown:?}: 1 to {MAX_TAG_LEN} letters, digits or - _ . : = /"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct NetworkFilter {
     network: Option<String>,
@@ -543,25 +662,27 @@ struct NetworkFilter {
 
 async fn list_tokens(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Query(filter): Query<NetworkFilter>,
 ) -> Reply<Vec<Token>> {
-    may_manage(&ctl, &headers, filter.network.as_deref(), true).await?;
+    may_manage(&who, filter.network.as_deref(), true)?;
     let rows = ctl.store.tokens(filter.network.as_deref()).await?;
     Ok(Json(rows.iter().map(|t| render_token(t, None)).collect()))
 }
 
 async fn delete_token(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    let token = ctl
-        .store
-        .token(&id)
-        .await?
-        .ok_or_else(|| Failure::not_found(format!("no enrollment token {id:?}")))?;
-    may_manage(&ctl, &headers, Some(&token.network), false).await?;
+    if matches!(who, Principal::Read | Principal::Node(_)) {
+        may_manage(&who, None, false)?;
+    }
+    // A network's key learns nothing of other networks' tokens: theirs
+    // are "not found" to it, as missing ones are.
+    let missing = || Failure::not_found(format!("no enrollment token {id:?}"));
+    let token = ctl.store.token(&id).await?.ok_or_else(missing)?;
+    may_manage(&who, Some(&token.network), false).map_err(|_| missing())?;
     ctl.store.delete_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -593,14 +714,27 @@ fn check_public_key(key: &str) -> Result<(), Failure> {
     }
 }
 
+/// An address peers can send to: not unspecified, multicast or
+/// broadcast, and not port 0.
 fn check_endpoint(endpoint: &str) -> Result<(), Failure> {
-    if endpoint.parse::<SocketAddr>().is_ok() || endpoint.parse::<IpAddr>().is_ok() {
-        Ok(())
-    } else {
-        Err(Failure::bad(format!(
-            "endpoint {endpoint:?} is not IP or IP:port"
-        )))
+    let (ip, port) = match endpoint.parse::<SocketAddr>() {
+        Ok(a) => (a.ip(), Some(a.port())),
+        Err(_) => match endpoint.parse::<IpAddr>() {
+            Ok(ip) => (ip, None),
+            Err(_) => {
+                return Err(Failure::bad(format!(
+                    "endpoint {endpoint:?} is not IP or IP:port"
+                )));
+            }
+        },
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast || port == Some(0) {
+        return Err(Failure::bad(format!(
+            "endpoint {endpoint:?}: not an address peers can send to"
+        )));
     }
+    Ok(())
 }
 
 async fn join(
@@ -610,6 +744,9 @@ async fn join(
     let req = body(json)?;
     check_name(&req.name)?;
     check_public_key(&req.public_key)?;
+    if req.listen_port == Some(0) {
+        return Err(Failure::bad("listen_port: 1 to 65535"));
+    }
     if let Some(e) = &req.endpoint {
         check_endpoint(e)?;
     }
@@ -713,9 +850,9 @@ async fn join(
 
 async fn list_all_nodes(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
 ) -> Reply<Vec<bgp4mesh_api::Node>> {
-    may_manage(&ctl, &headers, None, true).await?;
+    may_manage(&who, None, true)?;
     let t = now();
     Ok(Json(
         ctl.hub
@@ -728,10 +865,10 @@ async fn list_all_nodes(
 
 async fn list_nodes(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path(netid): Path<String>,
 ) -> Reply<Vec<bgp4mesh_api::Node>> {
-    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    may_manage(&who, Some(&netid), true)?;
     if ctl.store.network(&netid).await?.is_none() {
         return Err(Failure::not_found(format!("no network {netid:?}")));
     }
@@ -764,20 +901,20 @@ async fn find_node(
 
 async fn get_node(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path((netid, node)): Path<(String, String)>,
 ) -> Reply<bgp4mesh_api::Node> {
-    may_manage(&ctl, &headers, Some(&netid), true).await?;
+    may_manage(&who, Some(&netid), true)?;
     let (network, view) = find_node(&ctl, &netid, &node).await?;
     Ok(Json(render_node(&network, &view, now())))
 }
 
 async fn delete_node(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path((netid, node)): Path<(String, String)>,
 ) -> Result<StatusCode, Failure> {
-    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    may_manage(&who, Some(&netid), false)?;
     let _write = ctl.write.lock().await;
     let (_, view) = find_node(&ctl, &netid, &node).await?;
     let (_, revision) = ctl.store.delete_node(&view.row.id, now()).await?;
@@ -788,32 +925,46 @@ async fn delete_node(
 
 async fn create_gateway(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path((netid, node)): Path<(String, String)>,
     json: Result<Json<GatewayCreate>, JsonRejection>,
 ) -> Reply<bgp4mesh_api::Node> {
-    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    may_manage(&who, Some(&netid), false)?;
     let req = body(json)?;
     if req.ranges.is_empty() && !req.bgp {
         return Err(Failure::bad(
             "ranges: at least one prefix (0.0.0.0/0 for everything), or bgp: true for the ranges the node learns by BGP",
         ));
     }
-    let mut ranges = Vec::new();
+    if req.ranges.len() > MAX_GATEWAY_RANGES {
+        return Err(Failure::bad(format!(
+            "ranges: {} ranges, at most {MAX_GATEWAY_RANGES} (use bgp: true for more)",
+            req.ranges.len()
+        )));
+    }
+    let mut nets = Vec::new();
     for r in &req.ranges {
+        let shown: String = r.chars().take(64).collect();
         let net: IpNet = r
             .parse()
-            .map_err(|_| Failure::bad(format!("ranges: {r:?} is not a prefix")))?;
+            .map_err(|_| Failure::bad(format!("ranges: {shown:?} is not a prefix")))?;
         if net.trunc() != net {
             return Err(Failure::bad(format!(
                 "ranges: {net} has host bits set; the network is {}",
                 net.trunc()
             )));
         }
-        ranges.push(net.to_string());
+        nets.push(net);
     }
     let _write = ctl.write.lock().await;
     let (network, view) = find_node(&ctl, &netid, &node).await?;
+    for net in &nets {
+        egress_range_allowed(&network, net)
+            .map_err(|why| Failure::bad(format!("ranges: {net} {why}")))?;
+    }
+    nets.sort();
+    nets.dedup();
+    let ranges: Vec<String> = nets.iter().map(ToString::to_string).collect();
     let gateway = GatewayRow {
         node_id: view.row.id.clone(),
         ranges,
@@ -836,12 +987,60 @@ async fn create_gateway(
     Ok(Json(render_node(&network, &updated, now())))
 }
 
+/// The most static ranges one gateway may carry (BGP-learned ones have
+/// their own cap, `bgp4mesh_api::MAX_BGP_RANGES`).
+const MAX_GATEWAY_RANGES: usize = 1000;
+
+/// Whether nodes may send `range` to a gateway. Refused, with the reason:
+/// ranges inside the network's own address ranges (those addresses are
+/// the nodes', each reached directly: a gateway claiming one would pull
+/// another node's traffic to itself), and ranges inside loopback,
+/// link-local, multicast, `0.0.0.0/8` or `240.0.0.0/4` (never routed).
+/// Wider ranges (0.0.0.0/0, an aggregate holding the mesh) are fine:
+/// nodes keep their mesh's own addresses out of the tunnel to a gateway.
+pub fn egress_range_allowed(network: &NetworkRow, range: &IpNet) -> Result<(), String> {
+    let own = [
+        network.addressrange.as_deref(),
+        network.addressrange6.as_deref(),
+    ];
+    for mesh in own
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.parse::<IpNet>().ok())
+    {
+        if mesh.contains(range) {
+            return Err(format!(
+                "is inside the network's own range {mesh}: those addresses are its nodes'"
+            ));
+        }
+    }
+    const NEVER_ROUTED: [(&str, &str); 9] = [
+        ("0.0.0.0/8", "\"this network\""),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved (and broadcast)"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    ];
+    for (block, what) in NEVER_ROUTED {
+        if let Ok(block) = block.parse::<IpNet>()
+            && block.contains(range)
+        {
+            return Err(format!("is {what} ({block}), never routed"));
+        }
+    }
+    Ok(())
+}
+
 async fn delete_gateway(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path((netid, node)): Path<(String, String)>,
 ) -> Reply<bgp4mesh_api::Node> {
-    may_manage(&ctl, &headers, Some(&netid), false).await?;
+    may_manage(&who, Some(&netid), false)?;
     let _write = ctl.write.lock().await;
     let (network, view) = find_node(&ctl, &netid, &node).await?;
     let revision = ctl
@@ -861,10 +1060,10 @@ async fn delete_gateway(
 
 async fn list_gateways(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Query(filter): Query<NetworkFilter>,
 ) -> Reply<Vec<serde_json::Value>> {
-    may_manage(&ctl, &headers, filter.network.as_deref(), true).await?;
+    may_manage(&who, filter.network.as_deref(), true)?;
     Ok(Json(
         ctl.hub
             .nodes(filter.network.as_deref())
@@ -885,10 +1084,10 @@ async fn list_gateways(
 
 async fn create_api_token(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     json: Result<Json<ApiTokenCreate>, JsonRejection>,
 ) -> Reply<ApiToken> {
-    may_manage(&ctl, &headers, None, false).await?;
+    may_manage(&who, None, false)?;
     let req = body(json)?;
     let scope_ok = req.scope == "admin"
         || req.scope == "read"
@@ -920,9 +1119,9 @@ async fn create_api_token(
 
 async fn list_api_tokens(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
 ) -> Reply<Vec<ApiToken>> {
-    may_manage(&ctl, &headers, None, false).await?;
+    may_manage(&who, None, false)?;
     Ok(Json(
         ctl.store
             .api_tokens()
@@ -940,10 +1139,10 @@ async fn list_api_tokens(
 
 async fn delete_api_token(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    may_manage(&ctl, &headers, None, false).await?;
+    may_manage(&who, None, false)?;
     ctl.store.delete_api_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -953,9 +1152,9 @@ async fn delete_api_token(
 
 async fn agent_state(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
 ) -> Reply<bgp4mesh_api::MeshState> {
-    let node = node_principal(&ctl, &headers).await?;
+    let node = as_node(&who)?;
     ctl.hub
         .state(&node.network, &node.id, now())
         .map(Json)
@@ -970,10 +1169,10 @@ struct Since {
 /// Server-sent events: `id: <revision>` and `data: <StreamEvent JSON>`.
 async fn agent_stream(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Query(since): Query<Since>,
 ) -> Result<Response, Failure> {
-    let node = node_principal(&ctl, &headers).await?;
+    let node = as_node(&who)?;
     let sub = ctl
         .hub
         .subscribe(&node.network, &node.id, since.since, now())
@@ -1178,18 +1377,11 @@ impl Controller {
 /// `PULSE_LOST` (see `Controller::watch_pulses`).
 async fn agent_pulse(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     json: Result<Json<bgp4mesh_api::Pulse>, JsonRejection>,
 ) -> Result<StatusCode, Failure> {
-    // Gateways are found in memory: pulses must not wait on the store
-    // (a stalled store would otherwise silence every gateway at once).
-    let known = ctl
-        .hub
-        .gateway_by_credential(&secrets::hash(bearer(&headers)?));
-    let node = match known {
-        Some(node) => node,
-        None => node_principal(&ctl, &headers).await?,
-    };
+    // `authenticate` found a gateway in memory (`principal`).
+    let node = as_node(&who)?;
     let pulse = body(json)?;
     let at = Instant::now();
     if ctl.hub.pulsed(&node.network, &node.id, at, pulse.upstream) {
@@ -1223,16 +1415,42 @@ fn check_bgp_ranges(ranges: &[IpNet]) -> Result<Vec<IpNet>, Failure> {
 
 async fn agent_report(
     State(ctl): State<Arc<Controller>>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     json: Result<Json<NodeReport>, JsonRejection>,
 ) -> Result<StatusCode, Failure> {
-    let node = node_principal(&ctl, &headers).await?;
+    let node = as_node(&who)?;
     let report = body(json)?;
     if let Some(e) = &report.endpoint {
         check_endpoint(e)?;
     }
+    if report.listen_port == Some(0) {
+        return Err(Failure::bad("listen_port: 1 to 65535"));
+    }
     let bgp_ranges = match &report.bgp_ranges {
-        Some(ranges) => Some(check_bgp_ranges(ranges)?),
+        Some(ranges) => {
+            let mut ranges = check_bgp_ranges(ranges)?;
+            // What a border learns by BGP may hold the mesh's own
+            // addresses (a friend announcing them): never an exit for them.
+            if let Some(network) = ctl.store.network(&node.network).await? {
+                let mut first = None;
+                let before = ranges.len();
+                ranges.retain(|r| {
+                    let why = egress_range_allowed(&network, r).err();
+                    if first.is_none() {
+                        first = why.as_ref().map(|w| format!("{r} {w}"));
+                    }
+                    why.is_none()
+                });
+                if let Some(first) = first {
+                    tracing::debug!(
+                        node = %node.name,
+                        "{} BGP-learned ranges left out; the first: {first}",
+                        before - ranges.len()
+                    );
+                }
+            }
+            Some(ranges)
+        }
         None => None,
     };
     let peers = ctl.hub.nodes(Some(&node.network));

@@ -31,6 +31,9 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Timeouts and connection caps (docs/controller.md, "Security").
+    #[serde(default)]
+    pub limits: crate::connections::ConnectionLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,20 +92,31 @@ impl ServerConfig {
         if config.tls.cert.is_some() != config.tls.key.is_some() {
             bail!("tls.cert and tls.key go together");
         }
+        if config.listen.port() == 0 && !config.listen.ip().is_loopback() {
+            bail!("listen: port 0 picks a random port; give the port nodes will use");
+        }
+        config.limits.check().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 
+    /// The admin secret, trimmed; at least 16 characters. Warns when
+    /// `master_key_file` can be read by other users.
     pub fn master_key(&self) -> Result<String> {
-        let key = match (&self.master_key, &self.master_key_file) {
-            (Some(k), _) => k.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .with_context(|| format!("master_key_file {}", f.display()))?
-                .trim()
-                .to_string(),
+        let (key, field) = match (&self.master_key, &self.master_key_file) {
+            (Some(k), _) => (k.trim().to_string(), "master_key"),
+            (None, Some(f)) => {
+                let key = std::fs::read_to_string(f)
+                    .with_context(|| format!("master_key_file {}", f.display()))?;
+                warn_if_others_can_read(f);
+                (key.trim().to_string(), "master_key_file")
+            }
             (None, None) => bail!("no master key"),
         };
-        if key.len() < 16 {
-            bail!("master_key: at least 16 characters");
+        if key.is_empty() {
+            bail!("{field}: the key is blank");
+        }
+        if key.chars().count() < 16 {
+            bail!("{field}: at least 16 characters");
         }
         Ok(key)
     }
@@ -116,6 +130,12 @@ impl ServerConfig {
         })
     }
 
+    /// The database URL with its password replaced by `***`: for messages
+    /// and logs.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(&self.database_url())
+    }
+
     pub fn public_url(&self, bound: SocketAddr) -> String {
         if let Some(u) = &self.public_url {
             return u.trim_end_matches('/').to_string();
@@ -123,6 +143,62 @@ impl ServerConfig {
         let scheme = if self.tls.enabled { "https" } else { "http" };
         format!("{scheme}://{bound}")
     }
+}
+
+/// Whether a file's mode lets users other than its owner read it.
+pub fn others_can_read(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+}
+
+fn warn_if_others_can_read(path: &Path) {
+    if others_can_read(path) {
+        tracing::warn!(
+            file = %path.display(),
+            "the master key file can be read by other users; chmod 600 it"
+        );
+    }
+}
+
+/// A URL with the password of its user-info part (`scheme://user:password@host`)
+/// replaced by `***`, and a `password=` query parameter likewise.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        // The user-info ends at the last '@' before the query: a password
+        // may (wrongly, unencoded) hold '/' or '@'.
+        let query = out[rest..].find(['?', '#']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..query].rfind('@') {
+            let at = rest + at;
+            if let Some(colon) = out[rest..at].find(':') {
+                out.replace_range(rest + colon + 1..at, "***");
+            }
+        }
+    }
+    let lower = out.to_ascii_lowercase();
+    let mut cut = Vec::new();
+    for key in ["password=", "passwd=", "sslpassword="] {
+        let mut from = 0;
+        while let Some(i) = lower[from..].find(key) {
+            let start = from + i;
+            let boundary =
+                start == 0 || matches!(lower.as_bytes()[start - 1], b'?' | b'&' | b';' | b' ');
+            let value = start + key.len();
+            let end = lower[value..]
+                .find(['&', '#', ' ', ';'])
+                .map_or(lower.len(), |e| value + e);
+            if boundary {
+                cut.push((value, end));
+            }
+            from = end.max(value);
+        }
+    }
+    cut.sort();
+    for (value, end) in cut.into_iter().rev() {
+        out.replace_range(value..end, "***");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -150,5 +226,59 @@ mod tests {
         assert!(format!("{err:#}").contains("master_keyy"), "{err:#}");
         let err = ServerConfig::parse("").expect_err("no key");
         assert!(format!("{err:#}").contains("master_key"), "{err:#}");
+        let err = ServerConfig::parse(
+            "master_key = \"0123456789abcdef\"\n[limits]\nidle_timeout_secs = 0",
+        )
+        .expect_err("no idle timeout");
+        assert!(
+            format!("{err:#}").contains("limits.idle_timeout_secs"),
+            "{err:#}"
+        );
+        let err = ServerConfig::parse("master_key = \"0123456789abcdef\"\nlisten = \"0.0.0.0:0\"")
+            .expect_err("port 0");
+        assert!(format!("{err:#}").contains("listen"), "{err:#}");
+    }
+
+    #[test]
+    fn blank_or_short_master_keys_are_refused() {
+        let blank = ServerConfig::parse("master_key = \"                    \"").expect("parses");
+        let err = blank.master_key().expect_err("blank");
+        assert!(format!("{err:#}").contains("blank"), "{err:#}");
+        let dir = std::env::temp_dir().join(format!("bgp4mesh-mk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("master.key");
+        std::fs::write(&file, "\n   \n").expect("write");
+        let c = ServerConfig::parse(&format!("master_key_file = \"{}\"", file.display()))
+            .expect("parses");
+        let err = c.master_key().expect_err("blank file");
+        assert!(
+            format!("{err:#}").contains("master_key_file: the key is blank"),
+            "{err:#}"
+        );
+        std::fs::write(&file, "  0123456789abcdefgh \n").expect("write");
+        assert_eq!(c.master_key().expect("key"), "0123456789abcdefgh");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secretpw@db.example:5432/ctl"),
+            "postgres://u:***@db.example:5432/ctl"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss@w@rd@db/ctl?sslmode=require"),
+            "postgres://u:***@db/ctl?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/ctl?user=u&password=secretpw&sslmode=require"),
+            "postgres://db/ctl?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://u@db/ctl"), "postgres://u@db/ctl");
+        assert_eq!(
+            redact_url("sqlite:///var/lib/bgp4mesh/controller.db"),
+            "sqlite:///var/lib/bgp4mesh/controller.db"
+        );
+        assert!(!redact_url("postgresql://a:b/c@h/d").contains("b/c"));
     }
 }

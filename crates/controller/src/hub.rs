@@ -8,7 +8,7 @@
 //! revision gets the changes it missed from the log, or a snapshot when it
 //! is further behind than the log reaches.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use bgp4mesh_api::{Gateway, MeshState, Network, Node, Peer, PeerHandshake, StreamEvent, host_net};
@@ -24,6 +24,11 @@ const LOG_LEN: usize = 4096;
 const CHANNEL_LEN: usize = 1024;
 /// A node counts as online if it reported within this many seconds.
 pub const ONLINE_WINDOW: u64 = 90;
+/// A handshake this recent (seconds) counts as a live session; WireGuard
+/// rekeys every 2 minutes while traffic flows.
+pub const LIVE_HANDSHAKE: u64 = 180;
+/// A node's observed endpoint changes at most once per this (seconds).
+pub const OBSERVED_EVERY: u64 = 10;
 
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -32,6 +37,8 @@ pub struct NodeView {
     /// Where peers saw this node come from (its NAT mapping), when it
     /// publishes no endpoint itself.
     pub observed_endpoint: Option<String>,
+    /// When `observed_endpoint` last changed (seconds).
+    pub observed_at: Option<u64>,
     pub last_seen: Option<u64>,
     pub handshakes: Vec<PeerHandshake>,
     /// Open push streams of this node's agent.
@@ -56,6 +63,7 @@ impl NodeView {
             row,
             gateway,
             observed_endpoint: None,
+            observed_at: None,
             last_seen: None,
             handshakes: Vec::new(),
             streams: 0,
@@ -245,17 +253,38 @@ impl Hub {
         let Some(view) = inner.networks.get_mut(netid) else {
             return Vec::new();
         };
+        let live = |h: &PeerHandshake| {
+            h.last_handshake
+                .is_some_and(|t| t.saturating_add(LIVE_HANDSHAKE) >= now)
+        };
+        let talking_to: HashSet<String> = handshakes
+            .iter()
+            .filter(|h| live(h))
+            .map(|h| h.peer.clone())
+            .collect();
         if let Some(node) = view.nodes.get_mut(id) {
             node.last_seen = Some(now);
             node.handshakes = handshakes;
         }
         let mut changed = Vec::new();
         for (peer_id, endpoint) in observed {
+            // A report is evidence of where the reporter sees the peer
+            // from, not authority over the peer: it counts only while both
+            // say they have a live session with each other, and moves the
+            // peer at most once per OBSERVED_EVERY.
+            if peer_id == id || !talking_to.contains(&peer_id) {
+                continue;
+            }
             if let Some(peer) = view.nodes.get_mut(&peer_id)
                 && peer.row.endpoint.is_none()
                 && peer.observed_endpoint.as_deref() != Some(endpoint.as_str())
+                && peer.handshakes.iter().any(|h| h.peer == id && live(h))
+                && peer
+                    .observed_at
+                    .is_none_or(|at| now >= at.saturating_add(OBSERVED_EVERY))
             {
                 peer.observed_endpoint = Some(endpoint);
+                peer.observed_at = Some(now);
                 changed.push(peer_id);
             }
         }

@@ -5,10 +5,12 @@
 //! - `store`: SQLite or PostgreSQL, one code path, migrations per dialect.
 //! - `hub`: the in-memory mesh, change log and per-network broadcast.
 //! - `api`: the axum router (JSON errors, auth, the SSE stream).
+//! - `connections`: who may hold a connection, and for how long.
 //! - `ipam`, `secrets`, `tls`, `metrics`, `openapi`, `config`, `server`.
 
 pub mod api;
 pub mod config;
+pub mod connections;
 pub mod hub;
 pub mod ipam;
 pub mod metrics;

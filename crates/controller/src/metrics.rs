@@ -16,6 +16,8 @@ pub struct Metrics {
     count: AtomicU64,
     micros: AtomicU64,
     streams: Arc<AtomicU64>,
+    /// The listener's connection counters (`connections::Admission`).
+    pub connections: Arc<crate::connections::ConnectionStats>,
 }
 
 /// Counts an open stream until dropped.
@@ -68,6 +70,43 @@ impl Metrics {
         line("# HELP bgp4mesh_stream_clients Open agent streams.".into());
         line("# TYPE bgp4mesh_stream_clients gauge".into());
         line(format!("bgp4mesh_stream_clients {}", self.streams()));
+        let c = &self.connections;
+        for (name, help, kind, value) in [
+            (
+                "connections_open",
+                "Open API connections.",
+                "gauge",
+                &c.open,
+            ),
+            (
+                "connections_unproven",
+                "Open API connections with no valid credential yet, waiting.",
+                "gauge",
+                &c.unproven,
+            ),
+            (
+                "connections_refused_total",
+                "Connections refused: the connection limit was reached.",
+                "counter",
+                &c.refused,
+            ),
+            (
+                "connections_evicted_total",
+                "Unproven connections closed for newer ones.",
+                "counter",
+                &c.evicted,
+            ),
+            (
+                "connections_timed_out_total",
+                "Connections closed by the header or idle timeout.",
+                "counter",
+                &c.timed_out,
+            ),
+        ] {
+            line(format!("# HELP bgp4mesh_{name} {help}"));
+            line(format!("# TYPE bgp4mesh_{name} {kind}"));
+            line(format!("bgp4mesh_{name} {}", value.load(Ordering::Relaxed)));
+        }
         line("# HELP bgp4mesh_revision The last committed change.".into());
         line("# TYPE bgp4mesh_revision counter".into());
         line(format!("bgp4mesh_revision {revision}"));

@@ -1,12 +1,17 @@
 //! Runs the controller: store, TLS identity, the API on its socket.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsAcceptor;
 
 use anyhow::{Context, Result};
 
 use crate::api::{Controller, router};
 use crate::config::ServerConfig;
+use crate::connections::Admission;
 use crate::store::Store;
 
 /// A running controller (for tests and the `server` command).
@@ -52,14 +57,50 @@ pub fn raise_open_files_limit() {
     }
 }
 
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+/// The SQLite database and its `-wal` and `-shm` files hold credential
+/// hashes: readable by the controller's user only. SQLite gives the side
+/// files the database's mode, so the database is created 0600 here.
+fn protect_sqlite_files(db: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .with_context(|| format!("database {}", db.display()))?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        if file.exists() {
+            set_mode(&file, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn start(config: &ServerConfig) -> Result<Running> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     raise_open_files_limit();
+    let created = !config.state_dir.exists();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
+    if created {
+        set_mode(&config.state_dir, 0o700)?;
+    }
+    if let Some(db) = crate::store::sqlite_path(&config.database_url()) {
+        protect_sqlite_files(&db)?;
+    }
     let store = Store::open(&config.database_url())
         .await
-        .with_context(|| format!("opening the store {}", config.database_url()))?;
+        .map_err(|e| anyhow::anyhow!("{}", crate::config::redact_url(&e.to_string())))
+        .with_context(|| format!("opening the store {}", config.database_url_redacted()))?;
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("listen {}", config.listen))?;
     listener.set_nonblocking(true)?;
@@ -82,16 +123,24 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
     let app = router(Arc::clone(&controller)).into_make_service();
     let pulses = tokio::spawn(Arc::clone(&controller).watch_pulses());
     let handle = axum_server::Handle::new();
+    let admission = Admission::new(&config.limits, Arc::clone(&controller.metrics.connections));
     let task = match identity {
         Some(id) => {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem(id.cert_pem, id.key_pem)
                 .await
                 .context("loading the TLS identity")?;
-            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            let acceptor = RustlsAcceptor::new(tls)
+                .handshake_timeout(Duration::from_secs(config.limits.header_timeout_secs))
+                .acceptor(admission);
+            let server = axum_server::from_tcp(listener)?
+                .acceptor(acceptor)
+                .handle(handle.clone());
             tokio::spawn(server.serve(app))
         }
         None => {
-            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            let server = axum_server::from_tcp(listener)?
+                .acceptor(admission)
+                .handle(handle.clone());
             tokio::spawn(server.serve(app))
         }
     };

@@ -205,6 +205,17 @@ fn parse_opt<T: FromStr>(text: Option<String>) -> Option<T> {
     text.and_then(|t| t.parse().ok())
 }
 
+/// The file of a `sqlite://` URL (not `:memory:`).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path.contains(":memory:") {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `url` and brings its
     /// schema up to date. `sqlite:///path/file.db`, `sqlite::memory:` or
@@ -347,6 +358,12 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("no network {netid:?}")));
         }
+        // Its scoped API keys go with it: a network made again under the
+        // same name must not find the old keys working.
+        sqlx::query("DELETE FROM api_tokens WHERE scope = $1")
+            .bind(format!("network:{netid}"))
+            .execute(&mut *tx)
+            .await?;
         let revision = record_change(&mut tx, netid, None, "network_deleted", now).await?;
         tx.commit().await?;
         Ok(revision)

@@ -230,7 +230,7 @@ async fn suite(database: &str, name: &str) -> Result<()> {
             json!({"netid": "other", "addressrange": "44.30.127.128/25"}),
         )
         .await?,
-        StatusCode::BAD_REQUEST,
+        StatusCode::CONFLICT,
         "overlaps network \"mynet\"",
     );
     refused(
@@ -379,7 +379,8 @@ async fn suite(database: &str, name: &str) -> Result<()> {
         StatusCode::FORBIDDEN,
         "used up",
     );
-    let (_, expired) = token(&c, "mynet", json!({"expires_in": 0})).await?;
+    let (_, expired) = token(&c, "mynet", json!({"expires_in": 1})).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     refused(
         join(&c, &expired.secret, "late", 4, json!({})).await?,
         StatusCode::UNAUTHORIZED,
@@ -665,17 +666,20 @@ async fn suite(database: &str, name: &str) -> Result<()> {
     );
 
     // -- documents ------------------------------------------------------------
-    let (status, doc) = c.get("/api/openapi.json", None).await?;
+    let (status, doc) = c.get("/api/openapi.json", Some(MASTER)).await?;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["paths"]["/api/nodes/{netid}/{node}/creategateway"]["post"].is_object());
     let metrics = c
         .http
         .get(format!("{}/metrics", c.base))
+        .bearer_auth(MASTER)
         .send()
         .await?
         .text()
         .await?;
     assert!(metrics.contains("bgp4mesh_nodes 8"), "{metrics}");
+    assert!(metrics.contains("bgp4mesh_connections_open "), "{metrics}");
+    hardening(&c, &running).await?;
     refused(
         c.get("/api/nothing", Some(MASTER)).await?,
         StatusCode::NOT_FOUND,
@@ -700,6 +704,326 @@ async fn suite(database: &str, name: &str) -> Result<()> {
     assert_eq!(running.fingerprint, fingerprint, "the certificate is kept");
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// What the security review of issue 15 found, refused: requests without a
+/// key learn nothing, nonsense is refused with the field named, a node
+/// cannot move another node's endpoint, a gateway cannot claim another
+/// node's address. Runs on its own network ("hard"); leaves it behind.
+async fn hardening(c: &Client, running: &Running) -> Result<()> {
+    let revision = |running: &Running| running.controller.hub.revision();
+    // -- no key: 401 before any lookup or parsing --------------------------
+    let (tok, _) = token(c, "mynet", json!({})).await?;
+    for path in [
+        format!("/api/tokens/{}", tok.id),
+        "/api/tokens/no-such-token".to_string(),
+    ] {
+        refused(
+            c.delete(&path, None).await?,
+            StatusCode::UNAUTHORIZED,
+            "Authorization",
+        );
+    }
+    for path in [
+        "/metrics",
+        "/api/openapi.json",
+        "/api/nothing",
+        "/api/nodes/nope",
+    ] {
+        refused(
+            c.get(path, None).await?,
+            StatusCode::UNAUTHORIZED,
+            "Authorization",
+        );
+        refused(
+            c.get(path, Some("not-a-key")).await?,
+            StatusCode::UNAUTHORIZED,
+            "unknown key",
+        );
+    }
+    refused(
+        c.get("/api/networks", Some(&"k".repeat(8000))).await?,
+        StatusCode::UNAUTHORIZED,
+        "Bearer",
+    );
+    let before = revision(running);
+    refused(
+        c.post(
+            "/api/networks",
+            None,
+            json!({"netid": "x", "addressrange": "10.9.0.0/24"}),
+        )
+        .await?,
+        StatusCode::UNAUTHORIZED,
+        "Authorization",
+    );
+    assert_eq!(revision(running), before);
+
+    // -- nonsense refused, naming the field --------------------------------
+    for expires in [json!(0), json!(u64::MAX), json!(400_000_000u64)] {
+        refused(
+            c.post(
+                "/api/tokens",
+                Some(MASTER),
+                json!({"network": "mynet", "expires_in": expires}),
+            )
+            .await?,
+            StatusCode::BAD_REQUEST,
+            "expires_in",
+        );
+    }
+    let many: Vec<String> = (0..10_000).map(|i| format!("t{i}")).collect();
+    refused(
+        c.post(
+            "/api/tokens",
+            Some(MASTER),
+            json!({"network": "mynet", "tags": many}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "tags",
+    );
+    refused(
+        c.post(
+            "/api/tokens",
+            Some(MASTER),
+            json!({"network": "mynet", "tags": ["x".repeat(1 << 20)]}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "tags",
+    );
+    refused(
+        c.post(
+            "/api/tokens",
+            Some(MASTER),
+            json!({"network": "mynet", "tags": ["x".repeat(3 << 20)]}),
+        )
+        .await?,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "length limit",
+    );
+    refused(
+        c.post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "x", "addressrange": "10.9.0.0/24", "listen_port": 0}),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+        "listen_port",
+    );
+
+    // -- a network's key goes with its network -------------------------------
+    let (status, _) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "gone", "addressrange": "10.8.0.0/24"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, scoped) = c
+        .post(
+            "/api/apitokens",
+            Some(MASTER),
+            json!({"scope": "network:gone"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let scoped = scoped["token"].as_str().context("token")?.to_string();
+    let (status, _) = c.get("/api/networks/gone", Some(&scoped)).await?;
+    assert_eq!(status, StatusCode::OK);
+    // It cannot tell another network's token from a missing one.
+    refused(
+        c.delete(&format!("/api/tokens/{}", tok.id), Some(&scoped))
+            .await?,
+        StatusCode::NOT_FOUND,
+        "no enrollment token",
+    );
+    let (status, _) = c.delete("/api/networks/gone", Some(MASTER)).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    refused(
+        c.get("/api/networks", Some(&scoped)).await?,
+        StatusCode::UNAUTHORIZED,
+        "unknown key",
+    );
+
+    // -- nodes: endpoints, and who may say where a node is ------------------
+    let (status, _) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "hard", "addressrange": "10.7.0.0/24", "addressrange6": "fd07::/64"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let (_, enrollment) = token(c, "hard", json!({})).await?;
+    for endpoint in [
+        "0.0.0.0:0",
+        "203.0.113.1:0",
+        "255.255.255.255:51820",
+        "224.0.0.1:5",
+        "::",
+    ] {
+        refused(
+            join(
+                c,
+                &enrollment.secret,
+                "bad",
+                100,
+                json!({"endpoint": endpoint}),
+            )
+            .await?,
+            StatusCode::BAD_REQUEST,
+            "endpoint",
+        );
+    }
+    let mut nodes = Vec::new();
+    for (name, key, extra) in [
+        ("natted", 101, json!({})),
+        ("hub", 102, json!({"endpoint": "198.51.100.2:51820"})),
+        ("other", 103, json!({"endpoint": "198.51.100.3:51820"})),
+    ] {
+        let (status, joined) = join(c, &enrollment.secret, name, key, extra).await?;
+        assert_eq!(status, StatusCode::OK, "{joined}");
+        nodes.push(serde_json::from_value::<JoinResponse>(joined)?);
+    }
+    let (natted, hub, other) = (&nodes[0], &nodes[1], &nodes[2]);
+    let endpoint_seen_by = |viewer: &JoinResponse| {
+        let viewer = viewer.credential.clone();
+        let id = natted.node.id.clone();
+        async move {
+            let (_, state) = c.get("/api/agent/state", Some(&viewer)).await?;
+            let state: MeshState = serde_json::from_value(state)?;
+            let peer = state
+                .peers
+                .iter()
+                .find(|p| p.node_id == id)
+                .context("peer")?;
+            anyhow::Ok(peer.endpoint.clone())
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let report = |about: &JoinResponse, endpoint: &str, handshake: Option<u64>| {
+        json!({"peers": [{
+            "public_key": about.node.public_key,
+            "endpoint": endpoint,
+            "last_handshake": handshake,
+            "rx_bytes": 0, "tx_bytes": 0,
+        }]})
+    };
+    // A forged report: no session with the peer. 100 of them change nothing.
+    let before = revision(running);
+    for _ in 0..100 {
+        let (status, _) = c
+            .post(
+                "/api/agent/report",
+                Some(&hub.credential),
+                report(natted, "6.6.6.6:666", None),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // Claiming a session the peer does not confirm changes nothing either.
+    let (status, _) = c
+        .post(
+            "/api/agent/report",
+            Some(&hub.credential),
+            report(natted, "6.6.6.6:666", Some(now)),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(revision(running), before, "a forged report made a revision");
+    assert_eq!(endpoint_seen_by(other).await?, None);
+    // The peer confirms the session: the observation is used, once.
+    let (status, _) = c
+        .post(
+            "/api/agent/report",
+            Some(&natted.credential),
+            report(hub, "198.51.100.2:51820", Some(now)),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = c
+        .post(
+            "/api/agent/report",
+            Some(&hub.credential),
+            report(natted, "192.0.2.50:40000", Some(now)),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        endpoint_seen_by(other).await?.as_deref(),
+        Some("192.0.2.50:40000")
+    );
+    let once = revision(running);
+    assert_eq!(once, before + 1);
+    // At most one move per interval, however many reports.
+    for port in 40001..40021 {
+        let (status, _) = c
+            .post(
+                "/api/agent/report",
+                Some(&hub.credential),
+                report(natted, &format!("192.0.2.50:{port}"), Some(now)),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(revision(running), once);
+    assert_eq!(
+        endpoint_seen_by(other).await?.as_deref(),
+        Some("192.0.2.50:40000")
+    );
+
+    // -- gateway ranges -------------------------------------------------------
+    let gateway = |ranges: Value| {
+        let path = format!("/api/nodes/hard/{}/creategateway", hub.node.id);
+        async move { c.post(&path, Some(MASTER), json!({"ranges": ranges})).await }
+    };
+    let before = revision(running);
+    let address = natted.node.address.context("address")?;
+    for (range, says) in [
+        (format!("{address}/32"), "network's own range"),
+        ("10.7.0.128/25".to_string(), "network's own range"),
+        ("fd07::5/128".to_string(), "network's own range"),
+        ("127.0.0.0/8".to_string(), "loopback"),
+        ("169.254.1.0/24".to_string(), "link-local"),
+        ("239.1.0.0/16".to_string(), "multicast"),
+        ("255.255.255.255/32".to_string(), "broadcast"),
+        ("0.0.0.0/8".to_string(), "this network"),
+        ("fe80::/64".to_string(), "link-local"),
+    ] {
+        refused(
+            gateway(json!(["203.0.113.0/24", range])).await?,
+            StatusCode::BAD_REQUEST,
+            &format!("ranges: {}", range.parse::<ipnet::IpNet>()?),
+        );
+        refused(
+            gateway(json!([range])).await?,
+            StatusCode::BAD_REQUEST,
+            says,
+        );
+    }
+    let too_many: Vec<String> = (0..1001)
+        .map(|i| format!("100.{}.{}.0/24", 64 + i / 256, i % 256))
+        .collect();
+    refused(
+        gateway(json!(too_many)).await?,
+        StatusCode::BAD_REQUEST,
+        "at most 1000",
+    );
+    assert_eq!(
+        revision(running),
+        before,
+        "a refused gateway made a revision"
+    );
+    let (status, node) = gateway(json!(["0.0.0.0/0", "::/0", "10.0.0.0/8"])).await?;
+    assert_eq!(status, StatusCode::OK, "{node}");
+    assert_eq!(revision(running), before + 1);
     Ok(())
 }
 
