@@ -30,7 +30,14 @@ pub fn run_config(config: NodeConfig) -> Result<()> {
 }
 
 async fn run_async(config: NodeConfig) -> Result<()> {
+    // Signals are taken over first: a SIGTERM during start-up then stops
+    // the daemon through its usual path instead of killing it.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let (calls_tx, calls) = mpsc::channel::<ControlCall>(64);
+    // Removes the socket file when dropped: at the end, and on every early
+    // return below (a listener that cannot be bound, a netlink error...).
     let server = control::serve(&config.control_socket, calls_tx.clone())?;
     tracing::info!("control socket {}", config.control_socket.display());
 
@@ -105,9 +112,6 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         }
         None => None,
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let reloader = calls_tx.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
@@ -203,8 +207,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         drop(routes);
         let _ = task.await;
     }
-    server.abort();
-    let _ = std::fs::remove_file(&config.control_socket);
+    drop(server);
     if mesh_failed {
         anyhow::bail!("the mesh stopped (see the log above)");
     }
