@@ -553,14 +553,10 @@ impl NodeConfig {
                 file.kernel.table
             );
         }
+        check_socket_path(&file.control.socket).with_context(|| format!("{}", path.display()))?;
         if let Some(mesh) = &file.mesh {
-            let name = &mesh.interface;
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                bail!(
-                    "{}: mesh.interface: {name:?} is not an interface name",
-                    path.display()
-                );
-            }
+            check_interface_name("mesh.interface", &mesh.interface)
+                .with_context(|| format!("{}", path.display()))?;
             if !["auto", "kernel", "userspace"].contains(&mesh.backend.as_str()) {
                 bail!(
                     "{}: mesh.backend: {:?} is not one of auto, kernel, userspace",
@@ -592,6 +588,99 @@ impl NodeConfig {
             }),
         }
     }
+}
+
+/// What the TCP sockets of a neighbour will be given, checked before any
+/// is opened: what the kernel would refuse at run time is refused here, so
+/// that `bgp4mesh check` says so.
+fn check_transport(at: &str, n: &NeighborSection) -> Result<()> {
+    if n.address.is_unspecified() || n.address.is_multicast() || n.address == Ipv4Addr::BROADCAST {
+        bail!(
+            "{at}.address: {} is not a unicast address to talk BGP with",
+            n.address
+        );
+    }
+    if let Some(local) = n.local_address
+        && (local.is_multicast() || local == Ipv4Addr::BROADCAST)
+    {
+        bail!("{at}.local_address: {local} is not a unicast address to connect from");
+    }
+    if n.port == 0 {
+        bail!("{at}.port: 0 is not a port to connect to (BGP's is 179)");
+    }
+    // The TTL we send is hops + 1 and a TTL is at most 255.
+    if n.multihop == u8::MAX {
+        bail!("{at}.multihop: at most 254 hops, not 255 (the TTL sent is hops + 1)");
+    }
+    if let Some(password) = &n.password {
+        let max = crate::transport::MD5_MAX_KEY_LEN;
+        if password.is_empty() {
+            bail!("{at}.password: empty; leave password out for no TCP-MD5");
+        }
+        if password.len() > max {
+            bail!(
+                "{at}.password: the TCP-MD5 key is {} bytes; Linux takes at most {max} (TCP_MD5SIG)",
+                password.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The listeners can all be bound together: a port, once per address, and
+/// not both a wildcard and a specific address of one family on one port
+/// (IPv6 listeners are IPv6-only, so `0.0.0.0` and `::` go together).
+fn check_listen(listen: &[SocketAddr]) -> Result<()> {
+    for (i, addr) in listen.iter().enumerate() {
+        if addr.port() == 0 {
+            bail!("bgp.listen[{i}]: {addr} has no port (BGP's is 179)");
+        }
+        if addr.ip().is_multicast() || addr.ip() == Ipv4Addr::BROADCAST {
+            bail!("bgp.listen[{i}]: {addr} is not a unicast address");
+        }
+        if let Some((j, other)) = listen[..i].iter().enumerate().find(|(_, other)| {
+            other.is_ipv4() == addr.is_ipv4()
+                && other.port() == addr.port()
+                && (other.ip() == addr.ip()
+                    || other.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        }) {
+            bail!(
+                "bgp.listen[{i}]: {addr} overlaps bgp.listen[{j}] ({other}): both cannot be bound"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Linux's rule for interface names: 1 to 15 bytes, not `.` or `..`, no
+/// `/`, `:` or white space.
+fn check_interface_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
+        bail!("{field}: {name:?} is not an interface name (1 to 15 bytes, no '/', ':' or spaces)");
+    }
+    Ok(())
+}
+
+/// A unix socket's path fits in `sun_path` (108 bytes with its NUL).
+fn check_socket_path(socket: &Path) -> Result<()> {
+    const MAX: usize = 107;
+    let len = socket.as_os_str().len();
+    if len == 0 {
+        bail!("control.socket: empty");
+    }
+    if len > MAX {
+        bail!(
+            "control.socket: {} is {len} bytes; a unix socket's path holds at most {MAX}",
+            socket.display()
+        );
+    }
+    Ok(())
 }
 
 fn build_policies(
@@ -719,6 +808,12 @@ fn build_bgp(
     if bgp.router_id.is_unspecified() {
         bail!("bgp.router_id: 0.0.0.0 is not a valid BGP identifier");
     }
+    check_listen(&bgp.listen)?;
+    for (i, name) in bgp.connected.iter().enumerate() {
+        if name != "*" {
+            check_interface_name(&format!("bgp.connected[{i}]"), name)?;
+        }
+    }
     let policies = build_policies(policy_sections)?;
     let lookup = |field: &str, name: &Option<String>, ebgp: bool| -> Result<Arc<Policy>> {
         match name.as_deref() {
@@ -807,6 +902,7 @@ fn build_bgp(
                 n.address
             );
         }
+        check_transport(&at, &n)?;
         let ebgp = n.remote_as != bgp.asn;
         let import = lookup(&format!("{at}.import"), &n.import, ebgp)?;
         let export = lookup(&format!("{at}.export"), &n.export, ebgp)?;
@@ -888,7 +984,11 @@ fn build_bgp(
             [false, false, true, false] => {
                 StaticKind::Via(s.via.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
             }
-            [false, false, false, true] => StaticKind::Device(s.device.clone().unwrap_or_default()),
+            [false, false, false, true] => {
+                let device = s.device.clone().unwrap_or_default();
+                check_interface_name(&format!("{at}.device"), &device)?;
+                StaticKind::Device(device)
+            }
             _ => bail!(
                 "{at}: give exactly one of blackhole = true, unreachable = true, via = ADDRESS, device = NAME"
             ),
@@ -1087,5 +1187,87 @@ table = 100
         ))
         .expect("valid");
         assert!(config.bgp.expect("bgp").warnings.is_empty());
+    }
+    /// `check` refuses what would only fail once `run` opens its sockets.
+    #[test]
+    fn what_the_sockets_would_refuse_is_refused_by_check() {
+        let neighbor = |extra: &str| {
+            format!(
+                "{BASE}[[bgp.neighbor]]\nname = \"isp\"\naddress = \"10.0.0.2\"\nremote_as = 65001\n{extra}\n"
+            )
+        };
+        let long_key = "k".repeat(100);
+        for (text, expected) in [
+            (
+                neighbor(&format!("password = \"{long_key}\"")),
+                "test.toml: bgp.neighbor[0].password: the TCP-MD5 key is 100 bytes; Linux takes at most 80 (TCP_MD5SIG)",
+            ),
+            (
+                neighbor("password = \"\""),
+                "bgp.neighbor[0].password: empty",
+            ),
+            (
+                neighbor("multihop = 255"),
+                "bgp.neighbor[0].multihop: at most 254 hops",
+            ),
+            (
+                neighbor("port = 0"),
+                "bgp.neighbor[0].port: 0 is not a port",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"224.0.0.5\"\nremote_as = 65001\n"
+                ),
+                "bgp.neighbor[0].address: 224.0.0.5 is not a unicast address",
+            ),
+            (
+                format!("{BASE}listen = [\"0.0.0.0:0\"]\n"),
+                "bgp.listen[0]: 0.0.0.0:0 has no port",
+            ),
+            (
+                format!("{BASE}listen = [\"0.0.0.0:179\", \"[::]:179\", \"10.0.0.1:179\"]\n"),
+                "bgp.listen[2]: 10.0.0.1:179 overlaps bgp.listen[0] (0.0.0.0:179)",
+            ),
+            (
+                format!("{BASE}listen = [\"[::1]:1790\", \"[::1]:1790\"]\n"),
+                "bgp.listen[1]: [::1]:1790 overlaps bgp.listen[0]",
+            ),
+            (
+                format!("{BASE}connected = [\"*\", \"a-very-long-interface\"]\n"),
+                "bgp.connected[1]: \"a-very-long-interface\" is not an interface name",
+            ),
+            (
+                format!("{BASE}[[bgp.static]]\nprefix = \"10.1.0.0/16\"\ndevice = \"eth0:1\"\n"),
+                "bgp.static[0].device: \"eth0:1\" is not an interface name",
+            ),
+            (
+                "[mesh]\ninterface = \"wg/0\"\n".to_string(),
+                "mesh.interface: \"wg/0\" is not an interface name",
+            ),
+            (
+                format!(
+                    "[control]\nsocket = \"/run/{}/bgp4mesh.sock\"\n",
+                    "d".repeat(100)
+                ),
+                "control.socket: /run/ddd",
+            ),
+        ] {
+            let message = error(&text);
+            assert!(
+                message.contains(expected),
+                "{expected:?} not in {message:?}"
+            );
+            assert!(
+                message.contains("test.toml"),
+                "the file is named: {message}"
+            );
+        }
+        // What is allowed still is: the longest key, GTSM over 254 hops,
+        // IPv4 and IPv6 wildcards together, addresses on other ports.
+        let key = "k".repeat(80);
+        parse(&format!(
+            "{BASE}listen = [\"0.0.0.0:179\", \"[::]:179\", \"127.0.0.1:1790\"]\nconnected = [\"*\", \"eth0\"]\n[[bgp.neighbor]]\nname = \"isp\"\naddress = \"10.0.0.2\"\nremote_as = 65001\npassword = \"{key}\"\nmultihop = 254\nttl_security = true\n"
+        ))
+        .expect("valid");
     }
 }

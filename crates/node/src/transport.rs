@@ -80,7 +80,8 @@ struct TcpMd5Sig {
     key: [u8; MD5_MAX_KEY_LEN],
 }
 
-const MD5_MAX_KEY_LEN: usize = 80;
+/// The longest TCP-MD5 key Linux takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub const MD5_MAX_KEY_LEN: usize = 80;
 
 /// Sets the TCP-MD5 key for `peer` on a listening or connecting socket.
 pub fn set_md5(socket: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
