@@ -217,6 +217,10 @@ pub fn decode_token(text: &str) -> Result<EnrollmentToken> {
 /// with the controller named in the token, stores the credential.
 pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result<JoinResponse> {
     let token = decode_token(token)?;
+    // Before anything is touched or sent: an http:// server in a token
+    // that pins a certificate would get the secret in cleartext.
+    crate::client::check_server(&token.server, token.fingerprint.as_deref())
+        .context("the enrollment token")?;
     let node_file = state_dir.join("node.json");
     if node_file.exists() && !options.force {
         let old: Enrollment = serde_json::from_slice(&std::fs::read(&node_file)?)
@@ -993,5 +997,39 @@ mod tests {
         let b = state(None, vec![peer("aa", g()), peer("zz", g())]);
         assert_eq!(exits(&a), pairs(&[("0.0.0.0/0", "aa")]));
         assert_eq!(exits(&a), exits(&b));
+    }
+
+    /// A token pinning a certificate but naming an http:// server is
+    /// refused before a connection is made or a file is written.
+    #[tokio::test]
+    async fn join_refuses_plain_http_with_a_pinned_fingerprint() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("address").port();
+        let token = EnrollmentToken {
+            server: format!("http://127.0.0.1:{port}"),
+            fingerprint: Some("00".repeat(32)),
+            network: "mynet".into(),
+            secret: "s3cret".into(),
+        };
+        let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&token).expect("json"));
+        let state_dir = std::env::temp_dir().join(format!("b4m-join-http-{}", std::process::id()));
+        let error = join(&text, &state_dir, JoinOptions::default())
+            .await
+            .expect_err("refused");
+        let error = format!("{error:#}");
+        assert!(
+            error.starts_with("the enrollment token: controller URL http://127.0.0.1:")
+                && error.contains("plain http, but a TLS certificate fingerprint is pinned"),
+            "{error}"
+        );
+        assert!(!state_dir.exists(), "nothing written");
+        assert!(
+            listener
+                .accept()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "no connection was made"
+        );
     }
 }

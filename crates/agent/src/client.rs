@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use bgp4mesh_api::{ApiError, StreamEvent};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -107,16 +107,50 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+/// Checks a controller URL before anything is sent to it: https, or plain
+/// http only when no certificate fingerprint is pinned. A fingerprint says
+/// the controller has TLS, so with it an `http://` URL means the token (or
+/// the URL given) was altered, and following it would send the enrollment
+/// secret or the credential in cleartext.
+pub fn check_server(server: &str, fingerprint: Option<&str>) -> Result<()> {
+    let url = reqwest::Url::parse(server.trim())
+        .with_context(|| format!("controller URL {server:?} is not a URL"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if fingerprint.is_none() => Ok(()),
+        "http" => bail!(
+            "controller URL {server}: plain http, but a TLS certificate fingerprint is pinned; \
+             refusing to send secrets in cleartext (was the token or the URL altered? \
+             the controller's URL is https://)"
+        ),
+        other => bail!("controller URL {server}: scheme {other:?}; use https://"),
+    }
+}
+
 impl Client {
     /// `server`: https://host:port; `fingerprint`: pin a self-signed
     /// certificate; `key`: the bearer credential (master key, API token or
-    /// node credential).
+    /// node credential). Refuses what [`check_server`] refuses.
     pub fn new(server: &str, fingerprint: Option<&str>, key: Option<String>) -> Result<Client> {
+        check_server(server, fingerprint)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .tcp_keepalive(Duration::from_secs(30));
+            .tcp_keepalive(Duration::from_secs(30))
+            // Never from https to plain http: a redirect would carry the
+            // request's secrets in cleartext.
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let downgrade = attempt.url().scheme() != "https"
+                    && attempt.previous().iter().any(|u| u.scheme() == "https");
+                if downgrade {
+                    attempt.error("the controller redirected from https to plain http")
+                } else if attempt.previous().len() > 5 {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }));
         if let Some(fp) = fingerprint {
             let fingerprint = fp.trim().to_lowercase().replace(':', "");
             let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -254,5 +288,37 @@ impl Client {
                 }
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_when_a_fingerprint_is_pinned() {
+        let fp = Some("ab:cd");
+        for server in ["http://10.0.0.1:8443", " HTTP://controller.example:8443/ "] {
+            let error = format!("{:#}", check_server(server, fp).expect_err(server));
+            assert!(
+                error.contains("plain http, but a TLS certificate fingerprint is pinned"),
+                "{error}"
+            );
+            assert!(Client::new(server, fp, Some("key".into())).is_err());
+        }
+        check_server("https://10.0.0.1:8443", fp).expect("https with a pin");
+        check_server("https://controller.example", None).expect("https");
+        check_server("http://10.0.0.1:8080", None)
+            .expect("http without a pin is the operator's choice");
+        let error = format!(
+            "{:#}",
+            check_server("ftp://10.0.0.1", None).expect_err("ftp")
+        );
+        assert!(error.contains("scheme \"ftp\"; use https://"), "{error}");
+        let error = format!(
+            "{:#}",
+            check_server("10.0.0.1:8443", fp).expect_err("no scheme")
+        );
+        assert!(error.contains("controller URL"), "{error}");
     }
 }
