@@ -342,11 +342,43 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             Arc::clone(&ctl),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(json_refusals))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&ctl),
             measure,
         ))
         .with_state(ctl)
+}
+
+/// Refusals made by axum itself (a path segment that is not UTF-8, a bad
+/// query, a method the path does not take) come as plain text or empty:
+/// they are made the documented `{"message": ...}` too.
+async fn json_refusals(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase();
+    }
+    let mut fixed = Failure::new(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
 }
 
 async fn measure(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {
