@@ -880,6 +880,11 @@ async fn hardening(c: &Client, running: &Running) -> Result<()> {
             "endpoint",
         );
     }
+    refused(
+        join(c, &enrollment.secret, "bad", 100, json!({"listen_port": 0})).await?,
+        StatusCode::BAD_REQUEST,
+        "listen_port",
+    );
     let mut nodes = Vec::new();
     for (name, key, extra) in [
         ("natted", 101, json!({})),
@@ -1051,6 +1056,45 @@ async fn api_on_postgresql() -> Result<()> {
     let pg = Postgres::start()?;
     let url = pg.create_database("bgp4mesh")?;
     suite(&url, "postgres").await
+}
+
+/// The state directory the controller makes is 0700; the database, its
+/// WAL and shared-memory files and the TLS key are 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_are_private() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = state_dir("modes");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&dir)?;
+    let config = ServerConfig::parse(&format!(
+        "listen = \"127.0.0.1:0\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n",
+        state.display()
+    ))?;
+    let running = start(&config).await?;
+    let c = Client::new(&running, &state)?;
+    let (status, _) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "m", "addressrange": "10.1.0.0/24"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let mode = |name: &str| -> Result<u32> {
+        Ok(std::fs::metadata(state.join(name))?.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode("")?, 0o700, "the state directory");
+    for file in [
+        "controller.db",
+        "controller.db-wal",
+        "controller.db-shm",
+        "controller.key",
+    ] {
+        assert_eq!(mode(file)?, 0o600, "{file}");
+    }
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// The seed's two curl calls, byte for byte (only the host differs, and
