@@ -2,7 +2,7 @@
 //! state), the changes one request makes (`SetRequest`, what a UAPI `set=1`
 //! carries), and what a device reports (`DeviceStatus`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -155,19 +155,20 @@ pub fn plan_changes(
     if current.fwmark != desired.fwmark {
         request.fwmark = Some(desired.fwmark);
     }
+    // Peers found by key in maps, not by searching lists: thousands of
+    // peers cost no more than linear.
+    let wanted: HashSet<&Key> = desired.peers.iter().map(|p| &p.public_key).collect();
+    let existing: HashMap<&Key, &PeerStatus> =
+        current.peers.iter().map(|p| (&p.public_key, p)).collect();
     for peer in &current.peers {
-        if !desired
-            .peers
-            .iter()
-            .any(|p| p.public_key == peer.public_key)
-        {
+        if !wanted.contains(&peer.public_key) {
             let mut change = PeerChange::new(peer.public_key);
             change.remove = true;
             request.peers.push(change);
         }
     }
     for want in &desired.peers {
-        let have = current.peer(&want.public_key);
+        let have = existing.get(&want.public_key).copied();
         let mut change = PeerChange::new(want.public_key);
         if have.map(|h| h.preshared_key) != Some(want.preshared_key) {
             change.preshared_key = Some(want.preshared_key);

@@ -194,7 +194,14 @@ fn merge_peer(peers: &mut Vec<PeerStatus>, peer: &WireguardPeer) {
     }) else {
         return;
     };
-    let index = match peers.iter().position(|p| p.public_key == key) {
+    // A peer split over several messages comes in consecutive ones: look
+    // at the last peer first, so a peer's thousands of allowed-IP messages
+    // do not each search the list.
+    let continued = peers
+        .last()
+        .filter(|p| p.public_key == key)
+        .map(|_| peers.len() - 1);
+    let index = match continued.or_else(|| peers.iter().position(|p| p.public_key == key)) {
         Some(i) => i,
         None => {
             peers.push(PeerStatus {

@@ -7,7 +7,9 @@
 //! - [`kernel_backend`]: the kernel module over generic netlink, where it
 //!   exists; [`AnyDevice`] picks a backend ([`Backend::Auto`]).
 //! - [`Key`]: keys in base64 and hex.
+//! - [`allowed_ips`]: which peer has which networks, linear to change.
 
+pub mod allowed_ips;
 pub mod backend;
 pub mod config;
 pub mod device;

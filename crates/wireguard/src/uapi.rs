@@ -42,8 +42,25 @@ impl std::error::Error for UapiError {}
 /// Parses the `key=value` lines of a `set=1` request (without the `set=1`
 /// line and the final empty line). Nothing is applied when a line is bad.
 pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequest, UapiError> {
-    let mut request = SetRequest::default();
+    let mut parser = SetParser::default();
     for line in lines {
+        parser.line(line)?;
+    }
+    Ok(parser.finish())
+}
+
+/// A `set=1` request parsed line by line as it arrives, so that a request
+/// is never held as text. Each line costs the same however long the
+/// request already is.
+#[derive(Debug, Default)]
+pub struct SetParser {
+    request: SetRequest,
+}
+
+impl SetParser {
+    /// Parses one `key=value` line (without its newline).
+    pub fn line(&mut self, line: &str) -> Result<(), UapiError> {
+        let request = &mut self.request;
         let (key, value) = line
             .split_once('=')
             .ok_or_else(|| UapiError::invalid(format!("line {line:?} is not key=value")))?;
@@ -114,8 +131,13 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
             (_, None) => return Err(bad("not an interface key")),
             (_, Some(_)) => return Err(bad("not a peer key")),
         }
+        Ok(())
     }
-    Ok(request)
+
+    /// The request, once every line was accepted.
+    pub fn finish(self) -> SetRequest {
+        self.request
+    }
 }
 
 fn parse_true(value: &str) -> Option<bool> {
