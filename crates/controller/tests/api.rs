@@ -774,36 +774,26 @@ async fn hardening(c: &Client, running: &Running) -> Result<()> {
         );
     }
     let many: Vec<String> = (0..10_000).map(|i| format!("t{i}")).collect();
-    refused(
-        c.post(
-            "/api/tokens",
-            Some(MASTER),
-            json!({"network": "mynet", "tags": many}),
-        )
-        .await?,
-        StatusCode::BAD_REQUEST,
-        "tags",
-    );
-    refused(
-        c.post(
-            "/api/tokens",
-            Some(MASTER),
-            json!({"network": "mynet", "tags": ["x".repeat(1 << 20)]}),
-        )
-        .await?,
-        StatusCode::BAD_REQUEST,
-        "tags",
-    );
-    refused(
-        c.post(
-            "/api/tokens",
-            Some(MASTER),
-            json!({"network": "mynet", "tags": ["x".repeat(3 << 20)]}),
-        )
-        .await?,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "length limit",
-    );
+    for (tags, status, says) in [
+        (json!(many), StatusCode::BAD_REQUEST, "tags"),
+        (
+            json!(["x".repeat(1 << 20)]),
+            StatusCode::BAD_REQUEST,
+            "tags",
+        ),
+        (
+            json!(["x".repeat(3 << 20)]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "length limit",
+        ),
+    ] {
+        let body = json!({"network": "mynet", "tags": tags});
+        refused(
+            c.post("/api/tokens", Some(MASTER), body).await?,
+            status,
+            says,
+        );
+    }
     refused(
         c.post(
             "/api/networks",
@@ -913,76 +903,44 @@ async fn hardening(c: &Client, running: &Running) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let report = |about: &JoinResponse, endpoint: &str, handshake: Option<u64>| {
-        json!({"peers": [{
+    // `from` reports seeing `about` at `endpoint`, with a handshake then.
+    let report = |from: &JoinResponse, about: &JoinResponse, endpoint: String, handshake| {
+        let body = json!({"peers": [{
             "public_key": about.node.public_key,
             "endpoint": endpoint,
             "last_handshake": handshake,
             "rx_bytes": 0, "tx_bytes": 0,
-        }]})
+        }]});
+        let credential = from.credential.clone();
+        async move {
+            let (status, reply) = c.post("/api/agent/report", Some(&credential), body).await?;
+            ensure!(status == StatusCode::NO_CONTENT, "report: {status} {reply}");
+            anyhow::Ok(())
+        }
     };
+    let forged = || "6.6.6.6:666".to_string();
     // A forged report: no session with the peer. 100 of them change nothing.
     let before = revision(running);
     for _ in 0..100 {
-        let (status, _) = c
-            .post(
-                "/api/agent/report",
-                Some(&hub.credential),
-                report(natted, "6.6.6.6:666", None),
-            )
-            .await?;
-        assert_eq!(status, StatusCode::NO_CONTENT);
+        report(hub, natted, forged(), None).await?;
     }
     // Claiming a session the peer does not confirm changes nothing either.
-    let (status, _) = c
-        .post(
-            "/api/agent/report",
-            Some(&hub.credential),
-            report(natted, "6.6.6.6:666", Some(now)),
-        )
-        .await?;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    report(hub, natted, forged(), Some(now)).await?;
     assert_eq!(revision(running), before, "a forged report made a revision");
     assert_eq!(endpoint_seen_by(other).await?, None);
     // The peer confirms the session: the observation is used, once.
-    let (status, _) = c
-        .post(
-            "/api/agent/report",
-            Some(&natted.credential),
-            report(hub, "198.51.100.2:51820", Some(now)),
-        )
-        .await?;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = c
-        .post(
-            "/api/agent/report",
-            Some(&hub.credential),
-            report(natted, "192.0.2.50:40000", Some(now)),
-        )
-        .await?;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(
-        endpoint_seen_by(other).await?.as_deref(),
-        Some("192.0.2.50:40000")
-    );
+    report(natted, hub, "198.51.100.2:51820".into(), Some(now)).await?;
+    report(hub, natted, "192.0.2.50:40000".into(), Some(now)).await?;
+    let seen = Some("192.0.2.50:40000".to_string());
+    assert_eq!(endpoint_seen_by(other).await?, seen);
     let once = revision(running);
     assert_eq!(once, before + 1);
     // At most one move per interval, however many reports.
     for port in 40001..40021 {
-        let (status, _) = c
-            .post(
-                "/api/agent/report",
-                Some(&hub.credential),
-                report(natted, &format!("192.0.2.50:{port}"), Some(now)),
-            )
-            .await?;
-        assert_eq!(status, StatusCode::NO_CONTENT);
+        report(hub, natted, format!("192.0.2.50:{port}"), Some(now)).await?;
     }
     assert_eq!(revision(running), once);
-    assert_eq!(
-        endpoint_seen_by(other).await?.as_deref(),
-        Some("192.0.2.50:40000")
-    );
+    assert_eq!(endpoint_seen_by(other).await?, seen);
 
     // -- gateway ranges -------------------------------------------------------
     let gateway = |ranges: Value| {
