@@ -257,14 +257,19 @@ async fn authenticate(
         Err(refusal) => {
             // A small body is read (not parsed) so the client, still
             // writing it, gets the 401 rather than a reset connection; a
-            // large or slow one is not waited for.
+            // large or slow one is not waited for, and the connection is
+            // then closed, saying so, so the client does not reuse it.
             let body = request.into_body();
-            let _ = tokio::time::timeout(
+            let drained = tokio::time::timeout(
                 Duration::from_secs(1),
                 axum::body::to_bytes(body, 64 * 1024),
             )
             .await;
-            return refusal.into_response();
+            let mut response = refusal.into_response();
+            if !matches!(drained, Ok(Ok(_))) {
+                closing(&mut response);
+            }
+            return response;
         }
     };
     if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
@@ -354,8 +359,13 @@ pub fn router(ctl: Arc<Controller>) -> Router {
 /// query, a method the path does not take) come as plain text or empty:
 /// they are made the documented `{"message": ...}` too.
 async fn json_refusals(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let status = response.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is never read: the connection cannot carry
+        // another request, and a client told so will not try.
+        closing(&mut response);
+    }
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -379,6 +389,15 @@ async fn json_refusals(request: Request, next: Next) -> Response {
         }
     }
     fixed
+}
+
+/// Marks a response as the last on its connection (`Connection: close`);
+/// hyper then closes it once the response is written.
+fn closing(response: &mut Response) {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
 }
 
 async fn measure(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {

@@ -439,6 +439,7 @@ impl<S> axum_server::accept::Accept<TcpStream, S> for Admission {
                 conn: Arc::clone(&conn),
                 registry: Arc::clone(&registry),
                 timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                linger: None,
             },
             Tracked {
                 inner: service,
@@ -456,7 +457,24 @@ pub struct Guarded<S> {
     conn: Arc<Connection>,
     registry: Arc<Registry>,
     timer: Pin<Box<Sleep>>,
+    /// Set once our side is shut down: the deadline and byte budget for
+    /// reading what the client still sends (lingering close).
+    linger: Option<Linger>,
 }
+
+/// After the last response, what the client is still sending (the rest
+/// of a body that was refused unread) is read and dropped for a while
+/// before the socket closes: closing with unread bytes makes the kernel
+/// send a reset, and a client still writing its body then loses the
+/// response it was sent. nginx calls this lingering close.
+struct Linger {
+    until: Instant,
+    budget: usize,
+}
+
+/// How long and how much a closing connection reads and drops.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 8 << 20;
 
 impl<S> Guarded<S> {
     fn progressed(&self, reading: bool) {
@@ -546,7 +564,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -591,8 +609,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         }
     }
 
+    /// Sends our end of the stream, then lingers (`Linger`): reads and
+    /// drops until the client closes too, `LINGER_TIME` passes or
+    /// `LINGER_BYTES` have come.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            let until = Instant::now() + LINGER_TIME;
+            this.timer.as_mut().reset(until.into());
+            this.linger = Some(Linger {
+                until,
+                budget: LINGER_BYTES,
+            });
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let Some(linger) = this.linger.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            if linger.budget == 0 || Instant::now() >= linger.until {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.budget = linger.budget.saturating_sub(buf.filled().len());
+                }
+                // The client's end, or an error: nothing more to wait for.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return match this.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! free loopback port, run as the `postgres` user (it refuses root),
 //! removed on drop. Needs Debian's postgresql package and root.
 
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -116,8 +115,14 @@ impl Postgres {
         wait_until(
             Duration::from_secs(20),
             "PostgreSQL to accept connections",
+            // Its port opens before it takes sessions ("the database
+            // system is starting up"): pg_isready tells them apart.
             || {
-                TcpStream::connect(("127.0.0.1", port))?;
+                let ready = Command::new(pg.bin.join("pg_isready"))
+                    .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                    .status()?
+                    .success();
+                ensure!(ready, "not accepting sessions yet");
                 Ok(())
             },
         )?;
