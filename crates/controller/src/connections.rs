@@ -617,7 +617,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if this.linger.is_none() {
             std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
             let until = Instant::now() + LINGER_TIME;
-            this.timer.as_mut().reset(until.into());
+            this.timer.as_mut().reset(until);
             this.linger = Some(Linger {
                 until,
                 budget: LINGER_BYTES,
