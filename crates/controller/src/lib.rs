@@ -3,8 +3,11 @@
 //! operator's block; one push stream per agent.
 //!
 //! - `store`: SQLite or PostgreSQL, one code path, migrations per dialect.
-//! - `hub`: the in-memory mesh, change log and per-network broadcast.
-//! - `api`: the axum router (JSON errors, auth, the SSE stream).
+//! - `hub`: the in-memory mesh, change log and per-network broadcast;
+//!   `hub::watchdog`, gateways whose pulses stop.
+//! - `api`: the axum router (JSON errors, auth), one file per resource
+//!   (networks, tokens, join, nodes, gateways, apitokens, agent: the SSE
+//!   stream).
 //! - `connections`: who may hold a connection, and for how long.
 //! - `ipam`, `secrets`, `tls`, `metrics`, `openapi`, `config`, `server`.
 

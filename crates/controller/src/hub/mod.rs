@@ -17,6 +17,8 @@ use tokio::sync::broadcast;
 
 use crate::store::{GatewayRow, NetworkRow, NodeRow};
 
+pub mod watchdog;
+
 /// Changes kept per network for agents that reconnect.
 const LOG_LEN: usize = 4096;
 /// Live changes queued per stream before a slow one is resynced with a
