@@ -33,10 +33,7 @@ protocol bgp ours {{
 /// nothing, though the session is up; `bgp4mesh check` warns.
 #[test]
 fn ebgp_without_policies_exchanges_nothing() -> Result<()> {
-    if !can_run(
-        "ebgp_without_policies_exchanges_nothing",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("rfc8212")?;
@@ -114,10 +111,7 @@ fn gobgp_one_neighbor(asn: u32, router_id: &str, neighbor: &str, neighbor_as: u3
 /// AS_PATH + AS4_PATH coming in, and write AS_TRANS + AS4_PATH going out.
 #[test]
 fn four_octet_asns_cross_a_two_octet_session() -> Result<()> {
-    if !can_run(
-        "four_octet_asns_cross_a_two_octet_session",
-        &["bird", "birdc", "gobgpd", "gobgp"],
-    ) {
+    if !can_run!(&["bird", "birdc", "gobgpd", "gobgp"],) {
         return Ok(());
     }
     let lab = Lab::new("as4-over-as2")?;
@@ -229,10 +223,7 @@ protocol bgp ours {{
 /// next hop.
 #[test]
 fn seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge() -> Result<()> {
-    if !can_run(
-        "seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("seed-000")?;
@@ -332,10 +323,7 @@ protocol bgp vps {{
 /// `protocol direct`); an address that goes away is withdrawn.
 #[test]
 fn connected_networks_are_originated_and_follow_the_interfaces() -> Result<()> {
-    if !can_run(
-        "connected_networks_are_originated_and_follow_the_interfaces",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("connected")?;
@@ -389,10 +377,7 @@ fn connected_networks_are_originated_and_follow_the_interfaces() -> Result<()> {
 /// add`) into BGP as `source = ["kernel"]`; a deleted one is withdrawn.
 #[test]
 fn kernel_routes_are_learnt_and_follow_the_table() -> Result<()> {
-    if !can_run(
-        "kernel_routes_are_learnt_and_follow_the_table",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("kernel-learn")?;

@@ -25,10 +25,7 @@ router_id = "{router_id}"
 /// MED, communities and large communities intact; withdrawals propagate.
 #[test]
 fn ebgp_with_bird_exchanges_routes_both_ways() -> Result<()> {
-    if !can_run(
-        "ebgp_with_bird_exchanges_routes_both_ways",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("b4m-bird-ebgp")?;

@@ -32,7 +32,7 @@ protocol bgp ours {{
 /// With a wrong key on our side it never does.
 #[test]
 fn tcp_md5_and_gtsm_with_bird() -> Result<()> {
-    if !can_run("tcp_md5_and_gtsm_with_bird", &["bird", "birdc"]) {
+    if !can_run!(&["bird", "birdc"]) {
         return Ok(());
     }
     for (key, should_connect) in [("s3cret-key", true), ("wrong-key", false)] {
@@ -81,10 +81,7 @@ fn tcp_md5_and_gtsm_with_bird() -> Result<()> {
 /// IPv6 next hop and takes ours the same way.
 #[test]
 fn ipv4_routes_over_an_ipv6_session_with_extended_next_hop() -> Result<()> {
-    if !can_run(
-        "ipv4_routes_over_an_ipv6_session_with_extended_next_hop",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("extended-next-hop")?;

@@ -216,10 +216,7 @@ fn closed_by_server(tls: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> 
 
 #[test]
 fn idle_and_slowloris_clients_cannot_starve_the_admin() -> Result<()> {
-    if !can_run(
-        "idle_and_slowloris_clients_cannot_starve_the_admin",
-        &["curl", "prlimit"],
-    ) {
+    if !can_run!(&["curl", "prlimit"],) {
         return Ok(());
     }
     // This test's own clients need more than the controller's 1024.

@@ -13,10 +13,7 @@ const ROLES: [&str; 3] = ["server", "border", "node"];
 
 #[test]
 fn compose_files_are_accepted_by_compose() -> Result<()> {
-    if !can_run(
-        "compose_files_are_accepted_by_compose",
-        &["docker-compose", "sh"],
-    ) {
+    if !can_run!(&["docker-compose", "sh"],) {
         return Ok(());
     }
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");

@@ -53,10 +53,7 @@ protocol bgp ours {{
 
 #[test]
 fn best_routes_go_into_the_kernel_and_leave_with_them() -> Result<()> {
-    if !can_run(
-        "best_routes_go_into_the_kernel_and_leave_with_them",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("kernel-routes")?;
@@ -173,10 +170,7 @@ fn best_routes_go_into_the_kernel_and_leave_with_them() -> Result<()> {
 /// does the route.
 #[test]
 fn recursive_next_hops_are_tracked_in_the_kernel() -> Result<()> {
-    if !can_run(
-        "recursive_next_hops_are_tracked_in_the_kernel",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("next-hop-tracking")?;
@@ -267,10 +261,7 @@ protocol bgp ours {{
 /// source, and a ping to an address behind them gets an answer.
 #[test]
 fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
-    if !can_run(
-        "seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc",
-        &["bird", "birdc", "ping"],
-    ) {
+    if !can_run!(&["bird", "birdc", "ping"],) {
         return Ok(());
     }
     let lab = Lab::new("seed-000-e2e")?;
@@ -376,10 +367,7 @@ protocol bgp vps {{
 /// its End-of-RIB.
 #[test]
 fn graceful_restart_helper_keeps_routes_while_bird_restarts() -> Result<()> {
-    if !can_run(
-        "graceful_restart_helper_keeps_routes_while_bird_restarts",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("graceful-restart")?;
@@ -468,7 +456,7 @@ protocol bgp ours {{
 /// others of the same batch are installed.
 #[test]
 fn a_refused_route_is_reported_and_the_rest_installed() -> Result<()> {
-    if !can_run("a_refused_route_is_reported_and_the_rest_installed", &[]) {
+    if !can_run!(&[]) {
         return Ok(());
     }
     let lab = Lab::new("refused-route")?;
@@ -514,7 +502,7 @@ fn a_refused_route_is_reported_and_the_rest_installed() -> Result<()> {
 /// sends. Neither side's routes ever go missing.
 #[test]
 fn graceful_restart_of_bgp4mesh_itself() -> Result<()> {
-    if !can_run("graceful_restart_of_bgp4mesh_itself", &["bird", "birdc"]) {
+    if !can_run!(&["bird", "birdc"]) {
         return Ok(());
     }
     let lab = Lab::new("own-graceful-restart")?;

@@ -32,7 +32,7 @@ impl Drop for Down {
 
 #[test]
 fn lab_up_exec_status_down() -> Result<()> {
-    if !can_run("lab_up_exec_status_down", &["wg", "ping", "ip"]) {
+    if !can_run!(&["wg", "ping", "ip"]) {
         return Ok(());
     }
     // One persistent lab at a time; this test owns the name while it runs.

@@ -12,13 +12,7 @@ use bgp4mesh_lab::own_as::{BLOCK, INTERNET_HOST, IspKind, OwnAs, OwnAsOptions};
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
-use common::BIN;
-
-fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
-    let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
-    ensure!(out.success(), "ping {to}: {}", out.stdout);
-    Ok(())
-}
+use common::{BIN, ping};
 
 fn own_as(isp: IspKind) -> Result<()> {
     let lab = Lab::new(&format!(
@@ -165,7 +159,7 @@ fn own_as(isp: IspKind) -> Result<()> {
 
 #[test]
 fn own_as_with_a_bgp4mesh_isp() -> Result<()> {
-    if !can_run("own_as_with_a_bgp4mesh_isp", &["wg", "ping"]) {
+    if !can_run!(&["wg", "ping"]) {
         return Ok(());
     }
     own_as(IspKind::Bgp4mesh)
@@ -173,7 +167,7 @@ fn own_as_with_a_bgp4mesh_isp() -> Result<()> {
 
 #[test]
 fn own_as_with_a_bird_isp() -> Result<()> {
-    if !can_run("own_as_with_a_bird_isp", &["wg", "ping", "bird", "birdc"]) {
+    if !can_run!(&["wg", "ping", "bird", "birdc"]) {
         return Ok(());
     }
     own_as(IspKind::Bird)
@@ -219,10 +213,7 @@ fn source_seen_by_internet(lab: &Lab, world: &OwnAs<'_>, from: &Node) -> Result<
 /// public mesh address (the seed's setup), and the NAT table is gone.
 #[test]
 fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
-    if !can_run(
-        "nat_on_egress_can_be_switched_on_and_off",
-        &["wg", "ping", "nft", "bash"],
-    ) {
+    if !can_run!(&["wg", "ping", "nft", "bash"],) {
         return Ok(());
     }
     let lab = Lab::new("own-as-nat")?;
@@ -373,7 +364,7 @@ fn now_unix() -> f64 {
 /// figures are in BENCHMARKS.md).
 #[test]
 fn two_borders_fail_over_and_back() -> Result<()> {
-    if !can_run("two_borders_fail_over_and_back", &["wg", "ping"]) {
+    if !can_run!(&["wg", "ping"]) {
         return Ok(());
     }
     two_borders(IspKind::Bgp4mesh)
@@ -381,10 +372,7 @@ fn two_borders_fail_over_and_back() -> Result<()> {
 
 #[test]
 fn two_borders_fail_over_and_back_with_a_bird_isp() -> Result<()> {
-    if !can_run(
-        "two_borders_fail_over_and_back_with_a_bird_isp",
-        &["wg", "ping", "bird", "birdc"],
-    ) {
+    if !can_run!(&["wg", "ping", "bird", "birdc"],) {
         return Ok(());
     }
     two_borders(IspKind::Bird)
@@ -576,10 +564,7 @@ fn exit_for(lab: &Lab, world: &OwnAs<'_>, n: usize, range: &str) -> Result<Strin
 /// and its prefixes move to the second.
 #[test]
 fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
-    if !can_run(
-        "bgp_learned_routes_are_the_mesh_egress",
-        &["wg", "ping", "traceroute"],
-    ) {
+    if !can_run!(&["wg", "ping", "traceroute"],) {
         return Ok(());
     }
     use bgp4mesh_lab::own_as::{FRIEND_HOST, FRIEND_NET};
@@ -734,10 +719,7 @@ fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
 /// border's packets flow again, the node goes back to it.
 #[test]
 fn a_border_that_goes_silent_is_left_within_a_second() -> Result<()> {
-    if !can_run(
-        "a_border_that_goes_silent_is_left_within_a_second",
-        &["wg", "ping", "nft"],
-    ) {
+    if !can_run!(&["wg", "ping", "nft"],) {
         return Ok(());
     }
     let lab = Lab::new("own-as-silent-border")?;

@@ -118,10 +118,7 @@ protocol bgp bgp_router {{
 /// leaves at once.
 #[test]
 fn a_killed_server_leaves_the_ecmp_route_at_once() -> Result<()> {
-    if !can_run(
-        "a_killed_server_leaves_the_ecmp_route_at_once",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("seed-001-ecmp")?;
@@ -137,10 +134,7 @@ fn a_killed_server_leaves_the_ecmp_route_at_once() -> Result<()> {
 /// in well under a second although the BGP hold time is 90 s.
 #[test]
 fn bfd_takes_a_frozen_server_out_in_under_a_second() -> Result<()> {
-    if !can_run(
-        "bfd_takes_a_frozen_server_out_in_under_a_second",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("seed-001-bfd")?;
@@ -310,7 +304,7 @@ fn loss_window_when_a_server_goes_silent() -> Result<()> {
 /// BIRD's ECMP route within a second.
 #[test]
 fn bird_router_with_bgp4mesh_servers() -> Result<()> {
-    if !can_run("bird_router_with_bgp4mesh_servers", &["bird", "birdc"]) {
+    if !can_run!(&["bird", "birdc"]) {
         return Ok(());
     }
     let lab = Lab::new("seed-001-bird-router")?;

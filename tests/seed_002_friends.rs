@@ -13,10 +13,7 @@ use common::*;
 
 #[test]
 fn seed_002_preferred_isp_backup_and_prepend_with_a_bird_friend() -> Result<()> {
-    if !can_run(
-        "seed_002_preferred_isp_backup_and_prepend_with_a_bird_friend",
-        &["bird", "birdc"],
-    ) {
+    if !can_run!(&["bird", "birdc"],) {
         return Ok(());
     }
     let lab = Lab::new("seed-002")?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bgp4mesh_lab::peers::{WgDevice, WgImpl, WgPeer};
 use bgp4mesh_lab::{Iface, Lab, Node, can_run, wait_until};
 
-use common::BIN;
+use common::{BIN, ping};
 
 const NEEDS: &[&str] = &["wireguard-go", "wg", "ping", "nft"];
 const SETTLE: Duration = Duration::from_secs(15);
@@ -71,12 +71,6 @@ impl<'l> Pair<'l> {
             right_link,
         })
     }
-}
-
-fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
-    let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
-    ensure!(out.success(), "ping {to}: {}{}", out.stdout, out.stderr);
-    Ok(())
 }
 
 /// Pings until one answers (the first may wait for the handshake).
@@ -259,7 +253,7 @@ fn handshake_ping_tcp_and_wg_show(left: WgImpl, right: WgImpl, v6_endpoints: boo
 
 #[test]
 fn ours_initiates_to_wireguard_go() -> Result<()> {
-    if !can_run("ours_initiates_to_wireguard_go", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     handshake_ping_tcp_and_wg_show(ours(), WgImpl::WireguardGo, false)
@@ -267,7 +261,7 @@ fn ours_initiates_to_wireguard_go() -> Result<()> {
 
 #[test]
 fn wireguard_go_initiates_to_ours() -> Result<()> {
-    if !can_run("wireguard_go_initiates_to_ours", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     handshake_ping_tcp_and_wg_show(WgImpl::WireguardGo, ours(), false)
@@ -275,7 +269,7 @@ fn wireguard_go_initiates_to_ours() -> Result<()> {
 
 #[test]
 fn ours_to_ours_over_ipv6_endpoints() -> Result<()> {
-    if !can_run("ours_to_ours_over_ipv6_endpoints", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     handshake_ping_tcp_and_wg_show(ours(), ours(), true)
@@ -334,7 +328,7 @@ fn endpoint_roaming(right: WgImpl) -> Result<()> {
 
 #[test]
 fn endpoint_roaming_with_wireguard_go() -> Result<()> {
-    if !can_run("endpoint_roaming_with_wireguard_go", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     endpoint_roaming(WgImpl::WireguardGo)
@@ -342,7 +336,7 @@ fn endpoint_roaming_with_wireguard_go() -> Result<()> {
 
 #[test]
 fn endpoint_roaming_with_ours() -> Result<()> {
-    if !can_run("endpoint_roaming_with_ours", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     endpoint_roaming(ours())
@@ -419,7 +413,7 @@ fn keepalive_through_nat(server_impl: WgImpl) -> Result<()> {
 
 #[test]
 fn persistent_keepalive_through_nat_to_wireguard_go() -> Result<()> {
-    if !can_run("persistent_keepalive_through_nat_to_wireguard_go", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     keepalive_through_nat(WgImpl::WireguardGo)
@@ -427,7 +421,7 @@ fn persistent_keepalive_through_nat_to_wireguard_go() -> Result<()> {
 
 #[test]
 fn persistent_keepalive_through_nat_to_ours() -> Result<()> {
-    if !can_run("persistent_keepalive_through_nat_to_ours", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     keepalive_through_nat(ours())
@@ -464,7 +458,7 @@ fn peer_removed_during_traffic(right: WgImpl) -> Result<()> {
 
 #[test]
 fn peer_removed_during_traffic_with_wireguard_go() -> Result<()> {
-    if !can_run("peer_removed_during_traffic_with_wireguard_go", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     peer_removed_during_traffic(WgImpl::WireguardGo)
@@ -472,7 +466,7 @@ fn peer_removed_during_traffic_with_wireguard_go() -> Result<()> {
 
 #[test]
 fn peer_removed_during_traffic_with_ours() -> Result<()> {
-    if !can_run("peer_removed_during_traffic_with_ours", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     peer_removed_during_traffic(ours())
@@ -482,7 +476,7 @@ fn peer_removed_during_traffic_with_ours() -> Result<()> {
 /// a config without the peer removes it; bad requests get errno replies.
 #[test]
 fn showconf_syncconf_and_bad_requests() -> Result<()> {
-    if !can_run("showconf_syncconf_and_bad_requests", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     let lab = Lab::new("wg-syncconf")?;
@@ -609,7 +603,7 @@ fn rekey_under_traffic(right: WgImpl) -> Result<()> {
 
 #[test]
 fn rekey_under_traffic_with_wireguard_go() -> Result<()> {
-    if !can_run("rekey_under_traffic_with_wireguard_go", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     rekey_under_traffic(WgImpl::WireguardGo)
@@ -617,7 +611,7 @@ fn rekey_under_traffic_with_wireguard_go() -> Result<()> {
 
 #[test]
 fn rekey_under_traffic_with_ours() -> Result<()> {
-    if !can_run("rekey_under_traffic_with_ours", NEEDS) {
+    if !can_run!(NEEDS) {
         return Ok(());
     }
     rekey_under_traffic(ours())
@@ -634,10 +628,7 @@ fn handshake_flood_gets_cookies_and_does_not_stall_a_peer() -> Result<()> {
     use gotatun::noise::rate_limiter::RateLimiter;
     use gotatun::x25519;
 
-    if !can_run(
-        "handshake_flood_gets_cookies_and_does_not_stall_a_peer",
-        NEEDS,
-    ) {
+    if !can_run!(NEEDS,) {
         return Ok(());
     }
     let lab = Lab::new("wg-flood")?;
@@ -736,10 +727,7 @@ fn handshake_flood_gets_cookies_and_does_not_stall_a_peer() -> Result<()> {
 /// `wg-quick down` removes the interface and the daemon goes with it.
 #[test]
 fn wg_quick_runs_our_device_with_a_default_route() -> Result<()> {
-    if !can_run(
-        "wg_quick_runs_our_device_with_a_default_route",
-        &["wireguard-go", "wg", "wg-quick", "ping", "nft"],
-    ) {
+    if !can_run!(&["wireguard-go", "wg", "wg-quick", "ping", "nft"],) {
         return Ok(());
     }
     let lab = Lab::new("wg-quick")?;

@@ -334,3 +334,10 @@ pub fn kernel_routes_of(
         })
         .collect())
 }
+
+/// One ping from `from` to `to`, answered within a second.
+pub fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
+    let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
+    ensure!(out.success(), "ping {to}: {}{}", out.stdout, out.stderr);
+    Ok(())
+}

@@ -63,6 +63,35 @@ pub fn wait_until<T>(
     }
 }
 
+/// [`can_run`] under the name of the function it is called in, so a
+/// test's skip message and CI failure name the test without repeating it.
+///
+/// ```no_run
+/// fn bird_sees_route() {
+///     if !bgp4mesh_lab::can_run!(&["bird", "birdc"]) {
+///         return;
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! can_run {
+    ($binaries:expr $(,)?) => {{
+        fn here() {}
+        $crate::can_run(
+            $crate::enclosing_function(::std::any::type_name_of_val(&here)),
+            $binaries,
+        )
+    }};
+}
+
+/// The name of the function a `fn here() {}` item was declared in, from
+/// its type name (`crate::module::function::here`).
+#[doc(hidden)]
+pub fn enclosing_function(here: &str) -> &str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
 /// Whether an end-to-end test can run here. Such tests need root and some
 /// programs. When something is missing, the test is skipped with a loud
 /// message, except under CI (`CI` set), where a skip would hide a broken
@@ -111,6 +140,15 @@ pub fn can_run(test: &str, binaries: &[&str]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn can_run_names_the_test_it_is_called_in() {
+        fn bird_sees_route() -> &'static str {
+            fn here() {}
+            enclosing_function(std::any::type_name_of_val(&here))
+        }
+        assert_eq!(bird_sees_route(), "bird_sees_route");
+    }
 
     #[test]
     fn wait_until_returns_the_value_once_the_probe_succeeds() {

@@ -17,10 +17,7 @@ use bgp4mesh_lab::{Lab, can_run, sweep, wait_until};
 #[test]
 fn bird_route_reaches_gobgp_through_frr_and_is_withdrawn() -> Result<()> {
     let daemons = ["bird", "birdc", "bgpd", "vtysh", "gobgpd", "gobgp"];
-    if !can_run(
-        "bird_route_reaches_gobgp_through_frr_and_is_withdrawn",
-        &daemons,
-    ) {
+    if !can_run!(&daemons,) {
         return Ok(());
     }
     let lab = Lab::new("bird-frr-gobgp")?;
@@ -80,10 +77,7 @@ fn bird_route_reaches_gobgp_through_frr_and_is_withdrawn() -> Result<()> {
 /// the tunnel; `wg show` reports the handshake and traffic on both sides.
 #[test]
 fn two_wireguard_go_peers_handshake_and_ping() -> Result<()> {
-    if !can_run(
-        "two_wireguard_go_peers_handshake_and_ping",
-        &["wireguard-go", "wg", "ping"],
-    ) {
+    if !can_run!(&["wireguard-go", "wg", "ping"],) {
         return Ok(());
     }
     let lab = Lab::new("wireguard-go-pair")?;
@@ -156,7 +150,7 @@ fn killed_helper() -> Result<()> {
 /// next sweep (which every `Lab::new` does) removes them.
 #[test]
 fn a_killed_run_is_swept_by_the_next() -> Result<()> {
-    if !can_run("a_killed_run_is_swept_by_the_next", &[]) {
+    if !can_run!(&[]) {
         return Ok(());
     }
     let mut child = Command::new(std::env::current_exe()?)
@@ -222,10 +216,7 @@ fn a_killed_run_is_swept_by_the_next() -> Result<()> {
 /// forwarding on, static routes, extra addresses on loopback.
 #[test]
 fn hosts_reach_each_other_across_a_switch_and_a_router() -> Result<()> {
-    if !can_run(
-        "hosts_reach_each_other_across_a_switch_and_a_router",
-        &["ping"],
-    ) {
+    if !can_run!(&["ping"],) {
         return Ok(());
     }
     let lab = Lab::new("switch-router")?;
