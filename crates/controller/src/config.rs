@@ -85,7 +85,7 @@ impl ServerConfig {
     }
 
     pub fn parse(text: &str) -> Result<ServerConfig> {
-        let config: ServerConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let config: ServerConfig = toml::from_str(text)?;
         if config.master_key.is_some() == config.master_key_file.is_some() {
             bail!("set exactly one of master_key and master_key_file");
         }

@@ -201,6 +201,10 @@ impl fmt::Display for Notification {
     }
 }
 
+/// A NOTIFICATION is also what a decoding error is (the one the RFCs say
+/// to send), so it travels as an error.
+impl std::error::Error for Notification {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
