@@ -34,10 +34,6 @@ fn tune_allocator() {
 }
 
 mod admin;
-mod bench;
-mod bench_bgp;
-mod bench_controller;
-mod bench_wireguard;
 mod lab_as;
 mod wireguard_cmd;
 
@@ -90,7 +86,7 @@ enum Command {
     Lab(LabCommand),
     /// Benchmarks against the competitors, in network namespaces (needs root)
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(bgp4mesh_bench::BenchCommand),
     /// Run the controller: REST API, store, enrollment, push stream
     Server {
         /// Log level: error, warn, info, debug
@@ -147,107 +143,6 @@ enum Command {
         /// (tests) start a new handshake after this many seconds instead of 120
         #[arg(long, hide = true)]
         rekey_after_time: Option<u64>,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Install N routes in the kernel: ip -batch against bgp4mesh's FIB sync
-    Fib {
-        #[arg(long, default_value_t = 1_000_000)]
-        routes: u32,
-    },
-    /// Full-table scenarios through BIRD, FRR, GoBGP and bgp4mesh (and a null relay): time and peak RSS
-    Bgp {
-        /// IPv4 prefixes of the single-injector case
-        #[arg(long, default_value_t = 1_000_000)]
-        prefixes: u32,
-        /// Distinct attribute sets among them
-        #[arg(long, default_value_t = 100_000)]
-        paths: u32,
-        /// IPv6 prefixes of the IPv6 case
-        #[arg(long, default_value_t = 200_000)]
-        v6_prefixes: u32,
-        /// Injectors of the many-injector case
-        #[arg(long, default_value_t = 10)]
-        injectors: u32,
-        /// Distinct IPv4 prefixes each of them sends
-        #[arg(long, default_value_t = 100_000)]
-        per_injector: u32,
-        /// Comma-separated: null, bird, frr, gobgp, bgp4mesh
-        #[arg(long, default_value = "null,bird,frr,gobgp,bgp4mesh")]
-        targets: String,
-        /// Comma-separated: ipv4 (load, flap, full withdrawal), ipv6, many
-        #[arg(long, default_value = "ipv4,ipv6,many")]
-        scenarios: String,
-        /// Seconds before one measurement is given up
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-        /// Runs of everything (the table shows medians, peak RSS the highest)
-        #[arg(long, default_value_t = 1)]
-        runs: u32,
-    },
-    /// N simulated agents against one controller: join rate, change fan-out p50/p99, RSS
-    Controller {
-        #[arg(long, default_value_t = 10_000)]
-        nodes: u32,
-        /// How many changes to time
-        #[arg(long, default_value_t = 5)]
-        changes: u32,
-    },
-    /// iperf3 through WireGuard: bgp4mesh, wireguard-go and boringtun-cli, 1 and 4 streams
-    Wireguard {
-        /// Seconds per iperf3 run
-        #[arg(long, default_value_t = 10)]
-        seconds: u32,
-    },
-    /// (internal) an injector of `bench bgp`
-    #[command(hide = true)]
-    BgpInject {
-        #[arg(long)]
-        peer: std::net::IpAddr,
-        #[arg(long)]
-        local: std::net::IpAddr,
-        #[arg(long)]
-        asn: u32,
-        #[arg(long)]
-        router_id: std::net::Ipv4Addr,
-        #[arg(long, default_value_t = 0)]
-        first: u32,
-        #[arg(long)]
-        prefixes: u32,
-        #[arg(long)]
-        paths: u32,
-        #[arg(long)]
-        control: std::path::PathBuf,
-    },
-    /// (internal) the monitor of `bench bgp`
-    #[command(hide = true)]
-    BgpMonitor {
-        #[arg(long)]
-        listen: std::net::IpAddr,
-        #[arg(long)]
-        expect: u32,
-        #[arg(long)]
-        control: std::path::PathBuf,
-    },
-    /// (internal) the null target of `bench bgp`: copies UPDATEs to the monitor
-    #[command(hide = true)]
-    BgpRelay {
-        #[arg(long)]
-        monitor: std::net::IpAddr,
-        #[arg(long)]
-        injectors: u32,
-    },
-    /// (internal) the bgp4mesh side of `bench fib`, run inside the namespace
-    #[command(hide = true)]
-    FibWorker {
-        #[arg(long)]
-        routes: u32,
-        #[arg(long)]
-        table: u32,
-        #[arg(long)]
-        gateway: std::net::IpAddr,
     },
 }
 
@@ -336,67 +231,7 @@ fn main() -> ExitCode {
             neighbor,
             message,
         } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
-        Command::Bench(BenchCommand::Fib { routes }) => bench::fib(*routes),
-        Command::Bench(BenchCommand::Bgp {
-            prefixes,
-            paths,
-            v6_prefixes,
-            injectors,
-            per_injector,
-            targets,
-            scenarios,
-            timeout,
-            runs,
-        }) => (|| {
-            let opts = bench_bgp::BenchOptions {
-                prefixes: *prefixes,
-                paths: *paths,
-                v6_prefixes: *v6_prefixes,
-                injectors: *injectors,
-                per_injector: *per_injector,
-                targets: split_list(targets, bench_bgp::Target::parse)?,
-                scenarios: split_list(scenarios, bench_bgp::Scenario::parse)?,
-                timeout: std::time::Duration::from_secs(*timeout),
-                runs: *runs,
-            };
-            bench_bgp::bgp(&opts)
-        })(),
-        Command::Bench(BenchCommand::Wireguard { seconds }) => bench_wireguard::wireguard(*seconds),
-        Command::Bench(BenchCommand::Controller { nodes, changes }) => {
-            bench_controller::controller(*nodes, *changes)
-        }
-        Command::Bench(BenchCommand::BgpInject {
-            peer,
-            local,
-            asn,
-            router_id,
-            first,
-            prefixes,
-            paths,
-            control,
-        }) => bench_bgp::inject(&bench_bgp::InjectArgs {
-            peer: *peer,
-            local: *local,
-            asn: *asn,
-            router_id: *router_id,
-            first: *first,
-            prefixes: *prefixes,
-            paths: *paths,
-            control: control.clone(),
-        }),
-        Command::Bench(BenchCommand::BgpMonitor {
-            listen,
-            expect,
-            control,
-        }) => bench_bgp::monitor(*listen, *expect, control),
-        Command::Bench(BenchCommand::BgpRelay { monitor, injectors }) => {
-            bench_bgp::relay(*monitor, *injectors)
-        }
-        Command::Bench(BenchCommand::FibWorker {
-            routes,
-            table,
-            gateway,
-        }) => bench::fib_worker(*routes, *table, *gateway),
+        Command::Bench(command) => bgp4mesh_bench::run(command),
         Command::Server { log_level } => {
             init_logs(log_level).and_then(|()| admin::server(config_path(&cli)?))
         }
@@ -646,15 +481,6 @@ fn lab_demo() -> Result<()> {
     println!("\n{}", chain.gobgp.gobgp(&["global", "rib"])?);
     println!("tearing the lab down");
     Ok(())
-}
-
-/// A comma-separated list of names, each parsed by `parse`.
-fn split_list<T>(list: &str, parse: impl Fn(&str) -> anyhow::Result<T>) -> anyhow::Result<Vec<T>> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(parse)
-        .collect()
 }
 
 #[cfg(test)]

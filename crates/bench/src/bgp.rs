@@ -64,7 +64,7 @@ fn family_of(addr: IpAddr) -> Family {
 /// skipping 10/8 and 127/8), a /48 under 2400::/12 for IPv6.
 fn prefix(family: Family, n: u32) -> IpNet {
     if family == Family::IPV4_UNICAST {
-        crate::bench::prefix_v4(n)
+        crate::fib::prefix_v4(n)
     } else {
         let base = (0x2400u128 << 112) | ((n as u128) << 80);
         IpNet::V6(Ipv6Net::new(Ipv6Addr::from(base), 48).unwrap_or_default())
@@ -586,7 +586,7 @@ struct Row {
 }
 
 fn peak_rss_mb(pid: u32) -> Option<f64> {
-    crate::bench::vm_mb(pid, "VmHWM").ok()
+    crate::fib::vm_mb(pid, "VmHWM").ok()
 }
 
 /// The `n`-th (from 0) stamp `word` in `proc`'s log that is later than

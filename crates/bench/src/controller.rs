@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bench::vm_mb;
+use crate::fib::vm_mb;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use bgp4mesh_agent::Client;
