@@ -198,7 +198,8 @@ pub enum Event {
     /// No path uses this next hop any more.
     UnwatchNextHop(IpAddr),
     /// The neighbour finished its initial (or refreshed) announcements of
-    /// this family.
+    /// this family. Once the route changes before it are installed, the
+    /// driver calls [`Speaker::end_of_rib_installed`].
     EndOfRib {
         neighbor: NeighborId,
         family: Family,
@@ -208,6 +209,42 @@ pub enum Event {
         level: Level,
         message: String,
     },
+    /// Our own graceful restart ([`Speaker::begin_graceful_restart`]) is
+    /// over: forwarding state kept from before the restart and not learnt
+    /// again is stale, and should be removed.
+    GracefulRestartOver(RestartEnd),
+    /// Whether some eBGP neighbour is Established and what it sent up to
+    /// its End-of-RIB is installed ([`Speaker::end_of_rib_installed`]): a
+    /// border can then route to the outside. Emitted on every change.
+    UpstreamReady(bool),
+}
+
+/// Why our graceful restart ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartEnd {
+    /// Every graceful-restart neighbour sent End-of-RIB for each of its
+    /// families.
+    EveryEndOfRib,
+    /// The longest restart time of those neighbours passed first.
+    RestartTimePassed,
+}
+
+impl std::fmt::Display for RestartEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestartEnd::EveryEndOfRib => "every neighbour sent End-of-RIB",
+            RestartEnd::RestartTimePassed => "restart time passed",
+        })
+    }
+}
+
+/// Our own graceful restart (RFC 4724, the restarting side) in progress.
+#[derive(Debug)]
+struct OwnRestart {
+    /// The (neighbour name, family) End-of-RIBs still awaited.
+    waiting: HashSet<(String, Family)>,
+    /// When we stop waiting.
+    deadline: Instant,
 }
 
 /// Heap bytes by structure ([`Speaker::memory`]).
@@ -287,6 +324,12 @@ struct Neighbor {
     counters: Counters,
     max_prefix_warned: bool,
     next_hop_warned: bool,
+    /// An End-of-RIB came in this session and the driver has not yet said
+    /// that what came before it is installed.
+    eor_installing: bool,
+    /// What the neighbour sent up to an End-of-RIB of this session is
+    /// installed ([`Speaker::end_of_rib_installed`]).
+    eor_installed: bool,
     /// Whether this slot still holds a configured neighbour.
     removed: bool,
 }
@@ -332,6 +375,10 @@ pub struct Speaker {
     /// Emptied Loc-RIB slots at which those not held back are released
     /// while some are (see `flush`).
     release_at: usize,
+    /// Our own graceful restart, while it lasts.
+    own_restart: Option<OwnRestart>,
+    /// The last [`Event::UpstreamReady`] value.
+    upstream_ready: bool,
 }
 
 /// Cached exports per neighbour before the cache is emptied: enough for
@@ -463,6 +510,8 @@ impl Speaker {
             hold_statics: false,
             send_window: None,
             release_at: 0,
+            own_restart: None,
+            upstream_ready: false,
         }
     }
 
@@ -490,6 +539,8 @@ impl Speaker {
             counters: Counters::default(),
             max_prefix_warned: false,
             next_hop_warned: false,
+            eor_installing: false,
+            eor_installed: false,
             removed: false,
         }
     }
@@ -681,6 +732,7 @@ impl Speaker {
             .iter()
             .filter(|n| !n.removed)
             .flat_map(|n| [n.session.poll_timeout(), n.gr_deadline])
+            .chain([self.own_restart.as_ref().map(|r| r.deadline)])
             .flatten()
             .min()
     }
@@ -696,6 +748,9 @@ impl Speaker {
                 // The neighbour did not come back within its restart time.
                 self.flush_gr_stale(id, None);
             }
+        }
+        if self.own_restart.as_ref().is_some_and(|r| r.deadline <= now) {
+            self.end_own_restart(RestartEnd::RestartTimePassed);
         }
         self.flush();
         self.drain_sessions(now);
@@ -805,11 +860,89 @@ impl Speaker {
         self.drain_sessions(now);
     }
 
-    /// We restarted with our forwarding state (kernel routes) kept: the
-    /// next OPEN to each graceful-restart neighbour says so (R and F bits),
-    /// so it keeps our routes until our End-of-RIB. Cleared per neighbour
-    /// once its session is up.
-    pub fn set_restarting(&mut self) {
+    /// We restarted with our forwarding state (kernel routes) kept: tell
+    /// the graceful-restart neighbours (R and F bits in the next OPEN, so
+    /// they keep our routes until our End-of-RIB), and keep the old state
+    /// until each enabled one has sent End-of-RIB for each of its
+    /// families, or the longest of their restart times has passed from
+    /// `now`; then comes [`Event::GracefulRestartOver`]. Does nothing when
+    /// no enabled neighbour has graceful restart. Call before
+    /// [`Speaker::start`].
+    pub fn begin_graceful_restart(&mut self, now: Instant) {
+        let mut waiting = HashSet::new();
+        let mut longest = 0u16;
+        for n in self
+            .config
+            .neighbors
+            .iter()
+            .filter(|n| n.graceful_restart && n.enabled)
+        {
+            longest = longest.max(n.restart_time);
+            for family in &n.families {
+                waiting.insert((n.name.clone(), *family));
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        self.set_restarting();
+        self.own_restart = Some(OwnRestart {
+            waiting,
+            deadline: now + Duration::from_secs(u64::from(longest)),
+        });
+    }
+
+    /// Whether our own graceful restart is still in progress.
+    pub fn graceful_restart_in_progress(&self) -> bool {
+        self.own_restart.is_some()
+    }
+
+    fn end_own_restart(&mut self, why: RestartEnd) {
+        if self.own_restart.take().is_some() {
+            self.events.push_back(Event::GracefulRestartOver(why));
+        }
+    }
+
+    /// The driver has installed everything it was given up to the
+    /// [`Event::EndOfRib`] of `neighbor` (a driver without a forwarding
+    /// table says so at once). An eBGP neighbour counts for
+    /// [`Event::UpstreamReady`] from then until its session goes down.
+    pub fn end_of_rib_installed(&mut self, neighbor: NeighborId) {
+        if let Some(n) = self.neighbors.get_mut(neighbor)
+            && std::mem::take(&mut n.eor_installing)
+        {
+            n.eor_installed = true;
+        }
+        self.update_upstream();
+    }
+
+    /// Whether some eBGP neighbour is up with its End-of-RIB installed
+    /// (the last [`Event::UpstreamReady`]).
+    pub fn upstream_ready(&self) -> bool {
+        self.upstream_ready
+    }
+
+    /// Forgets End-of-RIBs of sessions that are gone, and reports a change
+    /// of [`Speaker::upstream_ready`].
+    fn update_upstream(&mut self) {
+        let asn = self.config.asn;
+        let mut ready = false;
+        for n in &mut self.neighbors {
+            if n.removed || n.session.state() != State::Established {
+                n.eor_installing = false;
+                n.eor_installed = false;
+            }
+            ready |= n.eor_installed && n.config.remote_as != asn;
+        }
+        if ready != self.upstream_ready {
+            self.upstream_ready = ready;
+            self.events.push_back(Event::UpstreamReady(ready));
+        }
+    }
+
+    /// Sets the R bit in the next OPEN to each graceful-restart neighbour;
+    /// cleared per neighbour once its session is up.
+    fn set_restarting(&mut self) {
         for n in &mut self.neighbors {
             if n.config.graceful_restart {
                 let mut config = n.session.config().clone();
@@ -1082,6 +1215,7 @@ impl Speaker {
                 break;
             }
         }
+        self.update_upstream();
     }
 
     fn on_session_output(&mut self, now: Instant, id: NeighborId, output: Output) {
@@ -1221,6 +1355,8 @@ impl Speaker {
         n.adj_in.clear();
         n.adj_in_complete = false;
         n.refresh_stale.clear();
+        n.eor_installing = false;
+        n.eor_installed = false;
         let mut gone = Vec::new();
         let mut kept = 0;
         let source = PathSource::neighbor(id);
@@ -1328,10 +1464,19 @@ impl Speaker {
         // End-of-RIB after a graceful restart: what was not refreshed goes.
         if let Some(family) = update.end_of_rib() {
             self.flush_gr_stale(id, Some(family));
+            self.neighbors[id].eor_installing = true;
             self.events.push_back(Event::EndOfRib {
                 neighbor: id,
                 family,
             });
+            if let Some(restart) = self.own_restart.as_mut() {
+                restart
+                    .waiting
+                    .remove(&(self.neighbors[id].config.name.clone(), family));
+                if restart.waiting.is_empty() {
+                    self.end_own_restart(RestartEnd::EveryEndOfRib);
+                }
+            }
             return;
         }
         self.neighbors[id].counters.withdraws_received += update.withdrawn().count() as u64;

@@ -10,7 +10,7 @@ use bgp4mesh_bgp::policy::{Action, Match, Policy, PrefixRange, Rule, Verdict};
 use bgp4mesh_bgp::rib::{PathSource, Selection};
 use bgp4mesh_bgp::session::ConnId;
 use bgp4mesh_bgp::speaker::{
-    Event, NeighborConfig, RouteChange, Speaker, SpeakerConfig, StaticKind, StaticRoute,
+    Event, NeighborConfig, RestartEnd, RouteChange, Speaker, SpeakerConfig, StaticKind, StaticRoute,
 };
 use ipnet::IpNet;
 
@@ -75,6 +75,12 @@ struct Net {
     /// were written (only counted for speakers with a send window).
     unwritten: HashMap<(usize, usize), usize>,
     windowed: Vec<bool>,
+    /// Each speaker's End-of-RIB, graceful restart and upstream events, in
+    /// order.
+    signals: Vec<Vec<Event>>,
+    /// Whether a speaker's route changes are installed as soon as they
+    /// come (a driver with no kernel): End-of-RIBs are confirmed at once.
+    installs_at_once: Vec<bool>,
 }
 
 impl Net {
@@ -92,6 +98,8 @@ impl Net {
             watched: vec![Default::default(); n],
             unwritten: HashMap::new(),
             windowed: vec![false; n],
+            signals: vec![Vec::new(); n],
+            installs_at_once: vec![true; n],
         }
     }
 
@@ -187,7 +195,16 @@ impl Net {
             Event::UnwatchNextHop(addr) => {
                 self.watched[s].remove(&addr);
             }
-            Event::EndOfRib { .. } | Event::Log { .. } => {}
+            Event::EndOfRib { neighbor, .. } => {
+                self.signals[s].push(event);
+                if self.installs_at_once[s] {
+                    self.speakers[s].end_of_rib_installed(neighbor);
+                }
+            }
+            Event::GracefulRestartOver(_) | Event::UpstreamReady(_) => {
+                self.signals[s].push(event);
+            }
+            Event::Log { .. } => {}
         }
     }
 
@@ -918,4 +935,214 @@ fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
         net.speakers[0].neighbor(0).map(|n| n.routes_exported),
         Some(prefixes.len())
     );
+}
+
+/// Whether speaker `s`'s neighbour `n` saw the R bit (restarting) in our OPEN.
+fn sees_restart_bit(net: &Net, s: usize, n: usize) -> Option<bool> {
+    let status = net.speakers[s].neighbor(n)?;
+    let gr = status.negotiated?.peer_open.graceful_restart()?.clone();
+    Some(gr.restarting && gr.families.iter().all(|(_, forwarding)| *forwarding))
+}
+
+/// A restarting router (AS 65001) with graceful-restart neighbours `b`
+/// (restart time 10 s) and `c` (30 s), each linked to it; `c`'s link is
+/// not made.
+fn restarting_router() -> Net {
+    let with_gr = |mut n: NeighborConfig, restart_time: u16| {
+        n.graceful_restart = true;
+        n.restart_time = restart_time;
+        n
+    };
+    let mut net = Net::new(vec![
+        speaker(
+            65001,
+            [10, 0, 0, 1],
+            vec![
+                with_gr(neighbor("b", "10.1.0.2", 65000), 10),
+                with_gr(neighbor("c", "10.2.0.2", 65002), 30),
+            ],
+            &["192.0.2.0/24"],
+        ),
+        speaker(
+            65000,
+            [10, 0, 0, 2],
+            vec![with_gr(neighbor("a", "10.1.0.1", 65001), 10)],
+            &["198.51.100.0/24"],
+        ),
+        speaker(
+            65002,
+            [10, 0, 0, 3],
+            vec![with_gr(neighbor("a", "10.2.0.1", 65001), 30)],
+            &["203.0.113.0/24"],
+        ),
+    ]);
+    net.link(0, "10.1.0.1", 1, "10.1.0.2");
+    net
+}
+
+fn restart_over(net: &Net, s: usize) -> Vec<RestartEnd> {
+    net.signals[s]
+        .iter()
+        .filter_map(|e| match e {
+            Event::GracefulRestartOver(why) => Some(*why),
+            _ => None,
+        })
+        .collect()
+}
+
+/// RFC 4724, the restarting side: our OPENs carry the R and F bits, and
+/// the kept forwarding state is declared stale only once every
+/// graceful-restart neighbour sent End-of-RIB for each family, right
+/// after the last of them.
+#[test]
+fn our_graceful_restart_ends_after_every_neighbours_end_of_rib() {
+    let mut net = restarting_router();
+    let now = net.now;
+    net.speakers[0].begin_graceful_restart(now);
+    assert!(net.speakers[0].graceful_restart_in_progress());
+    net.start();
+    assert_eq!(sees_restart_bit(&net, 1, 0), Some(true), "R and F bits");
+    assert!(
+        net.signals[0]
+            .iter()
+            .any(|e| matches!(e, Event::EndOfRib { neighbor: 0, .. })),
+        "b's End-of-RIB came"
+    );
+    assert_eq!(restart_over(&net, 0), vec![], "c's End-of-RIB is awaited");
+    assert!(net.speakers[0].graceful_restart_in_progress());
+
+    net.link(0, "10.2.0.1", 2, "10.2.0.2");
+    net.advance(Duration::from_secs(6));
+    assert_eq!(restart_over(&net, 0), vec![RestartEnd::EveryEndOfRib]);
+    assert!(!net.speakers[0].graceful_restart_in_progress());
+    assert!(
+        matches!(
+            net.signals[0].last(),
+            Some(Event::GracefulRestartOver(RestartEnd::EveryEndOfRib))
+        ) && matches!(
+            net.signals[0].iter().rev().nth(1),
+            Some(Event::EndOfRib { neighbor: 1, .. })
+        ),
+        "right after the last End-of-RIB: {:?}",
+        net.signals[0]
+    );
+    assert_eq!(
+        RestartEnd::EveryEndOfRib.to_string(),
+        "every neighbour sent End-of-RIB"
+    );
+
+    // A session that comes up again after the restart no longer claims it.
+    net.cut("10.1.0.1", "10.1.0.2");
+    net.down.clear();
+    net.advance(Duration::from_secs(10));
+    assert_eq!(sees_restart_bit(&net, 1, 0), Some(false));
+    assert_eq!(restart_over(&net, 0).len(), 1, "over once");
+}
+
+/// A neighbour that never comes back does not hold the stale state for
+/// ever: the restart ends after the longest restart time (c's 30 s), on
+/// virtual time through `poll_timeout`.
+#[test]
+fn our_graceful_restart_ends_after_the_longest_restart_time() {
+    let mut net = restarting_router();
+    let now = net.now;
+    net.speakers[0].begin_graceful_restart(now);
+    net.start();
+    assert!(
+        net.speakers[0]
+            .poll_timeout()
+            .is_some_and(|t| t <= now + Duration::from_secs(30))
+    );
+    net.advance(Duration::from_secs(29));
+    assert_eq!(restart_over(&net, 0), vec![]);
+    net.advance(Duration::from_secs(2));
+    assert_eq!(restart_over(&net, 0), vec![RestartEnd::RestartTimePassed]);
+    assert_eq!(
+        RestartEnd::RestartTimePassed.to_string(),
+        "restart time passed"
+    );
+    net.advance(Duration::from_secs(60));
+    assert_eq!(restart_over(&net, 0).len(), 1, "over once");
+}
+
+/// Without a graceful-restart neighbour there is nothing to wait for: no
+/// R bit, no deadline, no event.
+#[test]
+fn no_graceful_restart_without_graceful_restart_neighbours() {
+    let mut net = border_and_isp();
+    let now = net.now;
+    net.speakers[0].begin_graceful_restart(now);
+    assert!(!net.speakers[0].graceful_restart_in_progress());
+    net.start();
+    assert_eq!(restart_over(&net, 0), vec![]);
+    assert_eq!(sees_restart_bit(&net, 1, 0), None, "no capability at all");
+}
+
+/// A border's upstream is ready once an eBGP session is up and what it
+/// sent up to its End-of-RIB is installed, and not ready as soon as the
+/// session goes; an iBGP neighbour does not count.
+#[test]
+fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![
+                neighbor("ibgp", "10.9.0.2", 65000),
+                neighbor("isp", "172.30.0.1", 65001),
+            ],
+            &["44.30.127.0/24"],
+        ),
+        speaker(
+            65000,
+            [10, 0, 0, 3],
+            vec![neighbor("border", "10.9.0.1", 65000)],
+            &["10.10.0.0/16"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("border", "172.30.0.100", 65000)],
+            &["0.0.0.0/0"],
+        ),
+    ]);
+    net.link(0, "10.9.0.1", 1, "10.9.0.2");
+    net.installs_at_once[0] = false;
+    net.start();
+    let upstream = |net: &Net| -> Vec<bool> {
+        net.signals[0]
+            .iter()
+            .filter_map(|e| match e {
+                Event::UpstreamReady(up) => Some(*up),
+                _ => None,
+            })
+            .collect()
+    };
+    // The iBGP neighbour's End-of-RIB, installed: not an upstream.
+    net.speakers[0].end_of_rib_installed(0);
+    net.pump();
+    assert!(!net.speakers[0].upstream_ready());
+    assert_eq!(upstream(&net), vec![]);
+
+    net.link(0, "172.30.0.100", 2, "172.30.0.1");
+    net.advance(Duration::from_secs(6));
+    assert!(
+        net.signals[0]
+            .iter()
+            .any(|e| matches!(e, Event::EndOfRib { neighbor: 1, .. })),
+        "the ISP's End-of-RIB came"
+    );
+    assert!(!net.speakers[0].upstream_ready(), "not installed yet");
+    net.speakers[0].end_of_rib_installed(1);
+    net.pump();
+    assert!(net.speakers[0].upstream_ready());
+    assert_eq!(upstream(&net), vec![true]);
+
+    net.cut("172.30.0.100", "172.30.0.1");
+    assert!(!net.speakers[0].upstream_ready());
+    assert_eq!(upstream(&net), vec![true, false]);
+    // A confirmation for a session that is gone changes nothing.
+    net.speakers[0].end_of_rib_installed(1);
+    net.pump();
+    assert_eq!(upstream(&net), vec![true, false]);
 }

@@ -150,12 +150,6 @@ pub struct BgpDriver {
     route_sink: Option<RouteSink>,
     /// Socket options by neighbour name (ids change across reloads).
     transports: HashMap<String, Transport>,
-    /// A graceful restart of ours in progress: the (neighbour, family)
-    /// End-of-RIBs still awaited, and when we stop waiting.
-    restart: Option<(
-        std::collections::HashSet<(String, bgp4mesh_bgp::wire::Family)>,
-        Instant,
-    )>,
     /// The table whose foreign routes we learn, when `[kernel] learn`.
     learn_table: Option<u32>,
     /// What the kernel module says it installed.
@@ -170,10 +164,6 @@ pub struct BgpDriver {
     /// Whether an eBGP session is up and has sent its routes (End-of-RIB),
     /// for the mesh agent of a border.
     upstream: Option<tokio::sync::watch::Sender<bool>>,
-    /// Neighbours that sent End-of-RIB since their session came up.
-    end_of_rib: std::collections::HashSet<NeighborId>,
-    /// Neighbours whose End-of-RIB waits for the kernel to catch up.
-    eor_in_kernel: std::collections::HashSet<NeighborId>,
     /// Static routes wait until this is true (`hold_announcements_until`).
     announce_gate: Option<tokio::sync::watch::Receiver<bool>>,
     resolver: Option<Resolver>,
@@ -326,13 +316,10 @@ impl BgpDriver {
             listener_sockets,
             bfd: bgp4mesh_bfd::Bfd::new(),
             in_kernel: None,
-            restart: None,
             learn_table: None,
             bfd_tx: [None, None],
             install_static: false,
             upstream: None,
-            end_of_rib: Default::default(),
-            eor_in_kernel: Default::default(),
             announce_gate: None,
             resolver: match Resolver::connect() {
                 Ok(r) => Some(r),
@@ -350,42 +337,11 @@ impl BgpDriver {
         Ok(driver)
     }
 
-    /// We restarted with the previous run's kernel routes kept: tell the
-    /// graceful-restart neighbours (R and F bits), and keep the old routes
-    /// until each has sent its End-of-RIB, or its restart time passes.
+    /// We restarted with the previous run's kernel routes kept: the
+    /// speaker runs the graceful restart (RFC 4724) and says when it is
+    /// over, and the kernel then drops what was not learnt again.
     pub fn begin_graceful_restart(&mut self, now: Instant) {
-        let mut waiting = std::collections::HashSet::new();
-        let mut longest = 0u16;
-        for n in self
-            .config
-            .speaker
-            .neighbors
-            .iter()
-            .filter(|n| n.graceful_restart && n.enabled)
-        {
-            longest = longest.max(n.restart_time);
-            for family in &n.families {
-                waiting.insert((n.name.clone(), *family));
-            }
-        }
-        if waiting.is_empty() {
-            return;
-        }
-        self.speaker.set_restarting();
-        self.restart = Some((
-            waiting,
-            now + std::time::Duration::from_secs(u64::from(longest)),
-        ));
-    }
-
-    /// The graceful restart is over: the kernel drops what was not learnt again.
-    fn end_graceful_restart(&mut self, why: &str) {
-        if self.restart.take().is_some() {
-            tracing::info!("graceful restart over ({why})");
-            if let Some(sink) = self.route_sink.as_mut() {
-                sink(crate::kernel_sync::KernelCommand::FlushStale);
-            }
-        }
+        self.speaker.begin_graceful_restart(now);
     }
 
     /// Makes the BFD sessions match the neighbours with `bfd = true`,
@@ -511,22 +467,11 @@ impl BgpDriver {
         let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
             self.bfd_io(Instant::now());
-            if self
-                .restart
-                .as_ref()
-                .is_some_and(|(_, deadline)| *deadline <= Instant::now())
-            {
-                self.end_graceful_restart("restart time passed");
-            }
             self.carry_out_events();
-            let deadline = [
-                self.speaker.poll_timeout(),
-                self.bfd.poll_timeout(),
-                self.restart.as_ref().map(|r| r.1),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let deadline = [self.speaker.poll_timeout(), self.bfd.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -778,12 +723,7 @@ impl BgpDriver {
             Inbound::Resolved { addr, resolution } => self.on_resolved(now, addr, resolution),
             Inbound::Interfaces { prefixes } => self.speaker.set_connected(now, &prefixes),
             Inbound::KernelRoutes { routes } => self.speaker.set_kernel_routes(now, &routes),
-            Inbound::InKernelUpTo { neighbor } => {
-                // Still the same session that sent the End-of-RIB?
-                if self.eor_in_kernel.remove(&neighbor) {
-                    self.end_of_rib.insert(neighbor);
-                }
-            }
+            Inbound::InKernelUpTo { neighbor } => self.speaker.end_of_rib_installed(neighbor),
             Inbound::BfdPacket { from, bytes } => {
                 if let Err(why) = self.bfd.receive(now, from, &bytes) {
                     tracing::debug!("BFD packet from {from} discarded: {why}");
@@ -1012,45 +952,16 @@ impl BgpDriver {
         }
     }
 
+    /// An upstream counts once its session is up and its routes are in
+    /// (End-of-RIB): a border is not used for egress before it can route.
     pub fn watch_upstream(&mut self) -> tokio::sync::watch::Receiver<bool> {
-        let (tx, rx) = tokio::sync::watch::channel(self.upstream_up());
+        let (tx, rx) = tokio::sync::watch::channel(self.speaker.upstream_ready());
         self.upstream = Some(tx);
         rx
     }
 
-    /// An upstream counts once its session is up and its routes are in
-    /// (End-of-RIB): a border is not used for egress before it can route.
-    fn upstream_up(&mut self) -> bool {
-        let asn = self.speaker.config().asn;
-        let speaker = &self.speaker;
-        let established = |id: &NeighborId| {
-            speaker
-                .neighbor(*id)
-                .is_some_and(|n| n.state == bgp4mesh_bgp::session::State::Established)
-        };
-        self.end_of_rib.retain(established);
-        self.eor_in_kernel.retain(established);
-        self.speaker.neighbor_ids().any(|id| {
-            self.end_of_rib.contains(&id)
-                && self
-                    .speaker
-                    .neighbor(id)
-                    .is_some_and(|n| n.config.remote_as != asn)
-        })
-    }
-
-    fn report_upstream(&mut self) {
-        if self.upstream.is_some() {
-            let up = self.upstream_up();
-            if let Some(tx) = &self.upstream {
-                tx.send_if_modified(|v| std::mem::replace(v, up) != up);
-            }
-        }
-    }
-
     fn carry_out_events(&mut self) {
         self.carry_out_queued_events();
-        self.report_upstream();
         self.send_mesh_export();
     }
 
@@ -1068,7 +979,7 @@ impl BgpDriver {
                         c.close();
                     }
                 }
-                Event::EndOfRib { neighbor, family } => {
+                Event::EndOfRib { neighbor, .. } => {
                     // An upstream counts as up once what it sent before its
                     // End-of-RIB is in the kernel: a node that moves its
                     // Internet traffic to this border on that word must find
@@ -1077,7 +988,6 @@ impl BgpDriver {
                         Some(sink) => {
                             let (done, applied) = tokio::sync::oneshot::channel();
                             sink(crate::kernel_sync::KernelCommand::Barrier(done));
-                            self.eor_in_kernel.insert(neighbor);
                             let tx = self.inbox_tx.clone();
                             tokio::spawn(async move {
                                 if applied.await.is_ok() {
@@ -1085,16 +995,19 @@ impl BgpDriver {
                                 }
                             });
                         }
-                        None => {
-                            self.end_of_rib.insert(neighbor);
-                        }
+                        None => self.speaker.end_of_rib_installed(neighbor),
                     }
-                    let name = self.speaker.neighbor_name(neighbor).to_string();
-                    if let Some((waiting, _)) = self.restart.as_mut() {
-                        waiting.remove(&(name, family));
-                        if waiting.is_empty() {
-                            self.end_graceful_restart("every neighbour sent End-of-RIB");
-                        }
+                }
+                Event::UpstreamReady(up) => {
+                    if let Some(tx) = &self.upstream {
+                        tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+                    }
+                }
+                Event::GracefulRestartOver(why) => {
+                    // The kernel drops what was not learnt again.
+                    tracing::info!("graceful restart over ({why})");
+                    if let Some(sink) = self.route_sink.as_mut() {
+                        sink(crate::kernel_sync::KernelCommand::FlushStale);
                     }
                 }
                 Event::WatchNextHop(addr) => {
