@@ -1,0 +1,107 @@
+//! The handshake thread: handshake and cookie messages from the receive
+//! thread's bounded queue, rate-limited (cookies under load).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+
+use bytes::BytesMut;
+use gotatun::noise::TunnResult;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::packet::{Packet, WgKind};
+use gotatun::tun::MtuWatcher;
+use tracing::debug;
+
+use super::{Interface, Shared, TIMER_TICK, Udp, lock, read};
+use crate::key::Key;
+
+pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<(SocketAddr, Vec<u8>)>) {
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let (from, datagram) = match queue.recv_timeout(TIMER_TICK) {
+            Ok(message) => message,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(udp) = shared.udp() else { continue };
+        let iface = read(&shared.iface);
+        receive_handshake(&shared, &iface, &udp, from, &datagram, &mut mtu);
+    }
+}
+
+fn receive_handshake(
+    shared: &Shared,
+    iface: &Interface,
+    udp: &Udp,
+    from: SocketAddr,
+    datagram: &[u8],
+    mtu: &mut MtuWatcher,
+) {
+    let (Some(limiter), Some(secret), Some(public)) =
+        (&iface.rate_limiter, &iface.secret, &iface.public)
+    else {
+        return;
+    };
+    let packet = match limiter.verify_packet(from, Packet::from_bytes(BytesMut::from(datagram))) {
+        Ok(packet) => packet,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            // Under load: answer with a cookie instead of doing the DH.
+            let bytes: Packet = cookie.into();
+            udp.send(shared, from, &bytes, None);
+            return;
+        }
+        Err(_) => return,
+    };
+    let peer = match &packet {
+        WgKind::HandshakeInit(init) => {
+            let Ok(half) = parse_handshake_anon(secret, public, init) else {
+                return;
+            };
+            iface.by_key.get(&Key(half.peer_static_public)).cloned()
+        }
+        WgKind::HandshakeResp(resp) => lock(&shared.by_index)
+            .get(&resp.receiver_idx.get())
+            .cloned(),
+        WgKind::CookieReply(reply) => lock(&shared.by_index)
+            .get(&reply.receiver_idx.get())
+            .cloned(),
+        WgKind::Data(_) => None,
+    };
+    let Some(peer) = peer else { return };
+    let mut state = lock(&peer.state);
+    let Some(tunn) = state.tunn.as_mut() else {
+        return;
+    };
+    let is_response = matches!(packet, WgKind::HandshakeResp(_));
+    match tunn.handle_incoming_packet(packet) {
+        TunnResult::WriteToNetwork(reply) => {
+            shared.register_index(&reply, &peer);
+            let mut queued: Vec<Packet> = Vec::new();
+            if is_response {
+                // The session is up: send what waited for it.
+                queued.extend(tunn.get_queued_packets(mtu).map(Packet::from));
+            }
+            state.endpoint = Some(from);
+            drop(state);
+            let reply: Packet = reply.into();
+            let mut sent = reply.len() as u64;
+            udp.send(shared, from, &reply, None);
+            for packet in queued {
+                sent += packet.len() as u64;
+                udp.send(shared, from, &packet, None);
+            }
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+        }
+        TunnResult::Done => {
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        }
+        TunnResult::Err(e) => {
+            debug!(interface = %shared.name, peer = ?peer.public_key, "handshake: {e:?}")
+        }
+        TunnResult::WriteToTunnel(_) => {}
+    }
+}

@@ -1,0 +1,454 @@
+//! The userspace WireGuard device: a TUN interface, one UDP socket, and the
+//! WireGuard protocol of [`gotatun::noise`] (handshake, cookies, timers,
+//! transport sessions) for each peer.
+//!
+//! Three threads move packets, each a blocking loop:
+//! - **tun → udp** reads the TUN device with virtio-net offloads (one read
+//!   returns a TCP super-packet of up to 64 KiB that tun-rs splits into
+//!   segments), finds each packet's peer by destination in the allowed-IPs
+//!   table, encrypts, and sends runs of equal-sized datagrams to one endpoint
+//!   with one UDP GSO `sendmsg`;
+//! - **udp → tun** receives with UDP GRO and `recvmmsg` (quinn-udp),
+//!   decrypts, checks the inner source against the peer's allowed IPs, and
+//!   writes the batch to the TUN device, where tun-rs coalesces TCP segments
+//!   back into super-packets (GRO) so the kernel sees few large packets;
+//! - **timers** calls each peer's timers every 100 ms (handshake retries,
+//!   rekey, keepalives) and prunes the session-index map.
+//!
+//! A peer's protocol state sits behind one mutex, taken once per run of
+//! packets. gotatun encrypts and decrypts through `&mut Tunn`, so one peer's
+//! transport crypto runs on one core at a time; the two directions run on
+//! both. ARCHITECTURE.md says why that is enough on a 2-core machine.
+//!
+//! The code is laid out by what it does:
+//! - this module: [`Device`] and the state the threads share;
+//! - `outbound`: the tun → udp thread (encryption, GSO batches);
+//! - `inbound`: the udp → tun thread (decryption, GRO batches);
+//! - `handshake`: the handshake thread, fed by the receive thread;
+//! - `timers`: the timer thread;
+//! - `configure`: [`Device::apply`] and [`Device::configure`], peers and keys;
+//! - `udp`: the UDP socket (binding, GSO sends).
+
+mod configure;
+mod handshake;
+mod inbound;
+mod outbound;
+mod timers;
+mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{TimerParams, Tunn};
+use gotatun::packet::WgKind;
+use gotatun::x25519;
+use quinn_udp::UdpSocketState;
+use tracing::info;
+use tun_rs::SyncDevice;
+
+use crate::allowed_ips::{AllowedIps, Owner};
+use crate::config::{DeviceStatus, PeerStatus};
+use crate::key::Key;
+use handshake::handshake_worker;
+use inbound::udp_to_tun;
+use outbound::tun_to_udp;
+use timers::timers;
+
+/// WireGuard's default MTU: 1500 minus the IPv6, UDP and WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Handshake messages waiting for the handshake thread; more are dropped.
+const HANDSHAKE_QUEUE: usize = 1024;
+const MAX_PACKET: usize = 65_535;
+
+/// How to create a device.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Interface name (at most 15 bytes).
+    pub name: String,
+    pub mtu: u16,
+    /// Protocol timers; `None` is the protocol's own values. Tests shorten
+    /// rekey times with this.
+    pub timer_params: Option<TimerParams>,
+}
+
+impl DeviceOptions {
+    pub fn new(name: impl Into<String>) -> DeviceOptions {
+        DeviceOptions {
+            name: name.into(),
+            mtu: DEFAULT_MTU,
+            timer_params: None,
+        }
+    }
+}
+
+/// A running userspace WireGuard device. Dropping it stops its threads and
+/// removes the interface.
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    name: String,
+    tun: SyncDevice,
+    mtu: u16,
+    timer_params: Option<TimerParams>,
+    index_table: IndexTable,
+    /// Session index (ours, as the peer addresses its packets) → peer.
+    by_index: Mutex<HashMap<u32, Arc<Peer>>>,
+    /// The endpoints [`Device::configure`] last asked for, to tell a new
+    /// desired endpoint from one the peer roamed away from.
+    configured_endpoints: Mutex<HashMap<Key, SocketAddr>>,
+    iface: RwLock<Interface>,
+    udp: RwLock<Option<Arc<Udp>>>,
+    /// Handshake messages from the receive thread to the handshake thread.
+    /// Bounded: under a flood the excess is dropped here, so data packets
+    /// never wait behind Diffie-Hellman work or cookie replies.
+    handshakes: SyncSender<(SocketAddr, Vec<u8>)>,
+    /// The network namespace the device was created in. A socket bound
+    /// later (a new listen port) must live there too, whichever thread
+    /// asks for it.
+    netns: Option<std::fs::File>,
+    /// Written once, on stop; every wait also polls it.
+    stop_fd: OwnedFd,
+    stopping: AtomicBool,
+}
+
+struct Interface {
+    secret: Option<x25519::StaticSecret>,
+    public: Option<x25519::PublicKey>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    /// As configured; 0 = any.
+    listen_port: u16,
+    fwmark: u32,
+    peers: Vec<Arc<Peer>>,
+    by_key: HashMap<Key, Arc<Peer>>,
+    allowed: AllowedIps<Arc<Peer>>,
+}
+
+struct Peer {
+    public_key: Key,
+    state: Mutex<PeerState>,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+}
+
+impl Owner for Arc<Peer> {
+    fn owner_key(&self) -> Key {
+        self.public_key
+    }
+}
+
+struct PeerState {
+    /// `None` while the device has no private key.
+    tunn: Option<Tunn>,
+    preshared_key: Option<Key>,
+    keepalive: Option<u16>,
+    /// Where packets go: the configured endpoint, or the address the peer
+    /// last sent an authenticated packet from.
+    endpoint: Option<SocketAddr>,
+    /// Start a handshake at the next timer tick: a peer just configured
+    /// with an endpoint. A restarted peer's old session is useless to the
+    /// other side, which would otherwise wait up to 15 s to notice.
+    initiate: bool,
+}
+
+struct Udp {
+    socket: socket2::Socket,
+    state: UdpSocketState,
+    port: u16,
+    /// Bound to `[::]` with IPv4 mapped in, so IPv4 endpoints are sent
+    /// to as `::ffff:a.b.c.d`.
+    dual_stack: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Device {
+    /// Creates the TUN interface (down, no address: addresses and routes are
+    /// the kernel module's or the operator's job), binds a UDP socket on a
+    /// free port and starts the packet threads.
+    pub fn create(options: DeviceOptions) -> io::Result<Device> {
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&options.name)
+            .mtu(options.mtu)
+            .offload(true)
+            .build_sync()
+            .map_err(|e| io::Error::new(e.kind(), format!("creating TUN {}: {e}", options.name)))?;
+        tun.set_nonblocking(true)?;
+        // SAFETY: eventfd takes no pointers; the returned descriptor is new
+        // and owned by nobody else.
+        let stop_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if stop_fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: stop_fd is a fresh, valid descriptor (checked above).
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(stop_fd) };
+        let (handshakes, handshake_queue) = std::sync::mpsc::sync_channel(HANDSHAKE_QUEUE);
+        let shared = Arc::new(Shared {
+            name: options.name.clone(),
+            tun,
+            mtu: options.mtu,
+            timer_params: options.timer_params,
+            index_table: IndexTable::from_os_rng(),
+            by_index: Mutex::new(HashMap::new()),
+            configured_endpoints: Mutex::new(HashMap::new()),
+            iface: RwLock::new(Interface {
+                secret: None,
+                public: None,
+                rate_limiter: None,
+                listen_port: 0,
+                fwmark: 0,
+                peers: Vec::new(),
+                by_key: HashMap::new(),
+                allowed: AllowedIps::new(),
+            }),
+            udp: RwLock::new(Some(Arc::new(Udp::bind(0, 0)?))),
+            netns: std::fs::File::open("/proc/thread-self/ns/net").ok(),
+            handshakes,
+            stop_fd,
+            stopping: AtomicBool::new(false),
+        });
+        let mut threads = Vec::new();
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("wg-hs-{}", options.name))
+            .spawn(move || handshake_worker(for_thread, handshake_queue));
+        match thread {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.stop();
+                return Err(e);
+            }
+        }
+        for (role, body) in [
+            ("tx", tun_to_udp as fn(Arc<Shared>)),
+            ("rx", udp_to_tun),
+            ("timers", timers),
+        ] {
+            let for_thread = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name(format!("wg-{role}-{}", options.name))
+                .spawn(move || body(for_thread));
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.stop();
+                    return Err(e);
+                }
+            }
+        }
+        info!(interface = %options.name, "WireGuard device created");
+        Ok(Device { shared, threads })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// False once the interface is gone (deleted with `ip link del`) or
+    /// the device was stopped.
+    pub fn is_running(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the device stops (its interface deleted, or
+    /// [`Device::stop`] called from elsewhere).
+    pub fn wait(&self) {
+        while self.is_running() {
+            self.shared
+                .wait_readable(None, Some(Duration::from_secs(1)));
+        }
+    }
+
+    /// Asks the threads to stop; `Drop` joins them.
+    pub fn stop(&self) {
+        self.shared.stop();
+    }
+
+    /// A handle that can stop the device from another thread (a signal
+    /// handler, the UAPI server).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(Arc::clone(&self.shared))
+    }
+
+    /// The device and its peers with their counters.
+    pub fn status(&self) -> DeviceStatus {
+        self.shared.status()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shared.stop();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Stops a device from another thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared state
+
+impl Shared {
+    fn stop(&self) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a local u64 to our own eventfd.
+            let _ = unsafe {
+                libc::write(
+                    self.stop_fd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+    }
+
+    /// Waits until `fd` is readable, the device stops, or `timeout` passes.
+    fn wait_readable(&self, fd: Option<RawFd>, timeout: Option<Duration>) {
+        self.wait_for(fd, libc::POLLIN, timeout);
+    }
+
+    fn wait_for(&self, fd: Option<RawFd>, events: libc::c_short, timeout: Option<Duration>) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.stop_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: fd.unwrap_or(-1),
+                events,
+                revents: 0,
+            },
+        ];
+        let timeout = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of
+        // the call; a negative fd is ignored by poll.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+    }
+
+    /// Runs `f` in the device's network namespace: here if the calling
+    /// thread is already there, else on a short-lived thread that enters it.
+    fn in_device_netns<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        let Some(ns) = &self.netns else {
+            return f();
+        };
+        let same = std::fs::metadata("/proc/thread-self/ns/net")
+            .and_then(|here| Ok((here, ns.metadata()?)))
+            .map(|(here, there)| {
+                use std::os::unix::fs::MetadataExt;
+                here.ino() == there.ino() && here.dev() == there.dev()
+            })
+            .unwrap_or(true);
+        if same {
+            return f();
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns with a valid namespace descriptor; it
+                    // only moves this short-lived thread.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("socket thread panicked")))
+        })
+    }
+
+    fn udp(&self) -> Option<Arc<Udp>> {
+        read(&self.udp).clone()
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let iface = read(&self.iface);
+        let now = SystemTime::now();
+        let peers = iface
+            .peers
+            .iter()
+            .map(|peer| {
+                let state = lock(&peer.state);
+                PeerStatus {
+                    public_key: peer.public_key,
+                    preshared_key: state.preshared_key,
+                    endpoint: state.endpoint,
+                    allowed_ips: iface.allowed.of(&peer.public_key).collect(),
+                    persistent_keepalive: state.keepalive,
+                    last_handshake: state
+                        .tunn
+                        .as_ref()
+                        .and_then(Tunn::time_since_last_handshake)
+                        .and_then(|ago| now.checked_sub(ago)),
+                    rx_bytes: peer.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        DeviceStatus {
+            name: self.name.clone(),
+            private_key: iface.secret.as_ref().map(|s| Key(s.to_bytes())),
+            public_key: iface.public.map(|p| Key(*p.as_bytes())),
+            listen_port: self.udp().map_or(0, |u| u.port),
+            fwmark: iface.fwmark,
+            peers,
+        }
+    }
+
+    /// Remembers which peer a handshake message we send belongs to, so the
+    /// answer (addressed to its sender index) finds the peer.
+    fn register_index(&self, packet: &WgKind, peer: &Arc<Peer>) {
+        let index = match packet {
+            WgKind::HandshakeInit(p) => p.sender_idx.get(),
+            WgKind::HandshakeResp(p) => p.sender_idx.get(),
+            _ => return,
+        };
+        lock(&self.by_index).insert(index, Arc::clone(peer));
+    }
+}
+
+/// The source (`destination: false`) or destination address of an IP packet.
+fn packet_address(packet: &[u8], destination: bool) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let at = if destination { 16 } else { 12 };
+            let b: [u8; 4] = packet[at..at + 4].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 if packet.len() >= 40 => {
+            let at = if destination { 24 } else { 8 };
+            let b: [u8; 16] = packet[at..at + 16].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,183 @@
+//! tun → udp: reads the TUN device, finds each packet's peer, encrypts, and
+//! sends runs of equal-sized datagrams with one UDP GSO `sendmsg`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use gotatun::packet::{Packet, WgKind};
+use gotatun::tun::MtuWatcher;
+use tracing::{debug, info};
+use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
+
+/// The largest UDP payload one GSO send may carry.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Encrypted datagrams waiting to go out as one GSO send: same endpoint,
+/// same size, except that the last one may be shorter.
+struct SendBatch {
+    to: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl SendBatch {
+    fn new() -> SendBatch {
+        SendBatch {
+            to: None,
+            buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_PACKET),
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    fn push(&mut self, shared: &Shared, udp: &Udp, to: SocketAddr, datagram: &[u8]) {
+        if self.count > 0
+            && (self.to != Some(to)
+                || self.closed
+                || datagram.len() > self.segment
+                || self.count >= udp.state.max_gso_segments()
+                || self.buf.len() + datagram.len() > GSO_MAX_BYTES)
+        {
+            self.flush(shared, udp);
+        }
+        if self.count == 0 {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+    }
+
+    fn flush(&mut self, shared: &Shared, udp: &Udp) {
+        if let Some(to) = self.to
+            && self.count > 0
+        {
+            let segment = (self.count > 1).then_some(self.segment);
+            udp.send(shared, to, &self.buf, segment);
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+        self.to = None;
+    }
+}
+
+pub(super) fn tun_to_udp(shared: Arc<Shared>) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+    let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| vec![0u8; MAX_PACKET])
+        .collect();
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    let mut batch = SendBatch::new();
+    let mut routes: Vec<Option<Arc<Peer>>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let tun_fd = shared.tun.as_raw_fd();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let n = match shared
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+        {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                shared.wait_readable(Some(tun_fd), Some(Duration::from_secs(1)));
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                info!(interface = %shared.name, "interface deleted; stopping the device");
+                shared.stop();
+                return;
+            }
+            Err(e) => {
+                debug!(interface = %shared.name, "TUN read: {e}");
+                continue;
+            }
+        };
+        let Some(udp) = shared.udp() else { continue };
+        {
+            let iface = read(&shared.iface);
+            routes.clear();
+            routes.extend((0..n).map(|i| {
+                packet_address(&bufs[i][..sizes[i]], true)
+                    .and_then(|dst| iface.allowed.lookup(dst))
+                    .map(Arc::clone)
+            }));
+        }
+        let mut i = 0;
+        while i < n {
+            let Some(peer) = routes[i].clone() else {
+                i += 1;
+                continue;
+            };
+            let mut end = i + 1;
+            while end < n && routes[end].as_ref().is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                end += 1;
+            }
+            encrypt_run(
+                &shared,
+                &udp,
+                &peer,
+                &bufs,
+                &sizes[i..end],
+                i,
+                &mut mtu,
+                &mut batch,
+            );
+            i = end;
+        }
+        batch.flush(&shared, &udp);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encrypt_run(
+    shared: &Shared,
+    udp: &Udp,
+    peer: &Arc<Peer>,
+    bufs: &[Vec<u8>],
+    sizes: &[usize],
+    first: usize,
+    mtu: &mut MtuWatcher,
+    batch: &mut SendBatch,
+) {
+    let mut state = lock(&peer.state);
+    let endpoint = state.endpoint;
+    let Some(tunn) = state.tunn.as_mut() else {
+        return;
+    };
+    let mut sent = 0u64;
+    for (k, size) in sizes.iter().enumerate() {
+        let packet = Packet::from_bytes(BytesMut::from(&bufs[first + k][..*size]));
+        match tunn.handle_outgoing_packet(packet, Some(mtu)) {
+            Some(WgKind::Data(data)) => {
+                if let Some(to) = endpoint {
+                    let bytes: Packet = data.into();
+                    sent += bytes.len() as u64;
+                    batch.push(shared, udp, to, &bytes);
+                }
+            }
+            Some(handshake) => {
+                shared.register_index(&handshake, peer);
+                if let Some(to) = endpoint {
+                    let bytes: Packet = handshake.into();
+                    sent += bytes.len() as u64;
+                    batch.flush(shared, udp);
+                    udp.send(shared, to, &bytes, None);
+                }
+            }
+            None => {}
+        }
+    }
+    peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+}

@@ -1,0 +1,56 @@
+//! The timer thread: each peer's protocol timers every tick (handshake
+//! retries, rekey, keepalives) and the pruning of the session-index map.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use gotatun::packet::{Packet, WgKind};
+use tracing::{debug, info};
+
+use super::{Peer, Shared, TIMER_TICK, lock, read};
+
+pub(super) fn timers(shared: Arc<Shared>) {
+    let mut last_prune = Instant::now();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        shared.wait_readable(None, Some(TIMER_TICK));
+        let udp = shared.udp();
+        let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
+        for peer in peers {
+            let mut state = lock(&peer.state);
+            let endpoint = state.endpoint;
+            let initiate = std::mem::take(&mut state.initiate);
+            let Some(tunn) = state.tunn.as_mut() else {
+                continue;
+            };
+            let due =
+                if initiate && endpoint.is_some() && tunn.time_since_last_handshake().is_none() {
+                    Ok(tunn.format_handshake_initiation(false).map(WgKind::from))
+                } else {
+                    tunn.update_timers()
+                };
+            match due {
+                Ok(Some(packet)) => {
+                    shared.register_index(&packet, &peer);
+                    drop(state);
+                    if let (Some(udp), Some(to)) = (&udp, endpoint) {
+                        let bytes: Packet = packet.into();
+                        peer.tx_bytes
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        udp.send(&shared, to, &bytes, None);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(interface = %shared.name, peer = ?peer.public_key, "timers: {e:?}")
+                }
+            }
+        }
+        if last_prune.elapsed() >= Duration::from_secs(1) {
+            last_prune = Instant::now();
+            let table = &shared.index_table;
+            lock(&shared.by_index).retain(|index, _| table.in_use(*index));
+        }
+    }
+    info!(interface = %shared.name, "WireGuard device stopped");
+}
