@@ -227,68 +227,14 @@ fn seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge() -> Result
         return Ok(());
     }
     let lab = Lab::new("seed-000")?;
-    let (vps, edge, dn42) = (
-        lab.add_node("vps")?,
-        lab.add_node("edge")?,
-        lab.add_node("dn42")?,
-    );
-    let (v, e1) = lab.link(&vps, &edge)?;
-    let (e2, d) = lab.link(&edge, &dn42)?;
-    let routes: String = (0..463)
-        .map(|n| {
-            format!(
-                "  route 172.20.{}.{}/28 blackhole;\n",
-                n / 16,
-                (n % 16) * 16
-            )
-        })
+    let prefixes: Vec<String> = (0..463)
+        .map(|n| format!("172.20.{}.{}/28", n / 16, (n % 16) * 16))
         .collect();
-    let _dn42 = Bird::start(
-        &lab,
-        &dn42,
-        &format!(
-            r#"
-router id 10.255.42.1;
-protocol device {{}}
-protocol static dn42 {{ ipv4;
-{routes}}}
-protocol bgp edge {{
-  local {d} as 4242420000;
-  neighbor {e2} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import none; export all; }};
-}}
-"#,
-            d = d.ipv4,
-            e2 = e2.ipv4
-        ),
-    )?;
-    let edge_bird = Bird::start(
-        &lab,
-        &edge,
-        &format!(
-            r#"
-router id 172.22.132.161;
-protocol device {{}}
-protocol bgp dn42 {{
-  local {e2} as 4242421869;
-  neighbor {d} as 4242420000;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import all; export none; }};
-}}
-protocol bgp vps {{
-  local {e1} as 4242421869;
-  neighbor {v} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ next hop self; import all; export all; }};
-}}
-"#,
-            e1 = e1.ipv4,
-            e2 = e2.ipv4,
-            d = d.ipv4,
-            v = v.ipv4
-        ),
-    )?;
+    // Bound whole: the BIRDs stop when it is dropped.
+    let chain = Dn42Chain::start(&lab, &prefixes, false)?;
+    let Dn42Chain {
+        vps, e1, edge_bird, ..
+    } = &chain;
     let ours = start_ours(
         &lab,
         &vps,

@@ -265,70 +265,24 @@ fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::new("seed-000-e2e")?;
-    let (vps, edge, dn42) = (
-        lab.add_node("vps")?,
-        lab.add_node("edge")?,
-        lab.add_node("dn42")?,
-    );
-    let (v, e1) = lab.link(&vps, &edge)?;
-    let (e2, d) = lab.link(&edge, &dn42)?;
-    lab.enable_forwarding(&edge)?;
+    let prefixes: Vec<String> = (0..40).map(|n| format!("172.20.{n}.0/24")).collect();
+    let chain = Dn42Chain::start(&lab, &prefixes, true)?;
+    let Dn42Chain {
+        vps,
+        edge,
+        dn42,
+        v,
+        e1,
+        e2,
+        ..
+    } = &chain;
+    lab.enable_forwarding(edge)?;
     // The VPS's DN42 address, and the way back to it.
-    lab.add_address(&vps, "lo", "172.22.132.169/32")?;
-    lab.add_route(&edge, &["172.22.132.169/32", "via", &v.ipv4.to_string()])?;
-    lab.add_route(&dn42, &["172.22.132.169/32", "via", &e2.ipv4.to_string()])?;
+    lab.add_address(vps, "lo", "172.22.132.169/32")?;
+    lab.add_route(edge, &["172.22.132.169/32", "via", &v.ipv4.to_string()])?;
+    lab.add_route(dn42, &["172.22.132.169/32", "via", &e2.ipv4.to_string()])?;
     // Something to ping in DN42.
-    lab.add_address(&dn42, "lo", "172.20.0.53/32")?;
-    let routes: String = (0..40)
-        .map(|n| format!("  route 172.20.{n}.0/24 blackhole;\n"))
-        .collect();
-    let _dn42 = Bird::start(
-        &lab,
-        &dn42,
-        &format!(
-            r#"
-router id 172.20.0.53;
-protocol device {{}}
-protocol static dn42 {{ ipv4;
-{routes}}}
-protocol bgp edge {{
-  local {d} as 4242420000;
-  neighbor {e2} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import none; export all; }};
-}}
-"#,
-            d = d.ipv4,
-            e2 = e2.ipv4
-        ),
-    )?;
-    let _edge = Bird::start(
-        &lab,
-        &edge,
-        &format!(
-            r#"
-router id 172.22.132.161;
-protocol device {{}}
-protocol kernel {{ ipv4 {{ export all; }}; }}
-protocol bgp dn42 {{
-  local {e2} as 4242421869;
-  neighbor {d} as 4242420000;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import all; export none; }};
-}}
-protocol bgp vps {{
-  local {e1} as 4242421869;
-  neighbor {v} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ next hop self; import all; export all; }};
-}}
-"#,
-            e1 = e1.ipv4,
-            e2 = e2.ipv4,
-            d = d.ipv4,
-            v = v.ipv4
-        ),
-    )?;
+    lab.add_address(dn42, "lo", "172.20.0.53/32")?;
     let _ours = start_ours(
         &lab,
         &vps,

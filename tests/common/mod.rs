@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use bgp4mesh_lab::peers::{Bgp4mesh, BgpRoute, Bird, Frr, Gobgp, SessionState, best_route};
-use bgp4mesh_lab::{Lab, Node, wait_until};
+use bgp4mesh_lab::{Iface, Lab, Node, wait_until};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bgp4mesh");
 pub const SETTLE: Duration = Duration::from_secs(30);
@@ -340,4 +340,101 @@ pub fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
     let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
     ensure!(out.success(), "ping {to}: {}{}", out.stdout, out.stderr);
     Ok(())
+}
+
+/// Seed 000's chain: `dn42` (BIRD, AS 4242420000, originating `prefixes`)
+/// — `edge` (BIRD, AS 4242421869, next hop self towards the VPS; with
+/// `edge_kernel` it also installs what it learns) — `vps`, where the test
+/// starts bgp4mesh in iBGP with the edge (address `e1.ipv4`).
+pub struct Dn42Chain<'l> {
+    pub vps: Node,
+    pub edge: Node,
+    pub dn42: Node,
+    /// vps — edge
+    pub v: Iface,
+    pub e1: Iface,
+    /// edge — dn42
+    pub e2: Iface,
+    pub d: Iface,
+    pub dn42_bird: Bird<'l>,
+    pub edge_bird: Bird<'l>,
+}
+
+impl<'l> Dn42Chain<'l> {
+    pub fn start(lab: &'l Lab, prefixes: &[String], edge_kernel: bool) -> Result<Dn42Chain<'l>> {
+        let (vps, edge, dn42) = (
+            lab.add_node("vps")?,
+            lab.add_node("edge")?,
+            lab.add_node("dn42")?,
+        );
+        let (v, e1) = lab.link(&vps, &edge)?;
+        let (e2, d) = lab.link(&edge, &dn42)?;
+        let routes: String = prefixes
+            .iter()
+            .map(|p| format!("  route {p} blackhole;\n"))
+            .collect();
+        let dn42_bird = Bird::start(
+            lab,
+            &dn42,
+            &format!(
+                r#"
+router id 172.20.0.53;
+protocol device {{}}
+protocol static dn42 {{ ipv4;
+{routes}}}
+protocol bgp edge {{
+  local {d} as 4242420000;
+  neighbor {e2} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import none; export all; }};
+}}
+"#,
+                d = d.ipv4,
+                e2 = e2.ipv4
+            ),
+        )?;
+        let kernel = if edge_kernel {
+            "protocol kernel { ipv4 { export all; }; }"
+        } else {
+            ""
+        };
+        let edge_bird = Bird::start(
+            lab,
+            &edge,
+            &format!(
+                r#"
+router id 172.22.132.161;
+protocol device {{}}
+{kernel}
+protocol bgp dn42 {{
+  local {e2} as 4242421869;
+  neighbor {d} as 4242420000;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import all; export none; }};
+}}
+protocol bgp vps {{
+  local {e1} as 4242421869;
+  neighbor {v} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ next hop self; import all; export all; }};
+}}
+"#,
+                e1 = e1.ipv4,
+                e2 = e2.ipv4,
+                d = d.ipv4,
+                v = v.ipv4
+            ),
+        )?;
+        Ok(Dn42Chain {
+            vps,
+            edge,
+            dn42,
+            v,
+            e1,
+            e2,
+            d,
+            dn42_bird,
+            edge_bird,
+        })
+    }
 }
