@@ -237,7 +237,7 @@ fn seed_000_ibgp_learns_hundreds_of_routes_from_a_next_hop_self_edge() -> Result
     } = &chain;
     let ours = start_ours(
         &lab,
-        &vps,
+        vps,
         4_242_421_869,
         "172.22.132.169",
         &our_neighbor("edge", e1.ipv4.into(), 4_242_421_869, ""),

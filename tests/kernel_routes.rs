@@ -285,7 +285,7 @@ fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
     lab.add_address(dn42, "lo", "172.20.0.53/32")?;
     let _ours = start_ours(
         &lab,
-        &vps,
+        vps,
         4_242_421_869,
         "172.22.132.169",
         &format!(
@@ -294,7 +294,7 @@ fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
         ),
     )?;
     wait_until(SETTLE, "the DN42 prefixes in the VPS kernel", || {
-        let v4 = kernel_routes(&lab, &vps, false)?;
+        let v4 = kernel_routes(&lab, vps, false)?;
         ensure!(v4.len() == 40, "{} routes", v4.len());
         ensure!(
             v4.iter().all(|(_, gw)| gw == &vec![e1.ipv4.to_string()]),
@@ -302,15 +302,13 @@ fn seed_000_vps_reaches_dn42_through_the_edge_with_prefsrc() -> Result<()> {
         );
         Ok(())
     })?;
-    let detail = lab.exec(&vps, &["ip", "route", "show", "172.20.0.0/24"])?;
+    let detail = lab.exec(vps, &["ip", "route", "show", "172.20.0.0/24"])?;
     assert!(
         detail.contains("src 172.22.132.169") && detail.contains("proto bgp"),
         "{detail}"
     );
     wait_until(SETTLE, "a ping into DN42", || {
-        let out = lab.try_exec(&vps, &["ping", "-c", "1", "-W", "1", "172.20.0.53"])?;
-        ensure!(out.success(), "{}{}", out.stdout, out.stderr);
-        Ok(())
+        ping(&lab, vps, "172.20.0.53")
     })?;
     Ok(())
 }
