@@ -209,6 +209,7 @@ impl Db {
     /// or `None` where there is none to run (a skip, said loudly; never
     /// under CI).
     fn postgresql(scenario: &str) -> Result<Option<Db>> {
+        // Named here, not by `can_run!`: this helper is not the test.
         let test = format!("on_postgresql::{scenario}");
         if !can_run(&test, &["runuser"]) {
             return Ok(None);
@@ -1344,7 +1345,7 @@ async fn state_files_are_private() -> Result<()> {
 /// curl is told to trust the controller's own certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_curl_calls_work_verbatim() -> Result<()> {
-    if !can_run("the_seeds_curl_calls_work_verbatim", &["curl"]) {
+    if !can_run!(&["curl"]) {
         return Ok(());
     }
     let dir = state_dir("curl");
