@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -20,6 +21,7 @@ use bgp4mesh_wireguard::{AnyDevice, Backend, DeviceConfig, DeviceOptions, Key, P
 use futures::StreamExt;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::client::Client;
 
@@ -507,49 +509,325 @@ fn announce_anyway(gate: &Option<Arc<tokio::sync::watch::Sender<bool>>>) {
     }
 }
 
-fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Result<bool> {
+/// What one stream event did to the mesh state.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    /// The state changed: bring the mesh to it and cache it.
+    Changed,
+    /// Only the revision moved (a heartbeat): nothing to do.
+    Unchanged,
+    /// The controller removed this node: the agent stops.
+    NodeRemoved,
+    /// A change came before any snapshot, so it cannot be applied: the
+    /// stream starts over.
+    BeforeSnapshot,
+}
+
+/// Takes one event into `state`. Every variant is named, so a new kind of
+/// event does not compile until it is handled here.
+fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Applied {
     match event {
         StreamEvent::Snapshot(s) => {
             *state = Some(s);
-            Ok(true)
+            Applied::Changed
         }
         StreamEvent::Heartbeat { revision } => {
             if let Some(s) = state {
                 s.revision = revision;
             }
-            Ok(false)
+            Applied::Unchanged
         }
-        StreamEvent::Removed { .. } => {
-            bail!("this node was removed from the controller; join again to come back")
-        }
-        other => {
-            let Some(s) = state else {
-                // A change before any snapshot cannot be applied; the
-                // stream starts over.
-                bail!("a change came before the first snapshot");
-            };
-            match other {
-                StreamEvent::PeerUpsert { revision, peer } => {
-                    s.revision = revision;
-                    s.peers.retain(|p| p.node_id != peer.node_id);
-                    s.peers.push(peer);
+        StreamEvent::Removed { .. } => Applied::NodeRemoved,
+        StreamEvent::PeerUpsert { revision, peer } => change(state, revision, |s| {
+            s.peers.retain(|p| p.node_id != peer.node_id);
+            s.peers.push(peer);
+        }),
+        StreamEvent::PeerRemove { revision, node_id } => change(state, revision, |s| {
+            s.peers.retain(|p| p.node_id != node_id);
+        }),
+        StreamEvent::SelfUpdate {
+            revision,
+            node,
+            network,
+        } => change(state, revision, |s| {
+            s.node = node;
+            s.network = network;
+        }),
+    }
+}
+
+/// A change to the state a snapshot brought, at `revision`.
+fn change(
+    state: &mut Option<MeshState>,
+    revision: u64,
+    change: impl FnOnce(&mut MeshState),
+) -> Applied {
+    let Some(s) = state else {
+        return Applied::BeforeSnapshot;
+    };
+    s.revision = revision;
+    change(s);
+    Applied::Changed
+}
+
+/// Whether the controller's state lets this node's block be announced:
+/// the node is no gateway, or the controller has it healthy.
+fn may_announce(s: &MeshState) -> bool {
+    s.node.egress.as_ref().is_none_or(|g| g.healthy)
+}
+
+/// Reports what the node sees (its peers; on a border, its upstream and
+/// BGP-learned ranges) to the controller: every `REPORT_EVERY`, at once
+/// when a stream opens or the border's upstream changes, and when its
+/// BGP-learned ranges change, at most one in `RANGES_EVERY` for those (a
+/// table being loaded changes them many times in a row).
+struct Reporter {
+    mesh: Arc<Mesh>,
+    client: Client,
+    upstream: Option<watch::Receiver<bool>>,
+    bgp_ranges: Option<watch::Receiver<Vec<IpNet>>>,
+    /// Notified when a stream to the controller opens, or a gateway's
+    /// pulses are heard again after silence.
+    connected: Arc<Notify>,
+}
+
+/// The shortest time between two reports for changed BGP-learned ranges.
+const RANGES_EVERY: Duration = Duration::from_millis(200);
+
+impl Reporter {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        let mut ranges_sent: Option<std::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.connected.notified() => {}
+                changed = changed_or_never(&mut self.upstream) => {
+                    if changed.is_err() {
+                        self.upstream = None;
+                        continue;
+                    }
+                    if let Some(w) = &self.upstream {
+                        tracing::info!(up = *w.borrow(), "BGP upstream changed");
+                    }
                 }
-                StreamEvent::PeerRemove { revision, node_id } => {
-                    s.revision = revision;
-                    s.peers.retain(|p| p.node_id != node_id);
+                changed = changed_or_never(&mut self.bgp_ranges) => {
+                    if changed.is_err() {
+                        self.bgp_ranges = None;
+                        continue;
+                    }
+                    // The first change goes at once; more within 200 ms
+                    // of a report wait for the rest of the 200 ms.
+                    let since = ranges_sent.map(|t: std::time::Instant| t.elapsed());
+                    if let Some(since) = since.filter(|d| *d < RANGES_EVERY) {
+                        tokio::time::sleep(RANGES_EVERY - since).await;
+                    }
+                    if let Some(w) = &mut self.bgp_ranges {
+                        w.mark_unchanged();
+                        tracing::info!(ranges = w.borrow().len(), "BGP-learned egress ranges changed");
+                    }
+                    ranges_sent = Some(std::time::Instant::now());
                 }
-                StreamEvent::SelfUpdate {
-                    revision,
-                    node,
-                    network,
-                } => {
-                    s.revision = revision;
-                    s.node = node;
-                    s.network = network;
-                }
-                _ => {}
             }
-            Ok(true)
+            let mut report = self.mesh.report();
+            report.upstream = self.upstream.as_ref().map(|w| *w.borrow());
+            report.bgp_ranges = self.bgp_ranges.as_ref().map(|w| w.borrow().clone());
+            if let Err(e) = self.client.post_empty("/api/agent/report", &report).await {
+                tracing::debug!("report: {e:#}");
+            }
+        }
+    }
+}
+
+/// A gateway's pulses, several a second, so the controller notices within
+/// `PULSE_LOST` when it dies without closing its stream. A node that is no
+/// gateway sends none.
+struct Pulser {
+    client: Client,
+    is_gateway: Arc<AtomicBool>,
+    /// Notified when pulses are heard again after silence: the controller
+    /// waits for a whole report before it uses this exit again.
+    connected: Arc<Notify>,
+}
+
+impl Pulser {
+    async fn run(self) {
+        let mut tick = tokio::time::interval(bgp4mesh_api::PULSE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            if !self.is_gateway.load(Ordering::Relaxed) {
+                continue;
+            }
+            // The upstream goes in reports only (one at a time, in order).
+            let pulse = bgp4mesh_api::Pulse::default();
+            let sent = tokio::time::timeout(
+                bgp4mesh_api::PULSE_LOST,
+                self.client.post_empty("/api/agent/pulse", &pulse),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    // Heard again after silence: the controller waits for
+                    // a whole report before it uses this exit again.
+                    if std::mem::take(&mut failing) {
+                        self.connected.notify_one();
+                    }
+                }
+                Ok(Err(e)) => {
+                    failing = true;
+                    tracing::debug!("pulse: {e:#}");
+                }
+                Err(_) => {
+                    failing = true;
+                    tracing::debug!("pulse: no answer within {:?}", bgp4mesh_api::PULSE_LOST);
+                }
+            }
+        }
+    }
+}
+
+/// Follows the controller's stream: connects (resuming from the state's
+/// revision, with backoff while the controller is away), takes in each
+/// event, brings the mesh to the new state and caches it; fires `ready`
+/// the first time and opens a border's announcement gate.
+struct StreamFollower {
+    mesh: Arc<Mesh>,
+    client: Client,
+    /// `mesh.json`: the last state applied.
+    cache: PathBuf,
+    state: Option<MeshState>,
+    ready: Option<oneshot::Sender<()>>,
+    announce: Option<Arc<watch::Sender<bool>>>,
+    /// Whether the node is a gateway, for the pulser.
+    is_gateway: Arc<AtomicBool>,
+    /// Notified when a stream opens: the reporter reports at once, since
+    /// the controller forgets a node's report when its stream closes.
+    connected: Arc<Notify>,
+}
+
+impl StreamFollower {
+    /// Brings the mesh to the cached state, if there is one, before the
+    /// controller is reached.
+    async fn apply_cache(&mut self) {
+        let Some(s) = &self.state else { return };
+        tracing::info!(
+            revision = s.revision,
+            peers = s.peers.len(),
+            "mesh from the cache"
+        );
+        match self.mesh.apply(s).await {
+            Ok(()) => {
+                if let Some(r) = self.ready.take() {
+                    self.mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
+                    let _ = r.send(());
+                    // The cache's health is stale (it may be from before this
+                    // border went down): only the controller, or the
+                    // fallback, opens the gate.
+                    announce_anyway(&self.announce);
+                }
+            }
+            Err(e) => tracing::warn!("applying the cached mesh: {e:#}"),
+        }
+    }
+
+    /// Follows streams one after the other; returns only with an error:
+    /// the node was removed, or the controller no longer knows it.
+    async fn run(&mut self) -> Result<()> {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let since = self.state.as_ref().map(|s| s.revision);
+            match self.client.stream(since).await {
+                Ok(events) => {
+                    tracing::info!(
+                        server = self.client.server(),
+                        since,
+                        "connected to the controller"
+                    );
+                    backoff = Duration::from_secs(1);
+                    self.connected.notify_one();
+                    self.follow(events).await?;
+                }
+                Err(e) => {
+                    let refused = e
+                        .downcast_ref::<crate::client::Refused>()
+                        .is_some_and(|r| r.status == reqwest::StatusCode::UNAUTHORIZED);
+                    if refused {
+                        let _ = std::fs::remove_file(&self.cache);
+                        return Err(e.context("the controller no longer knows this node"));
+                    }
+                    tracing::warn!("controller unreachable ({e:#}); keeping the mesh as it is");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Takes in one stream's events until it ends or breaks (then `Ok`: a
+    /// new stream follows); an error ends the agent.
+    async fn follow(
+        &mut self,
+        events: impl futures::Stream<Item = Result<StreamEvent>>,
+    ) -> Result<()> {
+        let mut events = Box::pin(events);
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("stream: {e:#}");
+                    break;
+                }
+            };
+            match apply_event(&mut self.state, event) {
+                Applied::Unchanged => {}
+                Applied::Changed => self.apply_state().await,
+                Applied::NodeRemoved => {
+                    let _ = std::fs::remove_file(&self.cache);
+                    bail!("this node was removed from the controller; join again to come back");
+                }
+                Applied::BeforeSnapshot => {
+                    tracing::warn!("a change came before the first snapshot; starting over");
+                    self.state = None;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the mesh to the state the stream brought, and caches it.
+    async fn apply_state(&mut self) {
+        let Some(s) = &self.state else { return };
+        self.is_gateway
+            .store(s.node.egress.is_some(), Ordering::Relaxed);
+        match self.mesh.apply(s).await {
+            Ok(()) => {
+                if let Some(r) = self.ready.take() {
+                    self.mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
+                    let _ = r.send(());
+                    announce_anyway(&self.announce);
+                }
+                if may_announce(s) {
+                    self.open_gate("the controller has this exit healthy");
+                }
+            }
+            Err(e) => tracing::warn!("applying the mesh: {e:#}"),
+        }
+        if let Ok(bytes) = serde_json::to_vec(s)
+            && let Err(e) = write_private(&self.cache, &bytes)
+        {
+            tracing::warn!("caching the mesh: {e:#}");
+        }
+    }
+
+    /// Opens the border's announcement gate (once; later calls do nothing).
+    fn open_gate(&self, why: &str) {
+        if let Some(gate) = &self.announce
+            && gate.send_if_modified(|open| !std::mem::replace(open, true))
+        {
+            tracing::info!("announcing: {why}");
         }
     }
 }
@@ -560,17 +838,8 @@ pub async fn run(
     mut options: AgentOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let mut ready = options.ready.take();
+    let ready = options.ready.take();
     let announce = options.announce.take().map(Arc::new);
-    // Opens the border's announcement gate (once; later calls do nothing).
-    let open_gate = |why: &str| {
-        if let Some(gate) = &announce
-            && gate.send_if_modified(|open| !std::mem::replace(open, true))
-        {
-            tracing::info!("announcing: {why}");
-        }
-    };
-    let may_announce = |s: &MeshState| s.node.egress.as_ref().is_none_or(|g| g.healthy);
     let dir = &options.state_dir;
     let enrollment: Enrollment =
         serde_json::from_slice(&std::fs::read(dir.join("node.json")).with_context(|| {
@@ -599,209 +868,41 @@ pub async fn run(
         Some(enrollment.credential.clone()),
     )?;
     let cache = dir.join("mesh.json");
-    let mut state: Option<MeshState> = std::fs::read(&cache)
+    let state: Option<MeshState> = std::fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(s) = &state {
-        tracing::info!(
-            revision = s.revision,
-            peers = s.peers.len(),
-            "mesh from the cache"
-        );
-        match mesh.apply(s).await {
-            Ok(()) => {
-                if let Some(r) = ready.take() {
-                    mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
-                    let _ = r.send(());
-                    // The cache's health is stale (it may be from before this
-                    // border went down): only the controller, or the
-                    // fallback, opens the gate.
-                    announce_anyway(&announce);
-                }
-            }
-            Err(e) => tracing::warn!("applying the cached mesh: {e:#}"),
+    let is_gateway = state.as_ref().is_some_and(|s| s.node.egress.is_some());
+    let mut follower = StreamFollower {
+        mesh: Arc::clone(&mesh),
+        client: client.clone(),
+        cache,
+        state,
+        ready,
+        announce,
+        is_gateway: Arc::new(AtomicBool::new(is_gateway)),
+        connected: Arc::new(Notify::new()),
+    };
+    follower.apply_cache().await;
+    let reporter = tokio::spawn(
+        Reporter {
+            mesh,
+            client: client.clone(),
+            upstream: options.upstream.clone(),
+            bgp_ranges: options.bgp_ranges.clone(),
+            connected: Arc::clone(&follower.connected),
         }
-    }
-    // A gateway pulses several times a second, so the controller notices
-    // within `PULSE_LOST` when it dies without closing its stream.
-    let is_gateway = Arc::new(std::sync::atomic::AtomicBool::new(
-        state.as_ref().is_some_and(|s| s.node.egress.is_some()),
-    ));
-    // Set when a stream to the controller opens: report at once, since the
-    // controller forgets a node's report when its stream closes.
-    let connected = Arc::new(tokio::sync::Notify::new());
-    let reporter = {
-        let mesh = Arc::clone(&mesh);
-        let client = client.clone();
-        let mut upstream = options.upstream.clone();
-        let mut bgp_ranges = options.bgp_ranges.clone();
-        let connected = Arc::clone(&connected);
-        tokio::spawn(async move {
-            const RANGES_EVERY: Duration = Duration::from_millis(200);
-            let mut tick = tokio::time::interval(REPORT_EVERY);
-            let mut ranges_sent: Option<std::time::Instant> = None;
-            loop {
-                // A report every REPORT_EVERY, at once when a stream opens
-                // or the border's upstream changes, and when its BGP-learned
-                // ranges change, at most one in 200 ms for those (a table
-                // being loaded changes them many times in a row).
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = connected.notified() => {}
-                    changed = changed_or_never(&mut upstream) => {
-                        if changed.is_err() {
-                            upstream = None;
-                            continue;
-                        }
-                        if let Some(w) = &upstream {
-                            tracing::info!(up = *w.borrow(), "BGP upstream changed");
-                        }
-                    }
-                    changed = changed_or_never(&mut bgp_ranges) => {
-                        if changed.is_err() {
-                            bgp_ranges = None;
-                            continue;
-                        }
-                        // The first change goes at once; more within 200 ms
-                        // of a report wait for the rest of the 200 ms.
-                        let since = ranges_sent.map(|t: std::time::Instant| t.elapsed());
-                        if let Some(since) = since.filter(|d| *d < RANGES_EVERY) {
-                            tokio::time::sleep(RANGES_EVERY - since).await;
-                        }
-                        if let Some(w) = &mut bgp_ranges {
-                            w.mark_unchanged();
-                            tracing::info!(ranges = w.borrow().len(), "BGP-learned egress ranges changed");
-                        }
-                        ranges_sent = Some(std::time::Instant::now());
-                    }
-                }
-                let mut report = mesh.report();
-                report.upstream = upstream.as_ref().map(|w| *w.borrow());
-                report.bgp_ranges = bgp_ranges.as_ref().map(|w| w.borrow().clone());
-                if let Err(e) = client.post_empty("/api/agent/report", &report).await {
-                    tracing::debug!("report: {e:#}");
-                }
-            }
-        })
-    };
-    let pulser = {
-        let client = client.clone();
-        let is_gateway = Arc::clone(&is_gateway);
-        let connected = Arc::clone(&connected);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(bgp4mesh_api::PULSE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut failing = false;
-            loop {
-                tick.tick().await;
-                if !is_gateway.load(std::sync::atomic::Ordering::Relaxed) {
-                    continue;
-                }
-                // The upstream goes in reports only (one at a time, in order).
-                let pulse = bgp4mesh_api::Pulse::default();
-                let sent = tokio::time::timeout(
-                    bgp4mesh_api::PULSE_LOST,
-                    client.post_empty("/api/agent/pulse", &pulse),
-                )
-                .await;
-                match sent {
-                    Ok(Ok(())) => {
-                        // Heard again after silence: the controller waits for
-                        // a whole report before it uses this exit again.
-                        if std::mem::take(&mut failing) {
-                            connected.notify_one();
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        failing = true;
-                        tracing::debug!("pulse: {e:#}");
-                    }
-                    Err(_) => {
-                        failing = true;
-                        tracing::debug!("pulse: no answer within {:?}", bgp4mesh_api::PULSE_LOST);
-                    }
-                }
-            }
-        })
-    };
-    let work = async {
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            let since = state.as_ref().map(|s| s.revision);
-            match client.stream(since).await {
-                Ok(events) => {
-                    tracing::info!(
-                        server = client.server(),
-                        since,
-                        "connected to the controller"
-                    );
-                    backoff = Duration::from_secs(1);
-                    connected.notify_one();
-                    let mut events = Box::pin(events);
-                    while let Some(event) = events.next().await {
-                        let event = match event {
-                            Ok(e) => e,
-                            Err(e) => {
-                                tracing::warn!("stream: {e:#}");
-                                break;
-                            }
-                        };
-                        match apply_event(&mut state, event) {
-                            Ok(false) => {}
-                            Ok(true) => {
-                                let Some(s) = &state else { continue };
-                                is_gateway.store(
-                                    s.node.egress.is_some(),
-                                    std::sync::atomic::Ordering::Relaxed,
-                                );
-                                match mesh.apply(s).await {
-                                    Ok(()) => {
-                                        if let Some(r) = ready.take() {
-                                            mesh.wait_for_handshakes(HANDSHAKES_BEFORE_READY).await;
-                                            let _ = r.send(());
-                                            announce_anyway(&announce);
-                                        }
-                                        if may_announce(s) {
-                                            open_gate("the controller has this exit healthy");
-                                        }
-                                    }
-                                    Err(e) => tracing::warn!("applying the mesh: {e:#}"),
-                                }
-                                if let Ok(bytes) = serde_json::to_vec(s)
-                                    && let Err(e) = write_private(&cache, &bytes)
-                                {
-                                    tracing::warn!("caching the mesh: {e:#}");
-                                }
-                            }
-                            Err(e) if e.to_string().contains("removed") => {
-                                let _ = std::fs::remove_file(&cache);
-                                return Err(e);
-                            }
-                            Err(e) => {
-                                tracing::warn!("{e:#}; starting over");
-                                state = None;
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    let refused = e
-                        .downcast_ref::<crate::client::Refused>()
-                        .is_some_and(|r| r.status == reqwest::StatusCode::UNAUTHORIZED);
-                    if refused {
-                        let _ = std::fs::remove_file(&cache);
-                        return Err(e.context("the controller no longer knows this node"));
-                    }
-                    tracing::warn!("controller unreachable ({e:#}); keeping the mesh as it is");
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+        .run(),
+    );
+    let pulser = tokio::spawn(
+        Pulser {
+            client,
+            is_gateway: Arc::clone(&follower.is_gateway),
+            connected: Arc::clone(&follower.connected),
         }
-    };
+        .run(),
+    );
     let result = tokio::select! {
-        r = work => r,
+        r = follower.run() => r,
         _ = stop => Ok(()),
     };
     reporter.abort();
@@ -997,6 +1098,49 @@ mod tests {
         let b = state(None, vec![peer("aa", g()), peer("zz", g())]);
         assert_eq!(exits(&a), pairs(&[("0.0.0.0/0", "aa")]));
         assert_eq!(exits(&a), exits(&b));
+    }
+
+    #[test]
+    fn stream_events_say_what_they_did() {
+        let mut s = None;
+        let upsert = |revision, id: &str| StreamEvent::PeerUpsert {
+            revision,
+            peer: peer(id, None),
+        };
+        assert_eq!(
+            apply_event(&mut s, upsert(2, "b1")),
+            Applied::BeforeSnapshot
+        );
+        assert_eq!(
+            apply_event(&mut s, StreamEvent::Heartbeat { revision: 2 }),
+            Applied::Unchanged
+        );
+        assert_eq!(s, None);
+        let snapshot = state(None, vec![peer("b1", None)]);
+        assert_eq!(
+            apply_event(&mut s, StreamEvent::Snapshot(snapshot)),
+            Applied::Changed
+        );
+        assert_eq!(apply_event(&mut s, upsert(2, "b2")), Applied::Changed);
+        assert_eq!(apply_event(&mut s, upsert(3, "b1")), Applied::Changed);
+        let remove = StreamEvent::PeerRemove {
+            revision: 4,
+            node_id: "b2".into(),
+        };
+        assert_eq!(apply_event(&mut s, remove), Applied::Changed);
+        assert_eq!(
+            apply_event(&mut s, StreamEvent::Heartbeat { revision: 5 }),
+            Applied::Unchanged
+        );
+        let s = s.expect("a state");
+        assert_eq!(s.revision, 5);
+        let ids: Vec<&str> = s.peers.iter().map(|p| p.node_id.as_str()).collect();
+        assert_eq!(ids, ["b1"]);
+        let mut s = Some(s);
+        assert_eq!(
+            apply_event(&mut s, StreamEvent::Removed { revision: 6 }),
+            Applied::NodeRemoved
+        );
     }
 
     /// A token pinning a certificate but naming an http:// server is
