@@ -30,6 +30,7 @@ use bgp4mesh_bgp::wire::{
 };
 use bgp4mesh_lab::peers::{Bird, Frr, Gobgp};
 use bgp4mesh_lab::{Lab, Node, Proc};
+use bgp4mesh_node::bgp_reader::{MessageReader, Received};
 use ipnet::{IpNet, Ipv6Net};
 
 const SPEAKER_AS: u32 = 65000;
@@ -74,52 +75,108 @@ fn prefix(family: Family, n: u32) -> IpNet {
 /// Hold time offered: not 0, since GoBGP then times out its own writes.
 const HOLD_TIME: u16 = 180;
 
-/// OPEN, then KEEPALIVE both ways; returns the negotiated codec and the bytes that came after
-/// the KEEPALIVE in the same read.
-fn handshake(
-    stream: &mut TcpStream,
-    asn: u32,
-    id: Ipv4Addr,
-    family: Family,
-) -> Result<(Codec, Vec<u8>)> {
-    let open = Open::new(
-        asn,
-        HOLD_TIME,
-        id,
-        vec![Capability::Multiprotocol(family), Capability::RouteRefresh],
-    );
-    stream.write_all(&Message::Open(open).encode(&Codec::INITIAL))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut four_octet = false;
-    loop {
-        let n = stream.read(&mut chunk)?;
-        ensure!(n > 0, "the peer closed the connection during the handshake");
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some((_, len)) =
-            next_frame(&buf, &Codec::INITIAL).map_err(|e| anyhow::anyhow!("{e}"))?
-        {
-            let message =
-                decode_message(&buf[..len], &Codec::INITIAL).map_err(|e| anyhow::anyhow!("{e}"))?;
-            buf.drain(..len);
-            match message {
-                Decoded::Message(Message::Open(o)) => {
-                    four_octet = o.four_octet_as().is_some();
-                    stream.write_all(&Message::Keepalive.encode(&Codec::INITIAL))?;
+/// One BGP connection of the bench's own speakers (injector, monitor,
+/// relay): the socket, cut into whole messages by the daemon's
+/// [`MessageReader`].
+struct Connection {
+    stream: TcpStream,
+    reader: MessageReader,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Connection {
+        Connection {
+            stream,
+            reader: MessageReader::default(),
+        }
+    }
+
+    /// The whole messages of the next read(s): decoded with `codec`, or as
+    /// bytes without one. None: the peer closed the connection.
+    fn receive(&mut self, codec: Option<&Codec>) -> Result<Option<Received>> {
+        loop {
+            let n = match self.stream.read(self.reader.space()) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.reader.filled(0);
+                    return Err(e.into());
                 }
-                Decoded::Message(Message::Keepalive) => {
-                    let codec = Codec {
-                        four_octet_as: four_octet,
-                        extended_message: false,
-                        ebgp: true,
-                    };
-                    return Ok((codec, buf));
-                }
-                Decoded::Message(Message::Notification(n)) => bail!("the peer refused: {n}"),
-                _ => {}
+            };
+            self.reader.filled(n);
+            if n == 0 {
+                return Ok(None);
+            }
+            if let Some(received) = self.reader.take(codec) {
+                return Ok(Some(received));
             }
         }
     }
+
+    /// Whole messages as bytes, as they are before the codec is known.
+    fn receive_bytes(&mut self) -> Result<Option<Vec<u8>>> {
+        match self.receive(None)? {
+            Some(Received::Bytes(bytes)) => Ok(Some(bytes)),
+            Some(Received::Messages(_)) => bail!("messages decoded without a codec"),
+            None => Ok(None),
+        }
+    }
+
+    /// OPEN, then KEEPALIVE both ways; returns the negotiated codec and the
+    /// whole messages that came behind the KEEPALIVE in the same read, as
+    /// bytes (they are for that codec). Part of a message stays in the
+    /// reader.
+    fn handshake(&mut self, asn: u32, id: Ipv4Addr, family: Family) -> Result<(Codec, Vec<u8>)> {
+        let open = Open::new(
+            asn,
+            HOLD_TIME,
+            id,
+            vec![Capability::Multiprotocol(family), Capability::RouteRefresh],
+        );
+        self.stream
+            .write_all(&Message::Open(open).encode(&Codec::INITIAL))?;
+        let mut four_octet = false;
+        loop {
+            let bytes = self
+                .receive_bytes()?
+                .context("the peer closed the connection during the handshake")?;
+            let mut end = 0;
+            for (_, message) in messages(&bytes, &Codec::INITIAL)? {
+                end += message.len();
+                match decode_message(message, &Codec::INITIAL)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                {
+                    Decoded::Message(Message::Open(o)) => {
+                        four_octet = o.four_octet_as().is_some();
+                        self.stream
+                            .write_all(&Message::Keepalive.encode(&Codec::INITIAL))?;
+                    }
+                    Decoded::Message(Message::Keepalive) => {
+                        let codec = Codec {
+                            four_octet_as: four_octet,
+                            extended_message: false,
+                            ebgp: true,
+                        };
+                        return Ok((codec, bytes[end..].to_vec()));
+                    }
+                    Decoded::Message(Message::Notification(n)) => bail!("the peer refused: {n}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Whole messages back to back (what [`MessageReader`] passes on as bytes),
+/// each with its type, as the codec frames them.
+fn messages<'a>(bytes: &'a [u8], codec: &Codec) -> Result<Vec<(u8, &'a [u8])>> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some((kind, len)) = next_frame(rest, codec).map_err(|e| anyhow::anyhow!("{e}"))? {
+        let (message, after) = rest.split_at(len);
+        out.push((kind, message));
+        rest = after;
+    }
+    Ok(out)
 }
 
 fn connect(peer: IpAddr, within: Duration) -> Result<TcpStream> {
@@ -228,12 +285,12 @@ pub fn inject(args: &InjectArgs) -> Result<()> {
     let session = |within: Duration| -> Result<(Arc<Mutex<TcpStream>>, Codec)> {
         let mut tries = 0;
         loop {
-            let mut stream = connect(args.peer, within)?;
-            match handshake(&mut stream, args.asn, args.router_id, family) {
+            let mut conn = Connection::new(connect(args.peer, within)?);
+            match conn.handshake(args.asn, args.router_id, family) {
                 Ok((codec, _)) => {
                     ensure!(codec.four_octet_as, "the speaker does not speak 4-octet AS");
-                    drain(&stream)?;
-                    let stream = Arc::new(Mutex::new(stream));
+                    drain(&conn.stream)?;
+                    let stream = Arc::new(Mutex::new(conn.stream));
                     keep_alive(stream.clone());
                     return Ok((stream, codec));
                 }
@@ -365,13 +422,14 @@ impl PrefixSet {
 
 pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
     let listener = TcpListener::bind(SocketAddr::new(listen, 179))?;
-    let (mut stream, _) = listener.accept()?;
+    let (stream, _) = listener.accept()?;
+    let mut conn = Connection::new(stream);
     let id = match listen {
         IpAddr::V4(a) => a,
         IpAddr::V6(_) => Ipv4Addr::new(10, 255, 0, 2),
     };
-    let (codec, mut buf) = handshake(&mut stream, MONITOR_AS, id, family_of(listen))?;
-    keep_alive(Arc::new(Mutex::new(stream.try_clone()?)));
+    let (codec, rest) = conn.handshake(MONITOR_AS, id, family_of(listen))?;
+    keep_alive(Arc::new(Mutex::new(conn.stream.try_clone()?)));
     stamp("established")?;
     let expect = expect as usize;
     let mut seen = PrefixSet::default();
@@ -380,48 +438,42 @@ pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
     let mut dipped = false;
     let mut full = false;
     let mut had_any = false;
-    let mut chunk = vec![0u8; 1 << 16];
+    // What came behind the speaker's KEEPALIVE, then each read's messages,
+    // decoded with the session's codec on the way in.
+    let mut received: Vec<_> = messages(&rest, &codec)?
+        .into_iter()
+        .map(|(_, message)| decode_message(message, &codec))
+        .collect();
     loop {
-        let n = stream.read(&mut chunk)?;
-        ensure!(
-            n > 0,
-            "the speaker closed the connection with {} prefixes",
-            seen.len()
-        );
         if !flap_seen && control.join("flap").exists() {
             flap_seen = true;
             again = Some(PrefixSet::default());
         }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut consumed = 0;
-        while let Some((kind, len)) =
-            next_frame(&buf[consumed..], &codec).map_err(|e| anyhow::anyhow!("{e}"))?
-        {
-            if kind == MSG_UPDATE
-                && let Ok(Decoded::Update(u)) =
-                    decode_message(&buf[consumed..consumed + len], &codec)
-            {
-                for p in u.withdrawn() {
-                    seen.remove(p);
-                    if let Some(again) = again.as_mut() {
-                        again.remove(p);
-                    }
-                }
-                let announced = u
-                    .update
-                    .nlri
-                    .iter()
-                    .chain(u.update.mp_reach.iter().flat_map(|m| m.nlri.iter()));
-                for p in announced {
-                    seen.insert(p);
-                    if let Some(again) = again.as_mut() {
-                        again.insert(p);
-                    }
+        for message in received {
+            let u = match message {
+                Ok(Decoded::Update(u)) => u,
+                Ok(Decoded::Message(_)) => continue,
+                // The reader passes nothing on after it.
+                Err(n) => bail!("the speaker sent a message that does not decode: {n}"),
+            };
+            for p in u.withdrawn() {
+                seen.remove(p);
+                if let Some(again) = again.as_mut() {
+                    again.remove(p);
                 }
             }
-            consumed += len;
+            let announced = u
+                .update
+                .nlri
+                .iter()
+                .chain(u.update.mp_reach.iter().flat_map(|m| m.nlri.iter()));
+            for p in announced {
+                seen.insert(p);
+                if let Some(again) = again.as_mut() {
+                    again.insert(p);
+                }
+            }
         }
-        buf.drain(..consumed);
         if !full && seen.len() >= expect {
             full = true;
             stamp("full")?;
@@ -446,6 +498,16 @@ pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
             again = None;
             stamp("back")?;
         }
+        received = match conn.receive(Some(&codec))? {
+            Some(Received::Messages(messages)) => messages,
+            Some(Received::Bytes(_)) => {
+                bail!("the speaker's stream could not be cut into messages")
+            }
+            None => bail!(
+                "the speaker closed the connection with {} prefixes",
+                seen.len()
+            ),
+        };
     }
 }
 
@@ -454,42 +516,41 @@ pub fn monitor(listen: IpAddr, expect: u32, control: &Path) -> Result<()> {
 /// are.
 pub fn relay(monitor: IpAddr, injectors: u32) -> Result<()> {
     let family = family_of(monitor);
-    let mut upstream = connect(monitor, Duration::from_secs(60))?;
+    let mut upstream = Connection::new(connect(monitor, Duration::from_secs(60))?);
     let id: Ipv4Addr = SPEAKER_ID.parse()?;
-    let (codec, _) = handshake(&mut upstream, SPEAKER_AS, id, family)?;
-    let upstream = Arc::new(Mutex::new(upstream));
+    let (codec, _) = upstream.handshake(SPEAKER_AS, id, family)?;
+    let upstream = Arc::new(Mutex::new(upstream.stream));
     keep_alive(upstream.clone());
     let listener = TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 179))?;
     let mut threads = Vec::new();
     for _ in 0..injectors {
-        let (mut stream, _) = listener.accept()?;
+        let (stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
-        let (_, mut buf) = handshake(&mut stream, SPEAKER_AS, id, family)?;
-        keep_alive(Arc::new(Mutex::new(stream.try_clone()?)));
+        let mut conn = Connection::new(stream);
+        let (_, rest) = conn.handshake(SPEAKER_AS, id, family)?;
+        keep_alive(Arc::new(Mutex::new(conn.stream.try_clone()?)));
         let upstream = upstream.clone();
         threads.push(std::thread::spawn(move || -> Result<()> {
-            let mut chunk = vec![0u8; 1 << 16];
+            // Whole messages as they came, not decoded: the UPDATEs go on
+            // as they are.
+            let mut bytes = rest;
             loop {
-                let n = stream.read(&mut chunk)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let mut consumed = 0;
-                let mut out = Vec::with_capacity(buf.len());
-                while let Some((kind, len)) =
-                    next_frame(&buf[consumed..], &codec).map_err(|e| anyhow::anyhow!("{e}"))?
-                {
+                let mut out = Vec::with_capacity(bytes.len());
+                for (kind, message) in messages(&bytes, &codec)? {
                     if kind == MSG_UPDATE {
-                        out.extend_from_slice(&buf[consumed..consumed + len]);
+                        out.extend_from_slice(message);
                     }
-                    consumed += len;
                 }
-                buf.drain(..consumed);
-                let mut up = upstream
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("relay lock poisoned"))?;
-                up.write_all(&out)?;
+                if !out.is_empty() {
+                    let mut up = upstream
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("relay lock poisoned"))?;
+                    up.write_all(&out)?;
+                }
+                match conn.receive_bytes()? {
+                    Some(next) => bytes = next,
+                    None => return Ok(()),
+                }
             }
         }));
     }
@@ -1108,5 +1169,65 @@ mod tests {
         set.remove(&v6);
         set.remove(&odd);
         assert!(set.is_empty());
+    }
+
+    /// The speaker's OPEN, KEEPALIVE and first UPDATEs in one write, the
+    /// second UPDATE cut in two: the first comes back from the handshake,
+    /// the second whole from the next read, both for the negotiated codec.
+    #[test]
+    fn what_comes_behind_the_keepalive_is_kept_for_the_session() -> Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let table = |first| {
+            encode_table(&InjectArgs {
+                peer: addr.ip(),
+                local: addr.ip(),
+                asn: 65001,
+                router_id: Ipv4Addr::new(10, 0, 0, 1),
+                first,
+                prefixes: 3,
+                paths: 1,
+                control: PathBuf::new(),
+            })
+            .0
+        };
+        let (first, second) = (table(0), table(3));
+        let speaker = std::thread::spawn(move || -> Result<()> {
+            let (mut stream, _) = listener.accept()?;
+            let open = Open::new(65000, HOLD_TIME, Ipv4Addr::new(10, 0, 0, 2), vec![]);
+            let mut burst = Message::Open(open).encode(&Codec::INITIAL);
+            burst.extend(Message::Keepalive.encode(&Codec::INITIAL));
+            burst.extend(&first);
+            burst.extend(&second[..10]);
+            stream.write_all(&burst)?;
+            std::thread::sleep(Duration::from_millis(50));
+            stream.write_all(&second[10..])?;
+            // Our OPEN and KEEPALIVE, then the close.
+            let mut sink = Vec::new();
+            stream.read_to_end(&mut sink)?;
+            Ok(())
+        });
+        let mut conn = Connection::new(TcpStream::connect(addr)?);
+        let (codec, rest) =
+            conn.handshake(64999, Ipv4Addr::new(10, 0, 0, 3), Family::IPV4_UNICAST)?;
+        assert!(codec.four_octet_as);
+        let nlri = |decoded: Result<Decoded, Notification>| match decoded {
+            Ok(Decoded::Update(u)) => u.update.nlri.iter().map(|p| p.to_string()).collect(),
+            other => panic!("not an UPDATE: {other:?}"),
+        };
+        let behind: Vec<Vec<String>> = messages(&rest, &codec)?
+            .into_iter()
+            .map(|(_, m)| nlri(decode_message(m, &codec)))
+            .collect();
+        assert_eq!(behind, [["1.0.0.0/24", "1.0.1.0/24", "1.0.2.0/24"]]);
+        let Some(Received::Messages(next)) = conn.receive(Some(&codec))? else {
+            panic!("no second UPDATE")
+        };
+        let next: Vec<Vec<String>> = next.into_iter().map(nlri).collect();
+        assert_eq!(next, [["1.0.3.0/24", "1.0.4.0/24", "1.0.5.0/24"]]);
+        conn.stream.shutdown(Shutdown::Both)?;
+        speaker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the speaker panicked"))?
     }
 }
