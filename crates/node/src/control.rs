@@ -24,7 +24,12 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWrite
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::bgp_driver::ControlCall;
+/// A control request with the channel for its answer: what the socket
+/// hands the daemon.
+pub struct ControlCall {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]

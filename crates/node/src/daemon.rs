@@ -7,9 +7,9 @@ use anyhow::Result;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bgp_driver::{BgpDriver, ControlCall};
+use crate::bgp_driver::BgpDriver;
 use crate::config::NodeConfig;
-use crate::control::{self, Request};
+use crate::control::{self, ControlCall, Request};
 use crate::kernel_sync;
 
 /// Runs the daemon in the foreground until a stop signal.
