@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use bgp4mesh_bgp::session::{Session, SessionConfig};
+use bgp4mesh_bgp::session::{ConnId, Session, SessionConfig};
 use bgp4mesh_bgp::wire::Family;
 use libfuzzer_sys::fuzz_target;
 
@@ -28,9 +28,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut session = Session::new(config, now);
     session.start(now);
-    session.tcp_connected(now, 1, false);
+    session.tcp_connected(now, ConnId(1), false);
     for chunk in data.chunks(97) {
-        session.received(now, 1, chunk);
+        session.received(now, ConnId(1), chunk);
         while session.poll_output().is_some() {}
     }
     session.handle_timeout(now + Duration::from_secs(300));

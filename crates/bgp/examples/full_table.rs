@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bgp4mesh_bgp::policy::Policy;
-use bgp4mesh_bgp::rib::Selection;
+use bgp4mesh_bgp::rib::{NeighborId, Selection};
+use bgp4mesh_bgp::session::ConnId;
 use bgp4mesh_bgp::speaker::{Event, NeighborConfig, Speaker, SpeakerConfig};
 use bgp4mesh_bgp::wire::{
     AsPath, Capability, Codec, Community, Family, Message, NextHop, Open, Origin, PathAttributes,
@@ -29,8 +30,11 @@ use ipnet::{IpNet, Ipv4Net};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const INJECTOR: usize = 0;
-const MONITOR: usize = 1;
+const INJECTOR: NeighborId = NeighborId(0);
+const MONITOR: NeighborId = NeighborId(1);
+/// The connections to them.
+const INJECTOR_CONN: ConnId = ConnId(1);
+const MONITOR_CONN: ConnId = ConnId(2);
 
 fn vm_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -103,7 +107,7 @@ fn pump(speaker: &mut Speaker, now: Instant) -> usize {
             Event::Connect { neighbor } => speaker.tcp_connected(
                 now,
                 neighbor,
-                2,
+                MONITOR_CONN,
                 true,
                 IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
             ),
@@ -116,7 +120,7 @@ fn pump(speaker: &mut Speaker, now: Instant) -> usize {
 fn feed(speaker: &mut Speaker, now: Instant, bytes: &[u8]) -> usize {
     let mut sent = 0;
     for chunk in bytes.chunks(1 << 16) {
-        speaker.received(now, INJECTOR, 1, chunk);
+        speaker.received(now, INJECTOR, INJECTOR_CONN, chunk);
         sent += pump(speaker, now);
     }
     sent
@@ -166,7 +170,7 @@ fn main() {
     speaker.tcp_connected(
         now,
         INJECTOR,
-        1,
+        INJECTOR_CONN,
         false,
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
     );
@@ -174,14 +178,14 @@ fn main() {
     speaker.received(
         now,
         MONITOR,
-        2,
+        MONITOR_CONN,
         &open_bytes(64999, Ipv4Addr::new(10, 0, 1, 2)),
     );
     pump(&mut speaker, now);
     speaker.received(
         now,
         INJECTOR,
-        1,
+        INJECTOR_CONN,
         &open_bytes(65001, Ipv4Addr::new(10, 0, 0, 2)),
     );
     pump(&mut speaker, now);

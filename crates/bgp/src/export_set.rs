@@ -48,7 +48,7 @@ impl ExportSet {
         };
         let ctx = RouteContext {
             prefix,
-            neighbor: Some(speaker.neighbor_name(n as usize)),
+            neighbor: Some(speaker.neighbor_name(n)),
             source: RouteSource::Bgp,
             local_as: speaker.config().asn,
         };

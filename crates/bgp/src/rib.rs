@@ -98,8 +98,29 @@ pub fn attrs_heap_bytes(a: &PathAttributes) -> usize {
         + a.unknown.iter().map(|u| cap(&u.value)).sum::<usize>()
 }
 
-/// Index of a neighbour in the speaker.
-pub type NeighborId = usize;
+/// A neighbour of the speaker: its place in the speaker's list of
+/// neighbours, which a neighbour keeps while the speaker lives (a removed
+/// neighbour's place is not reused). 32 bits, so a path takes 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NeighborId(pub u32);
+
+impl NeighborId {
+    /// The place in a list of neighbours.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The neighbour at `index` of a list (which never holds 2^32).
+    pub fn from_index(index: usize) -> NeighborId {
+        NeighborId(index as u32)
+    }
+}
+
+impl std::fmt::Display for NeighborId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Where a path came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,20 +131,20 @@ pub enum PathSource {
     Connected,
     /// A route learnt from the kernel's table (`[kernel] learn`).
     Kernel,
-    /// A neighbour, by its [`NeighborId`] (in 32 bits, so a path takes 16
-    /// bytes: it is stored for every prefix).
-    Neighbor(u32),
+    /// A neighbour (in 32 bits, so a path takes 16 bytes: it is stored
+    /// for every prefix).
+    Neighbor(NeighborId),
 }
 
 impl PathSource {
     pub fn neighbor(id: NeighborId) -> PathSource {
-        PathSource::Neighbor(id as u32)
+        PathSource::Neighbor(id)
     }
 
     /// The neighbour of a path learnt by BGP.
     pub fn neighbor_id(self) -> Option<NeighborId> {
         match self {
-            PathSource::Neighbor(n) => Some(n as NeighborId),
+            PathSource::Neighbor(n) => Some(n),
             _ => None,
         }
     }
@@ -325,7 +346,15 @@ pub struct RibUpdate {
 /// A prefix's place in the Loc-RIB: stable while the prefix has paths, and
 /// until [`LocRib::release`] after it lost its last one, so per-neighbour
 /// tables can be plain vectors indexed by slot.
-pub type Slot = u32;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(pub u32);
+
+impl Slot {
+    /// The place in a per-slot vector.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 #[derive(Debug, Clone)]
 struct SlotEntry {
@@ -408,7 +437,7 @@ const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 type IndexEntry = u32;
 
 fn index_entry(slot: Slot, hash: u64) -> IndexEntry {
-    slot | (check_bits(hash) << SLOT_BITS)
+    slot.0 | (check_bits(hash) << SLOT_BITS)
 }
 
 /// The hash bits in an index entry: below hashbrown's tag (the top 7) and
@@ -418,7 +447,7 @@ fn check_bits(hash: u64) -> u32 {
 }
 
 fn entry_slot(entry: IndexEntry) -> Slot {
-    entry & SLOT_MASK
+    Slot(entry & SLOT_MASK)
 }
 
 /// Every prefix's paths. Prefixes live in a vector of slots; a hash table
@@ -503,7 +532,7 @@ impl LocRib {
         let check = check_bits(hash);
         self.index
             .find(hash, |&e| {
-                e >> SLOT_BITS == check && self.slots[entry_slot(e) as usize].prefix == *prefix
+                e >> SLOT_BITS == check && self.slots[entry_slot(e).index()].prefix == *prefix
             })
             .map(|&e| entry_slot(e))
     }
@@ -515,20 +544,20 @@ impl LocRib {
 
     pub fn get(&self, prefix: &IpNet) -> Option<&Entry> {
         let slot = self.find(prefix)?;
-        let entry = &self.slots[slot as usize].entry;
+        let entry = &self.slots[slot.index()].entry;
         (!entry.is_empty()).then_some(entry)
     }
 
     /// The slot of a prefix that has paths.
     pub fn slot(&self, prefix: &IpNet) -> Option<Slot> {
         self.find(prefix)
-            .filter(|&s| !self.slots[s as usize].entry.is_empty())
+            .filter(|&s| !self.slots[s.index()].entry.is_empty())
     }
 
     /// The prefix in `slot` and its entry (with no paths once emptied and
     /// not yet released).
     pub fn at(&self, slot: Slot) -> Option<(&IpNet, &Entry)> {
-        self.slots.get(slot as usize).map(|s| (&s.prefix, &s.entry))
+        self.slots.get(slot.index()).map(|s| (&s.prefix, &s.entry))
     }
 
     /// Every prefix with paths.
@@ -537,12 +566,17 @@ impl LocRib {
     }
 
     /// Every prefix with paths, with its slot.
+    /// Every slot number in use or free, in order.
+    pub fn slots(&self) -> impl Iterator<Item = Slot> + use<> {
+        (0..self.slots.len() as u32).map(Slot)
+    }
+
     pub fn iter_slots(&self) -> impl Iterator<Item = (Slot, &IpNet, &Entry)> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.entry.is_empty())
-            .map(|(i, s)| (i as Slot, &s.prefix, &s.entry))
+            .map(|(i, s)| (Slot(i as u32), &s.prefix, &s.entry))
     }
 
     /// Frees the slots of prefixes that lost their last path: after this,
@@ -558,14 +592,14 @@ impl LocRib {
     pub fn release_except(&mut self, keep: impl Fn(Slot) -> bool) {
         let mut kept = Vec::new();
         for slot in std::mem::take(&mut self.emptied) {
-            if keep(slot) && self.slots[slot as usize].entry.is_empty() {
+            if keep(slot) && self.slots[slot.index()].entry.is_empty() {
                 kept.push(slot);
                 continue;
             }
-            if let Some(word) = self.emptied_mark.get_mut(slot as usize / 64) {
-                *word &= !(1 << (slot % 64));
+            if let Some(word) = self.emptied_mark.get_mut(slot.index() / 64) {
+                *word &= !(1 << (slot.index() % 64));
             }
-            let s = &self.slots[slot as usize];
+            let s = &self.slots[slot.index()];
             if !s.entry.is_empty() {
                 continue; // the prefix came back before the release
             }
@@ -594,7 +628,7 @@ impl LocRib {
         };
         let slot = match self.free.pop() {
             Some(s) => {
-                self.slots[s as usize] = entry;
+                self.slots[s.index()] = entry;
                 s
             }
             None if self.slots.len() >= MAX_PREFIXES => {
@@ -603,7 +637,7 @@ impl LocRib {
             }
             None => {
                 self.slots.push(entry);
-                (self.slots.len() - 1) as Slot
+                Slot((self.slots.len() - 1) as u32)
             }
         };
         if self.index.len() == self.index.capacity() {
@@ -617,7 +651,7 @@ impl LocRib {
             ..
         } = self;
         index.insert_unique(hash, index_entry(slot, hash), |&e| {
-            prefix_hash(hasher, &slots[entry_slot(e) as usize].prefix)
+            prefix_hash(hasher, &slots[entry_slot(e).index()].prefix)
         });
         Some(slot)
     }
@@ -630,7 +664,7 @@ impl LocRib {
         let mut indexed = vec![0u64; self.slots.len().div_ceil(64)];
         for &e in self.index.iter() {
             let s = entry_slot(e);
-            indexed[s as usize / 64] |= 1 << (s % 64);
+            indexed[s.index() / 64] |= 1 << (s.index() % 64);
         }
         // One more than fits now: hashbrown rounds that up to twice the
         // buckets, as its own growth would.
@@ -639,8 +673,8 @@ impl LocRib {
         for (i, s) in slots.iter().enumerate() {
             if indexed[i / 64] & (1 << (i % 64)) != 0 {
                 let hash = prefix_hash(hasher, &s.prefix);
-                grown.insert_unique(hash, index_entry(i as Slot, hash), |&e| {
-                    prefix_hash(hasher, &slots[entry_slot(e) as usize].prefix)
+                grown.insert_unique(hash, index_entry(Slot(i as u32), hash), |&e| {
+                    prefix_hash(hasher, &slots[entry_slot(e).index()].prefix)
                 });
             }
         }
@@ -665,7 +699,7 @@ impl LocRib {
             },
         };
         let selection = self.selection;
-        let entry = &mut self.slots[slot as usize].entry;
+        let entry = &mut self.slots[slot.index()].entry;
         let was_empty = entry.is_empty();
         let old_best_source = entry.best().map(|b| b.source);
         let old_best_attrs = entry.best().map(|b| Arc::as_ptr(&b.attrs));
@@ -716,7 +750,7 @@ impl LocRib {
             (true, false) => self.len += 1,
             (false, true) => {
                 self.len -= 1;
-                let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+                let (word, bit) = (slot.index() / 64, 1u64 << (slot.index() % 64));
                 if self.emptied_mark.len() <= word {
                     self.emptied_mark.resize(word + 1, 0);
                 }
@@ -756,7 +790,7 @@ impl LocRib {
         info: &impl Fn(&Path) -> SourceInfo,
     ) -> Option<BestChange> {
         let selection = self.selection;
-        let s = self.slots.get_mut(slot as usize)?;
+        let s = self.slots.get_mut(slot.index())?;
         let entry = &mut s.entry;
         let old_best = entry.best().cloned();
         let old_ecmp_len = entry.paths.ecmp();
@@ -972,10 +1006,15 @@ mod tests {
         i.intern(a)
     }
 
+    /// Neighbour `id`'s paths.
+    fn n(id: u32) -> PathSource {
+        PathSource::Neighbor(NeighborId(id))
+    }
+
     /// Neighbours 0..: eBGP, router id 10.0.0.(n+1); neighbour 9 is iBGP.
     fn info(p: &Path) -> SourceInfo {
         match p.source {
-            PathSource::Neighbor(n) => SourceInfo {
+            PathSource::Neighbor(NeighborId(n)) => SourceInfo {
                 ebgp: n != 9,
                 router_id: Ipv4Addr::new(10, 0, 0, n as u8 + 1),
                 address: IpAddr::V4(Ipv4Addr::new(172, 16, 0, n as u8 + 1)),
@@ -995,7 +1034,6 @@ mod tests {
         let mut i = Interner::default();
         let mut rib = LocRib::new(Selection::default());
         let p = net("192.0.2.0/24");
-        let n = PathSource::Neighbor;
         // Longer AS path loses.
         rib.update(
             p,
@@ -1053,7 +1091,6 @@ mod tests {
     fn med_is_compared_within_one_neighbour_as_unless_always_compare() {
         let mut i = Interner::default();
         let p = net("198.51.100.0/24");
-        let n = PathSource::Neighbor;
         for (always, expected) in [(false, n(0)), (true, n(1))] {
             let mut rib = LocRib::new(Selection {
                 always_compare_med: always,
@@ -1103,7 +1140,6 @@ mod tests {
         let mut i = Interner::default();
         let mut rib = LocRib::new(Selection::default());
         let p = net("203.0.113.0/24");
-        let n = PathSource::Neighbor;
         rib.update(
             p,
             n(9),
@@ -1134,7 +1170,6 @@ mod tests {
             always_compare_med: false,
         });
         let vip = net("192.168.20.0/24");
-        let n = PathSource::Neighbor;
         rib.update(
             vip,
             n(0),
@@ -1186,31 +1221,26 @@ mod tests {
         let p = net("192.0.2.0/24");
         rib.update(
             p,
-            PathSource::Neighbor(0),
+            n(0),
             Some(attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {})),
             &info,
         );
         assert_eq!(rib.len(), 1);
-        let change = rib
-            .update(p, PathSource::Neighbor(0), None, &info)
-            .change
-            .expect("withdrawn");
+        let change = rib.update(p, n(0), None, &info).change.expect("withdrawn");
         assert_eq!(change.best, None);
         assert!(rib.is_empty());
         assert!(
-            rib.update(p, PathSource::Neighbor(0), None, &info)
-                .change
-                .is_none(),
+            rib.update(p, n(0), None, &info).change.is_none(),
             "nothing to withdraw"
         );
         // The slot is reused only after release.
         let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
         let q = net("198.51.100.0/24");
-        rib.update(q, PathSource::Neighbor(0), Some(a.clone()), &info);
-        assert_eq!(rib.slot(&q), Some(1), "slot 0 is not released yet");
+        rib.update(q, n(0), Some(a.clone()), &info);
+        assert_eq!(rib.slot(&q), Some(Slot(1)), "slot 0 is not released yet");
         rib.release();
-        rib.update(p, PathSource::Neighbor(0), Some(a), &info);
-        assert_eq!(rib.slot(&p), Some(0), "released slot reused");
+        rib.update(p, n(0), Some(a), &info);
+        assert_eq!(rib.slot(&p), Some(Slot(0)), "released slot reused");
         assert_eq!(rib.len(), 2);
         assert_eq!(rib.iter().count(), 2);
     }
@@ -1221,7 +1251,7 @@ mod tests {
         let mut rib = LocRib::new(Selection::default());
         let p = net("192.0.2.0/24");
         let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
-        let n = PathSource::Neighbor(0);
+        let n = n(0);
         rib.update(p, n, Some(a.clone()), &info);
         rib.update(p, n, None, &info);
         rib.update(p, n, Some(a.clone()), &info);
@@ -1240,7 +1270,7 @@ mod tests {
         let mut i = Interner::default();
         let mut rib = LocRib::new(Selection::default());
         let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
-        let n = PathSource::Neighbor(0);
+        let n = n(0);
         let (p, q, r) = (
             net("192.0.2.0/24"),
             net("198.51.100.0/24"),
@@ -1248,18 +1278,18 @@ mod tests {
         );
         rib.update(p, n, Some(a.clone()), &info);
         rib.update(p, n, None, &info);
-        rib.release_except(|slot| slot == 0);
+        rib.release_except(|slot| slot == Slot(0));
         assert_eq!(rib.emptied(), 1, "held back");
         rib.update(q, n, Some(a.clone()), &info);
         assert_eq!(
             rib.slot(&q),
-            Some(1),
+            Some(Slot(1)),
             "slot 0 still holds the withdrawn prefix"
         );
         rib.release();
         assert_eq!(rib.emptied(), 0);
         rib.update(r, n, Some(a), &info);
-        assert_eq!(rib.slot(&r), Some(0), "freed by the later release");
+        assert_eq!(rib.slot(&r), Some(Slot(0)), "freed by the later release");
     }
 
     /// A prefix from a small number: IPv4 of every length (many /24s side
@@ -1291,18 +1321,18 @@ mod tests {
             let a = attrs(&mut i, &[65001], [10, 0, 0, 1], |_| {});
             let mut rib = LocRib::new(Selection::default());
             let mut model = std::collections::HashSet::new();
-            for (n, add, release) in ops {
-                let p = numbered(n);
+            for (number, add, release) in ops {
+                let p = numbered(number);
                 if add {
-                    rib.update(p, PathSource::Neighbor(0), Some(a.clone()), &info);
+                    rib.update(p, n(0), Some(a.clone()), &info);
                     model.insert(p);
                 } else {
-                    rib.update(p, PathSource::Neighbor(0), None, &info);
+                    rib.update(p, n(0), None, &info);
                     model.remove(&p);
                 }
                 match release {
                     0 => rib.release(),
-                    1 => rib.release_except(|slot| slot % 2 == 1),
+                    1 => rib.release_except(|slot| slot.0 % 2 == 1),
                     _ => {}
                 }
             }
@@ -1312,7 +1342,7 @@ mod tests {
                 let slot = rib.slot(p);
                 proptest::prop_assert!(slot.is_some(), "{} lost", p);
                 proptest::prop_assert!(slots.insert(slot), "{} shares a slot", p);
-                proptest::prop_assert_eq!(rib.at(slot.unwrap_or_default()).map(|(q, _)| *q), Some(*p));
+                proptest::prop_assert_eq!(rib.at(slot.unwrap_or(Slot(0))).map(|(q, _)| *q), Some(*p));
             }
             for n in 0..3000 {
                 let p = numbered(n);

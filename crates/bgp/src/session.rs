@@ -16,8 +16,16 @@ use crate::wire::{
     cease, decode_message, error_code, next_frame, open_error,
 };
 
-/// Identifies one TCP connection; chosen by the driver.
-pub type ConnId = u64;
+/// Identifies one TCP connection; chosen by the driver, unique among the
+/// connections it has open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// RFC 4271 session states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -864,7 +872,7 @@ mod tests {
                 a: Session::new(a, now),
                 b: Session::new(b, now),
                 now,
-                next_conn: 1,
+                next_conn: ConnId(1),
                 b_frozen: false,
                 events_a: vec![],
                 events_b: vec![],
@@ -905,7 +913,7 @@ mod tests {
             match &o {
                 Output::Connect => {
                     let id = self.next_conn;
-                    self.next_conn += 1;
+                    self.next_conn.0 += 1;
                     let (this, other) = if from_a {
                         (&mut self.a, &mut self.b)
                     } else {
@@ -1106,7 +1114,7 @@ mod tests {
         // Only the connection made below: drop both Connect requests.
         while p.a.poll_output().is_some() {}
         // Deliver b's OPEN to a, then freeze b before its KEEPALIVE.
-        let id = 99;
+        let id = ConnId(99);
         p.a.tcp_connected(p.now, id, true);
         p.b.tcp_connected(p.now, id, false);
         while let Some(o) = p.b.poll_output() {
@@ -1183,9 +1191,13 @@ mod tests {
             config(65002, 65001, [10, 0, 0, 2]),
         );
         p.a.start(p.now);
-        p.a.tcp_connected(p.now, 7, true);
+        p.a.tcp_connected(p.now, ConnId(7), true);
         let open = Open::new(65002, 2, Ipv4Addr::new(10, 0, 0, 2), vec![]);
-        p.a.received(p.now, 7, &Message::Open(open).encode(&Codec::INITIAL));
+        p.a.received(
+            p.now,
+            ConnId(7),
+            &Message::Open(open).encode(&Codec::INITIAL),
+        );
         let sent: Vec<Output> = std::iter::from_fn(|| p.a.poll_output()).collect();
         let notes: Vec<(u8, u8)> = sent
             .iter()
@@ -1202,8 +1214,12 @@ mod tests {
         // A KEEPALIVE in OpenSent is an FSM error (RFC 6608 subcode 1).
         let mut s = Session::new(config(65001, 65002, [10, 0, 0, 1]), p.now);
         s.start(p.now);
-        s.tcp_connected(p.now, 8, true);
-        s.received(p.now, 8, &Message::Keepalive.encode(&Codec::INITIAL));
+        s.tcp_connected(p.now, ConnId(8), true);
+        s.received(
+            p.now,
+            ConnId(8),
+            &Message::Keepalive.encode(&Codec::INITIAL),
+        );
         let notes: Vec<(u8, u8)> = std::iter::from_fn(|| s.poll_output())
             .filter_map(|o| match o {
                 Output::Send(_, b) => match decode_message(&b, &Codec::INITIAL) {
@@ -1221,7 +1237,7 @@ mod tests {
         let mut s = Session::new(config(65001, 65002, [10, 0, 0, 1]), Instant::now());
         let now = Instant::now();
         s.start(now);
-        s.tcp_connected(now, 1, true);
+        s.tcp_connected(now, ConnId(1), true);
         let open = Open::new(
             65002,
             90,
@@ -1234,8 +1250,8 @@ mod tests {
                 Capability::Multiprotocol(Family::IPV4_UNICAST),
             ],
         );
-        s.received(now, 1, &Message::Open(open).encode(&Codec::INITIAL));
-        s.received(now, 1, &Message::Keepalive.encode(&Codec::INITIAL));
+        s.received(now, ConnId(1), &Message::Open(open).encode(&Codec::INITIAL));
+        s.received(now, ConnId(1), &Message::Keepalive.encode(&Codec::INITIAL));
         assert_eq!(s.state(), State::Established);
         assert_eq!(
             s.negotiated().map(|n| n.families.clone()),
@@ -1257,10 +1273,10 @@ mod tests {
             // two crossing connections by hand.
             while p.a.poll_output().is_some() {}
             while p.b.poll_output().is_some() {}
-            p.a.tcp_connected(now, 1, true);
-            p.b.tcp_connected(now, 1, false);
-            p.b.tcp_connected(now, 2, true);
-            p.a.tcp_connected(now, 2, false);
+            p.a.tcp_connected(now, ConnId(1), true);
+            p.b.tcp_connected(now, ConnId(1), false);
+            p.b.tcp_connected(now, ConnId(2), true);
+            p.a.tcp_connected(now, ConnId(2), false);
             p.pump();
             assert_eq!(p.a.state(), State::Established);
             assert_eq!(p.b.state(), State::Established);
@@ -1268,7 +1284,7 @@ mod tests {
             let a_higher = u32::from(Ipv4Addr::from(a_id)) > u32::from(Ipv4Addr::from(b_id));
             assert_eq!(
                 survivor,
-                Some(if a_higher { 1 } else { 2 }),
+                Some(ConnId(if a_higher { 1 } else { 2 })),
                 "a's id {a_id:?}, b's id {b_id:?}"
             );
             assert!(

@@ -334,6 +334,55 @@ struct Neighbor {
     removed: bool,
 }
 
+/// The neighbours, by [`NeighborId`]. A removed neighbour keeps its place
+/// (marked `removed`), so ids stay valid.
+#[derive(Debug, Default)]
+struct Neighbors(Vec<Neighbor>);
+
+impl Neighbors {
+    fn get(&self, id: NeighborId) -> Option<&Neighbor> {
+        self.0.get(id.index())
+    }
+
+    fn get_mut(&mut self, id: NeighborId) -> Option<&mut Neighbor> {
+        self.0.get_mut(id.index())
+    }
+
+    /// Every neighbour's id, removed ones' too; borrows nothing, so the
+    /// loop may change the neighbours.
+    fn ids(&self) -> impl Iterator<Item = NeighborId> + use<> {
+        (0..self.0.len()).map(NeighborId::from_index)
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Neighbor> {
+        self.0.iter()
+    }
+
+    fn iter_mut(&mut self) -> std::slice::IterMut<'_, Neighbor> {
+        self.0.iter_mut()
+    }
+
+    /// Adds a neighbour; returns its id.
+    fn push(&mut self, neighbor: Neighbor) -> NeighborId {
+        self.0.push(neighbor);
+        NeighborId::from_index(self.0.len() - 1)
+    }
+}
+
+impl std::ops::Index<NeighborId> for Neighbors {
+    type Output = Neighbor;
+
+    fn index(&self, id: NeighborId) -> &Neighbor {
+        &self.0[id.index()]
+    }
+}
+
+impl std::ops::IndexMut<NeighborId> for Neighbors {
+    fn index_mut(&mut self, id: NeighborId) -> &mut Neighbor {
+        &mut self.0[id.index()]
+    }
+}
+
 /// A read-only view of a neighbour for `show protocols`.
 #[derive(Debug, Clone)]
 pub struct NeighborStatus<'a> {
@@ -351,7 +400,7 @@ pub struct NeighborStatus<'a> {
 
 pub struct Speaker {
     config: SpeakerConfig,
-    neighbors: Vec<Neighbor>,
+    neighbors: Neighbors,
     /// Static routes by their PathSource::Static id; None once removed.
     statics: Vec<Option<StaticRoute>>,
     rib: LocRib,
@@ -389,12 +438,12 @@ const EXPORT_CACHE_MAX: usize = 16 * 1024;
 const FLUSH_BATCH: usize = 16 * 1024;
 
 fn bit(bits: &[u64], slot: Slot) -> bool {
-    let i = slot as usize;
+    let i = slot.index();
     bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 fn set_bit(bits: &mut Vec<u64>, slot: Slot, on: bool) {
-    let i = slot as usize;
+    let i = slot.index();
     if bits.len() <= i / 64 {
         if !on {
             return;
@@ -443,13 +492,13 @@ const ASSUMED: NextHopState = NextHopState {
 };
 
 fn source_info(
-    neighbors: &[Neighbor],
+    neighbors: &Neighbors,
     next_hops: &HashMap<IpAddr, WatchedNextHop>,
     local_as: u32,
     path: &Path,
 ) -> SourceInfo {
     match path.source {
-        PathSource::Neighbor(n) => match neighbors.get(n as usize) {
+        PathSource::Neighbor(n) => match neighbors.get(n) {
             Some(nb) => {
                 let state = path
                     .attrs
@@ -489,11 +538,13 @@ fn route_source(source: PathSource) -> RouteSource {
 
 impl Speaker {
     pub fn new(config: SpeakerConfig, now: Instant) -> Self {
-        let neighbors = config
-            .neighbors
-            .iter()
-            .map(|c| Self::make_neighbor(&config, c.clone(), now))
-            .collect();
+        let neighbors = Neighbors(
+            config
+                .neighbors
+                .iter()
+                .map(|c| Self::make_neighbor(&config, c.clone(), now))
+                .collect(),
+        );
         Speaker {
             rib: LocRib::new(config.selection),
             statics: config.statics.iter().cloned().map(Some).collect(),
@@ -602,7 +653,7 @@ impl Speaker {
         if !self.hold_statics {
             self.originate_statics();
         }
-        for id in 0..self.neighbors.len() {
+        for id in self.neighbors.ids() {
             if self.neighbors[id].config.enabled {
                 self.neighbors[id].session.start(now);
             }
@@ -663,7 +714,7 @@ impl Speaker {
     // ----- queries -------------------------------------------------------
 
     pub fn neighbor_ids(&self) -> impl Iterator<Item = NeighborId> + '_ {
-        (0..self.neighbors.len()).filter(|&i| !self.neighbors[i].removed)
+        self.neighbors.ids().filter(|&i| !self.neighbors[i].removed)
     }
 
     pub fn neighbor_by_name(&self, name: &str) -> Option<NeighborId> {
@@ -738,12 +789,12 @@ impl Speaker {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for n in &mut self.neighbors {
+        for n in self.neighbors.iter_mut() {
             if !n.removed && n.session.poll_timeout().is_some_and(|t| t <= now) {
                 n.session.handle_timeout(now);
             }
         }
-        for id in 0..self.neighbors.len() {
+        for id in self.neighbors.ids() {
             if self.neighbors[id].gr_deadline.is_some_and(|t| t <= now) {
                 // The neighbour did not come back within its restart time.
                 self.flush_gr_stale(id, None);
@@ -927,7 +978,7 @@ impl Speaker {
     fn update_upstream(&mut self) {
         let asn = self.config.asn;
         let mut ready = false;
-        for n in &mut self.neighbors {
+        for n in self.neighbors.iter_mut() {
             if n.removed || n.session.state() != State::Established {
                 n.eor_installing = false;
                 n.eor_installed = false;
@@ -943,7 +994,7 @@ impl Speaker {
     /// Sets the R bit in the next OPEN to each graceful-restart neighbour;
     /// cleared per neighbour once its session is up.
     fn set_restarting(&mut self) {
-        for n in &mut self.neighbors {
+        for n in self.neighbors.iter_mut() {
             if n.config.graceful_restart {
                 let mut config = n.session.config().clone();
                 config.restarting = true;
@@ -1027,7 +1078,7 @@ impl Speaker {
             return;
         }
         self.neighbors[id].export_cache.clear();
-        for slot in 0..self.rib.slot_count() as Slot {
+        for slot in self.rib.slots() {
             let best = self.rib.at(slot).and_then(|(_, e)| e.best()).cloned();
             self.export_update(id, slot, best.as_ref());
         }
@@ -1053,7 +1104,7 @@ impl Speaker {
         self.config.selection = new.selection;
 
         // Neighbours, matched by name.
-        for id in 0..self.neighbors.len() {
+        for id in self.neighbors.ids() {
             if self.neighbors[id].removed {
                 continue;
             }
@@ -1081,8 +1132,8 @@ impl Speaker {
         }
         for nc in &new.neighbors {
             if self.neighbor_by_name(&nc.name).is_none() {
-                let id = self.neighbors.len();
-                self.neighbors
+                let id = self
+                    .neighbors
                     .push(Self::make_neighbor(&self.config, nc.clone(), now));
                 if nc.enabled && self.started {
                     self.neighbors[id].session.start(now);
@@ -1204,7 +1255,7 @@ impl Speaker {
     fn drain_sessions(&mut self, now: Instant) {
         loop {
             let mut progressed = false;
-            for id in 0..self.neighbors.len() {
+            for id in self.neighbors.ids() {
                 while let Some(output) = self.neighbors[id].session.poll_output() {
                     progressed = true;
                     self.on_session_output(now, id, output);
@@ -1405,7 +1456,7 @@ impl Speaker {
     }
 
     fn clear_export_caches(&mut self) {
-        for n in &mut self.neighbors {
+        for n in self.neighbors.iter_mut() {
             n.export_cache.clear();
         }
     }
@@ -1681,7 +1732,7 @@ impl Speaker {
                     self.neighbors[id].session.send_message(&begin);
                 }
                 let n = &mut self.neighbors[id];
-                for slot in 0..self.rib.slot_count() as Slot {
+                for slot in self.rib.slots() {
                     let Some((prefix, entry)) = self.rib.at(slot) else {
                         continue;
                     };
@@ -1917,7 +1968,7 @@ impl Speaker {
 
     fn on_best_change(&mut self, change: BestChange) {
         if change.best_changed {
-            for id in 0..self.neighbors.len() {
+            for id in self.neighbors.ids() {
                 let n = &self.neighbors[id];
                 // An export policy that takes nothing has nothing to
                 // withdraw either (it was never announced anything).
@@ -2026,7 +2077,7 @@ impl Speaker {
         }
         let target_ebgp = target.config.remote_as != asn;
         let from = match path.source {
-            PathSource::Neighbor(s) => self.neighbors.get(s as usize),
+            PathSource::Neighbor(s) => self.neighbors.get(s),
             _ => None,
         };
         let from_ibgp = from.is_some_and(|f| f.config.remote_as == asn);
@@ -2159,7 +2210,7 @@ impl Speaker {
     /// Loc-RIB slots nothing refers to any more, and drops attribute sets
     /// nothing uses once the interner has doubled.
     fn flush(&mut self) {
-        for id in 0..self.neighbors.len() {
+        for id in self.neighbors.ids() {
             self.flush_neighbor(id);
         }
         // A slot still pending for a neighbour (its send window is full)

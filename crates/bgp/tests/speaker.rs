@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bgp4mesh_bgp::policy::{Action, Match, Policy, PrefixRange, Rule, Verdict};
-use bgp4mesh_bgp::rib::{PathSource, Selection};
+use bgp4mesh_bgp::rib::{NeighborId, PathSource, Selection};
 use bgp4mesh_bgp::session::ConnId;
 use bgp4mesh_bgp::speaker::{
     Event, NeighborConfig, RestartEnd, RouteChange, Speaker, SpeakerConfig, StaticKind, StaticRoute,
@@ -63,7 +63,7 @@ struct Net {
     /// (speaker, its address on the link) → (other speaker, other address)
     links: HashMap<(usize, IpAddr), (usize, IpAddr)>,
     /// Connection → the two (speaker, neighbour) ends.
-    conns: HashMap<ConnId, [(usize, usize); 2]>,
+    conns: HashMap<ConnId, [(usize, NeighborId); 2]>,
     next_conn: ConnId,
     now: Instant,
     /// Links that are cut (both addresses): nothing passes.
@@ -73,7 +73,7 @@ struct Net {
     watched: Vec<std::collections::HashSet<IpAddr>>,
     /// Bytes each speaker sent to each neighbour and was not yet told
     /// were written (only counted for speakers with a send window).
-    unwritten: HashMap<(usize, usize), usize>,
+    unwritten: HashMap<(usize, NeighborId), usize>,
     windowed: Vec<bool>,
     /// Each speaker's End-of-RIB, graceful restart and upstream events, in
     /// order.
@@ -91,7 +91,7 @@ impl Net {
             speakers: configs.into_iter().map(|c| Speaker::new(c, now)).collect(),
             links: HashMap::new(),
             conns: HashMap::new(),
-            next_conn: 1,
+            next_conn: ConnId(1),
             now,
             down: vec![],
             routes: vec![HashMap::new(); n],
@@ -115,7 +115,7 @@ impl Net {
         self.pump();
     }
 
-    fn local_address(&self, s: usize, n: usize) -> Option<(IpAddr, usize, IpAddr)> {
+    fn local_address(&self, s: usize, n: NeighborId) -> Option<(IpAddr, usize, IpAddr)> {
         let remote = self.speakers[s].neighbor(n)?.config.address;
         self.links
             .iter()
@@ -162,7 +162,7 @@ impl Net {
                     return;
                 }
                 let conn = self.next_conn;
-                self.next_conn += 1;
+                self.next_conn.0 += 1;
                 self.conns.insert(conn, [(s, neighbor), (other, m)]);
                 self.speakers[s].tcp_connected(now, neighbor, conn, true, local);
                 self.speakers[other].tcp_connected(now, m, conn, false, remote);
@@ -211,12 +211,13 @@ impl Net {
     /// Cuts a link: its connections die (as after a hold-timer expiry).
     fn cut(&mut self, a: &str, b: &str) {
         self.down.push((ip(a), ip(b)));
-        let doomed: Vec<(ConnId, [(usize, usize); 2])> = self
+        let doomed: Vec<(ConnId, [(usize, NeighborId); 2])> = self
             .conns
             .iter()
             .filter(|(_, ends)| {
-                let addr =
-                    |(s, n): (usize, usize)| self.speakers[s].neighbor(n).map(|x| x.config.address);
+                let addr = |(s, n): (usize, NeighborId)| {
+                    self.speakers[s].neighbor(n).map(|x| x.config.address)
+                };
                 let (x, y) = (addr(ends[0]), addr(ends[1]));
                 (x == Some(ip(a)) || x == Some(ip(b))) && (y == Some(ip(a)) || y == Some(ip(b)))
             })
@@ -294,7 +295,7 @@ fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
     let (source, path, _) = net
         .best(1, "44.30.127.0/24")
         .expect("the ISP has the block");
-    assert_eq!(source, PathSource::Neighbor(0));
+    assert_eq!(source, PathSource::Neighbor(NeighborId(0)));
     assert_eq!(path, vec![65000]);
     let at_isp = net.speakers[1]
         .rib()
@@ -329,7 +330,7 @@ fn held_static_routes_are_announced_only_once_released() {
     net.speakers[0].hold_origination();
     net.start();
     assert!(
-        net.speakers[1].neighbor(0).map(|n| n.state)
+        net.speakers[1].neighbor(NeighborId(0)).map(|n| n.state)
             == Some(bgp4mesh_bgp::session::State::Established),
         "the session comes up while the routes are held"
     );
@@ -342,7 +343,10 @@ fn held_static_routes_are_announced_only_once_released() {
     net.speakers[0].release_origination(now);
     net.pump();
     let (source, path, _) = net.best(1, "44.30.127.0/24").expect("announced now");
-    assert_eq!((source, path), (PathSource::Neighbor(0), vec![65000]));
+    assert_eq!(
+        (source, path),
+        (PathSource::Neighbor(NeighborId(0)), vec![65000])
+    );
     // A second release changes nothing.
     net.speakers[0].release_origination(now);
     net.pump();
@@ -380,7 +384,7 @@ fn own_as_in_the_path_is_a_loop_and_is_dropped() {
     net.start();
     assert!(net.best(1, "192.0.2.0/24").is_some());
     assert_eq!(net.best(2, "192.0.2.0/24"), None, "AS 65000 is in the path");
-    let status = net.speakers[2].neighbor(0).expect("neighbour");
+    let status = net.speakers[2].neighbor(NeighborId(0)).expect("neighbour");
     assert!(status.counters.filtered_in >= 1);
 }
 
@@ -516,7 +520,11 @@ fn seed_002_preferred_path_backup_and_prepend() {
     assert!(net.best(0, "192.168.44.0/24").is_none());
     assert!(net.best(0, "10.0.0.0/8").is_none());
     let (source, path, local_pref) = net.best(0, "192.168.42.0/24").expect("accepted");
-    assert_eq!(source, PathSource::Neighbor(0), "ISP#1 preferred");
+    assert_eq!(
+        source,
+        PathSource::Neighbor(NeighborId(0)),
+        "ISP#1 preferred"
+    );
     assert_eq!((path, local_pref), (vec![64513], Some(200)));
     assert_eq!(
         net.speakers[0]
@@ -536,13 +544,16 @@ fn seed_002_preferred_path_backup_and_prepend() {
     // ISP#1 fails: the backup takes over; it comes back: preferred again.
     net.cut("172.16.11.1", "172.16.11.2");
     let (source, _, local_pref) = net.best(0, "192.168.42.0/24").expect("backup");
-    assert_eq!((source, local_pref), (PathSource::Neighbor(1), None));
+    assert_eq!(
+        (source, local_pref),
+        (PathSource::Neighbor(NeighborId(1)), None)
+    );
     net.down.clear();
     net.advance(Duration::from_secs(10));
     let (source, _, _) = net.best(0, "192.168.42.0/24").expect("back");
     assert_eq!(
         source,
-        PathSource::Neighbor(0),
+        PathSource::Neighbor(NeighborId(0)),
         "ISP#1 preferred again after it recovers"
     );
 }
@@ -589,7 +600,7 @@ fn route_refresh_and_soft_reconfiguration_apply_a_new_import_policy() {
         assert!(net.best(1, "192.0.2.0/24").is_some(), "soft = {soft}");
         assert_eq!(
             net.speakers[1]
-                .neighbor(0)
+                .neighbor(NeighborId(0))
                 .map(|n| n.counters.established_transitions),
             Some(1),
             "no session reset"
@@ -620,7 +631,7 @@ fn max_prefixes_warns_restarts_or_shuts_down() {
         ]);
         net.link(0, "10.1.0.1", 1, "10.1.0.2");
         net.start();
-        let status = net.speakers[1].neighbor(0).expect("neighbour");
+        let status = net.speakers[1].neighbor(NeighborId(0)).expect("neighbour");
         match action {
             MaxPrefixAction::Warn => {
                 assert_eq!(status.state, bgp4mesh_bgp::session::State::Established);
@@ -642,7 +653,7 @@ fn max_prefixes_warns_restarts_or_shuts_down() {
                 assert_eq!(net.speakers[1].rib().len(), 0, "routes withdrawn");
                 net.advance(Duration::from_secs(40));
                 let again = net.speakers[1]
-                    .neighbor(0)
+                    .neighbor(NeighborId(0))
                     .expect("neighbour")
                     .counters
                     .established_transitions;
@@ -914,7 +925,10 @@ fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
     );
     let mut rounds = 0;
     while received(&net) < prefixes.len() {
-        let unwritten = net.unwritten.remove(&(0, 0)).unwrap_or_default();
+        let unwritten = net
+            .unwritten
+            .remove(&(0, NeighborId(0)))
+            .unwrap_or_default();
         // One batch of 16k prefixes may cross the window: at most 10
         // bytes a /24 here, some 160 KB, on top of it.
         assert!(unwritten < WINDOW + 200_000, "{unwritten} bytes unwritten");
@@ -923,22 +937,24 @@ fn a_send_window_holds_updates_back_until_the_connection_has_taken_them() {
         let conn = net
             .conns
             .iter()
-            .find(|(_, ends)| ends.contains(&(0, 0)))
+            .find(|(_, ends)| ends.contains(&(0, NeighborId(0))))
             .map(|(c, _)| *c)
             .expect("connected");
-        net.speakers[0].written(now, 0, conn, unwritten);
+        net.speakers[0].written(now, NeighborId(0), conn, unwritten);
         net.pump();
         rounds += 1;
     }
     assert!(rounds > 1, "the window never held anything back");
     assert_eq!(
-        net.speakers[0].neighbor(0).map(|n| n.routes_exported),
+        net.speakers[0]
+            .neighbor(NeighborId(0))
+            .map(|n| n.routes_exported),
         Some(prefixes.len())
     );
 }
 
 /// Whether speaker `s`'s neighbour `n` saw the R bit (restarting) in our OPEN.
-fn sees_restart_bit(net: &Net, s: usize, n: usize) -> Option<bool> {
+fn sees_restart_bit(net: &Net, s: usize, n: NeighborId) -> Option<bool> {
     let status = net.speakers[s].neighbor(n)?;
     let gr = status.negotiated?.peer_open.graceful_restart()?.clone();
     Some(gr.restarting && gr.families.iter().all(|(_, forwarding)| *forwarding))
@@ -1001,11 +1017,19 @@ fn our_graceful_restart_ends_after_every_neighbours_end_of_rib() {
     net.speakers[0].begin_graceful_restart(now);
     assert!(net.speakers[0].graceful_restart_in_progress());
     net.start();
-    assert_eq!(sees_restart_bit(&net, 1, 0), Some(true), "R and F bits");
+    assert_eq!(
+        sees_restart_bit(&net, 1, NeighborId(0)),
+        Some(true),
+        "R and F bits"
+    );
     assert!(
-        net.signals[0]
-            .iter()
-            .any(|e| matches!(e, Event::EndOfRib { neighbor: 0, .. })),
+        net.signals[0].iter().any(|e| matches!(
+            e,
+            Event::EndOfRib {
+                neighbor: NeighborId(0),
+                ..
+            }
+        )),
         "b's End-of-RIB came"
     );
     assert_eq!(restart_over(&net, 0), vec![], "c's End-of-RIB is awaited");
@@ -1021,7 +1045,10 @@ fn our_graceful_restart_ends_after_every_neighbours_end_of_rib() {
             Some(Event::GracefulRestartOver(RestartEnd::EveryEndOfRib))
         ) && matches!(
             net.signals[0].iter().rev().nth(1),
-            Some(Event::EndOfRib { neighbor: 1, .. })
+            Some(Event::EndOfRib {
+                neighbor: NeighborId(1),
+                ..
+            })
         ),
         "right after the last End-of-RIB: {:?}",
         net.signals[0]
@@ -1035,7 +1062,7 @@ fn our_graceful_restart_ends_after_every_neighbours_end_of_rib() {
     net.cut("10.1.0.1", "10.1.0.2");
     net.down.clear();
     net.advance(Duration::from_secs(10));
-    assert_eq!(sees_restart_bit(&net, 1, 0), Some(false));
+    assert_eq!(sees_restart_bit(&net, 1, NeighborId(0)), Some(false));
     assert_eq!(restart_over(&net, 0).len(), 1, "over once");
 }
 
@@ -1075,7 +1102,11 @@ fn no_graceful_restart_without_graceful_restart_neighbours() {
     assert!(!net.speakers[0].graceful_restart_in_progress());
     net.start();
     assert_eq!(restart_over(&net, 0), vec![]);
-    assert_eq!(sees_restart_bit(&net, 1, 0), None, "no capability at all");
+    assert_eq!(
+        sees_restart_bit(&net, 1, NeighborId(0)),
+        None,
+        "no capability at all"
+    );
 }
 
 /// A border's upstream is ready once an eBGP session is up and what it
@@ -1119,7 +1150,7 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
             .collect()
     };
     // The iBGP neighbour's End-of-RIB, installed: not an upstream.
-    net.speakers[0].end_of_rib_installed(0);
+    net.speakers[0].end_of_rib_installed(NeighborId(0));
     net.pump();
     assert!(!net.speakers[0].upstream_ready());
     assert_eq!(upstream(&net), vec![]);
@@ -1127,13 +1158,17 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
     net.link(0, "172.30.0.100", 2, "172.30.0.1");
     net.advance(Duration::from_secs(6));
     assert!(
-        net.signals[0]
-            .iter()
-            .any(|e| matches!(e, Event::EndOfRib { neighbor: 1, .. })),
+        net.signals[0].iter().any(|e| matches!(
+            e,
+            Event::EndOfRib {
+                neighbor: NeighborId(1),
+                ..
+            }
+        )),
         "the ISP's End-of-RIB came"
     );
     assert!(!net.speakers[0].upstream_ready(), "not installed yet");
-    net.speakers[0].end_of_rib_installed(1);
+    net.speakers[0].end_of_rib_installed(NeighborId(1));
     net.pump();
     assert!(net.speakers[0].upstream_ready());
     assert_eq!(upstream(&net), vec![true]);
@@ -1142,7 +1177,7 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
     assert!(!net.speakers[0].upstream_ready());
     assert_eq!(upstream(&net), vec![true, false]);
     // A confirmation for a session that is gone changes nothing.
-    net.speakers[0].end_of_rib_installed(1);
+    net.speakers[0].end_of_rib_installed(NeighborId(1));
     net.pump();
     assert_eq!(upstream(&net), vec![true, false]);
 }

@@ -50,7 +50,7 @@ fn source_name(speaker: &Speaker, source: PathSource) -> String {
         PathSource::Static(i) => format!("static{i}"),
         PathSource::Connected => "connected".into(),
         PathSource::Kernel => "kernel".into(),
-        PathSource::Neighbor(n) => speaker.neighbor_name(n as usize).to_string(),
+        PathSource::Neighbor(n) => speaker.neighbor_name(n).to_string(),
     }
 }
 
@@ -87,9 +87,7 @@ fn path_json(speaker: &Speaker, p: &Path, best: bool, multipath: bool) -> Value 
         map.insert("best".into(), json!(best));
         map.insert("multipath".into(), json!(multipath));
         let from = match p.source {
-            PathSource::Neighbor(n) => speaker
-                .neighbor(n as usize)
-                .map(|s| s.config.address.to_string()),
+            PathSource::Neighbor(n) => speaker.neighbor(n).map(|s| s.config.address.to_string()),
             _ => None,
         };
         map.insert("from".into(), json!(from));

@@ -122,7 +122,7 @@ impl Connections {
             inbox: inbox.clone(),
             conns: HashMap::new(),
             connecting: HashMap::new(),
-            next_conn: 1,
+            next_conn: ConnId(1),
             next_attempt: 1,
             listeners,
             listener_sockets,
@@ -324,7 +324,7 @@ impl Connections {
 
     fn add_conn(&mut self, neighbor: NeighborId, stream: TcpStream) -> ConnId {
         let conn = self.next_conn;
-        self.next_conn += 1;
+        self.next_conn.0 += 1;
         let (read, write) = stream.into_split();
         let (writer, commands) = mpsc::unbounded_channel::<WriterCommand>();
         let credit = Arc::new(Semaphore::new(READ_AHEAD));
