@@ -1181,3 +1181,105 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
     net.pump();
     assert_eq!(upstream(&net), vec![true, false]);
 }
+
+/// `reconfigure` restarts a session only when its own parameters changed:
+/// of a router's three neighbours, the one with a new hold time is
+/// restarted (Cease / Other Configuration Change), the one with a new
+/// import policy gets a soft refresh on the same connection, and the one
+/// whose configuration is the same is not touched at all.
+#[test]
+fn reconfigure_restarts_only_the_sessions_whose_parameters_changed() {
+    let mut net = Net::new(vec![
+        speaker(
+            65000,
+            [10, 0, 0, 1],
+            vec![
+                neighbor("b", "10.1.0.2", 65001),
+                neighbor("c", "10.2.0.2", 65002),
+                neighbor("d", "10.3.0.2", 65003),
+            ],
+            &["192.0.2.0/24"],
+        ),
+        speaker(
+            65001,
+            [10, 0, 0, 2],
+            vec![neighbor("a", "10.1.0.1", 65000)],
+            &["198.51.100.0/24"],
+        ),
+        speaker(
+            65002,
+            [10, 0, 0, 3],
+            vec![neighbor("a", "10.2.0.1", 65000)],
+            &["203.0.113.0/24", "203.0.113.128/25"],
+        ),
+        speaker(
+            65003,
+            [10, 0, 0, 4],
+            vec![neighbor("a", "10.3.0.1", 65000)],
+            &["100.64.0.0/24"],
+        ),
+    ]);
+    net.link(0, "10.1.0.1", 1, "10.1.0.2");
+    net.link(0, "10.2.0.1", 2, "10.2.0.2");
+    net.link(0, "10.3.0.1", 3, "10.3.0.2");
+    net.start();
+    let (b, c, d) = (NeighborId(0), NeighborId(1), NeighborId(2));
+    let conn_of = |net: &Net, n: NeighborId| -> Option<ConnId> {
+        net.conns
+            .iter()
+            .find(|(_, ends)| ends.contains(&(0, n)))
+            .map(|(conn, _)| *conn)
+    };
+    let transitions = |net: &Net, s: usize, n: NeighborId| {
+        net.speakers[s]
+            .neighbor(n)
+            .map(|x| x.counters.established_transitions)
+    };
+    let before = [b, c, d].map(|n| conn_of(&net, n));
+    assert!(before.iter().all(Option::is_some), "all three are up");
+    assert!(net.best(0, "203.0.113.128/25").is_some());
+
+    let mut config = net.speakers[0].config().clone();
+    config.neighbors[0].hold_time = 30;
+    config.neighbors[1].import = Arc::new(Policy {
+        name: "no-more-specifics".into(),
+        rules: vec![Rule {
+            matches: Match {
+                prefixes: vec![PrefixRange::exact(pfx("203.0.113.0/24"))],
+                ..Match::default()
+            },
+            set: vec![],
+            verdict: Verdict::Accept,
+        }],
+        default: Verdict::Reject,
+    });
+    let now = net.now;
+    net.speakers[0].reconfigure(now, config);
+    net.pump();
+    net.advance(Duration::from_secs(5));
+
+    // b: a new connection, and b saw the session go and come back.
+    let after_b = conn_of(&net, b);
+    assert!(after_b.is_some() && after_b != before[0], "b reconnected");
+    assert_eq!(transitions(&net, 0, b), Some(2));
+    assert_eq!(transitions(&net, 1, NeighborId(0)), Some(2));
+    assert_eq!(
+        net.speakers[0]
+            .neighbor(b)
+            .and_then(|x| x.negotiated.map(|n| n.hold_time)),
+        Some(30)
+    );
+    // c: the same session, the new import policy applied.
+    assert_eq!(conn_of(&net, c), before[1], "c kept its connection");
+    assert_eq!(transitions(&net, 0, c), Some(1));
+    assert_eq!(transitions(&net, 2, NeighborId(0)), Some(1));
+    assert!(net.best(0, "203.0.113.128/25").is_none(), "filtered now");
+    assert!(net.best(0, "203.0.113.0/24").is_some());
+    // d: untouched.
+    assert_eq!(conn_of(&net, d), before[2], "d kept its connection");
+    assert_eq!(transitions(&net, 0, d), Some(1));
+    assert_eq!(transitions(&net, 3, NeighborId(0)), Some(1));
+    // Routes through the sessions that stayed never went away elsewhere.
+    assert!(net.best(3, "203.0.113.0/24").is_some());
+    assert!(net.best(2, "100.64.0.0/24").is_some());
+}
