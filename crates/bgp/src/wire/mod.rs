@@ -139,7 +139,7 @@ impl RefreshSubtype {
     }
 }
 
-/// A BGP message. UPDATEs are decoded separately, see [`Update::decode`].
+/// A BGP message. UPDATEs are decoded separately, see [`Update::decode_body`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Open(Open),

@@ -2,7 +2,7 @@
 //! WireGuard protocol of [`gotatun::noise`] (handshake, cookies, timers,
 //! transport sessions) for each peer.
 //!
-//! Three threads move packets, each a blocking loop:
+//! Four threads run the device, each a blocking loop:
 //! - **tun → udp** reads the TUN device with virtio-net offloads (one read
 //!   returns a TCP super-packet of up to 64 KiB that tun-rs splits into
 //!   segments), finds each packet's peer by destination in the allowed-IPs
@@ -12,6 +12,9 @@
 //!   decrypts, checks the inner source against the peer's allowed IPs, and
 //!   writes the batch to the TUN device, where tun-rs coalesces TCP segments
 //!   back into super-packets (GRO) so the kernel sees few large packets;
+//! - **handshake** takes handshake and cookie messages from the receive
+//!   thread's bounded queue and answers them, rate-limited (cookies under
+//!   load), so a flood of handshakes does not stall transport data;
 //! - **timers** calls each peer's timers every 100 ms (handshake retries,
 //!   rekey, keepalives) and prunes the session-index map.
 //!
