@@ -1,6 +1,8 @@
 //! The node agent (`bgp4mesh join`, the mesh part of `bgp4mesh run`) and
 //! the controller's HTTPS client (also used by the admin CLI).
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod client;
 

@@ -6,6 +6,8 @@
 //! them (`netid`, `addressrange`, `natEnabled`), so seed 004's curl calls
 //! work unchanged.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;

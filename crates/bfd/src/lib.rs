@@ -7,6 +7,8 @@
 //! [`Bfd::poll_event`]. Jitter comes from a small deterministic generator,
 //! so tests on virtual time are repeatable.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

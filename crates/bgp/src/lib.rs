@@ -5,6 +5,8 @@
 //! back (bytes to send, timers to arm, routes to install). That keeps every
 //! behaviour testable on virtual time, byte for byte.
 
+#![forbid(unsafe_code)]
+
 pub mod export_set;
 pub mod policy;
 pub mod rib;

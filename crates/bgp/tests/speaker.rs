@@ -1,6 +1,10 @@
 //! Speakers wired together in memory on virtual time: route propagation,
 //! policy, iBGP rules, and the seeds' scenarios, with no sockets.
 
+// Its helpers are test code too: a bad literal or a network that never
+// settles stops the test there.
+#![allow(clippy::expect_used, clippy::panic)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;

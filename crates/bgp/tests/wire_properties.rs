@@ -113,6 +113,10 @@ fn prefixes() -> impl Strategy<Value = Vec<IpNet>> {
     })
 }
 
+#[allow(
+    clippy::panic,
+    reason = "a test helper: a failed round trip fails the test"
+)]
 fn round_trip(update: &Update, codec: &Codec) -> Update {
     let bytes = Message::Update(Box::new(update.clone())).encode(codec);
     match decode_message(&bytes, codec) {

@@ -7,6 +7,8 @@
 //! what a previous run left ([`Fib::remove_stale`]). Requests are pipelined
 //! (many in flight) so a full table does not wait for one ACK at a time.
 
+#![forbid(unsafe_code)]
+
 pub mod links;
 pub mod nat;
 

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use ip_network::IpNetwork;
+use ip_network::{IpNetwork, Ipv4Network, Ipv6Network};
 use ip_network_table::IpNetworkTable;
 use ipnet::IpNet;
 
@@ -206,10 +206,18 @@ fn push(list: &mut List, net: IpNet) -> usize {
 }
 
 fn to_network(net: IpNet) -> IpNetwork {
-    // An ipnet prefix length is always valid for its family; the fallback
-    // only exists to avoid a panic path.
-    IpNetwork::new_truncate(net.addr(), net.prefix_len())
-        .unwrap_or_else(|_| IpNetwork::new_truncate(net.addr(), 0).expect("/0 is valid"))
+    // An ipnet prefix length is always valid for its family, so the
+    // fallback (the whole family) is never taken; it spares a panic path.
+    match net {
+        IpNet::V4(n) => IpNetwork::V4(
+            Ipv4Network::new_truncate(n.addr(), n.prefix_len())
+                .unwrap_or(Ipv4Network::DEFAULT_ROUTE),
+        ),
+        IpNet::V6(n) => IpNetwork::V6(
+            Ipv6Network::new_truncate(n.addr(), n.prefix_len())
+                .unwrap_or(Ipv6Network::DEFAULT_ROUTE),
+        ),
+    }
 }
 
 #[cfg(test)]
