@@ -65,6 +65,10 @@ pub enum Target {
     /// Forward via these gateways (more than one: ECMP). An IPv6 gateway for
     /// an IPv4 prefix is RFC 8950's case and needs Linux 5.2.
     Via(Vec<IpAddr>),
+    /// Via these gateways out of this interface: IPv6 link-local gateways,
+    /// which mean something only with their interface (a BGP session over
+    /// a link-local address, as DN42 peerings run).
+    ViaOn(Vec<IpAddr>, String),
     /// Out of this interface, no gateway.
     Device(String),
     Blackhole,
@@ -310,6 +314,27 @@ impl Fib {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 message.attributes.push(RouteAttribute::MultiPath(hops));
+            }
+            Target::ViaOn(gateways, _) if gateways.is_empty() => bail!("no gateway"),
+            Target::ViaOn(gateways, name) => {
+                let index = self.interface_index(name).await?;
+                let hops = gateways
+                    .iter()
+                    .map(|g| {
+                        RouteNextHopBuilder::new(family)
+                            .interface(index)
+                            .via(*g)
+                            .map(|b| b.build())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                match <[_; 1]>::try_from(hops) {
+                    Ok([hop]) => {
+                        message.attributes.extend(hop.attributes);
+                        message.attributes.push(RouteAttribute::Oif(index));
+                    }
+                    Err(hops) => message.attributes.push(RouteAttribute::MultiPath(hops)),
+                }
             }
         }
         Ok(message)

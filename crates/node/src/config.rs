@@ -221,6 +221,8 @@ pub struct NeighborSection {
     pub address: IpAddr,
     pub remote_as: u32,
     pub local_address: Option<IpAddr>,
+    /// The interface an IPv6 link-local `address` is on (its scope).
+    pub interface: Option<String>,
     /// TCP port of the neighbour.
     #[serde(default = "default_port")]
     pub port: u16,
@@ -488,6 +490,9 @@ pub struct BgpConfig {
 pub struct Transport {
     pub port: u16,
     pub local_address: Option<IpAddr>,
+    /// The interface of a link-local neighbour: the scope of its address
+    /// and of link-local next hops it sends.
+    pub interface: Option<String>,
     pub multihop: u8,
     pub ttl_security: bool,
     pub password: Option<String>,
@@ -791,6 +796,50 @@ fn build_rule(rule: &RuleSection) -> Result<Rule> {
     })
 }
 
+/// Whether `address` is IPv6 link-local (fe80::/10): it means something
+/// only with the interface it is on.
+pub fn is_link_local(address: IpAddr) -> bool {
+    matches!(address, IpAddr::V6(a) if a.is_unicast_link_local())
+}
+
+/// A link-local neighbour names its interface; `interface` is for
+/// link-local neighbours only.
+fn check_link_local(at: &str, n: &NeighborSection) -> Result<()> {
+    match (&n.interface, is_link_local(n.address)) {
+        (None, true) => bail!(
+            "{at}.interface: {} is link-local: say which interface it is on",
+            n.address
+        ),
+        (Some(_), false) => bail!(
+            "{at}.interface: only for a link-local (fe80::/10) address, not {}",
+            n.address
+        ),
+        (Some(name), true) => {
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains(['/', ' ', '%'])
+                || name == "."
+                || name == ".."
+            {
+                bail!("{at}.interface: {name:?} is not an interface name");
+            }
+        }
+        (None, false) => {}
+    }
+    if let Some(local) = n.local_address
+        && is_link_local(local) != is_link_local(n.address)
+    {
+        bail!(
+            "{at}.local_address: {local} and address {} must both be link-local or both not",
+            n.address
+        );
+    }
+    if n.interface.is_some() && n.password.is_some() {
+        bail!("{at}.password: TCP-MD5 is not supported on a link-local session");
+    }
+    Ok(())
+}
+
 fn build_bgp(
     bgp: BgpSection,
     policy_sections: &HashMap<String, PolicySection>,
@@ -902,6 +951,7 @@ fn build_bgp(
                 n.address
             );
         }
+        check_link_local(&at, &n)?;
         check_transport(&at, &n)?;
         let ebgp = n.remote_as != bgp.asn;
         let import = lookup(&format!("{at}.import"), &n.import, ebgp)?;
@@ -939,6 +989,7 @@ fn build_bgp(
         transport.push(Transport {
             port: n.port,
             local_address: n.local_address,
+            interface: n.interface.clone(),
             multihop: n.multihop,
             ttl_security: n.ttl_security,
             password: n.password.clone(),
@@ -1213,6 +1264,22 @@ table = 100
             (
                 neighbor("port = 0"),
                 "bgp.neighbor[0].port: 0 is not a port",
+            ),
+            (
+                neighbor("interface = \"wg0\""),
+                "bgp.neighbor[0].interface: only for a link-local (fe80::/10) address, not 10.0.0.2",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"fe80::3\"\nremote_as = 65001\n"
+                ),
+                "bgp.neighbor[0].interface: fe80::3 is link-local: say which interface it is on",
+            ),
+            (
+                format!(
+                    "{BASE}[[bgp.neighbor]]\nname = \"x\"\naddress = \"fe80::3\"\ninterface = \"wg0\"\nlocal_address = \"2001:db8::1\"\nremote_as = 65001\n"
+                ),
+                "bgp.neighbor[0].local_address: 2001:db8::1 and address fe80::3 must both be link-local or both not",
             ),
             (
                 format!(

@@ -2,7 +2,7 @@
 //! TTL for directly connected eBGP, GTSM (RFC 5082) and TCP-MD5 (RFC 2385).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -56,13 +56,44 @@ pub fn apply_options(socket: SockRef<'_>, peer: IpAddr, t: &Transport) -> io::Re
     Ok(())
 }
 
+/// The kernel's index of interface `name` (a link-local address's scope).
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not an interface name"),
+        ));
+    }
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .map_err(|e| io::Error::new(e.kind(), format!("interface {name}: {e}")))?;
+    text.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("interface {name}: ifindex {text:?}"),
+        )
+    })
+}
+
+/// `address` with its scope: the index of `interface` for an IPv6
+/// link-local address, unchanged otherwise.
+pub fn scoped(address: SocketAddr, interface: Option<&str>) -> io::Result<SocketAddr> {
+    match (address, interface) {
+        (SocketAddr::V6(v6), Some(name)) if v6.ip().is_unicast_link_local() => Ok(SocketAddr::V6(
+            SocketAddrV6::new(*v6.ip(), v6.port(), 0, interface_index(name)?),
+        )),
+        _ => Ok(address),
+    }
+}
+
 /// Connects to a neighbour from its configured source address.
 pub async fn connect(peer: SocketAddr, t: &Transport) -> io::Result<TcpStream> {
+    let peer = scoped(peer, t.interface.as_deref())?;
     let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(local) = t.local_address {
-        socket.bind(&SocketAddr::new(local, 0).into())?;
+        let local = scoped(SocketAddr::new(local, 0), t.interface.as_deref())?;
+        socket.bind(&local.into())?;
     }
     apply_options(SockRef::from(&socket), peer.ip(), t)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());

@@ -2,7 +2,8 @@
 //! made to match the neighbours with `bfd = true`. A session that leaves
 //! Up takes its BGP session down at once ([`Speaker::bfd_down`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ pub(super) struct BfdLink {
     sessions: bgp4mesh_bfd::Bfd,
     /// Senders for BFD control packets: IPv4, IPv6.
     senders: [Option<Arc<UdpSocket>>; 2],
+    /// Link-local peers' interfaces, as the scope to send with.
+    scopes: HashMap<IpAddr, u32>,
 }
 
 impl BfdLink {
@@ -28,6 +31,7 @@ impl BfdLink {
             inbox: inbox.clone(),
             sessions: bgp4mesh_bfd::Bfd::new(),
             senders: [None, None],
+            scopes: HashMap::new(),
         }
     }
 
@@ -59,6 +63,19 @@ impl BfdLink {
             })
             .collect();
         let wanted: Vec<IpAddr> = sessions.iter().map(|(a, _)| *a).collect();
+        self.scopes.clear();
+        for (n, t) in config.speaker.neighbors.iter().zip(&config.transport) {
+            if t.bfd
+                && let Some(interface) = &t.interface
+            {
+                match transport::interface_index(interface) {
+                    Ok(index) => {
+                        self.scopes.insert(n.address, index);
+                    }
+                    Err(e) => tracing::warn!("BFD to {}: {e}", n.name),
+                }
+            }
+        }
         for ipv6 in [false, true] {
             let slot = usize::from(ipv6);
             if self.senders[slot].is_none() && wanted.iter().any(|a| a.is_ipv6() == ipv6) {
@@ -86,7 +103,13 @@ impl BfdLink {
 
     fn send(&self, peer: IpAddr, bytes: &[u8]) {
         if let Some(socket) = &self.senders[usize::from(peer.is_ipv6())] {
-            let _ = socket.try_send_to(bytes, SocketAddr::new(peer, transport::BFD_PORT));
+            let to = match (peer, self.scopes.get(&peer)) {
+                (IpAddr::V6(v6), Some(scope)) => {
+                    SocketAddr::V6(SocketAddrV6::new(v6, transport::BFD_PORT, 0, *scope))
+                }
+                _ => SocketAddr::new(peer, transport::BFD_PORT),
+            };
+            let _ = socket.try_send_to(bytes, to);
         }
     }
 

@@ -200,6 +200,23 @@ impl Connections {
             tracing::info!("refused BGP connection from {peer}: not a configured neighbor");
             return;
         };
+        // A link-local address is the neighbour's only on its interface.
+        if let SocketAddr::V6(v6) = peer
+            && v6.ip().is_unicast_link_local()
+        {
+            let interface = self
+                .transport(speaker, neighbor)
+                .and_then(|t| t.interface.clone());
+            let index = interface.as_deref().map(transport::interface_index);
+            if !matches!(index, Some(Ok(i)) if i == v6.scope_id()) {
+                tracing::info!(
+                    "refused BGP connection from {peer}: {} is on interface {}",
+                    speaker.neighbor_name(neighbor),
+                    interface.as_deref().unwrap_or("?")
+                );
+                return;
+            }
+        }
         if let Some(t) = self.transport(speaker, neighbor).cloned()
             && let Err(e) = transport::apply_options(SockRef::from(&stream), peer_ip, &t)
         {

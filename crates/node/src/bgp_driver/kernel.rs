@@ -13,6 +13,7 @@ use bgp4mesh_bgp::speaker::{NextHopState, RouteChange, Speaker, StaticKind};
 use bgp4mesh_kernel::{Resolution, Resolver, Target};
 
 use super::{Inbound, Inbox};
+use crate::config::Transport;
 use crate::kernel_sync::{InKernel, KernelCommand};
 
 /// Where best-route changes go: the kernel, as a prefix and what it
@@ -79,8 +80,19 @@ impl KernelLink {
     }
 
     /// A best-route change, as the kernel should have it.
-    pub(super) fn route_changed(&mut self, speaker: &Speaker, change: &RouteChange) {
-        let target = kernel_target(speaker, change, self.install_static, &self.next_hops);
+    pub(super) fn route_changed(
+        &mut self,
+        speaker: &Speaker,
+        change: &RouteChange,
+        transports: &HashMap<String, Transport>,
+    ) {
+        let target = kernel_target(
+            speaker,
+            change,
+            self.install_static,
+            &self.next_hops,
+            transports,
+        );
         self.command(KernelCommand::Route(change.prefix, target));
     }
 
@@ -146,6 +158,7 @@ impl KernelLink {
         now: Instant,
         addr: IpAddr,
         resolution: Resolution,
+        transports: &HashMap<String, Transport>,
     ) {
         let Some(last) = self.next_hops.get_mut(&addr) else {
             return;
@@ -175,7 +188,7 @@ impl KernelLink {
                     best: entry.best().cloned(),
                     multipath: entry.multipath().to_vec(),
                 };
-                self.route_changed(speaker, &change);
+                self.route_changed(speaker, &change, transports);
             }
         }
     }
@@ -226,7 +239,13 @@ fn kernel_target(
     change: &RouteChange,
     install_static: bool,
     next_hops: &HashMap<IpAddr, Option<Resolution>>,
+    transports: &HashMap<String, Transport>,
 ) -> Option<Target> {
+    let interface_of = |id: NeighborId| {
+        transports
+            .get(speaker.neighbor_name(id))
+            .and_then(|t| t.interface.as_deref())
+    };
     let best = change.best.as_ref()?;
     match best.source {
         PathSource::Connected | PathSource::Kernel => None,
@@ -239,6 +258,10 @@ fn kernel_target(
         PathSource::Static(_) => None,
         PathSource::Neighbor(_) => {
             let mut gateways: Vec<IpAddr> = Vec::new();
+            // Link-local gateways, with the interface of the session
+            // they came over (the first such interface: ECMP over
+            // link-local gateways stays on one interface).
+            let mut on_link: Option<(&str, Vec<IpAddr>)> = None;
             for path in &change.multipath {
                 let Some(next_hop) = path.attrs.next_hop.as_ref() else {
                     continue;
@@ -255,14 +278,43 @@ fn kernel_target(
                     Some(gateway) => gateway,
                     None => match next_hop {
                         bgp4mesh_bgp::wire::NextHop::V4(a) => IpAddr::V4(*a),
+                        // Over a link-local session the global field may
+                        // be empty or link-local itself.
+                        bgp4mesh_bgp::wire::NextHop::V6 {
+                            global,
+                            link_local: Some(ll),
+                        } if global.is_unspecified() || global.is_unicast_link_local() => {
+                            IpAddr::V6(*ll)
+                        }
                         bgp4mesh_bgp::wire::NextHop::V6 { global, .. } => IpAddr::V6(*global),
                     },
                 };
+                if crate::config::is_link_local(hop) {
+                    let PathSource::Neighbor(id) = path.source else {
+                        continue;
+                    };
+                    let Some(interface) = interface_of(id) else {
+                        // Not a link-local session: no way to tell the
+                        // interface, and the kernel would refuse it.
+                        continue;
+                    };
+                    match &mut on_link {
+                        None => on_link = Some((interface, vec![hop])),
+                        Some((name, hops)) if *name == interface && !hops.contains(&hop) => {
+                            hops.push(hop)
+                        }
+                        Some(_) => {}
+                    }
+                    continue;
+                }
                 if !gateways.contains(&hop) {
                     gateways.push(hop);
                 }
             }
-            (!gateways.is_empty()).then_some(Target::Via(gateways))
+            if !gateways.is_empty() {
+                return Some(Target::Via(gateways));
+            }
+            on_link.map(|(interface, hops)| Target::ViaOn(hops, interface.to_string()))
         }
     }
 }

@@ -336,7 +336,8 @@ impl BgpDriver {
             Event::UnwatchNextHop(addr) => self.kernel.unwatch(addr),
             Event::Route(change) => {
                 self.mesh.route_changed(&self.speaker, &change);
-                self.kernel.route_changed(&self.speaker, &change);
+                self.kernel
+                    .route_changed(&self.speaker, &change, self.connections.transports());
             }
             Event::Log {
                 level: Level::Info,
@@ -372,9 +373,13 @@ impl BgpDriver {
             }
             Inbound::Written { conn, bytes } => self.connections.written(speaker, now, conn, bytes),
             Inbound::Closed { conn } => self.connections.closed(speaker, now, conn),
-            Inbound::Resolved { addr, resolution } => {
-                self.kernel.resolved(speaker, now, addr, resolution)
-            }
+            Inbound::Resolved { addr, resolution } => self.kernel.resolved(
+                speaker,
+                now,
+                addr,
+                resolution,
+                self.connections.transports(),
+            ),
             Inbound::Interfaces { prefixes } => speaker.set_connected(now, &prefixes),
             Inbound::KernelRoutes { routes } => speaker.set_kernel_routes(now, &routes),
             Inbound::InKernelUpTo { neighbor } => speaker.end_of_rib_installed(neighbor),
