@@ -27,6 +27,20 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// These flags, each one not given taken from `before` (the same flags
+    /// written before the command: `bgp4mesh --json node list`).
+    pub fn or(&self, before: &Remote) -> Remote {
+        Remote {
+            server: self.server.clone().or_else(|| before.server.clone()),
+            key: self.key.clone().or_else(|| before.key.clone()),
+            fingerprint: self
+                .fingerprint
+                .clone()
+                .or_else(|| before.fingerprint.clone()),
+            json: self.json || before.json,
+        }
+    }
+
     fn client(&self) -> Result<Client> {
         let server = self
             .server

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use bgp4mesh_node::config::{DEFAULT_CONTROL_SOCKET, NodeConfig};
 use bgp4mesh_node::control::{self, Request};
 use bgp4mesh_node::show;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc: a full table is a million small
 /// allocations (attribute sets, prefix lists, UPDATEs), and glibc's
@@ -47,33 +47,102 @@ mod wireguard_cmd;
                   WireGuard mesh run by a central control plane."
 )]
 struct Cli {
+    /// The commands' own options are also taken before the command
+    /// (`bgp4mesh -s SOCKET show protocols`, `bgp4mesh --json node
+    /// list`), as they always were; each command's help lists its own.
+    #[command(flatten)]
+    before: Before,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The options given before the command, hidden from `--help`.
+#[derive(Args)]
+struct Before {
+    #[arg(short = 's', long, hide = true)]
+    socket: Option<PathBuf>,
+    #[arg(short = 'c', long, hide = true)]
+    config: Option<PathBuf>,
+    #[arg(long, env = "BGP4MESH_SERVER", hide = true)]
+    server: Option<String>,
+    #[arg(long, env = "BGP4MESH_KEY", hide = true, hide_env_values = true)]
+    key: Option<String>,
+    #[arg(long, env = "BGP4MESH_FINGERPRINT", hide = true)]
+    fingerprint: Option<String>,
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
+impl Before {
+    fn remote(&self) -> admin::Remote {
+        admin::Remote {
+            server: self.server.clone(),
+            key: self.key.clone(),
+            fingerprint: self.fingerprint.clone(),
+            json: self.json,
+        }
+    }
+}
+
+/// How the commands that talk to the daemon find it.
+#[derive(Args, Clone, Default)]
+struct Daemon {
     /// Control socket of the running daemon (default: from -c FILE, else /run/bgp4mesh/bgp4mesh.sock)
     #[arg(short = 's', long, global = true)]
     socket: Option<PathBuf>,
-    /// Config file, to find the control socket
+    /// Config file (for the commands that talk to the daemon: to find its control socket)
     #[arg(short = 'c', long, global = true)]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    remote: admin::Remote,
-    #[command(subcommand)]
-    command: Command,
+}
+
+impl Daemon {
+    /// These, each one not given taken from before the command.
+    fn or(&self, before: &Before) -> Daemon {
+        Daemon {
+            socket: self.socket.clone().or_else(|| before.socket.clone()),
+            config: self.config.clone().or_else(|| before.config.clone()),
+        }
+    }
+}
+
+/// The config file only (run, check, server).
+#[derive(Args, Clone, Default)]
+struct ConfigFile {
+    /// Config file
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon in the foreground (logs to stderr)
     Run {
+        #[command(flatten)]
+        file: ConfigFile,
         /// Log level: error, warn, info, debug
         #[arg(long, default_value = "info")]
         log_level: String,
     },
     /// Check a config file and say what is wrong with it
-    Check,
+    Check {
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Show the daemon's state, like birdc's show
-    #[command(subcommand)]
-    Show(ShowCommand),
+    Show {
+        #[command(flatten)]
+        daemon: Daemon,
+        #[command(subcommand)]
+        what: ShowCommand,
+    },
+    /// A new WireGuard private key on stdout (base64, like `wg genkey`)
+    Genkey,
+    /// The public key of the private key read on stdin (like `wg pubkey`)
+    Pubkey,
     /// Act on a BGP neighbor (`bgp enable|disable|restart|refresh NEIGHBOR`), or `bgp reload` the config
     Bgp {
+        #[command(flatten)]
+        daemon: Daemon,
         #[arg(value_parser = ["enable", "disable", "restart", "refresh", "reload"])]
         action: String,
         neighbor: Option<String>,
@@ -89,6 +158,8 @@ enum Command {
     Bench(bgp4mesh_bench::BenchCommand),
     /// Run the controller: REST API, store, enrollment, push stream
     Server {
+        #[command(flatten)]
+        file: ConfigFile,
         /// Log level: error, warn, info, debug
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -115,17 +186,33 @@ enum Command {
         force: bool,
     },
     /// Networks on the controller (create, list, show, delete)
-    #[command(subcommand)]
-    Network(admin::NetworkCommand),
+    Network {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        command: admin::NetworkCommand,
+    },
     /// Enrollment tokens (create, list, delete)
-    #[command(subcommand)]
-    Token(admin::TokenCommand),
+    Token {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        command: admin::TokenCommand,
+    },
     /// Nodes (list, show, delete)
-    #[command(subcommand)]
-    Node(admin::NodeCommand),
+    Node {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        command: admin::NodeCommand,
+    },
     /// Egress gateways (create, list, delete)
-    #[command(subcommand)]
-    Gateway(admin::GatewayCommand),
+    Gateway {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        command: admin::GatewayCommand,
+    },
     /// A userspace WireGuard device with a `wg`-compatible UAPI socket, like wireguard-go
     /// (also run as `bgp4mesh-wireguard IFACE` through a symlink, for wg-quick)
     Wireguard {
@@ -164,6 +251,11 @@ enum ShowCommand {
     Bfd {
         #[arg(value_parser = ["sessions"])]
         what: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The `[[peering]]` tunnels: interface, keys, endpoint, handshake, transfer, session
+    Peerings {
         #[arg(long)]
         json: bool,
     },
@@ -220,20 +312,39 @@ fn main() -> ExitCode {
         args.insert(1, "wireguard".into());
     }
     let cli = Cli::parse_from(args);
+    let before = &cli.before;
+    let file = |f: &ConfigFile| Daemon {
+        socket: None,
+        config: f.config.clone(),
+    };
     let result = match &cli.command {
-        Command::Run { log_level } => run(&cli, log_level),
-        Command::Check => check(&cli),
-        Command::Show(ShowCommand::Protocols { words, json }) => show_protocols(&cli, words, *json),
-        Command::Show(ShowCommand::Route { words, json }) => show_route(&cli, words, *json),
-        Command::Show(ShowCommand::Bfd { json, .. }) => show_bfd(&cli, *json),
+        Command::Run { file: f, log_level } => run(&file(f).or(before), log_level),
+        Command::Check { file: f } => check(&file(f).or(before)),
+        Command::Show { daemon, what } => {
+            let cli = daemon.or(before);
+            match what {
+                ShowCommand::Protocols { words, json } => show_protocols(&cli, words, *json),
+                ShowCommand::Route { words, json } => show_route(&cli, words, *json),
+                ShowCommand::Bfd { json, .. } => show_bfd(&cli, *json),
+                ShowCommand::Peerings { json } => show_peerings(&cli, *json),
+            }
+        }
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
         Command::Bgp {
+            daemon,
             action,
             neighbor,
             message,
-        } => bgp_action(&cli, action, neighbor.as_deref(), message.clone()),
+        } => bgp_action(
+            &daemon.or(before),
+            action,
+            neighbor.as_deref(),
+            message.clone(),
+        ),
         Command::Bench(command) => bgp4mesh_bench::run(command),
-        Command::Server { log_level } => {
-            init_logs(log_level).and_then(|()| admin::server(config_path(&cli)?))
+        Command::Server { file: f, log_level } => {
+            init_logs(log_level).and_then(|()| admin::server(config_path(&file(f).or(before))?))
         }
         Command::Join {
             token,
@@ -254,10 +365,14 @@ fn main() -> ExitCode {
                 force: *force,
             },
         ),
-        Command::Network(c) => admin::network(&cli.remote, c),
-        Command::Token(c) => admin::token(&cli.remote, c),
-        Command::Node(c) => admin::node(&cli.remote, c),
-        Command::Gateway(c) => admin::gateway(&cli.remote, c),
+        Command::Network { remote, command } => {
+            admin::network(&remote.or(&before.remote()), command)
+        }
+        Command::Token { remote, command } => admin::token(&remote.or(&before.remote()), command),
+        Command::Node { remote, command } => admin::node(&remote.or(&before.remote()), command),
+        Command::Gateway { remote, command } => {
+            admin::gateway(&remote.or(&before.remote()), command)
+        }
         Command::Wireguard {
             interface,
             foreground,
@@ -286,7 +401,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn config_path(cli: &Cli) -> Result<&PathBuf> {
+fn config_path(cli: &Daemon) -> Result<&PathBuf> {
     cli.config
         .as_ref()
         .context("give the config file with -c FILE")
@@ -305,7 +420,7 @@ fn init_logs(log_level: &str) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: &Cli, log_level: &str) -> Result<()> {
+fn run(cli: &Daemon, log_level: &str) -> Result<()> {
     init_logs(log_level)?;
     // After `bgp4mesh join`, `bgp4mesh run` needs no config file.
     let joined = std::path::Path::new(bgp4mesh_agent::agent::DEFAULT_STATE_DIR);
@@ -315,7 +430,7 @@ fn run(cli: &Cli, log_level: &str) -> Result<()> {
     bgp4mesh_node::daemon::run(config_path(cli)?)
 }
 
-fn check(cli: &Cli) -> Result<()> {
+fn check(cli: &Daemon) -> Result<()> {
     let path = config_path(cli)?;
     let config = NodeConfig::load(path)?;
     for warning in config.bgp.iter().flat_map(|b| b.warnings.iter()) {
@@ -325,7 +440,7 @@ fn check(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn socket(cli: &Cli) -> Result<PathBuf> {
+fn socket(cli: &Daemon) -> Result<PathBuf> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
@@ -335,7 +450,7 @@ fn socket(cli: &Cli) -> Result<PathBuf> {
     Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET))
 }
 
-fn ask(cli: &Cli, request: Request) -> Result<serde_json::Value> {
+fn ask(cli: &Daemon, request: Request) -> Result<serde_json::Value> {
     let response = control::call(&socket(cli)?, &request)?;
     if !response.ok {
         bail!(
@@ -353,7 +468,7 @@ fn print_json(data: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn show_protocols(cli: &Cli, words: &[String], json: bool) -> Result<()> {
+fn show_protocols(cli: &Daemon, words: &[String], json: bool) -> Result<()> {
     let all = words.iter().any(|w| w == "all");
     let names: Vec<&String> = words.iter().filter(|w| *w != "all").collect();
     if names.len() > 1 {
@@ -372,7 +487,7 @@ fn show_protocols(cli: &Cli, words: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn show_route(cli: &Cli, words: &[String], json: bool) -> Result<()> {
+fn show_route(cli: &Daemon, words: &[String], json: bool) -> Result<()> {
     let all = words.iter().any(|w| w == "all");
     let rest: Vec<&String> = words.iter().filter(|w| *w != "all").collect();
     let request = match rest.as_slice() {
@@ -403,7 +518,7 @@ fn show_route(cli: &Cli, words: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn show_bfd(cli: &Cli, json: bool) -> Result<()> {
+fn show_bfd(cli: &Daemon, json: bool) -> Result<()> {
     let data = ask(cli, Request::ShowBfd)?;
     if json {
         return print_json(&data);
@@ -412,8 +527,38 @@ fn show_bfd(cli: &Cli, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn show_peerings(cli: &Daemon, json: bool) -> Result<()> {
+    let data = ask(cli, Request::ShowPeerings)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_peerings(&data));
+    Ok(())
+}
+
+/// `wg genkey`: a private key, base64, on stdout.
+fn genkey() -> Result<()> {
+    println!(
+        "{}",
+        bgp4mesh_wireguard::Key::generate_private().to_base64()
+    );
+    Ok(())
+}
+
+/// `wg pubkey`: the public key of the private key on stdin.
+fn pubkey() -> Result<()> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+        .context("reading the private key from stdin")?;
+    // The private key itself is never part of a message.
+    let key = bgp4mesh_wireguard::Key::from_base64(&text)
+        .map_err(|e| anyhow::anyhow!("stdin: {e} (a private key from `bgp4mesh genkey`)"))?;
+    println!("{}", key.public_key().to_base64());
+    Ok(())
+}
+
 fn bgp_action(
-    cli: &Cli,
+    cli: &Daemon,
     action: &str,
     neighbor: Option<&str>,
     message: Option<String>,

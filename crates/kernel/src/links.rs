@@ -56,6 +56,19 @@ impl Links {
             .with_context(|| format!("setting {name} up"))
     }
 
+    /// Deletes the link `name`; one that is gone already is fine.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let Ok(index) = self.index(name).await else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting {name}"))
+    }
+
     /// Makes the interface's addresses exactly `wanted` (IPv6 link-local
     /// addresses are left alone).
     pub async fn set_addresses(&self, name: &str, wanted: &[IpNet]) -> Result<()> {

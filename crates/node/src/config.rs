@@ -22,6 +22,9 @@ use bgp4mesh_bgp::wire::{Community, Family, LargeCommunity};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod peering;
+pub use peering::{MTU_RANGE, Peering, load_or_create_private_key, read_private_key};
+
 /// Default control socket of `bgp4mesh run`, used by `bgp4mesh show`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bgp4mesh/bgp4mesh.sock";
 
@@ -39,6 +42,9 @@ pub struct FileConfig {
     pub policy: HashMap<String, PolicySection>,
     /// The WireGuard mesh run by a controller (after `bgp4mesh join`).
     pub mesh: Option<MeshSection>,
+    /// WireGuard tunnels to single peers, each with a BGP neighbour.
+    #[serde(default)]
+    pub peering: Vec<peering::PeeringSection>,
 }
 
 /// `[mesh]`: where `bgp4mesh join` left its files, which interface, which
@@ -466,6 +472,8 @@ pub struct NodeConfig {
     pub bgp: Option<BgpConfig>,
     pub kernel: KernelSection,
     pub mesh: Option<MeshSection>,
+    /// `[[peering]]`: their neighbours are in `bgp` already.
+    pub peerings: Vec<Peering>,
 }
 
 /// What the BGP driver needs beyond the sans-IO speaker's config.
@@ -512,8 +520,20 @@ impl NodeConfig {
 
     /// Parses and checks a config's text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig> {
-        let file: FileConfig = toml::from_str(text)
+        let mut file: FileConfig = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        // Each peering's session is one more neighbour.
+        let (peerings, peering_neighbors) = peering::build(
+            std::mem::take(&mut file.peering),
+            file.bgp.as_ref(),
+            file.mesh.as_ref(),
+            &file.policy,
+            file.bfd,
+        )
+        .with_context(|| format!("{}", path.display()))?;
+        if let Some(bgp) = file.bgp.as_mut() {
+            bgp.neighbor.extend(peering_neighbors);
+        }
         let mut bgp = match file.bgp {
             Some(bgp) => Some(
                 build_bgp(bgp, &file.policy, file.bfd)
@@ -576,6 +596,7 @@ impl NodeConfig {
             bgp,
             kernel: file.kernel,
             mesh: file.mesh,
+            peerings,
         })
     }
 
@@ -591,6 +612,7 @@ impl NodeConfig {
                 state_dir: state_dir.to_path_buf(),
                 ..MeshSection::default()
             }),
+            peerings: Vec::new(),
         }
     }
 }

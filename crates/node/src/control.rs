@@ -62,6 +62,8 @@ pub enum Request {
     /// Re-read the config file and apply what changed.
     Reload,
     ShowBfd,
+    /// The `[[peering]]` tunnels and their sessions.
+    ShowPeerings,
     Shutdown,
 }
 

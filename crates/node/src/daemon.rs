@@ -11,6 +11,7 @@ use crate::bgp_driver::BgpDriver;
 use crate::config::NodeConfig;
 use crate::control::{self, ControlCall, Request};
 use crate::kernel_sync;
+use crate::peerings::Peerings;
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -172,7 +173,20 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             {
                 tracing::warn!("the mesh is not up after 10 s; starting BGP anyway");
             }
-            driver.run(calls).await;
+            // The peerings' tunnels first: their sessions start with BGP.
+            let peerings = Peerings::start(&config.peerings).await?;
+            let (driver_tx, driver_calls) = mpsc::channel::<ControlCall>(64);
+            let front = tokio::spawn(serve_peerings(
+                calls,
+                driver_tx,
+                peerings,
+                config.path.clone(),
+            ));
+            driver.run(driver_calls).await;
+            // The sessions are closed: the tunnels can go.
+            if let Ok(mut peerings) = front.await {
+                peerings.stop().await;
+            }
         }
         None => {
             if mesh.is_none() {
@@ -184,9 +198,9 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 // No BGP: no protocols to list (a mesh-only node), and
                 // nothing else to act on.
                 let response = match call.request {
-                    Request::ShowProtocols { name: None } | Request::Shutdown => {
-                        control::Response::ok(serde_json::json!([]))
-                    }
+                    Request::ShowProtocols { name: None }
+                    | Request::ShowPeerings
+                    | Request::Shutdown => control::Response::ok(serde_json::json!([])),
                     _ => control::Response::error("no [bgp] section in the config"),
                 };
                 let _ = call.reply.send(response);
@@ -212,6 +226,96 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         anyhow::bail!("the mesh stopped (see the log above)");
     }
     Ok(())
+}
+
+/// Stands between the control socket and the BGP task: answers `show
+/// peerings`, and on reload brings the peerings to the new config around
+/// the BGP driver's own reload (new tunnels before, removed ones after, so
+/// a removed session's Cease still goes through its tunnel). Everything
+/// else goes to the BGP task as it came. Gives the peerings back once the
+/// daemon is told to stop.
+async fn serve_peerings(
+    mut calls: mpsc::Receiver<ControlCall>,
+    driver: mpsc::Sender<ControlCall>,
+    mut peerings: Peerings,
+    config_path: std::path::PathBuf,
+) -> Peerings {
+    let ask = |request: Request| {
+        let driver = driver.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            if driver.send(ControlCall { request, reply }).await.is_err() {
+                return control::Response::error("the BGP task is gone");
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| control::Response::error("the BGP task is gone"))
+        }
+    };
+    while let Some(call) = calls.recv().await {
+        match call.request {
+            Request::ShowPeerings => {
+                let sessions = ask(Request::ShowProtocols { name: None }).await.data;
+                let list: Vec<serde_json::Value> = peerings
+                    .status()
+                    .into_iter()
+                    .map(|mut p| {
+                        let session = sessions
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|s| s["name"] == p["name"])
+                            .map(|s| {
+                                serde_json::json!({
+                                    "state": s["state"],
+                                    "up": s["up"],
+                                    "since": s["since"],
+                                    "info": s["info"],
+                                    "routes": s["routes"],
+                                })
+                            })
+                            .unwrap_or(serde_json::Value::Null);
+                        p["session"] = session;
+                        p
+                    })
+                    .collect();
+                let _ = call
+                    .reply
+                    .send(control::Response::ok(serde_json::Value::Array(list)));
+            }
+            Request::Reload => {
+                let response = match crate::config::NodeConfig::load(&config_path) {
+                    // The BGP task refuses it with its own words.
+                    Err(_) => ask(Request::Reload).await,
+                    Ok(new) => {
+                        let applied = peerings.apply(&new.peerings).await;
+                        let response = ask(Request::Reload).await;
+                        if response.ok {
+                            peerings.remove_absent(&new.peerings).await;
+                        }
+                        match applied {
+                            Err(e) if response.ok => control::Response::error(format!(
+                                "reloaded, but {e:#} (left out; the next reload tries again)"
+                            )),
+                            _ => response,
+                        }
+                    }
+                };
+                let _ = call.reply.send(response);
+            }
+            Request::Shutdown => {
+                let response = ask(Request::Shutdown).await;
+                let _ = call.reply.send(response);
+                break;
+            }
+            _ => {
+                if driver.send(call).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    peerings
 }
 
 /// Asks the daemon's main loop to stop (as `bgp4mesh` on the control socket

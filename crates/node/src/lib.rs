@@ -8,5 +8,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod kernel_sync;
+pub mod peerings;
 pub mod show;
 pub mod transport;

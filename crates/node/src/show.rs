@@ -25,7 +25,7 @@ fn wall_clock(at: Instant, now: Instant) -> (String, u64) {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC (civil-from-days, proleptic Gregorian).
-fn utc_text(unix: u64) -> String {
+pub(crate) fn utc_text(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let rem = unix % 86_400;
     let z = days + 719_468;
@@ -275,6 +275,65 @@ pub fn render_bfd(data: &Value) -> String {
             text(&s["since"]),
             text(&s["tx_interval_ms"]),
             text(&s["detection_time_ms"])
+        );
+    }
+    out
+}
+
+/// Bytes as `wg show` writes them: B, KiB, MiB, GiB.
+fn bytes_text(v: &Value) -> String {
+    let n = v.as_u64().unwrap_or(0);
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// Renders `show peerings`: one line per peering.
+pub fn render_peerings(data: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<12} {:<44} {:<22} {:<20} {:<23} {:<12} Routes",
+        "Name", "Interface", "Public key", "Endpoint", "Handshake", "Transfer rx/tx", "Session"
+    );
+    for p in data.as_array().into_iter().flatten() {
+        let session = &p["session"];
+        let routes = if session.is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "{} imported, {} exported",
+                text(&session["routes"]["imported"]),
+                text(&session["routes"]["exported"])
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<12} {:<44} {:<22} {:<20} {:<23} {:<12} {routes}",
+            text(&p["name"]),
+            text(&p["interface"]),
+            text(&p["public_key"]),
+            text(&p["endpoint"]),
+            if p["last_handshake"].is_null() {
+                "never".to_string()
+            } else {
+                text(&p["last_handshake"])
+            },
+            format!(
+                "{} / {}",
+                bytes_text(&p["rx_bytes"]),
+                bytes_text(&p["tx_bytes"])
+            ),
+            text(&session["state"]),
         );
     }
     out
