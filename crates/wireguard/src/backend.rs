@@ -77,7 +77,10 @@ impl AnyDevice {
         }
     }
 
-    /// Brings the device to `desired` (see [`plan_changes`]).
+    /// Brings the device to `desired` (see [`plan_changes`]). The userspace
+    /// device handshakes at once with each peer given a new endpoint
+    /// ([`Device::configure`]); the kernel module does on the first packet,
+    /// or when a persistent keepalive is on.
     pub fn configure(&self, desired: &DeviceConfig) -> io::Result<()> {
         match self {
             AnyDevice::Userspace(device, _) => device.configure(desired).map_err(to_io),
@@ -101,6 +104,17 @@ impl AnyDevice {
                     .collect();
                 Ok(())
             }
+        }
+    }
+
+    /// Handshakes with `peer` now if it has an endpoint and neither a
+    /// session nor a handshake under way ([`Device::handshake_now`]);
+    /// returns whether one was sent. The kernel module cannot be asked to:
+    /// always false there.
+    pub fn handshake_now(&self, peer: &crate::Key) -> bool {
+        match self {
+            AnyDevice::Userspace(device, _) => device.handshake_now(peer),
+            AnyDevice::Kernel { .. } => false,
         }
     }
 

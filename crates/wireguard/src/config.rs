@@ -108,6 +108,13 @@ pub struct DeviceStatus {
     /// The port actually bound (0 while the device has no socket).
     pub listen_port: u16,
     pub fwmark: u32,
+    /// Datagrams the device sent larger than the path to their endpoint
+    /// allows, for the kernel to fragment (the device's MTU is too large
+    /// for that path). Counted where the device learns it: a GSO send
+    /// refused as too large, and what it sends to that peer alone after
+    /// that; a lone datagram the kernel fragments unasked is not seen.
+    /// Always 0 for the kernel backend.
+    pub fragmented_datagrams: u64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -214,6 +221,7 @@ mod tests {
             public_key: None,
             listen_port: 51820,
             fwmark: 0,
+            fragmented_datagrams: 0,
             peers,
         }
     }

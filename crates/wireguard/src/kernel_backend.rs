@@ -162,6 +162,7 @@ pub fn status_from_replies(name: &str, replies: &[WireguardMessage]) -> DeviceSt
         public_key: None,
         listen_port: 0,
         fwmark: 0,
+        fragmented_datagrams: 0,
         peers: Vec::new(),
     };
     for reply in replies {

@@ -307,6 +307,7 @@ mod tests {
             public_key: None,
             listen_port: 51820,
             fwmark: 0,
+            fragmented_datagrams: 0,
             peers: vec![PeerStatus {
                 public_key: Key([3; 32]),
                 preshared_key: None,

@@ -369,6 +369,7 @@ mod tests {
                 public_key: None,
                 listen_port: 51820,
                 fwmark: 0,
+                fragmented_datagrams: 0,
                 peers: Vec::new(),
             }
         }

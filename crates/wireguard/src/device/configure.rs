@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gotatun::noise::Tunn;
@@ -23,15 +23,26 @@ use crate::uapi::UapiError;
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 impl Device {
-    /// Applies one change request (the UAPI `set=1` semantics).
+    /// Applies one change request (the UAPI `set=1` semantics). As in
+    /// wireguard-go, setting an endpoint starts no handshake: the peer
+    /// handshakes when it first has a packet to send, so a peer whose other
+    /// side is configured a moment later is not left waiting for a lost
+    /// handshake's retry (5 s). Turning a persistent keepalive on does
+    /// start one, as its first keepalive would.
     pub fn apply(&self, request: &SetRequest) -> Result<(), UapiError> {
-        self.shared.apply(request)
+        self.shared.apply(request, false)
     }
 
     /// Brings the device to `desired`, changing only what differs: peers
     /// whose key, preshared key and keepalive are unchanged keep their
     /// sessions; an endpoint is only set when the desired one changed, so a
     /// roamed peer is not pulled back on every reconcile.
+    ///
+    /// This is the daemon's API (the mesh agent, peerings) and it
+    /// handshakes eagerly: each peer given a new endpoint and without a
+    /// session gets a handshake initiation at once, so tunnels are up
+    /// before traffic needs them (the agent waits for these handshakes
+    /// before a border announces its routes). [`Device::apply`] does not.
     pub fn configure(&self, desired: &DeviceConfig) -> Result<(), UapiError> {
         let current = self.status();
         let configured_port = read(&self.shared.iface).listen_port;
@@ -41,12 +52,29 @@ impl Device {
         if request == SetRequest::default() {
             return Ok(());
         }
-        self.apply(&request)
+        self.shared.apply(&request, true)
+    }
+
+    /// Sends `peer` a handshake initiation now, unless it has no endpoint,
+    /// the device has no private key, or a handshake with it is under way
+    /// or done (its session stands). Returns whether one was sent. For a
+    /// caller that wants a tunnel up before traffic without
+    /// [`Device::configure`]'s reconciling.
+    pub fn handshake_now(&self, peer: &Key) -> bool {
+        let Some(peer) = read(&self.shared.iface).by_key.get(peer).cloned() else {
+            return false;
+        };
+        let Some(udp) = self.shared.udp() else {
+            return false;
+        };
+        self.shared.initiate(&peer, &udp)
     }
 }
 
 impl Shared {
-    fn apply(&self, request: &SetRequest) -> Result<(), UapiError> {
+    /// `eager`: peers given an endpoint handshake at once
+    /// ([`Device::configure`]), not only on their first packet.
+    fn apply(&self, request: &SetRequest, eager: bool) -> Result<(), UapiError> {
         let mut iface = self.iface.write().unwrap_or_else(PoisonError::into_inner);
         // The socket first: a port in use refuses the request before
         // anything else changed.
@@ -71,36 +99,51 @@ impl Shared {
             );
         }
         for change in &request.peers {
-            removed.extend(self.apply_peer(&mut iface, change));
+            removed.extend(self.apply_peer(&mut iface, change, eager));
         }
         self.forget(&mut iface, &removed);
-        // New endpoints get a handshake now rather than at the next timer
-        // tick: a peer that restarted holds a session we no longer have.
+        // Peers marked for it get a handshake now rather than at the next
+        // timer tick: a peer that restarted holds a session we no longer
+        // have.
         if let Some(udp) = self.udp() {
             for peer in &iface.peers {
-                let mut state = lock(&peer.state);
-                let Some(to) = state.endpoint else { continue };
-                if !std::mem::take(&mut state.initiate) {
-                    continue;
-                }
-                let Some(tunn) = state.tunn.as_mut() else {
-                    continue;
+                let initiate = {
+                    let mut state = lock(&peer.state);
+                    state.endpoint.is_some() && std::mem::take(&mut state.initiate)
                 };
-                if tunn.time_since_last_handshake().is_some() {
-                    continue;
-                }
-                if let Some(init) = tunn.format_handshake_initiation(false) {
-                    let init: WgKind = init.into();
-                    self.register_index(&init, peer);
-                    drop(state);
-                    let bytes: Packet = init.into();
-                    peer.tx_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    udp.send(self, to, &bytes, None);
+                if initiate {
+                    self.initiate(peer, &udp);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Sends `peer` a handshake initiation unless it has no endpoint or
+    /// key, or has a session or a handshake under way. Returns whether one
+    /// was sent.
+    fn initiate(&self, peer: &Arc<Peer>, udp: &Udp) -> bool {
+        let mut state = lock(&peer.state);
+        let Some(to) = state.endpoint else {
+            return false;
+        };
+        let Some(tunn) = state.tunn.as_mut() else {
+            return false;
+        };
+        if tunn.time_since_last_handshake().is_some() {
+            return false;
+        }
+        let Some(init) = tunn.format_handshake_initiation(false) else {
+            return false;
+        };
+        let init: WgKind = init.into();
+        self.register_index(&init, peer);
+        drop(state);
+        let bytes: Packet = init.into();
+        peer.tx_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        udp.send(self, to, &bytes, None);
+        true
     }
 
     fn rebind(&self, iface: &Interface, port: u16, fwmark: u32) -> Result<(), UapiError> {
@@ -225,7 +268,13 @@ impl Shared {
     }
 
     /// Applies one peer's change; returns the peer if it was removed.
-    fn apply_peer(&self, iface: &mut Interface, change: &PeerChange) -> Option<Arc<Peer>> {
+    /// `eager`: a new endpoint marks the peer for a handshake.
+    fn apply_peer(
+        &self,
+        iface: &mut Interface,
+        change: &PeerChange,
+        eager: bool,
+    ) -> Option<Arc<Peer>> {
         if change.remove {
             return self.remove_peer(iface, &change.public_key);
         }
@@ -252,6 +301,7 @@ impl Shared {
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
+                    gso_limit: AtomicUsize::new(usize::MAX),
                 });
                 iface.peers.push(Arc::clone(&peer));
                 iface.by_key.insert(change.public_key, Arc::clone(&peer));
@@ -269,10 +319,13 @@ impl Shared {
             }
             if let Some(endpoint) = change.endpoint {
                 state.endpoint = Some(endpoint);
-                state.initiate = true;
+                state.initiate |= eager;
             }
             if let Some(keepalive) = change.persistent_keepalive {
                 let keepalive = (keepalive > 0).then_some(keepalive);
+                // Turned on: its first keepalive goes now, which without
+                // a session is a handshake (wireguard-go does the same).
+                state.initiate |= keepalive.is_some() && state.keepalive.is_none();
                 state.keepalive = keepalive;
                 if let Some(tunn) = state.tunn.as_mut() {
                     tunn.set_persistent_keepalive(keepalive);

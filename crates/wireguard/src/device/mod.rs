@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
@@ -125,6 +125,9 @@ struct Shared {
     /// Written once, on stop; every wait also polls it.
     stop_fd: OwnedFd,
     stopping: AtomicBool,
+    /// Datagrams sent larger than the path to their endpoint allows, for
+    /// the kernel to fragment ([`DeviceStatus::fragmented_datagrams`]).
+    fragmented: AtomicU64,
 }
 
 struct Interface {
@@ -144,6 +147,10 @@ struct Peer {
     state: Mutex<PeerState>,
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
+    /// The largest datagram that may go out in a GSO run to this peer:
+    /// `usize::MAX` until a run was refused as larger than the path, then
+    /// one less than its segment size, until the timer thread forgets it.
+    gso_limit: AtomicUsize,
 }
 
 impl Owner for Arc<Peer> {
@@ -160,9 +167,10 @@ struct PeerState {
     /// Where packets go: the configured endpoint, or the address the peer
     /// last sent an authenticated packet from.
     endpoint: Option<SocketAddr>,
-    /// Start a handshake at the next timer tick: a peer just configured
-    /// with an endpoint. A restarted peer's old session is useless to the
-    /// other side, which would otherwise wait up to 15 s to notice.
+    /// Start a handshake as soon as the peer has an endpoint: a peer given
+    /// one by [`Device::configure`] (a restarted peer's old session is
+    /// useless to the other side, which would otherwise wait up to 15 s to
+    /// notice), or a persistent keepalive just turned on.
     initiate: bool,
 }
 
@@ -184,13 +192,17 @@ fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 }
 
 impl Device {
-    /// Creates the TUN interface (down, no address: addresses and routes are
-    /// the kernel module's or the operator's job), binds a UDP socket on a
-    /// free port and starts the packet threads.
+    /// Creates the TUN interface (down, no address, as wireguard-go leaves
+    /// it: bringing it up, addresses and routes are the caller's job, the
+    /// `kernel` crate's or the operator's), binds a UDP socket on a free
+    /// port and starts the packet threads.
     pub fn create(options: DeviceOptions) -> io::Result<Device> {
         let tun = tun_rs::DeviceBuilder::new()
             .name(&options.name)
             .mtu(options.mtu)
+            // tun-rs brings a new device up by default, and the kernel then
+            // gives it an IPv6 link-local address.
+            .enable(false)
             .offload(true)
             .build_sync()
             .map_err(|e| io::Error::new(e.kind(), format!("creating TUN {}: {e}", options.name)))?;
@@ -227,6 +239,7 @@ impl Device {
             handshakes,
             stop_fd,
             stopping: AtomicBool::new(false),
+            fragmented: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         let for_thread = Arc::clone(&shared);
@@ -423,6 +436,7 @@ impl Shared {
             public_key: iface.public.map(|p| Key(*p.as_bytes())),
             listen_port: self.udp().map_or(0, |u| u.port),
             fwmark: iface.fwmark,
+            fragmented_datagrams: self.fragmented.load(Ordering::Relaxed),
             peers,
         }
     }

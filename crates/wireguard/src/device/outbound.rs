@@ -14,6 +14,7 @@ use gotatun::tun::MtuWatcher;
 use tracing::{debug, info};
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::udp::SendOutcome;
 use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
 /// The largest UDP payload one GSO send may carry.
@@ -21,8 +22,18 @@ const GSO_MAX_BYTES: usize = 65_000;
 
 /// Encrypted datagrams waiting to go out as one GSO send: same endpoint,
 /// same size, except that the last one may be shorter.
+///
+/// The kernel fragments a single datagram larger than the path, but
+/// refuses a GSO send whose segments are (EMSGSIZE). Then the run goes out
+/// one datagram at a time, and the peer remembers the size
+/// ([`Peer::gso_limit`]): larger datagrams to it are sent alone from then
+/// on, without a refused send first, until the timer thread forgets the
+/// limit (the path may have grown).
 struct SendBatch {
     to: Option<SocketAddr>,
+    /// The peer the datagrams are for. Kept after a flush, so a run to the
+    /// same peer does not clone it again.
+    peer: Option<Arc<Peer>>,
     buf: Vec<u8>,
     segment: usize,
     count: usize,
@@ -33,6 +44,7 @@ impl SendBatch {
     fn new() -> SendBatch {
         SendBatch {
             to: None,
+            peer: None,
             buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_PACKET),
             segment: 0,
             count: 0,
@@ -40,7 +52,16 @@ impl SendBatch {
         }
     }
 
-    fn push(&mut self, shared: &Shared, udp: &Udp, to: SocketAddr, datagram: &[u8]) {
+    /// `gso_limit`: the peer's [`Peer::gso_limit`], read once per run.
+    fn push(
+        &mut self,
+        shared: &Shared,
+        udp: &Udp,
+        peer: &Arc<Peer>,
+        gso_limit: usize,
+        to: SocketAddr,
+        datagram: &[u8],
+    ) {
         if self.count > 0
             && (self.to != Some(to)
                 || self.closed
@@ -53,6 +74,14 @@ impl SendBatch {
         if self.count == 0 {
             self.to = Some(to);
             self.segment = datagram.len();
+            if !self.peer.as_ref().is_some_and(|p| Arc::ptr_eq(p, peer)) {
+                self.peer = Some(Arc::clone(peer));
+            }
+            if datagram.len() > gso_limit {
+                // Too big for the path: alone, for the kernel to fragment.
+                self.closed = true;
+                shared.fragmented.fetch_add(1, Ordering::Relaxed);
+            }
         } else if datagram.len() < self.segment {
             self.closed = true;
         }
@@ -65,12 +94,36 @@ impl SendBatch {
             && self.count > 0
         {
             let segment = (self.count > 1).then_some(self.segment);
-            udp.send(shared, to, &self.buf, segment);
+            if udp.send(shared, to, &self.buf, segment) == SendOutcome::SegmentTooBig {
+                self.too_big(shared, udp, to);
+            }
         }
         self.buf.clear();
         self.count = 0;
         self.closed = false;
         self.to = None;
+    }
+
+    /// The path to `to` is smaller than the batch's segments: remember it
+    /// for the peer and send the datagrams one by one.
+    #[cold]
+    fn too_big(&mut self, shared: &Shared, udp: &Udp, to: SocketAddr) {
+        if let Some(peer) = &self.peer {
+            let before = peer.gso_limit.swap(self.segment - 1, Ordering::Relaxed);
+            if before == usize::MAX {
+                info!(
+                    interface = %shared.name, peer = ?peer.public_key, %to,
+                    "datagrams of {} bytes are larger than the path: the kernel fragments them",
+                    self.segment
+                );
+            }
+        }
+        for datagram in self.buf.chunks(self.segment.max(1)) {
+            if datagram.len() == self.segment {
+                shared.fragmented.fetch_add(1, Ordering::Relaxed);
+            }
+            udp.send(shared, to, datagram, None);
+        }
     }
 }
 
@@ -156,6 +209,7 @@ fn encrypt_run(
     let Some(tunn) = state.tunn.as_mut() else {
         return;
     };
+    let gso_limit = peer.gso_limit.load(Ordering::Relaxed);
     let mut sent = 0u64;
     for (k, size) in sizes.iter().enumerate() {
         let packet = Packet::from_bytes(BytesMut::from(&bufs[first + k][..*size]));
@@ -164,7 +218,7 @@ fn encrypt_run(
                 if let Some(to) = endpoint {
                     let bytes: Packet = data.into();
                     sent += bytes.len() as u64;
-                    batch.push(shared, udp, to, &bytes);
+                    batch.push(shared, udp, peer, gso_limit, to, &bytes);
                 }
             }
             Some(handshake) => {

@@ -1,5 +1,6 @@
 //! The timer thread: each peer's protocol timers every tick (handshake
-//! retries, rekey, keepalives) and the pruning of the session-index map.
+//! retries, rekey, keepalives), the pruning of the session-index map, and
+//! forgetting the learnt GSO limits now and then (a path may grow).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,8 +11,14 @@ use tracing::{debug, info};
 
 use super::{Peer, Shared, TIMER_TICK, lock, read};
 
+/// How long a peer's GSO limit ([`Peer::gso_limit`]) holds before a full
+/// GSO run is tried again: one refused send per peer and period when the
+/// path stayed small.
+const GSO_LIMIT_KEPT: Duration = Duration::from_secs(60);
+
 pub(super) fn timers(shared: Arc<Shared>) {
     let mut last_prune = Instant::now();
+    let mut last_gso_reset = Instant::now();
     while !shared.stopping.load(Ordering::Relaxed) {
         shared.wait_readable(None, Some(TIMER_TICK));
         let udp = shared.udp();
@@ -50,6 +57,12 @@ pub(super) fn timers(shared: Arc<Shared>) {
             last_prune = Instant::now();
             let table = &shared.index_table;
             lock(&shared.by_index).retain(|index, _| table.in_use(*index));
+        }
+        if last_gso_reset.elapsed() >= GSO_LIMIT_KEPT {
+            last_gso_reset = Instant::now();
+            for peer in &read(&shared.iface).peers {
+                peer.gso_limit.store(usize::MAX, Ordering::Relaxed);
+            }
         }
     }
     info!(interface = %shared.name, "WireGuard device stopped");
