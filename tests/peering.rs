@@ -461,3 +461,60 @@ protocol bgp t{i} {{
     untouched("removing t2")?;
     Ok(())
 }
+
+/// A peering that cannot be made at start (its port is taken) stops `run`
+/// with the peering named, and leaves nothing: not the peerings made
+/// before it either.
+#[test]
+fn a_peering_that_cannot_be_made_leaves_nothing_behind() -> Result<()> {
+    if !can_run!(&["wg", "wireguard-go"],) {
+        return Ok(());
+    }
+    let lab = Lab::new("peering-half-way")?;
+    let vps = lab.add_node("vps")?;
+    // Someone else has UDP port 51822.
+    let other = WgDevice::start(&lab, &vps, "192.168.99.1/24", 51822)?;
+    let run_dir = lab.run_dir(&vps)?;
+    let (first, second) = (lab.unique_ifname("wg")?, lab.unique_ifname("wg")?);
+    let blocks: String = [(&first, 51821, "172.31.1"), (&second, 51822, "172.31.2")]
+        .iter()
+        .enumerate()
+        .map(|(i, (iface, port, net))| {
+            peering_block(
+                &format!("p{i}"),
+                iface,
+                &run_dir.join(format!("p{i}.key")).to_string_lossy(),
+                *port,
+                other.public_key(),
+                "192.0.2.1:51820",
+                &format!("{net}.1/30"),
+                &format!("{net}.2"),
+                "remote_as = 65002",
+            )
+        })
+        .collect();
+    let config = lab.write_config(
+        &vps,
+        "bgp4mesh.toml",
+        &format!(
+            "[control]\nsocket = {:?}\n[bgp]\nasn = 65001\nrouter_id = \"10.255.0.1\"\n{blocks}",
+            run_dir.join("bgp4mesh.sock")
+        ),
+    )?;
+    let proc = lab.spawn(
+        &vps,
+        "bgp4mesh",
+        &[BIN, "run", "-c", &config.to_string_lossy()],
+    )?;
+    wait_until(SETTLE, "run to stop", || {
+        ensure!(!lab.is_running(&proc), "still running");
+        Ok(())
+    })?;
+    let log = lab.log_tail(&proc, 20);
+    ensure!(log.contains("peering p1"), "{log}");
+    for iface in [&first, &second] {
+        let link = lab.try_exec(&vps, &["ip", "link", "show", iface])?;
+        ensure!(!link.success(), "{iface} left behind: {log}");
+    }
+    Ok(())
+}
