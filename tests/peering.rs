@@ -84,7 +84,26 @@ fn seed_000_vps_reaches_dn42_over_a_peering() -> Result<()> {
     if !can_run!(&["bird", "birdc", "ping", "wg", "wireguard-go"],) {
         return Ok(());
     }
-    let lab = Lab::new("peering-seed-000")?;
+    seed_000_over_a_peering(false)
+}
+
+/// Seed 000 as DN42 peers often run it: the session between the tunnel's
+/// IPv6 link-local addresses, IPv4 routes over it with link-local next
+/// hops (extended next hop, RFC 8950), installed via the tunnel.
+#[test]
+fn seed_000_over_a_link_local_session() -> Result<()> {
+    if !can_run!(&["bird", "birdc", "ping", "wg", "wireguard-go"],) {
+        return Ok(());
+    }
+    seed_000_over_a_peering(true)
+}
+
+fn seed_000_over_a_peering(link_local: bool) -> Result<()> {
+    let lab = Lab::new(if link_local {
+        "peering-seed-000-ll"
+    } else {
+        "peering-seed-000"
+    })?;
     let (vps, edge, dn42) = (
         lab.add_node("vps")?,
         lab.add_node("edge")?,
@@ -94,6 +113,9 @@ fn seed_000_vps_reaches_dn42_over_a_peering() -> Result<()> {
     let (e2, d) = lab.link(&edge, &dn42)?;
     // The edge's tunnel: wireguard-go, 10.132.0.2/30 (the seed's /30).
     let wg = WgDevice::start(&lab, &edge, "10.132.0.2/30", 51823)?;
+    if link_local {
+        lab.add_address(&edge, wg.ifname(), "fe80::2/64")?;
+    }
     let prefixes: Vec<String> = (0..60).map(|n| format!("172.20.{n}.0/24")).collect();
     let routes: String = prefixes
         .iter()
@@ -133,13 +155,31 @@ protocol bgp dn42 {
   ipv4 { import all; export none; };
 }
 protocol bgp vps {
-  local 10.132.0.2 as 4242421869;
-  neighbor 10.132.0.1 as 4242421869;
+  SESSION
   connect delay time 1; connect retry time 1; error wait time 1, 5;
-  ipv4 { next hop self; import all; export all; };
+  ipv4 { next hop self; EXTENDED import all; export all; };
 }
 "#
         .replace("DN42", &d.ipv4.to_string())
+        .replace(
+            "SESSION",
+            &if link_local {
+                format!(
+                    "local fe80::2 as 4242421869; neighbor fe80::1 % '{}' as 4242421869; direct;",
+                    wg.ifname()
+                )
+            } else {
+                "local 10.132.0.2 as 4242421869; neighbor 10.132.0.1 as 4242421869;".into()
+            },
+        )
+        .replace(
+            "EXTENDED",
+            if link_local {
+                "extended next hop on;"
+            } else {
+                ""
+            },
+        )
         .as_str(),
     )?;
     lab.enable_forwarding(&edge)?;
@@ -166,9 +206,21 @@ protocol bgp vps {
                 51821,
                 wg.public_key(),
                 &format!("{}:51823", e1.ipv4),
-                "10.132.0.1/30",
-                "10.132.0.2",
-                "remote_as = 4242421869",
+                if link_local {
+                    "10.132.0.1/30\", \"fe80::1/64"
+                } else {
+                    "10.132.0.1/30"
+                },
+                if link_local {
+                    "10.132.0.2\", \"fe80::2"
+                } else {
+                    "10.132.0.2"
+                },
+                if link_local {
+                    "remote_as = 4242421869\nsession = \"ipv6\"\nextended_next_hop = true"
+                } else {
+                    "remote_as = 4242421869"
+                },
             )
         ),
     )?;
@@ -180,25 +232,28 @@ protocol bgp vps {
     wg.set_peer(
         &public,
         Some(&format!("{}:51821", v.ipv4)),
-        &["0.0.0.0/0"],
+        &["0.0.0.0/0", "::/0"],
         None,
     )?;
 
     wait_until(SETTLE, "the DN42 prefixes in the VPS kernel", || {
         let v4 = kernel_routes(&lab, &vps, false)?;
         ensure!(v4.len() == prefixes.len(), "{} routes", v4.len());
-        ensure!(
-            v4.iter()
-                .all(|(_, gw)| gw == &vec!["10.132.0.2".to_string()]),
-            "{v4:?}"
-        );
+        if !link_local {
+            ensure!(
+                v4.iter()
+                    .all(|(_, gw)| gw == &vec!["10.132.0.2".to_string()]),
+                "{v4:?}"
+            );
+        }
         Ok(())
     })?;
     let detail = lab.exec(&vps, &["ip", "route", "show", "172.20.0.0/24"])?;
     ensure!(
         detail.contains("src 172.22.132.169")
             && detail.contains("proto bgp")
-            && detail.contains(&format!("dev {interface}")),
+            && detail.contains(&format!("dev {interface}"))
+            && (!link_local || detail.contains("via inet6 fe80::2")),
         "{detail}"
     );
     wait_until(SETTLE, "a ping into DN42", || {
