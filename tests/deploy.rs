@@ -1,7 +1,8 @@
 //! The container files of deploy/ (seed 004's compose layout): each
 //! compose file is accepted by Compose (`docker-compose config`, the
 //! Debian-packaged Compose; the docker CLI here has no compose plugin), and
-//! the entrypoint is valid shell.
+//! the entrypoint is valid shell; and the example node configs pass
+//! `bgp4mesh check`.
 
 use std::path::Path;
 use std::process::Command;
@@ -46,6 +47,40 @@ fn compose_files_are_accepted_by_compose() -> Result<()> {
         out.status.success(),
         "entrypoint.sh: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Every node config in deploy/examples is accepted by `bgp4mesh check`,
+/// as its comments tell the user to run it (server.toml is the
+/// controller's, checked when `bgp4mesh server` starts).
+#[test]
+fn example_node_configs_pass_check() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "toml") || path.ends_with("server.toml") {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_bgp4mesh"))
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "only {checked} examples found in {}",
+        dir.display()
     );
     Ok(())
 }
