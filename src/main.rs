@@ -238,12 +238,14 @@ enum ShowCommand {
     /// BGP sessions: `show protocols [all] [NAME]`
     Protocols {
         words: Vec<String>,
+        /// The daemon's JSON answer instead of the table
         #[arg(long)]
         json: bool,
     },
     /// Routes: `show route [PREFIX] [all]`, `show route export NEIGHBOR [all]`
     Route {
         words: Vec<String>,
+        /// The daemon's JSON answer instead of the table
         #[arg(long)]
         json: bool,
     },
@@ -251,11 +253,13 @@ enum ShowCommand {
     Bfd {
         #[arg(value_parser = ["sessions"])]
         what: Option<String>,
+        /// The daemon's JSON answer instead of the table
         #[arg(long)]
         json: bool,
     },
     /// The `[[peering]]` tunnels: interface, keys, endpoint, handshake, transfer, session
     Peerings {
+        /// The daemon's JSON answer instead of the table
         #[arg(long)]
         json: bool,
     },
