@@ -117,30 +117,7 @@ fn seed_000_over_a_peering(link_local: bool) -> Result<()> {
         lab.add_address(&edge, wg.ifname(), "fe80::2/64")?;
     }
     let prefixes: Vec<String> = (0..60).map(|n| format!("172.20.{n}.0/24")).collect();
-    let routes: String = prefixes
-        .iter()
-        .map(|p| format!("  route {p} blackhole;\n"))
-        .collect();
-    let _dn42_bird = Bird::start(
-        &lab,
-        &dn42,
-        &format!(
-            r#"
-router id 172.20.0.53;
-protocol device {{}}
-protocol static dn42 {{ ipv4;
-{routes}}}
-protocol bgp edge {{
-  local {d} as 4242420000;
-  neighbor {e2} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import none; export all; }};
-}}
-"#,
-            d = d.ipv4,
-            e2 = e2.ipv4
-        ),
-    )?;
+    let _dn42_bird = Bird::start(&lab, &dn42, &dn42_peer_bird(&prefixes, &d, &e2))?;
     let _edge_bird = Bird::start(
         &lab,
         &edge,

@@ -13,6 +13,26 @@ use bgp4mesh_lab::peers::{Bird, SessionState, WgDevice, best_route};
 use bgp4mesh_lab::{Lab, Node, Proc, can_run, wait_until};
 use common::*;
 
+/// Our site's LAN and the seed's policies: ISP#1 preferred (local-pref
+/// 200), only the friend's 192.168.42.0/23{23,32}, our LAN prepended 3
+/// times.
+const SITE: &str = r#"
+[[bgp.static]]
+prefix = "192.168.0.0/24"
+blackhole = true
+
+[policy.remi_in_isp1]
+rules = [
+  { match = { prefix = ["192.168.42.0/23{23,32}"] }, set = { local_pref = 200 }, action = "accept" },
+]
+
+[policy.remi_in]
+rules = [ { match = { prefix = ["192.168.42.0/23{23,32}"] }, action = "accept" } ]
+
+[policy.out_aspath]
+rules = [ { match = { source = ["static"] }, set = { prepend = 3 }, action = "accept" } ]
+"#;
+
 #[test]
 fn seed_002_preferred_isp_backup_and_prepend_with_a_bird_friend() -> Result<()> {
     if !can_run!(&["bird", "birdc"],) {
@@ -28,22 +48,7 @@ fn seed_002_preferred_isp_backup_and_prepend_with_a_bird_friend() -> Result<()> 
         64514,
         "192.168.0.1",
         &format!(
-            r#"{isp1}{isp2}
-[[bgp.static]]
-prefix = "192.168.0.0/24"
-blackhole = true
-
-[policy.remi_in_isp1]
-rules = [
-  {{ match = {{ prefix = ["192.168.42.0/23{{23,32}}"] }}, set = {{ local_pref = 200 }}, action = "accept" }},
-]
-
-[policy.remi_in]
-rules = [ {{ match = {{ prefix = ["192.168.42.0/23{{23,32}}"] }}, action = "accept" }} ]
-
-[policy.out_aspath]
-rules = [ {{ match = {{ source = ["static"] }}, set = {{ prepend = 3 }}, action = "accept" }} ]
-"#,
+            "{isp1}{isp2}{SITE}",
             isp1 = our_neighbor(
                 "remi-isp1",
                 r1.ipv4.into(),
@@ -313,25 +318,7 @@ error_wait = [1, 4]
         64514,
         "192.168.0.1",
         &format!(
-            r#"
-[[bgp.static]]
-prefix = "192.168.0.0/24"
-blackhole = true
-
-[kernel]
-prefsrc_ipv4 = "192.168.0.1"
-
-[policy.remi_in_isp1]
-rules = [
-  {{ match = {{ prefix = ["192.168.42.0/23{{23,32}}"] }}, set = {{ local_pref = 200 }}, action = "accept" }},
-]
-
-[policy.remi_in]
-rules = [ {{ match = {{ prefix = ["192.168.42.0/23{{23,32}}"] }}, action = "accept" }} ]
-
-[policy.out_aspath]
-rules = [ {{ match = {{ source = ["static"] }}, set = {{ prepend = 3 }}, action = "accept" }} ]
-{p1}{p2}"#,
+            "{SITE}\n[kernel]\nprefsrc_ipv4 = \"192.168.0.1\"\n{p1}{p2}",
             p1 = peering(
                 "remi-isp1",
                 &lab.unique_ifname("wg")?,

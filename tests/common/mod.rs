@@ -342,6 +342,31 @@ pub fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
     Ok(())
 }
 
+/// BIRD as seed 000's DN42 peer (AS 4242420000) at `d`, originating
+/// `prefixes` towards the edge at `e2` (AS 4242421869).
+pub fn dn42_peer_bird(prefixes: &[String], d: &Iface, e2: &Iface) -> String {
+    let routes: String = prefixes
+        .iter()
+        .map(|p| format!("  route {p} blackhole;\n"))
+        .collect();
+    format!(
+        r#"
+router id 172.20.0.53;
+protocol device {{}}
+protocol static dn42 {{ ipv4;
+{routes}}}
+protocol bgp edge {{
+  local {d} as 4242420000;
+  neighbor {e2} as 4242421869;
+  connect delay time 1; connect retry time 1;
+  ipv4 {{ import none; export all; }};
+}}
+"#,
+        d = d.ipv4,
+        e2 = e2.ipv4
+    )
+}
+
 /// Seed 000's chain: `dn42` (BIRD, AS 4242420000, originating `prefixes`)
 /// — `edge` (BIRD, AS 4242421869, next hop self towards the VPS; with
 /// `edge_kernel` it also installs what it learns) — `vps`, where the test
@@ -369,30 +394,7 @@ impl<'l> Dn42Chain<'l> {
         );
         let (v, e1) = lab.link(&vps, &edge)?;
         let (e2, d) = lab.link(&edge, &dn42)?;
-        let routes: String = prefixes
-            .iter()
-            .map(|p| format!("  route {p} blackhole;\n"))
-            .collect();
-        let dn42_bird = Bird::start(
-            lab,
-            &dn42,
-            &format!(
-                r#"
-router id 172.20.0.53;
-protocol device {{}}
-protocol static dn42 {{ ipv4;
-{routes}}}
-protocol bgp edge {{
-  local {d} as 4242420000;
-  neighbor {e2} as 4242421869;
-  connect delay time 1; connect retry time 1;
-  ipv4 {{ import none; export all; }};
-}}
-"#,
-                d = d.ipv4,
-                e2 = e2.ipv4
-            ),
-        )?;
+        let dn42_bird = Bird::start(lab, &dn42, &dn42_peer_bird(prefixes, &d, &e2))?;
         let kernel = if edge_kernel {
             "protocol kernel { ipv4 { export all; }; }"
         } else {
