@@ -263,6 +263,12 @@ enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The `[[wireguard]]` interfaces: public key, port, and per peer endpoint, handshake, transfer
+    Wireguard {
+        /// The daemon's JSON answer instead of the table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -331,6 +337,7 @@ fn main() -> ExitCode {
                 ShowCommand::Route { words, json } => show_route(&cli, words, *json),
                 ShowCommand::Bfd { json, .. } => show_bfd(&cli, *json),
                 ShowCommand::Peerings { json } => show_peerings(&cli, *json),
+                ShowCommand::Wireguard { json } => show_wireguard(&cli, *json),
             }
         }
         Command::Genkey => genkey(),
@@ -537,6 +544,15 @@ fn show_peerings(cli: &Daemon, json: bool) -> Result<()> {
         return print_json(&data);
     }
     print!("{}", show::render_peerings(&data));
+    Ok(())
+}
+
+fn show_wireguard(cli: &Daemon, json: bool) -> Result<()> {
+    let data = ask(cli, Request::ShowWireguard)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_wireguard(&data));
     Ok(())
 }
 

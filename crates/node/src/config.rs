@@ -23,7 +23,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod peering;
+mod wg_quick;
+mod wireguard;
 pub use peering::{MTU_RANGE, Peering, load_or_create_private_key, read_private_key};
+pub use wireguard::{KeySource, Wireguard, WireguardPeer, read_preshared_key};
 
 /// Default control socket of `bgp4mesh run`, used by `bgp4mesh show`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bgp4mesh/bgp4mesh.sock";
@@ -45,6 +48,9 @@ pub struct FileConfig {
     /// WireGuard tunnels to single peers, each with a BGP neighbour.
     #[serde(default)]
     pub peering: Vec<peering::PeeringSection>,
+    /// WireGuard interfaces with many peers (a wg-quick file's).
+    #[serde(default)]
+    pub wireguard: Vec<wireguard::WireguardSection>,
 }
 
 /// `[mesh]`: where `bgp4mesh join` left its files, which interface, which
@@ -474,6 +480,8 @@ pub struct NodeConfig {
     pub mesh: Option<MeshSection>,
     /// `[[peering]]`: their neighbours are in `bgp` already.
     pub peerings: Vec<Peering>,
+    /// `[[wireguard]]`.
+    pub wireguard: Vec<Wireguard>,
 }
 
 /// What the BGP driver needs beyond the sans-IO speaker's config.
@@ -534,6 +542,14 @@ impl NodeConfig {
         if let Some(bgp) = file.bgp.as_mut() {
             bgp.neighbor.extend(peering_neighbors);
         }
+        let wireguard = wireguard::build(
+            std::mem::take(&mut file.wireguard),
+            wireguard::Taken {
+                peerings: &peerings,
+                mesh: file.mesh.as_ref(),
+            },
+        )
+        .with_context(|| format!("{}", path.display()))?;
         let mut bgp = match file.bgp {
             Some(bgp) => Some(
                 build_bgp(bgp, &file.policy, file.bfd)
@@ -597,6 +613,7 @@ impl NodeConfig {
             kernel: file.kernel,
             mesh: file.mesh,
             peerings,
+            wireguard,
         })
     }
 
@@ -613,6 +630,7 @@ impl NodeConfig {
                 ..MeshSection::default()
             }),
             peerings: Vec::new(),
+            wireguard: Vec::new(),
         }
     }
 }
@@ -1090,6 +1108,26 @@ fn build_bgp(
     })
 }
 
+/// Each config text is refused with a message holding its expected text
+/// and naming the file (the config modules' tests).
+#[cfg(test)]
+pub(crate) fn assert_refused<'a>(cases: impl IntoIterator<Item = (String, &'a str)>) {
+    for (text, expected) in cases {
+        let message = format!(
+            "{:#}",
+            NodeConfig::parse(&text, Path::new("test.toml")).expect_err("must be refused")
+        );
+        assert!(
+            message.contains(expected),
+            "{expected:?} not in {message:?}"
+        );
+        assert!(
+            message.contains("test.toml"),
+            "the file is named: {message}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1173,7 +1211,7 @@ table = 100
 
     #[test]
     fn mistakes_name_the_field() {
-        for (text, expected) in [
+        crate::config::assert_refused([
             (format!("{BASE}routerid = 1\n"), "unknown field `routerid`"),
             (
                 format!(
@@ -1222,17 +1260,7 @@ table = 100
                 "bgp.asn",
             ),
             ("[kernel]\ntable = 255\n".to_string(), "kernel.table"),
-        ] {
-            let message = error(&text);
-            assert!(
-                message.contains(expected),
-                "{expected:?} not in {message:?}"
-            );
-            assert!(
-                message.contains("test.toml"),
-                "the file is named: {message}"
-            );
-        }
+        ]);
     }
 
     #[test]
@@ -1270,7 +1298,7 @@ table = 100
             )
         };
         let long_key = "k".repeat(100);
-        for (text, expected) in [
+        crate::config::assert_refused([
             (
                 neighbor(&format!("password = \"{long_key}\"")),
                 "test.toml: bgp.neighbor[0].password: the TCP-MD5 key is 100 bytes; Linux takes at most 80 (TCP_MD5SIG)",
@@ -1340,17 +1368,7 @@ table = 100
                 ),
                 "control.socket: /run/ddd",
             ),
-        ] {
-            let message = error(&text);
-            assert!(
-                message.contains(expected),
-                "{expected:?} not in {message:?}"
-            );
-            assert!(
-                message.contains("test.toml"),
-                "the file is named: {message}"
-            );
-        }
+        ]);
         // What is allowed still is: the longest key, GTSM over 254 hops,
         // IPv4 and IPv6 wildcards together, addresses on other ports.
         let key = "k".repeat(80);

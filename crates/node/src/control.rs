@@ -64,6 +64,8 @@ pub enum Request {
     ShowBfd,
     /// The `[[peering]]` tunnels and their sessions.
     ShowPeerings,
+    /// The `[[wireguard]]` interfaces and their peers.
+    ShowWireguard,
     Shutdown,
 }
 

@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bgp_driver::BgpDriver;
 use crate::config::NodeConfig;
 use crate::control::{self, ControlCall, Request};
+use crate::devices::{self, Devices};
 use crate::kernel_sync;
-use crate::peerings::Peerings;
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -173,41 +173,31 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             {
                 tracing::warn!("the mesh is not up after 10 s; starting BGP anyway");
             }
-            // The peerings' tunnels first: their sessions start with BGP.
-            let peerings = Peerings::start(&config.peerings).await?;
+            // The interfaces first: the peerings' sessions start with BGP,
+            // and a static route's device must be there.
+            let devices = Devices::start(&devices::specs(&config)).await?;
             let (driver_tx, driver_calls) = mpsc::channel::<ControlCall>(64);
-            let front = tokio::spawn(serve_peerings(
+            let front = tokio::spawn(serve_devices(
                 calls,
-                driver_tx,
-                peerings,
+                Some(driver_tx),
+                devices,
                 config.path.clone(),
             ));
             driver.run(driver_calls).await;
             // The sessions are closed: the tunnels can go.
-            if let Ok(mut peerings) = front.await {
-                peerings.stop().await;
+            if let Ok(mut devices) = front.await {
+                devices.stop().await;
             }
         }
         None => {
-            if mesh.is_none() {
-                tracing::warn!("no [bgp] or [mesh] section: nothing to run but the control socket");
+            if mesh.is_none() && config.wireguard.is_empty() {
+                tracing::warn!(
+                    "no [bgp], [mesh] or [[wireguard]] section: nothing to run but the control socket"
+                );
             }
-            let mut calls = calls;
-            while let Some(call) = calls.recv().await {
-                let stop = matches!(call.request, Request::Shutdown);
-                // No BGP: no protocols to list (a mesh-only node), and
-                // nothing else to act on.
-                let response = match call.request {
-                    Request::ShowProtocols { name: None }
-                    | Request::ShowPeerings
-                    | Request::Shutdown => control::Response::ok(serde_json::json!([])),
-                    _ => control::Response::error("no [bgp] section in the config"),
-                };
-                let _ = call.reply.send(response);
-                if stop {
-                    break;
-                }
-            }
+            let devices = Devices::start(&devices::specs(&config)).await?;
+            let mut devices = serve_devices(calls, None, devices, config.path.clone()).await;
+            devices.stop().await;
         }
     }
     let _ = mesh_stop.send(());
@@ -229,20 +219,32 @@ async fn run_async(config: NodeConfig) -> Result<()> {
 }
 
 /// Stands between the control socket and the BGP task: answers `show
-/// peerings`, and on reload brings the peerings to the new config around
-/// the BGP driver's own reload (new tunnels before, removed ones after, so
-/// a removed session's Cease still goes through its tunnel). Everything
-/// else goes to the BGP task as it came. Gives the peerings back once the
-/// daemon is told to stop.
-async fn serve_peerings(
+/// peerings` and `show wireguard`, and on reload brings the interfaces to
+/// the new config around the BGP driver's own reload (new ones before,
+/// removed ones after, so a removed session's Cease still goes through its
+/// tunnel). Everything else goes to the BGP task as it came; with no BGP
+/// task (no `[bgp]`), it answers what it can. Gives the interfaces back
+/// once the daemon is told to stop.
+async fn serve_devices(
     mut calls: mpsc::Receiver<ControlCall>,
-    driver: mpsc::Sender<ControlCall>,
-    mut peerings: Peerings,
+    driver: Option<mpsc::Sender<ControlCall>>,
+    mut devices: Devices,
     config_path: std::path::PathBuf,
-) -> Peerings {
+) -> Devices {
     let ask = |request: Request| {
         let driver = driver.clone();
         async move {
+            let Some(driver) = driver else {
+                // No BGP: no protocols to list (a mesh-only node), a
+                // reload is the interfaces' alone.
+                return match request {
+                    Request::ShowProtocols { name: None } | Request::Shutdown => {
+                        control::Response::ok(serde_json::json!([]))
+                    }
+                    Request::Reload => control::Response::ok(serde_json::Value::Null),
+                    _ => control::Response::error("no [bgp] section in the config"),
+                };
+            };
             let (reply, answer) = oneshot::channel();
             if driver.send(ControlCall { request, reply }).await.is_err() {
                 return control::Response::error("the BGP task is gone");
@@ -256,8 +258,8 @@ async fn serve_peerings(
         match call.request {
             Request::ShowPeerings => {
                 let sessions = ask(Request::ShowProtocols { name: None }).await.data;
-                let list: Vec<serde_json::Value> = peerings
-                    .status()
+                let list: Vec<serde_json::Value> = devices
+                    .peerings()
                     .into_iter()
                     .map(|mut p| {
                         let session = sessions
@@ -283,15 +285,21 @@ async fn serve_peerings(
                     .reply
                     .send(control::Response::ok(serde_json::Value::Array(list)));
             }
+            Request::ShowWireguard => {
+                let list = serde_json::Value::Array(devices.wireguard());
+                let _ = call.reply.send(control::Response::ok(list));
+            }
             Request::Reload => {
                 let response = match crate::config::NodeConfig::load(&config_path) {
                     // The BGP task refuses it with its own words.
-                    Err(_) => ask(Request::Reload).await,
+                    Err(_) if driver.is_some() => ask(Request::Reload).await,
+                    Err(e) => control::Response::error(format!("{e:#}")),
                     Ok(new) => {
-                        let applied = peerings.apply(&new.peerings).await;
+                        let wanted = devices::specs(&new);
+                        let applied = devices.apply(&wanted).await;
                         let response = ask(Request::Reload).await;
                         if response.ok {
-                            peerings.remove_absent(&new.peerings).await;
+                            devices.remove_absent(&wanted).await;
                         }
                         match applied {
                             Err(e) if response.ok => control::Response::error(format!(
@@ -308,14 +316,23 @@ async fn serve_peerings(
                 let _ = call.reply.send(response);
                 break;
             }
-            _ => {
-                if driver.send(call).await.is_err() {
-                    break;
+            request => match &driver {
+                Some(driver) => {
+                    let call = ControlCall {
+                        request,
+                        reply: call.reply,
+                    };
+                    if driver.send(call).await.is_err() {
+                        break;
+                    }
                 }
-            }
+                None => {
+                    let _ = call.reply.send(ask(request).await);
+                }
+            },
         }
     }
-    peerings
+    devices
 }
 
 /// Asks the daemon's main loop to stop (as `bgp4mesh` on the control socket

@@ -7,7 +7,7 @@ pub mod bgp_reader;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod devices;
 pub mod kernel_sync;
-pub mod peerings;
 pub mod show;
 pub mod transport;

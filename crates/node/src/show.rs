@@ -323,20 +323,77 @@ pub fn render_peerings(data: &Value) -> String {
             text(&p["interface"]),
             text(&p["public_key"]),
             text(&p["endpoint"]),
-            if p["last_handshake"].is_null() {
-                "never".to_string()
-            } else {
-                text(&p["last_handshake"])
-            },
-            format!(
-                "{} / {}",
-                bytes_text(&p["rx_bytes"]),
-                bytes_text(&p["tx_bytes"])
-            ),
+            handshake_text(p),
+            transfer_text(p),
             text(&session["state"]),
         );
     }
     out
+}
+
+/// Renders `show wireguard` like `wg show`: per interface its key and
+/// port, then a line per peer.
+pub fn render_wireguard(data: &Value) -> String {
+    let mut out = String::new();
+    for (i, w) in data.as_array().into_iter().flatten().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "interface: {} ({}, {})",
+            text(&w["interface"]),
+            text(&w["backend"]),
+            w["address"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| "no address".into())
+        );
+        let _ = writeln!(out, "  public key: {}", text(&w["public_key"]));
+        let _ = writeln!(out, "  listening port: {}", text(&w["listen_port"]));
+        if !w["config"].is_null() {
+            let _ = writeln!(out, "  config: {}", text(&w["config"]));
+        }
+        let _ = writeln!(
+            out,
+            "  {:<44} {:<22} {:<20} {:<23} Allowed IPs",
+            "Peer", "Endpoint", "Handshake", "Transfer rx/tx"
+        );
+        for p in w["peers"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {:<44} {:<22} {:<20} {:<23} {}",
+                text(&p["public_key"]),
+                text(&p["endpoint"]),
+                handshake_text(p),
+                transfer_text(p),
+                p["allowed_ips"]
+                    .as_array()
+                    .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+/// Bytes received and sent, `rx / tx`.
+fn transfer_text(p: &Value) -> String {
+    format!(
+        "{} / {}",
+        bytes_text(&p["rx_bytes"]),
+        bytes_text(&p["tx_bytes"])
+    )
+}
+
+/// The latest handshake's time, or `never`.
+fn handshake_text(p: &Value) -> String {
+    if p["last_handshake"].is_null() {
+        "never".to_string()
+    } else {
+        text(&p["last_handshake"])
+    }
 }
 
 fn text(v: &Value) -> String {

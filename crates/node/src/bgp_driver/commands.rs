@@ -50,9 +50,10 @@ impl BgpDriver {
             Request::Reload => self.reload(now).map(|()| serde_json::Value::Null),
             Request::ShowBfd => Ok(show::bfd_sessions(self.bfd.sessions(), &self.speaker, now)),
             Request::Shutdown => Ok(serde_json::Value::Null),
-            // The daemon answers it (it owns the peerings) before requests
-            // reach the BGP task.
+            // The daemon answers them (it owns the interfaces) before
+            // requests reach the BGP task.
             Request::ShowPeerings => Err("show peerings: answered by the daemon".into()),
+            Request::ShowWireguard => Err("show wireguard: answered by the daemon".into()),
         };
         match result {
             Ok(data) => Response::ok(data),
