@@ -1028,3 +1028,82 @@ fn created_link_is_down_without_addresses() -> Result<()> {
     }
     Ok(())
 }
+
+/// Sticky source: our device answers from the local address the peer
+/// sent to (a secondary address here, not the one the kernel would pick),
+/// as the kernel module and wireguard-go do; and when that address is
+/// removed, it forgets it and sends from the kernel's choice, so the
+/// tunnel goes on (docs/wireguard.md).
+fn sticky_source(right: WgImpl) -> Result<()> {
+    let lab = Lab::new(&format!("wg-sticky-{}", right.label()))?;
+    let (a, b) = (lab.add_node("left")?, lab.add_node("right")?);
+    let (left_link, right_link) = lab.link(&a, &b)?;
+    let l = WgDevice::start_with(&lab, &a, &ours(), &format!("{LEFT}/24"), 51820)?;
+    let r = WgDevice::start_with(&lab, &b, &right, &format!("{RIGHT}/24"), 51821)?;
+    let primary = left_link.ipv4;
+    let extra = std::net::Ipv4Addr::from(u32::from(primary) + 100);
+    lab.exec(
+        &a,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{extra}/24"),
+            "dev",
+            &left_link.name,
+        ],
+    )?;
+    l.set_peer(r.public_key(), None, &[&format!("{RIGHT}/32")], None)?;
+    r.set_peer(
+        l.public_key(),
+        Some(&format!("{extra}:51820")),
+        &[&format!("{LEFT}/32")],
+        None,
+    )?;
+    wait_ping(&lab, &b, LEFT)?;
+    lab.exec(&b, &["ping", "-c", "3", "-i", "0.2", "-q", LEFT])?;
+    // The right side roams to wherever our packets come from: still the
+    // address it sent to.
+    let view = peer_of(&r, l.public_key())?;
+    ensure!(
+        view.endpoint == Some(format!("{extra}:51820")),
+        "we answered from another address: {view:?}"
+    );
+
+    // The address goes: our next packets go from the primary one.
+    lab.exec(
+        &a,
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{extra}/24"),
+            "dev",
+            &left_link.name,
+        ],
+    )?;
+    wait_ping(&lab, &a, RIGHT)?;
+    let view = peer_of(&r, l.public_key())?;
+    ensure!(
+        view.endpoint == Some(format!("{primary}:51820")),
+        "after the address was removed: {view:?}"
+    );
+    let _ = right_link;
+    Ok(())
+}
+
+#[test]
+fn sticky_source_with_wireguard_go() -> Result<()> {
+    if !can_run!(NEEDS) {
+        return Ok(());
+    }
+    sticky_source(WgImpl::WireguardGo)
+}
+
+#[test]
+fn sticky_source_with_ours() -> Result<()> {
+    if !can_run!(NEEDS) {
+        return Ok(());
+    }
+    sticky_source(ours())
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gotatun::noise::Tunn;
@@ -124,7 +124,7 @@ impl Shared {
     /// was sent.
     fn initiate(&self, peer: &Arc<Peer>, udp: &Udp) -> bool {
         let mut state = lock(&peer.state);
-        let Some(to) = state.endpoint else {
+        let Some(to) = state.target(peer) else {
             return false;
         };
         let Some(tunn) = state.tunn.as_mut() else {
@@ -142,7 +142,7 @@ impl Shared {
         let bytes: Packet = init.into();
         peer.tx_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        udp.send(self, to, &bytes, None);
+        udp.send(self, to, Some(peer), &bytes, None);
         true
     }
 
@@ -297,11 +297,13 @@ impl Shared {
                         preshared_key: None,
                         keepalive: None,
                         endpoint: None,
+                        source: None,
                         initiate: false,
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
                     gso_limit: AtomicUsize::new(usize::MAX),
+                    source_refused: AtomicBool::new(false),
                 });
                 iface.peers.push(Arc::clone(&peer));
                 iface.by_key.insert(change.public_key, Arc::clone(&peer));
@@ -319,6 +321,9 @@ impl Shared {
             }
             if let Some(endpoint) = change.endpoint {
                 state.endpoint = Some(endpoint);
+                // A configured endpoint: the kernel picks the source until
+                // the peer's first packet says where it sends to.
+                state.source = None;
                 state.initiate |= eager;
             }
             if let Some(keepalive) = change.persistent_keepalive {

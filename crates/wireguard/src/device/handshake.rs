@@ -1,7 +1,6 @@
 //! The handshake thread: handshake and cookie messages from the receive
 //! thread's bounded queue, rate-limited (cookies under load).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -13,20 +12,21 @@ use gotatun::packet::{Packet, WgKind};
 use gotatun::tun::MtuWatcher;
 use tracing::debug;
 
-use super::{Interface, Shared, TIMER_TICK, Udp, lock, read};
+use super::udp::Target;
+use super::{Interface, Received, Shared, TIMER_TICK, Udp, lock, read};
 use crate::key::Key;
 
-pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<(SocketAddr, Vec<u8>)>) {
+pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
     let mut mtu = MtuWatcher::new(shared.mtu);
     while !shared.stopping.load(Ordering::Relaxed) {
-        let (from, datagram) = match queue.recv_timeout(TIMER_TICK) {
+        let received = match queue.recv_timeout(TIMER_TICK) {
             Ok(message) => message,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let Some(udp) = shared.udp() else { continue };
         let iface = read(&shared.iface);
-        receive_handshake(&shared, &iface, &udp, from, &datagram, &mut mtu);
+        receive_handshake(&shared, &iface, &udp, &received, &mut mtu);
     }
 }
 
@@ -34,10 +34,15 @@ fn receive_handshake(
     shared: &Shared,
     iface: &Interface,
     udp: &Udp,
-    from: SocketAddr,
-    datagram: &[u8],
+    received: &Received,
     mtu: &mut MtuWatcher,
 ) {
+    let (from, source, datagram) = (received.from, received.source, &received.datagram[..]);
+    // Answers go back from the address the message came to.
+    let back = Target {
+        to: from,
+        src: source,
+    };
     let (Some(limiter), Some(secret), Some(public)) =
         (&iface.rate_limiter, &iface.secret, &iface.public)
     else {
@@ -48,7 +53,7 @@ fn receive_handshake(
         Err(TunnResult::WriteToNetwork(cookie)) => {
             // Under load: answer with a cookie instead of doing the DH.
             let bytes: Packet = cookie.into();
-            udp.send(shared, from, &bytes, None);
+            udp.send(shared, back, None, &bytes, None);
             return;
         }
         Err(_) => return,
@@ -82,14 +87,14 @@ fn receive_handshake(
                 // The session is up: send what waited for it.
                 queued.extend(tunn.get_queued_packets(mtu).map(Packet::from));
             }
-            state.endpoint = Some(from);
+            state.learn(from, source);
             drop(state);
             let reply: Packet = reply.into();
             let mut sent = reply.len() as u64;
-            udp.send(shared, from, &reply, None);
+            udp.send(shared, back, Some(&peer), &reply, None);
             for packet in queued {
                 sent += packet.len() as u64;
-                udp.send(shared, from, &packet, None);
+                udp.send(shared, back, Some(&peer), &packet, None);
             }
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);

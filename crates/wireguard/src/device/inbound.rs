@@ -15,7 +15,10 @@ use quinn_udp::{RecvMeta, UdpSockRef};
 use tracing::debug;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::{Interface, MAX_PACKET, Peer, Shared, TIMER_TICK, Udp, lock, packet_address, read};
+use super::udp::{Source, Target};
+use super::{
+    Interface, MAX_PACKET, Peer, Received, Shared, TIMER_TICK, Udp, lock, packet_address, read,
+};
 
 /// Decrypted packets waiting to be written to the TUN device, each behind
 /// room for the virtio-net header.
@@ -93,9 +96,11 @@ pub(super) fn udp_to_tun(shared: Arc<Shared>) {
             let mut cache: Option<(u32, Arc<Peer>)> = None;
             for (m, buf) in meta[..n].iter().zip(&storage) {
                 let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                let source = Source::received(m.dst_ip, m.interface_index);
                 let stride = if m.stride == 0 { m.len } else { m.stride };
                 for datagram in buf[..m.len].chunks(stride.max(1)) {
-                    receive(&shared, &iface, &udp, from, datagram, &mut cache, &mut out);
+                    let to_us = (from, source);
+                    receive(&shared, &iface, &udp, to_us, datagram, &mut cache, &mut out);
                 }
             }
         }
@@ -108,7 +113,7 @@ fn receive(
     shared: &Shared,
     iface: &Interface,
     udp: &Udp,
-    from: SocketAddr,
+    (from, source): (SocketAddr, Option<Source>),
     datagram: &[u8],
     cache: &mut Option<(u32, Arc<Peer>)>,
     out: &mut TunBatch,
@@ -137,8 +142,9 @@ fn receive(
             TunnResult::WriteToTunnel(inner) => {
                 peer.rx_bytes
                     .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                // Roaming: the peer is wherever it last proved to be.
-                state.endpoint = Some(from);
+                // Roaming: the peer is wherever it last proved to be,
+                // and we answer from the address it sent to.
+                state.learn(from, source);
                 drop(state);
                 if inner.is_empty() {
                     return; // keepalive
@@ -155,7 +161,11 @@ fn receive(
             }
             TunnResult::WriteToNetwork(packet) => {
                 let bytes: Packet = packet.into();
-                udp.send(shared, from, &bytes, None);
+                let target = Target {
+                    to: from,
+                    src: source,
+                };
+                udp.send(shared, target, Some(&peer), &bytes, None);
             }
             TunnResult::Err(e) => {
                 debug!(interface = %shared.name, peer = ?peer.public_key, "data packet: {e:?}")
@@ -167,6 +177,10 @@ fn receive(
     if matches!(datagram.first(), Some(1..=3)) {
         // A full queue drops the message: the sender retries, and a flood
         // costs us only this copy.
-        let _ = shared.handshakes.try_send((from, datagram.to_vec()));
+        let _ = shared.handshakes.try_send(Received {
+            from,
+            source,
+            datagram: datagram.to_vec(),
+        });
     }
 }

@@ -65,6 +65,7 @@ use handshake::handshake_worker;
 use inbound::udp_to_tun;
 use outbound::tun_to_udp;
 use timers::timers;
+use udp::{Source, Target};
 
 /// WireGuard's default MTU: 1500 minus the IPv6, UDP and WireGuard overhead.
 pub const DEFAULT_MTU: u16 = 1420;
@@ -117,7 +118,7 @@ struct Shared {
     /// Handshake messages from the receive thread to the handshake thread.
     /// Bounded: under a flood the excess is dropped here, so data packets
     /// never wait behind Diffie-Hellman work or cookie replies.
-    handshakes: SyncSender<(SocketAddr, Vec<u8>)>,
+    handshakes: SyncSender<Received>,
     /// The network namespace the device was created in. A socket bound
     /// later (a new listen port) must live there too, whichever thread
     /// asks for it.
@@ -151,6 +152,10 @@ struct Peer {
     /// `usize::MAX` until a run was refused as larger than the path, then
     /// one less than its segment size, until the timer thread forgets it.
     gso_limit: AtomicUsize,
+    /// Set by a send whose source address the kernel refused (it was
+    /// removed): whoever next takes the peer's state forgets the source
+    /// ([`PeerState::target`]). An atomic, so a send needs no lock.
+    source_refused: AtomicBool,
 }
 
 impl Owner for Arc<Peer> {
@@ -167,11 +172,45 @@ struct PeerState {
     /// Where packets go: the configured endpoint, or the address the peer
     /// last sent an authenticated packet from.
     endpoint: Option<SocketAddr>,
+    /// The local address the peer's last authenticated packet came to, to
+    /// send from ("sticky source", as the kernel module and wireguard-go
+    /// keep it): `None` until one arrived, for a configured endpoint, and
+    /// after the kernel refused it (the address was removed).
+    source: Option<Source>,
     /// Start a handshake as soon as the peer has an endpoint: a peer given
     /// one by [`Device::configure`] (a restarted peer's old session is
     /// useless to the other side, which would otherwise wait up to 15 s to
     /// notice), or a persistent keepalive just turned on.
     initiate: bool,
+}
+
+impl PeerState {
+    /// Where the peer's packets go and from which address; forgets a
+    /// source the kernel refused since (one relaxed load in the common case).
+    fn target(&mut self, peer: &Peer) -> Option<Target> {
+        if peer.source_refused.load(Ordering::Relaxed) {
+            peer.source_refused.store(false, Ordering::Relaxed);
+            self.source = None;
+        }
+        self.endpoint.map(|to| Target {
+            to,
+            src: self.source,
+        })
+    }
+
+    /// The peer proved to be at `from`, having sent to our `source`.
+    fn learn(&mut self, from: SocketAddr, source: Option<Source>) {
+        self.endpoint = Some(from);
+        self.source = source;
+    }
+}
+
+/// A handshake message for the handshake thread: where it came from, the
+/// local address it came to, and its bytes.
+struct Received {
+    from: SocketAddr,
+    source: Option<Source>,
+    datagram: Vec<u8>,
 }
 
 struct Udp {
@@ -181,6 +220,9 @@ struct Udp {
     /// Bound to `[::]` with IPv4 mapped in, so IPv4 endpoints are sent
     /// to as `::ffff:a.b.c.d`.
     dual_stack: bool,
+    /// Set once the kernel refused a GSO send as unsupported (EIO/EINVAL
+    /// without a source): datagrams go one by one from then on.
+    gso_off: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

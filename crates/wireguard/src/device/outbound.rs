@@ -2,7 +2,6 @@
 //! sends runs of equal-sized datagrams with one UDP GSO `sendmsg`.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +13,7 @@ use gotatun::tun::MtuWatcher;
 use tracing::{debug, info};
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::udp::SendOutcome;
+use super::udp::{SendOutcome, Target};
 use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
 /// The largest UDP payload one GSO send may carry.
@@ -30,7 +29,7 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// on, without a refused send first, until the timer thread forgets the
 /// limit (the path may have grown).
 struct SendBatch {
-    to: Option<SocketAddr>,
+    to: Option<Target>,
     /// The peer the datagrams are for. Kept after a flush, so a run to the
     /// same peer does not clone it again.
     peer: Option<Arc<Peer>>,
@@ -59,14 +58,14 @@ impl SendBatch {
         udp: &Udp,
         peer: &Arc<Peer>,
         gso_limit: usize,
-        to: SocketAddr,
+        to: Target,
         datagram: &[u8],
     ) {
         if self.count > 0
             && (self.to != Some(to)
                 || self.closed
                 || datagram.len() > self.segment
-                || self.count >= udp.state.max_gso_segments()
+                || self.count >= udp.max_segments()
                 || self.buf.len() + datagram.len() > GSO_MAX_BYTES)
         {
             self.flush(shared, udp);
@@ -94,7 +93,8 @@ impl SendBatch {
             && self.count > 0
         {
             let segment = (self.count > 1).then_some(self.segment);
-            if udp.send(shared, to, &self.buf, segment) == SendOutcome::SegmentTooBig {
+            let peer = self.peer.as_deref();
+            if udp.send(shared, to, peer, &self.buf, segment) == SendOutcome::SegmentTooBig {
                 self.too_big(shared, udp, to);
             }
         }
@@ -107,12 +107,12 @@ impl SendBatch {
     /// The path to `to` is smaller than the batch's segments: remember it
     /// for the peer and send the datagrams one by one.
     #[cold]
-    fn too_big(&mut self, shared: &Shared, udp: &Udp, to: SocketAddr) {
+    fn too_big(&mut self, shared: &Shared, udp: &Udp, to: Target) {
         if let Some(peer) = &self.peer {
             let before = peer.gso_limit.swap(self.segment - 1, Ordering::Relaxed);
             if before == usize::MAX {
                 info!(
-                    interface = %shared.name, peer = ?peer.public_key, %to,
+                    interface = %shared.name, peer = ?peer.public_key, to = %to.to,
                     "datagrams of {} bytes are larger than the path: the kernel fragments them",
                     self.segment
                 );
@@ -122,7 +122,7 @@ impl SendBatch {
             if datagram.len() == self.segment {
                 shared.fragmented.fetch_add(1, Ordering::Relaxed);
             }
-            udp.send(shared, to, datagram, None);
+            udp.send(shared, to, self.peer.as_deref(), datagram, None);
         }
     }
 }
@@ -205,7 +205,7 @@ fn encrypt_run(
     batch: &mut SendBatch,
 ) {
     let mut state = lock(&peer.state);
-    let endpoint = state.endpoint;
+    let endpoint = state.target(peer);
     let Some(tunn) = state.tunn.as_mut() else {
         return;
     };
@@ -227,7 +227,7 @@ fn encrypt_run(
                     let bytes: Packet = handshake.into();
                     sent += bytes.len() as u64;
                     batch.flush(shared, udp);
-                    udp.send(shared, to, &bytes, None);
+                    udp.send(shared, to, Some(peer), &bytes, None);
                 }
             }
             None => {}

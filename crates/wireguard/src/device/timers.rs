@@ -25,7 +25,7 @@ pub(super) fn timers(shared: Arc<Shared>) {
         let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
         for peer in peers {
             let mut state = lock(&peer.state);
-            let endpoint = state.endpoint;
+            let endpoint = state.target(&peer);
             let initiate = std::mem::take(&mut state.initiate);
             let Some(tunn) = state.tunn.as_mut() else {
                 continue;
@@ -44,7 +44,7 @@ pub(super) fn timers(shared: Arc<Shared>) {
                         let bytes: Packet = packet.into();
                         peer.tx_bytes
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        udp.send(&shared, to, &bytes, None);
+                        udp.send(&shared, to, Some(&peer), &bytes, None);
                     }
                 }
                 Ok(None) => {}
