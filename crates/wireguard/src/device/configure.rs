@@ -304,6 +304,7 @@ impl Shared {
                     tx_bytes: AtomicU64::new(0),
                     gso_limit: AtomicUsize::new(usize::MAX),
                     source_refused: AtomicBool::new(false),
+                    early: Mutex::new(None),
                 });
                 iface.peers.push(Arc::clone(&peer));
                 iface.by_key.insert(change.public_key, Arc::clone(&peer));

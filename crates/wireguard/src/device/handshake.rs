@@ -12,12 +12,14 @@ use gotatun::packet::{Packet, WgKind};
 use gotatun::tun::MtuWatcher;
 use tracing::debug;
 
+use super::inbound::{TunBatch, deliver};
 use super::udp::Target;
 use super::{Interface, Received, Shared, TIMER_TICK, Udp, lock, read};
 use crate::key::Key;
 
 pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
     let mut mtu = MtuWatcher::new(shared.mtu);
+    let mut out = TunBatch::new();
     while !shared.stopping.load(Ordering::Relaxed) {
         let received = match queue.recv_timeout(TIMER_TICK) {
             Ok(message) => message,
@@ -26,7 +28,7 @@ pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
         };
         let Some(udp) = shared.udp() else { continue };
         let iface = read(&shared.iface);
-        receive_handshake(&shared, &iface, &udp, &received, &mut mtu);
+        receive_handshake(&shared, &iface, &udp, &received, &mut mtu, &mut out);
     }
 }
 
@@ -36,6 +38,7 @@ fn receive_handshake(
     udp: &Udp,
     received: &Received,
     mtu: &mut MtuWatcher,
+    out: &mut TunBatch,
 ) {
     let (from, source, datagram) = (received.from, received.source, &received.datagram[..]);
     // Answers go back from the address the message came to.
@@ -83,9 +86,24 @@ fn receive_handshake(
         TunnResult::WriteToNetwork(reply) => {
             shared.register_index(&reply, &peer);
             let mut queued: Vec<Packet> = Vec::new();
+            let mut early = Vec::new();
             if is_response {
-                // The session is up: send what waited for it.
+                // The session is up: send what waited for it, and take
+                // in what the peer sent on it before we knew it.
                 queued.extend(tunn.get_queued_packets(mtu).map(Packet::from));
+                if let Some(held) = lock(&peer.early).take() {
+                    for datagram in held.datagrams {
+                        let packet = Packet::from_bytes(BytesMut::from(&datagram[..]));
+                        if let Ok(data @ WgKind::Data(_)) = packet.try_into_wg()
+                            && let TunnResult::WriteToTunnel(inner) =
+                                tunn.handle_incoming_packet(data)
+                        {
+                            peer.rx_bytes
+                                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                            early.push(inner);
+                        }
+                    }
+                }
             }
             state.learn(from, source);
             drop(state);
@@ -99,6 +117,12 @@ fn receive_handshake(
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
             peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+            if !early.is_empty() {
+                for inner in &early {
+                    deliver(shared, iface, &peer, inner, out);
+                }
+                out.flush(shared);
+            }
         }
         TunnResult::Done => {
             peer.rx_bytes

@@ -10,25 +10,36 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use gotatun::noise::TunnResult;
+use gotatun::noise::errors::WireGuardError;
 use gotatun::packet::{Packet, WgKind};
 use quinn_udp::{RecvMeta, UdpSockRef};
+use std::time::Instant;
 use tracing::debug;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::udp::{Source, Target};
 use super::{
-    Interface, MAX_PACKET, Peer, Received, Shared, TIMER_TICK, Udp, lock, packet_address, read,
+    EARLY_DATA, EarlyData, Interface, MAX_PACKET, Peer, Received, Shared, TIMER_TICK, Udp, lock,
+    packet_address, read,
 };
 
 /// Decrypted packets waiting to be written to the TUN device, each behind
 /// room for the virtio-net header.
-struct TunBatch {
+pub(super) struct TunBatch {
     bufs: Vec<Vec<u8>>,
     used: usize,
     gro: GROTable,
 }
 
 impl TunBatch {
+    pub(super) fn new() -> TunBatch {
+        TunBatch {
+            bufs: Vec::new(),
+            used: 0,
+            gro: GROTable::default(),
+        }
+    }
+
     fn push(&mut self, shared: &Shared, packet: &[u8]) {
         if self.used == IDEAL_BATCH_SIZE {
             self.flush(shared);
@@ -44,7 +55,7 @@ impl TunBatch {
         self.used += 1;
     }
 
-    fn flush(&mut self, shared: &Shared) {
+    pub(super) fn flush(&mut self, shared: &Shared) {
         if self.used == 0 {
             return;
         }
@@ -63,11 +74,7 @@ pub(super) fn udp_to_tun(shared: Arc<Shared>) {
     let batch_size = quinn_udp::BATCH_SIZE;
     let mut storage: Vec<Vec<u8>> = (0..batch_size).map(|_| vec![0u8; MAX_PACKET]).collect();
     let mut meta = vec![RecvMeta::default(); batch_size];
-    let mut out = TunBatch {
-        bufs: Vec::new(),
-        used: 0,
-        gro: GROTable::default(),
-    };
+    let mut out = TunBatch::new();
     while !shared.stopping.load(Ordering::Relaxed) {
         let Some(udp) = shared.udp() else {
             shared.wait_readable(None, Some(TIMER_TICK));
@@ -146,18 +153,14 @@ fn receive(
                 // and we answer from the address it sent to.
                 state.learn(from, source);
                 drop(state);
-                if inner.is_empty() {
-                    return; // keepalive
-                }
-                let allowed = packet_address(&inner, false)
-                    .and_then(|src| iface.allowed.lookup(src))
-                    .is_some_and(|owner| Arc::ptr_eq(owner, &peer));
-                if allowed {
-                    out.push(shared, &inner);
-                } else {
-                    debug!(interface = %shared.name, peer = ?peer.public_key,
-                        "dropped a packet from a source outside the peer's allowed IPs");
-                }
+                deliver(shared, iface, &peer, &inner, out);
+            }
+            TunnResult::Err(WireGuardError::NoCurrentSession) => {
+                // Addressed to an index of ours (it is in the map) that
+                // has no session yet: our initiation's, answered by the
+                // peer, whose response is still in the handshake queue.
+                drop(state);
+                hold_early(&peer, datagram);
             }
             TunnResult::WriteToNetwork(packet) => {
                 let bytes: Packet = packet.into();
@@ -182,5 +185,43 @@ fn receive(
             source,
             datagram: datagram.to_vec(),
         });
+    }
+}
+
+/// A decrypted packet to the TUN device, if its source is one of the
+/// peer's allowed IPs (an empty one is a keepalive).
+pub(super) fn deliver(
+    shared: &Shared,
+    iface: &Interface,
+    peer: &Arc<Peer>,
+    inner: &[u8],
+    out: &mut TunBatch,
+) {
+    if inner.is_empty() {
+        return; // keepalive
+    }
+    let allowed = packet_address(inner, false)
+        .and_then(|src| iface.allowed.lookup(src))
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer));
+    if allowed {
+        out.push(shared, inner);
+    } else {
+        debug!(interface = %shared.name, peer = ?peer.public_key,
+            "dropped a packet from a source outside the peer's allowed IPs");
+    }
+}
+
+/// Keeps a data packet that came before the handshake response it needs
+/// ([`Peer::early`]); the handshake thread decrypts it once the response
+/// is in.
+#[cold]
+fn hold_early(peer: &Peer, datagram: &[u8]) {
+    let mut early = lock(&peer.early);
+    let held = early.get_or_insert_with(|| EarlyData {
+        since: Instant::now(),
+        datagrams: Vec::new(),
+    });
+    if held.datagrams.len() < EARLY_DATA {
+        held.datagrams.push(datagram.to_vec());
     }
 }

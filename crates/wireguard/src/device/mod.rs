@@ -156,7 +156,26 @@ struct Peer {
     /// removed): whoever next takes the peer's state forgets the source
     /// ([`PeerState::target`]). An atomic, so a send needs no lock.
     source_refused: AtomicBool,
+    /// Data that arrived for our handshake under way before its response
+    /// was through the handshake thread (crossing handshakes: the peer
+    /// answered our initiation and sends at once, while the answer waits
+    /// in the queue). Decrypted once the response is in; bounded
+    /// ([`EARLY_DATA`]), dropped after [`EARLY_DATA_KEPT`]. Only touched
+    /// when a data packet finds no session.
+    early: Mutex<Option<EarlyData>>,
 }
+
+/// Data packets held for a handshake response: when the first came, and
+/// their bytes.
+struct EarlyData {
+    since: std::time::Instant,
+    datagrams: Vec<Vec<u8>>,
+}
+
+/// At most this many data packets are held per peer for a response.
+const EARLY_DATA: usize = 128;
+/// Held data older than this is dropped (the response never came).
+const EARLY_DATA_KEPT: Duration = Duration::from_secs(1);
 
 impl Owner for Arc<Peer> {
     fn owner_key(&self) -> Key {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, info};
 
-use super::{Peer, Shared, TIMER_TICK, lock, read};
+use super::{EARLY_DATA_KEPT, Peer, Shared, TIMER_TICK, lock, read};
 
 /// How long a peer's GSO limit ([`Peer::gso_limit`]) holds before a full
 /// GSO run is tried again: one refused send per peer and period when the
@@ -57,6 +57,16 @@ pub(super) fn timers(shared: Arc<Shared>) {
             last_prune = Instant::now();
             let table = &shared.index_table;
             lock(&shared.by_index).retain(|index, _| table.in_use(*index));
+            // Data held for a response that never came.
+            for peer in &read(&shared.iface).peers {
+                let mut early = lock(&peer.early);
+                if early
+                    .as_ref()
+                    .is_some_and(|held| held.since.elapsed() >= EARLY_DATA_KEPT)
+                {
+                    *early = None;
+                }
+            }
         }
         if last_gso_reset.elapsed() >= GSO_LIMIT_KEPT {
             last_gso_reset = Instant::now();
