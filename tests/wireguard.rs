@@ -1029,6 +1029,58 @@ fn created_link_is_down_without_addresses() -> Result<()> {
     Ok(())
 }
 
+/// Private keys are clamped when set, as the kernel's selftest checks
+/// (netns.sh): a `wg genkey` key with its first character made `/` reads
+/// back from `wg show IFACE private-key` with `+` there, and the public
+/// key does not change. wireguard-go alongside, as the reference.
+#[test]
+fn private_key_is_clamped_when_set() -> Result<()> {
+    if !can_run!(NEEDS) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-clamp")?;
+    let node = lab.add_node("a")?;
+    for (k, implementation) in [ours(), WgImpl::WireguardGo].into_iter().enumerate() {
+        let label = implementation.label();
+        let address = format!("100.64.{k}.1/24");
+        let port = 51820 + k as u16;
+        let device = WgDevice::start_with(&lab, &node, &implementation, &address, port)?;
+        let key = lab.exec(&node, &["wg", "genkey"])?.trim().to_string();
+        let unclamped = format!("/{}", &key[1..]);
+        let file = lab
+            .run_dir(&node)?
+            .join(format!("{}.slash", device.ifname()));
+        std::fs::write(&file, format!("{unclamped}\n"))?;
+        let public_before = device.wg(&["show", device.ifname(), "public-key"])?;
+        device.wg(&[
+            "set",
+            device.ifname(),
+            "private-key",
+            &file.to_string_lossy(),
+        ])?;
+        let shown = device.wg(&["show", device.ifname(), "private-key"])?;
+        ensure!(
+            shown.trim() == format!("+{}", &key[1..]),
+            "{label}: set {unclamped}, shown {}",
+            shown.trim()
+        );
+        let public = device.wg(&["show", device.ifname(), "public-key"])?;
+        let expected = lab.exec_full(
+            &node,
+            &["wg", "pubkey"],
+            Some(unclamped.as_bytes()),
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            public.trim() == expected.stdout.trim() && public != public_before,
+            "{label}: public key {} after the set, wg pubkey says {}",
+            public.trim(),
+            expected.stdout.trim()
+        );
+    }
+    Ok(())
+}
+
 /// Sticky source: our device answers from the local address the peer
 /// sent to (a secondary address here, not the one the kernel would pick),
 /// as the kernel module and wireguard-go do; and when that address is

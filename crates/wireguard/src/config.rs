@@ -153,7 +153,10 @@ pub fn plan_changes(
     desired: &DeviceConfig,
 ) -> SetRequest {
     let mut request = SetRequest::default();
-    if current.private_key != desired.private_key {
+    // Both backends report the key clamped: an unclamped desired key that
+    // clamps to the current one is no change.
+    let private_key = desired.private_key.map(Key::clamped);
+    if current.private_key != private_key {
         request.private_key = Some(desired.private_key);
     }
     if configured_port != desired.listen_port {
@@ -217,7 +220,8 @@ mod tests {
     fn status(peers: Vec<PeerStatus>) -> DeviceStatus {
         DeviceStatus {
             name: "wg0".into(),
-            private_key: Some(Key([1; 32])),
+            // As the device reports it: clamped.
+            private_key: Some(Key([1; 32]).clamped()),
             public_key: None,
             listen_port: 51820,
             fwmark: 0,
@@ -259,6 +263,28 @@ mod tests {
         assert_eq!(
             plan_changes(&current, 51820, &endpoints, &desired),
             SetRequest::default()
+        );
+    }
+
+    /// The device reports its key clamped; the desired one need not be.
+    #[test]
+    fn an_unclamped_private_key_is_no_change_and_another_key_is() {
+        let current = status(Vec::new());
+        let mut desired = DeviceConfig {
+            private_key: Some(Key([1; 32])),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: Vec::new(),
+        };
+        let none = HashMap::new();
+        assert_eq!(
+            plan_changes(&current, 51820, &none, &desired).private_key,
+            None
+        );
+        desired.private_key = Some(Key([9; 32]));
+        assert_eq!(
+            plan_changes(&current, 51820, &none, &desired).private_key,
+            Some(Some(Key([9; 32])))
         );
     }
 

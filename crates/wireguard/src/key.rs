@@ -25,10 +25,24 @@ impl fmt::Display for KeyError {
 impl std::error::Error for KeyError {}
 
 impl Key {
-    /// A fresh private key from the operating system's random source.
+    /// A fresh private key from the operating system's random source,
+    /// clamped as `wg genkey` writes it.
     pub fn generate_private() -> Key {
         let secret = x25519::StaticSecret::random_from_rng(rand_core::OsRng);
-        Key(secret.to_bytes())
+        Key(secret.to_bytes()).clamped()
+    }
+
+    /// This private key clamped for X25519 (RFC 7748 §5): the low three
+    /// bits cleared, the top bit cleared and the next one set. The scalar
+    /// multiplication clamps anyway, so the public key is the same; the
+    /// kernel module and wireguard-go store and report a private key
+    /// clamped, and so does the device.
+    pub fn clamped(self) -> Key {
+        let mut k = self.0;
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        Key(k)
     }
 
     /// The public key of this private key.
@@ -134,6 +148,27 @@ mod tests {
             private.public_key().to_hex(),
             "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
         );
+    }
+
+    /// What the kernel's selftest checks (netns.sh): a key whose first
+    /// base64 character is `/` comes back as `+` (the low bits cleared),
+    /// with the same public key.
+    #[test]
+    fn clamping_follows_rfc_7748_and_keeps_the_public_key() {
+        let key = Key([0xff; 32]);
+        let clamped = key.clamped();
+        assert_eq!(clamped.0[0], 0xf8);
+        assert_eq!(clamped.0[31], 0x7f);
+        assert_eq!(clamped.0[1..31], key.0[1..31]);
+        assert_eq!(clamped.public_key(), key.public_key());
+        assert_eq!(clamped.clamped(), clamped);
+        let slash = Key::from_base64("/TOE4TKtAqVsePRVR+5AA43HkAK5DSntkOCO7nYq5xU=").expect("key");
+        assert_eq!(
+            slash.clamped().to_base64(),
+            "+DOE4TKtAqVsePRVR+5AA43HkAK5DSntkOCO7nYq51U="
+        );
+        let fresh = Key::generate_private();
+        assert_eq!(fresh, fresh.clamped());
     }
 
     #[test]

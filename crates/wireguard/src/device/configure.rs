@@ -180,7 +180,8 @@ impl Shared {
     }
 
     fn set_private_key(&self, iface: &mut Interface, key: Option<Key>) {
-        let secret = key.map(|k| x25519::StaticSecret::from(k.0));
+        // Stored and reported clamped, as the kernel and wireguard-go do.
+        let secret = key.map(|k| x25519::StaticSecret::from(k.clamped().0));
         let same = match (&secret, &iface.secret) {
             (Some(a), Some(b)) => a.to_bytes() == b.to_bytes(),
             (None, None) => true,
