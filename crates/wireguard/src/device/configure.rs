@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gotatun::noise::Tunn;
@@ -140,8 +140,6 @@ impl Shared {
         self.register_index(&init, peer);
         drop(state);
         let bytes: Packet = init.into();
-        peer.tx_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         udp.send(self, to, Some(peer), &bytes, None);
         true
     }

@@ -108,15 +108,12 @@ fn receive_handshake(
             state.learn(from, source);
             drop(state);
             let reply: Packet = reply.into();
-            let mut sent = reply.len() as u64;
             udp.send(shared, back, Some(&peer), &reply, None);
             for packet in queued {
-                sent += packet.len() as u64;
                 udp.send(shared, back, Some(&peer), &packet, None);
             }
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
             if !early.is_empty() {
                 for inner in &early {
                     deliver(shared, iface, &peer, inner, out);
@@ -124,10 +121,11 @@ fn receive_handshake(
                 out.flush(shared);
             }
         }
-        TunnResult::Done => {
-            peer.rx_bytes
-                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-        }
+        // A cookie reply taken in. Not counted: the kernel module and
+        // wireguard-go count received handshake messages and data, not
+        // cookies (it came for no session; under a flood, neither side
+        // would agree on how many).
+        TunnResult::Done => {}
         TunnResult::Err(e) => {
             debug!(interface = %shared.name, peer = ?peer.public_key, "handshake: {e:?}")
         }

@@ -210,14 +210,12 @@ fn encrypt_run(
         return;
     };
     let gso_limit = peer.gso_limit.load(Ordering::Relaxed);
-    let mut sent = 0u64;
     for (k, size) in sizes.iter().enumerate() {
         let packet = Packet::from_bytes(BytesMut::from(&bufs[first + k][..*size]));
         match tunn.handle_outgoing_packet(packet, Some(mtu)) {
             Some(WgKind::Data(data)) => {
                 if let Some(to) = endpoint {
                     let bytes: Packet = data.into();
-                    sent += bytes.len() as u64;
                     batch.push(shared, udp, peer, gso_limit, to, &bytes);
                 }
             }
@@ -225,7 +223,6 @@ fn encrypt_run(
                 shared.register_index(&handshake, peer);
                 if let Some(to) = endpoint {
                     let bytes: Packet = handshake.into();
-                    sent += bytes.len() as u64;
                     batch.flush(shared, udp);
                     udp.send(shared, to, Some(peer), &bytes, None);
                 }
@@ -233,5 +230,4 @@ fn encrypt_run(
             None => {}
         }
     }
-    peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
 }

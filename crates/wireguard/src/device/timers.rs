@@ -42,8 +42,6 @@ pub(super) fn timers(shared: Arc<Shared>) {
                     drop(state);
                     if let (Some(udp), Some(to)) = (&udp, endpoint) {
                         let bytes: Packet = packet.into();
-                        peer.tx_bytes
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                         udp.send(&shared, to, Some(&peer), &bytes, None);
                     }
                 }

@@ -129,6 +129,12 @@ impl Udp {
     /// ENETUNREACH: it was removed from this host) is left out and the datagrams go again
     /// with the source the kernel picks; `peer`'s source is then forgotten
     /// ([`Peer::source_refused`]), until its next packet teaches a new one.
+    ///
+    /// What the kernel took counts in `peer`'s `tx_bytes` (every datagram
+    /// of a GSO run, whole, headers included), as the kernel module and
+    /// wireguard-go count: what went out on the wire for the peer, whatever
+    /// it was (handshake, keepalive, data), and nothing the kernel refused.
+    /// A cookie reply is sent for no peer and counts nowhere, as theirs.
     pub(super) fn send(
         &self,
         shared: &Shared,
@@ -142,7 +148,13 @@ impl Udp {
         loop {
             attempts += 1;
             let error = match self.sendmsg(target.to, src, contents, segment) {
-                Ok(()) => return SendOutcome::Handed,
+                Ok(()) => {
+                    if let Some(peer) = peer {
+                        peer.tx_bytes
+                            .fetch_add(contents.len() as u64, Ordering::Relaxed);
+                    }
+                    return SendOutcome::Handed;
+                }
                 Err(e) => e,
             };
             match error.raw_os_error() {
