@@ -1100,6 +1100,91 @@ fn transfer_after_ten_pings_from_wireguard_go_to_ours() -> Result<()> {
     transfer_after_ten_pings(WgImpl::WireguardGo, ours())
 }
 
+/// Runs a command on the host (outside the lab's namespaces).
+fn host(cmd: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A namespace of this test's own, deleted when dropped (if the test
+/// did not delete it).
+struct ExtraNetns(String);
+
+impl Drop for ExtraNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A device ends with its interface (docs/wireguard.md): `bgp4mesh
+/// wireguard -f` exits within a second or two of `ip link del`, and its
+/// UAPI socket is gone; likewise when the interface was moved into
+/// another namespace and that namespace is deleted (as the kernel's
+/// selftest deletes the namespaces holding its devices).
+#[test]
+fn device_exits_when_its_interface_or_namespace_is_deleted() -> Result<()> {
+    if !can_run!(NEEDS) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-gone")?;
+    let node = lab.add_node("a")?;
+    let exits_with_its_socket = |device: &WgDevice, what: &str| -> Result<()> {
+        let socket = format!("/var/run/wireguard/{}.sock", device.ifname());
+        let started = Instant::now();
+        wait_until(
+            Duration::from_secs(2),
+            &format!("the exit after {what}"),
+            || {
+                ensure!(!lab.is_running(device.proc()), "still running");
+                ensure!(
+                    !std::path::Path::new(&socket).exists(),
+                    "{socket} is still there"
+                );
+                Ok(())
+            },
+        )?;
+        eprintln!("{what}: exited after {:?}", started.elapsed());
+        Ok(())
+    };
+
+    let device = WgDevice::start_with(&lab, &node, &ours(), "100.64.0.1/24", 51820)?;
+    lab.exec(&node, &["ip", "link", "del", device.ifname()])?;
+    exits_with_its_socket(&device, "ip link del")?;
+
+    let device = WgDevice::start_with(&lab, &node, &ours(), "100.64.0.1/24", 51821)?;
+    let other = ExtraNetns(format!("{}-gone", lab.id()));
+    host(&["ip", "netns", "add", &other.0])?;
+    host(&[
+        "ip",
+        "-n",
+        node.netns(),
+        "link",
+        "set",
+        device.ifname(),
+        "netns",
+        &other.0,
+    ])?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        lab.is_running(device.proc()),
+        "the device stopped when its interface moved: {}",
+        lab.log_tail(device.proc(), 10)
+    );
+    host(&["ip", "netns", "del", &other.0])?;
+    exits_with_its_socket(&device, "its namespace deleted")?;
+    Ok(())
+}
+
 /// Private keys are clamped when set, as the kernel's selftest checks
 /// (netns.sh): a `wg genkey` key with its first character made `/` reads
 /// back from `wg show IFACE private-key` with `+` there, and the public

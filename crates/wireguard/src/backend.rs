@@ -111,6 +111,20 @@ impl AnyDevice {
     /// session nor a handshake under way ([`Device::handshake_now`]);
     /// returns whether one was sent. The kernel module cannot be asked to:
     /// always false there.
+    /// True once the userspace device stopped because its interface was
+    /// deleted (or the namespace holding it): it does not come back, and
+    /// `status` and `configure` fail with `ENODEV` from then on; the owner
+    /// drops it, and makes a new one if it wants the interface again. Its
+    /// UAPI socket is already removed. Always false on the kernel backend,
+    /// whose link and configuration are the kernel's: there `status`
+    /// fails once the link is gone.
+    pub fn interface_gone(&self) -> bool {
+        match self {
+            AnyDevice::Userspace(device, _) => device.interface_gone(),
+            AnyDevice::Kernel { .. } => false,
+        }
+    }
+
     pub fn handshake_now(&self, peer: &crate::Key) -> bool {
         match self {
             AnyDevice::Userspace(device, _) => device.handshake_now(peer),
@@ -118,8 +132,13 @@ impl AnyDevice {
         }
     }
 
+    /// The device and its peers. An error once the interface is gone: on
+    /// the userspace backend `ENODEV` after the device stopped with its
+    /// interface ([`AnyDevice::interface_gone`]), on the kernel backend
+    /// whatever netlink answers for a deleted link (`ENODEV` too).
     pub fn status(&self) -> io::Result<DeviceStatus> {
         match self {
+            AnyDevice::Userspace(device, _) if !device.is_running() => Err(stopped(device)),
             AnyDevice::Userspace(device, _) => Ok(device.status()),
             AnyDevice::Kernel { device, .. } => device.status(),
         }
@@ -137,6 +156,21 @@ impl Drop for AnyDevice {
 
 fn to_io(e: crate::uapi::UapiError) -> io::Error {
     io::Error::from_raw_os_error(e.errno)
+}
+
+/// Why a stopped userspace device answers nothing.
+fn stopped(device: &Device) -> io::Error {
+    if device.interface_gone() {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{}: the interface is gone; the device stopped",
+                device.name()
+            ),
+        )
+    } else {
+        io::Error::other(format!("{}: the device is stopped", device.name()))
+    }
 }
 
 #[cfg(test)]

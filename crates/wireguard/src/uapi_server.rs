@@ -52,6 +52,7 @@ const LIMITS: Limits = Limits {
 
 pub struct UapiServer {
     path: PathBuf,
+    file: SocketFile,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -79,12 +80,20 @@ impl UapiServer {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
+        let file = SocketFile::of(&path)?;
+        let ours = file.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wg-uapi-{}", device.name()))
-            .spawn(move || accept_loop(listener, device))?;
+            .spawn(move || {
+                accept_loop(listener, &device);
+                // The device stopped (its interface deleted, say): `wg`
+                // must not find a socket that answers nothing.
+                ours.remove();
+            })?;
         info!(socket = %path.display(), "UAPI listening");
         Ok(UapiServer {
             path,
+            file,
             thread: Some(thread),
         })
     }
@@ -94,9 +103,40 @@ impl UapiServer {
     }
 }
 
+/// The socket file this server bound, known by inode, so that removing it
+/// never removes another daemon's socket of the same name bound since.
+#[derive(Clone)]
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        {
+            let _ = std::fs::remove_file(&self.path);
+            info!(socket = %self.path.display(), "UAPI socket removed");
+        }
+    }
+}
+
 impl Drop for UapiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.file.remove();
         if let Some(thread) = self.thread.take()
             && thread.is_finished()
         {
@@ -105,11 +145,11 @@ impl Drop for UapiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, device: Arc<Device>) {
+fn accept_loop(listener: UnixListener, device: &Arc<Device>) {
     while device.is_running() {
         match listener.accept() {
             Ok((stream, _)) => {
-                let device = Arc::clone(&device);
+                let device = Arc::clone(device);
                 let spawned = std::thread::Builder::new()
                     .name("wg-uapi-conn".into())
                     .spawn(move || {
@@ -122,13 +162,8 @@ fn accept_loop(listener: UnixListener, device: Arc<Device>) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut fd = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd on the stack for the call.
-                unsafe { libc::poll(&mut fd, 1, 500) };
+                // Wakes at once when the device stops.
+                device.wait_readable(listener.as_raw_fd(), Duration::from_secs(1));
             }
             Err(e) => {
                 warn!("UAPI accept: {e}");

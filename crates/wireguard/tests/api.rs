@@ -7,7 +7,8 @@ use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::peers::WgDevice;
 use bgp4mesh_lab::{Lab, can_run, wait_until};
 use bgp4mesh_wireguard::{
-    Device, DeviceConfig, DeviceOptions, Key, PeerChange, PeerConfig, SetRequest,
+    AnyDevice, Backend, Device, DeviceConfig, DeviceOptions, Key, PeerChange, PeerConfig,
+    SetRequest,
 };
 
 /// The device reports handshake times as "now minus age", so two readings
@@ -228,5 +229,51 @@ fn handshakes_when_asked_and_counts_fragmented_datagrams() -> Result<()> {
         fragmented > 1000,
         "{fragmented} fragmented datagrams counted"
     );
+    Ok(())
+}
+
+/// A device ends with its interface, as the node daemon sees it through
+/// `AnyDevice`: after `ip link del` the device stops within a second or
+/// two, says why (`interface_gone`), refuses `status` and `configure`
+/// with "not found" (ENODEV), and its UAPI socket is gone.
+#[test]
+fn any_device_stops_when_its_interface_is_deleted() -> Result<()> {
+    if !can_run("any_device_stops_when_its_interface_is_deleted", &["ip"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-api-gone")?;
+    let a = lab.add_node("ours")?;
+    let ifname = lab.unique_ifname("wg")?;
+    let device = lab.in_netns(&a, || {
+        AnyDevice::create(DeviceOptions::new(&ifname), Backend::Userspace)
+    })??;
+    let socket = std::path::Path::new(bgp4mesh_wireguard::uapi_server::SOCKET_DIR)
+        .join(format!("{ifname}.sock"));
+    ensure!(socket.exists(), "no UAPI socket {}", socket.display());
+    lab.exec(&a, &["ip", "link", "set", &ifname, "up"])?;
+    let desired = DeviceConfig {
+        private_key: Some(Key::generate_private()),
+        listen_port: 0,
+        fwmark: 0,
+        peers: Vec::new(),
+    };
+    device.configure(&desired)?;
+    ensure!(device.status().is_ok() && !device.interface_gone());
+
+    lab.exec(&a, &["ip", "link", "del", &ifname])?;
+    let deleted = std::time::Instant::now();
+    wait_until(Duration::from_secs(2), "the device to stop", || {
+        ensure!(device.interface_gone(), "still running");
+        ensure!(!socket.exists(), "{} is still there", socket.display());
+        Ok(())
+    })?;
+    eprintln!("stopped {:?} after the link was deleted", deleted.elapsed());
+    let err = device.status().err().context("status of a gone device")?;
+    ensure!(err.kind() == std::io::ErrorKind::NotFound, "{err}");
+    let err = device
+        .configure(&desired)
+        .err()
+        .context("configure of a gone device")?;
+    ensure!(err.raw_os_error() == Some(libc::ENODEV), "{err}");
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gotatun::noise::Tunn;
@@ -44,6 +44,7 @@ impl Device {
     /// before traffic needs them (the agent waits for these handshakes
     /// before a border announces its routes). [`Device::apply`] does not.
     pub fn configure(&self, desired: &DeviceConfig) -> Result<(), UapiError> {
+        self.shared.check_running()?;
         let current = self.status();
         let configured_port = read(&self.shared.iface).listen_port;
         let endpoints = lock(&self.shared.configured_endpoints).clone();
@@ -74,7 +75,28 @@ impl Device {
 impl Shared {
     /// `eager`: peers given an endpoint handshake at once
     /// ([`Device::configure`]), not only on their first packet.
+    /// A stopped device takes no change: `ENODEV` ("No such device") when
+    /// its interface is gone, as the kernel module answers for a deleted
+    /// link; `ESHUTDOWN` when its owner stopped it.
+    pub(super) fn check_running(&self) -> Result<(), UapiError> {
+        if !self.stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(if self.gone.load(Ordering::Relaxed) {
+            UapiError {
+                errno: libc::ENODEV,
+                message: format!("{}: the interface is gone; the device stopped", self.name),
+            }
+        } else {
+            UapiError {
+                errno: libc::ESHUTDOWN,
+                message: format!("{}: the device is stopped", self.name),
+            }
+        })
+    }
+
     fn apply(&self, request: &SetRequest, eager: bool) -> Result<(), UapiError> {
+        self.check_running()?;
         let mut iface = self.iface.write().unwrap_or_else(PoisonError::into_inner);
         // The socket first: a port in use refuses the request before
         // anything else changed.

@@ -126,6 +126,10 @@ struct Shared {
     /// Written once, on stop; every wait also polls it.
     stop_fd: OwnedFd,
     stopping: AtomicBool,
+    /// Set when the device stopped because its interface disappeared
+    /// (deleted, or its namespace deleted): the TUN read failed with
+    /// EBADFD, which costs nothing until it happens.
+    gone: AtomicBool,
     /// Datagrams sent larger than the path to their endpoint allows, for
     /// the kernel to fragment ([`DeviceStatus::fragmented_datagrams`]).
     fragmented: AtomicU64,
@@ -300,6 +304,7 @@ impl Device {
             handshakes,
             stop_fd,
             stopping: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             fragmented: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
@@ -345,6 +350,16 @@ impl Device {
         !self.shared.stopping.load(Ordering::Relaxed)
     }
 
+    /// True once the device stopped because its interface disappeared:
+    /// deleted (`ip link del`, `wg-quick down`), or the network namespace
+    /// holding it deleted. The device does not come back; its owner makes
+    /// a new one if it wants the interface again. Noticed on the TUN read
+    /// (the kernel answers EBADFD once the interface is gone), within a
+    /// second.
+    pub fn interface_gone(&self) -> bool {
+        self.shared.gone.load(Ordering::Relaxed)
+    }
+
     /// Waits until the device stops (its interface deleted, or
     /// [`Device::stop`] called from elsewhere).
     pub fn wait(&self) {
@@ -352,6 +367,12 @@ impl Device {
             self.shared
                 .wait_readable(None, Some(Duration::from_secs(1)));
         }
+    }
+
+    /// Waits until `fd` is readable, the device stops, or `timeout` passes
+    /// (the UAPI server's accept loop).
+    pub(crate) fn wait_readable(&self, fd: RawFd, timeout: Duration) {
+        self.shared.wait_readable(Some(fd), Some(timeout));
     }
 
     /// Asks the threads to stop; `Drop` joins them.

@@ -149,6 +149,7 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
             }
             Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                 info!(interface = %shared.name, "interface deleted; stopping the device");
+                shared.gone.store(true, Ordering::Relaxed);
                 shared.stop();
                 return;
             }
