@@ -1100,6 +1100,53 @@ fn transfer_after_ten_pings_from_wireguard_go_to_ours() -> Result<()> {
     transfer_after_ten_pings(WgImpl::WireguardGo, ours())
 }
 
+/// A packet for an address routed into the device that no peer has is
+/// answered as the kernel module answers it: ICMP destination unreachable
+/// (host unreachable) for IPv4, ICMPv6 address unreachable for IPv6, so
+/// `ping -c 1 -W 1` says so at once instead of waiting out its timeout.
+/// A peer's address still gets through, and a burst of them is limited.
+#[test]
+fn unroutable_packets_get_icmp_unreachable() -> Result<()> {
+    if !can_run!(NEEDS) {
+        return Ok(());
+    }
+    let lab = Lab::new("wg-icmp")?;
+    let pair = Pair::start(&lab, &ours(), &WgImpl::WireguardGo, false)?;
+    let a = pair.left.node().clone();
+    wait_ping(&lab, &a, RIGHT)?;
+    for (target, message) in [
+        ("100.64.0.99", "Destination Host Unreachable"),
+        ("fd64::99", "Address unreachable"),
+    ] {
+        let started = Instant::now();
+        let out = lab.try_exec(&a, &["ping", "-c", "1", "-W", "1", target])?;
+        let took = started.elapsed();
+        eprintln!("ping {target}: {took:?}: {}", out.stdout.trim());
+        ensure!(
+            !out.success() && out.stdout.contains(message),
+            "ping {target}: no {message:?} in: {}",
+            out.stdout
+        );
+        ensure!(
+            took < Duration::from_millis(900),
+            "ping {target} took {took:?}: the error did not come at once"
+        );
+    }
+    ping(&lab, &a, RIGHT)?;
+    // A flood of unroutable pings gets a few errors, not one each.
+    let out = lab.try_exec(
+        &a,
+        &["ping", "-c", "50", "-i", "0.002", "-W", "1", "100.64.0.98"],
+    )?;
+    let errors = out.stdout.matches("Destination Host Unreachable").count();
+    ensure!(
+        (1..=10).contains(&errors),
+        "{errors} errors for 50 pings in 0.1 s: {}",
+        out.stdout
+    );
+    Ok(())
+}
+
 /// Runs a command on the host (outside the lab's namespaces).
 fn host(cmd: &[&str]) -> Result<()> {
     let out = std::process::Command::new(cmd[0])

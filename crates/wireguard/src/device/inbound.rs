@@ -40,7 +40,7 @@ impl TunBatch {
         }
     }
 
-    fn push(&mut self, shared: &Shared, packet: &[u8]) {
+    pub(super) fn push(&mut self, shared: &Shared, packet: &[u8]) {
         if self.used == IDEAL_BATCH_SIZE {
             self.flush(shared);
         }

@@ -26,6 +26,7 @@
 //! The code is laid out by what it does:
 //! - this module: [`Device`] and the state the threads share;
 //! - `outbound`: the tun → udp thread (encryption, GSO batches);
+//! - `icmp`: the ICMP errors it answers packets no peer takes with;
 //! - `inbound`: the udp → tun thread (decryption, GRO batches);
 //! - `handshake`: the handshake thread, fed by the receive thread;
 //! - `timers`: the timer thread;
@@ -34,6 +35,7 @@
 
 mod configure;
 mod handshake;
+mod icmp;
 mod inbound;
 mod outbound;
 mod timers;

@@ -13,6 +13,8 @@ use gotatun::tun::MtuWatcher;
 use tracing::{debug, info};
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable};
+use super::inbound::TunBatch;
 use super::udp::{SendOutcome, Target};
 use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
@@ -137,6 +139,7 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
     let mut batch = SendBatch::new();
     let mut routes: Vec<Option<Arc<Peer>>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let tun_fd = shared.tun.as_raw_fd();
+    let mut unrouted = Unrouted::new();
     while !shared.stopping.load(Ordering::Relaxed) {
         let n = match shared
             .tun
@@ -171,6 +174,7 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
         let mut i = 0;
         while i < n {
             let Some(peer) = routes[i].clone() else {
+                unrouted.answer(&shared, &bufs[i][..sizes[i]]);
                 i += 1;
                 continue;
             };
@@ -191,6 +195,45 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
             i = end;
         }
         batch.flush(&shared, &udp);
+        unrouted.flush(&shared);
+    }
+}
+
+/// Packets no peer takes: answered with an ICMP error written back into
+/// the TUN device, as the kernel module does (`icmp`), at most a few a
+/// second. Only this path touches it; the reply is built on the stack.
+struct Unrouted {
+    limiter: IcmpLimiter,
+    replies: TunBatch,
+    pending: bool,
+}
+
+impl Unrouted {
+    fn new() -> Unrouted {
+        Unrouted {
+            limiter: IcmpLimiter::new(),
+            replies: TunBatch::new(),
+            pending: false,
+        }
+    }
+
+    #[cold]
+    fn answer(&mut self, shared: &Shared, packet: &[u8]) {
+        // Packets that get no error (multicast, ICMP errors) take no token.
+        let mut reply = [0u8; MAX_REPLY];
+        if let Some(n) = unreachable(packet, &mut reply)
+            && self.limiter.allow(std::time::Instant::now())
+        {
+            self.replies.push(shared, &reply[..n]);
+            self.pending = true;
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if self.pending {
+            self.pending = false;
+            self.replies.flush(shared);
+        }
     }
 }
 
