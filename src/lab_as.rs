@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bgp4mesh_lab::own_as::{
-    BLOCK, BORDER_ADDRESS, BORDER_PEERING, INTERNET_HOST, ISP_PEERING, IspKind, OwnAs, OwnAsOptions,
+    BLOCK, BORDER_ADDRESS, BORDER_PEERING, INTERNET_HOST, ISP_BFD_INTERVAL_MS, ISP_BFD_MULTIPLIER,
+    ISP_PEERING, IspKind, OwnAs, OwnAsOptions,
 };
 use bgp4mesh_lab::{Lab, find_persistent, netns_of, state_dir, sweep_persistent};
 
 const LAB_NAME: &str = "as";
 
-pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
+pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) -> Result<()> {
     if !(1..=2).contains(&borders) {
         bail!("--borders {borders}: 1 or 2");
     }
@@ -27,6 +28,11 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
         "bgp4mesh" => IspKind::Bgp4mesh,
         "bird" => IspKind::Bird,
         other => bail!("--isp {other:?}: bgp4mesh or bird"),
+    };
+    let isp_bfd = match isp_bfd {
+        "on" => true,
+        "off" => false,
+        other => bail!("--isp-bfd {other:?}: on or off"),
     };
     if let Some(id) = find_persistent(LAB_NAME) {
         bail!("a lab is up already ({id}); `bgp4mesh lab down` first");
@@ -42,6 +48,7 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
         &lab,
         &OwnAsOptions {
             bgp_egress,
+            isp_bfd,
             ..OwnAsOptions::new(binary, nodes, isp, borders)
         },
     )?;
@@ -62,6 +69,15 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
     summary.push_str(&format!(
         "  isp         AS 65001 ({isp_name}), {ISP_PEERING} towards the border, 198.51.100.1 towards the Internet host\n"
     ));
+    if isp_bfd {
+        summary.push_str(&format!(
+            "              BFD with the borders, {ISP_BFD_INTERVAL_MS} ms x {ISP_BFD_MULTIPLIER}: a border that stops answering is left within a second\n"
+        ));
+    } else {
+        summary.push_str(
+            "              no BFD with the borders (--isp-bfd off): a hung border keeps the ISP's traffic until its 90 s hold timer expires\n",
+        );
+    }
     summary.push_str(&format!(
         "  internet    the Internet host, {INTERNET_HOST}\n"
     ));
@@ -106,6 +122,27 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str) -> Result<()> {
     }
     summary.push_str("  bgp4mesh lab exec border bgp4mesh show protocols\n");
     summary.push_str("  bgp4mesh lab exec border bgp4mesh show route\n");
+    if isp_bfd {
+        summary.push_str("  bgp4mesh lab exec border bgp4mesh show bfd sessions\n");
+    }
+    if let (Some(_), Some(n)) = (&world.border2, first) {
+        // SIGSTOP: the daemon hangs, nothing is closed; the ISP notices by
+        // BFD (or by its hold timer without it), the controller by the
+        // missing pulses.
+        let pid = world.border.daemon.proc().pid;
+        let (hang, what) = if isp_bfd {
+            (5, "the replies pause about 0.5 s (BFD)")
+        } else {
+            (100, "the replies stop until the ISP's hold timer expires")
+        };
+        summary.push_str(&format!(
+            "  bgp4mesh lab exec internet ping -D -i 0.2 {}   # leave it running; in another terminal:\n",
+            n.address
+        ));
+        summary.push_str(&format!(
+            "  kill -STOP {pid}; sleep {hang}; kill -CONT {pid}   # the first border's daemon hangs: {what}\n"
+        ));
+    }
     summary.push_str("  bgp4mesh lab status\n  bgp4mesh lab down\n");
     std::fs::write(state_dir(lab.id()).join("summary.txt"), &summary)?;
     println!("{summary}");

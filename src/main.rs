@@ -288,6 +288,11 @@ enum LabCommand {
         /// learn from the ISP, by `[mesh] export`)
         #[arg(long, default_value = "static")]
         egress: String,
+        /// BFD between the ISP and the borders (100 ms × 3): `on`, or `off`
+        /// for an ISP without it (a hung border is then left only when the
+        /// ISP's 90 s hold timer expires)
+        #[arg(long, default_value = "on")]
+        isp_bfd: String,
     },
     /// What the lab that is up has: nodes, addresses, sessions, routes
     Status,
@@ -396,7 +401,8 @@ fn main() -> ExitCode {
             isp,
             borders,
             egress,
-        }) => lab_as::up(*nodes, isp, *borders, egress),
+            isp_bfd,
+        }) => lab_as::up(*nodes, isp, *borders, egress, isp_bfd),
         Command::Lab(LabCommand::Status) => lab_as::status(),
         Command::Lab(LabCommand::Down) => lab_as::down(),
         Command::Lab(LabCommand::Exec { node, command }) => lab_as::exec(node, command),

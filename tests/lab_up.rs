@@ -50,6 +50,7 @@ fn lab_up_exec_status_down() -> Result<()> {
         "n1",
         "n2",
         "bgp4mesh lab exec isp ping",
+        "BFD with the borders, 100 ms x 3",
     ] {
         ensure!(out.contains(needle), "{needle:?} not in:\n{out}");
     }
@@ -79,6 +80,25 @@ fn lab_up_exec_status_down() -> Result<()> {
     ensure!(ok, "n2 pinging the Internet host: {ping}");
     let (ok, protocols) = bgp4mesh(&["lab", "exec", "border", "bgp4mesh", "show", "protocols"])?;
     ensure!(ok && protocols.contains("Established"), "{protocols}");
+    // BFD with the ISP, by default: its session comes up (at 1 s pace
+    // until then, RFC 5880).
+    let started = std::time::Instant::now();
+    loop {
+        let (ok, bfd) = bgp4mesh(&[
+            "lab", "exec", "border", "bgp4mesh", "show", "bfd", "sessions",
+        ])?;
+        let up = bfd
+            .lines()
+            .any(|l| l.starts_with("172.30.0.1 ") && l.contains(" Up "));
+        if ok && up {
+            break;
+        }
+        ensure!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "no BFD session with the ISP up: {bfd}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let (ok, status) = bgp4mesh(&["lab", "status"])?;
     ensure!(
         ok && status.contains("44.30.127.0/24 via 172.30.0.100"),
@@ -107,6 +127,7 @@ fn lab_up_exec_status_down() -> Result<()> {
     for (args, needle) in [
         (&["lab", "up", "--borders", "3"][..], "1 or 2"),
         (&["lab", "up", "--egress", "ospf"][..], "static or bgp"),
+        (&["lab", "up", "--isp-bfd", "maybe"][..], "on or off"),
     ] {
         let (ok, out) = bgp4mesh(args)?;
         ensure!(!ok && out.contains(needle), "{args:?}: {out}");
@@ -120,12 +141,13 @@ fn lab_up_exec_status_down() -> Result<()> {
         "2",
         "--egress",
         "bgp",
+        "--isp-bfd",
+        "off",
     ])?;
-    ensure!(ok, "lab up --borders 2 --egress bgp: {out}");
-    ensure!(
-        out.contains("border2") && out.contains("[mesh] export"),
-        "{out}"
-    );
+    ensure!(ok, "lab up --borders 2 --egress bgp --isp-bfd off: {out}");
+    for needle in ["border2", "[mesh] export", "no BFD", "kill -STOP"] {
+        ensure!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
     let (ok, ping) = bgp4mesh(&[
         "lab",
         "exec",
@@ -140,6 +162,13 @@ fn lab_up_exec_status_down() -> Result<()> {
     ensure!(ok, "n1 pinging the Internet host: {ping}");
     let (ok, protocols) = bgp4mesh(&["lab", "exec", "border2", "bgp4mesh", "show", "protocols"])?;
     ensure!(ok && protocols.contains("Established"), "{protocols}");
+    let (ok, bfd) = bgp4mesh(&[
+        "lab", "exec", "border2", "bgp4mesh", "show", "bfd", "sessions",
+    ])?;
+    ensure!(
+        ok && !bfd.contains("172.31.0.1 "),
+        "--isp-bfd off, yet: {bfd}"
+    );
     let (ok, down) = bgp4mesh(&["lab", "down"])?;
     ensure!(ok && down.contains("removed lab"), "{down}");
     Ok(())

@@ -12,7 +12,8 @@
 //! The border announces 44.30.127.0/24 to the ISP and learns the ISP's
 //! routes (a default and the Internet host's network); mesh nodes get
 //! public addresses of the block from the controller and send everything
-//! else through the border. The ISP runs bgp4mesh or BIRD.
+//! else through the border. The ISP runs bgp4mesh or BIRD, with BFD on
+//! its sessions with the borders unless `isp_bfd` is off.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,12 @@ pub const FRIEND_HOST: &str = "203.0.113.1";
 pub const FRIEND_PEERING: &str = "172.29.0.1";
 pub const BORDER2_FRIEND_PEERING: &str = "172.29.0.100";
 const MASTER_KEY: &str = "lab-master-key-0123456789";
+/// BFD between the ISP and the borders (`isp_bfd`): a packet every 100 ms
+/// each way, down after 3 missed, so a border that stops answering (a
+/// frozen daemon, a machine without power) is left by the ISP within
+/// 0.3 s plus the poll that follows.
+pub const ISP_BFD_INTERVAL_MS: u32 = 100;
+pub const ISP_BFD_MULTIPLIER: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IspKind {
@@ -62,14 +69,18 @@ pub struct OwnAsOptions {
     /// the second border only (needs `borders: 2`): with `bgp_egress`, the
     /// mesh reaches it through that border.
     pub friend: bool,
-    /// BFD on the sessions between the ISP and the borders (100 ms × 3), so
-    /// the ISP notices a border that dies without closing TCP (bgp4mesh
-    /// ISP only).
-    pub bfd: bool,
+    /// BFD on the sessions between the ISP and the borders
+    /// ([`ISP_BFD_INTERVAL_MS`] × [`ISP_BFD_MULTIPLIER`]), on both sides and
+    /// with both ISP kinds, so the ISP notices a border that stops
+    /// answering without closing TCP. On by default, as most transit
+    /// providers and IXP route servers offer it; off, the ISP notices only
+    /// when its hold timer (90 s) expires.
+    pub isp_bfd: bool,
 }
 
 impl OwnAsOptions {
-    /// Seed 004 as it is: static 0.0.0.0/0 egress, no friend, no BFD.
+    /// Seed 004 as it is: static 0.0.0.0/0 egress, no friend; BFD with the
+    /// ISP.
     pub fn new(binary: impl Into<PathBuf>, nodes: usize, isp: IspKind, borders: usize) -> Self {
         OwnAsOptions {
             binary: binary.into(),
@@ -78,7 +89,7 @@ impl OwnAsOptions {
             borders,
             bgp_egress: false,
             friend: false,
-            bfd: false,
+            isp_bfd: true,
         }
     }
 }
@@ -182,10 +193,13 @@ impl<'lab> OwnAs<'lab> {
                 lab,
                 &isp_node,
                 &binary,
-                &with_bfd(isp_config(&isp_to_host.name, two), options.bfd),
+                &with_bfd(isp_config(&isp_to_host.name, two), options.isp_bfd),
             )?),
-            IspKind::Bird if options.bfd => bail!("bfd: with a bgp4mesh ISP only"),
-            IspKind::Bird => Isp::Bird(Bird::start(lab, &isp_node, &bird_isp_config(two))?),
+            IspKind::Bird => Isp::Bird(Bird::start(
+                lab,
+                &isp_node,
+                &bird_isp_config(two, options.isp_bfd),
+            )?),
         };
 
         // The controller.
@@ -252,7 +266,7 @@ impl<'lab> OwnAs<'lab> {
             let friend = if friend { FRIEND_NEIGHBOR } else { "" };
             let config = format!(
                 "{}{friend}\n{}{export}",
-                with_bfd(border_bgp_config(peering.0, peering.1), options.bfd),
+                with_bfd(border_bgp_config(peering.0, peering.1), options.isp_bfd),
                 mesh_config(lab, node, &interface)?
             );
             let daemon = Bgp4mesh::start(lab, node, &binary, &config)?;
@@ -525,13 +539,19 @@ rules = [ {{ match = {{ prefix = ["{FRIEND_NET}"] }}, action = "accept" }} ]
     )
 }
 
-/// Turns BFD on for every neighbour of a lab config (100 ms × 3).
+/// Turns BFD on for every neighbour of a bgp4mesh config, with the
+/// neighbour's own timers, as docs/deploy.md has it for an ISP.
 fn with_bfd(config: String, bfd: bool) -> String {
     if !bfd {
         return config;
     }
-    let config = config.replace("connect_retry = 1\n", "connect_retry = 1\nbfd = true\n");
-    format!("[bfd]\ninterval = 100\nmultiplier = 3\n\n{config}")
+    config.replace(
+        "connect_retry = 1\n",
+        &format!(
+            "connect_retry = 1\nbfd = true\nbfd_interval = {ISP_BFD_INTERVAL_MS}\n\
+             bfd_multiplier = {ISP_BFD_MULTIPLIER}\n"
+        ),
+    )
 }
 
 fn border_bgp_config(isp: &str, local: &str) -> String {
@@ -608,14 +628,26 @@ rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
     )
 }
 
-fn bird_isp_config(two: bool) -> String {
+fn bird_isp_config(two: bool, bfd: bool) -> String {
+    let (bfd_protocol, bfd_on) = if bfd {
+        (
+            format!(
+                "protocol bfd {{\n  interface \"*\" {{ interval {ISP_BFD_INTERVAL_MS} ms; \
+                 multiplier {ISP_BFD_MULTIPLIER}; }};\n}}\n"
+            ),
+            "  bfd on;\n",
+        )
+    } else {
+        (String::new(), "")
+    };
     let second = if two {
         format!(
             r#"
 protocol bgp customer2 {{
   local {ISP_PEERING2} as 65001;
   neighbor {BORDER2_PEERING} as 65000;
-  ipv4 {{
+  error wait time 1, 4;
+{bfd_on}  ipv4 {{
     import where net = {BLOCK};
     export where source = RTS_STATIC || net = 198.51.100.0/24;
   }};
@@ -634,14 +666,46 @@ protocol static {{
   ipv4;
   route 0.0.0.0/0 blackhole;
 }}
-protocol bgp customer {{
+{bfd_protocol}protocol bgp customer {{
   local {ISP_PEERING} as 65001;
   neighbor {BORDER_PEERING} as 65000;
-  ipv4 {{
+  error wait time 1, 4;
+{bfd_on}  ipv4 {{
     import where net = {BLOCK};
     export where source = RTS_STATIC || net = 198.51.100.0/24;
   }};
 }}
 {second}"#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bird_isp_runs_bfd_towards_both_borders_unless_off() {
+        let on = bird_isp_config(true, true);
+        assert!(
+            on.contains("protocol bfd {\n  interface \"*\" { interval 100 ms; multiplier 3; };")
+        );
+        assert_eq!(on.matches("  bfd on;\n").count(), 2, "{on}");
+        let off = bird_isp_config(true, false);
+        assert!(!off.contains("bfd"), "{off}");
+    }
+
+    #[test]
+    fn bgp4mesh_neighbours_get_bfd_with_their_own_timers() {
+        let on = with_bfd(border_bgp_config(ISP_PEERING, BORDER_PEERING), true);
+        assert_eq!(
+            on.matches("bfd = true\nbfd_interval = 100\nbfd_multiplier = 3\n")
+                .count(),
+            1,
+            "{on}"
+        );
+        let isp = with_bfd(isp_config("eth0", true), true);
+        assert_eq!(isp.matches("bfd = true\n").count(), 2, "{isp}");
+        let off = with_bfd(border_bgp_config(ISP_PEERING, BORDER_PEERING), false);
+        assert!(!off.contains("bfd"), "{off}");
+    }
 }
