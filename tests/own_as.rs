@@ -896,10 +896,12 @@ fn hung_border(isp: IspKind, isp_bfd: bool) -> Result<()> {
         );
         if isp_bfd {
             // What BFD fixes: ingress. (Egress is the controller's pulse
-            // timeout: printed, BENCHMARKS.md.) Alone the figure is well
-            // under a second; the bound leaves room for a loaded machine.
+            // timeout: printed, BENCHMARKS.md.) Alone the figure is
+            // 0.52-0.62 s; the bound leaves room for a loaded machine (CI
+            // runs the suite in parallel on 2 cores), as the silent-border
+            // test's does. Without BFD it is the ISP's hold time (87 s).
             ensure!(
-                in_gap < 1.0,
+                in_gap < 2.0,
                 "ingress failover from a hung border took {in_gap:.3} s:\n{ingress_out}"
             );
         } else {
