@@ -312,46 +312,7 @@ fn bird_router_with_bgp4mesh_servers() -> Result<()> {
     let (s5, s7) = (lab.add_node("server5")?, lab.add_node("server7")?);
     let (r5, a5) = lab.link(&router, &s5)?;
     let (r7, a7) = lab.link(&router, &s7)?;
-    let bird = Bird::start(
-        &lab,
-        &router,
-        &format!(
-            r#"
-router id 10.0.0.1;
-protocol device {{ scan time 10; }}
-protocol direct {{ disabled; }}
-protocol kernel {{
-    ipv4 {{ import none; export where source = RTS_BGP; }};
-    merge paths yes;
-}}
-protocol bgp bgp_server5 {{
-    local {r5} as 65001;
-    neighbor {a5} as 65000;
-    ipv4 {{ import all; export where source = RTS_BGP; }};
-    bfd graceful;
-    graceful restart on;
-    connect delay time 1; connect retry time 1; error wait time 1, 5;
-}}
-protocol bgp bgp_server7 {{
-    local {r7} as 65001;
-    neighbor {a7} as 65000;
-    ipv4 {{ import all; export where source = RTS_BGP; }};
-    bfd on;
-    graceful restart on;
-    connect delay time 1; connect retry time 1; error wait time 1, 5;
-}}
-protocol bfd {{
-    interface "*" {{ interval 100 ms; multiplier 5; }};
-    neighbor {a5};
-    neighbor {a7};
-}}
-"#,
-            r5 = r5.ipv4,
-            a5 = a5.ipv4,
-            r7 = r7.ipv4,
-            a7 = a7.ipv4
-        ),
-    )?;
+    let bird = Bird::start(&lab, &router, &seed_001_router_bird(&r5, &a5, &r7, &a7))?;
     let mut servers = Vec::new();
     for (node, router_end, id) in [(&s5, &r5, "10.0.5.1"), (&s7, &r7, "10.0.7.1")] {
         servers.push(start_ours(

@@ -440,3 +440,45 @@ protocol bgp vps {{
         })
     }
 }
+
+/// Seed 001's router as the seed writes it (BIRD: ECMP with `merge paths`,
+/// BFD 100 ms x 5 with both servers), with test-speed connect timers: AS
+/// 65001 at `r5` and `r7`, the servers (AS 65000) at `a5` and `a7`.
+pub fn seed_001_router_bird(r5: &Iface, a5: &Iface, r7: &Iface, a7: &Iface) -> String {
+    format!(
+        r#"
+router id 10.0.0.1;
+protocol device {{ scan time 10; }}
+protocol direct {{ disabled; }}
+protocol kernel {{
+    ipv4 {{ import none; export where source = RTS_BGP; }};
+    merge paths yes;
+}}
+protocol bgp bgp_server5 {{
+    local {r5} as 65001;
+    neighbor {a5} as 65000;
+    ipv4 {{ import all; export where source = RTS_BGP; }};
+    bfd graceful;
+    graceful restart on;
+    connect delay time 1; connect retry time 1; error wait time 1, 5;
+}}
+protocol bgp bgp_server7 {{
+    local {r7} as 65001;
+    neighbor {a7} as 65000;
+    ipv4 {{ import all; export where source = RTS_BGP; }};
+    bfd on;
+    graceful restart on;
+    connect delay time 1; connect retry time 1; error wait time 1, 5;
+}}
+protocol bfd {{
+    interface "*" {{ interval 100 ms; multiplier 5; }};
+    neighbor {a5};
+    neighbor {a7};
+}}
+"#,
+        r5 = r5.ipv4,
+        a5 = a5.ipv4,
+        r7 = r7.ipv4,
+        a7 = a7.ipv4
+    )
+}
