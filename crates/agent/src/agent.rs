@@ -191,7 +191,9 @@ pub struct JoinOptions {
     pub force: bool,
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+/// Writes `contents` to `path` for its owner only (0600), through a
+/// temporary file renamed into place, so a reader never sees half a secret.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -6,5 +6,5 @@
 pub mod agent;
 pub mod client;
 
-pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run};
+pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run, write_private};
 pub use client::Client;

@@ -130,8 +130,7 @@ pub fn load_or_create_private_key(path: &Path) -> Result<Key> {
     if let Some(key) = read_private_key(path)? {
         return Ok(key);
     }
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -142,17 +141,7 @@ pub fn load_or_create_private_key(path: &Path) -> Result<Key> {
             .with_context(|| format!("making {}", dir.display()))?;
     }
     let key = Key::generate_private();
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(format!("{}\n", key.to_base64()).as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    bgp4mesh_agent::write_private(path, format!("{}\n", key.to_base64()).as_bytes())?;
     Ok(key)
 }
 
