@@ -320,6 +320,7 @@ impl Shared {
                         endpoint: None,
                         source: None,
                         initiate: false,
+                        handed_over: None,
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),

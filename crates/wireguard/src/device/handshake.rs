@@ -82,9 +82,23 @@ fn receive_handshake(
         return;
     };
     let is_response = matches!(packet, WgKind::HandshakeResp(_));
+    let response_index = match &packet {
+        WgKind::HandshakeResp(resp) => Some(resp.receiver_idx.get()),
+        _ => None,
+    };
     match tunn.handle_incoming_packet(packet) {
         TunnResult::WriteToNetwork(reply) => {
             shared.register_index(&reply, &peer);
+            // A session is made: as responder, on the index our response
+            // gives; as initiator, on our initiation's, now answered.
+            let made = match (&reply, is_response) {
+                (WgKind::HandshakeResp(resp), false) => Some(resp.sender_idx.get()),
+                (_, true) => response_index,
+                _ => None,
+            };
+            if let (Some(index), Some(cluster)) = (made, shared.cluster()) {
+                cluster.session_made(index, peer.public_key, from);
+            }
             let mut queued: Vec<Packet> = Vec::new();
             let mut early = Vec::new();
             if is_response {

@@ -131,6 +131,10 @@ fn receive(
             Some((i, peer)) if *i == index => Arc::clone(peer),
             _ => {
                 let Some(peer) = lock(&shared.by_index).get(&index).cloned() else {
+                    // Another cluster member's session, if we are in one.
+                    if let Some(cluster) = shared.cluster() {
+                        cluster.take_over(shared, iface, udp, index, (from, source));
+                    }
                     return;
                 };
                 *cache = Some((index, Arc::clone(&peer)));

@@ -30,9 +30,12 @@
 //! - `inbound`: the udp → tun thread (decryption, GRO batches);
 //! - `handshake`: the handshake thread, fed by the receive thread;
 //! - `timers`: the timer thread;
+//! - `cluster`: session handover between servers sharing an identity
+//!   (a fifth thread, when the device is in a cluster);
 //! - `configure`: [`Device::apply`] and [`Device::configure`], peers and keys;
 //! - `udp`: the UDP socket (binding, GSO sends).
 
+mod cluster;
 mod configure;
 mod handshake;
 mod icmp;
@@ -63,6 +66,8 @@ use tun_rs::SyncDevice;
 use crate::allowed_ips::{AllowedIps, Owner};
 use crate::config::{DeviceStatus, PeerStatus};
 use crate::key::Key;
+use cluster::Cluster;
+pub use cluster::{ClusterOptions, ClusterStatus, MemberStatus};
 use handshake::handshake_worker;
 use inbound::udp_to_tun;
 use outbound::tun_to_udp;
@@ -135,6 +140,9 @@ struct Shared {
     /// Datagrams sent larger than the path to their endpoint allows, for
     /// the kernel to fragment ([`DeviceStatus::fragmented_datagrams`]).
     fragmented: AtomicU64,
+    /// The servers this device shares its identity with, if any
+    /// ([`Device::set_cluster`]).
+    cluster: RwLock<Option<Arc<Cluster>>>,
 }
 
 struct Interface {
@@ -207,6 +215,9 @@ struct PeerState {
     /// useless to the other side, which would otherwise wait up to 15 s to
     /// notice), or a persistent keepalive just turned on.
     initiate: bool,
+    /// When we last sent it a handshake to take over another cluster
+    /// member's session ([`cluster`]): at most one per second.
+    handed_over: Option<std::time::Instant>,
 }
 
 impl PeerState {
@@ -308,6 +319,7 @@ impl Device {
             stopping: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             fragmented: AtomicU64::new(0),
+            cluster: RwLock::new(None),
         });
         let mut threads = Vec::new();
         let for_thread = Arc::clone(&shared);
@@ -392,11 +404,53 @@ impl Device {
     pub fn status(&self) -> DeviceStatus {
         self.shared.status()
     }
+
+    /// Joins the device to a cluster of servers that share its identity
+    /// (key, address, peers), or leaves it (`None`); a changed cluster is
+    /// left and joined anew. See the `cluster` module for what it does.
+    pub fn set_cluster(&self, options: Option<ClusterOptions>) -> io::Result<()> {
+        let current = self.shared.cluster();
+        if current.as_ref().map(|c| c.options()) == options.as_ref() {
+            return Ok(());
+        }
+        if let Some(old) = self
+            .shared
+            .cluster
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            old.stop();
+        }
+        if let Some(options) = options {
+            let cluster = Cluster::start(&self.shared, options)?;
+            *self
+                .shared
+                .cluster
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(cluster);
+        }
+        Ok(())
+    }
+
+    /// The cluster's state, if the device is in one.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.shared.cluster().map(|c| c.status())
+    }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
         self.shared.stop();
+        if let Some(cluster) = self
+            .shared
+            .cluster
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            cluster.stop();
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
