@@ -53,27 +53,7 @@ impl<'l> Seed<'l> {
             lab.add_route(server, &["default", "via", &router_end.ipv4.to_string()])?;
         }
 
-        // The home router: the port forward to the VIP, masquerade towards
-        // the Internet.
-        let rules = format!(
-            "table ip home {{\n\
-             chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n\
-               iifname \"{wan_if}\" ip daddr {wan_ip} udp dport 51820 dnat to {VIP}\n\
-             }}\n\
-             chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
-               oifname \"{wan_if}\" masquerade\n\
-             }}\n\
-             }}\n",
-            wan_if = wan.name,
-            wan_ip = wan.ipv4,
-        );
-        let out = lab.exec_full(
-            &router,
-            &["nft", "-f", "-"],
-            Some(rules.as_bytes()),
-            Duration::from_secs(10),
-        )?;
-        ensure!(out.success(), "nft: {}", out.stderr);
+        seed_001_port_forward(lab, &router, &wan, VIP)?;
 
         // The seed's router config, with test-speed BFD and connect timers.
         let bird = Bird::start(lab, &router, &seed_001_router_bird(&r5, &a5, &r7, &a7))?;

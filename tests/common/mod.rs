@@ -441,6 +441,31 @@ protocol bgp vps {{
     }
 }
 
+/// Seed 001's home router: the port forward of UDP 51820 on its WAN
+/// address to `vip`, masquerade towards the Internet (nftables).
+pub fn seed_001_port_forward(lab: &Lab, router: &Node, wan: &Iface, vip: &str) -> Result<()> {
+    let rules = format!(
+        "table ip home {{\n\
+         chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n\
+           iifname \"{wan_if}\" ip daddr {wan_ip} udp dport 51820 dnat to {vip}\n\
+         }}\n\
+         chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+           oifname \"{wan_if}\" masquerade\n\
+         }}\n\
+         }}\n",
+        wan_if = wan.name,
+        wan_ip = wan.ipv4,
+    );
+    let out = lab.exec_full(
+        router,
+        &["nft", "-f", "-"],
+        Some(rules.as_bytes()),
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.success(), "nft: {}", out.stderr);
+    Ok(())
+}
+
 /// Seed 001's router as the seed writes it (BIRD: ECMP with `merge paths`,
 /// BFD 100 ms x 5 with both servers), with test-speed connect timers: AS
 /// 65001 at `r5` and `r7`, the servers (AS 65000) at `a5` and `a7`.

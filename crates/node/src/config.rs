@@ -26,7 +26,9 @@ mod peering;
 mod wg_quick;
 mod wireguard;
 pub use peering::{MTU_RANGE, Peering, load_or_create_private_key, read_private_key};
-pub use wireguard::{KeySource, Wireguard, WireguardPeer, read_preshared_key};
+pub use wireguard::{
+    Cluster, KeySource, Wireguard, WireguardPeer, read_cluster_key, read_preshared_key,
+};
 
 /// Default control socket of `bgp4mesh run`, used by `bgp4mesh show`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bgp4mesh/bgp4mesh.sock";

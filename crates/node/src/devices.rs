@@ -21,13 +21,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use bgp4mesh_kernel::links::Links;
 use bgp4mesh_wireguard::{
-    AnyDevice, Backend, DeviceConfig, DeviceOptions, Key, PeerConfig, PeerStatus,
+    AnyDevice, Backend, ClusterOptions, ClusterStatus, DeviceConfig, DeviceOptions, Key,
+    PeerConfig, PeerStatus,
 };
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use crate::config::{
-    KeySource, NodeConfig, Peering, Wireguard, load_or_create_private_key, read_preshared_key,
+    KeySource, NodeConfig, Peering, Wireguard, load_or_create_private_key, read_cluster_key,
+    read_preshared_key,
 };
 
 /// One interface the config asks for.
@@ -55,6 +57,24 @@ impl Spec {
             Spec::Peering(p) => format!("peering {}", p.name),
             Spec::Wireguard(w) => format!("wireguard {}", w.interface),
         }
+    }
+
+    /// The cluster the interface is in, its key read (at start and on
+    /// every reload).
+    fn cluster(&self) -> Result<Option<ClusterOptions>> {
+        let Spec::Wireguard(Wireguard {
+            cluster: Some(c), ..
+        }) = self
+        else {
+            return Ok(None);
+        };
+        let key = read_cluster_key(&c.key_file)
+            .with_context(|| format!("{}: cluster.key_file", self.id()))?;
+        Ok(Some(ClusterOptions {
+            listen: c.listen,
+            members: c.members.clone(),
+            key,
+        }))
     }
 
     fn interface(&self) -> &str {
@@ -159,6 +179,8 @@ struct Running {
     /// What the device was last configured to.
     desired: DeviceConfig,
     device: AnyDevice,
+    /// The cluster it is in, key included.
+    cluster: Option<ClusterOptions>,
 }
 
 /// The running interfaces.
@@ -252,8 +274,13 @@ impl Devices {
             private,
             desired,
             device,
+            cluster: spec.cluster()?,
         };
         if let Err(e) = self.bring_up(&running).await {
+            self.remove(running).await;
+            return Err(e.context(at));
+        }
+        if let Err(e) = join_cluster(&running).await {
             self.remove(running).await;
             return Err(e.context(at));
         }
@@ -351,6 +378,14 @@ impl Devices {
             r.device
                 .configure(&desired)
                 .with_context(|| format!("{at}: configuring {}", spec.interface()))?;
+        }
+        let cluster = spec.cluster()?;
+        if cluster.as_ref() != r.cluster.as_ref() {
+            r.device
+                .set_cluster(cluster.clone())
+                .with_context(|| format!("{at}: cluster"))?;
+            changed.push("cluster".into());
+            r.cluster = cluster;
         }
         let interface = spec.interface();
         if spec.mtu() != r.spec.mtu() {
@@ -471,6 +506,7 @@ impl Devices {
                     })
                     .collect();
                 json!({
+                    "cluster": r.device.cluster_status().map(|c| cluster_json(&c)),
                     "interface": w.interface,
                     "backend": backend_name(&r.device),
                     "config": w.config.as_ref().map(|c| c.display().to_string()),
@@ -484,6 +520,55 @@ impl Devices {
             })
             .collect()
     }
+}
+
+/// Joins the interface's cluster, if it is in one, and waits until the
+/// cluster is synced (every other server sent its sessions, or stayed
+/// silent): the daemon announces the VIP only after, so a server that
+/// (re)starts takes traffic only once it can take over every client.
+async fn join_cluster(r: &Running) -> Result<()> {
+    let Some(options) = r.cluster.clone() else {
+        return Ok(());
+    };
+    let listen = options.listen;
+    r.device
+        .set_cluster(Some(options))
+        .with_context(|| format!("cluster: listening on {listen}"))?;
+    // The cluster counts itself synced after at most 3 × SYNC_WAIT.
+    let deadline = tokio::time::Instant::now()
+        + bgp4mesh_wireguard::device::cluster_sync_deadline()
+        + std::time::Duration::from_secs(1);
+    while !r.device.cluster_status().is_some_and(|c| c.synced) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("{}: cluster not synced; going on", r.spec.id());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn cluster_json(c: &ClusterStatus) -> Value {
+    json!({
+        "listen": c.listen.to_string(),
+        "synced": c.synced,
+        "sessions_held": c.sessions_held,
+        "handovers": c.handovers,
+        "refused": c.refused,
+        "members": c.members.iter().map(|m| {
+            let heard = m.last_heard
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            json!({
+                "address": m.address.to_string(),
+                "connected": m.connected,
+                "synced": m.synced,
+                "sessions": m.sessions,
+                "last_heard": heard.map(crate::show::utc_text),
+                "last_heard_unix": heard,
+            })
+        }).collect::<Vec<_>>(),
+    })
 }
 
 /// A peer's latest handshake and transfer, as `show peerings` and `show

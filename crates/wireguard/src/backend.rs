@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{DeviceConfig, DeviceStatus, SetRequest, plan_changes};
-use crate::device::{Device, DeviceOptions};
+use crate::device::{ClusterOptions, ClusterStatus, Device, DeviceOptions};
 use crate::kernel_backend::{KernelDevice, kernel_module_available};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,6 +122,27 @@ impl AnyDevice {
         match self {
             AnyDevice::Userspace(device, _) => device.interface_gone(),
             AnyDevice::Kernel { .. } => false,
+        }
+    }
+
+    /// Joins or leaves a cluster of servers sharing this identity
+    /// ([`Device::set_cluster`]); the kernel module cannot take part.
+    pub fn set_cluster(&self, options: Option<ClusterOptions>) -> io::Result<()> {
+        match (self, options) {
+            (AnyDevice::Userspace(device, _), options) => device.set_cluster(options),
+            (AnyDevice::Kernel { .. }, None) => Ok(()),
+            (AnyDevice::Kernel { .. }, Some(_)) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel module cannot hand sessions over: a cluster needs the userspace device",
+            )),
+        }
+    }
+
+    /// The cluster's state, if the device is in one.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.cluster_status(),
+            AnyDevice::Kernel { .. } => None,
         }
     }
 

@@ -22,7 +22,9 @@ pub use backend::{AnyDevice, Backend};
 pub use config::{
     AllowedIpChange, DeviceConfig, DeviceStatus, PeerChange, PeerConfig, PeerStatus, SetRequest,
 };
-pub use device::{DEFAULT_MTU, Device, DeviceOptions, Stopper};
+pub use device::{
+    ClusterOptions, ClusterStatus, DEFAULT_MTU, Device, DeviceOptions, MemberStatus, Stopper,
+};
 pub use gotatun::noise::TimerParams;
 pub use key::Key;
 pub use uapi_server::UapiServer;

@@ -10,6 +10,7 @@
 //! [`wg_quick`]: super::wg_quick
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,22 @@ pub struct WireguardSection {
     /// auto (the kernel module if present), kernel, or userspace.
     pub backend: Option<String>,
     pub peer: Option<Vec<WireguardPeerSection>>,
+    /// Servers sharing this interface's identity (seed 001).
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[wireguard.cluster]`: the other servers with the same key, address
+/// and peers, which take over each other's clients.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Our end of the sync channel, `address:port`.
+    pub listen: String,
+    /// The other servers' `listen`.
+    pub members: Vec<String>,
+    /// 32 random bytes in base64 (`bgp4mesh genkey`), the same on every
+    /// server, mode 0600.
+    pub key_file: PathBuf,
 }
 
 /// One `[[wireguard.peer]]`.
@@ -74,6 +91,16 @@ pub struct Wireguard {
     pub mtu: u16,
     pub backend: Backend,
     pub peers: Vec<WireguardPeer>,
+    pub cluster: Option<Cluster>,
+}
+
+/// A checked `[wireguard.cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub listen: SocketAddr,
+    pub members: Vec<SocketAddr>,
+    /// Must exist at start (every member has the same).
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,7 +265,7 @@ pub fn build(sections: Vec<WireguardSection>, taken: Taken<'_>) -> Result<Vec<Wi
 }
 
 fn build_one(at: &str, s: WireguardSection) -> Result<Wireguard> {
-    let backend: Backend = s
+    let mut backend: Backend = s
         .backend
         .as_deref()
         .unwrap_or("auto")
@@ -409,8 +436,13 @@ fn build_one(at: &str, s: WireguardSection) -> Result<Wireguard> {
         p.allowed_ips.sort();
         p.allowed_ips.dedup();
     }
+    let cluster = s
+        .cluster
+        .map(|c| build_cluster(at, c, &mut backend))
+        .transpose()?;
     Ok(Wireguard {
         interface,
+        cluster,
         config: s.config,
         private_key,
         listen_port,
@@ -419,6 +451,64 @@ fn build_one(at: &str, s: WireguardSection) -> Result<Wireguard> {
         mtu,
         backend,
         peers,
+    })
+}
+
+/// Checks a `[wireguard.cluster]`; a cluster needs the userspace device
+/// (the kernel module has no session handover), which `auto` becomes.
+fn build_cluster(at: &str, c: ClusterSection, backend: &mut Backend) -> Result<Cluster> {
+    let at = format!("{at}.cluster");
+    match backend {
+        Backend::Kernel => bail!(
+            "{at}: needs backend = \"userspace\" (the kernel module cannot hand sessions over); remove backend or the cluster"
+        ),
+        Backend::Auto => *backend = Backend::Userspace,
+        Backend::Userspace => {}
+    }
+    let address = |field: String, text: &str| -> Result<SocketAddr> {
+        let address: SocketAddr = text
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{field}: {text:?} is not address:port"))?;
+        if address.port() == 0 || address.ip().is_unspecified() || address.ip().is_multicast() {
+            bail!("{field}: {address} must be a unicast address of the server with a port");
+        }
+        Ok(address)
+    };
+    let listen = address(format!("{at}.listen"), &c.listen)?;
+    if c.members.is_empty() {
+        bail!("{at}.members: empty (the other servers' listen addresses)");
+    }
+    let mut members = Vec::new();
+    for (j, text) in c.members.iter().enumerate() {
+        let field = format!("{at}.members[{j}]");
+        let member = address(field.clone(), text)?;
+        if member == listen {
+            bail!("{field}: {member} is our own listen address");
+        }
+        if members.contains(&member) {
+            bail!("{field}: {member} is listed twice");
+        }
+        members.push(member);
+    }
+    if c.key_file.as_os_str().is_empty() {
+        bail!("{at}.key_file: empty");
+    }
+    // Missing is fine for `check`; `run` needs it.
+    read_private_key(&c.key_file).with_context(|| format!("{at}.key_file"))?;
+    Ok(Cluster {
+        listen,
+        members,
+        key_file: c.key_file,
+    })
+}
+
+/// Reads a cluster key file: mode 0600, one base64 key (never shown).
+pub fn read_cluster_key(path: &Path) -> Result<Key> {
+    read_private_key(path)?.with_context(|| {
+        format!(
+            "{}: no such file (every server of a cluster has the same key: make one with `bgp4mesh genkey` and copy it to each)",
+            path.display()
+        )
     })
 }
 

@@ -59,6 +59,12 @@ pub const SYNC_WAIT: Duration = Duration::from_secs(3);
 /// refused (a replay of an old one); the members' clocks must agree
 /// (NTP) within it.
 pub const FRESH: Duration = Duration::from_secs(30);
+/// How long a starting member waits at most before it counts itself
+/// synced, whatever the others say.
+pub fn cluster_sync_deadline() -> Duration {
+    SYNC_WAIT * 3
+}
+
 /// A peer is sent at most one handover initiation per this interval.
 pub const HANDOVER_INTERVAL: Duration = Duration::from_secs(1);
 /// Another member's session is forgotten this long after it was last
@@ -72,7 +78,7 @@ const MAGIC: &[u8; 4] = b"b4mc";
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
-const HEADER_LEN: usize = 8 + 8 + 8 + 1 + 1 + 2;
+const HEADER_LEN: usize = 8 + 8 + 8 + 8 + 1 + 1 + 2;
 const ENTRY_LEN: usize = 4 + 32 + 1 + 16 + 2;
 /// Entries per datagram: under 1200 bytes on the wire.
 pub const ENTRIES_PER_MESSAGE: usize = 20;
@@ -83,7 +89,8 @@ pub const MAX_DATAGRAM: usize =
 const KIND_HELLO: u8 = 1;
 const KIND_SESSIONS: u8 = 2;
 const FLAG_WANT_DUMP: u8 = 1;
-const FLAG_DUMP_END: u8 = 2;
+const FLAG_DUMP: u8 = 2;
+const FLAG_LAST: u8 = 4;
 
 /// How a device joins a cluster.
 #[derive(Clone, PartialEq, Eq)]
@@ -153,8 +160,10 @@ pub struct Entry {
 pub enum Body {
     /// "I am here"; asks for every session the receiver holds.
     Hello { want_dump: bool },
-    /// Sessions; `dump_end` closes a full dump.
-    Sessions { entries: Vec<Entry>, dump_end: bool },
+    /// Sessions made since the last message.
+    Sessions { entries: Vec<Entry> },
+    /// Part of a full dump of the sender's sessions; `last` closes it.
+    Dump { entries: Vec<Entry>, last: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +174,9 @@ pub struct Message {
     pub seq: u64,
     /// The sender's wall clock, ms since the epoch.
     pub sent_at_ms: u64,
+    /// How many sessions the sender has announced this boot, this message
+    /// included: a receiver that got fewer missed some and asks for all.
+    pub made: u64,
     pub body: Body,
 }
 
@@ -184,15 +196,20 @@ pub fn seal(cipher: &XChaCha20Poly1305, message: &Message) -> Vec<u8> {
     plain.extend_from_slice(&message.boot.to_be_bytes());
     plain.extend_from_slice(&message.seq.to_be_bytes());
     plain.extend_from_slice(&message.sent_at_ms.to_be_bytes());
+    plain.extend_from_slice(&message.made.to_be_bytes());
     match &message.body {
         Body::Hello { want_dump } => {
             plain.push(KIND_HELLO);
             plain.push(if *want_dump { FLAG_WANT_DUMP } else { 0 });
             plain.extend_from_slice(&0u16.to_be_bytes());
         }
-        Body::Sessions { entries, dump_end } => {
+        Body::Sessions { entries } | Body::Dump { entries, .. } => {
             plain.push(KIND_SESSIONS);
-            plain.push(if *dump_end { FLAG_DUMP_END } else { 0 });
+            plain.push(match &message.body {
+                Body::Dump { last: true, .. } => FLAG_DUMP | FLAG_LAST,
+                Body::Dump { last: false, .. } => FLAG_DUMP,
+                _ => 0,
+            });
             let n = entries.len().min(ENTRIES_PER_MESSAGE);
             plain.extend_from_slice(&(n as u16).to_be_bytes());
             for entry in &entries[..n] {
@@ -256,9 +273,10 @@ fn parse(plain: &[u8]) -> Option<Message> {
     let boot = u64_at(0)?;
     let seq = u64_at(8)?;
     let sent_at_ms = u64_at(16)?;
-    let kind = *plain.get(24)?;
-    let flags = *plain.get(25)?;
-    let count = usize::from(u16::from_be_bytes(plain.get(26..28)?.try_into().ok()?));
+    let made = u64_at(24)?;
+    let kind = *plain.get(32)?;
+    let flags = *plain.get(33)?;
+    let count = usize::from(u16::from_be_bytes(plain.get(34..36)?.try_into().ok()?));
     let body = match kind {
         KIND_HELLO if count == 0 && plain.len() == HEADER_LEN => Body::Hello {
             want_dump: flags & FLAG_WANT_DUMP != 0,
@@ -284,9 +302,13 @@ fn parse(plain: &[u8]) -> Option<Message> {
                     endpoint: SocketAddr::new(ip, port),
                 });
             }
-            Body::Sessions {
-                entries,
-                dump_end: flags & FLAG_DUMP_END != 0,
+            if flags & FLAG_DUMP != 0 {
+                Body::Dump {
+                    entries,
+                    last: flags & FLAG_LAST != 0,
+                }
+            } else {
+                Body::Sessions { entries }
             }
         }
         _ => return None,
@@ -295,6 +317,7 @@ fn parse(plain: &[u8]) -> Option<Message> {
         boot,
         seq,
         sent_at_ms,
+        made,
         body,
     })
 }
@@ -357,6 +380,9 @@ struct Member {
     dumped: bool,
     /// When we last sent it a full dump.
     last_dump: Option<Instant>,
+    /// How many of its announcements we have (its [`Message::made`] as
+    /// of its last dump, plus what came since).
+    made_got: u64,
 }
 
 impl Member {
@@ -378,6 +404,9 @@ pub(super) struct Cluster {
     cipher: XChaCha20Poly1305,
     boot: u64,
     seq: AtomicU64,
+    /// Sessions announced this boot ([`Message::made`]); only the
+    /// cluster thread sends, so it changes with `ours`.
+    made: AtomicU64,
     started: Instant,
     members: Mutex<Vec<Member>>,
     /// Other members' sessions, by the index their peers address.
@@ -412,6 +441,7 @@ impl Cluster {
                 last_heard_wall: None,
                 dumped: false,
                 last_dump: None,
+                made_got: 0,
             })
             .collect();
         let cluster = Arc::new(Cluster {
@@ -420,6 +450,7 @@ impl Cluster {
             socket,
             boot: OsRng.next_u64(),
             seq: AtomicU64::new(0),
+            made: AtomicU64::new(0),
             started: Instant::now(),
             members: Mutex::new(members),
             foreign: Mutex::new(HashMap::new()),
@@ -571,8 +602,18 @@ impl Cluster {
                 }
                 let addresses: Vec<SocketAddr> =
                     lock(&self.members).iter().map(|m| m.address).collect();
-                for to in addresses {
-                    self.send_entries(to, &made, false);
+                // Each chunk counts as it goes: every member gets the same
+                // numbering.
+                for chunk in made.chunks(ENTRIES_PER_MESSAGE) {
+                    self.made.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    for &to in &addresses {
+                        self.send(
+                            to,
+                            Body::Sessions {
+                                entries: chunk.to_vec(),
+                            },
+                        );
+                    }
                 }
             }
             if last_hello.is_none_or(|t| t.elapsed() >= HELLO_EVERY) {
@@ -610,7 +651,7 @@ impl Cluster {
                 let heard = members.iter().filter(|m| m.dumped).count();
                 info!(interface = %shared.name, "cluster synced ({heard} of {} member(s) heard)",
                     members.len());
-            } else if self.started.elapsed() >= SYNC_WAIT * 3 {
+            } else if self.started.elapsed() >= cluster_sync_deadline() {
                 // Heard but never sent its sessions: do not hold the VIP
                 // back for ever.
                 self.synced.store(true, Ordering::Relaxed);
@@ -633,6 +674,20 @@ impl Cluster {
                 m.last_heard_wall = Some(SystemTime::now());
                 if restarted {
                     m.dumped = false;
+                    m.made_got = 0;
+                }
+                // Announcements we missed (lost, or sent while we could
+                // not hear): ask for all of them with the next hello.
+                match &message.body {
+                    Body::Dump { last: true, .. } => m.made_got = message.made,
+                    Body::Dump { .. } => {}
+                    Body::Sessions { entries }
+                        if m.made_got + entries.len() as u64 == message.made =>
+                    {
+                        m.made_got = message.made;
+                    }
+                    _ if message.made != m.made_got => m.dumped = false,
+                    _ => {}
                 }
                 Ok((i, message, restarted || !was_connected))
             }),
@@ -650,13 +705,14 @@ impl Cluster {
             // What it held is gone or stale: it will say again.
             lock(&self.foreign).retain(|_, f| f.member != i);
         }
+        let dump_end = matches!(message.body, Body::Dump { last: true, .. });
         match message.body {
             Body::Hello { want_dump } => {
                 if want_dump || came_up {
                     self.dump_to(i, from);
                 }
             }
-            Body::Sessions { entries, dump_end } => {
+            Body::Sessions { entries } | Body::Dump { entries, .. } => {
                 {
                     let mut foreign = lock(&self.foreign);
                     let now = Instant::now();
@@ -700,30 +756,29 @@ impl Cluster {
                 endpoint,
             })
             .collect();
-        self.send_entries(to, &entries, true);
+        self.send_dump(to, &entries);
     }
 
-    fn send_entries(&self, to: SocketAddr, entries: &[Entry], dump: bool) {
+    /// A full dump: every session we hold, the last part marked.
+    fn send_dump(&self, to: SocketAddr, entries: &[Entry]) {
         let mut chunks = entries.chunks(ENTRIES_PER_MESSAGE).peekable();
         if chunks.peek().is_none() {
-            if dump {
-                self.send(
-                    to,
-                    Body::Sessions {
-                        entries: Vec::new(),
-                        dump_end: true,
-                    },
-                );
-            }
+            self.send(
+                to,
+                Body::Dump {
+                    entries: Vec::new(),
+                    last: true,
+                },
+            );
             return;
         }
         while let Some(chunk) = chunks.next() {
             let last = chunks.peek().is_none();
             self.send(
                 to,
-                Body::Sessions {
+                Body::Dump {
                     entries: chunk.to_vec(),
-                    dump_end: dump && last,
+                    last,
                 },
             );
         }
@@ -734,6 +789,7 @@ impl Cluster {
             boot: self.boot,
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             sent_at_ms: now_ms(),
+            made: self.made.load(Ordering::Relaxed),
             body,
         };
         let datagram = seal(&self.cipher, &message);
@@ -790,6 +846,7 @@ mod tests {
             boot,
             seq,
             sent_at_ms,
+            made: seq.wrapping_mul(3),
             body,
         }
     }
@@ -800,9 +857,9 @@ mod tests {
             7,
             1,
             now_ms(),
-            Body::Sessions {
+            Body::Dump {
                 entries: (0..ENTRIES_PER_MESSAGE as u32).map(entry).collect(),
-                dump_end: true,
+                last: true,
             },
         );
         let sealed = seal(&cipher(1), &m);
@@ -858,12 +915,13 @@ mod tests {
 
         #[test]
         fn any_sessions_message_round_trips(
-            boot: u64, seq: u64, at: u64, dump_end: bool,
+            boot: u64, seq: u64, at: u64, dump: Option<bool>,
             indices in proptest::collection::vec(any::<u32>(), 0..=ENTRIES_PER_MESSAGE),
         ) {
-            let m = message(boot, seq, at, Body::Sessions {
-                entries: indices.into_iter().map(entry).collect(),
-                dump_end,
+            let entries = indices.into_iter().map(entry).collect();
+            let m = message(boot, seq, at, match dump {
+                Some(last) => Body::Dump { entries, last },
+                None => Body::Sessions { entries },
             });
             prop_assert_eq!(open(&cipher(9), &seal(&cipher(9), &m)), Ok(m));
         }

@@ -67,7 +67,7 @@ use crate::allowed_ips::{AllowedIps, Owner};
 use crate::config::{DeviceStatus, PeerStatus};
 use crate::key::Key;
 use cluster::Cluster;
-pub use cluster::{ClusterOptions, ClusterStatus, MemberStatus};
+pub use cluster::{ClusterOptions, ClusterStatus, MemberStatus, cluster_sync_deadline};
 use handshake::handshake_worker;
 use inbound::udp_to_tun;
 use outbound::tun_to_udp;

@@ -1,0 +1,526 @@
+//! Seed 001 with the servers in a cluster: each server is one `bgp4mesh
+//! run` whose config has the `[[wireguard]]` interface (the VIP, the shared
+//! key, the client) with `[wireguard.cluster]`, and the static announcement
+//! with BFD. The home router is BIRD with the seed's config, the port
+//! forward to the VIP and masquerade (nftables); the client is Debian's
+//! wireguard-go, or our device, behind the WAN side.
+//!
+//! What the user feels, checked: the client keeps the port forward as its
+//! endpoint; when the server holding its session loses its link or is
+//! killed (`kill -9`, daemon and device are one process), the client's
+//! pings every 20 ms stop for under a second, because the other server
+//! knows whose session index the packets carry and handshakes with the
+//! client at once; the server that comes back (link up, or restarted) is
+//! told the sessions before it takes traffic again, and the failback
+//! costs under a second too; datagrams forged to a server's cluster port
+//! from a third address are refused, counted, and change nothing.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use bgp4mesh_lab::peers::{Bgp4mesh, Bird, WgDevice, WgImpl};
+use bgp4mesh_lab::{Iface, Lab, Node, can_run, wait_until};
+use common::*;
+use serde_json::Value;
+
+const VIP: &str = "192.168.20.1";
+const CLIENT_TUNNEL: &str = "192.168.20.2";
+const CLUSTER_PORT: u16 = 51821;
+
+struct Seed<'l> {
+    lab: &'l Lab,
+    router: Node,
+    client: Node,
+    servers: [Node; 2],
+    /// Per server: its end of the LAN link, and the router's.
+    lan: [Iface; 2],
+    router_lan: [Iface; 2],
+    /// The router's WAN address.
+    wan: Iface,
+    /// Per server: its config body (for a restart).
+    configs: [String; 2],
+    daemons: [Option<Bgp4mesh<'l>>; 2],
+    client_wg: WgDevice<'l>,
+    bird: Bird<'l>,
+}
+
+fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+impl<'l> Seed<'l> {
+    fn start(lab: &'l Lab, client_impl: &WgImpl) -> Result<Seed<'l>> {
+        let router = lab.add_node("router")?;
+        let (s5, s7) = (lab.add_node("server5")?, lab.add_node("server7")?);
+        let client = lab.add_node("client")?;
+        let (r5, a5) = lab.link(&router, &s5)?;
+        let (r7, a7) = lab.link(&router, &s7)?;
+        let (wan, _client_end) = lab.link(&router, &client)?;
+        lab.enable_forwarding(&router)?;
+        for (server, router_end) in [(&s5, &r5), (&s7, &r7)] {
+            lab.add_route(server, &["default", "via", &router_end.ipv4.to_string()])?;
+        }
+        seed_001_port_forward(lab, &router, &wan, VIP)?;
+        let bird = Bird::start(lab, &router, &seed_001_router_bird(&r5, &a5, &r7, &a7))?;
+
+        // One private key for both servers, one cluster key.
+        let private = lab.exec(&s5, &["wg", "genkey"])?.trim().to_string();
+        let public = lab
+            .exec_full(
+                &s5,
+                &["wg", "pubkey"],
+                Some(private.as_bytes()),
+                Duration::from_secs(10),
+            )?
+            .stdout
+            .trim()
+            .to_string();
+        let cluster_key = lab.exec(&s5, &[BIN, "genkey"])?.trim().to_string();
+
+        let client_wg = WgDevice::start_with(
+            lab,
+            &client,
+            client_impl,
+            &format!("{CLIENT_TUNNEL}/24"),
+            51820,
+        )?;
+        client_wg.set_peer(
+            &public,
+            Some(&format!("{}:51820", wan.ipv4)),
+            &[&format!("{VIP}/32")],
+            None,
+        )?;
+
+        let mut configs = Vec::new();
+        for (node, router_end, me, other) in [(&s5, &r5, &a5, &a7), (&s7, &r7, &a7, &a5)] {
+            let dir = lab.run_dir(node)?;
+            let key_file = dir.join("wg.key");
+            let cluster_file = dir.join("cluster.key");
+            write_secret(&key_file, &private)?;
+            write_secret(&cluster_file, &cluster_key)?;
+            let iface = lab.unique_ifname("wg")?;
+            configs.push(format!(
+                r#"{neighbor}
+[[bgp.static]]
+prefix = "192.168.20.0/24"
+device = "{iface}"
+
+[policy.vip]
+rules = [ {{ match = {{ source = ["static"] }}, action = "accept" }} ]
+
+[[wireguard]]
+interface = "{iface}"
+private_key_file = {key_file:?}
+listen_port = 51820
+address = ["{VIP}/24"]
+
+[wireguard.cluster]
+listen = "{me}:{CLUSTER_PORT}"
+members = ["{other}:{CLUSTER_PORT}"]
+key_file = {cluster_file:?}
+
+[[wireguard.peer]]
+public_key = "{client_key}"
+allowed_ips = ["{CLIENT_TUNNEL}/32"]
+"#,
+                neighbor = our_neighbor(
+                    "bgp_router",
+                    router_end.ipv4.into(),
+                    65001,
+                    "import = \"none\"\nexport = \"vip\"\nbfd = true"
+                ),
+                me = me.ipv4,
+                other = other.ipv4,
+                client_key = client_wg.public_key(),
+            ));
+        }
+        let configs: [String; 2] = [configs[0].clone(), configs[1].clone()];
+        let mut seed = Seed {
+            lab,
+            router,
+            client,
+            servers: [s5, s7],
+            lan: [a5, a7],
+            router_lan: [r5, r7],
+            wan,
+            configs,
+            daemons: [None, None],
+            client_wg,
+            bird,
+        };
+        for i in 0..2 {
+            seed.start_server(i)?;
+        }
+        seed.wait_for_both()?;
+        Ok(seed)
+    }
+
+    fn start_server(&mut self, i: usize) -> Result<()> {
+        let id = ["10.0.5.1", "10.0.7.1"][i];
+        self.daemons[i] = Some(start_ours(
+            self.lab,
+            &self.servers[i],
+            65000,
+            id,
+            &self.configs[i],
+        )?);
+        Ok(())
+    }
+
+    fn daemon(&self, i: usize) -> Result<&Bgp4mesh<'l>> {
+        self.daemons[i]
+            .as_ref()
+            .context("that server is not running")
+    }
+
+    /// BIRD's route to the VIP's network via both servers, BFD up with both.
+    fn wait_for_both(&self) -> Result<()> {
+        wait_until(SETTLE, "BIRD's ECMP route via both servers", || {
+            let v4 = kernel_routes_of(self.lab, &self.router, false, "bird")?;
+            let mut both = vec![self.lan[0].ipv4.to_string(), self.lan[1].ipv4.to_string()];
+            both.sort();
+            ensure!(v4 == vec![("192.168.20.0/24".to_string(), both)], "{v4:?}");
+            let sessions = self.bird.birdc("show bfd sessions")?;
+            ensure!(sessions.matches(" Up ").count() == 2, "{sessions}");
+            Ok(())
+        })
+    }
+
+    /// `show wireguard --json`'s one interface on server `i`.
+    fn wireguard(&self, i: usize) -> Result<Value> {
+        let all: Value =
+            serde_json::from_str(&self.daemon(i)?.cli(&["show", "wireguard", "--json"])?)?;
+        all.as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .context("no [[wireguard]] in show wireguard")
+    }
+
+    /// The server whose session the client's packets use now: the one
+    /// that last received from it.
+    fn holder(&self) -> Result<usize> {
+        let rx: Vec<u64> = (0..2)
+            .map(|i| -> Result<u64> {
+                let w = self.wireguard(i)?;
+                Ok(w["peers"][0]["rx_bytes"].as_u64().unwrap_or(0))
+            })
+            .collect::<Result<_>>()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut grew = Vec::new();
+        for (i, before) in rx.iter().enumerate() {
+            let w = self.wireguard(i)?;
+            if w["peers"][0]["rx_bytes"].as_u64().unwrap_or(0) > *before {
+                grew.push(i);
+            }
+        }
+        ensure!(
+            grew.len() == 1,
+            "servers receiving from the client: {grew:?}"
+        );
+        Ok(grew[0])
+    }
+
+    fn client_endpoint(&self) -> Result<String> {
+        self.client_wg
+            .peers()?
+            .first()
+            .and_then(|p| p.endpoint.clone())
+            .context("the client has no endpoint")
+    }
+
+    fn port_forward(&self) -> String {
+        format!("{}:51820", self.wan.ipv4)
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `ping -D` reply timestamps in a log.
+fn reply_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+/// The longest time without a reply in `[from, to]`, edges included.
+fn longest_gap(times: &[f64], from: f64, to: f64) -> f64 {
+    let mut last = times
+        .iter()
+        .copied()
+        .filter(|&t| t <= from)
+        .fold(f64::NAN, f64::max);
+    if last.is_nan() {
+        last = from;
+    }
+    let mut gap: f64 = 0.0;
+    for &t in times.iter().filter(|&&t| t > from && t <= to) {
+        gap = gap.max(t - last);
+        last = t;
+    }
+    gap.max(to - last)
+}
+
+/// How the server holding the session fails.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    /// Its LAN port goes down (the router sees the carrier go).
+    LinkDown,
+    /// `kill -9` of its daemon (and so its device): the kernel closes the
+    /// BGP connection.
+    Killed,
+    /// Hung: the box drops everything in and out, its link stays up (a
+    /// power loss behind a switch, a wedged kernel). Only BFD tells.
+    Hung,
+}
+
+/// The nftables table that makes a server drop everything.
+const HANG: &str = "table inet hang {\n\
+    chain input { type filter hook input priority -500; policy drop; }\n\
+    chain output { type filter hook output priority -500; policy drop; }\n\
+    }\n";
+
+fn failover(death: Death, client_impl: WgImpl) -> Result<()> {
+    let name = format!("seed_001_cluster_{death:?}_{}", client_impl.label());
+    if !can_run(
+        &name,
+        &["bird", "birdc", "wireguard-go", "wg", "ping", "nft"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new(&name.replace('_', "-").to_lowercase())?;
+    let mut seed = Seed::start(&lab, &client_impl)?;
+
+    wait_until(SETTLE, "a ping through the tunnel", || {
+        ping(&lab, &seed.client, VIP)
+    })?;
+    lab.exec(&seed.client, &["ping", "-c", "5", "-i", "0.2", "-q", VIP])?;
+    let endpoint = seed.client_endpoint()?;
+    ensure!(
+        endpoint == seed.port_forward(),
+        "the client roamed away from the port forward {}: {endpoint}",
+        seed.port_forward()
+    );
+    // Both servers are synced and know of the other's session.
+    wait_until(
+        SETTLE,
+        "both servers synced, each knowing the session",
+        || {
+            let mut known = 0;
+            for i in 0..2 {
+                let c = &seed.wireguard(i)?["cluster"];
+                ensure!(c["synced"] == true, "server {i}: {c}");
+                ensure!(c["members"][0]["connected"] == true, "server {i}: {c}");
+                known += c["sessions_held"].as_u64().unwrap_or(0)
+                    + c["members"][0]["sessions"].as_u64().unwrap_or(0);
+            }
+            ensure!(known >= 2, "the session is not known on both sides");
+            Ok(())
+        },
+    )?;
+
+    let flood = lab.spawn(
+        &seed.client,
+        "ping-every-20ms",
+        &["ping", "-D", "-i", "0.02", "-w", "40", VIP],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let holder = seed.holder()?;
+    let survivor = 1 - holder;
+    eprintln!("server{} holds the session", [5, 7][holder]);
+    let cut = now_unix();
+    match death {
+        Death::LinkDown => {
+            lab.exec(
+                &seed.servers[holder],
+                &["ip", "link", "set", &seed.lan[holder].name, "down"],
+            )?;
+        }
+        Death::Killed => {
+            lab.signal(seed.daemon(holder)?.proc(), libc::SIGKILL)?;
+        }
+        Death::Hung => {
+            let out = lab.exec_full(
+                &seed.servers[holder],
+                &["nft", "-f", "-"],
+                Some(HANG.as_bytes()),
+                Duration::from_secs(10),
+            )?;
+            ensure!(out.success(), "nft: {}", out.stderr);
+        }
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the tunnel back through the other server",
+        || {
+            let log = std::fs::read_to_string(&flood.log)?;
+            ensure!(
+                reply_times(&log).iter().any(|&t| t > cut + 0.1),
+                "no reply since the cut"
+            );
+            Ok(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let times = reply_times(&std::fs::read_to_string(&flood.log)?);
+    let outage = longest_gap(&times, cut, now_unix());
+    let handovers = seed.wireguard(survivor)?["cluster"]["handovers"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "seed 001 cluster failover ({death:?}, client {}): {outage:.2} s without replies; \
+         handovers on the survivor: {handovers}; client endpoint {}",
+        client_impl.label(),
+        seed.client_endpoint()?
+    );
+    ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
+    ensure!(handovers >= 1, "the survivor took nothing over");
+    ensure!(
+        seed.client_endpoint()? == seed.port_forward(),
+        "the client left the port forward after the failover"
+    );
+
+    // The server comes back: it is told the sessions before it takes
+    // traffic, and the failback costs under a second.
+    let back = now_unix();
+    match death {
+        Death::LinkDown => {
+            lab.exec(
+                &seed.servers[holder],
+                &["ip", "link", "set", &seed.lan[holder].name, "up"],
+            )?;
+            lab.add_route(
+                &seed.servers[holder],
+                &["default", "via", &seed.router_lan[holder].ipv4.to_string()],
+            )
+            .ok();
+        }
+        Death::Killed => {
+            lab.stop(seed.daemon(holder)?.proc());
+            seed.daemons[holder] = None;
+            seed.start_server(holder)?;
+        }
+        Death::Hung => {
+            lab.exec(
+                &seed.servers[holder],
+                &["nft", "delete", "table", "inet", "hang"],
+            )?;
+        }
+    }
+    seed.wait_for_both()?;
+    wait_until(
+        Duration::from_secs(5),
+        "the returning server told the survivor's session",
+        || {
+            let c = seed.wireguard(holder)?["cluster"].clone();
+            ensure!(c["synced"] == true, "not synced: {c}");
+            ensure!(
+                c["members"][0]["sessions"].as_u64().unwrap_or(0) >= 1,
+                "the survivor's session is unknown: {c}"
+            );
+            Ok(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    lab.stop(&flood);
+    let times = reply_times(&std::fs::read_to_string(&flood.log)?);
+    let failback = longest_gap(&times, back, now_unix() - 0.5);
+    eprintln!("seed 001 cluster failback ({death:?}): longest gap {failback:.2} s");
+    ensure!(failback < 1.0, "failback gap {failback:.2} s");
+    Ok(())
+}
+
+#[test]
+fn cluster_failover_link_down_wireguard_go() -> Result<()> {
+    failover(Death::LinkDown, WgImpl::WireguardGo)
+}
+
+#[test]
+fn cluster_failover_killed_wireguard_go() -> Result<()> {
+    failover(Death::Killed, WgImpl::WireguardGo)
+}
+
+#[test]
+fn cluster_failover_hung_wireguard_go() -> Result<()> {
+    failover(Death::Hung, WgImpl::WireguardGo)
+}
+
+#[test]
+fn cluster_failover_hung_our_client() -> Result<()> {
+    failover(Death::Hung, WgImpl::bgp4mesh(BIN))
+}
+
+#[test]
+fn cluster_failover_link_down_our_client() -> Result<()> {
+    failover(Death::LinkDown, WgImpl::bgp4mesh(BIN))
+}
+
+/// Datagrams to a server's cluster port from an address that is not a
+/// member (garbage, and a well-formed header without the key) are
+/// refused and counted, and the tunnel carries on.
+#[test]
+fn forged_cluster_messages_are_refused() -> Result<()> {
+    if !can_run(
+        "seed_001_cluster_forged",
+        &[
+            "bird",
+            "birdc",
+            "wireguard-go",
+            "wg",
+            "ping",
+            "nft",
+            "python3",
+        ],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-001-cluster-forged")?;
+    let seed = Seed::start(&lab, &WgImpl::WireguardGo)?;
+    wait_until(SETTLE, "a ping through the tunnel", || {
+        ping(&lab, &seed.client, VIP)
+    })?;
+    let before = seed.wireguard(0)?["cluster"].clone();
+    let target = seed.lan[0].ipv4.to_string();
+    // From the router: a third address, on the servers' path.
+    let forge = format!(
+        "import socket,os\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for n in range(10):\n\
+         \x20   s.sendto(b'b4mc\\x01'+os.urandom(24+28+16+55*n),('{target}',{CLUSTER_PORT}))\n\
+         s.sendto(os.urandom(3),('{target}',{CLUSTER_PORT}))\n"
+    );
+    let out = lab.exec_full(
+        &seed.router,
+        &["python3", "-"],
+        Some(forge.as_bytes()),
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.success(), "python3: {}", out.stderr);
+    wait_until(
+        Duration::from_secs(5),
+        "the forged datagrams counted",
+        || {
+            let c = &seed.wireguard(0)?["cluster"];
+            let refused = c["refused"].as_u64().unwrap_or(0);
+            ensure!(refused >= 11, "refused {refused}: {c}");
+            Ok(())
+        },
+    )?;
+    let after = seed.wireguard(0)?["cluster"].clone();
+    ensure!(
+        after["members"][0]["sessions"] == before["members"][0]["sessions"]
+            && after["handovers"] == before["handovers"],
+        "forged datagrams changed the cluster: {before} → {after}"
+    );
+    ping(&lab, &seed.client, VIP)?;
+    Ok(())
+}
