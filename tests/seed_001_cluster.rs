@@ -522,5 +522,15 @@ fn forged_cluster_messages_are_refused() -> Result<()> {
         "forged datagrams changed the cluster: {before} → {after}"
     );
     ping(&lab, &seed.client, VIP)?;
+    let text = seed.daemon(0)?.cli(&["show", "wireguard"])?;
+    ensure!(
+        text.contains("cluster: listening on")
+            && text.contains("refused")
+            && text.contains(&format!(
+                "member {}:{CLUSTER_PORT}: connected, synced",
+                seed.lan[1].ipv4
+            )),
+        "show wireguard: {text}"
+    );
     Ok(())
 }

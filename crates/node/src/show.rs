@@ -355,6 +355,41 @@ pub fn render_wireguard(data: &Value) -> String {
         if !w["config"].is_null() {
             let _ = writeln!(out, "  config: {}", text(&w["config"]));
         }
+        let c = &w["cluster"];
+        if !c.is_null() {
+            let _ = writeln!(
+                out,
+                "  cluster: listening on {}, {}; {} session(s) of ours told, {} handover(s), {} message(s) refused",
+                text(&c["listen"]),
+                if c["synced"] == true {
+                    "synced"
+                } else {
+                    "syncing"
+                },
+                text(&c["sessions_held"]),
+                text(&c["handovers"]),
+                text(&c["refused"]),
+            );
+            for m in c["members"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "    member {}: {}{}, {} session(s), last heard {}",
+                    text(&m["address"]),
+                    if m["connected"] == true {
+                        "connected"
+                    } else {
+                        "not heard"
+                    },
+                    if m["synced"] == true { ", synced" } else { "" },
+                    text(&m["sessions"]),
+                    if m["last_heard"].is_null() {
+                        "never".to_string()
+                    } else {
+                        text(&m["last_heard"])
+                    },
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "  {:<44} {:<22} {:<20} {:<23} Allowed IPs",
