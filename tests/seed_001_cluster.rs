@@ -26,12 +26,12 @@ use common::*;
 use serde_json::Value;
 
 const VIP: &str = "192.168.20.1";
-const CLIENT_TUNNEL: &str = "192.168.20.2";
 const CLUSTER_PORT: u16 = 51821;
 
 struct Seed<'l> {
     lab: &'l Lab,
     router: Node,
+    /// The first client's node.
     client: Node,
     servers: [Node; 2],
     /// Per server: its end of the LAN link, and the router's.
@@ -42,7 +42,10 @@ struct Seed<'l> {
     /// Per server: its config body (for a restart).
     configs: [String; 2],
     daemons: [Option<Bgp4mesh<'l>>; 2],
+    /// The first client's device.
     client_wg: WgDevice<'l>,
+    /// Every client: its node, device and tunnel address.
+    clients: Vec<(Node, WgDevice<'l>, String)>,
     bird: Bird<'l>,
 }
 
@@ -54,13 +57,15 @@ fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 impl<'l> Seed<'l> {
-    fn start(lab: &'l Lab, client_impl: &WgImpl) -> Result<Seed<'l>> {
+    /// The seed with one client of each kind in `client_impls`, all on
+    /// the router's WAN side (a switch).
+    fn start(lab: &'l Lab, client_impls: &[WgImpl]) -> Result<Seed<'l>> {
         let router = lab.add_node("router")?;
         let (s5, s7) = (lab.add_node("server5")?, lab.add_node("server7")?);
-        let client = lab.add_node("client")?;
         let (r5, a5) = lab.link(&router, &s5)?;
         let (r7, a7) = lab.link(&router, &s7)?;
-        let (wan, _client_end) = lab.link(&router, &client)?;
+        let internet = lab.add_switch("internet")?;
+        let wan = lab.attach(&internet, &router)?;
         lab.enable_forwarding(&router)?;
         for (server, router_end) in [(&s5, &r5), (&s7, &r7)] {
             lab.add_route(server, &["default", "via", &router_end.ipv4.to_string()])?;
@@ -82,19 +87,29 @@ impl<'l> Seed<'l> {
             .to_string();
         let cluster_key = lab.exec(&s5, &[BIN, "genkey"])?.trim().to_string();
 
-        let client_wg = WgDevice::start_with(
-            lab,
-            &client,
-            client_impl,
-            &format!("{CLIENT_TUNNEL}/24"),
-            51820,
-        )?;
-        client_wg.set_peer(
-            &public,
-            Some(&format!("{}:51820", wan.ipv4)),
-            &[&format!("{VIP}/32")],
-            None,
-        )?;
+        let mut clients = Vec::new();
+        for (k, client_impl) in client_impls.iter().enumerate() {
+            let node = lab.add_node(&format!("client{k}"))?;
+            lab.attach(&internet, &node)?;
+            let tunnel = format!("192.168.20.{}", k + 2);
+            let wg = WgDevice::start_with(lab, &node, client_impl, &format!("{tunnel}/24"), 51820)?;
+            wg.set_peer(
+                &public,
+                Some(&format!("{}:51820", wan.ipv4)),
+                &[&format!("{VIP}/32")],
+                None,
+            )?;
+            clients.push((node, wg, tunnel));
+        }
+        let peers: String = clients
+            .iter()
+            .map(|(_, wg, tunnel)| {
+                format!(
+                    "[[wireguard.peer]]\npublic_key = \"{}\"\nallowed_ips = [\"{tunnel}/32\"]\n\n",
+                    wg.public_key()
+                )
+            })
+            .collect();
 
         let mut configs = Vec::new();
         for (node, router_end, me, other) in [(&s5, &r5, &a5, &a7), (&s7, &r7, &a7, &a5)] {
@@ -124,10 +139,7 @@ listen = "{me}:{CLUSTER_PORT}"
 members = ["{other}:{CLUSTER_PORT}"]
 key_file = {cluster_file:?}
 
-[[wireguard.peer]]
-public_key = "{client_key}"
-allowed_ips = ["{CLIENT_TUNNEL}/32"]
-"#,
+{peers}"#,
                 neighbor = our_neighbor(
                     "bgp_router",
                     router_end.ipv4.into(),
@@ -136,14 +148,17 @@ allowed_ips = ["{CLIENT_TUNNEL}/32"]
                 ),
                 me = me.ipv4,
                 other = other.ipv4,
-                client_key = client_wg.public_key(),
             ));
         }
         let configs: [String; 2] = [configs[0].clone(), configs[1].clone()];
+        let mut all = clients.into_iter();
+        let (client, client_wg, _) = all.next().context("no client")?;
+        let clients = all.collect();
         let mut seed = Seed {
             lab,
             router,
             client,
+            clients,
             servers: [s5, s7],
             lan: [a5, a7],
             router_lan: [r5, r7],
@@ -201,20 +216,26 @@ allowed_ips = ["{CLIENT_TUNNEL}/32"]
             .context("no [[wireguard]] in show wireguard")
     }
 
-    /// The server whose session the client's packets use now: the one
-    /// that last received from it.
+    /// The server whose session the first client's packets use now: the
+    /// one that last received from it.
     fn holder(&self) -> Result<usize> {
+        let key = self.client_wg.public_key().to_string();
+        let rx_of = |w: &Value| -> u64 {
+            w["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["public_key"] == key.as_str())
+                .and_then(|p| p["rx_bytes"].as_u64())
+                .unwrap_or(0)
+        };
         let rx: Vec<u64> = (0..2)
-            .map(|i| -> Result<u64> {
-                let w = self.wireguard(i)?;
-                Ok(w["peers"][0]["rx_bytes"].as_u64().unwrap_or(0))
-            })
+            .map(|i| -> Result<u64> { Ok(rx_of(&self.wireguard(i)?)) })
             .collect::<Result<_>>()?;
         std::thread::sleep(Duration::from_millis(500));
         let mut grew = Vec::new();
         for (i, before) in rx.iter().enumerate() {
-            let w = self.wireguard(i)?;
-            if w["peers"][0]["rx_bytes"].as_u64().unwrap_or(0) > *before {
+            if rx_of(&self.wireguard(i)?) > *before {
                 grew.push(i);
             }
         }
@@ -223,6 +244,33 @@ allowed_ips = ["{CLIENT_TUNNEL}/32"]
             "servers receiving from the client: {grew:?}"
         );
         Ok(grew[0])
+    }
+
+    /// Every client: node, device, tunnel address.
+    fn all_clients(&self) -> Vec<(&Node, &WgDevice<'l>, String)> {
+        std::iter::once((&self.client, &self.client_wg, "192.168.20.2".to_string()))
+            .chain(self.clients.iter().map(|(n, w, t)| (n, w, t.clone())))
+            .collect()
+    }
+
+    /// Per server, how many clients it receives from now.
+    fn carried(&self) -> Result<[usize; 2]> {
+        let rx = |w: &Value| -> Vec<u64> {
+            w["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p["rx_bytes"].as_u64().unwrap_or(0))
+                .collect()
+        };
+        let before = [rx(&self.wireguard(0)?), rx(&self.wireguard(1)?)];
+        std::thread::sleep(Duration::from_millis(500));
+        let mut carried = [0; 2];
+        for (i, was) in before.iter().enumerate() {
+            let now = rx(&self.wireguard(i)?);
+            carried[i] = now.iter().zip(was).filter(|(n, b)| n > b).count();
+        }
+        Ok(carried)
     }
 
     fn client_endpoint(&self) -> Result<String> {
@@ -298,7 +346,7 @@ fn failover(death: Death, client_impl: WgImpl) -> Result<()> {
         return Ok(());
     }
     let lab = Lab::new(&name.replace('_', "-").to_lowercase())?;
-    let mut seed = Seed::start(&lab, &client_impl)?;
+    let mut seed = Seed::start(&lab, std::slice::from_ref(&client_impl))?;
 
     wait_until(SETTLE, "a ping through the tunnel", || {
         ping(&lab, &seed.client, VIP)
@@ -484,7 +532,7 @@ fn forged_cluster_messages_are_refused() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::new("seed-001-cluster-forged")?;
-    let seed = Seed::start(&lab, &WgImpl::WireguardGo)?;
+    let seed = Seed::start(&lab, &[WgImpl::WireguardGo])?;
     wait_until(SETTLE, "a ping through the tunnel", || {
         ping(&lab, &seed.client, VIP)
     })?;
@@ -531,6 +579,90 @@ fn forged_cluster_messages_are_refused() -> Result<()> {
                 seed.lan[1].ipv4
             )),
         "show wireguard: {text}"
+    );
+    Ok(())
+}
+
+/// 20 clients (10 wireguard-go, 10 ours), spread over both servers by the
+/// router's ECMP, each pinging the VIP every 50 ms: both servers carry
+/// traffic at once, and when one hangs, every client's tunnel passes
+/// traffic again within a second.
+#[test]
+fn twenty_clients_spread_by_ecmp_all_come_back_within_a_second() -> Result<()> {
+    if !can_run(
+        "seed_001_cluster_twenty_clients",
+        &["bird", "birdc", "wireguard-go", "wg", "ping", "nft"],
+    ) {
+        return Ok(());
+    }
+    let lab = Lab::new("seed-001-cluster-20")?;
+    let impls: Vec<WgImpl> = (0..20)
+        .map(|k| {
+            if k % 2 == 0 {
+                WgImpl::WireguardGo
+            } else {
+                WgImpl::bgp4mesh(BIN)
+            }
+        })
+        .collect();
+    let seed = Seed::start(&lab, &impls)?;
+    let clients = seed.all_clients();
+    for (node, _, _) in &clients {
+        wait_until(SETTLE, "a client's ping through the tunnel", || {
+            ping(&lab, node, VIP)
+        })?;
+    }
+    let mut floods = Vec::new();
+    for (k, (node, _, _)) in clients.iter().enumerate() {
+        floods.push(lab.spawn(
+            node,
+            &format!("ping-{k}"),
+            &["ping", "-D", "-i", "0.05", "-w", "30", VIP],
+        )?);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let carried = seed.carried()?;
+    eprintln!("clients per server before the failure: {carried:?}");
+    ensure!(
+        carried[0] > 0 && carried[1] > 0 && carried[0] + carried[1] == 20,
+        "ECMP does not spread the clients over both servers: {carried:?}"
+    );
+    let dead = if carried[0] >= carried[1] { 0 } else { 1 };
+    let cut = now_unix();
+    let out = lab.exec_full(
+        &seed.servers[dead],
+        &["nft", "-f", "-"],
+        Some(HANG.as_bytes()),
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.success(), "nft: {}", out.stderr);
+    std::thread::sleep(Duration::from_secs(4));
+    let end = now_unix();
+    let mut outages = Vec::new();
+    for flood in &floods {
+        lab.stop(flood);
+        let times = reply_times(&std::fs::read_to_string(&flood.log)?);
+        outages.push(longest_gap(&times, cut, end));
+    }
+    let worst = outages.iter().copied().fold(0.0, f64::max);
+    let handovers = seed.wireguard(1 - dead)?["cluster"]["handovers"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "20 clients, server{} hung with {} of them: longest outage {worst:.2} s; \
+         handovers {handovers}; per client {:?}",
+        [5, 7][dead],
+        carried[dead],
+        outages
+            .iter()
+            .map(|o| format!("{o:.2}"))
+            .collect::<Vec<_>>()
+    );
+    ensure!(worst < 1.0, "a client's tunnel was out {worst:.2} s");
+    ensure!(
+        handovers >= carried[dead] as u64,
+        "{handovers} handovers for {} clients",
+        carried[dead]
     );
     Ok(())
 }
