@@ -18,7 +18,6 @@ use super::{Interface, Received, Shared, TIMER_TICK, Udp, lock, read};
 use crate::key::Key;
 
 pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
-    let mut mtu = MtuWatcher::new(shared.mtu);
     let mut out = TunBatch::new();
     while !shared.stopping.load(Ordering::Relaxed) {
         let received = match queue.recv_timeout(TIMER_TICK) {
@@ -28,6 +27,7 @@ pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
         };
         let Some(udp) = shared.udp() else { continue };
         let iface = read(&shared.iface);
+        let mut mtu = shared.mtu_watcher();
         receive_handshake(&shared, &iface, &udp, &received, &mut mtu, &mut out);
     }
 }

@@ -27,6 +27,7 @@
 //! - this module: [`Device`] and the state the threads share;
 //! - `outbound`: the tun → udp thread (encryption, GSO batches);
 //! - `icmp`: the ICMP errors it answers packets no peer takes with;
+//! - `route_loop`: its own datagrams routed back into it, dropped;
 //! - `inbound`: the udp → tun thread (decryption, GRO batches);
 //! - `handshake`: the handshake thread, fed by the receive thread;
 //! - `timers`: the timer thread;
@@ -41,6 +42,7 @@ mod handshake;
 mod icmp;
 mod inbound;
 mod outbound;
+mod route_loop;
 mod timers;
 mod udp;
 
@@ -48,7 +50,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
@@ -58,6 +60,7 @@ use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::noise::{TimerParams, Tunn};
 use gotatun::packet::WgKind;
+use gotatun::tun::MtuWatcher;
 use gotatun::x25519;
 use quinn_udp::UdpSocketState;
 use tracing::info;
@@ -112,7 +115,14 @@ pub struct Device {
 struct Shared {
     name: String,
     tun: SyncDevice,
-    mtu: u16,
+    /// The interface's MTU as the kernel has it now: the one it was
+    /// created with until `ip link set mtu` (wg-quick, an operator) changes
+    /// it, read again by the timer thread ([`Shared::refresh_mtu`]).
+    /// Transport data is padded up to it and never beyond, as the kernel
+    /// module pads to its device's current MTU: a device lowered to fit
+    /// inside another tunnel (1340 in 1420) must send datagrams that fit,
+    /// or every full-size packet is fragmented on the way.
+    mtu: AtomicU16,
     timer_params: Option<TimerParams>,
     index_table: IndexTable,
     /// Session index (ours, as the peer addresses its packets) → peer.
@@ -297,7 +307,7 @@ impl Device {
         let shared = Arc::new(Shared {
             name: options.name.clone(),
             tun,
-            mtu: options.mtu,
+            mtu: AtomicU16::new(options.mtu),
             timer_params: options.timer_params,
             index_table: IndexTable::from_os_rng(),
             by_index: Mutex::new(HashMap::new()),
@@ -538,6 +548,22 @@ impl Shared {
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("socket thread panicked")))
         })
+    }
+
+    /// What gotatun pads transport data up to: the interface's MTU as
+    /// last read.
+    fn mtu_watcher(&self) -> MtuWatcher {
+        MtuWatcher::new(self.mtu.load(Ordering::Relaxed))
+    }
+
+    /// Reads the interface's MTU again; kept as it was if the interface
+    /// cannot say (it is being deleted).
+    fn refresh_mtu(&self) {
+        if let Ok(mtu) = self.tun.mtu()
+            && mtu > 0
+        {
+            self.mtu.store(mtu, Ordering::Relaxed);
+        }
     }
 
     fn udp(&self) -> Option<Arc<Udp>> {

@@ -15,6 +15,7 @@ use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable};
 use super::inbound::TunBatch;
+use super::route_loop::LoopGuard;
 use super::udp::{SendOutcome, Target};
 use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
@@ -135,11 +136,11 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
         .map(|_| vec![0u8; MAX_PACKET])
         .collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut mtu = MtuWatcher::new(shared.mtu);
     let mut batch = SendBatch::new();
     let mut routes: Vec<Option<Arc<Peer>>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let tun_fd = shared.tun.as_raw_fd();
     let mut unrouted = Unrouted::new();
+    let mut route_loop = LoopGuard::new();
     while !shared.stopping.load(Ordering::Relaxed) {
         let n = match shared
             .tun
@@ -162,19 +163,30 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
             }
         };
         let Some(udp) = shared.udp() else { continue };
+        let mut mtu = shared.mtu_watcher();
         {
             let iface = read(&shared.iface);
             routes.clear();
-            routes.extend((0..n).map(|i| {
-                packet_address(&bufs[i][..sizes[i]], true)
-                    .and_then(|dst| iface.allowed.lookup(dst))
-                    .map(Arc::clone)
-            }));
+            for (buf, size) in bufs.iter().zip(sizes.iter_mut()).take(n) {
+                if route_loop.caught(&shared.name, &buf[..*size], udp.port) {
+                    // Dropped: no peer, and no ICMP error to ourselves.
+                    *size = 0;
+                    routes.push(None);
+                    continue;
+                }
+                routes.push(
+                    packet_address(&buf[..*size], true)
+                        .and_then(|dst| iface.allowed.lookup(dst))
+                        .map(Arc::clone),
+                );
+            }
         }
         let mut i = 0;
         while i < n {
             let Some(peer) = routes[i].clone() else {
-                unrouted.answer(&shared, &bufs[i][..sizes[i]]);
+                if sizes[i] > 0 {
+                    unrouted.answer(&shared, &bufs[i][..sizes[i]]);
+                }
                 i += 1;
                 continue;
             };

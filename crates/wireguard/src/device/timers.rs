@@ -1,6 +1,7 @@
 //! The timer thread: each peer's protocol timers every tick (handshake
-//! retries, rekey, keepalives), the pruning of the session-index map, and
-//! forgetting the learnt GSO limits now and then (a path may grow).
+//! retries, rekey, keepalives), the pruning of the session-index map and
+//! the interface's MTU read again every second, and forgetting the learnt
+//! GSO limits now and then (a path may grow).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -55,6 +56,7 @@ pub(super) fn timers(shared: Arc<Shared>) {
             last_prune = Instant::now();
             let table = &shared.index_table;
             lock(&shared.by_index).retain(|index, _| table.in_use(*index));
+            shared.refresh_mtu();
             // Data held for a response that never came.
             for peer in &read(&shared.iface).peers {
                 let mut early = lock(&peer.early);

@@ -69,6 +69,13 @@ impl Udp {
         // device over a smaller path (PPPoE, tunnels in tunnels) still
         // carries full-size packets. After UdpSocketState::new, which set
         // the options this overrides.
+        //
+        // On IPv6 that takes IPV6_DONTFRAG off as well: quinn-udp turns it
+        // on, and with it the kernel refuses (EMSGSIZE) every datagram
+        // larger than the route's MTU whatever IPV6_MTU_DISCOVER says
+        // (`__ip6_append_data`). An IPv6 endpoint behind a smaller link, or
+        // inside another WireGuard tunnel (its 1420 leaves 1340 to the
+        // inner device), then got no full-size packet through.
         let mut options = vec![(
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
@@ -80,6 +87,7 @@ impl Udp {
                 libc::IPV6_MTU_DISCOVER,
                 libc::IPV6_PMTUDISC_DONT,
             ));
+            options.push((libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0));
         }
         for (level, name, value) in options {
             if let Err(e) = set_int_option(&socket, level, name, value) {
