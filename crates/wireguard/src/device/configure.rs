@@ -321,6 +321,7 @@ impl Shared {
                         source: None,
                         initiate: false,
                         handed_over: None,
+                        held: None,
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),

@@ -14,8 +14,9 @@ use tracing::debug;
 
 use super::inbound::{TunBatch, deliver};
 use super::udp::Target;
-use super::{Interface, Received, Shared, TIMER_TICK, Udp, lock, read};
+use super::{Held, Interface, Received, Shared, TIMER_TICK, Udp, lock, read};
 use crate::key::Key;
+use std::time::Instant;
 
 pub(super) fn handshake_worker(shared: Arc<Shared>, queue: Receiver<Received>) {
     let mut out = TunBatch::new();
@@ -120,11 +121,28 @@ fn receive_handshake(
                 }
             }
             state.learn(from, source);
+            let mut released = None;
+            if is_response {
+                // Our session is up: what we held while we had only the
+                // one we answered goes out on ours.
+                released = shared.release_held(&peer, &mut state);
+            } else if state.held.is_none() {
+                // We answered: hold data until the peer confirms.
+                state.held = Some(Held {
+                    since: Instant::now(),
+                    packets: Vec::new(),
+                });
+            }
             drop(state);
             let reply: Packet = reply.into();
             udp.send(shared, back, Some(&peer), &reply, None);
             for packet in queued {
                 udp.send(shared, back, Some(&peer), &packet, None);
+            }
+            if let Some((to, packets)) = released {
+                for packet in &packets {
+                    udp.send(shared, to, Some(&peer), packet, None);
+                }
             }
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);

@@ -156,7 +156,18 @@ fn receive(
                 // Roaming: the peer is wherever it last proved to be,
                 // and we answer from the address it sent to.
                 state.learn(from, source);
+                // The peer uses a session: whatever we held for it goes.
+                let released = if state.held.is_some() {
+                    shared.release_held(&peer, &mut state)
+                } else {
+                    None
+                };
                 drop(state);
+                if let Some((to, packets)) = released {
+                    for packet in &packets {
+                        udp.send(shared, to, Some(&peer), packet, None);
+                    }
+                }
                 deliver(shared, iface, &peer, &inner, out);
             }
             TunnResult::Err(WireGuardError::NoCurrentSession) => {

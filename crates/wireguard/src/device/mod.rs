@@ -228,7 +228,29 @@ struct PeerState {
     /// When we last sent it a handshake to take over another cluster
     /// member's session ([`cluster`]): at most one per second.
     handed_over: Option<std::time::Instant>,
+    /// Data held since we answered the peer's initiation, until the peer
+    /// confirms the session (its first packet on it) or our own
+    /// initiation completes: see [`Held`].
+    held: Option<Held>,
 }
+
+/// Outgoing data held while our newest session is one we answered and the
+/// peer has not used yet. gotatun sends on such a session at once when it
+/// is the only one; the kernel module and wireguard-go wait, as the
+/// protocol says, because the initiator may not have finished the
+/// handshake yet (its response waits in a queue while our data takes the
+/// fast path, and is dropped). So crossing handshakes, and a first
+/// contact where we answer, lose nothing. Bounded ([`HELD_PACKETS`]), and
+/// let go after [`HELD_FOR`] whatever happens.
+struct Held {
+    since: std::time::Instant,
+    packets: Vec<Vec<u8>>,
+}
+
+/// At most this many packets are held per peer (gotatun's own queue holds 256).
+const HELD_PACKETS: usize = 256;
+/// Held packets go out on whatever session there is after this long.
+const HELD_FOR: Duration = Duration::from_secs(1);
 
 impl PeerState {
     /// Where the peer's packets go and from which address; forgets a
@@ -603,6 +625,30 @@ impl Shared {
             fragmented_datagrams: self.fragmented.load(Ordering::Relaxed),
             peers,
         }
+    }
+
+    /// Lets go of the data held for `peer` ([`Held`]): encrypted on its
+    /// current session (or queued by gotatun for a handshake), with where
+    /// it goes. The caller sends it once the peer's state is unlocked.
+    #[cold]
+    fn release_held(
+        &self,
+        peer: &Arc<Peer>,
+        state: &mut PeerState,
+    ) -> Option<(Target, Vec<gotatun::packet::Packet>)> {
+        let held = state.held.take()?;
+        let target = state.target(peer)?;
+        let tunn = state.tunn.as_mut()?;
+        let mut mtu = self.mtu_watcher();
+        let mut out = Vec::with_capacity(held.packets.len());
+        for packet in held.packets {
+            let packet = gotatun::packet::Packet::from_bytes(bytes::BytesMut::from(&packet[..]));
+            if let Some(message) = tunn.handle_outgoing_packet(packet, Some(&mut mtu)) {
+                self.register_index(&message, peer);
+                out.push(message.into());
+            }
+        }
+        Some((target, out))
     }
 
     /// Remembers which peer a handshake message we send belongs to, so the

@@ -17,7 +17,7 @@ use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable};
 use super::inbound::TunBatch;
 use super::route_loop::LoopGuard;
 use super::udp::{SendOutcome, Target};
-use super::{MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
+use super::{HELD_FOR, HELD_PACKETS, MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
 /// The largest UDP payload one GSO send may carry.
 const GSO_MAX_BYTES: usize = 65_000;
@@ -261,6 +261,24 @@ fn encrypt_run(
     batch: &mut SendBatch,
 ) {
     let mut state = lock(&peer.state);
+    if let Some(held) = state.held.as_mut() {
+        if held.since.elapsed() < HELD_FOR {
+            // Our answered session is not confirmed yet: wait for it.
+            for (k, size) in sizes.iter().enumerate() {
+                if held.packets.len() < HELD_PACKETS {
+                    held.packets.push(bufs[first + k][..*size].to_vec());
+                }
+            }
+            return;
+        }
+        // Held too long: what waited goes first, on whatever there is.
+        if let Some((to, packets)) = shared.release_held(peer, &mut state) {
+            batch.flush(shared, udp);
+            for packet in &packets {
+                udp.send(shared, to, Some(peer), packet, None);
+            }
+        }
+    }
     let endpoint = state.target(peer);
     let Some(tunn) = state.tunn.as_mut() else {
         return;

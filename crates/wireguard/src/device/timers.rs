@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, info};
 
-use super::{EARLY_DATA_KEPT, Peer, Shared, TIMER_TICK, lock, read};
+use super::{EARLY_DATA_KEPT, HELD_FOR, Peer, Shared, TIMER_TICK, lock, read};
 
 /// How long a peer's GSO limit ([`Peer::gso_limit`]) holds before a full
 /// GSO run is tried again: one refused send per peer and period when the
@@ -26,6 +26,17 @@ pub(super) fn timers(shared: Arc<Shared>) {
         let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
         for peer in peers {
             let mut state = lock(&peer.state);
+            if state
+                .held
+                .as_ref()
+                .is_some_and(|held| held.since.elapsed() >= HELD_FOR)
+                && let Some((to, packets)) = shared.release_held(&peer, &mut state)
+                && let Some(udp) = &udp
+            {
+                for packet in &packets {
+                    udp.send(&shared, to, Some(&peer), packet, None);
+                }
+            }
             let endpoint = state.target(&peer);
             let initiate = std::mem::take(&mut state.initiate);
             let Some(tunn) = state.tunn.as_mut() else {
