@@ -142,9 +142,9 @@ fn tunnel_through_tunnel(v6_endpoints: bool) -> Result<()> {
     }
 
     // The inner tunnel's datagrams came out of the outer one.
-    for i in 0..2 {
+    for (i, device) in inner.iter().enumerate() {
         let other = 1 - i;
-        let peers = inner[i].peers()?;
+        let peers = device.peers()?;
         ensure!(
             peers.len() == 1 && peers[0].endpoint.as_deref() == Some(endpoint(other).as_str()),
             "the inner peer of side {i} is not at the outer tunnel's address: {peers:?}"
