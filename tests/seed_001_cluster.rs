@@ -385,6 +385,13 @@ fn failover(death: Death, client_impl: WgImpl) -> Result<()> {
     let holder = seed.holder()?;
     let survivor = 1 - holder;
     eprintln!("server{} holds the session", [5, 7][holder]);
+    // It answers from the VIP the client sent to (sticky source).
+    let w = seed.wireguard(holder)?;
+    ensure!(
+        w["peers"][0]["local_address"] == VIP,
+        "the holder answers from {}, not the VIP",
+        w["peers"][0]["local_address"]
+    );
     let cut = now_unix();
     match death {
         Death::LinkDown => {

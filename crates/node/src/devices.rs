@@ -586,6 +586,7 @@ fn add_traffic(object: &mut Value, peer: Option<&PeerStatus>) {
             .map(|n| n.as_secs().saturating_sub(h))
             .unwrap_or(0)
     }));
+    object["local_address"] = json!(peer.and_then(|s| s.local_address).map(|a| a.to_string()));
     object["rx_bytes"] = json!(peer.map(|s| s.rx_bytes).unwrap_or(0));
     object["tx_bytes"] = json!(peer.map(|s| s.tx_bytes).unwrap_or(0));
 }

@@ -392,15 +392,16 @@ pub fn render_wireguard(data: &Value) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<44} {:<22} {:<20} {:<23} Allowed IPs",
-            "Peer", "Endpoint", "Handshake", "Transfer rx/tx"
+            "  {:<44} {:<22} {:<16} {:<20} {:<23} Allowed IPs",
+            "Peer", "Endpoint", "Answered from", "Handshake", "Transfer rx/tx"
         );
         for p in w["peers"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,
-                "  {:<44} {:<22} {:<20} {:<23} {}",
+                "  {:<44} {:<22} {:<16} {:<20} {:<23} {}",
                 text(&p["public_key"]),
                 text(&p["endpoint"]),
+                text(&p["local_address"]),
                 handshake_text(p),
                 transfer_text(p),
                 p["allowed_ips"]

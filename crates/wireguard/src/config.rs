@@ -131,6 +131,11 @@ pub struct PeerStatus {
     /// Bytes of WireGuard datagrams received from and sent to this peer.
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The local address the peer's last packet came to, which we answer
+    /// from ("sticky source"); `None` when the kernel chooses (no packet
+    /// yet, or the address went away), and on the kernel backend, which
+    /// does not say.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl DeviceStatus {
@@ -232,6 +237,7 @@ mod tests {
 
     fn peer_status(key: u8, endpoint: &str, ips: &[&str]) -> PeerStatus {
         PeerStatus {
+            local_address: None,
             public_key: Key([key; 32]),
             preshared_key: None,
             endpoint: Some(endpoint.parse().expect("endpoint")),

@@ -206,6 +206,7 @@ fn merge_peer(peers: &mut Vec<PeerStatus>, peer: &WireguardPeer) {
         Some(i) => i,
         None => {
             peers.push(PeerStatus {
+                local_address: None,
                 public_key: key,
                 preshared_key: None,
                 endpoint: None,

@@ -309,6 +309,7 @@ mod tests {
             fwmark: 0,
             fragmented_datagrams: 0,
             peers: vec![PeerStatus {
+                local_address: None,
                 public_key: Key([3; 32]),
                 preshared_key: None,
                 endpoint: Some("192.0.2.1:51821".parse().expect("addr")),

@@ -601,6 +601,7 @@ impl Shared {
             .map(|peer| {
                 let state = lock(&peer.state);
                 PeerStatus {
+                    local_address: state.source.map(|s| s.ip()),
                     public_key: peer.public_key,
                     preshared_key: state.preshared_key,
                     endpoint: state.endpoint,

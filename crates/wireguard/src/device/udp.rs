@@ -334,6 +334,11 @@ enum PktInfo {
 }
 
 impl Source {
+    /// The address, as the peer sent to it (IPv4 as IPv4).
+    pub(super) fn ip(&self) -> IpAddr {
+        self.ip.to_canonical()
+    }
+
     /// From a received datagram's metadata; `None` for an address one
     /// cannot send from (multicast, broadcast, unspecified).
     pub(super) fn received(dst: Option<IpAddr>, ifindex: Option<u32>) -> Option<Source> {
