@@ -673,3 +673,59 @@ fn twenty_clients_spread_by_ecmp_all_come_back_within_a_second() -> Result<()> {
     );
     Ok(())
 }
+
+/// The env var naming an upstream wireguard-go binary for the interop
+/// measurement below.
+const UPSTREAM_WIREGUARD_GO: &str = "BGP4MESH_UPSTREAM_WIREGUARD_GO";
+
+/// The client as upstream wireguard-go built from source (`-f`: in the
+/// foreground), its binary named by [`UPSTREAM_WIREGUARD_GO`].
+fn upstream_wireguard_go() -> Result<WgImpl> {
+    let path = std::env::var_os(UPSTREAM_WIREGUARD_GO).with_context(|| {
+        format!(
+            "{UPSTREAM_WIREGUARD_GO} is not set: point it at an upstream wireguard-go \
+             binary (see the doc comment of cluster_failover_hung_upstream_wireguard_go)"
+        )
+    })?;
+    let path = std::path::PathBuf::from(path);
+    ensure!(
+        path.is_file(),
+        "{UPSTREAM_WIREGUARD_GO}={} is not a file: build upstream wireguard-go there first",
+        path.display()
+    );
+    Ok(WgImpl::Command {
+        label: "upstream-wireguard-go".into(),
+        argv: vec![path.to_string_lossy().into_owned(), "-f".into()],
+    })
+}
+
+/// Failover with upstream wireguard-go (0.0.20250522) as the client,
+/// a hung server. Ignored: CI has no upstream build.
+///
+/// Build (no Go proxy): take wireguard-go's tree at tag 0.0.20250522;
+/// lay out `vendor/` with golang.org/x/crypto v0.37.0, x/net v0.39.0 and
+/// x/sys v0.32.0 at those tags (only the packages `go list -deps .`
+/// names; gvisor and wintun are not imported on Linux) and a
+/// `vendor/modules.txt` listing every go.mod requirement as `## explicit`;
+/// then, with Debian backports' golang-1.23-go,
+/// `GOFLAGS=-mod=vendor GOTOOLCHAIN=local CGO_ENABLED=0
+/// /usr/lib/go-1.23/bin/go build -o /opt/wireguard-go-upstream/wireguard-go .`
+/// (`--version` says `wireguard-go v0.0.20250522`).
+///
+/// Run:
+/// `BGP4MESH_UPSTREAM_WIREGUARD_GO=/opt/wireguard-go-upstream/wireguard-go
+/// cargo nextest run --test seed_001_cluster --run-ignored only --no-capture`
+/// (prints the outage and the failback gap).
+#[test]
+#[ignore = "needs upstream wireguard-go in $BGP4MESH_UPSTREAM_WIREGUARD_GO"]
+fn cluster_failover_hung_upstream_wireguard_go() -> Result<()> {
+    failover(Death::Hung, upstream_wireguard_go()?)
+}
+
+/// [`cluster_failover_hung_upstream_wireguard_go`] with the holder's
+/// daemon killed (`kill -9`); built and run the same way.
+#[test]
+#[ignore = "needs upstream wireguard-go in $BGP4MESH_UPSTREAM_WIREGUARD_GO"]
+fn cluster_failover_killed_upstream_wireguard_go() -> Result<()> {
+    failover(Death::Killed, upstream_wireguard_go()?)
+}
