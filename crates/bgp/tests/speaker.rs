@@ -331,7 +331,8 @@ fn static_routes_reach_an_ebgp_neighbour_and_go_when_the_session_does() {
 #[test]
 fn held_static_routes_are_announced_only_once_released() {
     let mut net = border_and_isp();
-    net.speakers[0].hold_origination();
+    let now = net.now;
+    net.speakers[0].hold_origination(now);
     net.start();
     assert!(
         net.speakers[1].neighbor(NeighborId(0)).map(|n| n.state)
@@ -355,6 +356,209 @@ fn held_static_routes_are_announced_only_once_released() {
     net.speakers[0].release_origination(now);
     net.pump();
     assert_eq!(net.speakers[0].rib().len(), 1);
+}
+
+/// What the ISP (speaker 1) has from the border: the border's statics in
+/// its Loc-RIB, in its route changes, and the prefixes announced and
+/// withdrawn on the session so far.
+struct AtIsp {
+    in_rib: Vec<bool>,
+    in_routes: Vec<bool>,
+    announced: u64,
+    withdrawn: u64,
+}
+
+fn at_isp(net: &Net, prefixes: &[&str]) -> AtIsp {
+    let counters = net.speakers[1]
+        .neighbor(NeighborId(0))
+        .map(|n| n.counters)
+        .expect("the ISP's neighbour");
+    AtIsp {
+        in_rib: prefixes
+            .iter()
+            .map(|p| net.best(1, p).is_some_and(|(_, path, _)| path == [65000]))
+            .collect(),
+        in_routes: prefixes
+            .iter()
+            .map(|p| net.routes[1].get(&pfx(p)).is_some_and(|c| c.best.is_some()))
+            .collect(),
+        announced: counters.updates_received,
+        withdrawn: counters.withdraws_received,
+    }
+}
+
+fn isp_session_established(net: &Net) -> bool {
+    net.speakers[1].neighbor(NeighborId(0)).map(|n| n.state)
+        == Some(bgp4mesh_bgp::session::State::Established)
+}
+
+/// A border whose mesh stops carrying traffic holds its block again: the
+/// ISP is sent the withdrawals on the session that stays up, and the
+/// announcements again at each release, as often as the mesh flaps.
+#[test]
+fn statics_held_after_release_are_withdrawn_and_announced_again() {
+    let block = ["44.30.127.0/24", "44.30.126.0/23"];
+    let mut net = border_with_statics_and_isp(&block);
+    net.start();
+    let isp = at_isp(&net, &block);
+    assert_eq!(isp.in_rib, [true, true], "announced at start");
+    assert_eq!((isp.announced, isp.withdrawn), (2, 0));
+    assert!(!net.speakers[0].origination_held());
+
+    for round in 1..=4u64 {
+        let now = net.now;
+        net.speakers[0].hold_origination(now);
+        net.pump();
+        assert!(net.speakers[0].origination_held());
+        let isp = at_isp(&net, &block);
+        assert_eq!(isp.in_rib, [false, false], "round {round}: withdrawn");
+        assert_eq!(
+            isp.in_routes,
+            [false, false],
+            "round {round}: out of the ISP's kernel"
+        );
+        assert_eq!(
+            (isp.announced, isp.withdrawn),
+            (2 * round, 2 * round),
+            "round {round}: one withdrawal per prefix"
+        );
+        assert!(
+            net.speakers[0].rib().is_empty(),
+            "round {round}: out of our own Loc-RIB"
+        );
+        assert!(isp_session_established(&net), "round {round}: session kept");
+
+        // Holding what is held sends nothing.
+        net.speakers[0].hold_origination(now);
+        net.pump();
+        assert_eq!(at_isp(&net, &block).withdrawn, 2 * round);
+
+        net.advance(Duration::from_secs(1));
+        let now = net.now;
+        net.speakers[0].release_origination(now);
+        net.pump();
+        assert!(!net.speakers[0].origination_held());
+        let isp = at_isp(&net, &block);
+        assert_eq!(isp.in_rib, [true, true], "round {round}: announced again");
+        assert_eq!(isp.in_routes, [true, true], "round {round}");
+        assert_eq!(
+            (isp.announced, isp.withdrawn),
+            (2 * (round + 1), 2 * round),
+            "round {round}: one announcement per prefix"
+        );
+
+        // Releasing what is released sends nothing.
+        net.speakers[0].release_origination(now);
+        net.pump();
+        assert_eq!(at_isp(&net, &block).announced, 2 * (round + 1));
+        net.advance(Duration::from_secs(1));
+    }
+    assert_eq!(
+        net.speakers[1]
+            .neighbor(NeighborId(0))
+            .map(|n| n.counters.established_transitions),
+        Some(1),
+        "one session all along"
+    );
+}
+
+/// A session that comes up while the statics are held is sent none of
+/// them; the release announces them to it.
+#[test]
+fn a_session_established_while_held_gets_no_statics_until_release() {
+    let block = ["44.30.127.0/24"];
+    let mut net = border_with_statics_and_isp(&block);
+    net.start();
+    assert_eq!(at_isp(&net, &block).in_rib, [true]);
+    let now = net.now;
+    net.speakers[0].hold_origination(now);
+    net.pump();
+    assert_eq!(at_isp(&net, &block).in_rib, [false]);
+
+    // The session goes and comes back while held.
+    net.cut("172.30.0.100", "172.30.0.1");
+    assert!(!isp_session_established(&net));
+    net.down.clear();
+    net.advance(Duration::from_secs(10));
+    assert!(isp_session_established(&net), "the session is back");
+    assert_eq!(
+        net.speakers[1]
+            .neighbor(NeighborId(0))
+            .map(|n| n.counters.established_transitions),
+        Some(2)
+    );
+    let isp = at_isp(&net, &block);
+    assert_eq!(isp.in_rib, [false], "nothing announced on the new session");
+    assert_eq!(isp.announced, 1, "only the announcement before the hold");
+
+    let now = net.now;
+    net.speakers[0].release_origination(now);
+    net.pump();
+    let isp = at_isp(&net, &block);
+    assert_eq!(isp.in_rib, [true], "announced at release");
+    assert_eq!(isp.in_routes, [true]);
+    assert_eq!(isp.announced, 2);
+}
+
+/// A reload while held changes the statics but announces none of them;
+/// the release announces the reloaded set (an added static included, a
+/// removed one not).
+#[test]
+fn statics_reloaded_while_held_are_announced_only_at_release() {
+    let before = ["44.30.127.0/24", "44.30.126.0/24"];
+    let all = ["44.30.127.0/24", "44.30.126.0/24", "44.30.125.0/24"];
+    let mut net = border_with_statics_and_isp(&before);
+    net.start();
+    assert_eq!(at_isp(&net, &all).in_rib, [true, true, false]);
+    let now = net.now;
+    net.speakers[0].hold_origination(now);
+    net.pump();
+    let isp = at_isp(&net, &all);
+    assert_eq!(isp.in_rib, [false, false, false]);
+    assert_eq!((isp.announced, isp.withdrawn), (2, 2));
+
+    // Reload: 44.30.126.0/24 removed, 44.30.125.0/24 added.
+    net.advance(Duration::from_secs(1));
+    let mut config = net.speakers[0].config().clone();
+    config.statics = speaker(
+        65000,
+        [10, 0, 0, 1],
+        vec![],
+        &["44.30.127.0/24", "44.30.125.0/24"],
+    )
+    .statics;
+    let now = net.now;
+    net.speakers[0].reconfigure(now, config);
+    net.pump();
+    net.advance(Duration::from_secs(5));
+    assert!(
+        net.speakers[0].origination_held(),
+        "a reload keeps the hold"
+    );
+    let isp = at_isp(&net, &all);
+    assert_eq!(isp.in_rib, [false, false, false], "nothing announced");
+    assert_eq!((isp.announced, isp.withdrawn), (2, 2), "nothing sent");
+    assert!(net.speakers[0].rib().is_empty(), "nothing in our Loc-RIB");
+
+    let now = net.now;
+    net.speakers[0].release_origination(now);
+    net.pump();
+    let isp = at_isp(&net, &all);
+    assert_eq!(
+        isp.in_rib,
+        [true, false, true],
+        "the reloaded statics, the added one included"
+    );
+    assert_eq!(isp.in_routes, [true, false, true]);
+    assert_eq!((isp.announced, isp.withdrawn), (4, 2));
+
+    // And they go again at the next hold.
+    let now = net.now;
+    net.speakers[0].hold_origination(now);
+    net.pump();
+    let isp = at_isp(&net, &all);
+    assert_eq!(isp.in_rib, [false, false, false]);
+    assert_eq!((isp.announced, isp.withdrawn), (4, 4));
 }
 
 #[test]

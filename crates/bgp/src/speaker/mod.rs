@@ -273,7 +273,9 @@ pub struct NeighborStatus<'a> {
 ///   [`Event::EndOfRib`] are installed (at once without a kernel);
 /// - BFD: [`bfd_down`];
 /// - the operator: [`enable`], [`disable`], [`restart`], [`refresh`],
-///   [`reconfigure`], [`release_origination`].
+///   [`reconfigure`];
+/// - the mesh behind a border: [`release_origination`] and
+///   [`hold_origination`] again, as often as it goes healthy and not.
 ///
 /// **Outputs.** [`poll_event`] hands out [`Event`]s in the order they
 /// arose: open or close a connection, send bytes on one, a best-route
@@ -332,7 +334,8 @@ pub struct Speaker {
     gc_at: usize,
     /// Whether best-route changes come out as [`Event::Route`].
     route_events: bool,
-    /// Static routes wait for [`Speaker::release_origination`].
+    /// Static routes are out of the Loc-RIB until
+    /// [`Speaker::release_origination`].
     hold_statics: bool,
     /// UPDATE bytes a neighbour may have unwritten before the rest waits
     /// as pending slots (None: no limit).

@@ -15,12 +15,37 @@ impl Speaker {
     /// Keeps the static routes out of the Loc-RIB (so nothing announces
     /// them) until [`Speaker::release_origination`]: a border announces its
     /// block only once the mesh behind it is ready to take the traffic.
-    /// Call before [`Speaker::start`].
-    pub fn hold_origination(&mut self) {
+    ///
+    /// Before [`Speaker::start`] the statics are simply not originated.
+    /// After it, the ones originated are withdrawn as if a reload had
+    /// removed them: gone from the Loc-RIB (an [`Event::Route`] for each)
+    /// and withdrawn from every neighbour they were announced to. While
+    /// held, a session that comes up is sent none of them, and statics a
+    /// reload adds wait for the release. Holding what is held does
+    /// nothing.
+    ///
+    /// [`Event::Route`]: super::Event::Route
+    pub fn hold_origination(&mut self, now: Instant) {
+        if self.hold_statics {
+            return;
+        }
         self.hold_statics = true;
+        if self.started {
+            for i in 0..self.statics.len() {
+                if let Some(route) = &self.statics[i] {
+                    let prefix = route.prefix;
+                    self.rib_update(prefix, PathSource::Static(i as u32), None);
+                }
+            }
+            self.flush();
+            self.drain_sessions(now);
+        }
     }
 
-    /// Originates the held static routes (once; later calls do nothing).
+    /// Originates the held static routes (the current ones, reloads
+    /// included) and announces them to the established sessions. Releasing
+    /// what is not held does nothing; hold and release may alternate any
+    /// number of times.
     pub fn release_origination(&mut self, now: Instant) {
         if !self.hold_statics {
             return;
@@ -31,6 +56,11 @@ impl Speaker {
             self.flush();
             self.drain_sessions(now);
         }
+    }
+
+    /// Whether the static routes are held back ([`Speaker::hold_origination`]).
+    pub fn origination_held(&self) -> bool {
+        self.hold_statics
     }
 
     pub(super) fn originate_statics(&mut self) {

@@ -1,7 +1,7 @@
 //! What a border's BGP tells its mesh agent, and what it waits for from
 //! it: whether an upstream is ready (`watch_upstream`), the prefixes the
 //! `[mesh] export` policy takes (`export_to_mesh`), and the gate that
-//! holds our static routes back until the mesh carries traffic
+//! holds our static routes back while the mesh does not carry traffic
 //! (`hold_announcements_until`).
 
 use std::sync::Arc;
@@ -26,7 +26,9 @@ pub(super) struct MeshLink {
     /// Whether an eBGP session is up and has sent its routes (End-of-RIB),
     /// for the mesh agent of a border.
     upstream: Option<watch::Sender<bool>>,
-    /// Static routes wait until this is true (`hold_announcements_until`).
+    /// Static routes are announced while this is true and held back while
+    /// it is false (`hold_announcements_until`); None without a gate, or
+    /// once the agent dropped its sender.
     pub(super) announce_gate: Option<watch::Receiver<bool>>,
     /// `[mesh] export`: what the mesh is offered, and where it goes.
     export: Option<MeshExport>,
@@ -45,6 +47,24 @@ impl MeshLink {
         if let Some(tx) = &self.upstream {
             tx.send_if_modified(|v| std::mem::replace(v, up) != up);
         }
+    }
+
+    /// Waits until the announcement gate differs from `held` (the
+    /// speaker's [`Speaker::origination_held`]): `Some(open)` then, or None
+    /// once the agent dropped its sender. Never returns without a gate.
+    /// Cancel-safe: it compares the gate's current value, so a change seen
+    /// by a cancelled wait is found again by the next.
+    pub(super) async fn announce_gate_moved(&mut self, held: bool) -> Option<bool> {
+        let Some(gate) = self.announce_gate.as_mut() else {
+            return std::future::pending().await;
+        };
+        // Open while held, or closed while announcing.
+        let moved = gate.wait_for(|open| *open == held).await.map(|open| *open);
+        // Gone, whatever its last word: announce, as without a gate.
+        if gate.has_changed().is_err() {
+            return None;
+        }
+        moved.ok()
     }
 
     /// Starts the export to the mesh: what `policy` takes of the speaker's
@@ -116,5 +136,62 @@ impl MeshLink {
             tracing::debug!(prefixes = prefixes.len(), "mesh export changed");
             export.tx.send_replace(prefixes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// Polls a future once: whether it is done without waiting.
+    fn poll_once<F: Future>(f: F) -> Poll<F::Output> {
+        let mut f = std::pin::pin!(f);
+        f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn the_announce_gate_is_followed_both_ways_until_the_agent_lets_go() {
+        let mut link = MeshLink::default();
+        assert!(
+            poll_once(link.announce_gate_moved(true)).is_pending(),
+            "no gate: nothing to follow"
+        );
+        let (tx, rx) = watch::channel(false);
+        link.announce_gate = Some(rx);
+        assert!(poll_once(link.announce_gate_moved(true)).is_pending());
+        tx.send_replace(true);
+        assert_eq!(
+            poll_once(link.announce_gate_moved(true)),
+            Poll::Ready(Some(true)),
+            "opened while held: announce"
+        );
+        assert!(poll_once(link.announce_gate_moved(false)).is_pending());
+        tx.send_replace(false);
+        assert_eq!(
+            poll_once(link.announce_gate_moved(false)),
+            Poll::Ready(Some(false)),
+            "closed while announcing: withdraw"
+        );
+        // A change a dropped wait saw is found again by the next one.
+        assert!(poll_once(link.announce_gate_moved(true)).is_pending());
+        tx.send_replace(true);
+        assert_eq!(
+            poll_once(link.announce_gate_moved(true)),
+            Poll::Ready(Some(true))
+        );
+        // A flap that ends where it began asks for nothing.
+        tx.send_replace(false);
+        tx.send_replace(true);
+        assert!(poll_once(link.announce_gate_moved(false)).is_pending());
+        // The agent gone: announce (whatever the gate said last).
+        tx.send_replace(false);
+        drop(tx);
+        assert_eq!(
+            poll_once(link.announce_gate_moved(false)),
+            Poll::Ready(None)
+        );
     }
 }

@@ -182,12 +182,16 @@ impl BgpDriver {
         self.kernel.set_learn_table(table);
     }
 
-    /// Holds our static routes (a border's block) back until `gate` is
-    /// true: the agent opens it when the controller has made this border
+    /// Holds our static routes (a border's block) back while `gate` is
+    /// false: the agent opens it when the controller has made this border
     /// an exit the nodes use, so the ISP sends return traffic our way in the
-    /// same moment the nodes send theirs.
+    /// same moment the nodes send theirs, and closes it again when the mesh
+    /// stops carrying traffic, which withdraws them (the ISP then sends the
+    /// traffic to another border). The gate is followed for as long as the
+    /// agent holds its sender; once the sender is dropped, the routes are
+    /// announced for good.
     pub fn hold_announcements_until(&mut self, gate: tokio::sync::watch::Receiver<bool>) {
-        self.speaker.hold_origination();
+        self.speaker.hold_origination(Instant::now());
         self.mesh.announce_gate = Some(gate);
     }
 
@@ -227,6 +231,7 @@ impl BgpDriver {
         loop {
             self.bfd.io(Instant::now(), &mut self.speaker);
             self.carry_out_events();
+            let held = self.speaker.origination_held();
             let deadline = [self.speaker.poll_timeout(), self.bfd.poll_timeout()]
                 .into_iter()
                 .flatten()
@@ -271,22 +276,34 @@ impl BgpDriver {
                     rescan_at = None;
                     self.rescan();
                 }
-                open = async {
-                    match self.mesh.announce_gate.as_mut() {
-                        Some(gate) => gate.wait_for(|open| *open).await.is_ok(),
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    // Opens once, for good (or the agent is gone: announce).
-                    self.mesh.announce_gate = None;
-                    if open {
-                        tracing::info!("the mesh is ready for traffic: announcing our routes");
-                    }
-                    self.speaker.release_origination(Instant::now());
-                }
+                gate = self.mesh.announce_gate_moved(held) => self.follow_announce_gate(gate),
             }
         }
         self.connections.stop_listening();
+    }
+
+    /// The announcement gate asks for something else than the speaker
+    /// does: `Some(open)`, or None once the agent dropped its sender
+    /// (announce, and stop following).
+    fn follow_announce_gate(&mut self, gate: Option<bool>) {
+        let now = Instant::now();
+        match gate {
+            Some(true) => {
+                tracing::info!("the mesh is ready for traffic: announcing our routes");
+                self.speaker.release_origination(now);
+            }
+            Some(false) => {
+                tracing::info!("the mesh is not carrying traffic: withdrawing our routes");
+                self.speaker.hold_origination(now);
+            }
+            None => {
+                self.mesh.announce_gate = None;
+                if self.speaker.origination_held() {
+                    tracing::info!("the mesh agent is gone: announcing our routes");
+                    self.speaker.release_origination(now);
+                }
+            }
+        }
     }
 
     /// Closes every session with Cease / Administrative Shutdown and lets
