@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::client::Client;
+use crate::probing::{Probing, Targets};
 
 /// Default place of the agent's files.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
@@ -59,7 +60,16 @@ struct Exits {
 }
 
 impl Exits {
-    fn of(state: &MeshState, own_networks: &[IpNet]) -> Exits {
+    /// `distrusted`: gateways (node ids) this node's own probes found dead
+    /// ([`crate::probing`]): unhealthy whatever the controller says.
+    fn of(
+        state: &MeshState,
+        own_networks: &[IpNet],
+        distrusted: &std::collections::BTreeSet<String>,
+    ) -> Exits {
+        let healthy = |peer: &bgp4mesh_api::Peer, g: &bgp4mesh_api::Gateway| {
+            g.healthy && !distrusted.contains(&peer.node_id)
+        };
         let own: Vec<IpNet> = state
             .node
             .egress
@@ -74,10 +84,10 @@ impl Exits {
                 if own.contains(range) || own_networks.iter().any(|a| a.contains(range)) {
                     continue;
                 }
-                if range.prefix_len() == 0 && !g.healthy {
+                if range.prefix_len() == 0 && !healthy(peer, g) {
                     continue;
                 }
-                let rank = (!g.healthy, g.metric, peer.node_id.clone());
+                let rank = (!healthy(peer, g), g.metric, peer.node_id.clone());
                 match best.get(range) {
                     Some(have) if *have <= rank => {}
                     _ => {
@@ -92,9 +102,9 @@ impl Exits {
         let healthy_cover: Vec<IpNet> = state
             .peers
             .iter()
-            .filter_map(|p| p.egress.as_ref())
-            .filter(|g| g.healthy)
-            .flat_map(|g| g.all_ranges().copied())
+            .filter_map(|p| Some((p, p.egress.as_ref()?)))
+            .filter(|(p, g)| healthy(p, g))
+            .flat_map(|(_, g)| g.all_ranges().copied())
             .collect();
         // A range holding a peer's endpoint would route the tunnel's own
         // packets into the tunnel (wg-quick guards only the default route).
@@ -142,6 +152,58 @@ impl Exits {
             .copied()
             .collect()
     }
+}
+
+/// A peer's mesh address of one family: its host route inside the
+/// network's address range.
+fn mesh_address(
+    state: &MeshState,
+    peer: &bgp4mesh_api::Peer,
+    v6: bool,
+) -> Option<std::net::IpAddr> {
+    let range = if v6 {
+        state.network.addressrange6.as_deref()
+    } else {
+        state.network.addressrange.as_deref()
+    }?;
+    let range: IpNet = range.parse().ok()?;
+    peer.allowed_ips
+        .iter()
+        .find(|r| r.prefix_len() == r.max_prefix_len() && range.contains(&r.addr()))
+        .map(IpNet::addr)
+}
+
+/// What the probe thread probes in `state`: on a gateway its peers, on a
+/// node the gateways of its default routes.
+fn probe_targets(state: &MeshState, exit4: Option<&str>, exit6: Option<&str>) -> Targets {
+    let mut targets = Targets::default();
+    if state.node.egress.is_some() {
+        // Nodes, not the other gateways: another border failing is not
+        // this one's mesh failing.
+        targets.mesh = state
+            .peers
+            .iter()
+            .filter(|p| p.egress.is_none())
+            .filter_map(|p| {
+                let address =
+                    mesh_address(state, p, false).or_else(|| mesh_address(state, p, true))?;
+                Some((p.public_key.clone(), address))
+            })
+            .collect();
+    }
+    for (exit, v6) in [(exit4, false), (exit6, true)] {
+        let Some(id) = exit else { continue };
+        if targets.exits.iter().any(|(e, _)| e == id) {
+            continue;
+        }
+        if let Some(peer) = state.peers.iter().find(|p| p.node_id == id)
+            && let Some(address) =
+                mesh_address(state, peer, v6).or_else(|| mesh_address(state, peer, !v6))
+        {
+            targets.exits.push((id.to_string(), address));
+        }
+    }
+    targets
 }
 
 /// The node's mesh addresses with their network's prefix length.
@@ -332,11 +394,15 @@ impl Default for AgentOptions {
 
 struct Mesh {
     options: AgentOptions,
+    /// The probes through the mesh: a gateway's own mesh, a node's exits.
+    probing: Probing,
     private: Key,
     device: AnyDevice,
     links: Links,
     /// Whether our NAT table is in place (None: not set since start).
     nat: std::sync::Mutex<Option<bool>>,
+    /// The default routes' exits last applied (IPv4, IPv6), to log changes.
+    exits: std::sync::Mutex<(Option<String>, Option<String>)>,
 }
 
 impl Mesh {
@@ -346,9 +412,21 @@ impl Mesh {
         let keepalive = (behind_nat && state.network.persistent_keepalive > 0)
             .then_some(state.network.persistent_keepalive);
         let own_networks = own_networks(state);
-        let exits = Exits::of(state, &own_networks);
+        let exits = Exits::of(state, &own_networks, &self.probing.distrusted());
         let exit4 = exits.default_exit(false);
         let exit6 = exits.default_exit(true);
+        self.probing.set_targets(probe_targets(state, exit4, exit6));
+        {
+            let now = (exit4.map(str::to_string), exit6.map(str::to_string));
+            let mut last = self
+                .exits
+                .lock()
+                .map_err(|_| anyhow::anyhow!("exit state lock poisoned"))?;
+            if *last != now {
+                tracing::info!(ipv4 = ?now.0, ipv6 = ?now.1, "default routes through the mesh: exits");
+                *last = now;
+            }
+        }
         let peers = state
             .peers
             .iter()
@@ -462,6 +540,25 @@ impl Mesh {
         }
     }
 
+    /// The peers (public keys, base64) whose last handshake is younger
+    /// than `within`.
+    fn recent_peers(&self, within: Duration) -> std::collections::BTreeSet<String> {
+        let now = std::time::SystemTime::now();
+        match self.device.status() {
+            Ok(status) => status
+                .peers
+                .iter()
+                .filter(|p| {
+                    p.last_handshake
+                        .and_then(|t| now.duration_since(t).ok())
+                        .is_some_and(|age| age < within)
+                })
+                .map(|p| p.public_key.to_base64())
+                .collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
     fn report(&self) -> NodeReport {
         let mut report = NodeReport::default();
         if let Ok(status) = self.device.status() {
@@ -498,16 +595,52 @@ async fn changed_or_never<T>(
 
 /// Opens the announcement gate `ANNOUNCE_ANYWAY` from now whatever the
 /// controller says.
-fn announce_anyway(gate: &Option<Arc<tokio::sync::watch::Sender<bool>>>) {
+fn announce_anyway(gate: &Option<Arc<AnnounceGate>>) {
     if let Some(gate) = gate.clone() {
         tokio::spawn(async move {
             tokio::time::sleep(ANNOUNCE_ANYWAY).await;
-            if gate.send_if_modified(|open| !std::mem::replace(open, true)) {
-                tracing::warn!(
-                    "announcing after {ANNOUNCE_ANYWAY:?} without the controller saying this exit is healthy"
-                );
-            }
+            gate.permit(&format!(
+                "{ANNOUNCE_ANYWAY:?} passed without the controller saying this exit is healthy"
+            ));
         });
+    }
+}
+
+/// A border's announcement gate (the BGP driver holds the block back while
+/// it is closed): open while the border may announce (the controller made
+/// it an exit, or `ANNOUNCE_ANYWAY` passed) and its mesh carries traffic
+/// (the probes, [`crate::probing`]). Opens and closes any number of times.
+struct AnnounceGate {
+    tx: watch::Sender<bool>,
+    permitted: AtomicBool,
+    mesh_ok: AtomicBool,
+}
+
+impl AnnounceGate {
+    fn new(tx: watch::Sender<bool>) -> AnnounceGate {
+        AnnounceGate {
+            tx,
+            permitted: AtomicBool::new(false),
+            mesh_ok: AtomicBool::new(true),
+        }
+    }
+
+    fn permit(&self, why: &str) {
+        if !self.permitted.swap(true, Ordering::Relaxed) {
+            tracing::info!("may announce: {why}");
+        }
+        self.refresh();
+    }
+
+    fn set_mesh(&self, carries: bool) {
+        self.mesh_ok.store(carries, Ordering::Relaxed);
+        self.refresh();
+    }
+
+    fn refresh(&self) {
+        let open = self.permitted.load(Ordering::Relaxed) && self.mesh_ok.load(Ordering::Relaxed);
+        self.tx
+            .send_if_modified(|was| std::mem::replace(was, open) != open);
     }
 }
 
@@ -646,6 +779,8 @@ impl Reporter {
 /// gateway sends none.
 struct Pulser {
     client: Client,
+    /// Whether the probes find this gateway's mesh carrying traffic.
+    mesh_ok: watch::Receiver<bool>,
     is_gateway: Arc<AtomicBool>,
     /// Notified when pulses are heard again after silence: the controller
     /// waits for a whole report before it uses this exit again.
@@ -663,7 +798,10 @@ impl Pulser {
                 continue;
             }
             // The upstream goes in reports only (one at a time, in order).
-            let pulse = bgp4mesh_api::Pulse::default();
+            let pulse = bgp4mesh_api::Pulse {
+                mesh: Some(*self.mesh_ok.borrow()),
+                ..Default::default()
+            };
             let sent = tokio::time::timeout(
                 bgp4mesh_api::PULSE_LOST,
                 self.client.post_empty("/api/agent/pulse", &pulse),
@@ -701,12 +839,15 @@ struct StreamFollower {
     cache: PathBuf,
     state: Option<MeshState>,
     ready: Option<oneshot::Sender<()>>,
-    announce: Option<Arc<watch::Sender<bool>>>,
+    announce: Option<Arc<AnnounceGate>>,
     /// Whether the node is a gateway, for the pulser.
     is_gateway: Arc<AtomicBool>,
     /// Notified when a stream opens: the reporter reports at once, since
     /// the controller forgets a node's report when its stream closes.
     connected: Arc<Notify>,
+    /// Notified when the probes distrust or trust again an exit: the mesh
+    /// is applied again, with or without the controller.
+    exits_changed: Arc<Notify>,
 }
 
 impl StreamFollower {
@@ -740,7 +881,17 @@ impl StreamFollower {
         let mut backoff = Duration::from_secs(1);
         loop {
             let since = self.state.as_ref().map(|s| s.revision);
-            match self.client.stream(since).await {
+            let client = self.client.clone();
+            let connect = client.stream(since);
+            tokio::pin!(connect);
+            let connected = loop {
+                let exits_changed = Arc::clone(&self.exits_changed);
+                tokio::select! {
+                    r = &mut connect => break r,
+                    _ = exits_changed.notified() => self.apply_state().await,
+                }
+            };
+            match connected {
                 Ok(events) => {
                     tracing::info!(
                         server = self.client.server(),
@@ -762,7 +913,15 @@ impl StreamFollower {
                     tracing::warn!("controller unreachable ({e:#}); keeping the mesh as it is");
                 }
             }
-            tokio::time::sleep(backoff).await;
+            // The controller is away: the probes may still move the exit.
+            let wake = tokio::time::Instant::now() + backoff;
+            loop {
+                let exits_changed = Arc::clone(&self.exits_changed);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    _ = exits_changed.notified() => self.apply_state().await,
+                }
+            }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
@@ -774,7 +933,17 @@ impl StreamFollower {
         events: impl futures::Stream<Item = Result<StreamEvent>>,
     ) -> Result<()> {
         let mut events = Box::pin(events);
-        while let Some(event) = events.next().await {
+        loop {
+            let exits_changed = Arc::clone(&self.exits_changed);
+            let event = tokio::select! {
+                event = events.next() => event,
+                _ = exits_changed.notified() => {
+                    tracing::debug!("the probes changed the exits: applying the mesh again");
+                    self.apply_state().await;
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             let event = match event {
                 Ok(e) => e,
                 Err(e) => {
@@ -824,12 +993,11 @@ impl StreamFollower {
         }
     }
 
-    /// Opens the border's announcement gate (once; later calls do nothing).
+    /// Lets the border announce (once the controller has it healthy; the
+    /// mesh probes may still hold the announcement back).
     fn open_gate(&self, why: &str) {
-        if let Some(gate) = &self.announce
-            && gate.send_if_modified(|open| !std::mem::replace(open, true))
-        {
-            tracing::info!("announcing: {why}");
+        if let Some(gate) = &self.announce {
+            gate.permit(why);
         }
     }
 }
@@ -841,7 +1009,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let ready = options.ready.take();
-    let announce = options.announce.take().map(Arc::new);
+    let announce = options
+        .announce
+        .take()
+        .map(|tx| Arc::new(AnnounceGate::new(tx)));
     let dir = &options.state_dir;
     let enrollment: Enrollment =
         serde_json::from_slice(&std::fs::read(dir.join("node.json")).with_context(|| {
@@ -857,12 +1028,15 @@ pub async fn run(
     .context("private.key")?;
     let device = AnyDevice::create(DeviceOptions::new(&options.interface), options.backend)
         .with_context(|| format!("creating the WireGuard interface {}", options.interface))?;
+    let probing = Probing::new();
     let mesh = Arc::new(Mesh {
+        probing: probing.clone(),
         options: options.clone(),
         private,
         device,
         links: Links::connect()?,
         nat: std::sync::Mutex::new(None),
+        exits: std::sync::Mutex::new((None, None)),
     });
     let client = Client::new(
         &enrollment.server,
@@ -883,8 +1057,23 @@ pub async fn run(
         announce,
         is_gateway: Arc::new(AtomicBool::new(is_gateway)),
         connected: Arc::new(Notify::new()),
+        exits_changed: Arc::clone(&probing.exits_changed),
     };
     follower.apply_cache().await;
+    let for_probes = Arc::clone(&mesh);
+    probing.start(&options.interface, move |within| {
+        for_probes.recent_peers(within)
+    });
+    // A border withdraws its block while its mesh carries no traffic.
+    let mesh_watch = follower.announce.clone().map(|gate| {
+        let mut ok = probing.mesh_ok();
+        tokio::spawn(async move {
+            while ok.changed().await.is_ok() {
+                let carries = *ok.borrow_and_update();
+                gate.set_mesh(carries);
+            }
+        })
+    });
     let reporter = tokio::spawn(
         Reporter {
             mesh,
@@ -898,6 +1087,7 @@ pub async fn run(
     let pulser = tokio::spawn(
         Pulser {
             client,
+            mesh_ok: probing.mesh_ok(),
             is_gateway: Arc::clone(&follower.is_gateway),
             connected: Arc::clone(&follower.connected),
         }
@@ -909,6 +1099,10 @@ pub async fn run(
     };
     reporter.abort();
     pulser.abort();
+    if let Some(task) = mesh_watch {
+        task.abort();
+    }
+    probing.stop();
     result
 }
 
@@ -975,7 +1169,7 @@ mod tests {
     }
 
     fn exits(s: &MeshState) -> Vec<(String, String)> {
-        Exits::of(s, &own_networks(s))
+        Exits::of(s, &own_networks(s), &Default::default())
             .chosen
             .into_iter()
             .map(|(r, id)| (r.to_string(), id))
@@ -1017,7 +1211,7 @@ mod tests {
                 ("203.0.113.0/24", "b2")
             ])
         );
-        let e = Exits::of(&s, &own_networks(&s));
+        let e = Exits::of(&s, &own_networks(&s), &Default::default());
         assert_eq!(e.default_exit(false), Some("b1"));
         assert_eq!(e.default_exit(true), None);
         assert_eq!(

@@ -5,6 +5,9 @@
 
 pub mod agent;
 pub mod client;
+pub mod liveness;
+mod probe;
+pub mod probing;
 
 pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run, write_private};
 pub use client::Client;

@@ -193,6 +193,11 @@ pub struct Pulse {
     /// For a border: whether its BGP upstream is up (as in [`NodeReport`]).
     #[serde(default)]
     pub upstream: Option<bool>,
+    /// Whether the gateway's mesh carries traffic: some of its peers
+    /// answer probes through the tunnel (docs/controller.md). `Some(false)`
+    /// makes it unhealthy.
+    #[serde(default)]
+    pub mesh: Option<bool>,
 }
 
 /// How often a gateway's agent pulses.

@@ -393,6 +393,33 @@ impl<'lab> OwnAs<'lab> {
         Ok(())
     }
 
+    /// Cuts a machine's WireGuard underlay (`true`): every UDP datagram in
+    /// and out is dropped but BFD's (ports 3784, 3785, 4784), so its BGP
+    /// sessions, BFD and the controller link (TCP) stay up while its mesh
+    /// carries nothing: a firewall change, or a crashed device thread.
+    /// `false` mends it.
+    pub fn cut_mesh(&self, node: &Node, cut: bool) -> Result<()> {
+        let table = "b4m_mesh_cut";
+        if cut {
+            let keep = "{ 3784, 3785, 4784 }";
+            let rule = format!("meta l4proto udp udp dport != {keep} udp sport != {keep} drop");
+            let rules = format!(
+                "table inet {table} {{\n\
+                 chain input {{ type filter hook input priority -300; policy accept; {rule}; }}\n\
+                 chain output {{ type filter hook output priority -300; policy accept; {rule}; }}\n\
+                 }}\n"
+            );
+            let file = self.lab.run_dir(node)?.join("mesh-cut.nft");
+            std::fs::write(&file, rules)?;
+            self.lab
+                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
+        } else {
+            self.lab
+                .exec(node, &["nft", "delete", "table", "inet", table])?;
+        }
+        Ok(())
+    }
+
     pub fn wan(&self) -> &Switch {
         &self.wan
     }

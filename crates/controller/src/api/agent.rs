@@ -179,7 +179,10 @@ pub(super) async fn agent_pulse(
     let node = as_node(&who)?;
     let pulse = body(json)?;
     let at = Instant::now();
-    if ctl.hub.pulsed(&node.network, &node.id, at, pulse.upstream) {
+    if ctl
+        .hub
+        .pulsed(&node.network, &node.id, at, pulse.upstream, pulse.mesh)
+    {
         let _write = ctl.write.lock().await;
         ctl.publish_health(&node).await?;
     }

@@ -57,6 +57,10 @@ pub struct NodeView {
     pub last_pulse: Option<std::time::Instant>,
     /// Its pulses stopped while its stream looks open: taken as dead.
     pub silent: bool,
+    /// What its pulses last said of its mesh: `Some(false)` when none of
+    /// its peers answers its probes through the tunnel (the underlay is
+    /// cut, its device is stuck): it carries no traffic.
+    pub mesh: Option<bool>,
 }
 
 impl NodeView {
@@ -74,6 +78,7 @@ impl NodeView {
             reported: false,
             last_pulse: None,
             silent: false,
+            mesh: None,
         }
     }
 
@@ -82,7 +87,11 @@ impl NodeView {
     /// pulses (if it pulses) keep coming: a border that restarts is used
     /// again only once its BGP is back.
     pub fn healthy(&self) -> bool {
-        self.streams > 0 && self.reported && self.upstream != Some(false) && !self.silent
+        self.streams > 0
+            && self.reported
+            && self.upstream != Some(false)
+            && self.mesh != Some(false)
+            && !self.silent
     }
 }
 
@@ -308,6 +317,7 @@ impl Hub {
             node.upstream = None;
             node.last_pulse = None;
             node.silent = false;
+            node.mesh = None;
             // What it learns by BGP is said again when it is back.
             ranges_dropped = !std::mem::take(&mut node.bgp_ranges).is_empty();
         }
@@ -339,6 +349,7 @@ impl Hub {
         id: &str,
         at: std::time::Instant,
         upstream: Option<bool>,
+        mesh: Option<bool>,
     ) -> bool {
         let mut inner = self.write();
         let Some(node) = inner.node_mut(netid, id) else {
@@ -351,6 +362,9 @@ impl Hub {
         // (it brings the BGP-learned ranges).
         if upstream.is_some() {
             node.upstream = upstream;
+        }
+        if mesh.is_some() {
+            node.mesh = mesh;
         }
         node.gateway.is_some() && node.healthy() != before
     }
@@ -789,11 +803,14 @@ mod tests {
         let t0 = Instant::now();
         let lost = Duration::from_millis(600);
         for id in ["b1", "b2"] {
-            assert!(!hub.pulsed("mynet", id, t0, Some(true)), "healthy already");
+            assert!(
+                !hub.pulsed("mynet", id, t0, Some(true), None),
+                "healthy already"
+            );
         }
         // b2 goes on pulsing, b1 does not.
         let t1 = t0 + Duration::from_millis(700);
-        hub.pulsed("mynet", "b2", t1, Some(true));
+        hub.pulsed("mynet", "b2", t1, Some(true), None);
         assert_eq!(
             hub.silence_quiet_gateways(t1, lost),
             vec![("mynet".to_string(), "b1".to_string())]
@@ -802,7 +819,7 @@ mod tests {
         assert!(healthy(&hub, "n1"), "not a gateway, never silenced");
         // A pulse again is not enough: its report may be stale; a new
         // report makes it healthy again.
-        assert!(!hub.pulsed("mynet", "b1", t1, None));
+        assert!(!hub.pulsed("mynet", "b1", t1, None, None));
         assert!(!healthy(&hub, "b1"));
         assert!(hub.upstream_reported("mynet", "b1", Some(true)));
         assert!(healthy(&hub, "b1"));
@@ -816,7 +833,7 @@ mod tests {
         let hub = hub(&["b1", "b2"], &[]);
         let t0 = Instant::now();
         for id in ["b1", "b2"] {
-            hub.pulsed("mynet", id, t0, Some(true));
+            hub.pulsed("mynet", id, t0, Some(true), None);
         }
         let later = t0 + Duration::from_secs(2);
         assert!(
@@ -826,7 +843,7 @@ mod tests {
         assert!(healthy(&hub, "b1") && healthy(&hub, "b2"));
         // A lone gateway is marked: its nodes fall back to their own route.
         let lone = self::hub(&["b1"], &[]);
-        lone.pulsed("mynet", "b1", t0, Some(true));
+        lone.pulsed("mynet", "b1", t0, Some(true), None);
         assert_eq!(
             lone.silence_quiet_gateways(later, Duration::from_millis(600)),
             vec![("mynet".to_string(), "b1".to_string())]
@@ -838,14 +855,14 @@ mod tests {
     fn a_closed_stream_forgets_pulses_ranges_and_the_report() {
         let hub = hub(&["b1"], &[]);
         let t0 = Instant::now();
-        hub.pulsed("mynet", "b1", t0, Some(true));
+        hub.pulsed("mynet", "b1", t0, Some(true), None);
         hub.bgp_ranges_reported("mynet", "b1", vec!["198.51.100.0/24".parse().expect("net")]);
         assert!(hub.stream_changed("mynet", "b1", -1), "health went with it");
         let n = hub.node("mynet", "b1").expect("b1");
         assert!(n.last_pulse.is_none() && n.bgp_ranges.is_empty() && !n.reported);
         // Back: a pulse alone does not make it healthy; a report does.
         hub.stream_changed("mynet", "b1", 1);
-        hub.pulsed("mynet", "b1", t0, Some(true));
+        hub.pulsed("mynet", "b1", t0, Some(true), None);
         assert!(!healthy(&hub, "b1"));
         assert!(hub.upstream_reported("mynet", "b1", None));
         assert!(healthy(&hub, "b1"));
