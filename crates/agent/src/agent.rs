@@ -1176,6 +1176,54 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn a_gateway_the_node_distrusts_is_no_exit_whatever_the_controller_says() {
+        let s = state(
+            None,
+            vec![
+                peer("b1", Some(gateway(&["0.0.0.0/0"], &[], 100, true))),
+                peer("b2", Some(gateway(&["0.0.0.0/0"], &[], 200, true))),
+            ],
+        );
+        let with = |distrusted: &[&str]| -> Vec<(String, String)> {
+            let distrusted = distrusted.iter().map(|d| d.to_string()).collect();
+            Exits::of(&s, &own_networks(&s), &distrusted)
+                .chosen
+                .into_iter()
+                .map(|(r, id)| (r.to_string(), id))
+                .collect()
+        };
+        assert_eq!(with(&[]), pairs(&[("0.0.0.0/0", "b1")]));
+        // Its probes of b1 went unanswered: the default goes to b2.
+        assert_eq!(with(&["b1"]), pairs(&[("0.0.0.0/0", "b2")]));
+        // Neither answers: the node keeps its own default route.
+        assert_eq!(with(&["b1", "b2"]), Vec::new());
+    }
+
+    #[test]
+    fn probes_go_to_nodes_from_a_gateway_and_to_the_exit_from_a_node() {
+        let mut n1 = peer("n1", None);
+        n1.allowed_ips = vec![net("44.30.127.2/32")];
+        let mut b1 = peer("b1", Some(gateway(&["0.0.0.0/0"], &[], 100, true)));
+        b1.allowed_ips = vec![net("44.30.127.1/32"), net("0.0.0.0/0")];
+        let mut s = state(None, vec![n1.clone(), b1.clone()]);
+        s.network.addressrange = Some("44.30.127.0/24".into());
+        // A node: its exit's mesh address.
+        let t = probe_targets(&s, Some("b1"), None);
+        assert!(t.mesh.is_empty());
+        assert_eq!(
+            t.exits,
+            vec![("b1".to_string(), "44.30.127.1".parse().unwrap())]
+        );
+        // A gateway: the nodes, not the other gateways.
+        s.node.egress = Some(gateway(&["0.0.0.0/0"], &[], 50, true));
+        let t = probe_targets(&s, None, None);
+        assert_eq!(
+            t.mesh,
+            vec![(n1.public_key.clone(), "44.30.127.2".parse().unwrap())]
+        );
+    }
+
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
             .map(|(r, id)| (r.to_string(), id.to_string()))
