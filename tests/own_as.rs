@@ -288,16 +288,29 @@ fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
 }
 
 /// The longest time without a reply in `ping -D -i 0.02` output (each reply
-/// line starts with `[unix time]`), and how many were lost.
+/// line starts with `[unix time]`), and how many were lost. Pings still
+/// unanswered at the end count too: from the last reply, one interval
+/// (as measured between the replies) per ping sent after it, so a flood
+/// that never gets an answer again is not read as a short gap.
 fn loss_window(output: &str, started: f64) -> (f64, usize) {
-    let times: Vec<f64> = output
+    let replies: Vec<(f64, usize)> = output
         .lines()
         .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .filter_map(|l| {
+            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((time, seq))
+        })
         .collect();
     let mut worst = 0.0f64;
     let mut last = started;
-    for t in &times {
+    for (t, _) in &replies {
         worst = worst.max(t - last);
         last = *t;
     }
@@ -305,7 +318,14 @@ fn loss_window(output: &str, started: f64) -> (f64, usize) {
         .lines()
         .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
         .unwrap_or(0);
-    (worst, sent.saturating_sub(times.len()))
+    let interval = match (replies.first(), replies.last()) {
+        (Some(&(t0, s0)), Some(&(t1, s1))) if s1 > s0 => (t1 - t0) / (s1 - s0) as f64,
+        _ => 0.02,
+    };
+    let last_seq = replies.iter().map(|&(_, seq)| seq).max().unwrap_or(0);
+    let unanswered_at_end = sent.saturating_sub(last_seq);
+    worst = worst.max(unanswered_at_end as f64 * interval);
+    (worst, sent.saturating_sub(replies.len()))
 }
 
 /// Waits until the second border's session with the ISP is up.
@@ -1035,4 +1055,218 @@ fn a_border_whose_mesh_breaks_is_left_within_a_second() -> Result<()> {
         ping(&lab, &world.internet, &address)
     })?;
     Ok(())
+}
+
+/// Two nodes (a gateway judges its mesh by two peers at least), BGP up on
+/// both borders, and n1 on the first border both ways: its exit, the ISP's
+/// route to it, and pings each way.
+fn start_on_first_border<'lab>(lab: &'lab Lab) -> Result<OwnAs<'lab>> {
+    let world = OwnAs::start(lab, &OwnAsOptions::new(BIN, 2, IspKind::Bgp4mesh, 2))?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    wait_second_border(&world)?;
+    wait_back_on_first_border(lab, &world, Duration::from_secs(30))?;
+    Ok(world)
+}
+
+/// Waits until n1 leaves by the first border, the ISP sends n1's address to
+/// it, and pings go through both ways.
+fn wait_back_on_first_border(lab: &Lab, world: &OwnAs<'_>, timeout: Duration) -> Result<()> {
+    let n1 = world.nodes[0].daemon.node();
+    let address = world.nodes[0].address.to_string();
+    wait_until(timeout, "n1 on the first border both ways", || {
+        let exit = exit_for(lab, world, 0, "0.0.0.0/0")?;
+        ensure!(exit == "border", "n1 leaves by {exit}");
+        let isp_to = isp_next_hop(lab, world, &address)?;
+        ensure!(isp_to == "border", "the ISP sends {address} to {isp_to}");
+        ping(lab, n1, INTERNET_HOST)?;
+        ping(lab, &world.internet, &address)
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "{}== border's log\n{}",
+            dump_paths(lab, world),
+            lab.log_tail(world.border.daemon.proc(), 60)
+        ))
+    })
+}
+
+/// Ping floods both ways between the Internet host and n1 for 6 s, with
+/// `fail` done 2 s in; the longest gaps (ingress, egress) and both outputs,
+/// once the floods are over (`fail` still in force).
+fn floods_across(lab: &Lab, world: &OwnAs<'_>, fail: impl FnOnce() -> Result<()>) -> Result<Gaps> {
+    let n1 = world.nodes[0].daemon.node();
+    let address = world.nodes[0].address.to_string();
+    let started = now_unix();
+    let ingress = ping_flood_to(lab, &world.internet, &address, 6)?;
+    let egress = ping_flood(lab, n1, 6)?;
+    std::thread::sleep(Duration::from_secs(2));
+    fail()?;
+    wait_until(Duration::from_secs(40), "the ping floods to end", || {
+        ensure!(
+            !lab.is_running(&ingress) && !lab.is_running(&egress),
+            "still pinging"
+        );
+        Ok(())
+    })?;
+    let ingress_out = std::fs::read_to_string(&ingress.log)?;
+    let egress_out = std::fs::read_to_string(&egress.log)?;
+    let (ingress_gap, ingress_lost) = loss_window(&ingress_out, started);
+    let (egress_gap, egress_lost) = loss_window(&egress_out, started);
+    Ok(Gaps {
+        ingress: ingress_gap,
+        ingress_lost,
+        ingress_out,
+        egress: egress_gap,
+        egress_lost,
+        egress_out,
+    })
+}
+
+/// What a pair of ping floods saw: the longest gap without a reply each
+/// way (seconds), the pings lost, and `ping`'s output.
+struct Gaps {
+    ingress: f64,
+    ingress_lost: usize,
+    ingress_out: String,
+    egress: f64,
+    egress_lost: usize,
+    egress_out: String,
+}
+
+impl std::fmt::Display for Gaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ingress (Internet host → n1) longest gap {:.3} s, {} pings lost; egress (n1 → \
+             Internet host) longest gap {:.3} s, {} pings lost",
+            self.ingress, self.ingress_lost, self.egress, self.egress_lost
+        )
+    }
+}
+
+/// A border whose link to the ISP drops every packet both ways while the
+/// link stays up: only BFD tells, on both ends. The ISP leaves the border
+/// by its BFD (ingress moves to the second border); the border's own BFD
+/// takes its session down, it reports its upstream lost, and the
+/// controller moves the nodes' exit to the second border (egress). The
+/// longest gaps of 20 ms ping floods each way are printed. Then the link
+/// is mended: BGP comes back and so do the ISP and the node.
+#[test]
+fn a_border_whose_isp_link_is_cut_is_left_within_a_second() -> Result<()> {
+    if !can_run!(&["wg", "ping", "nft"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-isp-link-cut")?;
+    let world = start_on_first_border(&lab)?;
+    let address = world.nodes[0].address.to_string();
+    let link = world
+        .border
+        .isp_link
+        .as_ref()
+        .context("the border's link to the ISP")?;
+    let result = (|| -> Result<()> {
+        let gaps = floods_across(&lab, &world, || world.cut_link(link, true))?;
+        eprintln!("border's ISP link cut: {gaps}");
+        ensure!(
+            isp_next_hop(&lab, &world, &address)? == "border2",
+            "the ISP still sends {address} to the border it cannot reach"
+        );
+        ensure!(
+            exit_for(&lab, &world, 0, "0.0.0.0/0")? == "border2",
+            "n1 still leaves by the border cut from the ISP"
+        );
+        // Both are BFD's detection (0.3 s) and what follows; the goal is
+        // under a second, and the bound leaves room for a loaded CI machine,
+        // as the other failover tests do.
+        ensure!(
+            gaps.ingress < 2.0,
+            "ingress took {:.3} s:\n{}",
+            gaps.ingress,
+            gaps.ingress_out
+        );
+        ensure!(
+            gaps.egress < 2.0,
+            "egress took {:.3} s:\n{}",
+            gaps.egress,
+            gaps.egress_out
+        );
+        Ok(())
+    })();
+    world.cut_link(link, false)?;
+    result.map_err(|e| {
+        e.context(format!(
+            "{}== border's log\n{}",
+            dump_paths(&lab, &world),
+            lab.log_tail(world.border.daemon.proc(), 60)
+        ))
+    })?;
+
+    // Mended: BGP comes back, and the ISP and the node with it.
+    wait_back_on_first_border(&lab, &world, Duration::from_secs(30))
+}
+
+/// A border cut off from the controller only (every packet between them
+/// dropped on the border): its pulses stop, so the controller marks it
+/// unhealthy and moves the nodes' exit to the second border (egress), while
+/// the ISP keeps sending the block to it and it still reaches the node
+/// through the mesh (ingress stays). The longest gaps of 20 ms ping floods
+/// each way are printed. Mended, the node comes back to the border.
+///
+/// Ignored: it fails today. When the controller moves n1's default route to
+/// the second border, n1's WireGuard gives 0.0.0.0/0 to that border only,
+/// so what the first border still forwards from the ISP (the Internet
+/// host's pings, and the replies to n1's own pings, which come back by the
+/// block's route) is dropped by n1 as "from a source outside the peer's
+/// allowed IPs": both ways stop for as long as the cut lasts, while the
+/// border goes on announcing the block (its announcement gate, once
+/// opened, does not close on lost pulses). Run it with
+/// `cargo nextest run --test own_as --run-ignored only controller_link`.
+#[test]
+#[ignore = "issue 27: traffic stops both ways while the border is cut from the controller"]
+fn a_border_whose_controller_link_is_cut_keeps_carrying_traffic() -> Result<()> {
+    if !can_run!(&["wg", "ping", "nft"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-controller-cut")?;
+    let world = start_on_first_border(&lab)?;
+    let address = world.nodes[0].address.to_string();
+    let border = world.border.daemon.node();
+    let controller = world.controller_address;
+    let result = (|| -> Result<()> {
+        let gaps = floods_across(&lab, &world, || world.cut_address(border, controller, true))?;
+        eprintln!("border cut from the controller: {gaps}");
+        ensure!(
+            exit_for(&lab, &world, 0, "0.0.0.0/0")? == "border2",
+            "n1 still leaves by the border the controller cannot hear"
+        );
+        ensure!(
+            isp_next_hop(&lab, &world, &address)? == "border",
+            "the ISP left the border, whose BGP session is up"
+        );
+        ensure!(
+            gaps.egress < 2.0,
+            "egress took {:.3} s:\n{}",
+            gaps.egress,
+            gaps.egress_out
+        );
+        ensure!(
+            gaps.ingress < 2.0,
+            "ingress through the border stopped for {:.3} s:\n{}",
+            gaps.ingress,
+            gaps.ingress_out
+        );
+        Ok(())
+    })();
+    world.cut_address(border, controller, false)?;
+    result.map_err(|e| {
+        e.context(format!(
+            "{}== border's log\n{}",
+            dump_paths(&lab, &world),
+            lab.log_tail(world.border.daemon.proc(), 60)
+        ))
+    })?;
+
+    // Mended: its pulses reach the controller again, and the node comes
+    // back.
+    wait_back_on_first_border(&lab, &world, Duration::from_secs(30))
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::peers::{Bgp4mesh, Bird};
-use crate::{Lab, Node, Proc, Switch, wait_until};
+use crate::{Iface, Lab, Node, Proc, Switch, wait_until};
 
 pub const BLOCK: &str = "44.30.127.0/24";
 pub const BORDER_ADDRESS: &str = "44.30.127.1";
@@ -104,6 +104,11 @@ pub struct MeshNode<'lab> {
     pub daemon: Bgp4mesh<'lab>,
     pub interface: String,
     pub address: Ipv4Addr,
+    /// Its end of the "wan" switch: the underlay of its tunnels and its
+    /// way to the controller.
+    pub wan: Iface,
+    /// A border's end of its link to the ISP; `None` on a mesh node.
+    pub isp_link: Option<Iface>,
 }
 
 pub struct OwnAs<'lab> {
@@ -114,6 +119,8 @@ pub struct OwnAs<'lab> {
     pub internet: Node,
     pub controller: Node,
     pub controller_proc: Proc,
+    /// The controller's address on the "wan" switch (in `controller_url`).
+    pub controller_address: Ipv4Addr,
     pub controller_url: String,
     pub fingerprint: String,
     pub border: MeshNode<'lab>,
@@ -155,12 +162,12 @@ impl<'lab> OwnAs<'lab> {
             lab.add_address(&isp_node, &isp_end.name, &format!("{ISP_PEERING2}/24"))?;
             lab.add_address(&node, &border_end.name, &format!("{BORDER2_PEERING}/24"))?;
             lab.enable_forwarding(&node)?;
-            Some(node)
+            Some((node, border_end))
         } else {
             None
         };
         let friend = match (&border2_node, options.friend) {
-            (Some(border2), true) => {
+            (Some((border2, _)), true) => {
                 let friend = lab.add_node("friend")?;
                 let (friend_end, border_end) = lab.link(&friend, border2)?;
                 lab.add_address(&friend, &friend_end.name, &format!("{FRIEND_PEERING}/24"))?;
@@ -252,6 +259,7 @@ impl<'lab> OwnAs<'lab> {
 
         // The borders: BGP with the ISP, the mesh, and the egress.
         let start_border = |node: &Node,
+                            isp_link: &Iface,
                             name: &str,
                             address: &str,
                             peering: (&str, &str),
@@ -283,10 +291,13 @@ impl<'lab> OwnAs<'lab> {
                 daemon,
                 interface,
                 address: address.parse()?,
+                wan: wan_end,
+                isp_link: Some(isp_link.clone()),
             })
         };
         let border = start_border(
             &border_node,
+            &border_to_isp,
             "border",
             BORDER_ADDRESS,
             (ISP_PEERING, BORDER_PEERING),
@@ -294,8 +305,9 @@ impl<'lab> OwnAs<'lab> {
             false,
         )?;
         let border2 = match &border2_node {
-            Some(node) => Some(start_border(
+            Some((node, isp_link)) => Some(start_border(
                 node,
+                isp_link,
                 "border2",
                 BORDER2_ADDRESS,
                 (ISP_PEERING2, BORDER2_PEERING),
@@ -327,6 +339,8 @@ impl<'lab> OwnAs<'lab> {
                 daemon,
                 interface,
                 address: Ipv4Addr::UNSPECIFIED,
+                wan: wan_end,
+                isp_link: None,
             });
         }
         let listed = this_admin.run(&["--json", "node", "list", "mynet"])?;
@@ -347,6 +361,7 @@ impl<'lab> OwnAs<'lab> {
             internet,
             controller,
             controller_proc,
+            controller_address: controller_wan.ipv4,
             controller_url,
             fingerprint,
             border,
@@ -410,6 +425,67 @@ impl<'lab> OwnAs<'lab> {
                  }}\n"
             );
             let file = self.lab.run_dir(node)?.join("mesh-cut.nft");
+            std::fs::write(&file, rules)?;
+            self.lab
+                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
+        } else {
+            self.lab
+                .exec(node, &["nft", "delete", "table", "inet", table])?;
+        }
+        Ok(())
+    }
+
+    /// Cuts one link of a machine (`true`): every IP packet in and out of
+    /// `iface` is dropped, forwarded ones too, while the link stays up (and
+    /// ARP goes on), so the machines at either end notice only by timers
+    /// (BFD, hold timers, probes): a broken cable behind a switch, a
+    /// provider's outage. `false` mends it. Cuts of different links add up.
+    pub fn cut_link(&self, iface: &Iface, cut: bool) -> Result<()> {
+        let name = &iface.name;
+        self.drop_traffic(
+            &iface.node,
+            &format!("b4m_cut_{name}"),
+            (
+                &format!("iifname \"{name}\""),
+                &format!("oifname \"{name}\""),
+            ),
+            cut,
+        )
+    }
+
+    /// Cuts a machine off from one address (`true`): every packet from
+    /// `peer` and to it is dropped on `node`, whatever the interface; its
+    /// other traffic flows. `false` mends it.
+    pub fn cut_address(&self, node: &Node, peer: Ipv4Addr, cut: bool) -> Result<()> {
+        let table = format!("b4m_cut_{}", peer.to_string().replace('.', "_"));
+        self.drop_traffic(
+            node,
+            &table,
+            (&format!("ip saddr {peer}"), &format!("ip daddr {peer}")),
+            cut,
+        )
+    }
+
+    /// Adds (`cut`) or deletes the nftables table `table` on `node` that
+    /// drops what matches `matches.0` on the way in and `matches.1` on the
+    /// way out, before anything else sees it (priority -300, prerouting and
+    /// postrouting: local and forwarded packets alike).
+    fn drop_traffic(
+        &self,
+        node: &Node,
+        table: &str,
+        matches: (&str, &str),
+        cut: bool,
+    ) -> Result<()> {
+        if cut {
+            let (inbound, outbound) = matches;
+            let rules = format!(
+                "table inet {table} {{\n\
+                 chain prerouting {{ type filter hook prerouting priority -300; policy accept; {inbound} drop; }}\n\
+                 chain postrouting {{ type filter hook postrouting priority -300; policy accept; {outbound} drop; }}\n\
+                 }}\n"
+            );
+            let file = self.lab.run_dir(node)?.join(format!("{table}.nft"));
             std::fs::write(&file, rules)?;
             self.lab
                 .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
