@@ -84,3 +84,42 @@ fn example_node_configs_pass_check() -> Result<()> {
     );
     Ok(())
 }
+
+/// `bgp4mesh check` refuses IPv6 routes over an IPv4 session with no IPv6
+/// next hop of ours (they could never be announced), naming the
+/// neighbour and the key, and accepts the config once it is given.
+#[test]
+fn check_refuses_ipv6_over_ipv4_without_a_next_hop() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("bgp4mesh-check-nh6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = |extra: &str| {
+        format!(
+            "[bgp]\nasn = 65000\nrouter_id = \"172.30.0.100\"\n\n[[bgp.neighbor]]\nname = \"isp\"\naddress = \"172.30.0.1\"\nremote_as = 65001\nimport = \"all\"\nexport = \"announce\"\n{extra}\n\n[[bgp.static]]\nprefix = \"2001:db8:44::/48\"\nblackhole = true\n\n[policy.announce]\nrules = [ {{ match = {{ prefix = [\"2001:db8:44::/48\"] }}, action = \"accept\" }} ]\n"
+        )
+    };
+    let check = |text: String| -> Result<std::process::Output> {
+        let path = dir.join("border.toml");
+        std::fs::write(&path, text)?;
+        Ok(Command::new(env!("CARGO_BIN_EXE_bgp4mesh"))
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .output()?)
+    };
+    let refused = check(config(""))?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success(), "accepted: {stderr}");
+    ensure!(
+        stderr.contains("bgp.neighbor[0].next_hop_ipv6: neighbour \"isp\" has IPv6 unicast over an IPv4 session (172.30.0.1)")
+            && stderr.contains("set next_hop_ipv6 to an IPv6 address of this router"),
+        "{stderr}"
+    );
+    let accepted = check(config("next_hop_ipv6 = \"2001:db8:30::100\""))?;
+    ensure!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -22,6 +22,7 @@ use bgp4mesh_bgp::wire::{Community, Family, LargeCommunity};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod next_hop;
 mod peering;
 mod wg_quick;
 mod wireguard;
@@ -588,6 +589,10 @@ impl NodeConfig {
                 );
             }
             bgp.mesh_export = Some((policy, mesh.export_limit));
+        }
+        if let Some(bgp) = bgp.as_mut() {
+            next_hop::settle_ipv6_next_hops(bgp, file.kernel.learn, &peerings)
+                .with_context(|| format!("{}", path.display()))?;
         }
         if file.kernel.table == 0 || file.kernel.table == 255 {
             bail!(
