@@ -178,3 +178,105 @@ protocol bgp border {{
     );
     Ok(())
 }
+
+/// IPv6 routes over an IPv4 session with `next_hop_ipv6 = "auto"`: the
+/// daemon takes the global IPv6 address of the interface towards the
+/// neighbour at start, says so, and BIRD gets our /48 with it as next hop;
+/// a reload finds it again. Where the interface has none (no route to the
+/// neighbour at all here), `run` refuses to start, naming the neighbour.
+#[test]
+fn ipv6_over_ipv4_takes_the_interface_s_address_as_next_hop() -> Result<()> {
+    if !can_run!(&["bird", "birdc"],) {
+        return Ok(());
+    }
+    let lab = Lab::new("b4m-bird-nh6")?;
+    let (border, isp) = (lab.add_node("border")?, lab.add_node("isp")?);
+    let (b, i) = lab.link(&border, &isp)?;
+    let config = |address: String| {
+        bgp4mesh_config(
+            65000,
+            "10.255.0.1",
+            &format!(
+                r#"
+[[bgp.neighbor]]
+name = "isp"
+address = "{address}"
+remote_as = 65001
+import = "all"
+export = "announce"
+next_hop_ipv6 = "auto"
+connect_retry = 1
+error_wait = [1, 5]
+
+[[bgp.static]]
+prefix = "2001:db8:44::/48"
+blackhole = true
+
+[policy.announce]
+rules = [ {{ match = {{ prefix = ["2001:db8:44::/48"] }}, action = "accept" }} ]
+"#
+            ),
+        )
+    };
+    let refused =
+        match Bgp4mesh::start(&lab, &border, Path::new(BIN), &config("203.0.113.9".into())) {
+            Ok(_) => anyhow::bail!("started with no interface towards the neighbour"),
+            Err(e) => format!("{e:#}"),
+        };
+    ensure!(
+        refused.contains(
+            "neighbour \"isp\": next_hop_ipv6 = \"auto\" looks at the interface towards 203.0.113.9"
+        ),
+        "{refused}"
+    );
+
+    let ours = Bgp4mesh::start(&lab, &border, Path::new(BIN), &config(i.ipv4.to_string()))?;
+    let bird = Bird::start(
+        &lab,
+        &isp,
+        &format!(
+            r#"
+router id {i4};
+protocol device {{}}
+protocol bgp border {{
+  local {i4} as 65001;
+  neighbor {b4} as 65000;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
+}}
+"#,
+            i4 = i.ipv4,
+            b4 = b.ipv4
+        ),
+    )?;
+    let log = lab.log_tail(ours.proc(), 200);
+    ensure!(
+        log.contains(&format!(
+            "neighbour isp: IPv6 next hop {}, from {} (the interface towards {}",
+            b.ipv6, b.name, i.ipv4
+        )),
+        "{log}"
+    );
+    let at_bird = || {
+        wait_until(SETTLE, "2001:db8:44::/48 at BIRD", || {
+            let routes = bird.routes()?;
+            let route = best_route(&routes, "2001:db8:44::/48")
+                .ok_or_else(|| anyhow::anyhow!("BIRD has {routes:?}"))?;
+            ensure!(
+                route.next_hop == Some(b.ipv6.into()),
+                "next hop {:?}",
+                route.next_hop
+            );
+            Ok(())
+        })
+    };
+    at_bird()?;
+    ours.cli(&["bgp", "reload"])?;
+    ensure!(
+        ours.bgp_state("isp")? == SessionState::Established,
+        "the session after reload"
+    );
+    at_bird()?;
+    Ok(())
+}

@@ -738,3 +738,107 @@ impl Resolver {
         Ok(out)
     }
 }
+
+impl Resolver {
+    /// A global IPv6 address of ours to give a neighbour at `neighbor` as
+    /// next hop (IPv6 routes over an IPv4 session): one of the interface
+    /// that holds `local` (our end of the session) when given, else of the
+    /// interface the kernel routes `neighbor` through. Gives that
+    /// interface's name, and its first IPv6 address that is not
+    /// link-local, loopback, deprecated or failed duplicate detection
+    /// (None when it has none). An error when no interface is found.
+    pub async fn ipv6_address_towards(
+        &self,
+        neighbor: IpAddr,
+        local: Option<IpAddr>,
+    ) -> Result<(String, Option<Ipv6Addr>)> {
+        use rtnetlink::packet_route::address::{
+            AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+        };
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let mut ours: Vec<AddressMessage> = Vec::new();
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .context("cannot list addresses")?
+        {
+            ours.push(message);
+        }
+        let address_of = |m: &AddressMessage| {
+            m.attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                })
+                .or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                })
+        };
+        let index = match local {
+            Some(local) => ours
+                .iter()
+                .find(|m| address_of(m) == Some(local))
+                .map(|m| m.header.index)
+                .with_context(|| format!("{local} is not an address of this machine"))?,
+            None => {
+                let message = match neighbor {
+                    IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(a, 32)
+                        .build(),
+                    IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                        .destination_prefix(a, 128)
+                        .build(),
+                };
+                let mut answers = self.handle.route().get(message).execute();
+                let route = answers.try_next().await.ok().flatten();
+                route
+                    .and_then(|r| {
+                        r.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Oif(i) => Some(*i),
+                            _ => None,
+                        })
+                    })
+                    .with_context(|| format!("no route to {neighbor}"))?
+            }
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let name = links
+            .try_next()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|link| {
+                link.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                })
+            })
+            .unwrap_or_else(|| format!("interface {index}"));
+        let usable = |m: &AddressMessage| {
+            let bad = m
+                .header
+                .flags
+                .intersects(AddressHeaderFlags::Deprecated | AddressHeaderFlags::Dadfailed)
+                || m.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Flags(f)
+                    if f.intersects(AddressFlags::Deprecated | AddressFlags::Dadfailed))
+                });
+            match address_of(m) {
+                Some(IpAddr::V6(a)) if !bad && !a.is_loopback() && !a.is_unicast_link_local() => {
+                    Some(a)
+                }
+                _ => None,
+            }
+        };
+        let address = ours
+            .iter()
+            .filter(|m| m.header.index == index)
+            .find_map(usable);
+        Ok((name, address))
+    }
+}

@@ -284,12 +284,34 @@ pub struct NeighborSection {
     #[serde(default)]
     pub extended_next_hop: bool,
     pub next_hop_ipv4: Option<Ipv4Addr>,
-    pub next_hop_ipv6: Option<Ipv6Addr>,
+    pub next_hop_ipv6: Option<Parsed<NextHopIpv6>>,
     #[serde(default)]
     pub soft_reconfiguration_inbound: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
     pub description: Option<String>,
+}
+
+/// `next_hop_ipv6`: an IPv6 address of ours, or `"auto"`: a global IPv6
+/// address of the interface the neighbour is reached through, found when
+/// the daemon starts (or reloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHopIpv6 {
+    Address(Ipv6Addr),
+    Auto,
+}
+
+impl FromStr for NextHopIpv6 {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        if text == "auto" {
+            return Ok(NextHopIpv6::Auto);
+        }
+        text.parse()
+            .map(NextHopIpv6::Address)
+            .map_err(|_| "neither an IPv6 address nor \"auto\"".to_string())
+    }
 }
 
 fn default_restart_time() -> u16 {
@@ -498,6 +520,9 @@ pub struct BgpConfig {
     pub warnings: Vec<String>,
     /// Interfaces whose networks we originate.
     pub connected: Vec<String>,
+    /// Neighbours (by name) with `next_hop_ipv6 = "auto"` over IPv4: the
+    /// daemon gives them one from the kernel before it uses the config.
+    pub next_hop_ipv6_auto: Vec<String>,
     pub bfd: BfdSection,
     /// `[mesh] export`: the policy and limit of what is offered to the
     /// mesh as egress ranges.
@@ -925,6 +950,7 @@ fn build_bgp(
         }
     };
     let mut neighbors = Vec::new();
+    let mut next_hop_ipv6_auto = Vec::new();
     let mut warnings = Vec::new();
     let mut transport = Vec::new();
     let mut names = std::collections::HashSet::new();
@@ -1025,7 +1051,14 @@ fn build_bgp(
         });
         nc.extended_next_hop = n.extended_next_hop;
         nc.next_hop_ipv4 = n.next_hop_ipv4;
-        nc.next_hop_ipv6 = n.next_hop_ipv6;
+        match n.next_hop_ipv6.as_ref().map(|p| p.0) {
+            Some(NextHopIpv6::Address(a)) => nc.next_hop_ipv6 = Some(a),
+            // Over IPv6 our address on the session is the next hop.
+            Some(NextHopIpv6::Auto) if n.address.is_ipv4() => {
+                next_hop_ipv6_auto.push(n.name.clone());
+            }
+            _ => {}
+        }
         nc.soft_reconfiguration_inbound = n.soft_reconfiguration_inbound;
         nc.enabled = n.enabled;
         nc.graceful_restart = n.graceful_restart;
@@ -1110,6 +1143,7 @@ fn build_bgp(
         transport,
         warnings,
         connected: bgp.connected,
+        next_hop_ipv6_auto,
         bfd,
         mesh_export: None,
     })

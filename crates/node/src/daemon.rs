@@ -43,7 +43,10 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     tracing::info!("control socket {}", config.control_socket.display());
 
     let mut driver = match config.bgp.clone() {
-        Some(bgp) => Some(BgpDriver::new(bgp, &config.path)?),
+        Some(mut bgp) => {
+            BgpDriver::resolve_next_hop_ipv6(&mut bgp).await?;
+            Some(BgpDriver::new(bgp, &config.path)?)
+        }
         None => None,
     };
     let kernel = match (&mut driver, config.kernel.enabled) {

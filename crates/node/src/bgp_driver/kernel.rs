@@ -318,3 +318,57 @@ fn kernel_target(
         }
     }
 }
+
+impl super::BgpDriver {
+    /// Gives each neighbour with `next_hop_ipv6 = "auto"` (IPv6 routes
+    /// over an IPv4 session) the global IPv6 address of the interface
+    /// towards it, and says so; an error naming the neighbour when there
+    /// is none. Before the speaker takes the config: at start and on
+    /// reload.
+    pub async fn resolve_next_hop_ipv6(bgp: &mut crate::config::BgpConfig) -> anyhow::Result<()> {
+        resolve_next_hop_ipv6(bgp).await
+    }
+}
+
+pub(super) async fn resolve_next_hop_ipv6(
+    bgp: &mut crate::config::BgpConfig,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if bgp.next_hop_ipv6_auto.is_empty() {
+        return Ok(());
+    }
+    let resolver = Resolver::connect()?;
+    let auto = &bgp.next_hop_ipv6_auto;
+    for n in bgp
+        .speaker
+        .neighbors
+        .iter_mut()
+        .filter(|n| auto.contains(&n.name))
+    {
+        let towards = match n.local_address {
+            Some(local) => format!("the interface of local_address {local}"),
+            None => format!("the interface towards {}", n.address),
+        };
+        let (interface, address) = resolver
+            .ipv6_address_towards(n.address, n.local_address)
+            .await
+            .with_context(|| {
+                format!(
+                    "neighbour {:?}: next_hop_ipv6 = \"auto\" looks at {towards}",
+                    n.name
+                )
+            })?;
+        let Some(address) = address else {
+            anyhow::bail!(
+                "neighbour {:?}: next_hop_ipv6 = \"auto\": {interface} ({towards}) has no global IPv6 address to announce IPv6 routes with; add one there, or set next_hop_ipv6 to an IPv6 address of this router",
+                n.name
+            );
+        };
+        tracing::info!(
+            "neighbour {}: IPv6 next hop {address}, from {interface} ({towards}; next_hop_ipv6 = \"auto\")",
+            n.name
+        );
+        n.next_hop_ipv6 = Some(address);
+    }
+    Ok(())
+}

@@ -10,9 +10,24 @@ impl BgpDriver {
     pub(super) fn reload(&mut self, now: Instant) -> Result<(), String> {
         let loaded =
             crate::config::NodeConfig::load(&self.config_path).map_err(|e| format!("{e:#}"))?;
-        let Some(bgp) = loaded.bgp else {
+        let Some(mut bgp) = loaded.bgp else {
             return Err("the new config has no [bgp] section; keeping the running one".into());
         };
+        if !bgp.next_hop_ipv6_auto.is_empty() {
+            // A few netlink requests, waited for here: the new config is
+            // not applied without them.
+            use tokio::runtime::{Handle, RuntimeFlavor};
+            let handle = Handle::current();
+            if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+                return Err(
+                    "next_hop_ipv6 = \"auto\" is looked up on reload only by the daemon".into(),
+                );
+            }
+            tokio::task::block_in_place(|| {
+                handle.block_on(super::kernel::resolve_next_hop_ipv6(&mut bgp))
+            })
+            .map_err(|e| format!("{e:#}"))?;
+        }
         if bgp.listen != self.config.listen {
             tracing::warn!("bgp.listen changed: takes effect at the next start");
         }

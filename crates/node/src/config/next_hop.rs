@@ -127,27 +127,44 @@ pub(super) fn settle_ipv6_next_hops(
         {
             continue;
         }
-        let Some((route, source)) = ipv6_route_needing_ours(bgp, kernel_learn, i) else {
-            continue;
-        };
+        let auto = bgp.next_hop_ipv6_auto.contains(&n.name);
         let peering = peerings.iter().enumerate().find(|(_, p)| p.name == n.name);
-        // A peering's own global IPv6 address is on the link to the
-        // neighbour: that is the next hop.
-        if let Some(ours) = peering.and_then(|(_, p)| global_ipv6(p)) {
-            bgp.speaker.neighbors[i].next_hop_ipv6 = Some(ours);
-            continue;
-        }
         let at = match peering {
             // A peering's neighbour has the peering's name.
             Some((k, _)) => format!("peering[{k}].bgp"),
             None => format!("bgp.neighbor[{i}]"),
+        };
+        // A peering's own global IPv6 address is on the link to the
+        // neighbour: that is the next hop. Its interface is made after
+        // BGP starts, so "auto" could find nothing else there.
+        if let Some((_, p)) = peering {
+            if let Some(ours) = global_ipv6(p) {
+                let name = n.name.clone();
+                bgp.speaker.neighbors[i].next_hop_ipv6 = Some(ours);
+                bgp.next_hop_ipv6_auto.retain(|a| *a != name);
+                continue;
+            }
+            if auto {
+                bail!(
+                    "{at}.next_hop_ipv6: \"auto\" finds nothing: the peering has no IPv6 address but link-local ones; add one to its address, or give next_hop_ipv6 an IPv6 address of this router"
+                );
+            }
+        }
+        // The daemon finds it at start.
+        if auto {
+            continue;
+        }
+        let Some((route, source)) = ipv6_route_needing_ours(bgp, kernel_learn, i) else {
+            continue;
         };
         bail!(
             "{at}.next_hop_ipv6: neighbour {:?} has IPv6 unicast over an IPv4 session ({}) \
              and may be sent IPv6 routes ({route}, which its export policy {:?} accepts from \
              source \"{source}\"), but has no IPv6 next hop of ours to send with them: set \
              next_hop_ipv6 to an IPv6 address of this router that the neighbour reaches \
-             (ours on the link to it), or families = [\"ipv4\"] to send it no IPv6 routes",
+             (ours on the link to it), or to \"auto\" (a global IPv6 address of the \
+             interface it is reached through, found at start), or families = [\"ipv4\"] \
+             to send it no IPv6 routes",
             n.name,
             n.address,
             n.export.name,
@@ -198,7 +215,7 @@ mod tests {
             // The issue's case: the /48 would never reach the ISP.
             (
                 border("", STATICS),
-                "bgp.neighbor[0].next_hop_ipv6: neighbour \"isp\" has IPv6 unicast over an IPv4 session (172.30.0.1) and may be sent IPv6 routes (bgp.static[1] (2001:db8:44::/48), which its export policy \"announce\" accepts from source \"static\"), but has no IPv6 next hop of ours to send with them: set next_hop_ipv6 to an IPv6 address of this router that the neighbour reaches (ours on the link to it), or families = [\"ipv4\"] to send it no IPv6 routes",
+                "bgp.neighbor[0].next_hop_ipv6: neighbour \"isp\" has IPv6 unicast over an IPv4 session (172.30.0.1) and may be sent IPv6 routes (bgp.static[1] (2001:db8:44::/48), which its export policy \"announce\" accepts from source \"static\"), but has no IPv6 next hop of ours to send with them: set next_hop_ipv6 to an IPv6 address of this router that the neighbour reaches (ours on the link to it), or to \"auto\" (a global IPv6 address of the interface it is reached through, found at start), or families = [\"ipv4\"] to send it no IPv6 routes",
             ),
             // A prefix condition naming the /48.
             (
@@ -271,9 +288,50 @@ mod tests {
             ),
             Some("2001:db8:20::2".parse().expect("address"))
         );
+        assert_refused([
+            (
+                peering("\"172.20.0.2/31\", \"fe80::2/64\""),
+                "peering[0].bgp.next_hop_ipv6: neighbour \"edge\" has IPv6 unicast over an IPv4 session (172.20.0.3)",
+            ),
+            // Its interface is made after BGP starts: nothing to find there.
+            (
+                peering("\"172.20.0.2/31\", \"fe80::2/64\"").replace(
+                    "remote_as = 65001\n",
+                    "remote_as = 65001\nnext_hop_ipv6 = \"auto\"\n",
+                ),
+                "peering[0].bgp.next_hop_ipv6: \"auto\" finds nothing: the peering has no IPv6 address but link-local ones",
+            ),
+        ]);
+        let auto = peering("\"172.20.0.2/31\", \"2001:db8:20::2/64\"").replace(
+            "remote_as = 65001\n",
+            "remote_as = 65001\nnext_hop_ipv6 = \"auto\"\n",
+        );
+        assert_eq!(
+            next_hop_ipv6(&auto, "edge"),
+            Some("2001:db8:20::2".parse().expect("address"))
+        );
+    }
+
+    #[test]
+    fn auto_is_left_to_the_daemon_and_other_words_are_refused() {
+        let c = NodeConfig::parse(
+            &border("next_hop_ipv6 = \"auto\"", STATICS),
+            Path::new("test.toml"),
+        )
+        .expect("accepted");
+        let bgp = c.bgp.expect("bgp");
+        assert_eq!(bgp.next_hop_ipv6_auto, vec!["isp".to_string()]);
+        assert_eq!(bgp.speaker.neighbors[0].next_hop_ipv6, None);
+        // Over IPv6 the session's own address is the next hop.
+        let c = NodeConfig::parse(
+            &border("next_hop_ipv6 = \"auto\"", STATICS).replace("172.30.0.1", "2001:db8:1::1"),
+            Path::new("test.toml"),
+        )
+        .expect("accepted");
+        assert!(c.bgp.expect("bgp").next_hop_ipv6_auto.is_empty());
         assert_refused([(
-            peering("\"172.20.0.2/31\", \"fe80::2/64\""),
-            "peering[0].bgp.next_hop_ipv6: neighbour \"edge\" has IPv6 unicast over an IPv4 session (172.20.0.3)",
+            border("next_hop_ipv6 = \"self\"", STATICS),
+            "\"self\": neither an IPv6 address nor \"auto\"",
         )]);
     }
 
