@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::client::Client;
-use crate::probing::{Probing, Targets};
+use crate::probing::{Probing, Targets, Trust};
 
 /// Default place of the agent's files.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
@@ -60,15 +60,15 @@ struct Exits {
 }
 
 impl Exits {
-    /// `distrusted`: gateways (node ids) this node's own probes found dead
-    /// ([`crate::probing`]): unhealthy whatever the controller says.
-    fn of(
-        state: &MeshState,
-        own_networks: &[IpNet],
-        distrusted: &std::collections::BTreeSet<String>,
-    ) -> Exits {
-        let healthy = |peer: &bgp4mesh_api::Peer, g: &bgp4mesh_api::Gateway| {
-            g.healthy && !distrusted.contains(&peer.node_id)
+    /// A gateway carries a range while it says it is healthy for the
+    /// range's family, and the controller hears it or this node's probes
+    /// of it are answered; never when the node's probes found it dead
+    /// ([`Trust`], [`crate::probing`]).
+    fn of(state: &MeshState, own_networks: &[IpNet], trust: &Trust) -> Exits {
+        let usable = |peer: &bgp4mesh_api::Peer, g: &bgp4mesh_api::Gateway, range: &IpNet| {
+            g.healthy_for(range)
+                && !trust.distrusted.contains(&peer.node_id)
+                && (g.heard || trust.answering.contains(&peer.node_id))
         };
         let own: Vec<IpNet> = state
             .node
@@ -84,10 +84,11 @@ impl Exits {
                 if own.contains(range) || own_networks.iter().any(|a| a.contains(range)) {
                     continue;
                 }
-                if range.prefix_len() == 0 && !healthy(peer, g) {
+                let healthy = usable(peer, g, range);
+                if range.prefix_len() == 0 && !healthy {
                     continue;
                 }
-                let rank = (!healthy(peer, g), g.metric, peer.node_id.clone());
+                let rank = (!healthy, g.metric, peer.node_id.clone());
                 match best.get(range) {
                     Some(have) if *have <= rank => {}
                     _ => {
@@ -103,8 +104,7 @@ impl Exits {
             .peers
             .iter()
             .filter_map(|p| Some((p, p.egress.as_ref()?)))
-            .filter(|(p, g)| healthy(p, g))
-            .flat_map(|(_, g)| g.all_ranges().copied())
+            .flat_map(|(p, g)| g.all_ranges().filter(move |r| usable(p, g, r)).copied())
             .collect();
         // A range holding a peer's endpoint would route the tunnel's own
         // packets into the tunnel (wg-quick guards only the default route).
@@ -348,7 +348,7 @@ pub struct AgentOptions {
     /// On a border: whether a BGP session with an upstream is up. Reported
     /// to the controller at once on every change, so nodes leave a border
     /// that lost its upstream.
-    pub upstream: Option<tokio::sync::watch::Receiver<bool>>,
+    pub upstream: Option<tokio::sync::watch::Receiver<bgp4mesh_api::UpstreamFamilies>>,
     /// On a border with `[mesh] export`: the BGP-learned prefixes its
     /// export policy takes. Reported at once on every change (and with
     /// every report), for the controller to hand out as egress ranges.
@@ -412,7 +412,7 @@ impl Mesh {
         let keepalive = (behind_nat && state.network.persistent_keepalive > 0)
             .then_some(state.network.persistent_keepalive);
         let own_networks = own_networks(state);
-        let exits = Exits::of(state, &own_networks, &self.probing.distrusted());
+        let exits = Exits::of(state, &own_networks, &self.probing.trust());
         let exit4 = exits.default_exit(false);
         let exit6 = exits.default_exit(true);
         self.probing.set_targets(probe_targets(state, exit4, exit6));
@@ -708,7 +708,7 @@ fn change(
 /// Whether the controller's state lets this node's block be announced:
 /// the node is no gateway, or the controller has it healthy.
 fn may_announce(s: &MeshState) -> bool {
-    s.node.egress.as_ref().is_none_or(|g| g.healthy)
+    s.node.egress.as_ref().is_none_or(|g| g.usable())
 }
 
 /// Reports what the node sees (its peers; on a border, its upstream and
@@ -719,7 +719,7 @@ fn may_announce(s: &MeshState) -> bool {
 struct Reporter {
     mesh: Arc<Mesh>,
     client: Client,
-    upstream: Option<watch::Receiver<bool>>,
+    upstream: Option<watch::Receiver<bgp4mesh_api::UpstreamFamilies>>,
     bgp_ranges: Option<watch::Receiver<Vec<IpNet>>>,
     /// Notified when a stream to the controller opens, or a gateway's
     /// pulses are heard again after silence.
@@ -743,7 +743,8 @@ impl Reporter {
                         continue;
                     }
                     if let Some(w) = &self.upstream {
-                        tracing::info!(up = *w.borrow(), "BGP upstream changed");
+                        let up = *w.borrow();
+                        tracing::info!(ipv4 = up.ipv4, ipv6 = up.ipv6, "BGP upstream changed");
                     }
                 }
                 changed = changed_or_never(&mut self.bgp_ranges) => {
@@ -765,7 +766,9 @@ impl Reporter {
                 }
             }
             let mut report = self.mesh.report();
-            report.upstream = self.upstream.as_ref().map(|w| *w.borrow());
+            let upstream = self.upstream.as_ref().map(|w| *w.borrow());
+            report.upstream = upstream.map(|u| u.ipv4);
+            report.upstream6 = upstream.map(|u| u.ipv6);
             report.bgp_ranges = self.bgp_ranges.as_ref().map(|w| w.borrow().clone());
             if let Err(e) = self.client.post_empty("/api/agent/report", &report).await {
                 tracing::debug!("report: {e:#}");
@@ -1121,6 +1124,8 @@ mod tests {
             nat: false,
             metric,
             healthy,
+            healthy6: healthy,
+            heard: healthy,
             bgp: !bgp_ranges.is_empty(),
             bgp_ranges: bgp_ranges.iter().map(|r| net(r)).collect(),
         }
@@ -1169,7 +1174,7 @@ mod tests {
     }
 
     fn exits(s: &MeshState) -> Vec<(String, String)> {
-        Exits::of(s, &own_networks(s), &Default::default())
+        Exits::of(s, &own_networks(s), &Trust::default())
             .chosen
             .into_iter()
             .map(|(r, id)| (r.to_string(), id))
@@ -1186,8 +1191,11 @@ mod tests {
             ],
         );
         let with = |distrusted: &[&str]| -> Vec<(String, String)> {
-            let distrusted = distrusted.iter().map(|d| d.to_string()).collect();
-            Exits::of(&s, &own_networks(&s), &distrusted)
+            let trust = Trust {
+                distrusted: distrusted.iter().map(|d| d.to_string()).collect(),
+                ..Trust::default()
+            };
+            Exits::of(&s, &own_networks(&s), &trust)
                 .chosen
                 .into_iter()
                 .map(|(r, id)| (r.to_string(), id))
@@ -1198,6 +1206,46 @@ mod tests {
         assert_eq!(with(&["b1"]), pairs(&[("0.0.0.0/0", "b2")]));
         // Neither answers: the node keeps its own default route.
         assert_eq!(with(&["b1", "b2"]), Vec::new());
+    }
+
+    #[test]
+    fn exits_are_chosen_per_family() {
+        let mut b1 = gateway(&["0.0.0.0/0", "::/0"], &[], 100, true);
+        b1.healthy6 = false; // its IPv6 upstream is down
+        let s = state(
+            None,
+            vec![
+                peer("b1", Some(b1)),
+                peer("b2", Some(gateway(&["0.0.0.0/0", "::/0"], &[], 200, true))),
+            ],
+        );
+        assert_eq!(exits(&s), pairs(&[("0.0.0.0/0", "b1"), ("::/0", "b2")]));
+    }
+
+    #[test]
+    fn a_gateway_the_controller_does_not_hear_stays_the_exit_while_it_answers() {
+        let mut b1 = gateway(&["0.0.0.0/0"], &[], 100, true);
+        b1.heard = false; // its pulses stopped: dead, or cut off from the controller
+        let s = state(
+            None,
+            vec![
+                peer("b1", Some(b1)),
+                peer("b2", Some(gateway(&["0.0.0.0/0"], &[], 200, true))),
+            ],
+        );
+        let with = |trust: Trust| -> Vec<(String, String)> {
+            Exits::of(&s, &own_networks(&s), &trust)
+                .chosen
+                .into_iter()
+                .map(|(r, id)| (r.to_string(), id))
+                .collect()
+        };
+        assert_eq!(with(Trust::default()), pairs(&[("0.0.0.0/0", "b2")]));
+        let answering = Trust {
+            answering: ["b1".to_string()].into(),
+            ..Trust::default()
+        };
+        assert_eq!(with(answering), pairs(&[("0.0.0.0/0", "b1")]));
     }
 
     #[test]
@@ -1259,7 +1307,7 @@ mod tests {
                 ("203.0.113.0/24", "b2")
             ])
         );
-        let e = Exits::of(&s, &own_networks(&s), &Default::default());
+        let e = Exits::of(&s, &own_networks(&s), &Trust::default());
         assert_eq!(e.default_exit(false), Some("b1"));
         assert_eq!(e.default_exit(true), None);
         assert_eq!(

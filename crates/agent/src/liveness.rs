@@ -78,6 +78,15 @@ impl Liveness {
         self.alive
     }
 
+    /// Alive, with an answer within `lost` of `now`: the target is seen
+    /// working, not only not yet judged dead.
+    pub fn answering(&self, now: Instant) -> bool {
+        self.alive
+            && self
+                .last_answer
+                .is_some_and(|t| now.saturating_duration_since(t) < self.params.lost)
+    }
+
     /// A probe went out.
     pub fn sent(&mut self, now: Instant) {
         self.first_probe.get_or_insert(now);

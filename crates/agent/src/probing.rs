@@ -42,12 +42,24 @@ pub struct Targets {
     pub exits: Vec<(String, IpAddr)>,
 }
 
+/// What the probes say of the gateways, for the choice of exits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// Stopped answering: no exit, whatever the controller says.
+    pub distrusted: BTreeSet<String>,
+    /// Answering now: an exit even while the controller does not hear it
+    /// (its link to the controller is cut, not its data plane).
+    pub answering: BTreeSet<String>,
+}
+
 /// The probe thread's side of the agent.
 #[derive(Clone)]
 pub struct Probing {
     targets: Arc<Mutex<Targets>>,
     /// Gateways this node stopped trusting as exits (node ids).
     distrusted: Arc<Mutex<BTreeSet<String>>>,
+    /// Exits whose probes are answered now (node ids).
+    answering: Arc<Mutex<BTreeSet<String>>>,
     /// The gateway's mesh carries traffic (true until probes say not).
     mesh_ok: watch::Sender<bool>,
     /// Notified when the distrusted gateways change: the mesh is applied
@@ -65,6 +77,7 @@ impl Probing {
         Probing {
             targets: Arc::default(),
             distrusted: Arc::default(),
+            answering: Arc::default(),
             mesh_ok: watch::channel(true).0,
             exits_changed: Arc::new(Notify::new()),
             stop: Arc::default(),
@@ -75,8 +88,15 @@ impl Probing {
         *lock(&self.targets) = targets;
     }
 
-    /// The gateways this node no longer trusts as exits (by node id).
-    pub fn distrusted(&self) -> BTreeSet<String> {
+    /// What the probes say of the gateways (node ids).
+    pub fn trust(&self) -> Trust {
+        Trust {
+            distrusted: lock(&self.distrusted).clone(),
+            answering: lock(&self.answering).clone(),
+        }
+    }
+
+    fn distrusted(&self) -> BTreeSet<String> {
         lock(&self.distrusted).clone()
     }
 
@@ -215,6 +235,13 @@ impl Probing {
                     None => {}
                 }
             }
+            let answering: BTreeSet<String> = exits
+                .iter()
+                .filter(|(_, (_, live))| live.answering(now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            changed |=
+                std::mem::replace(&mut *lock(&self.answering), answering.clone()) != answering;
             if changed {
                 self.exits_changed.notify_one();
             }

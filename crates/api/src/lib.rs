@@ -172,15 +172,28 @@ pub struct NodeReport {
     /// Per peer public key: last handshake and counters.
     #[serde(default)]
     pub peers: Vec<ReportedPeer>,
-    /// For a border: whether it has a BGP session up with an upstream.
+    /// For a border: whether it has a BGP session up with an upstream
+    /// carrying IPv4 (its End-of-RIB installed).
     #[serde(default)]
     pub upstream: Option<bool>,
+    /// The same for IPv6: a border is healthy for each family apart, and
+    /// nodes choose their exit per family.
+    #[serde(default)]
+    pub upstream6: Option<bool>,
     /// For a border with `[mesh] export`: the BGP-learned prefixes its
     /// export policy takes, offered to the mesh as egress ranges (used
     /// only if the controller's gateway for it has `bgp` set). At most
     /// [`MAX_BGP_RANGES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp_ranges: Option<Vec<IpNet>>,
+}
+
+/// Which address families a border can route to the outside: its BGP
+/// upstream per family, as the agent reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
 }
 
 /// `POST /api/agent/pulse`: a gateway's sign of life, several a second
@@ -236,11 +249,22 @@ pub struct Gateway {
     /// The BGP-learned ranges it exports now (empty unless `bgp`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bgp_ranges: Vec<IpNet>,
-    /// False while the gateway cannot carry traffic: its agent's stream is
-    /// gone (the node died or lost the controller) or it reported its BGP
-    /// upstream down. Nodes then use the next gateway.
+    /// What the gateway says of itself for IPv4: false while its agent's
+    /// stream is gone (the node died or lost the controller), before it
+    /// reported since connecting, when its pulses say its mesh carries
+    /// nothing, or when it reported its BGP upstream for IPv4 down. Nodes
+    /// then use the next gateway for IPv4.
     #[serde(default = "healthy_default")]
     pub healthy: bool,
+    /// The same for IPv6 ranges (its IPv6 upstream).
+    #[serde(default = "healthy_default")]
+    pub healthy6: bool,
+    /// Whether the controller hears its pulses. A gateway it stopped
+    /// hearing is dead (hung, powered off) or cut off from the controller
+    /// only: a node leaves it unless its own probes of it are answered
+    /// (docs/controller.md).
+    #[serde(default = "healthy_default")]
+    pub heard: bool,
 }
 
 fn healthy_default() -> bool {
@@ -248,6 +272,20 @@ fn healthy_default() -> bool {
 }
 
 impl Gateway {
+    /// Whether it says it carries traffic of `range`'s family (see
+    /// [`Gateway::heard`] for the rest).
+    pub fn healthy_for(&self, range: &IpNet) -> bool {
+        match range {
+            IpNet::V4(_) => self.healthy,
+            IpNet::V6(_) => self.healthy6,
+        }
+    }
+
+    /// Heard, and healthy for some family.
+    pub fn usable(&self) -> bool {
+        self.heard && (self.healthy || self.healthy6)
+    }
+
     /// Every range it carries: the operator's and the BGP-learned ones.
     pub fn all_ranges(&self) -> impl Iterator<Item = &IpNet> {
         self.ranges.iter().chain(&self.bgp_ranges)

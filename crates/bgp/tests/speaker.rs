@@ -14,8 +14,10 @@ use bgp4mesh_bgp::policy::{Action, Match, Policy, PrefixRange, Rule, Verdict};
 use bgp4mesh_bgp::rib::{NeighborId, PathSource, Selection};
 use bgp4mesh_bgp::session::ConnId;
 use bgp4mesh_bgp::speaker::{
-    Event, NeighborConfig, RestartEnd, RouteChange, Speaker, SpeakerConfig, StaticKind, StaticRoute,
+    Event, NeighborConfig, RestartEnd, RouteChange, Speaker, SpeakerConfig, StaticKind,
+    StaticRoute, Upstream,
 };
+use bgp4mesh_bgp::wire::Family;
 use ipnet::IpNet;
 
 fn ip(s: &str) -> IpAddr {
@@ -1352,7 +1354,7 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
         net.signals[0]
             .iter()
             .filter_map(|e| match e {
-                Event::UpstreamReady(up) => Some(*up),
+                Event::UpstreamReady(up) => Some(up.ipv4),
                 _ => None,
             })
             .collect()
@@ -1360,7 +1362,7 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
     // The iBGP neighbour's End-of-RIB, installed: not an upstream.
     net.speakers[0].end_of_rib_installed(NeighborId(0));
     net.pump();
-    assert!(!net.speakers[0].upstream_ready());
+    assert!(!net.speakers[0].upstream_ready().any());
     assert_eq!(upstream(&net), vec![]);
 
     net.link(0, "172.30.0.100", 2, "172.30.0.1");
@@ -1375,14 +1377,14 @@ fn upstream_ready_follows_installed_end_of_rib_of_an_ebgp_session() {
         )),
         "the ISP's End-of-RIB came"
     );
-    assert!(!net.speakers[0].upstream_ready(), "not installed yet");
+    assert!(!net.speakers[0].upstream_ready().any(), "not installed yet");
     net.speakers[0].end_of_rib_installed(NeighborId(1));
     net.pump();
-    assert!(net.speakers[0].upstream_ready());
+    assert!(net.speakers[0].upstream_ready().ipv4);
     assert_eq!(upstream(&net), vec![true]);
 
     net.cut("172.30.0.100", "172.30.0.1");
-    assert!(!net.speakers[0].upstream_ready());
+    assert!(!net.speakers[0].upstream_ready().any());
     assert_eq!(upstream(&net), vec![true, false]);
     // A confirmation for a session that is gone changes nothing.
     net.speakers[0].end_of_rib_installed(NeighborId(1));
@@ -1490,4 +1492,44 @@ fn reconfigure_restarts_only_the_sessions_whose_parameters_changed() {
     // Routes through the sessions that stayed never went away elsewhere.
     assert!(net.best(3, "203.0.113.0/24").is_some());
     assert!(net.best(2, "100.64.0.0/24").is_some());
+}
+
+/// Upstream readiness is per family: a border with an IPv4 session and an
+/// IPv6-only session to its ISP loses its IPv6 upstream alone when the
+/// IPv6 session goes, and its IPv4 one when the IPv4 session goes.
+#[test]
+fn upstream_ready_is_per_family() {
+    let mut isp6 = neighbor("isp6", "172.31.0.1", 65001);
+    isp6.families = vec![Family::IPV6_UNICAST];
+    let mut border6 = neighbor("border6", "172.31.0.100", 65000);
+    border6.families = vec![Family::IPV6_UNICAST];
+    let mut isp4 = neighbor("isp4", "172.30.0.1", 65001);
+    isp4.families = vec![Family::IPV4_UNICAST];
+    let mut border4 = neighbor("border4", "172.30.0.100", 65000);
+    border4.families = vec![Family::IPV4_UNICAST];
+    let mut net = Net::new(vec![
+        speaker(65000, [10, 0, 0, 1], vec![isp4, isp6], &["44.30.127.0/24"]),
+        speaker(65001, [10, 0, 0, 2], vec![border4, border6], &["0.0.0.0/0"]),
+    ]);
+    net.start();
+    net.link(0, "172.30.0.100", 1, "172.30.0.1");
+    net.link(0, "172.31.0.100", 1, "172.31.0.1");
+    net.advance(Duration::from_secs(6));
+    assert_eq!(
+        net.speakers[0].upstream_ready(),
+        Upstream {
+            ipv4: true,
+            ipv6: true
+        }
+    );
+    net.cut("172.31.0.100", "172.31.0.1");
+    assert_eq!(
+        net.speakers[0].upstream_ready(),
+        Upstream {
+            ipv4: true,
+            ipv6: false
+        }
+    );
+    net.cut("172.30.0.100", "172.30.0.1");
+    assert_eq!(net.speakers[0].upstream_ready(), Upstream::default());
 }

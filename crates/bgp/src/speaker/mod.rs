@@ -36,6 +36,7 @@ pub use config::{
 };
 pub use graceful_restart::RestartEnd;
 pub use next_hop::NextHopState;
+pub use upstream::Upstream;
 
 use graceful_restart::OwnRestart;
 use next_hop::{WatchedNextHop, source_info};
@@ -95,8 +96,9 @@ pub enum Event {
     GracefulRestartOver(RestartEnd),
     /// Whether some eBGP neighbour is Established and what it sent up to
     /// its End-of-RIB is installed ([`Speaker::end_of_rib_installed`]): a
-    /// border can then route to the outside. Emitted on every change.
-    UpstreamReady(bool),
+    /// border can then route to the outside, per family. Emitted on every
+    /// change.
+    UpstreamReady(Upstream),
 }
 
 /// Heap bytes by structure ([`Speaker::memory`]).
@@ -346,7 +348,7 @@ pub struct Speaker {
     /// Our own graceful restart, while it lasts.
     own_restart: Option<OwnRestart>,
     /// The last [`Event::UpstreamReady`] value.
-    upstream_ready: bool,
+    upstream_ready: Upstream,
 }
 
 impl Speaker {
@@ -375,7 +377,7 @@ impl Speaker {
             send_window: None,
             release_at: 0,
             own_restart: None,
-            upstream_ready: false,
+            upstream_ready: Upstream::default(),
         }
     }
 

@@ -1,9 +1,26 @@
-//! Whether the speaker can route to the outside: some eBGP session is up
-//! and what it sent up to its End-of-RIB is installed.
+//! Whether the speaker can route to the outside, per address family: some
+//! eBGP session of that family is up and what it sent up to its
+//! End-of-RIB is installed.
 
 use super::{Event, Speaker};
 use crate::rib::NeighborId;
 use crate::session::State;
+use crate::wire::AFI_IPV6;
+
+/// Which address families the speaker can route to the outside
+/// ([`Event::UpstreamReady`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Upstream {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Upstream {
+    /// Ready for some family.
+    pub fn any(&self) -> bool {
+        self.ipv4 || self.ipv6
+    }
+}
 
 impl Speaker {
     /// The driver has installed everything it was given up to the
@@ -19,9 +36,9 @@ impl Speaker {
         self.update_upstream();
     }
 
-    /// Whether some eBGP neighbour is up with its End-of-RIB installed
-    /// (the last [`Event::UpstreamReady`]).
-    pub fn upstream_ready(&self) -> bool {
+    /// Per family, whether some eBGP neighbour that negotiated it is up
+    /// with its End-of-RIB installed (the last [`Event::UpstreamReady`]).
+    pub fn upstream_ready(&self) -> Upstream {
         self.upstream_ready
     }
 
@@ -29,13 +46,24 @@ impl Speaker {
     /// of [`Speaker::upstream_ready`].
     pub(super) fn update_upstream(&mut self) {
         let asn = self.config.asn;
-        let mut ready = false;
+        let mut ready = Upstream::default();
         for n in self.neighbors.iter_mut() {
             if n.removed || n.session.state() != State::Established {
                 n.eor_installing = false;
                 n.eor_installed = false;
             }
-            ready |= n.eor_installed && n.config.remote_as != asn;
+            if !(n.eor_installed && n.config.remote_as != asn) {
+                continue;
+            }
+            // The families it carries: an IPv4 session with IPv6 unicast
+            // is an IPv6 upstream too.
+            for family in n.session.negotiated().map_or(&[][..], |x| &x.families[..]) {
+                if family.afi == AFI_IPV6 {
+                    ready.ipv6 = true;
+                } else {
+                    ready.ipv4 = true;
+                }
+            }
         }
         if ready != self.upstream_ready {
             self.upstream_ready = ready;

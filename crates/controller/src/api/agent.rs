@@ -280,7 +280,7 @@ pub(super) async fn agent_report(
     let t = now();
     if ctl
         .hub
-        .upstream_reported(&node.network, &node.id, report.upstream)
+        .upstream_reported(&node.network, &node.id, report.upstream, report.upstream6)
     {
         ctl.publish_health(&node).await?;
     }

@@ -45,8 +45,10 @@ pub struct NodeView {
     pub handshakes: Vec<PeerHandshake>,
     /// Open push streams of this node's agent.
     pub streams: u32,
-    /// What the node last said of its BGP upstream (borders).
+    /// What the node last said of its BGP upstream for IPv4 (borders).
     pub upstream: Option<bool>,
+    /// ... and for IPv6.
+    pub upstream6: Option<bool>,
     /// The BGP-learned ranges it last said it exports (sorted, unique);
     /// carried by its gateway when that has `bgp` set.
     pub bgp_ranges: Vec<IpNet>,
@@ -57,6 +59,9 @@ pub struct NodeView {
     pub last_pulse: Option<std::time::Instant>,
     /// Its pulses stopped while its stream looks open: taken as dead.
     pub silent: bool,
+    /// It was silent, and has not reported since it was heard again: what
+    /// it said before may be out of date.
+    pub stale: bool,
     /// What its pulses last said of its mesh: `Some(false)` when none of
     /// its peers answers its probes through the tunnel (the underlay is
     /// cut, its device is stuck): it carries no traffic.
@@ -74,25 +79,47 @@ impl NodeView {
             handshakes: Vec::new(),
             streams: 0,
             upstream: None,
+            upstream6: None,
             bgp_ranges: Vec::new(),
             reported: false,
             last_pulse: None,
             silent: false,
+            stale: false,
             mesh: None,
         }
     }
 
-    /// A gateway is healthy while its agent is connected, has reported
-    /// since it connected, its upstream (if it has one) is up, and its
-    /// pulses (if it pulses) keep coming: a border that restarts is used
-    /// again only once its BGP is back.
-    pub fn healthy(&self) -> bool {
-        self.streams > 0
-            && self.reported
-            && self.upstream != Some(false)
-            && self.mesh != Some(false)
-            && !self.silent
+    /// A gateway is healthy for a family while its agent is connected,
+    /// has reported since it connected, its upstream of that family (if
+    /// it has one) is up, its mesh carries traffic, and its pulses (if it
+    /// pulses) keep coming: a border that restarts is used again only once
+    /// its BGP is back.
+    pub fn health(&self) -> Health {
+        let says_ok = self.streams > 0 && self.reported && self.mesh != Some(false);
+        Health {
+            ipv4: says_ok && self.upstream != Some(false),
+            ipv6: says_ok && self.upstream6 != Some(false),
+            heard: self.streams > 0 && !self.silent && !self.stale,
+        }
     }
+
+    /// Healthy for some family.
+    pub fn healthy(&self) -> bool {
+        let h = self.health();
+        h.heard && (h.ipv4 || h.ipv6)
+    }
+}
+
+/// A gateway's health as nodes see it: per family what it says of itself
+/// (its agent connected and reporting, its upstream, its mesh), and
+/// whether the controller hears its pulses. A node whose own probes of its
+/// exit are answered keeps using a gateway the controller stopped hearing
+/// (its link to the controller is cut, not its data plane).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub heard: bool,
 }
 
 #[derive(Debug)]
@@ -309,36 +336,48 @@ impl Hub {
         let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
-        let before = node.healthy();
+        let before = node.health();
         let mut ranges_dropped = false;
         node.streams = node.streams.saturating_add_signed(delta);
         if node.streams == 0 {
             node.reported = false;
             node.upstream = None;
+            node.upstream6 = None;
             node.last_pulse = None;
             node.silent = false;
+            node.stale = false;
             node.mesh = None;
             // What it learns by BGP is said again when it is back.
             ranges_dropped = !std::mem::take(&mut node.bgp_ranges).is_empty();
         }
         node.gateway
             .as_ref()
-            .is_some_and(|g| node.healthy() != before || g.bgp && ranges_dropped)
+            .is_some_and(|g| node.health() != before || g.bgp && ranges_dropped)
     }
 
-    /// A node reported its upstream. Returns whether its health as a
-    /// gateway changed.
-    pub fn upstream_reported(&self, netid: &str, id: &str, upstream: Option<bool>) -> bool {
+    /// A node reported its upstream per family (IPv4, IPv6). Returns
+    /// whether its health as a gateway changed.
+    pub fn upstream_reported(
+        &self,
+        netid: &str,
+        id: &str,
+        upstream: Option<bool>,
+        upstream6: Option<bool>,
+    ) -> bool {
         let mut inner = self.write();
         let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
-        let before = node.healthy();
+        let before = node.health();
         node.reported = true;
+        node.stale = false;
         if upstream.is_some() {
             node.upstream = upstream;
         }
-        node.gateway.is_some() && node.healthy() != before
+        if upstream6.is_some() {
+            node.upstream6 = upstream6;
+        }
+        node.gateway.is_some() && node.health() != before
     }
 
     /// A gateway's agent pulsed (a short report). Returns whether its
@@ -355,7 +394,7 @@ impl Hub {
         let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
-        let before = node.healthy();
+        let before = node.health();
         node.last_pulse = Some(at);
         node.silent = false;
         // Not `reported`: that waits for a whole report after each connect
@@ -366,7 +405,7 @@ impl Hub {
         if mesh.is_some() {
             node.mesh = mesh;
         }
-        node.gateway.is_some() && node.healthy() != before
+        node.gateway.is_some() && node.health() != before
     }
 
     /// The gateway node whose credential hashes to `hash`, if any.
@@ -418,7 +457,9 @@ impl Hub {
                 node.silent = true;
                 // What it said of its upstream may be stale by the time it
                 // is heard again: it is used again after a new report.
-                node.reported = false;
+                // Until then its word stands for the nodes whose own probes
+                // of it are answered (`Health::heard`).
+                node.stale = true;
                 if before {
                     changed.push((netid.clone(), id.clone()));
                 }
@@ -682,7 +723,9 @@ pub fn render_gateway(n: &NodeView) -> Option<Gateway> {
         ranges: g.ranges.iter().filter_map(|r| r.parse().ok()).collect(),
         nat: g.nat,
         metric: g.metric,
-        healthy: n.healthy(),
+        healthy: n.health().ipv4,
+        healthy6: n.health().ipv6,
+        heard: n.health().heard,
         bgp: g.bgp,
         bgp_ranges: if g.bgp {
             n.bgp_ranges.clone()
@@ -788,13 +831,48 @@ mod tests {
         let hub = Hub::load(1, vec![network], nodes, rows);
         for id in gateways.iter().chain(plain) {
             hub.stream_changed("mynet", id, 1);
-            hub.upstream_reported("mynet", id, None);
+            hub.upstream_reported("mynet", id, None, None);
         }
         hub
     }
 
     fn healthy(hub: &Hub, id: &str) -> bool {
         hub.node("mynet", id).is_some_and(|n| n.healthy())
+    }
+
+    #[test]
+    fn a_gateway_is_healthy_per_family_and_its_silence_is_said_apart() {
+        let hub = hub(&["b1"], &["n1"]);
+        let t0 = Instant::now();
+        hub.pulsed("mynet", "b1", t0, None, None);
+        hub.upstream_reported("mynet", "b1", Some(true), Some(true));
+        let health = |hub: &Hub| hub.node("mynet", "b1").map(|n| n.health());
+        assert_eq!(
+            health(&hub),
+            Some(Health {
+                ipv4: true,
+                ipv6: true,
+                heard: true
+            })
+        );
+        // Its IPv6 session goes: IPv6 alone is unhealthy.
+        assert!(hub.upstream_reported("mynet", "b1", Some(true), Some(false)));
+        assert_eq!(
+            health(&hub),
+            Some(Health {
+                ipv4: true,
+                ipv6: false,
+                heard: true
+            })
+        );
+        let g = hub
+            .node("mynet", "b1")
+            .and_then(|n| render_gateway(&n))
+            .map(|g| (g.healthy, g.healthy6, g.heard));
+        assert_eq!(g, Some((true, false, true)));
+        // Its mesh carries nothing: unhealthy for both.
+        assert!(hub.pulsed("mynet", "b1", t0, None, Some(false)));
+        assert_eq!(health(&hub).map(|h| (h.ipv4, h.ipv6)), Some((false, false)));
     }
 
     #[test]
@@ -821,10 +899,11 @@ mod tests {
         // report makes it healthy again.
         assert!(!hub.pulsed("mynet", "b1", t1, None, None));
         assert!(!healthy(&hub, "b1"));
-        assert!(hub.upstream_reported("mynet", "b1", Some(true)));
+        assert!(hub.upstream_reported("mynet", "b1", Some(true), None));
         assert!(healthy(&hub, "b1"));
-        // A report of the upstream down makes it unhealthy, too.
-        assert!(hub.upstream_reported("mynet", "b1", Some(false)));
+        // A report of the upstream down (both families) makes it
+        // unhealthy, too.
+        assert!(hub.upstream_reported("mynet", "b1", Some(false), Some(false)));
         assert!(!healthy(&hub, "b1"));
     }
 
@@ -864,7 +943,7 @@ mod tests {
         hub.stream_changed("mynet", "b1", 1);
         hub.pulsed("mynet", "b1", t0, Some(true), None);
         assert!(!healthy(&hub, "b1"));
-        assert!(hub.upstream_reported("mynet", "b1", None));
+        assert!(hub.upstream_reported("mynet", "b1", None, None));
         assert!(healthy(&hub, "b1"));
     }
 }

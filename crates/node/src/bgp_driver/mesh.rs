@@ -6,11 +6,20 @@
 
 use std::sync::Arc;
 
+use bgp4mesh_api::UpstreamFamilies;
 use bgp4mesh_bgp::export_set::ExportSet;
 use bgp4mesh_bgp::policy::Policy;
-use bgp4mesh_bgp::speaker::{RouteChange, Speaker};
+use bgp4mesh_bgp::speaker::{RouteChange, Speaker, Upstream};
 use ipnet::IpNet;
 use tokio::sync::watch;
+
+/// The speaker's upstream as the agent takes it.
+fn families(up: Upstream) -> UpstreamFamilies {
+    UpstreamFamilies {
+        ipv4: up.ipv4,
+        ipv6: up.ipv6,
+    }
+}
 
 /// A border's BGP-learned prefixes for its mesh, sent to the agent.
 struct MeshExport {
@@ -23,9 +32,9 @@ struct MeshExport {
 /// The channels to and from the mesh agent (all unset without a mesh).
 #[derive(Default)]
 pub(super) struct MeshLink {
-    /// Whether an eBGP session is up and has sent its routes (End-of-RIB),
-    /// for the mesh agent of a border.
-    upstream: Option<watch::Sender<bool>>,
+    /// Per family, whether an eBGP session is up and has sent its routes
+    /// (End-of-RIB), for the mesh agent of a border.
+    upstream: Option<watch::Sender<UpstreamFamilies>>,
     /// Static routes are announced while this is true and held back while
     /// it is false (`hold_announcements_until`); None without a gate, or
     /// once the agent dropped its sender.
@@ -36,14 +45,15 @@ pub(super) struct MeshLink {
 
 impl MeshLink {
     /// A channel that follows [`Speaker::upstream_ready`].
-    pub(super) fn watch_upstream(&mut self, ready: bool) -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(ready);
+    pub(super) fn watch_upstream(&mut self, ready: Upstream) -> watch::Receiver<UpstreamFamilies> {
+        let (tx, rx) = watch::channel(families(ready));
         self.upstream = Some(tx);
         rx
     }
 
     /// From [`bgp4mesh_bgp::speaker::Event::UpstreamReady`].
-    pub(super) fn upstream_ready(&self, up: bool) {
+    pub(super) fn upstream_ready(&self, up: Upstream) {
+        let up = families(up);
         if let Some(tx) = &self.upstream {
             tx.send_if_modified(|v| std::mem::replace(v, up) != up);
         }

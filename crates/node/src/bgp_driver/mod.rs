@@ -207,7 +207,9 @@ impl BgpDriver {
     /// Tells the mesh agent whether an upstream (eBGP) session is up. An
     /// upstream counts once its session is up and its routes are in
     /// (End-of-RIB): a border is not used for egress before it can route.
-    pub fn watch_upstream(&mut self) -> tokio::sync::watch::Receiver<bool> {
+    pub fn watch_upstream(
+        &mut self,
+    ) -> tokio::sync::watch::Receiver<bgp4mesh_api::UpstreamFamilies> {
         self.mesh.watch_upstream(self.speaker.upstream_ready())
     }
 
