@@ -1,6 +1,7 @@
 //! `bgp4mesh server`, `bgp4mesh join`, and the admin commands that talk to
 //! the controller's API (`network`, `token`, `node`, `gateway`).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -56,13 +57,16 @@ impl Remote {
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCommand {
-    /// Create a network whose mesh addresses come from RANGE
+    /// Create a network whose mesh addresses come from --range (IPv4),
+    /// --range6 (IPv6) or both; at least one is required
+    #[command(group(clap::ArgGroup::new("ranges").required(true).multiple(true).args(["range", "range6"])))]
     Create {
         netid: String,
         /// IPv4 block, e.g. 44.30.127.0/24
         #[arg(long)]
         range: Option<String>,
-        /// IPv6 block
+        /// IPv6 block, e.g. 2001:db8:44::/64 (a /64: each node puts its
+        /// address with this prefix length on its interface)
         #[arg(long)]
         range6: Option<String>,
         #[arg(long)]
@@ -172,10 +176,36 @@ fn print_networks(networks: &[Network]) {
     }
 }
 
+/// The nodes, one line each. An address column for each family some node
+/// of the list has: IPv4-only networks keep one `address` column,
+/// dual-stack ones add `address6`, IPv6-only ones have `address6` alone.
 fn print_nodes(nodes: &[Node]) {
+    let show4 = nodes.iter().any(|n| n.address.is_some()) || nodes.is_empty();
+    let show6 = nodes.iter().any(|n| n.address6.is_some());
+    let width6 = nodes
+        .iter()
+        .filter_map(|n| n.address6.map(|a| a.to_string().len()))
+        .max()
+        .unwrap_or(0)
+        .max("address6".len());
+    let addresses = |v4: String, v6: String| {
+        let mut columns = String::new();
+        if show4 {
+            columns.push_str(&format!("{v4:<16} "));
+        }
+        if show6 {
+            columns.push_str(&format!("{v6:<width6$} "));
+        }
+        columns
+    };
     println!(
-        "{:<16} {:<12} {:<16} {:<16} {:<22} {:<7} egress",
-        "id", "network", "name", "address", "endpoint", "online"
+        "{:<16} {:<12} {:<16} {}{:<22} {:<7} egress",
+        "id",
+        "network",
+        "name",
+        addresses("address".into(), "address6".into()),
+        "endpoint",
+        "online"
     );
     for n in nodes {
         let egress = n
@@ -191,11 +221,14 @@ fn print_nodes(nodes: &[Node]) {
             })
             .unwrap_or_default();
         println!(
-            "{:<16} {:<12} {:<16} {:<16} {:<22} {:<7} {}",
+            "{:<16} {:<12} {:<16} {}{:<22} {:<7} {}",
             n.id,
             n.network,
             n.name,
-            n.address.map_or("-".to_string(), |a| a.to_string()),
+            addresses(
+                n.address.map_or("-".to_string(), |a| a.to_string()),
+                n.address6.map_or("-".to_string(), |a| a.to_string())
+            ),
             n.endpoint.as_deref().unwrap_or("-"),
             if n.online { "yes" } else { "no" },
             egress
@@ -421,17 +454,45 @@ pub fn gateway(remote: &Remote, command: &GatewayCommand) -> Result<()> {
     })
 }
 
+/// `join --address`: an IPv4 address; an IPv6 one is pointed to
+/// `--address6` instead of failing as bad IPv4 syntax.
+pub fn parse_address4(text: &str) -> Result<Ipv4Addr, String> {
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err("an IPv6 address: use --address6 for an IPv6 address".into()),
+        Err(_) => Err("not an IPv4 address (like 44.30.127.2)".into()),
+    }
+}
+
+/// `join --address6`: an IPv6 address; an IPv4 one is pointed to
+/// `--address`.
+pub fn parse_address6(text: &str) -> Result<Ipv6Addr, String> {
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) => Ok(a),
+        Ok(IpAddr::V4(_)) => Err("an IPv4 address: use --address for an IPv4 address".into()),
+        Err(_) => Err("not an IPv6 address (like 2001:db8:44::1)".into()),
+    }
+}
+
+/// A node's mesh addresses for people: both when it has both, else the
+/// one it has.
+fn mesh_addresses(node: &Node) -> String {
+    match (node.address, node.address6) {
+        (Some(a), Some(b)) => format!("mesh addresses {a} and {b}"),
+        (Some(a), None) => format!("mesh address {a}"),
+        (None, Some(b)) => format!("mesh address {b}"),
+        (None, None) => "no mesh address".into(),
+    }
+}
+
 pub fn join(token: &str, state_dir: &Path, options: bgp4mesh_agent::JoinOptions) -> Result<()> {
     let response = runtime()?.block_on(bgp4mesh_agent::join(token, state_dir, options))?;
     println!(
-        "joined network {} as {} ({}), mesh address {}",
+        "joined network {} as {} ({}), {}",
         response.network.netid,
         response.node.name,
         response.node.id,
-        response
-            .node
-            .address
-            .map_or("-".to_string(), |a| a.to_string())
+        mesh_addresses(&response.node)
     );
     println!("state in {}; now run `bgp4mesh run`", state_dir.display());
     Ok(())

@@ -175,9 +175,12 @@ enum Command {
         endpoint: Option<String>,
         #[arg(long)]
         listen_port: Option<u16>,
-        /// Pin the mesh address (gateways and borders)
-        #[arg(long)]
+        /// Pin the IPv4 mesh address (gateways and borders)
+        #[arg(long, value_parser = admin::parse_address4)]
         address: Option<std::net::Ipv4Addr>,
+        /// Pin the IPv6 mesh address (gateways and borders)
+        #[arg(long, value_parser = admin::parse_address6)]
+        address6: Option<std::net::Ipv6Addr>,
         /// Where the key and credential go
         #[arg(long, default_value = bgp4mesh_agent::agent::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
@@ -368,6 +371,7 @@ fn main() -> ExitCode {
             endpoint,
             listen_port,
             address,
+            address6,
             state_dir,
             force,
         } => admin::join(
@@ -378,6 +382,7 @@ fn main() -> ExitCode {
                 endpoint: endpoint.clone(),
                 listen_port: *listen_port,
                 address: *address,
+                address6: *address6,
                 force: *force,
             },
         ),

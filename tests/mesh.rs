@@ -110,6 +110,8 @@ struct MeshNode {
     proc: Proc,
     name: String,
     config: PathBuf,
+    /// What `bgp4mesh join` printed.
+    joined: String,
 }
 
 fn start_node(
@@ -119,6 +121,7 @@ fn start_node(
     token: &str,
     name: &str,
     public: bool,
+    extra: &[&str],
 ) -> Result<MeshNode> {
     let node = lab.add_node(name)?;
     let iface = lab.attach(switch, &node)?;
@@ -138,6 +141,7 @@ fn start_node(
     if public {
         join.extend(["--endpoint", &endpoint]);
     }
+    join.extend_from_slice(extra);
     let out = lab.exec(&node, &join)?;
     ensure!(out.contains("joined network mynet"), "{out}");
     let ifname = lab.unique_ifname("mesh")?;
@@ -168,6 +172,7 @@ fn start_node(
         proc,
         name: name.to_string(),
         config,
+        joined: out,
     })
 }
 
@@ -251,6 +256,7 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
             &token,
             &format!("n{i}"),
             public,
+            &[],
         )?);
     }
     let addresses = ctl.nodes(&lab)?;
@@ -352,7 +358,7 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
         )?
         .trim()
         .to_string();
-    let late = start_node(&lab, &lan, &ctl, &token, "n4", true)?;
+    let late = start_node(&lab, &lan, &ctl, &token, "n4", true, &[])?;
     let addresses = ctl.nodes(&lab)?;
     assert_eq!(
         address_of(&addresses, "n4")?,
@@ -369,5 +375,188 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
         ensure!(offline.is_empty(), "offline: {offline:?}");
         Ok(())
     })?;
+    Ok(())
+}
+
+/// The line of `table` that names `name`, or an error showing the table.
+fn line_of<'a>(table: &'a str, name: &str) -> Result<&'a str> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(name))
+        .with_context(|| format!("no line for {name} in:\n{table}"))
+}
+
+/// IPv6 in the operator's commands: a network with `--range6` alone, a
+/// border that pins its IPv6 mesh address with `join --address6` (and is
+/// told to when it gives one to `--address`), its addresses in what
+/// `join`, `node list`, `node show` and `gateway create` print, and on its
+/// mesh interface with the range's prefix length.
+#[test]
+fn join_pins_an_ipv6_address_and_the_cli_shows_both() -> Result<()> {
+    if !can_run!(NEEDS,) {
+        return Ok(());
+    }
+    let lab = Lab::new("mesh-v6")?;
+    let lan = lab.add_switch("lan")?;
+    let ctl = Controller::start(&lab, &lan)?;
+    let refused = ctl.admin(&lab, &["network", "create", "none"]);
+    let refused = format!("{:#}", refused.err().context("a network with no range")?);
+    ensure!(
+        refused.contains("--range") && refused.contains("--range6"),
+        "{refused}"
+    );
+    let out = ctl.admin(
+        &lab,
+        &["network", "create", "six", "--range6", "2001:db8:66::/64"],
+    )?;
+    ensure!(out.contains("2001:db8:66::/64"), "{out}");
+    let out = ctl.admin(
+        &lab,
+        &[
+            "network",
+            "create",
+            "mynet",
+            "--range",
+            "44.30.127.0/24",
+            "--range6",
+            "2001:db8:44::/64",
+        ],
+    )?;
+    ensure!(out.contains("2001:db8:44::/64"), "{out}");
+    let token = ctl
+        .admin(&lab, &["token", "create", "--network", "mynet"])?
+        .trim()
+        .to_string();
+
+    // An IPv6 address given to --address is pointed to --address6.
+    let probe = lab.add_node("probe")?;
+    lab.attach(&lan, &probe)?;
+    let wrong = lab.try_exec(
+        &probe,
+        &[BIN, "join", &token, "--address", "2001:db8:44::1"],
+    )?;
+    ensure!(
+        !wrong.success() && wrong.stderr.contains("use --address6 for an IPv6 address"),
+        "{}{}",
+        wrong.stdout,
+        wrong.stderr
+    );
+
+    let border = start_node(
+        &lab,
+        &lan,
+        &ctl,
+        &token,
+        "border",
+        true,
+        &["--address6", "2001:db8:44::1"],
+    )?;
+    eprintln!("{}", border.joined.trim());
+    ensure!(
+        border
+            .joined
+            .contains("mesh addresses 44.30.127.1 and 2001:db8:44::1"),
+        "{}",
+        border.joined
+    );
+    let listed = ctl.admin(&lab, &["node", "list", "mynet"])?;
+    eprintln!("{listed}");
+    ensure!(
+        listed
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains(" address6 ")),
+        "{listed}"
+    );
+    let line = line_of(&listed, "border")?;
+    ensure!(
+        line.contains(" 44.30.127.1 ") && line.contains(" 2001:db8:44::1 "),
+        "{listed}"
+    );
+    let shown = ctl.admin(&lab, &["node", "show", "mynet", "border"])?;
+    ensure!(
+        line_of(&shown, "border")?.contains(" 2001:db8:44::1 "),
+        "{shown}"
+    );
+
+    // On its mesh interface: each address with its range's prefix length.
+    wait_until(
+        Duration::from_secs(20),
+        "the border's mesh addresses on its interface",
+        || {
+            ensure!(
+                lab.is_running(&border.proc),
+                "stopped: {}",
+                lab.log_tail(&border.proc, 20)
+            );
+            let addresses = lab.exec(
+                &border.node,
+                &["ip", "-o", "addr", "show", "dev", &border.ifname],
+            )?;
+            ensure!(
+                addresses.contains(" 44.30.127.1/24 ") && addresses.contains(" 2001:db8:44::1/64 "),
+                "{addresses}"
+            );
+            Ok(())
+        },
+    )?;
+
+    let out = ctl.admin(
+        &lab,
+        &[
+            "gateway",
+            "create",
+            "mynet",
+            "border",
+            "--range",
+            "198.18.0.0/15",
+        ],
+    )?;
+    eprintln!("{out}");
+    let line = line_of(&out, "border")?;
+    ensure!(
+        line.contains(" 44.30.127.1 ")
+            && line.contains(" 2001:db8:44::1 ")
+            && line.contains("198.18.0.0/15"),
+        "{out}"
+    );
+
+    // An IPv6-only network: the IPv6 address alone, everywhere.
+    let token6 = ctl
+        .admin(&lab, &["token", "create", "--network", "six"])?
+        .trim()
+        .to_string();
+    let state = lab.run_dir(&probe)?.join("agent");
+    let joined = lab.exec(
+        &probe,
+        &[
+            BIN,
+            "join",
+            &token6,
+            "--name",
+            "v6",
+            "--address6",
+            "2001:db8:66::44",
+            "--state-dir",
+            &state.to_string_lossy(),
+        ],
+    )?;
+    eprintln!("{}", joined.trim());
+    ensure!(
+        joined.contains("joined network six as v6")
+            && joined.contains("mesh address 2001:db8:66::44\n"),
+        "{joined}"
+    );
+    let listed = ctl.admin(&lab, &["node", "list", "six"])?;
+    eprintln!("{listed}");
+    let header = listed.lines().next().unwrap_or_default();
+    ensure!(
+        header.contains(" address6 ") && !header.contains(" address "),
+        "{listed}"
+    );
+    ensure!(
+        line_of(&listed, "v6")?.contains(" 2001:db8:66::44 "),
+        "{listed}"
+    );
     Ok(())
 }

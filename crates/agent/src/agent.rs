@@ -249,6 +249,9 @@ pub struct JoinOptions {
     pub endpoint: Option<String>,
     pub listen_port: Option<u16>,
     pub address: Option<std::net::Ipv4Addr>,
+    /// A pinned IPv6 mesh address; must be a host address of the
+    /// network's IPv6 range.
+    pub address6: Option<std::net::Ipv6Addr>,
     /// Join again although the state directory holds an enrollment.
     pub force: bool,
 }
@@ -318,7 +321,7 @@ pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result
                 endpoint: options.endpoint,
                 listen_port: options.listen_port,
                 address: options.address,
-                address6: None,
+                address6: options.address6,
             },
         )
         .await?;

@@ -69,13 +69,18 @@ pub fn check_pinned_v6(
     used: &HashSet<Ipv6Addr>,
     address: Ipv6Addr,
 ) -> Result<Ipv6Addr, String> {
-    if !range.contains(&address) || address == range.network() {
+    if !range.contains(&address) {
         return Err(format!(
-            "address {address} is not a host address of {range}"
+            "address6 {address} is outside the network's IPv6 range {range}"
+        ));
+    }
+    if address == range.network() {
+        return Err(format!(
+            "address6 {address} is the subnet-router anycast address of {range}"
         ));
     }
     if used.contains(&address) {
-        return Err(format!("address {address} is already in use"));
+        return Err(format!("address6 {address} is already in use"));
     }
     Ok(address)
 }

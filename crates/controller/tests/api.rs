@@ -292,6 +292,7 @@ on_both_stores!(
     networks,
     enrollment_tokens,
     joining_and_ipam,
+    pinned_ipv6_addresses,
     the_seeds_gateway,
     the_agents_view,
     bgp_learned_egress_ranges_and_pulses,
@@ -687,6 +688,101 @@ async fn joining_and_ipam(db: &Db) -> Result<()> {
         join(c, &small.secret, "n6", 106, json!({})).await?,
         StatusCode::CONFLICT,
         "exhausted",
+    );
+    api.stop().await;
+    Ok(())
+}
+
+/// A border pins its IPv6 mesh address (`address6`) as it pins its IPv4
+/// one: inside the network's IPv6 range, not the subnet-router anycast
+/// address, not taken; refusals say which, and take no use of the token.
+async fn pinned_ipv6_addresses(db: &Db) -> Result<()> {
+    let api = db.start().await?;
+    let c = &api.c;
+    let (status, v) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "dual", "addressrange": "44.30.127.0/24", "addressrange6": "2001:db8:44::/64"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = c
+        .post(
+            "/api/networks",
+            Some(MASTER),
+            json!({"netid": "six", "addressrange6": "fd06::/64"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    network(c, "four", "10.4.0.0/24").await?;
+    let (_, dual) = token(c, "dual", json!({"uses": 2})).await?;
+    let (status, border) = join(
+        c,
+        &dual.secret,
+        "border",
+        1,
+        json!({"address": "44.30.127.254", "address6": "2001:db8:44::1"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{border}");
+    let border: JoinResponse = serde_json::from_value(border)?;
+    assert_eq!(border.node.address, Some("44.30.127.254".parse()?));
+    assert_eq!(border.node.address6, Some("2001:db8:44::1".parse()?));
+    // The controller keeps it: the node's record and its peers' view.
+    let (status, shown) = c.get("/api/nodes/dual/border", Some(MASTER)).await?;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["address6"], "2001:db8:44::1");
+    for (address6, status, says) in [
+        (
+            "2001:db8:44::1",
+            StatusCode::CONFLICT,
+            "address6 2001:db8:44::1 is already in use",
+        ),
+        (
+            "2001:db8:45::1",
+            StatusCode::BAD_REQUEST,
+            "outside the network's IPv6 range 2001:db8:44::/64",
+        ),
+        (
+            "2001:db8:44::",
+            StatusCode::BAD_REQUEST,
+            "subnet-router anycast address",
+        ),
+        ("44.30.127.9", StatusCode::BAD_REQUEST, "address6"),
+    ] {
+        refused(
+            join(c, &dual.secret, "x", 3, json!({"address6": address6})).await?,
+            status,
+            says,
+        );
+    }
+    // Refusals took no use: the second one is still there, and the next
+    // address is allocated around the pinned one.
+    let (status, laptop) = join(c, &dual.secret, "laptop", 2, json!({})).await?;
+    assert_eq!(status, StatusCode::OK, "{laptop}");
+    let laptop: JoinResponse = serde_json::from_value(laptop)?;
+    assert_eq!(laptop.node.address, Some("44.30.127.1".parse()?));
+    assert_eq!(laptop.node.address6, Some("2001:db8:44::2".parse()?));
+    // An IPv6-only network: address6 pinned, no IPv4 address, and an
+    // IPv4 pin refused.
+    let (_, six) = token(c, "six", json!({})).await?;
+    let (status, only6) = join(c, &six.secret, "v6", 4, json!({"address6": "fd06::44"})).await?;
+    assert_eq!(status, StatusCode::OK, "{only6}");
+    let only6: JoinResponse = serde_json::from_value(only6)?;
+    assert_eq!(only6.node.address, None);
+    assert_eq!(only6.node.address6, Some("fd06::44".parse()?));
+    refused(
+        join(c, &six.secret, "v4", 5, json!({"address": "10.0.0.1"})).await?,
+        StatusCode::BAD_REQUEST,
+        "address 10.0.0.1: the network has no IPv4 range",
+    );
+    // An IPv4-only network has nowhere to put an IPv6 pin.
+    let (_, four) = token(c, "four", json!({})).await?;
+    refused(
+        join(c, &four.secret, "v6", 6, json!({"address6": "fd06::45"})).await?,
+        StatusCode::BAD_REQUEST,
+        "address6 fd06::45: the network has no IPv6 range",
     );
     api.stop().await;
     Ok(())

@@ -119,16 +119,16 @@ pub(super) async fn join(
                         Some(a) => ipam::check_pinned_v4(range, used4, a),
                         None => ipam::allocate_v4(range, used4),
                     }?);
-                } else if pinned4.is_some() {
-                    return Err("the network has no IPv4 range".into());
+                } else if let Some(a) = pinned4 {
+                    return Err(format!("address {a}: the network has no IPv4 range"));
                 }
                 if let Some(range) = net.addressrange6.as_deref().and_then(|r| r.parse().ok()) {
                     node.address6 = Some(match pinned6 {
                         Some(a) => ipam::check_pinned_v6(range, used6, a),
                         None => ipam::allocate_v6(range, used6),
                     }?);
-                } else if pinned6.is_some() {
-                    return Err("the network has no IPv6 range".into());
+                } else if let Some(a) = pinned6 {
+                    return Err(format!("address6 {a}: the network has no IPv6 range"));
                 }
                 Ok(())
             },
