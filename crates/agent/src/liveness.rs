@@ -32,6 +32,11 @@ pub struct LivenessParams {
     /// A target never heard from is not judged dead before this long
     /// after the first probe: tunnels take a moment to come up.
     pub grace: Duration,
+    /// Answered within this long: seen working ([`Liveness::answering`]).
+    /// Two probe intervals and a margin: one lost probe does not count,
+    /// and a target that stops answering is no longer "answering" well
+    /// before it is dead.
+    pub answered_within: Duration,
 }
 
 /// Probes every 200 ms, dead after 600 ms (3 probes) unanswered, alive
@@ -41,6 +46,7 @@ pub const DEFAULT_PARAMS: LivenessParams = LivenessParams {
     min_unanswered: 3,
     recover: Duration::from_secs(1),
     grace: Duration::from_secs(3),
+    answered_within: Duration::from_millis(450),
 };
 
 /// How often the probes go, with [`DEFAULT_PARAMS`].
@@ -78,13 +84,13 @@ impl Liveness {
         self.alive
     }
 
-    /// Alive, with an answer within `lost` of `now`: the target is seen
-    /// working, not only not yet judged dead.
+    /// Alive, with an answer within `answered_within` of `now`: the
+    /// target is seen working, not only not yet judged dead.
     pub fn answering(&self, now: Instant) -> bool {
         self.alive
             && self
                 .last_answer
-                .is_some_and(|t| now.saturating_duration_since(t) < self.params.lost)
+                .is_some_and(|t| now.saturating_duration_since(t) < self.params.answered_within)
     }
 
     /// A probe went out.
@@ -235,6 +241,23 @@ mod tests {
         // Answered from the 5th probe on (a tunnel coming up): alive.
         let mut live = Liveness::new(DEFAULT_PARAMS);
         assert_eq!(run(&mut live, Instant::now(), 30, |k| k >= 5), vec![]);
+    }
+
+    #[test]
+    fn answering_means_an_answer_lately_and_one_lost_probe_does_not_matter() {
+        let mut live = Liveness::new(DEFAULT_PARAMS);
+        let t0 = Instant::now();
+        assert!(!live.answering(t0), "never answered");
+        live.sent(t0);
+        live.answered(t0 + Duration::from_millis(5));
+        assert!(live.answering(t0 + TICK));
+        // The next probe is lost: still answering one tick later.
+        live.sent(t0 + TICK);
+        assert!(live.answering(t0 + TICK * 2));
+        // Two in a row: no longer.
+        live.sent(t0 + TICK * 2);
+        assert!(!live.answering(t0 + TICK * 3));
+        assert!(live.alive(), "not dead for all that");
     }
 
     #[test]
