@@ -8,14 +8,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bgp4mesh_lab::own_as::{
-    BLOCK, BORDER_ADDRESS, BORDER_PEERING, INTERNET_HOST, ISP_BFD_INTERVAL_MS, ISP_BFD_MULTIPLIER,
-    ISP_PEERING, IspKind, OwnAs, OwnAsOptions,
+    BORDER_PEERING, BORDER_PEERING6, BORDER2_PEERING, BORDER2_PEERING6, Families, INTERNET_HOST,
+    INTERNET_HOST6, ISP_BFD_INTERVAL_MS, ISP_BFD_MULTIPLIER, ISP_PEERING, ISP_PEERING6, IspKind,
+    MeshNode, OwnAs, OwnAsOptions,
 };
 use bgp4mesh_lab::{Lab, find_persistent, netns_of, state_dir, sweep_persistent};
 
 const LAB_NAME: &str = "as";
 
-pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) -> Result<()> {
+/// `only`: `--ipv4-only`, `--ipv6-only` (dual-stack without either).
+pub fn up(
+    nodes: usize,
+    isp: &str,
+    borders: usize,
+    egress: &str,
+    isp_bfd: &str,
+    only: (bool, bool),
+) -> Result<()> {
     if !(1..=2).contains(&borders) {
         bail!("--borders {borders}: 1 or 2");
     }
@@ -34,6 +43,12 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
         "off" => false,
         other => bail!("--isp-bfd {other:?}: on or off"),
     };
+    let families = match only {
+        (false, false) => Families::DualStack,
+        (true, false) => Families::Ipv4Only,
+        (false, true) => Families::Ipv6Only,
+        (true, true) => bail!("--ipv4-only or --ipv6-only, not both"),
+    };
     if let Some(id) = find_persistent(LAB_NAME) {
         bail!("a lab is up already ({id}); `bgp4mesh lab down` first");
     }
@@ -49,6 +64,7 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
         &OwnAsOptions {
             bgp_egress,
             isp_bfd,
+            families,
             ..OwnAsOptions::new(binary, nodes, isp, borders)
         },
     )?;
@@ -60,14 +76,39 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
     let egress_text = if bgp_egress {
         "what it learns from the ISP ([mesh] export)"
     } else {
-        "0.0.0.0/0"
+        match families {
+            Families::DualStack => "0.0.0.0/0 and ::/0",
+            Families::Ipv4Only => "0.0.0.0/0",
+            Families::Ipv6Only => "::/0",
+        }
+    };
+    let blocks = world.blocks().join(" and ");
+    let sessions = match families {
+        Families::DualStack => "one BGP session per family (isp over IPv4, isp6 over IPv6)",
+        Families::Ipv4Only => "an IPv4 BGP session (isp; --ipv4-only)",
+        Families::Ipv6Only => "an IPv6 BGP session (isp6; --ipv6-only: no IPv4 in the mesh)",
+    };
+    // A machine's addresses of the AS's families, and towards the ISP.
+    let mesh = |m: &MeshNode<'_>| {
+        let mut a = Vec::new();
+        if families.ipv4() {
+            a.push(m.address.to_string());
+        }
+        a.extend(m.address6.map(|x| x.to_string()));
+        a.join(", ")
+    };
+    let towards_isp = |v4: &str, v6: &str| match families {
+        Families::DualStack => format!("{v4} and {v6}"),
+        Families::Ipv4Only => v4.to_string(),
+        Families::Ipv6Only => v6.to_string(),
     };
     let mut summary = String::new();
     summary.push_str(&format!(
-        "your AS 65000 announces {BLOCK} to a mock ISP; mesh nodes own addresses of it\n\n"
+        "your AS 65000 announces {blocks} to a mock ISP over {sessions}; mesh nodes own addresses of it\n\n"
     ));
     summary.push_str(&format!(
-        "  isp         AS 65001 ({isp_name}), {ISP_PEERING} towards the border, 198.51.100.1 towards the Internet host\n"
+        "  isp         AS 65001 ({isp_name}), {} towards the border, 198.51.100.1 and 2001:db8:100::1 towards the Internet host\n",
+        towards_isp(ISP_PEERING, ISP_PEERING6)
     ));
     if isp_bfd {
         summary.push_str(&format!(
@@ -79,7 +120,7 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
         );
     }
     summary.push_str(&format!(
-        "  internet    the Internet host, {INTERNET_HOST}\n"
+        "  internet    the Internet host, {INTERNET_HOST} and {INTERNET_HOST6}\n"
     ));
     summary.push_str(&format!(
         "  controller  {} (fingerprint {}…)\n",
@@ -87,34 +128,57 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
         &world.fingerprint[..16.min(world.fingerprint.len())]
     ));
     summary.push_str(&format!(
-        "  border      AS 65000, {BORDER_PEERING} towards the ISP, mesh {BORDER_ADDRESS} on {}, egress {egress_text}\n",
+        "  border      AS 65000, {} towards the ISP, mesh {} on {}, egress {egress_text}\n",
+        towards_isp(BORDER_PEERING, BORDER_PEERING6),
+        mesh(&world.border),
         world.border.interface
     ));
     if let Some(b) = &world.border2 {
         summary.push_str(&format!(
             "  border2     AS 65000, {} towards the ISP, mesh {} on {}, egress {egress_text} (backup, metric 200)\n",
-            bgp4mesh_lab::own_as::BORDER2_PEERING,
-            b.address,
+            towards_isp(BORDER2_PEERING, BORDER2_PEERING6),
+            mesh(b),
             b.interface
         ));
     }
     for n in &world.nodes {
         summary.push_str(&format!(
             "  {:<11} mesh {} on {}\n",
-            n.name, n.address, n.interface
+            n.name,
+            mesh(n),
+            n.interface
         ));
     }
     let first = world.nodes.first();
     summary.push_str("\ntry:\n");
     if let Some(n) = first {
-        summary.push_str(&format!(
-            "  bgp4mesh lab exec isp ping -c 3 {}          # the Internet reaches a mesh node\n",
-            n.address
-        ));
-        summary.push_str(&format!(
-            "  bgp4mesh lab exec {} ping -c 3 {INTERNET_HOST}   # a mesh node reaches the Internet\n",
-            n.name
-        ));
+        if families.ipv4() {
+            summary.push_str(&format!(
+                "  bgp4mesh lab exec isp ping -c 3 {}          # the Internet reaches a mesh node\n",
+                n.address
+            ));
+            summary.push_str(&format!(
+                "  bgp4mesh lab exec {} ping -c 3 {INTERNET_HOST}   # a mesh node reaches the Internet\n",
+                n.name
+            ));
+        }
+        if let Some(a6) = n.address6 {
+            let (isp, host) = if families.ipv4() {
+                ("the same over IPv6", "")
+            } else {
+                (
+                    "the Internet reaches a mesh node",
+                    "   # a mesh node reaches the Internet",
+                )
+            };
+            summary.push_str(&format!(
+                "  bgp4mesh lab exec isp ping -c 3 {a6}       # {isp}\n"
+            ));
+            summary.push_str(&format!(
+                "  bgp4mesh lab exec {} ping -c 3 {INTERNET_HOST6}{host}\n",
+                n.name
+            ));
+        }
         summary.push_str(&format!(
             "  bgp4mesh lab exec {} wg show {}\n",
             n.name, n.interface
@@ -130,14 +194,18 @@ pub fn up(nodes: usize, isp: &str, borders: usize, egress: &str, isp_bfd: &str) 
         // BFD (or by its hold timer without it), the controller by the
         // missing pulses.
         let pid = world.border.daemon.proc().pid;
+        let target = if families.ipv4() {
+            n.address.to_string()
+        } else {
+            n.address6.map(|a| a.to_string()).unwrap_or_default()
+        };
         let (hang, what) = if isp_bfd {
             (5, "the replies pause about 0.5 s (BFD)")
         } else {
             (100, "the replies stop until the ISP's hold timer expires")
         };
         summary.push_str(&format!(
-            "  bgp4mesh lab exec internet ping -D -i 0.2 {}   # leave it running; in another terminal:\n",
-            n.address
+            "  bgp4mesh lab exec internet ping -D -i 0.2 {target}   # leave it running; in another terminal:\n"
         ));
         summary.push_str(&format!(
             "  kill -STOP {pid}; sleep {hang}; kill -CONT {pid}   # the first border's daemon hangs: {what}\n"
@@ -202,9 +270,13 @@ pub fn status() -> Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", &netns_of(&id, "isp"), "ip", "route"])
         .output()?;
+    let out6 = Command::new("ip")
+        .args(["netns", "exec", &netns_of(&id, "isp"), "ip", "-6", "route"])
+        .output()?;
     println!(
-        "the ISP's routes:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+        "the ISP's routes:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out6.stdout)
     );
     Ok(())
 }

@@ -276,7 +276,8 @@ enum ShowCommand {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Build your own AS (seed 004 with a mock ISP) in namespaces and leave it running
+    /// Build your own AS (seed 004 with a mock ISP) in namespaces and leave it running:
+    /// dual-stack (44.30.127.0/24 and 2001:db8:44::/48, a BGP session per family)
     Up {
         /// Mesh nodes
         #[arg(long, default_value_t = 3)]
@@ -296,6 +297,13 @@ enum LabCommand {
         /// ISP's 90 s hold timer expires)
         #[arg(long, default_value = "on")]
         isp_bfd: String,
+        /// An IPv4-only AS: 44.30.127.0/24 and the IPv4 session alone
+        #[arg(long, conflicts_with = "ipv6_only")]
+        ipv4_only: bool,
+        /// An IPv6-only AS: 2001:db8:44::/48 over the IPv6 session alone,
+        /// no IPv4 range in the mesh
+        #[arg(long)]
+        ipv6_only: bool,
     },
     /// What the lab that is up has: nodes, addresses, sessions, routes
     Status,
@@ -407,7 +415,16 @@ fn main() -> ExitCode {
             borders,
             egress,
             isp_bfd,
-        }) => lab_as::up(*nodes, isp, *borders, egress, isp_bfd),
+            ipv4_only,
+            ipv6_only,
+        }) => lab_as::up(
+            *nodes,
+            isp,
+            *borders,
+            egress,
+            isp_bfd,
+            (*ipv4_only, *ipv6_only),
+        ),
         Command::Lab(LabCommand::Status) => lab_as::status(),
         Command::Lab(LabCommand::Down) => lab_as::down(),
         Command::Lab(LabCommand::Exec { node, command }) => lab_as::exec(node, command),

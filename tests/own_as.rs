@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use bgp4mesh_lab::own_as::{BLOCK, INTERNET_HOST, IspKind, OwnAs, OwnAsOptions};
+use bgp4mesh_lab::own_as::{BLOCK, Families, INTERNET_HOST, IspKind, OwnAs, OwnAsOptions};
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
@@ -559,11 +559,19 @@ fn exit_for(lab: &Lab, world: &OwnAs<'_>, n: usize, range: &str) -> Result<Strin
     let line = dump
         .lines()
         .find(|l| l.split_whitespace().any(|w| w == range));
-    let border2 = world.border2.as_ref().map(|b| format!("{}/32", b.address));
+    // A border's mesh address (IPv4, or IPv6 in an IPv6-only AS) among
+    // the peer's allowed IPs.
+    let host_route = |b: &bgp4mesh_lab::own_as::MeshNode<'_>| match b.address6 {
+        Some(a) if b.address.is_unspecified() => format!("{a}/128"),
+        _ => format!("{}/32", b.address),
+    };
+    let is = |l: &str, b: &bgp4mesh_lab::own_as::MeshNode<'_>| {
+        l.split_whitespace().any(|w| w == host_route(b))
+    };
     Ok(match line {
         None => "none",
-        Some(l) if l.contains(&format!("{}/32", world.border.address)) => "border",
-        Some(l) if border2.as_ref().is_some_and(|b| l.contains(b.as_str())) => "border2",
+        Some(l) if is(l, &world.border) => "border",
+        Some(l) if world.border2.as_ref().is_some_and(|b| is(l, b)) => "border2",
         Some(_) => "another peer",
     }
     .to_string())
@@ -589,6 +597,8 @@ fn bgp_learned_routes_are_the_mesh_egress() -> Result<()> {
         &OwnAsOptions {
             bgp_egress: true,
             friend: true,
+            // The ranges offered are compared whole: IPv4's.
+            families: Families::Ipv4Only,
             ..OwnAsOptions::new(BIN, 1, IspKind::Bgp4mesh, 2)
         },
     )?;

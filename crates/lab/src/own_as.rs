@@ -1,21 +1,28 @@
 //! Seed 004's "Testing with Mock ISP", in namespaces: your own AS.
 //!
 //! ```text
-//!  internet host ── isp (AS 65001) ── border (AS 65000, 44.30.127.1, egress 0.0.0.0/0)
-//!  198.51.100.10    198.51.100.1      172.30.0.100
+//!  internet host ── isp (AS 65001) ── border (AS 65000, egress 0.0.0.0/0 and ::/0)
+//!  198.51.100.10    198.51.100.1      172.30.0.100          mesh 44.30.127.1
+//!  2001:db8:100::10 2001:db8:100::1   2001:db8:ff00::100         2001:db8:44::1
 //!                   172.30.0.1           │  WireGuard mesh over the "wan" switch
-//!                                        ├── n1 44.30.127.2
-//!            controller (wan) ───────────├── n2 44.30.127.3
+//!                   2001:db8:ff00::1     ├── n1 44.30.127.2, 2001:db8:44::…
+//!            controller (wan) ───────────├── n2 44.30.127.3, 2001:db8:44::…
 //!                                        └── …
 //! ```
 //!
-//! The border announces 44.30.127.0/24 to the ISP and learns the ISP's
-//! routes (a default and the Internet host's network); mesh nodes get
-//! public addresses of the block from the controller and send everything
-//! else through the border. The ISP runs bgp4mesh or BIRD, with BFD on
-//! its sessions with the borders unless `isp_bfd` is off.
+//! Dual-stack by default ([`Families`]): the border announces
+//! 44.30.127.0/24 over an IPv4 session with the ISP (`isp`) and
+//! 2001:db8:44::/48 over an IPv6 one (`isp6`), one session per family so
+//! each can fail alone, and learns the ISP's routes (a default and the
+//! Internet host's network, of each family); mesh nodes get public
+//! addresses of both blocks from the controller and send everything else
+//! through the border. The ISP runs bgp4mesh or BIRD, with BFD on its
+//! sessions with the borders unless `isp_bfd` is off. An IPv6-only AS has
+//! the `isp6` sessions and the /48 alone (its mesh's underlay, the "wan"
+//! switch and the controller, stays on IPv4); the ISP and the Internet
+//! host are dual-stack in every case.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,12 +36,25 @@ pub const BORDER_ADDRESS: &str = "44.30.127.1";
 pub const INTERNET_HOST: &str = "198.51.100.10";
 pub const ISP_PEERING: &str = "172.30.0.1";
 pub const BORDER_PEERING: &str = "172.30.0.100";
+/// The IPv6 block (a documentation /48) and the border's mesh address in it.
+pub const BLOCK6: &str = "2001:db8:44::/48";
+pub const BORDER_ADDRESS6: &str = "2001:db8:44::1";
+/// The Internet host's IPv6 address, its network and the ISP's end of it.
+pub const INTERNET_HOST6: &str = "2001:db8:100::10";
+pub const INTERNET_NET6: &str = "2001:db8:100::/64";
+const ISP_HOST_SIDE6: &str = "2001:db8:100::1";
+/// The ends of the IPv6 session (`isp6`) on the border's link to the ISP.
+pub const ISP_PEERING6: &str = "2001:db8:ff00::1";
+pub const BORDER_PEERING6: &str = "2001:db8:ff00::100";
 /// The second border (`borders: 2`): its own link to the ISP and a mesh
 /// address at the top of the block; gateway metric 200 against the first
 /// border's 100, so nodes prefer the first.
 pub const BORDER2_ADDRESS: &str = "44.30.127.254";
 pub const ISP_PEERING2: &str = "172.31.0.1";
 pub const BORDER2_PEERING: &str = "172.31.0.100";
+pub const BORDER2_ADDRESS6: &str = "2001:db8:44::fe";
+pub const ISP_PEERING6_2: &str = "2001:db8:ff01::1";
+pub const BORDER2_PEERING6: &str = "2001:db8:ff01::100";
 /// The friend's network and its one address in it (`friend: true`).
 pub const FRIEND_NET: &str = "203.0.113.0/24";
 pub const FRIEND_HOST: &str = "203.0.113.1";
@@ -47,6 +67,27 @@ const MASTER_KEY: &str = "lab-master-key-0123456789";
 /// 0.3 s plus the poll that follows.
 pub const ISP_BFD_INTERVAL_MS: u32 = 100;
 pub const ISP_BFD_MULTIPLIER: u32 = 3;
+
+/// The address families of your AS: its blocks, its sessions with the
+/// ISP, its mesh's addresses and egress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Families {
+    /// 44.30.127.0/24 over the `isp` session (IPv4), 2001:db8:44::/48 over
+    /// `isp6` (IPv6); gateways for 0.0.0.0/0 and ::/0.
+    DualStack,
+    Ipv4Only,
+    /// The /48 alone, over `isp6`; no IPv4 range in the mesh.
+    Ipv6Only,
+}
+
+impl Families {
+    pub fn ipv4(self) -> bool {
+        self != Families::Ipv6Only
+    }
+    pub fn ipv6(self) -> bool {
+        self != Families::Ipv4Only
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IspKind {
@@ -76,11 +117,13 @@ pub struct OwnAsOptions {
     /// providers and IXP route servers offer it; off, the ISP notices only
     /// when its hold timer (90 s) expires.
     pub isp_bfd: bool,
+    /// Dual-stack, IPv4 only or IPv6 only.
+    pub families: Families,
 }
 
 impl OwnAsOptions {
-    /// Seed 004 as it is: static 0.0.0.0/0 egress, no friend; BFD with the
-    /// ISP.
+    /// Seed 004, dual-stack: static 0.0.0.0/0 and ::/0 egress, no friend;
+    /// BFD with the ISP.
     pub fn new(binary: impl Into<PathBuf>, nodes: usize, isp: IspKind, borders: usize) -> Self {
         OwnAsOptions {
             binary: binary.into(),
@@ -90,6 +133,7 @@ impl OwnAsOptions {
             bgp_egress: false,
             friend: false,
             isp_bfd: true,
+            families: Families::DualStack,
         }
     }
 }
@@ -103,7 +147,10 @@ pub struct MeshNode<'lab> {
     pub name: String,
     pub daemon: Bgp4mesh<'lab>,
     pub interface: String,
+    /// Its IPv4 mesh address; 0.0.0.0 in an IPv6-only AS.
     pub address: Ipv4Addr,
+    /// Its IPv6 mesh address; `None` in an IPv4-only AS.
+    pub address6: Option<Ipv6Addr>,
     /// Its end of the "wan" switch: the underlay of its tunnels and its
     /// way to the controller.
     pub wan: Iface,
@@ -128,12 +175,14 @@ pub struct OwnAs<'lab> {
     pub nodes: Vec<MeshNode<'lab>>,
     /// The friend's speaker (`friend: true`).
     pub friend: Option<Bgp4mesh<'lab>>,
+    pub families: Families,
     wan: Switch,
 }
 
 impl<'lab> OwnAs<'lab> {
     pub fn start(lab: &'lab Lab, options: &OwnAsOptions) -> Result<OwnAs<'lab>> {
         let binary = options.binary.clone();
+        let families = options.families;
         // The Internet as the lab sees it: an ISP, a host behind it, and a
         // switch where the mesh's machines meet (their underlay).
         let isp_node = lab.add_node("isp")?;
@@ -146,12 +195,37 @@ impl<'lab> OwnAs<'lab> {
         lab.add_address(&isp_node, &isp_to_host.name, "198.51.100.1/24")?;
         lab.add_address(&internet, &host_to_isp.name, &format!("{INTERNET_HOST}/24"))?;
         lab.add_route(&internet, &["default", "via", "198.51.100.1"])?;
-        let (isp_to_border, border_to_isp) = lab.link(&isp_node, &border_node)?;
-        lab.add_address(&isp_node, &isp_to_border.name, &format!("{ISP_PEERING}/24"))?;
+        // The Internet is dual-stack whatever your AS is.
         lab.add_address(
-            &border_node,
-            &border_to_isp.name,
-            &format!("{BORDER_PEERING}/24"),
+            &isp_node,
+            &isp_to_host.name,
+            &format!("{ISP_HOST_SIDE6}/64"),
+        )?;
+        lab.add_address(
+            &internet,
+            &host_to_isp.name,
+            &format!("{INTERNET_HOST6}/64"),
+        )?;
+        lab.add_route(&internet, &["::/0", "via", ISP_HOST_SIDE6])?;
+        // The peering addresses of each family the AS has, on a border's
+        // link to the ISP.
+        let peering = |isp_end: &Iface, border_end: &Iface, v4: (&str, &str), v6: (&str, &str)| {
+            if families.ipv4() {
+                lab.add_address(&isp_node, &isp_end.name, &format!("{}/24", v4.0))?;
+                lab.add_address(&border_end.node, &border_end.name, &format!("{}/24", v4.1))?;
+            }
+            if families.ipv6() {
+                lab.add_address(&isp_node, &isp_end.name, &format!("{}/64", v6.0))?;
+                lab.add_address(&border_end.node, &border_end.name, &format!("{}/64", v6.1))?;
+            }
+            anyhow::Ok(())
+        };
+        let (isp_to_border, border_to_isp) = lab.link(&isp_node, &border_node)?;
+        peering(
+            &isp_to_border,
+            &border_to_isp,
+            (ISP_PEERING, BORDER_PEERING),
+            (ISP_PEERING6, BORDER_PEERING6),
         )?;
         lab.enable_forwarding(&isp_node)?;
         lab.enable_forwarding(&border_node)?;
@@ -159,8 +233,12 @@ impl<'lab> OwnAs<'lab> {
         let border2_node = if two {
             let node = lab.add_node("border2")?;
             let (isp_end, border_end) = lab.link(&isp_node, &node)?;
-            lab.add_address(&isp_node, &isp_end.name, &format!("{ISP_PEERING2}/24"))?;
-            lab.add_address(&node, &border_end.name, &format!("{BORDER2_PEERING}/24"))?;
+            peering(
+                &isp_end,
+                &border_end,
+                (ISP_PEERING2, BORDER2_PEERING),
+                (ISP_PEERING6_2, BORDER2_PEERING6),
+            )?;
             lab.enable_forwarding(&node)?;
             Some((node, border_end))
         } else {
@@ -200,12 +278,15 @@ impl<'lab> OwnAs<'lab> {
                 lab,
                 &isp_node,
                 &binary,
-                &with_bfd(isp_config(&isp_to_host.name, two), options.isp_bfd),
+                &with_bfd(
+                    isp_config(&isp_to_host.name, two, families),
+                    options.isp_bfd,
+                ),
             )?),
             IspKind::Bird => Isp::Bird(Bird::start(
                 lab,
                 &isp_node,
-                &bird_isp_config(two, options.isp_bfd),
+                &bird_isp_config(two, options.isp_bfd, families),
             )?),
         };
 
@@ -251,7 +332,14 @@ impl<'lab> OwnAs<'lab> {
             url: &controller_url,
             fingerprint: &fingerprint,
         };
-        this_admin.run(&["network", "create", "mynet", "--range", BLOCK])?;
+        let mut create = vec!["network", "create", "mynet"];
+        if families.ipv4() {
+            create.extend(["--range", BLOCK]);
+        }
+        if families.ipv6() {
+            create.extend(["--range6", BLOCK6]);
+        }
+        this_admin.run(&create)?;
         let token = this_admin
             .run(&["token", "create", "--network", "mynet"])?
             .trim()
@@ -261,56 +349,75 @@ impl<'lab> OwnAs<'lab> {
         let start_border = |node: &Node,
                             isp_link: &Iface,
                             name: &str,
-                            address: &str,
-                            peering: (&str, &str),
+                            addresses: (&str, &str),
+                            peering: Peering<'_>,
                             metric: &str,
                             friend: bool|
          -> Result<MeshNode<'lab>> {
             let wan_end = lab.attach(&wan, node)?;
             let endpoint = wan_end.ipv4.to_string();
-            join(lab, &binary, node, &token, name, &endpoint, Some(address))?;
+            let pinned = Pinned {
+                address: families.ipv4().then_some(addresses.0),
+                address6: families.ipv6().then_some(addresses.1),
+            };
+            join(lab, &binary, node, &token, name, &endpoint, pinned)?;
             let interface = lab.unique_ifname("mesh")?;
             let export = if options.bgp_egress { MESH_EXPORT } else { "" };
             let friend = if friend { FRIEND_NEIGHBOR } else { "" };
             let config = format!(
                 "{}{friend}\n{}{export}",
-                with_bfd(border_bgp_config(peering.0, peering.1), options.isp_bfd),
+                with_bfd(border_bgp_config(&peering, families), options.isp_bfd),
                 mesh_config(lab, node, &interface)?
             );
             let daemon = Bgp4mesh::start(lab, node, &binary, &config)?;
-            let egress: &[&str] = if options.bgp_egress {
-                &["--bgp"]
-            } else {
-                &["--range", "0.0.0.0/0"]
-            };
             let mut args = vec!["gateway", "create", "mynet", name, "--metric", metric];
-            args.extend_from_slice(egress);
+            if options.bgp_egress {
+                args.push("--bgp");
+            } else {
+                if families.ipv4() {
+                    args.extend(["--range", "0.0.0.0/0"]);
+                }
+                if families.ipv6() {
+                    args.extend(["--range", "::/0"]);
+                }
+            }
             this_admin.run(&args)?;
             Ok(MeshNode {
                 name: name.into(),
                 daemon,
                 interface,
-                address: address.parse()?,
+                address: Ipv4Addr::UNSPECIFIED,
+                address6: None,
                 wan: wan_end,
                 isp_link: Some(isp_link.clone()),
             })
         };
-        let border = start_border(
+        let mut border = start_border(
             &border_node,
             &border_to_isp,
             "border",
-            BORDER_ADDRESS,
-            (ISP_PEERING, BORDER_PEERING),
+            (BORDER_ADDRESS, BORDER_ADDRESS6),
+            Peering {
+                isp: ISP_PEERING,
+                local: BORDER_PEERING,
+                isp6: ISP_PEERING6,
+                local6: BORDER_PEERING6,
+            },
             "100",
             false,
         )?;
-        let border2 = match &border2_node {
+        let mut border2 = match &border2_node {
             Some((node, isp_link)) => Some(start_border(
                 node,
                 isp_link,
                 "border2",
-                BORDER2_ADDRESS,
-                (ISP_PEERING2, BORDER2_PEERING),
+                (BORDER2_ADDRESS, BORDER2_ADDRESS6),
+                Peering {
+                    isp: ISP_PEERING2,
+                    local: BORDER2_PEERING,
+                    isp6: ISP_PEERING6_2,
+                    local6: BORDER2_PEERING6,
+                },
                 "200",
                 friend.is_some(),
             )?),
@@ -329,7 +436,7 @@ impl<'lab> OwnAs<'lab> {
                 &token,
                 &name,
                 &wan_end.ipv4.to_string(),
-                None,
+                Pinned::default(),
             )?;
             let interface = lab.unique_ifname("mesh")?;
             let daemon =
@@ -339,19 +446,35 @@ impl<'lab> OwnAs<'lab> {
                 daemon,
                 interface,
                 address: Ipv4Addr::UNSPECIFIED,
+                address6: None,
                 wan: wan_end,
                 isp_link: None,
             });
         }
         let listed = this_admin.run(&["--json", "node", "list", "mynet"])?;
         let listed: serde_json::Value = serde_json::from_str(&listed)?;
-        for n in &mut nodes {
-            n.address = listed
+        for n in nodes
+            .iter_mut()
+            .chain(std::iter::once(&mut border))
+            .chain(border2.as_mut())
+        {
+            let entry = listed
                 .as_array()
                 .and_then(|a| a.iter().find(|v| v["name"] == n.name.as_str()))
-                .and_then(|v| v["address"].as_str())
-                .and_then(|a| a.parse().ok())
-                .with_context(|| format!("no address for {}", n.name))?;
+                .with_context(|| format!("{} is not in the node list: {listed}", n.name))?;
+            let address = |key: &str| entry[key].as_str().filter(|a| !a.is_empty());
+            if families.ipv4() {
+                n.address = address("address")
+                    .and_then(|a| a.parse().ok())
+                    .with_context(|| format!("no IPv4 address for {}: {entry}", n.name))?;
+            }
+            if families.ipv6() {
+                n.address6 = Some(
+                    address("address6")
+                        .and_then(|a| a.parse().ok())
+                        .with_context(|| format!("no IPv6 address for {}: {entry}", n.name))?,
+                );
+            }
         }
         Ok(OwnAs {
             lab,
@@ -368,6 +491,7 @@ impl<'lab> OwnAs<'lab> {
             border2,
             nodes,
             friend,
+            families,
             wan,
         })
     }
@@ -500,28 +624,62 @@ impl<'lab> OwnAs<'lab> {
         &self.wan
     }
 
-    /// Waits until the border's session with the ISP is up and the ISP has
-    /// the block.
+    /// The border's sessions with the ISP: `isp` (IPv4) and `isp6` (IPv6),
+    /// those of the AS's families.
+    pub fn sessions(&self) -> Vec<&'static str> {
+        let mut sessions = Vec::new();
+        if self.families.ipv4() {
+            sessions.push("isp");
+        }
+        if self.families.ipv6() {
+            sessions.push("isp6");
+        }
+        sessions
+    }
+
+    /// The blocks the AS announces: 44.30.127.0/24, 2001:db8:44::/48 or both.
+    pub fn blocks(&self) -> Vec<&'static str> {
+        let mut blocks = Vec::new();
+        if self.families.ipv4() {
+            blocks.push(BLOCK);
+        }
+        if self.families.ipv6() {
+            blocks.push(BLOCK6);
+        }
+        blocks
+    }
+
+    /// Waits until the border's sessions with the ISP are up and the ISP
+    /// has the blocks.
     pub fn wait_bgp(&self, timeout: Duration) -> Result<()> {
-        wait_until(timeout, "the border's BGP session with the ISP", || {
-            let state = self.border.daemon.bgp_state("isp")?;
-            ensure!(
-                state == crate::peers::SessionState::Established,
-                "{state:?}"
-            );
-            Ok(())
-        })?;
-        wait_until(timeout, "44.30.127.0/24 at the ISP", || {
-            let routes = match &self.isp {
-                Isp::Bgp4mesh(isp) => isp.routes()?,
-                Isp::Bird(isp) => isp.routes()?,
-            };
-            ensure!(
-                routes.iter().any(|r| r.prefix == BLOCK),
-                "the ISP has {routes:?}"
-            );
-            Ok(())
-        })
+        for session in self.sessions() {
+            wait_until(
+                timeout,
+                &format!("the border's BGP session {session} with the ISP"),
+                || {
+                    let state = self.border.daemon.bgp_state(session)?;
+                    ensure!(
+                        state == crate::peers::SessionState::Established,
+                        "{state:?}"
+                    );
+                    Ok(())
+                },
+            )?;
+        }
+        for block in self.blocks() {
+            wait_until(timeout, &format!("{block} at the ISP"), || {
+                let routes = match &self.isp {
+                    Isp::Bgp4mesh(isp) => isp.routes()?,
+                    Isp::Bird(isp) => isp.routes()?,
+                };
+                ensure!(
+                    routes.iter().any(|r| r.prefix == block),
+                    "the ISP has {routes:?}"
+                );
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -550,6 +708,22 @@ impl Admin<'_> {
     }
 }
 
+/// The mesh addresses a border pins at `join` (nodes take what the
+/// controller gives).
+#[derive(Default)]
+struct Pinned<'a> {
+    address: Option<&'a str>,
+    address6: Option<&'a str>,
+}
+
+/// A border's ends of its sessions with the ISP: IPv4 and IPv6.
+struct Peering<'a> {
+    isp: &'a str,
+    local: &'a str,
+    isp6: &'a str,
+    local6: &'a str,
+}
+
 fn join(
     lab: &Lab,
     binary: &Path,
@@ -557,7 +731,7 @@ fn join(
     token: &str,
     name: &str,
     endpoint: &str,
-    address: Option<&str>,
+    pinned: Pinned<'_>,
 ) -> Result<()> {
     let state = lab.run_dir(node)?.join("agent");
     let binary = binary.to_string_lossy();
@@ -573,8 +747,11 @@ fn join(
         "--state-dir",
         state.as_ref(),
     ];
-    if let Some(a) = address {
+    if let Some(a) = pinned.address {
         cmd.extend(["--address", a]);
+    }
+    if let Some(a) = pinned.address6 {
+        cmd.extend(["--address6", a]);
     }
     let out = lab.exec(node, &cmd)?;
     if !out.contains("joined network") {
@@ -596,16 +773,18 @@ fn mesh_config(lab: &Lab, node: &Node, interface: &str) -> Result<String> {
 const MESH_EXPORT: &str = r#"export = "from-upstreams"
 
 [policy.from-upstreams]
-rules = [ { match = { neighbor = ["isp", "friend"] }, action = "accept" } ]
+rules = [ { match = { neighbor = ["isp", "isp6", "friend"] }, action = "accept" } ]
 "#;
 
-/// The second border's session with the friend (appended to its `[bgp]`).
+/// The second border's session with the friend (appended to its `[bgp]`):
+/// IPv4 only.
 const FRIEND_NEIGHBOR: &str = r#"
 [[bgp.neighbor]]
 name = "friend"
 address = "172.29.0.1"
 remote_as = 65002
 local_address = "172.29.0.100"
+families = ["ipv4"]
 import = "all"
 export = "announce"
 connect_retry = 1
@@ -624,6 +803,7 @@ name = "border2"
 address = "{BORDER2_FRIEND_PEERING}"
 remote_as = 65000
 local_address = "{FRIEND_PEERING}"
+families = ["ipv4"]
 import = "our_friend"
 export = "mine"
 connect_retry = 1
@@ -657,66 +837,121 @@ fn with_bfd(config: String, bfd: bool) -> String {
     )
 }
 
-fn border_bgp_config(isp: &str, local: &str) -> String {
+/// One `[[bgp.neighbor]]` of the sessions between the ISP and a border:
+/// `family` is what it carries, over a transport of the same family.
+fn neighbor(
+    name: &str,
+    address: &str,
+    remote_as: u32,
+    local: &str,
+    family: &str,
+    import: &str,
+    export: &str,
+) -> String {
     format!(
-        r#"[bgp]
-asn = 65000
-router_id = "{local}"
-
+        r#"
 [[bgp.neighbor]]
-name = "isp"
-address = "{isp}"
-remote_as = 65001
+name = "{name}"
+address = "{address}"
+remote_as = {remote_as}
 local_address = "{local}"
-import = "all"
-export = "announce"
+families = ["{family}"]
+import = "{import}"
+export = "{export}"
 connect_retry = 1
 error_wait = [1, 4]
-
-[[bgp.static]]
-prefix = "{BLOCK}"
-blackhole = true
-
-[policy.announce]
-rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
 "#
     )
 }
 
-fn isp_config(host_interface: &str, two: bool) -> String {
-    let second = if two {
-        format!(
-            r#"
-[[bgp.neighbor]]
-name = "customer2"
-address = "{BORDER2_PEERING}"
-remote_as = 65000
-local_address = "{ISP_PEERING2}"
-import = "customer_in"
-export = "all"
-connect_retry = 1
-error_wait = [1, 4]
-"#
-        )
-    } else {
-        String::new()
-    };
+/// A border's `[bgp]`: `isp` (IPv4) and `isp6` (IPv6), one session per
+/// family of the AS, and its blocks.
+fn border_bgp_config(peering: &Peering<'_>, families: Families) -> String {
+    let mut config = format!("[bgp]\nasn = 65000\nrouter_id = \"{}\"\n", peering.local);
+    let mut blocks = Vec::new();
+    if families.ipv4() {
+        config.push_str(&neighbor(
+            "isp",
+            peering.isp,
+            65001,
+            peering.local,
+            "ipv4",
+            "all",
+            "announce",
+        ));
+        blocks.push(BLOCK);
+    }
+    if families.ipv6() {
+        config.push_str(&neighbor(
+            "isp6",
+            peering.isp6,
+            65001,
+            peering.local6,
+            "ipv6",
+            "all",
+            "announce",
+        ));
+        blocks.push(BLOCK6);
+    }
+    for block in &blocks {
+        config.push_str(&format!(
+            "\n[[bgp.static]]\nprefix = \"{block}\"\nblackhole = true\n"
+        ));
+    }
+    config.push_str(&format!(
+        "\n[policy.announce]\nrules = [ {{ match = {{ prefix = {blocks:?} }}, action = \"accept\" }} ]\n"
+    ));
+    config
+}
+
+/// The ISP (bgp4mesh): a session per border and family of the AS, a
+/// default route and the Internet host's network of each family.
+fn isp_config(host_interface: &str, two: bool, families: Families) -> String {
+    let mut config = format!("[bgp]\nasn = 65001\nrouter_id = \"{ISP_PEERING}\"\n");
+    let mut customers = vec![(
+        "customer",
+        ISP_PEERING,
+        BORDER_PEERING,
+        ISP_PEERING6,
+        BORDER_PEERING6,
+    )];
+    if two {
+        customers.push((
+            "customer2",
+            ISP_PEERING2,
+            BORDER2_PEERING,
+            ISP_PEERING6_2,
+            BORDER2_PEERING6,
+        ));
+    }
+    for (name, local, border, local6, border6) in customers {
+        if families.ipv4() {
+            config.push_str(&neighbor(
+                name,
+                border,
+                65000,
+                local,
+                "ipv4",
+                "customer_in",
+                "all",
+            ));
+        }
+        if families.ipv6() {
+            config.push_str(&neighbor(
+                &format!("{name}6"),
+                border6,
+                65000,
+                local6,
+                "ipv6",
+                "customer_in",
+                "all",
+            ));
+        }
+    }
     format!(
-        r#"[bgp]
-asn = 65001
-router_id = "{ISP_PEERING}"
-
-[[bgp.neighbor]]
-name = "customer"
-address = "{BORDER_PEERING}"
-remote_as = 65000
-local_address = "{ISP_PEERING}"
-import = "customer_in"
-export = "all"
-connect_retry = 1
-error_wait = [1, 4]
-
-# A default route and the Internet host's network, for the customer.
+        r#"{config}
+# A default route and the Internet host's network of each family, for
+# the customer.
 [[bgp.static]]
 prefix = "0.0.0.0/0"
 blackhole = true
@@ -725,13 +960,22 @@ blackhole = true
 prefix = "198.51.100.0/24"
 device = "{host_interface}"
 
+[[bgp.static]]
+prefix = "::/0"
+blackhole = true
+
+[[bgp.static]]
+prefix = "{INTERNET_NET6}"
+device = "{host_interface}"
+
 [policy.customer_in]
-rules = [ {{ match = {{ prefix = ["{BLOCK}"] }}, action = "accept" }} ]
-{second}"#
+rules = [ {{ match = {{ prefix = ["{BLOCK}", "{BLOCK6}"] }}, action = "accept" }} ]
+"#
     )
 }
 
-fn bird_isp_config(two: bool, bfd: bool) -> String {
+/// The ISP (BIRD): what [`isp_config`] has, in BIRD's words.
+fn bird_isp_config(two: bool, bfd: bool, families: Families) -> String {
     let (bfd_protocol, bfd_on) = if bfd {
         (
             format!(
@@ -743,12 +987,30 @@ fn bird_isp_config(two: bool, bfd: bool) -> String {
     } else {
         (String::new(), "")
     };
-    let second = if two {
-        format!(
-            r#"
-protocol bgp customer2 {{
-  local {ISP_PEERING2} as 65001;
-  neighbor {BORDER2_PEERING} as 65000;
+    let mut customers = vec![(
+        "customer",
+        ISP_PEERING,
+        BORDER_PEERING,
+        ISP_PEERING6,
+        BORDER_PEERING6,
+    )];
+    if two {
+        customers.push((
+            "customer2",
+            ISP_PEERING2,
+            BORDER2_PEERING,
+            ISP_PEERING6_2,
+            BORDER2_PEERING6,
+        ));
+    }
+    let mut protocols = String::new();
+    for (name, local, border, local6, border6) in customers {
+        if families.ipv4() {
+            protocols.push_str(&format!(
+                r#"
+protocol bgp {name} {{
+  local {local} as 65001;
+  neighbor {border} as 65000;
   error wait time 1, 4;
 {bfd_on}  ipv4 {{
     import where net = {BLOCK};
@@ -756,29 +1018,39 @@ protocol bgp customer2 {{
   }};
 }}
 "#
-        )
-    } else {
-        String::new()
-    };
+            ));
+        }
+        if families.ipv6() {
+            protocols.push_str(&format!(
+                r#"
+protocol bgp {name}6 {{
+  local {local6} as 65001;
+  neighbor {border6} as 65000;
+  error wait time 1, 4;
+{bfd_on}  ipv6 {{
+    import where net = {BLOCK6};
+    export where source = RTS_STATIC || net = {INTERNET_NET6};
+  }};
+}}
+"#
+            ));
+        }
+    }
     format!(
         r#"router id {ISP_PEERING};
 protocol device {{ }}
-protocol direct {{ ipv4; }}
+protocol direct {{ ipv4; ipv6; }}
 protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}
+protocol kernel {{ ipv6 {{ export where source = RTS_BGP; }}; }}
 protocol static {{
   ipv4;
   route 0.0.0.0/0 blackhole;
 }}
-{bfd_protocol}protocol bgp customer {{
-  local {ISP_PEERING} as 65001;
-  neighbor {BORDER_PEERING} as 65000;
-  error wait time 1, 4;
-{bfd_on}  ipv4 {{
-    import where net = {BLOCK};
-    export where source = RTS_STATIC || net = 198.51.100.0/24;
-  }};
+protocol static {{
+  ipv6;
+  route ::/0 blackhole;
 }}
-{second}"#
+{bfd_protocol}{protocols}"#
     )
 }
 
@@ -786,29 +1058,64 @@ protocol static {{
 mod tests {
     use super::*;
 
+    const PEERING: Peering<'static> = Peering {
+        isp: ISP_PEERING,
+        local: BORDER_PEERING,
+        isp6: ISP_PEERING6,
+        local6: BORDER_PEERING6,
+    };
+
     #[test]
     fn bird_isp_runs_bfd_towards_both_borders_unless_off() {
-        let on = bird_isp_config(true, true);
+        let on = bird_isp_config(true, true, Families::Ipv4Only);
         assert!(
             on.contains("protocol bfd {\n  interface \"*\" { interval 100 ms; multiplier 3; };")
         );
         assert_eq!(on.matches("  bfd on;\n").count(), 2, "{on}");
-        let off = bird_isp_config(true, false);
+        let dual = bird_isp_config(true, true, Families::DualStack);
+        assert_eq!(dual.matches("  bfd on;\n").count(), 4, "{dual}");
+        let off = bird_isp_config(true, false, Families::DualStack);
         assert!(!off.contains("bfd"), "{off}");
     }
 
     #[test]
     fn bgp4mesh_neighbours_get_bfd_with_their_own_timers() {
-        let on = with_bfd(border_bgp_config(ISP_PEERING, BORDER_PEERING), true);
+        let on = with_bfd(border_bgp_config(&PEERING, Families::Ipv4Only), true);
         assert_eq!(
             on.matches("bfd = true\nbfd_interval = 100\nbfd_multiplier = 3\n")
                 .count(),
             1,
             "{on}"
         );
-        let isp = with_bfd(isp_config("eth0", true), true);
-        assert_eq!(isp.matches("bfd = true\n").count(), 2, "{isp}");
-        let off = with_bfd(border_bgp_config(ISP_PEERING, BORDER_PEERING), false);
+        let dual = with_bfd(border_bgp_config(&PEERING, Families::DualStack), true);
+        assert_eq!(dual.matches("bfd = true\n").count(), 2, "{dual}");
+        let isp = with_bfd(isp_config("eth0", true, Families::DualStack), true);
+        assert_eq!(isp.matches("bfd = true\n").count(), 4, "{isp}");
+        let off = with_bfd(border_bgp_config(&PEERING, Families::DualStack), false);
         assert!(!off.contains("bfd"), "{off}");
+    }
+
+    #[test]
+    fn each_family_has_its_own_session_and_block() {
+        let dual = border_bgp_config(&PEERING, Families::DualStack);
+        for needle in [
+            "name = \"isp\"\naddress = \"172.30.0.1\"",
+            "name = \"isp6\"\naddress = \"2001:db8:ff00::1\"",
+            "local_address = \"2001:db8:ff00::100\"\nfamilies = [\"ipv6\"]",
+            "prefix = \"2001:db8:44::/48\"",
+            "prefix = [\"44.30.127.0/24\", \"2001:db8:44::/48\"]",
+        ] {
+            assert!(dual.contains(needle), "{needle:?} not in {dual}");
+        }
+        let v6 = border_bgp_config(&PEERING, Families::Ipv6Only);
+        assert!(
+            !v6.contains("44.30.127.0/24") && !v6.contains("address = \"172.30.0.1\""),
+            "{v6}"
+        );
+        let bird = bird_isp_config(false, true, Families::Ipv6Only);
+        assert!(
+            bird.contains("protocol bgp customer6") && !bird.contains("protocol bgp customer {"),
+            "{bird}"
+        );
     }
 }
