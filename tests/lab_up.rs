@@ -21,6 +21,13 @@ fn bgp4mesh(args: &[&str]) -> Result<(bool, String)> {
     ))
 }
 
+/// `bgp4mesh lab exec NODE ping -c 2 -W 2 TO` succeeds.
+fn lab_ping(node: &str, to: &str) -> Result<()> {
+    let (ok, out) = bgp4mesh(&["lab", "exec", node, "ping", "-c", "2", "-W", "2", to])?;
+    ensure!(ok, "{node} pinging {to}: {out}");
+    Ok(())
+}
+
 /// Takes the lab down however the test ends.
 struct Down;
 
@@ -46,10 +53,14 @@ fn lab_up_exec_status_down() -> Result<()> {
     let id = find_persistent("as").context("the lab that is up")?;
     for needle in [
         "44.30.127.0/24",
+        "2001:db8:44::/48",
+        "one BGP session per family",
         "border",
         "n1",
         "n2",
-        "bgp4mesh lab exec isp ping",
+        "bgp4mesh lab exec isp ping -c 3 44.30.127.2 ",
+        "bgp4mesh lab exec isp ping -c 3 2001:db8:44::2 ",
+        "bgp4mesh lab exec n1 ping -c 3 2001:db8:100::10",
         "BFD with the borders, 100 ms x 3",
     ] {
         ensure!(out.contains(needle), "{needle:?} not in:\n{out}");
@@ -78,8 +89,22 @@ fn lab_up_exec_status_down() -> Result<()> {
         "198.51.100.10",
     ])?;
     ensure!(ok, "n2 pinging the Internet host: {ping}");
+    // Dual-stack by default: the same over IPv6, both ways, and between
+    // the nodes.
+    lab_ping("isp", "2001:db8:44::2")?;
+    lab_ping("internet", "2001:db8:44::3")?;
+    lab_ping("n1", "2001:db8:100::10")?;
+    lab_ping("n2", "2001:db8:44::2")?;
     let (ok, protocols) = bgp4mesh(&["lab", "exec", "border", "bgp4mesh", "show", "protocols"])?;
-    ensure!(ok && protocols.contains("Established"), "{protocols}");
+    ensure!(
+        ok && protocols
+            .lines()
+            .filter(|l| l.starts_with("isp ") || l.starts_with("isp6 "))
+            .filter(|l| l.contains("Established"))
+            .count()
+            == 2,
+        "{protocols}"
+    );
     // BFD with the ISP, by default: its session comes up (at 1 s pace
     // until then, RFC 5880).
     let started = std::time::Instant::now();
@@ -87,21 +112,24 @@ fn lab_up_exec_status_down() -> Result<()> {
         let (ok, bfd) = bgp4mesh(&[
             "lab", "exec", "border", "bgp4mesh", "show", "bfd", "sessions",
         ])?;
-        let up = bfd
-            .lines()
-            .any(|l| l.starts_with("172.30.0.1 ") && l.contains(" Up "));
+        let up = |peer: &str| {
+            bfd.lines()
+                .any(|l| l.starts_with(&format!("{peer} ")) && l.contains(" Up "))
+        };
+        let up = up("172.30.0.1") && up("2001:db8:ff00::1");
         if ok && up {
             break;
         }
         ensure!(
             started.elapsed() < std::time::Duration::from_secs(15),
-            "no BFD session with the ISP up: {bfd}"
+            "no BFD sessions with the ISP up on both families: {bfd}"
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let (ok, status) = bgp4mesh(&["lab", "status"])?;
     ensure!(
-        ok && status.contains("44.30.127.0/24 via 172.30.0.100"),
+        ok && status.contains("44.30.127.0/24 via 172.30.0.100")
+            && status.contains("2001:db8:44::/48 via 2001:db8:ff00::100"),
         "{status}"
     );
     let (ok, again) = bgp4mesh(&["lab", "up"])?;
@@ -128,6 +156,10 @@ fn lab_up_exec_status_down() -> Result<()> {
         (&["lab", "up", "--borders", "3"][..], "1 or 2"),
         (&["lab", "up", "--egress", "ospf"][..], "static or bgp"),
         (&["lab", "up", "--isp-bfd", "maybe"][..], "on or off"),
+        (
+            &["lab", "up", "--ipv4-only", "--ipv6-only"][..],
+            "cannot be used with",
+        ),
     ] {
         let (ok, out) = bgp4mesh(args)?;
         ensure!(!ok && out.contains(needle), "{args:?}: {out}");
@@ -169,6 +201,21 @@ fn lab_up_exec_status_down() -> Result<()> {
         ok && !bfd.contains("172.31.0.1 "),
         "--isp-bfd off, yet: {bfd}"
     );
+    let (ok, down) = bgp4mesh(&["lab", "down"])?;
+    ensure!(ok && down.contains("removed lab"), "{down}");
+
+    // An IPv6-only AS.
+    let (ok, out) = bgp4mesh(&["lab", "up", "--nodes", "1", "--ipv6-only"])?;
+    ensure!(ok, "lab up --ipv6-only: {out}");
+    for needle in ["2001:db8:44::/48", "--ipv6-only", "egress ::/0"] {
+        ensure!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    ensure!(
+        !out.contains("44.30.127."),
+        "IPv4 in an IPv6-only AS:\n{out}"
+    );
+    lab_ping("isp", "2001:db8:44::2")?;
+    lab_ping("n1", "2001:db8:100::10")?;
     let (ok, down) = bgp4mesh(&["lab", "down"])?;
     ensure!(ok && down.contains("removed lab"), "{down}");
     Ok(())

@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use bgp4mesh_lab::own_as::{BLOCK, Families, INTERNET_HOST, IspKind, OwnAs, OwnAsOptions};
+use bgp4mesh_lab::own_as::{
+    BLOCK, BLOCK6, Families, INTERNET_HOST, INTERNET_HOST6, IspKind, OwnAs, OwnAsOptions,
+};
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
@@ -25,11 +27,13 @@ fn own_as(isp: IspKind) -> Result<()> {
         bgp4mesh_lab::own_as::Isp::Bgp4mesh(d) => d.routes()?,
         bgp4mesh_lab::own_as::Isp::Bird(b) => b.routes()?,
     };
-    let block = best_route(&routes, BLOCK).cloned();
-    ensure!(
-        block.as_ref().is_some_and(|r| r.as_path == vec![65000]),
-        "the ISP's route to the block: {block:?}"
-    );
+    for prefix in [BLOCK, BLOCK6] {
+        let block = best_route(&routes, prefix).cloned();
+        ensure!(
+            block.as_ref().is_some_and(|r| r.as_path == vec![65000]),
+            "the ISP's route to {prefix}: {block:?}"
+        );
+    }
     // Ingress: the ISP reaches every mesh node's public address.
     for n in &world.nodes {
         let to = n.address.to_string();
@@ -147,12 +151,51 @@ fn own_as(isp: IspKind) -> Result<()> {
             marked.stdout
         );
     }
+    // IPv6: the Internet host and every node reach each other, and the
+    // nodes each other.
+    both_ways_over_ipv6(&lab, &world)?;
     // The controller goes away: ingress and egress go on.
     lab.signal(&world.controller_proc, libc::SIGKILL)?;
     std::thread::sleep(Duration::from_millis(500));
     for n in &world.nodes {
         ping(&lab, &world.isp_node, &n.address.to_string())?;
         ping(&lab, n.daemon.node(), INTERNET_HOST)?;
+        let address6 = n.address6.context("an IPv6 address")?.to_string();
+        ping(&lab, &world.internet, &address6)?;
+        ping(&lab, n.daemon.node(), INTERNET_HOST6)?;
+    }
+    Ok(())
+}
+
+/// Over IPv6: the Internet host reaches every node and every node the
+/// Internet host (by its default route in the tunnel), and the nodes
+/// reach each other.
+fn both_ways_over_ipv6(lab: &Lab, world: &OwnAs<'_>) -> Result<()> {
+    for n in &world.nodes {
+        let node = n.daemon.node();
+        let address6 = n.address6.context("an IPv6 mesh address")?.to_string();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("the Internet host reaching {} ({address6})", n.name),
+            || ping(lab, &world.internet, &address6),
+        )
+        .map_err(|e| e.context(dump_paths(lab, world)))?;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{} reaching the Internet host over IPv6", n.name),
+            || ping(lab, node, INTERNET_HOST6),
+        )
+        .map_err(|e| e.context(dump_paths(lab, world)))?;
+        let route = lab.exec(node, &["ip", "-6", "route", "get", INTERNET_HOST6])?;
+        ensure!(route.contains(&n.interface), "{}: {route}", n.name);
+        for other in world.nodes.iter().filter(|o| o.name != n.name) {
+            let to = other.address6.context("an IPv6 mesh address")?.to_string();
+            wait_until(
+                Duration::from_secs(10),
+                &format!("{} reaching {} ({to})", n.name, other.name),
+                || ping(lab, node, &to),
+            )?;
+        }
     }
     Ok(())
 }
@@ -1271,4 +1314,165 @@ fn a_border_whose_controller_link_is_cut_keeps_carrying_traffic() -> Result<()> 
 
     // Mended: its pulses reach the controller again; all stays as it was.
     wait_back_on_first_border(&lab, &world, Duration::from_secs(30))
+}
+
+/// Waits until a border's session `name` with the ISP is Established.
+fn wait_session(border: &bgp4mesh_lab::own_as::MeshNode<'_>, name: &str) -> Result<()> {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{}'s session {name}", border.name),
+        || {
+            let state = border.daemon.bgp_state(name)?;
+            ensure!(
+                state == bgp4mesh_lab::peers::SessionState::Established,
+                "{state:?}"
+            );
+            Ok(())
+        },
+    )
+}
+
+/// Two dual-stack borders, the first preferred. n1 pings the Internet
+/// host every 20 ms over IPv6 and over IPv4 while the first border's IPv6
+/// session with the ISP (`isp6`) is shut: IPv6 moves to the second border
+/// (the first reports no IPv6 upstream, n1 picks its IPv6 exit alone)
+/// within 3 s, while IPv4 stays on the first border without a gap. Then
+/// the IPv4 session goes too and IPv4 moves.
+#[test]
+fn ipv6_moves_to_the_second_border_when_the_first_loses_its_ipv6_session() -> Result<()> {
+    if !can_run!(&["wg", "ping"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-ipv6-session")?;
+    let world = OwnAs::start(&lab, &OwnAsOptions::new(BIN, 1, IspKind::Bgp4mesh, 2))?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let border2 = world.border2.as_ref().context("two borders")?;
+    wait_session(border2, "isp")?;
+    wait_session(border2, "isp6")?;
+    let n1 = world.nodes[0].daemon.node();
+    let wait_exits = |v4: &str, v6: &str| -> Result<()> {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("n1 leaving by {v4} (IPv4) and {v6} (IPv6)"),
+            || {
+                let (e4, e6) = (
+                    exit_for(&lab, &world, 0, "0.0.0.0/0")?,
+                    exit_for(&lab, &world, 0, "::/0")?,
+                );
+                ensure!(e4 == v4 && e6 == v6, "IPv4 by {e4}, IPv6 by {e6}");
+                ping(&lab, n1, INTERNET_HOST)?;
+                ping(&lab, n1, INTERNET_HOST6)
+            },
+        )
+        .map_err(|e| e.context(dump_paths(&lab, &world)))
+    };
+    wait_exits("border", "border")?;
+
+    // 1. The first border's IPv6 session goes.
+    let started = now_unix();
+    let flood6 = lab.spawn(
+        n1,
+        "ping-flood6",
+        &[
+            "ping",
+            "-D",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            "-c",
+            "400",
+            INTERNET_HOST6,
+        ],
+    )?;
+    let flood4 = ping_flood(&lab, n1, 8)?;
+    std::thread::sleep(Duration::from_secs(2));
+    world.border.daemon.cli(&["bgp", "disable", "isp6"])?;
+    let out6 = flood_output(&lab, &flood6)?;
+    let out4 = flood_output(&lab, &flood4)?;
+    let (gap6, lost6) = loss_window(&out6, started);
+    let (gap4, lost4) = loss_window(&out4, started);
+    eprintln!(
+        "first border's IPv6 session down: IPv6 longest gap {gap6:.3} s, {lost6} pings lost; \
+         IPv4 longest gap {gap4:.3} s, {lost4} pings lost"
+    );
+    ensure!(gap6 < 3.0, "IPv6 moved after {gap6:.3} s:\n{out6}");
+    ensure!(gap4 < 1.0, "IPv4 stopped for {gap4:.3} s:\n{out4}");
+    ensure!(
+        exit_for(&lab, &world, 0, "::/0")? == "border2",
+        "IPv6 not on the second border: {}",
+        dump_paths(&lab, &world)
+    );
+    ensure!(
+        exit_for(&lab, &world, 0, "0.0.0.0/0")? == "border",
+        "IPv4 left the first border: {}",
+        dump_paths(&lab, &world)
+    );
+    // The Internet host reaches n1 over IPv6 through the second border.
+    let address6 = world.nodes[0].address6.context("IPv6")?.to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "the Internet host reaching n1 over IPv6",
+        || ping(&lab, &world.internet, &address6),
+    )?;
+
+    // 2. Its IPv4 session goes too: IPv4 moves.
+    let started = now_unix();
+    let flood4 = ping_flood(&lab, n1, 8)?;
+    std::thread::sleep(Duration::from_secs(2));
+    world.border.daemon.cli(&["bgp", "disable", "isp"])?;
+    let out4 = flood_output(&lab, &flood4)?;
+    let (gap4, lost4) = loss_window(&out4, started);
+    eprintln!("first border's IPv4 session down: IPv4 longest gap {gap4:.3} s, {lost4} pings lost");
+    ensure!(gap4 < 3.0, "IPv4 moved after {gap4:.3} s:\n{out4}");
+    wait_exits("border2", "border2")?;
+
+    // 3. Both come back: so does n1.
+    world.border.daemon.cli(&["bgp", "enable", "isp6"])?;
+    world.border.daemon.cli(&["bgp", "enable", "isp"])?;
+    wait_exits("border", "border")
+}
+
+/// An IPv6-only AS (`--ipv6-only`): the /48 alone over the IPv6 sessions,
+/// no IPv4 in the mesh; the Internet host and the nodes reach each other,
+/// and the nodes each other.
+#[test]
+fn an_ipv6_only_as_works_end_to_end() -> Result<()> {
+    if !can_run!(&["wg", "ping"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("own-as-ipv6-only")?;
+    let world = OwnAs::start(
+        &lab,
+        &OwnAsOptions {
+            families: Families::Ipv6Only,
+            ..OwnAsOptions::new(BIN, 2, IspKind::Bgp4mesh, 1)
+        },
+    )?;
+    world.wait_bgp(Duration::from_secs(30))?;
+    let routes = match &world.isp {
+        bgp4mesh_lab::own_as::Isp::Bgp4mesh(d) => d.routes()?,
+        bgp4mesh_lab::own_as::Isp::Bird(b) => b.routes()?,
+    };
+    ensure!(
+        best_route(&routes, BLOCK).is_none(),
+        "an IPv4 block at the ISP: {routes:?}"
+    );
+    let protocols = world.border.daemon.cli(&["show", "protocols"])?;
+    ensure!(
+        protocols.contains("isp6") && !protocols.lines().any(|l| l.starts_with("isp ")),
+        "{protocols}"
+    );
+    both_ways_over_ipv6(&lab, &world)?;
+    for (i, n) in world.nodes.iter().enumerate() {
+        ensure!(n.address.is_unspecified(), "{}: {}", n.name, n.address);
+        let v4 = lab.exec(
+            n.daemon.node(),
+            &["ip", "-4", "addr", "show", "dev", &n.interface],
+        )?;
+        ensure!(v4.trim().is_empty(), "{}: IPv4 in the mesh: {v4}", n.name);
+        ensure!(exit_for(&lab, &world, i, "::/0")? == "border");
+        ensure!(exit_for(&lab, &world, i, "0.0.0.0/0")? == "none");
+    }
+    Ok(())
 }
