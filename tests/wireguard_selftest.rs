@@ -420,7 +420,6 @@ fn private_key_change_handshakes_at_once() -> Result<()> {
 /// peer's endpoint is moved into its own allowed IPs, a loop: the ping
 /// fails and the device lives on.
 #[test]
-#[ignore = "fails: the device's routing-loop guard drops every datagram of its own that comes back into it from a local address, so it drops the onion's datagram for the second peer although it is routed to the first peer (another peer's allowed IPs), which the kernel module carries"]
 fn onion_routing_through_the_same_device_even_when_it_loops() -> Result<()> {
     if !can_run!(&["wg", "ping"]) {
         return Ok(());

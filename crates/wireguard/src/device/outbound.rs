@@ -141,6 +141,9 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
     let tun_fd = shared.tun.as_raw_fd();
     let mut unrouted = Unrouted::new();
     let mut route_loop = LoopGuard::new();
+    // Per packet of a read: one of our own datagrams, carried through the
+    // tunnel (`route_loop`).
+    let mut nested: Vec<bool> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     while !shared.stopping.load(Ordering::Relaxed) {
         let n = match shared
             .tun
@@ -167,18 +170,26 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
         {
             let iface = read(&shared.iface);
             routes.clear();
+            nested.clear();
             for (buf, size) in bufs.iter().zip(sizes.iter_mut()).take(n) {
-                if route_loop.caught(&shared.name, &buf[..*size], udp.port) {
-                    // Dropped: no peer, and no ICMP error to ourselves.
-                    *size = 0;
-                    routes.push(None);
-                    continue;
+                let route = packet_address(&buf[..*size], true)
+                    .and_then(|dst| iface.allowed.lookup(dst))
+                    .map(Arc::clone);
+                nested.push(false);
+                if let Some(own) = route_loop.own(&buf[..*size], udp.port) {
+                    let routed_to = route.as_ref().map(|peer| lock(&peer.state).endpoint);
+                    if route_loop.loops(&shared.name, &own, routed_to) {
+                        // Dropped: no peer, and no ICMP error to ourselves.
+                        *size = 0;
+                        routes.push(None);
+                        continue;
+                    }
+                    // Onion routing through this device: carried once.
+                    if let Some(flag) = nested.last_mut() {
+                        *flag = true;
+                    }
                 }
-                routes.push(
-                    packet_address(&buf[..*size], true)
-                        .and_then(|dst| iface.allowed.lookup(dst))
-                        .map(Arc::clone),
-                );
+                routes.push(route);
             }
         }
         let mut i = 0;
@@ -199,10 +210,10 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
                 &udp,
                 &peer,
                 &bufs,
-                &sizes[i..end],
+                (&sizes[i..end], &nested[i..end]),
                 i,
                 &mut mtu,
-                &mut batch,
+                (&mut batch, &mut route_loop),
             );
             i = end;
         }
@@ -249,16 +260,19 @@ impl Unrouted {
     }
 }
 
+/// Encrypts a run of packets for one peer. `nested` marks our own
+/// datagrams carried through the tunnel: what they become is remembered
+/// by `route_loop`, so that they are not carried a second time.
 #[allow(clippy::too_many_arguments)]
 fn encrypt_run(
     shared: &Shared,
     udp: &Udp,
     peer: &Arc<Peer>,
     bufs: &[Vec<u8>],
-    sizes: &[usize],
+    (sizes, nested): (&[usize], &[bool]),
     first: usize,
     mtu: &mut MtuWatcher,
-    batch: &mut SendBatch,
+    (batch, route_loop): (&mut SendBatch, &mut LoopGuard),
 ) {
     let mut state = lock(&peer.state);
     if let Some(held) = state.held.as_mut() {
@@ -290,6 +304,9 @@ fn encrypt_run(
             Some(WgKind::Data(data)) => {
                 if let Some(to) = endpoint {
                     let bytes: Packet = data.into();
+                    if nested.get(k) == Some(&true) {
+                        route_loop.carried(&bytes);
+                    }
                     batch.push(shared, udp, peer, gso_limit, to, &bytes);
                 }
             }
