@@ -152,8 +152,9 @@ fn own_as(isp: IspKind) -> Result<()> {
         );
     }
     // IPv6: the Internet host and every node reach each other, and the
-    // nodes each other.
+    // nodes each other; TCP both ways between n1 and the Internet host.
     both_ways_over_ipv6(&lab, &world)?;
+    tcp_over_ipv6(&lab, &world)?;
     // The controller goes away: ingress and egress go on.
     lab.signal(&world.controller_proc, libc::SIGKILL)?;
     std::thread::sleep(Duration::from_millis(500));
@@ -163,6 +164,54 @@ fn own_as(isp: IspKind) -> Result<()> {
         let address6 = n.address6.context("an IPv6 address")?.to_string();
         ping(&lab, &world.internet, &address6)?;
         ping(&lab, n.daemon.node(), INTERNET_HOST6)?;
+    }
+    Ok(())
+}
+
+/// TCP over IPv6 between n1 and the Internet host, each way: iperf3 for
+/// 2 s to a one-off server on the Internet host, then the same reversed;
+/// each must carry something (a mesh that passes pings but not TCP over
+/// IPv6, an MTU problem, shows here).
+fn tcp_over_ipv6(lab: &Lab, world: &OwnAs<'_>) -> Result<()> {
+    let n1 = world.nodes[0].daemon.node();
+    for reverse in [false, true] {
+        let server = lab.spawn(
+            &world.internet,
+            if reverse {
+                "iperf3-6-reverse"
+            } else {
+                "iperf3-6"
+            },
+            &["iperf3", "-s", "-1", "-B", INTERNET_HOST6],
+        )?;
+        wait_until(Duration::from_secs(10), "iperf3 listening", || {
+            let out = lab.exec(&world.internet, &["ss", "-tlnH", "sport = :5201"])?;
+            ensure!(!out.trim().is_empty(), "not yet");
+            Ok(())
+        })?;
+        let mut cmd = vec!["iperf3", "-J", "-t", "2", "-c", INTERNET_HOST6];
+        if reverse {
+            cmd.push("-R");
+        }
+        let out = lab.exec_full(n1, &cmd, None, Duration::from_secs(30))?;
+        lab.stop(&server);
+        ensure!(
+            out.success(),
+            "{}: {}{}",
+            cmd.join(" "),
+            out.stdout,
+            out.stderr
+        );
+        let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        let bits = report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        eprintln!(
+            "TCP over IPv6, n1 {} the Internet host: {:.0} Mbit/s",
+            if reverse { "from" } else { "to" },
+            bits / 1e6
+        );
+        ensure!(bits > 1e6, "TCP over IPv6 carried {bits} bit/s");
     }
     Ok(())
 }
@@ -202,7 +251,7 @@ fn both_ways_over_ipv6(lab: &Lab, world: &OwnAs<'_>) -> Result<()> {
 
 #[test]
 fn own_as_with_a_bgp4mesh_isp() -> Result<()> {
-    if !can_run!(&["wg", "ping"]) {
+    if !can_run!(&["wg", "ping", "iperf3", "ss"]) {
         return Ok(());
     }
     own_as(IspKind::Bgp4mesh)
@@ -210,7 +259,7 @@ fn own_as_with_a_bgp4mesh_isp() -> Result<()> {
 
 #[test]
 fn own_as_with_a_bird_isp() -> Result<()> {
-    if !can_run!(&["wg", "ping", "bird", "birdc"]) {
+    if !can_run!(&["wg", "ping", "bird", "birdc", "iperf3", "ss"]) {
         return Ok(());
     }
     own_as(IspKind::Bird)
