@@ -14,7 +14,7 @@ use bgp4mesh_lab::own_as::{
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
-use common::{BIN, ping};
+use common::{BIN, now_unix, ping};
 
 fn own_as(isp: IspKind) -> Result<()> {
     let lab = Lab::new(&format!(
@@ -456,12 +456,6 @@ fn flood_output(lab: &Lab, proc: &bgp4mesh_lab::Proc) -> Result<String> {
         Ok(())
     })?;
     Ok(std::fs::read_to_string(&proc.log)?)
-}
-
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Two borders, the first preferred. A mesh node pings the Internet host

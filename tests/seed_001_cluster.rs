@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::peers::{Bgp4mesh, Bird, WgDevice, WgImpl};
@@ -284,20 +284,6 @@ key_file = {cluster_file:?}
     fn port_forward(&self) -> String {
         format!("{}:51820", self.wan.ipv4)
     }
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// `ping -D` reply timestamps in a log.
-fn reply_times(log: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-        .collect()
 }
 
 /// The longest time without a reply in `[from, to]`, edges included.

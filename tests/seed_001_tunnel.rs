@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::peers::{Bgp4mesh, Bird, WgDevice, WgImpl};
@@ -165,20 +165,6 @@ enum Death {
     LinkDown,
     /// `kill -9` of its WireGuard device and its BGP daemon.
     Killed,
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// `ping -D` reply timestamps in a log.
-fn reply_times(log: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-        .collect()
 }
 
 fn failover(death: Death) -> Result<()> {

@@ -507,3 +507,18 @@ protocol bfd {{
         a7 = a7.ipv4
     )
 }
+
+/// Seconds since the epoch, as `ping -D` prints them.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `ping -D` reply timestamps in a log.
+pub fn reply_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
