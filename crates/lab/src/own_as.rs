@@ -512,24 +512,15 @@ impl<'lab> OwnAs<'lab> {
     /// if it had lost power: nothing is closed, its peers notice only by
     /// timers. `false` brings it back.
     pub fn silence(&self, node: &Node, silent: bool) -> Result<()> {
-        let table = "b4m_silence";
-        if silent {
-            let rules = format!(
-                "table inet {table} {{\n\
-                 chain input {{ type filter hook input priority -300; policy drop; }}\n\
-                 chain output {{ type filter hook output priority -300; policy drop; }}\n\
-                 chain forward {{ type filter hook forward priority -300; policy drop; }}\n\
-                 }}\n"
-            );
-            let file = self.lab.run_dir(node)?.join("silence.nft");
-            std::fs::write(&file, rules)?;
-            self.lab
-                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
-        } else {
-            self.lab
-                .exec(node, &["nft", "delete", "table", "inet", table])?;
-        }
-        Ok(())
+        self.nft_table(
+            node,
+            "b4m_silence",
+            silent.then_some(
+                "chain input { type filter hook input priority -300; policy drop; }\n\
+                 chain output { type filter hook output priority -300; policy drop; }\n\
+                 chain forward { type filter hook forward priority -300; policy drop; }",
+            ),
+        )
     }
 
     /// Cuts a machine's WireGuard underlay (`true`): every UDP datagram in
@@ -538,25 +529,13 @@ impl<'lab> OwnAs<'lab> {
     /// carries nothing: a firewall change, or a crashed device thread.
     /// `false` mends it.
     pub fn cut_mesh(&self, node: &Node, cut: bool) -> Result<()> {
-        let table = "b4m_mesh_cut";
-        if cut {
-            let keep = "{ 3784, 3785, 4784 }";
-            let rule = format!("meta l4proto udp udp dport != {keep} udp sport != {keep} drop");
-            let rules = format!(
-                "table inet {table} {{\n\
-                 chain input {{ type filter hook input priority -300; policy accept; {rule}; }}\n\
-                 chain output {{ type filter hook output priority -300; policy accept; {rule}; }}\n\
-                 }}\n"
-            );
-            let file = self.lab.run_dir(node)?.join("mesh-cut.nft");
-            std::fs::write(&file, rules)?;
-            self.lab
-                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
-        } else {
-            self.lab
-                .exec(node, &["nft", "delete", "table", "inet", table])?;
-        }
-        Ok(())
+        let keep = "{ 3784, 3785, 4784 }";
+        let rule = format!("meta l4proto udp udp dport != {keep} udp sport != {keep} drop");
+        let chains = format!(
+            "chain input {{ type filter hook input priority -300; policy accept; {rule}; }}\n\
+             chain output {{ type filter hook output priority -300; policy accept; {rule}; }}"
+        );
+        self.nft_table(node, "b4m_mesh_cut", cut.then_some(&chains))
     }
 
     /// Cuts one link of a machine (`true`): every IP packet in and out of
@@ -601,21 +580,28 @@ impl<'lab> OwnAs<'lab> {
         matches: (&str, &str),
         cut: bool,
     ) -> Result<()> {
-        if cut {
-            let (inbound, outbound) = matches;
-            let rules = format!(
-                "table inet {table} {{\n\
-                 chain prerouting {{ type filter hook prerouting priority -300; policy accept; {inbound} drop; }}\n\
-                 chain postrouting {{ type filter hook postrouting priority -300; policy accept; {outbound} drop; }}\n\
-                 }}\n"
-            );
-            let file = self.lab.run_dir(node)?.join(format!("{table}.nft"));
-            std::fs::write(&file, rules)?;
-            self.lab
-                .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
-        } else {
-            self.lab
-                .exec(node, &["nft", "delete", "table", "inet", table])?;
+        let (inbound, outbound) = matches;
+        let chains = format!(
+            "chain prerouting {{ type filter hook prerouting priority -300; policy accept; {inbound} drop; }}\n\
+             chain postrouting {{ type filter hook postrouting priority -300; policy accept; {outbound} drop; }}"
+        );
+        self.nft_table(node, table, cut.then_some(&chains))
+    }
+
+    /// Loads the nftables table `inet table` with `chains` on `node`, or
+    /// deletes it (`None`).
+    fn nft_table(&self, node: &Node, table: &str, chains: Option<&str>) -> Result<()> {
+        match chains {
+            Some(chains) => {
+                let file = self.lab.run_dir(node)?.join(format!("{table}.nft"));
+                std::fs::write(&file, format!("table inet {table} {{\n{chains}\n}}\n"))?;
+                self.lab
+                    .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
+            }
+            None => {
+                self.lab
+                    .exec(node, &["nft", "delete", "table", "inet", table])?;
+            }
         }
         Ok(())
     }
