@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -32,15 +31,14 @@ pub struct Prober {
     v6: Option<Socket>,
     id: u16,
     seq: u16,
-    /// Sequence number → (target, when sent).
-    outstanding: HashMap<u16, (IpAddr, Instant)>,
+    /// Sequence number → target.
+    outstanding: HashMap<u16, IpAddr>,
 }
 
 /// An answer to one of our probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
     pub from: IpAddr,
-    pub sent: Instant,
 }
 
 impl Prober {
@@ -75,7 +73,7 @@ impl Prober {
 
     /// Sends one echo request to `to`. Lost like any packet when the
     /// interface cannot send it (no route, the peer has no endpoint).
-    pub fn send(&mut self, to: IpAddr, now: Instant) {
+    pub fn send(&mut self, to: IpAddr) {
         self.seq = self.seq.wrapping_add(1);
         let (socket, kind) = match to {
             IpAddr::V4(_) => (&self.v4, ECHO_REQUEST_V4),
@@ -95,7 +93,7 @@ impl Prober {
         if self.outstanding.len() >= OUTSTANDING {
             self.outstanding.clear();
         }
-        self.outstanding.insert(self.seq, (to, now));
+        self.outstanding.insert(self.seq, to);
         let _ = socket.send_to(&packet, &SocketAddr::new(to, 0).into());
     }
 
@@ -145,11 +143,11 @@ impl Prober {
             return None;
         }
         let seq = u16::from_be_bytes(icmp.get(6..8)?.try_into().ok()?);
-        let (to, sent) = self.outstanding.remove(&seq)?;
+        let to = self.outstanding.remove(&seq)?;
         if from.is_some_and(|f| f != to) {
             return None;
         }
-        Some(Answer { from: to, sent })
+        Some(Answer { from: to })
     }
 }
 

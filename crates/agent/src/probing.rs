@@ -183,7 +183,7 @@ impl Probing {
                 let n = pool.len().min(MESH_PROBES);
                 for k in 0..n {
                     let to = pool[(turn + k) % pool.len()];
-                    prober.send(to, now);
+                    prober.send(to);
                     mesh_probed.insert(to);
                 }
                 turn = turn.wrapping_add(n);
@@ -217,7 +217,7 @@ impl Probing {
             }
             let mut changed = false;
             for (id, (address, live)) in exits.iter_mut() {
-                prober.send(*address, now);
+                prober.send(*address);
                 live.sent(now);
                 match live.update(now) {
                     Some(false) => {
