@@ -5,230 +5,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use bgp4mesh_lab::{Iface, Lab, Node, Proc, Switch, can_run, wait_until};
+use bgp4mesh_lab::{Lab, can_run, wait_until};
 use serde_json::Value;
 
-use common::{BIN, ping};
+use common::BIN;
+use common::mesh::{Controller, MeshNode, address_of, full_mesh, peer_count, start_node};
 
-const MASTER: &str = "mesh-test-master-key-0123";
 const NEEDS: &[&str] = &["wg", "ping"];
-
-struct Controller {
-    node: Node,
-    iface: Iface,
-    config: PathBuf,
-    proc: Proc,
-    fingerprint: String,
-}
-
-impl Controller {
-    fn start(lab: &Lab, switch: &Switch) -> Result<Controller> {
-        let node = lab.add_node("controller")?;
-        let iface = lab.attach(switch, &node)?;
-        let dir = lab.run_dir(&node)?;
-        let config = lab.write_config(
-            &node,
-            "server.toml",
-            &format!(
-                "listen = \"{}:8443\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n",
-                iface.ipv4,
-                dir.join("state").display()
-            ),
-        )?;
-        let (proc, fingerprint) = Self::spawn(lab, &node, &config)?;
-        Ok(Controller {
-            node,
-            iface,
-            config,
-            proc,
-            fingerprint,
-        })
-    }
-
-    fn spawn(lab: &Lab, node: &Node, config: &std::path::Path) -> Result<(Proc, String)> {
-        let proc = lab.spawn(
-            node,
-            "controller",
-            &[
-                BIN,
-                "server",
-                "-c",
-                &config.to_string_lossy(),
-                "--log-level",
-                "debug",
-            ],
-        )?;
-        let fingerprint = wait_until(Duration::from_secs(20), "the controller to listen", || {
-            ensure!(lab.is_running(&proc), "exited: {}", lab.log_tail(&proc, 20));
-            let log = std::fs::read_to_string(&proc.log)?;
-            ensure!(log.contains("listening on"), "not yet");
-            log.lines()
-                .find_map(|l| l.strip_prefix("fingerprint "))
-                .map(str::to_string)
-                .context("no fingerprint line")
-        })?;
-        Ok((proc, fingerprint))
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}:8443", self.iface.ipv4)
-    }
-
-    /// Runs an admin command (`bgp4mesh --server … ARGS`) next to the
-    /// controller.
-    fn admin(&self, lab: &Lab, args: &[&str]) -> Result<String> {
-        let url = self.url();
-        let mut cmd = vec![
-            BIN,
-            "--server",
-            &url,
-            "--key",
-            MASTER,
-            "--fingerprint",
-            &self.fingerprint,
-        ];
-        cmd.extend_from_slice(args);
-        lab.exec(&self.node, &cmd)
-    }
-
-    fn nodes(&self, lab: &Lab) -> Result<Vec<Value>> {
-        let text = self.admin(lab, &["--json", "node", "list", "mynet"])?;
-        Ok(serde_json::from_str::<Value>(&text)?
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-struct MeshNode {
-    node: Node,
-    ifname: String,
-    proc: Proc,
-    name: String,
-    config: PathBuf,
-    /// What `bgp4mesh join` printed.
-    joined: String,
-}
-
-fn start_node(
-    lab: &Lab,
-    switch: &Switch,
-    ctl: &Controller,
-    token: &str,
-    name: &str,
-    public: bool,
-    extra: &[&str],
-) -> Result<MeshNode> {
-    let node = lab.add_node(name)?;
-    let iface = lab.attach(switch, &node)?;
-    let dir = lab.run_dir(&node)?;
-    let state = dir.join("agent");
-    let state_text = state.to_string_lossy().to_string();
-    let endpoint = iface.ipv4.to_string();
-    let mut join = vec![
-        BIN,
-        "join",
-        token,
-        "--name",
-        name,
-        "--state-dir",
-        &state_text,
-    ];
-    if public {
-        join.extend(["--endpoint", &endpoint]);
-    }
-    join.extend_from_slice(extra);
-    let out = lab.exec(&node, &join)?;
-    ensure!(out.contains("joined network mynet"), "{out}");
-    let ifname = lab.unique_ifname("mesh")?;
-    let config = lab.write_config(
-        &node,
-        "node.toml",
-        &format!(
-            "[control]\nsocket = \"{}\"\n\n[mesh]\nstate_dir = \"{state_text}\"\ninterface = \"{ifname}\"\nbackend = \"userspace\"\n",
-            dir.join("bgp4mesh.sock").display()
-        ),
-    )?;
-    let proc = lab.spawn(
-        &node,
-        &format!("bgp4mesh-{name}"),
-        &[
-            BIN,
-            "run",
-            "-c",
-            &config.to_string_lossy(),
-            "--log-level",
-            "debug",
-        ],
-    )?;
-    let _ = ctl;
-    Ok(MeshNode {
-        node,
-        ifname,
-        proc,
-        name: name.to_string(),
-        config,
-        joined: out,
-    })
-}
-
-fn address_of(nodes: &[Value], name: &str) -> Result<String> {
-    nodes
-        .iter()
-        .find(|n| n["name"] == name)
-        .and_then(|n| n["address"].as_str())
-        .map(str::to_string)
-        .with_context(|| format!("no address for {name} in {nodes:?}"))
-}
-
-fn full_mesh(lab: &Lab, nodes: &[&MeshNode], addresses: &[Value]) -> Result<()> {
-    for a in nodes {
-        ensure!(
-            lab.is_running(&a.proc),
-            "{} stopped: {}",
-            a.name,
-            lab.log_tail(&a.proc, 30)
-        );
-        for b in nodes {
-            if a.name == b.name {
-                continue;
-            }
-            let to = address_of(addresses, &b.name)?;
-            wait_until(
-                Duration::from_secs(30),
-                &format!("{} reaching {} ({to})", a.name, b.name),
-                || ping(lab, &a.node, &to),
-            )
-            .with_context(|| {
-                format!(
-                    "{}'s log:\n{}\n{}'s log:\n{}",
-                    a.name,
-                    lab.log_tail(&a.proc, 15),
-                    b.name,
-                    lab.log_tail(&b.proc, 15)
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn peer_count(lab: &Lab, node: &MeshNode) -> Result<usize> {
-    let dump = lab.exec(&node.node, &["wg", "show", &node.ifname, "dump"])?;
-    Ok(dump
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .count())
-}
-
-/// Controller + 4 nodes (one behind no published endpoint): full mesh;
-/// a deleted node leaves every peer's `wg show`; with the controller
-/// killed the mesh keeps forwarding; restarted, the nodes resync and a
 /// new node reaches everyone.
 #[test]
 fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
@@ -252,7 +38,6 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
         nodes.push(start_node(
             &lab,
             &lan,
-            &ctl,
             &token,
             &format!("n{i}"),
             public,
@@ -358,7 +143,7 @@ fn controller_and_four_nodes_full_mesh_survive_the_controller() -> Result<()> {
         )?
         .trim()
         .to_string();
-    let late = start_node(&lab, &lan, &ctl, &token, "n4", true, &[])?;
+    let late = start_node(&lab, &lan, &token, "n4", true, &[])?;
     let addresses = ctl.nodes(&lab)?;
     assert_eq!(
         address_of(&addresses, "n4")?,
@@ -445,7 +230,6 @@ fn join_pins_an_ipv6_address_and_the_cli_shows_both() -> Result<()> {
     let border = start_node(
         &lab,
         &lan,
-        &ctl,
         &token,
         "border",
         true,

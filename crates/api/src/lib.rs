@@ -35,6 +35,11 @@ pub struct Network {
     /// Seconds; nodes behind NAT keep their mapping open with it.
     pub persistent_keepalive: u16,
     pub nodes: u64,
+    /// The UDP port of the controller's endpoint discovery, on the
+    /// address the node reaches the controller at ([`discovery`]); none
+    /// when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +155,33 @@ pub struct Node {
     /// node last reported it.
     #[serde(default)]
     pub handshakes: Vec<PeerHandshake>,
+    /// Where a node that publishes no endpoint may be reached, best first
+    /// (IPv6, then its NAT's public address, then its local addresses), as
+    /// it last reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
+    /// How the node's NAT maps its WireGuard socket, as it measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatMapping>,
 }
+
+/// How a NAT maps a node's WireGuard socket (RFC 4787), as the node
+/// measures it with two discovery requests to different ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatMapping {
+    /// Both requests came from the node's own address and port.
+    None,
+    /// One public address and port whatever the destination: peers can
+    /// reach the node directly once both sides send (hole punching).
+    EndpointIndependent,
+    /// A new public port per destination: no direct path from another
+    /// NAT; a relay carries the node's traffic.
+    EndpointDependent,
+}
+
+/// The most candidates a node may report.
+pub const MAX_CANDIDATES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerHandshake {
@@ -186,6 +217,14 @@ pub struct NodeReport {
     /// [`MAX_BGP_RANGES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp_ranges: Option<Vec<IpNet>>,
+    /// For a node that publishes no endpoint: where it may be reached
+    /// (`ip:port`, best first, at most [`MAX_CANDIDATES`]; see
+    /// [`Node::candidates`]). `None` leaves what the controller has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<String>>,
+    /// How its NAT maps its WireGuard socket, when it could measure it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatMapping>,
 }
 
 /// Which address families a border can route to the outside: its BGP
@@ -367,6 +406,15 @@ pub struct Peer {
     /// Its mesh addresses as host routes, plus its egress ranges.
     pub allowed_ips: Vec<IpNet>,
     pub egress: Option<Gateway>,
+    /// For a peer that publishes no endpoint: where it may be reached
+    /// ([`Node::candidates`]). A node that publishes none either sends to
+    /// these only when the controller hands them out, as the peer gets
+    /// its own at the same moment, so that both punch their NATs at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
+    /// The peer's NAT, as it measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatMapping>,
 }
 
 /// Everything a node needs: its own settings and its peers.
@@ -421,6 +469,8 @@ impl StreamEvent {
         }
     }
 }
+
+pub mod discovery;
 
 /// The host route of an address (/32 or /128).
 pub fn host_net(ip: IpAddr) -> IpNet {

@@ -389,6 +389,22 @@ impl Lab {
         self.sysctl(node, "net.ipv6.conf.all.forwarding", "1")
     }
 
+    /// Loads the nftables table `inet table` with `chains` on `node`, or
+    /// deletes it (`None`).
+    pub fn nft_table(&self, node: &Node, table: &str, chains: Option<&str>) -> Result<()> {
+        match chains {
+            Some(chains) => {
+                let file = self.run_dir(node)?.join(format!("{table}.nft"));
+                fs::write(&file, format!("table inet {table} {{\n{chains}\n}}\n"))?;
+                self.exec(node, &["nft", "-f", &file.to_string_lossy()])?;
+            }
+            None => {
+                self.exec(node, &["nft", "delete", "table", "inet", table])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs a command inside `node` and returns what it printed; fails with
     /// its stderr when it exits non-zero or runs past 30 s.
     pub fn exec(&self, node: &Node, cmd: &[&str]) -> Result<String> {

@@ -22,6 +22,7 @@
 
 mod command;
 mod lab;
+pub mod nat;
 pub mod own_as;
 pub mod peers;
 pub mod postgres;

@@ -512,7 +512,7 @@ impl<'lab> OwnAs<'lab> {
     /// if it had lost power: nothing is closed, its peers notice only by
     /// timers. `false` brings it back.
     pub fn silence(&self, node: &Node, silent: bool) -> Result<()> {
-        self.nft_table(
+        self.lab.nft_table(
             node,
             "b4m_silence",
             silent.then_some(
@@ -535,7 +535,8 @@ impl<'lab> OwnAs<'lab> {
             "chain input {{ type filter hook input priority -300; policy accept; {rule}; }}\n\
              chain output {{ type filter hook output priority -300; policy accept; {rule}; }}"
         );
-        self.nft_table(node, "b4m_mesh_cut", cut.then_some(&chains))
+        self.lab
+            .nft_table(node, "b4m_mesh_cut", cut.then_some(&chains))
     }
 
     /// Cuts one link of a machine (`true`): every IP packet in and out of
@@ -585,25 +586,7 @@ impl<'lab> OwnAs<'lab> {
             "chain prerouting {{ type filter hook prerouting priority -300; policy accept; {inbound} drop; }}\n\
              chain postrouting {{ type filter hook postrouting priority -300; policy accept; {outbound} drop; }}"
         );
-        self.nft_table(node, table, cut.then_some(&chains))
-    }
-
-    /// Loads the nftables table `inet table` with `chains` on `node`, or
-    /// deletes it (`None`).
-    fn nft_table(&self, node: &Node, table: &str, chains: Option<&str>) -> Result<()> {
-        match chains {
-            Some(chains) => {
-                let file = self.lab.run_dir(node)?.join(format!("{table}.nft"));
-                std::fs::write(&file, format!("table inet {table} {{\n{chains}\n}}\n"))?;
-                self.lab
-                    .exec(node, &["nft", "-f", &file.to_string_lossy()])?;
-            }
-            None => {
-                self.lab
-                    .exec(node, &["nft", "delete", "table", "inet", table])?;
-            }
-        }
-        Ok(())
+        self.lab.nft_table(node, table, cut.then_some(&chains))
     }
 
     pub fn wan(&self) -> &Switch {

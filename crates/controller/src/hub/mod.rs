@@ -713,6 +713,7 @@ pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
         listen_port: n.listen_port,
         persistent_keepalive: n.persistent_keepalive,
         nodes,
+        discovery_port: None,
     }
 }
 
@@ -750,6 +751,8 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         last_seen: n.last_seen,
         online: is_online(n, now),
         handshakes: n.handshakes.clone(),
+        candidates: Vec::new(),
+        nat: None,
     }
 }
 
@@ -786,6 +789,8 @@ pub fn render_peer(n: &NodeView) -> Peer {
         endpoint: endpoint_of(n),
         allowed_ips,
         egress,
+        candidates: Vec::new(),
+        nat: None,
     }
 }
 
