@@ -34,6 +34,9 @@ pub struct ServerConfig {
     /// Timeouts and connection caps (docs/controller.md, "Security").
     #[serde(default)]
     pub limits: crate::connections::ConnectionLimits,
+    /// Endpoint discovery on UDP (docs/controller.md, "NAT traversal").
+    #[serde(default)]
+    pub discovery: crate::discovery::DiscoveryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +99,10 @@ impl ServerConfig {
             bail!("listen: port 0 picks a random port; give the port nodes will use");
         }
         config.limits.check().map_err(anyhow::Error::msg)?;
+        config
+            .discovery
+            .check(config.listen)
+            .map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 
@@ -237,6 +244,35 @@ mod tests {
         let err = ServerConfig::parse("master_key = \"0123456789abcdef\"\nlisten = \"0.0.0.0:0\"")
             .expect_err("port 0");
         assert!(format!("{err:#}").contains("listen"), "{err:#}");
+    }
+
+    #[test]
+    fn discovery_is_on_by_default_at_the_api_port_and_its_keys_are_checked() {
+        let key = "master_key = \"0123456789abcdef\"\n";
+        let c = ServerConfig::parse(key).expect("default");
+        assert!(c.discovery.enabled);
+        assert_eq!(c.discovery.address(c.listen), c.listen);
+        let c = ServerConfig::parse(&format!(
+            "{key}listen = \"[::]:8443\"\n[discovery]\nlisten = \"[::]:3478\"\nrate = 5"
+        ))
+        .expect("own port");
+        assert_eq!(c.discovery.address(c.listen).port(), 3478);
+        assert_eq!(c.discovery.rate, 5);
+        let c = ServerConfig::parse(&format!(
+            "{key}listen = \"0.0.0.0:65535\"\n[discovery]\nenabled = false"
+        ))
+        .expect("off");
+        assert!(!c.discovery.enabled);
+        for (text, field) in [
+            ("[discovery]\nport = 1", "port"),
+            ("[discovery]\nlisten = \"x\"", "listen"),
+            ("[discovery]\nburst = 0", "discovery.burst"),
+            ("listen = \"0.0.0.0:65535\"", "listen"),
+            ("[discovery]\nlisten = \"0.0.0.0:0\"", "discovery.listen"),
+        ] {
+            let err = ServerConfig::parse(&format!("{key}{text}")).expect_err(text);
+            assert!(format!("{err:#}").contains(field), "{text}: {err:#}");
+        }
     }
 
     #[test]

@@ -165,10 +165,10 @@ pub struct ConnectionStats {
 /// Where a connection comes from, as far as limits go: an IPv4 address
 /// or an IPv6 /64 (one subscriber's usual allocation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Source(IpAddr);
+pub(crate) struct Source(IpAddr);
 
 impl Source {
-    fn of(ip: IpAddr) -> Source {
+    pub(crate) fn of(ip: IpAddr) -> Source {
         match ip {
             IpAddr::V4(v4) => Source(IpAddr::V4(v4)),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -9,11 +9,14 @@
 //!   (networks, tokens, join, nodes, gateways, apitokens, agent: the SSE
 //!   stream).
 //! - `connections`: who may hold a connection, and for how long.
+//! - `discovery`: endpoint discovery on UDP (where a node's datagrams
+//!   come from), rate-limited.
 //! - `ipam`, `secrets`, `tls`, `metrics`, `openapi`, `config`, `server`.
 
 pub mod api;
 pub mod config;
 pub mod connections;
+pub mod discovery;
 pub mod hub;
 pub mod ipam;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Prometheus metrics in the text exposition format: API requests and
-//! their latency, open agent streams, nodes online, the revision.
+//! their latency, open agent streams, nodes online, the revision, the
+//! listener's connections and the endpoint discovery's datagrams.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub struct Metrics {
     streams: Arc<AtomicU64>,
     /// The listener's connection counters (`connections::Admission`).
     pub connections: Arc<crate::connections::ConnectionStats>,
+    /// The UDP endpoint discovery's counters (`discovery`).
+    pub discovery: Arc<crate::discovery::DiscoveryStats>,
 }
 
 /// Counts an open stream until dropped.
@@ -105,6 +108,28 @@ impl Metrics {
         ] {
             line(format!("# HELP bgp4mesh_{name} {help}"));
             line(format!("# TYPE bgp4mesh_{name} {kind}"));
+            line(format!("bgp4mesh_{name} {}", value.load(Ordering::Relaxed)));
+        }
+        let d = &self.discovery;
+        for (name, help, value) in [
+            (
+                "discovery_answered_total",
+                "Endpoint discovery requests answered (UDP).",
+                &d.answered,
+            ),
+            (
+                "discovery_malformed_total",
+                "Datagrams to the discovery ports that were no request, dropped.",
+                &d.malformed,
+            ),
+            (
+                "discovery_rate_limited_total",
+                "Discovery requests over the per-source or global rate limit, dropped.",
+                &d.rate_limited,
+            ),
+        ] {
+            line(format!("# HELP bgp4mesh_{name} {help}"));
+            line(format!("# TYPE bgp4mesh_{name} counter"));
             line(format!("bgp4mesh_{name} {}", value.load(Ordering::Relaxed)));
         }
         line("# HELP bgp4mesh_revision The last committed change.".into());

@@ -19,6 +19,9 @@ pub struct Running {
     pub addr: SocketAddr,
     pub controller: Arc<Controller>,
     pub fingerprint: Option<String>,
+    /// Endpoint discovery (UDP, this port and the next), unless it is off.
+    pub discovery: Option<SocketAddr>,
+    discovery_service: Option<crate::discovery::Discovery>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     pulses: tokio::task::JoinHandle<()>,
@@ -29,6 +32,9 @@ impl Running {
     pub async fn shutdown(self) {
         self.handle.shutdown();
         self.pulses.abort();
+        if let Some(d) = &self.discovery_service {
+            d.stop();
+        }
         let _ = self.task.await;
     }
 
@@ -120,6 +126,23 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         )
         .await?,
     );
+    // After the store and the TCP socket, so a failure names the first
+    // thing wrong; before the API serves, so every node hears of it.
+    let discovery_service = if config.discovery.enabled {
+        let at = config.discovery.address(config.listen);
+        Some(crate::discovery::start(
+            at,
+            &config.discovery,
+            Arc::clone(&controller.metrics.discovery),
+        )?)
+    } else {
+        tracing::info!("endpoint discovery is off (discovery.enabled = false)");
+        None
+    };
+    let discovery = discovery_service.as_ref().map(|d| d.addr);
+    controller
+        .hub
+        .set_discovery_port(discovery.map(|a| a.port()));
     let app = router(Arc::clone(&controller)).into_make_service();
     let pulses = tokio::spawn(Arc::clone(&controller).watch_pulses());
     let handle = axum_server::Handle::new();
@@ -149,6 +172,8 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         addr,
         controller,
         fingerprint,
+        discovery,
+        discovery_service,
         handle,
         task,
         pulses,

@@ -224,6 +224,10 @@ pub(super) async fn agent_report(
     if report.listen_port == Some(0) {
         return Err(Failure::bad("listen_port: 1 to 65535"));
     }
+    let candidates = match &report.candidates {
+        Some(c) => Some(crate::hub::check_candidates(c).map_err(Failure::bad)?),
+        None => None,
+    };
     let bgp_ranges = match &report.bgp_ranges {
         Some(ranges) => {
             let mut ranges = check_bgp_ranges(ranges)?;
@@ -313,6 +317,23 @@ pub(super) async fn agent_report(
     }
     let published_changed = report.endpoint.is_some() && report.endpoint != node.endpoint
         || report.listen_port.is_some_and(|p| p != node.listen_port);
+    // Candidates reach the node (SelfUpdate) and its peers (PeerUpsert) in
+    // one change, so both start sending to each other at once; with a new
+    // published endpoint they ride on its change.
+    let candidates_changed =
+        ctl.hub
+            .candidates_reported(&node.network, &node.id, candidates, report.nat);
+    if candidates_changed && !published_changed {
+        let revision = ctl
+            .store
+            .note_change(&node.network, &node.id, "candidates", t)
+            .await?;
+        ctl.hub
+            .node_changed(revision, &node.network, &node.id, |old| {
+                old.unwrap_or_else(|| unreachable_view(&node.id))
+            });
+        tracing::debug!(node = %node.name, "candidates or NAT mapping changed");
+    }
     if published_changed {
         let endpoint = report.endpoint.clone().or(node.endpoint.clone());
         let port = report.listen_port.unwrap_or(node.listen_port);

@@ -167,6 +167,10 @@ pub(super) async fn join(
     Ok(Json(JoinResponse {
         node: render_node(&network, &view, now()),
         credential,
-        network: render_network(&network, ctl.hub.node_count(&network.netid)),
+        network: render_network(
+            &network,
+            ctl.hub.node_count(&network.netid),
+            ctl.hub.discovery_port(),
+        ),
     }))
 }

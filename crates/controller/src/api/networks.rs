@@ -128,7 +128,7 @@ pub(super) async fn create_network(
     let revision = ctl.store.create_network(&row, now()).await?;
     ctl.hub.network_created(revision, row.clone());
     tracing::info!(netid = %row.netid, "network created");
-    Ok(Json(render_network(&row, 0)))
+    Ok(Json(render_network(&row, 0, ctl.hub.discovery_port())))
 }
 
 pub(super) async fn list_networks(
@@ -144,7 +144,7 @@ pub(super) async fn list_networks(
     });
     Ok(Json(
         visible
-            .map(|n| render_network(n, ctl.hub.node_count(&n.netid)))
+            .map(|n| render_network(n, ctl.hub.node_count(&n.netid), ctl.hub.discovery_port()))
             .collect(),
     ))
 }
@@ -160,7 +160,11 @@ pub(super) async fn get_network(
         .network(&netid)
         .await?
         .ok_or_else(|| Failure::not_found(format!("no network {netid:?}")))?;
-    Ok(Json(render_network(&n, ctl.hub.node_count(&netid))))
+    Ok(Json(render_network(
+        &n,
+        ctl.hub.node_count(&netid),
+        ctl.hub.discovery_port(),
+    )))
 }
 
 pub(super) async fn delete_network(

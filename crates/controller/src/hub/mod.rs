@@ -11,13 +11,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use bgp4mesh_api::{Gateway, MeshState, Network, Node, Peer, PeerHandshake, StreamEvent, host_net};
+use bgp4mesh_api::{
+    Gateway, MeshState, NatMapping, Network, Node, Peer, PeerHandshake, StreamEvent, host_net,
+};
 use ipnet::IpNet;
 use tokio::sync::broadcast;
 
 use crate::store::{GatewayRow, NetworkRow, NodeRow};
 
+mod candidates;
 pub mod watchdog;
+
+pub use candidates::check_candidates;
 
 /// Changes kept per network for agents that reconnect.
 const LOG_LEN: usize = 4096;
@@ -41,6 +46,13 @@ pub struct NodeView {
     pub observed_endpoint: Option<String>,
     /// When `observed_endpoint` last changed (seconds).
     pub observed_at: Option<u64>,
+    /// Where the node says it may be reached, best first (`ip:port`), as
+    /// it last reported them; rendered only while it publishes no
+    /// endpoint. Kept when its stream closes (its last word), gone with
+    /// the node.
+    pub candidates: Vec<String>,
+    /// How its NAT maps its WireGuard socket, as it last reported it.
+    pub nat: Option<NatMapping>,
     pub last_seen: Option<u64>,
     pub handshakes: Vec<PeerHandshake>,
     /// Open push streams of this node's agent.
@@ -75,6 +87,8 @@ impl NodeView {
             gateway,
             observed_endpoint: None,
             observed_at: None,
+            candidates: Vec::new(),
+            nat: None,
             last_seen: None,
             handshakes: Vec::new(),
             streams: 0,
@@ -151,6 +165,8 @@ struct NetView {
 struct Inner {
     revision: u64,
     networks: HashMap<String, NetView>,
+    /// The first UDP port of the endpoint discovery, when it is on.
+    discovery_port: Option<u16>,
 }
 
 impl Inner {
@@ -182,6 +198,7 @@ impl Hub {
         let mut inner = Inner {
             revision,
             networks: HashMap::new(),
+            discovery_port: None,
         };
         for network in networks {
             inner
@@ -214,6 +231,17 @@ impl Hub {
 
     pub fn revision(&self) -> u64 {
         self.read().revision
+    }
+
+    /// The endpoint discovery's first port (None: it is off), told to
+    /// nodes in their network's settings. Set once at start, before the
+    /// API serves.
+    pub fn set_discovery_port(&self, port: Option<u16>) {
+        self.write().discovery_port = port;
+    }
+
+    pub fn discovery_port(&self) -> Option<u16> {
+        self.read().discovery_port
     }
 
     // -- changes (called in revision order, under the controller's write
@@ -580,7 +608,7 @@ impl Hub {
     pub fn state(&self, netid: &str, id: &str, now: u64) -> Option<MeshState> {
         let inner = self.read();
         let view = inner.networks.get(netid)?;
-        view.snapshot(inner.revision, id, now)
+        view.snapshot(inner.revision, id, now, inner.discovery_port)
     }
 
     /// Starts a stream for node `id` that has seen up to `since`.
@@ -603,9 +631,14 @@ impl Hub {
                 .log
                 .iter()
                 .filter(|c| c.revision > r)
-                .filter_map(|c| event_for(c, id, view, now))
+                .filter_map(|c| event_for(c, id, view, now, inner.discovery_port))
                 .collect(),
-            _ => vec![StreamEvent::Snapshot(view.snapshot(current, id, now)?)],
+            _ => vec![StreamEvent::Snapshot(view.snapshot(
+                current,
+                id,
+                now,
+                inner.discovery_port,
+            )?)],
         };
         Some(Subscription {
             initial,
@@ -629,7 +662,7 @@ impl Hub {
         }
         let inner = self.read();
         let view = inner.networks.get(netid)?;
-        event_for(change, id, view, now)
+        event_for(change, id, view, now, inner.discovery_port)
     }
 }
 
@@ -638,7 +671,13 @@ fn is_online(node: &NodeView, now: u64) -> bool {
         .is_some_and(|t| now.saturating_sub(t) <= ONLINE_WINDOW)
 }
 
-fn event_for(change: &Change, id: &str, view: &NetView, now: u64) -> Option<StreamEvent> {
+fn event_for(
+    change: &Change,
+    id: &str,
+    view: &NetView,
+    now: u64,
+    discovery_port: Option<u16>,
+) -> Option<StreamEvent> {
     let revision = change.revision;
     match &change.kind {
         ChangeKind::NodeUpsert(node_id) => {
@@ -647,7 +686,7 @@ fn event_for(change: &Change, id: &str, view: &NetView, now: u64) -> Option<Stre
                 Some(StreamEvent::SelfUpdate {
                     revision,
                     node: render_node(&view.network, node, now),
-                    network: render_network(&view.network, view.nodes.len() as u64),
+                    network: render_network(&view.network, view.nodes.len() as u64, discovery_port),
                 })
             } else {
                 Some(StreamEvent::PeerUpsert {
@@ -688,11 +727,17 @@ impl NetView {
         let _ = self.sender.send(change);
     }
 
-    fn snapshot(&self, revision: u64, id: &str, now: u64) -> Option<MeshState> {
+    fn snapshot(
+        &self,
+        revision: u64,
+        id: &str,
+        now: u64,
+        discovery_port: Option<u16>,
+    ) -> Option<MeshState> {
         let me = self.nodes.get(id)?;
         Some(MeshState {
             revision,
-            network: render_network(&self.network, self.nodes.len() as u64),
+            network: render_network(&self.network, self.nodes.len() as u64, discovery_port),
             node: render_node(&self.network, me, now),
             peers: self
                 .nodes
@@ -704,7 +749,8 @@ impl NetView {
     }
 }
 
-pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
+/// A network's settings; `discovery_port` is `Hub::discovery_port`.
+pub fn render_network(n: &NetworkRow, nodes: u64, discovery_port: Option<u16>) -> Network {
     Network {
         netid: n.netid.clone(),
         addressrange: n.addressrange.clone(),
@@ -713,7 +759,7 @@ pub fn render_network(n: &NetworkRow, nodes: u64) -> Network {
         listen_port: n.listen_port,
         persistent_keepalive: n.persistent_keepalive,
         nodes,
-        discovery_port: None,
+        discovery_port,
     }
 }
 
@@ -751,8 +797,8 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         last_seen: n.last_seen,
         online: is_online(n, now),
         handshakes: n.handshakes.clone(),
-        candidates: Vec::new(),
-        nat: None,
+        candidates: candidates_of(n),
+        nat: n.nat,
     }
 }
 
@@ -767,6 +813,16 @@ fn endpoint_of(n: &NodeView) -> Option<String> {
             Err(_) => Some(format!("{e}:{}", n.row.listen_port)),
         },
         None => n.observed_endpoint.clone(),
+    }
+}
+
+/// The candidates of a node that publishes no endpoint: one that does is
+/// reached there.
+fn candidates_of(n: &NodeView) -> Vec<String> {
+    if n.row.endpoint.is_some() {
+        Vec::new()
+    } else {
+        n.candidates.clone()
     }
 }
 
@@ -789,8 +845,8 @@ pub fn render_peer(n: &NodeView) -> Peer {
         endpoint: endpoint_of(n),
         allowed_ips,
         egress,
-        candidates: Vec::new(),
-        nat: None,
+        candidates: candidates_of(n),
+        nat: n.nat,
     }
 }
 
