@@ -875,7 +875,6 @@ fn replies_come_from_the_address_the_peer_sent_to() -> Result<()> {
 /// a remembered source whose route leaves by another interface than the
 /// one the peer's packets came in on).
 #[test]
-#[ignore = "fails: the device keeps sending from the remembered source 10.60.0.1 out of the new route's interface; it forgets a source only when the kernel refuses it, and does not compare the route's interface with the one the peer's packets arrive on"]
 fn source_follows_a_better_route_through_another_interface() -> Result<()> {
     if !can_run!(&["wg", "ping"]) {
         return Ok(());
@@ -967,7 +966,6 @@ fn source_follows_a_better_route_through_another_interface() -> Result<()> {
 /// dropped on the way in; a ping of 1297 bytes must get through, so it
 /// may be padded to 1299 only.
 #[test]
-#[ignore = "fails: the device pads up to the interface's MTU (1300); the MTU of the route a packet took into the TUN device is not visible to a device that reads the packet from it"]
 fn padding_stays_within_the_route_mtu() -> Result<()> {
     if !can_run!(&["wg", "ping", "nft"]) {
         return Ok(());

@@ -402,7 +402,11 @@ fn create_link(name: &str) -> io::Result<()> {
 }
 
 /// Reads replies to `sequence` until the ACK, NLMSG_DONE or an error.
-fn read_replies<I>(socket: &Socket, sequence: u32, mut each: impl FnMut(I)) -> io::Result<()>
+pub(crate) fn read_replies<I>(
+    socket: &Socket,
+    sequence: u32,
+    mut each: impl FnMut(I),
+) -> io::Result<()>
 where
     I: netlink_packet_core::NetlinkDeserializable + std::fmt::Debug,
 {

@@ -28,6 +28,9 @@
 //! - `outbound`: the tun → udp thread (encryption, GSO batches);
 //! - `icmp`: the ICMP errors it answers packets no peer takes with;
 //! - `route_loop`: its own datagrams routed back into it, dropped;
+//! - `routes`: what the kernel's routes say (sticky sources whose route
+//!   left their interface, routes through the device with an MTU), asked
+//!   by the timer thread;
 //! - `inbound`: the udp → tun thread (decryption, GRO batches);
 //! - `handshake`: the handshake thread, fed by the receive thread;
 //! - `timers`: the timer thread;
@@ -43,6 +46,7 @@ mod icmp;
 mod inbound;
 mod outbound;
 mod route_loop;
+mod routes;
 mod timers;
 mod udp;
 
@@ -123,6 +127,9 @@ struct Shared {
     /// inside another tunnel (1340 in 1420) must send datagrams that fit,
     /// or every full-size packet is fragmented on the way.
     mtu: AtomicU16,
+    /// Routes through the interface with an MTU of their own, which
+    /// padding stays within too (`routes`); normally none.
+    route_mtus: routes::RouteMtuCell,
     timer_params: Option<TimerParams>,
     index_table: IndexTable,
     /// Session index (ours, as the peer addresses its packets) → peer.
@@ -217,8 +224,10 @@ struct PeerState {
     endpoint: Option<SocketAddr>,
     /// The local address the peer's last authenticated packet came to, to
     /// send from ("sticky source", as the kernel module and wireguard-go
-    /// keep it): `None` until one arrived, for a configured endpoint, and
-    /// after the kernel refused it (the address was removed).
+    /// keep it): `None` until one arrived, for a configured endpoint,
+    /// after the kernel refused it (the address was removed), and once
+    /// the route to the endpoint leaves by another interface than the
+    /// peer's packets came in on (`routes`).
     source: Option<Source>,
     /// Start a handshake as soon as the peer has an endpoint: a peer given
     /// one by [`Device::configure`] (a restarted peer's old session is
@@ -330,6 +339,7 @@ impl Device {
             name: options.name.clone(),
             tun,
             mtu: AtomicU16::new(options.mtu),
+            route_mtus: routes::RouteMtuCell::default(),
             timer_params: options.timer_params,
             index_table: IndexTable::from_os_rng(),
             by_index: Mutex::new(HashMap::new()),
@@ -573,7 +583,8 @@ impl Shared {
     }
 
     /// What gotatun pads transport data up to: the interface's MTU as
-    /// last read.
+    /// last read (the handshake thread's queued packets; the transmit
+    /// path also minds routes with an MTU, [`routes::Padding`]).
     fn mtu_watcher(&self) -> MtuWatcher {
         MtuWatcher::new(self.mtu.load(Ordering::Relaxed))
     }
@@ -640,11 +651,12 @@ impl Shared {
         let held = state.held.take()?;
         let target = state.target(peer)?;
         let tunn = state.tunn.as_mut()?;
-        let mut mtu = self.mtu_watcher();
+        let mut mtu = routes::Padding::new(self);
         let mut out = Vec::with_capacity(held.packets.len());
         for packet in held.packets {
+            let pad_to = mtu.for_packet(&packet);
             let packet = gotatun::packet::Packet::from_bytes(bytes::BytesMut::from(&packet[..]));
-            if let Some(message) = tunn.handle_outgoing_packet(packet, Some(&mut mtu)) {
+            if let Some(message) = tunn.handle_outgoing_packet(packet, Some(pad_to)) {
                 self.register_index(&message, peer);
                 out.push(message.into());
             }

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use gotatun::packet::{Packet, WgKind};
-use gotatun::tun::MtuWatcher;
 use tracing::{debug, info};
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable};
 use super::inbound::TunBatch;
 use super::route_loop::LoopGuard;
+use super::routes::Padding;
 use super::udp::{SendOutcome, Target};
 use super::{HELD_FOR, HELD_PACKETS, MAX_PACKET, Peer, Shared, Udp, lock, packet_address, read};
 
@@ -166,7 +166,7 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
             }
         };
         let Some(udp) = shared.udp() else { continue };
-        let mut mtu = shared.mtu_watcher();
+        let mut mtu = Padding::new(&shared);
         {
             let iface = read(&shared.iface);
             routes.clear();
@@ -271,7 +271,7 @@ fn encrypt_run(
     bufs: &[Vec<u8>],
     (sizes, nested): (&[usize], &[bool]),
     first: usize,
-    mtu: &mut MtuWatcher,
+    mtu: &mut Padding,
     (batch, route_loop): (&mut SendBatch, &mut LoopGuard),
 ) {
     let mut state = lock(&peer.state);
@@ -299,8 +299,10 @@ fn encrypt_run(
     };
     let gso_limit = peer.gso_limit.load(Ordering::Relaxed);
     for (k, size) in sizes.iter().enumerate() {
-        let packet = Packet::from_bytes(BytesMut::from(&bufs[first + k][..*size]));
-        match tunn.handle_outgoing_packet(packet, Some(mtu)) {
+        let bytes = &bufs[first + k][..*size];
+        let pad_to = mtu.for_packet(bytes);
+        let packet = Packet::from_bytes(BytesMut::from(bytes));
+        match tunn.handle_outgoing_packet(packet, Some(pad_to)) {
             Some(WgKind::Data(data)) => {
                 if let Some(to) = endpoint {
                     let bytes: Packet = data.into();

@@ -1,7 +1,8 @@
 //! The timer thread: each peer's protocol timers every tick (handshake
 //! retries, rekey, keepalives), the pruning of the session-index map and
 //! the interface's MTU read again every second, and forgetting the learnt
-//! GSO limits now and then (a path may grow).
+//! GSO limits now and then (a path may grow); between ticks, what the
+//! routing table says (`routes`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, info};
 
+use super::routes::RouteWatch;
 use super::{EARLY_DATA_KEPT, HELD_FOR, Peer, Shared, TIMER_TICK, lock, read};
 
 /// How long a peer's GSO limit ([`Peer::gso_limit`]) holds before a full
@@ -20,8 +22,14 @@ const GSO_LIMIT_KEPT: Duration = Duration::from_secs(60);
 pub(super) fn timers(shared: Arc<Shared>) {
     let mut last_prune = Instant::now();
     let mut last_gso_reset = Instant::now();
+    let mut routes = RouteWatch::new(&shared)
+        .inspect_err(|e| info!(interface = %shared.name, "routes not watched: {e}"))
+        .ok();
     while !shared.stopping.load(Ordering::Relaxed) {
-        shared.wait_readable(None, Some(TIMER_TICK));
+        match routes.as_mut() {
+            Some(routes) => routes.wait_tick(&shared, TIMER_TICK),
+            None => shared.wait_readable(None, Some(TIMER_TICK)),
+        }
         let udp = shared.udp();
         let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
         for peer in peers {

@@ -324,7 +324,9 @@ pub(super) struct Target {
 pub(super) struct Source {
     ip: IpAddr,
     /// Put on the send only for an IPv6 link-local source, which needs its
-    /// scope; otherwise the kernel routes as usual from the address.
+    /// scope; otherwise the kernel routes as usual from the address. The
+    /// timer thread forgets an IPv4 source whose route leaves by another
+    /// interface than this one (`routes`).
     ifindex: u32,
 }
 
@@ -337,6 +339,11 @@ impl Source {
     /// The address, as the peer sent to it (IPv4 as IPv4).
     pub(super) fn ip(&self) -> IpAddr {
         self.ip.to_canonical()
+    }
+
+    /// The interface the peer's packet came in on (0: unknown).
+    pub(super) fn ifindex(&self) -> u32 {
+        self.ifindex
     }
 
     /// From a received datagram's metadata; `None` for an address one
