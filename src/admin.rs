@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use bgp4mesh_agent::Client;
-use bgp4mesh_api::{GatewayCreate, Network, NetworkCreate, Node, Token, TokenCreate};
+use bgp4mesh_api::{GatewayCreate, NatMapping, Network, NetworkCreate, Node, Token, TokenCreate};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -236,6 +236,25 @@ fn print_nodes(nodes: &[Node]) {
     }
 }
 
+/// Below `node show`'s line: how its NAT maps (as the node measured it)
+/// and where it may be reached when it publishes no endpoint.
+fn print_reachability(n: &Node) {
+    let nat = match n.nat {
+        None => "not measured",
+        Some(NatMapping::None) => "none (its own address)",
+        Some(NatMapping::EndpointIndependent) => {
+            "endpoint-independent (reachable by hole punching)"
+        }
+        Some(NatMapping::EndpointDependent) => "endpoint-dependent (reached through a relay)",
+    };
+    println!("nat: {nat}");
+    if n.candidates.is_empty() {
+        println!("candidates: -");
+    } else {
+        println!("candidates: {}", n.candidates.join(" "));
+    }
+}
+
 fn print_tokens(tokens: &[Token]) {
     println!(
         "{:<16} {:<12} {:<10} {:<12} tags",
@@ -390,7 +409,8 @@ pub fn node(remote: &Remote, command: &NodeCommand) -> Result<()> {
                 if remote.json {
                     print_json(&n)
                 } else {
-                    print_nodes(&[n]);
+                    print_nodes(std::slice::from_ref(&n));
+                    print_reachability(&n);
                     Ok(())
                 }
             }
@@ -510,6 +530,12 @@ pub fn server(config: &Path) -> Result<()> {
             println!("fingerprint {fp}");
         }
         println!("listening on {}", running.addr);
+        if let Some(d) = running.discovery {
+            println!(
+                "endpoint discovery on UDP {d} and port {}",
+                d.port().saturating_add(1)
+            );
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),

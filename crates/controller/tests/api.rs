@@ -304,6 +304,7 @@ on_both_stores!(
     a_networks_key_goes_with_its_network,
     who_may_say_where_a_node_is,
     gateway_ranges,
+    candidates_and_discovery,
 );
 
 // ---------------------------------------------------------------------------
@@ -1395,6 +1396,164 @@ async fn gateway_ranges(db: &Db) -> Result<()> {
     assert_eq!(status, StatusCode::OK, "{node}");
     assert_eq!(revision(running), before + 1);
     api.stop().await;
+    Ok(())
+}
+
+/// Endpoint discovery (on by default, at the API's port and the next) is
+/// told to nodes with their network and answers on UDP; a node's
+/// candidates, checked, reach it and its peers in one change.
+async fn candidates_and_discovery(db: &Db) -> Result<()> {
+    use bgp4mesh_api::NatMapping;
+    use bgp4mesh_api::discovery::{parse_answer, request};
+    let api = db.start().await?;
+    let (c, running) = (&api.c, &api.running);
+    let Seed { first, second } = seed(c).await?;
+    let discovery = running.discovery.context("discovery is on by default")?;
+    assert_eq!(first.network.discovery_port, Some(discovery.port()));
+    let (_, net) = c.get("/api/networks/mynet", Some(MASTER)).await?;
+    assert_eq!(net["discovery_port"], json!(discovery.port()));
+    // Both ports answer a request with where it came from.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    for port in [discovery.port(), discovery.port() + 1] {
+        let id = [port as u8; 16];
+        udp.send_to(&request(&id), ("127.0.0.1", port)).await?;
+        let mut buf = [0u8; 64];
+        let (len, _) =
+            tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf)).await??;
+        assert_eq!(parse_answer(&buf[..len]), Some((id, udp.local_addr()?)));
+    }
+    udp.send_to(b"hello", ("127.0.0.1", discovery.port()))
+        .await?;
+    let metrics = loop {
+        let resp = c
+            .http
+            .get(format!("{}/metrics", c.base))
+            .bearer_auth(MASTER)
+            .send()
+            .await?
+            .text()
+            .await?;
+        if resp.contains("bgp4mesh_discovery_malformed_total 1") {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        metrics.contains("bgp4mesh_discovery_answered_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bgp4mesh_discovery_rate_limited_total 0"),
+        "{metrics}"
+    );
+
+    // The laptop says where it may be reached: the border hears it in the
+    // same change that tells the laptop its own.
+    let report = |credential: &str, body: Value| {
+        let credential = credential.to_string();
+        async move { c.post("/api/agent/report", Some(&credential), body).await }
+    };
+    let candidates = json!([
+        "[2001:db8::2]:51820",
+        "198.51.100.2:40000",
+        "192.168.1.2:51820"
+    ]);
+    let before = running.controller.hub.revision();
+    let laptop_report = async {
+        let (status, v) = report(
+            &second.credential,
+            json!({"candidates": candidates, "nat": "endpoint_independent"}),
+        )
+        .await?;
+        ensure!(status == StatusCode::NO_CONTENT, "report: {status} {v}");
+        Ok(())
+    };
+    let events = stream_events(c, &first.credential, Some(before), 1, laptop_report).await?;
+    let [StreamEvent::PeerUpsert { revision, peer }] = events.as_slice() else {
+        anyhow::bail!("the border got {events:?}");
+    };
+    assert_eq!(peer.node_id, second.node.id);
+    assert_eq!(serde_json::to_value(&peer.candidates)?, candidates);
+    assert_eq!(peer.nat, Some(NatMapping::EndpointIndependent));
+    assert_eq!(*revision, before + 1, "one change");
+    let events = stream_events(c, &second.credential, Some(before), 1, async { Ok(()) }).await?;
+    let [
+        StreamEvent::SelfUpdate {
+            revision: own,
+            node,
+            ..
+        },
+    ] = events.as_slice()
+    else {
+        anyhow::bail!("the laptop got {events:?}");
+    };
+    assert_eq!(own, revision, "the same change");
+    assert_eq!(serde_json::to_value(&node.candidates)?, candidates);
+    // The same again is no change; None leaves them.
+    report(&second.credential, json!({"candidates": candidates})).await?;
+    report(&second.credential, json!({})).await?;
+    assert_eq!(running.controller.hub.revision(), *revision);
+    let (_, shown) = c
+        .get(
+            &format!("/api/nodes/mynet/{}", second.node.id),
+            Some(MASTER),
+        )
+        .await?;
+    let shown: Node = serde_json::from_value(shown)?;
+    assert_eq!(serde_json::to_value(&shown.candidates)?, candidates);
+    assert_eq!(shown.nat, Some(NatMapping::EndpointIndependent));
+    // Bad ones are refused, named, and change nothing.
+    for (bad, why) in [
+        (json!(["127.0.0.1:51820"]), "127.0.0.1:51820"),
+        (json!(["198.51.100.2:0"]), "198.51.100.2:0"),
+        (json!(["[fe80::2]:51820"]), "link-local"),
+        (json!(["224.0.0.1:51820"]), "multicast"),
+        (json!(["nowhere"]), "nowhere"),
+        (json!(vec!["198.51.100.2:1"; 9]), "at most 8"),
+    ] {
+        refused(
+            report(&second.credential, json!({"candidates": bad})).await?,
+            StatusCode::BAD_REQUEST,
+            why,
+        );
+    }
+    refused(
+        report(&second.credential, json!({"nat": "symmetric"})).await?,
+        StatusCode::BAD_REQUEST,
+        "nat",
+    );
+    assert_eq!(running.controller.hub.revision(), *revision);
+    // A node that publishes its endpoint is reached there.
+    report(
+        &first.credential,
+        json!({"candidates": ["198.51.100.1:51820"]}),
+    )
+    .await?;
+    let (_, state) = c.get("/api/agent/state", Some(&second.credential)).await?;
+    let state: MeshState = serde_json::from_value(state)?;
+    assert_eq!(serde_json::to_value(&state.node.candidates)?, candidates);
+    assert!(state.peers.iter().all(|p| p.candidates.is_empty()));
+    api.stop().await;
+    Ok(())
+}
+
+/// With `[discovery] enabled = false` nothing listens on UDP and nodes are
+/// told of no discovery port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_can_be_turned_off() -> Result<()> {
+    let dir = state_dir("nodiscovery");
+    let config = ServerConfig::parse(&format!(
+        "listen = \"127.0.0.1:0\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n[discovery]\nenabled = false\n",
+        dir.display()
+    ))?;
+    let running = start(&config).await?;
+    assert!(running.discovery.is_none());
+    let c = Client::new(&running, &dir)?;
+    network(&c, "m", "10.1.0.0/24").await?;
+    let (_, net) = c.get("/api/networks/m", Some(MASTER)).await?;
+    assert!(net.get("discovery_port").is_none(), "{net}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
