@@ -472,6 +472,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn on_the_ipv6_wildcard_ipv4_senders_are_answered_as_ipv4() {
+        use bgp4mesh_api::discovery::{parse_answer, request};
+        let stats = Arc::new(DiscoveryStats::default());
+        let at: SocketAddr = "[::]:0".parse().expect("addr");
+        let Ok(d) = start(at, &DiscoveryConfig::default(), stats) else {
+            eprintln!("SKIPPED: no IPv6 here");
+            return;
+        };
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let id = [4u8; 16];
+        let to = SocketAddr::from(([127, 0, 0, 1], d.addr.port()));
+        client.send_to(&request(&id), to).await.expect("send");
+        let (bytes, _) = answer_to(&client).await.expect("dual-stack");
+        let me = client.local_addr().expect("addr");
+        assert_eq!(parse_answer(&bytes), Some((id, me)));
+    }
+
+    #[tokio::test]
     async fn malformed_datagrams_get_no_answer_and_are_counted() {
         use bgp4mesh_api::discovery::{answer as answer_for, request};
         let (d, stats, client) = service(&DiscoveryConfig::default()).await;
