@@ -272,6 +272,12 @@ enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The mesh's peers: path (direct or none), endpoint, last handshake, round trip through the tunnel
+    Mesh {
+        /// The daemon's JSON answer instead of the table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,6 +360,7 @@ fn main() -> ExitCode {
                 ShowCommand::Bfd { json, .. } => show_bfd(&cli, *json),
                 ShowCommand::Peerings { json } => show_peerings(&cli, *json),
                 ShowCommand::Wireguard { json } => show_wireguard(&cli, *json),
+                ShowCommand::Mesh { json } => show_mesh(&cli, *json),
             }
         }
         Command::Genkey => genkey(),
@@ -582,6 +589,22 @@ fn show_wireguard(cli: &Daemon, json: bool) -> Result<()> {
     }
     print!("{}", show::render_wireguard(&data));
     Ok(())
+}
+
+fn show_mesh(cli: &Daemon, json: bool) -> Result<()> {
+    let data = ask(cli, Request::ShowMesh)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_mesh(&data, now_unix()));
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// `wg genkey`: a private key, base64, on stdout.

@@ -25,6 +25,11 @@ impl Controller {
     pub fn start(lab: &Lab, switch: &Switch) -> Result<Controller> {
         let node = lab.add_node("controller")?;
         let iface = lab.attach(switch, &node)?;
+        Self::start_on(lab, node, iface)
+    }
+
+    /// Starts the controller on `node`, listening on `iface`'s address.
+    pub fn start_on(lab: &Lab, node: Node, iface: Iface) -> Result<Controller> {
         let dir = lab.run_dir(&node)?;
         let config = lab.write_config(
             &node,
@@ -108,6 +113,17 @@ pub struct MeshNode {
     pub config: PathBuf,
     /// What `bgp4mesh join` printed.
     pub joined: String,
+}
+
+impl MeshNode {
+    /// Runs `bgp4mesh -s SOCKET ARGS` against this node's daemon.
+    pub fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+        let socket = lab.run_dir(&self.node)?.join("bgp4mesh.sock");
+        let socket = socket.to_string_lossy();
+        let mut cmd = vec![BIN, "-s", socket.as_ref()];
+        cmd.extend_from_slice(args);
+        lab.exec(&self.node, &cmd)
+    }
 }
 
 /// Adds node `name` on `switch` and starts it with [`start_node_on`];

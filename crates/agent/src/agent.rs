@@ -25,6 +25,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::client::Client;
 use crate::probing::{Probing, Targets, Trust};
+use crate::traversal::{self, Traversal};
 
 /// Default place of the agent's files.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgp4mesh/agent";
@@ -365,6 +366,8 @@ pub struct AgentOptions {
     /// `ANNOUNCE_ANYWAY` after the mesh was ready (a controller that does
     /// not answer must not keep the block off the Internet).
     pub announce: Option<tokio::sync::watch::Sender<bool>>,
+    /// Filled once the mesh runs, for `show mesh`.
+    pub view: Option<Arc<crate::view::MeshView>>,
 }
 
 impl Clone for AgentOptions {
@@ -377,6 +380,7 @@ impl Clone for AgentOptions {
             bgp_ranges: self.bgp_ranges.clone(),
             ready: None,
             announce: None,
+            view: self.view.clone(),
         }
     }
 }
@@ -391,6 +395,7 @@ impl Default for AgentOptions {
             bgp_ranges: None,
             ready: None,
             announce: None,
+            view: None,
         }
     }
 }
@@ -406,6 +411,10 @@ struct Mesh {
     nat: std::sync::Mutex<Option<bool>>,
     /// The default routes' exits last applied (IPv4, IPv6), to log changes.
     exits: std::sync::Mutex<(Option<String>, Option<String>)>,
+    /// Endpoint discovery and hole punching ([`crate::traversal`]).
+    traversal: Traversal,
+    /// The controller's discovery port, as the last state applied says.
+    discovery_port: watch::Sender<Option<u16>>,
 }
 
 impl Mesh {
@@ -436,7 +445,10 @@ impl Mesh {
             .filter_map(|p| {
                 let key = Key::from_base64(&p.public_key).ok()?;
                 let mut peer = PeerConfig::new(key);
-                peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                // Both behind NAT: the endpoint comes from punches only.
+                if !Traversal::both_behind_nat(state, p) {
+                    peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                }
                 // An egress range belongs to one peer: its chosen exit. The
                 // rest (the peer's own addresses) stays.
                 let carries = |r: &IpNet| {
@@ -468,6 +480,13 @@ impl Mesh {
         self.device
             .configure(&desired)
             .context("configuring the WireGuard device")?;
+        if let Some(view) = &self.options.view {
+            view.applied(state);
+        }
+        self.discovery_port
+            .send_if_modified(|p| std::mem::replace(p, state.network.discovery_port) != *p);
+        let live = self.recent_peers(Duration::from_secs(180));
+        self.traversal.punch(&self.device, state, &live);
         let addresses = own_addresses(state)?;
         let name = &self.options.interface;
         self.links
@@ -582,7 +601,70 @@ impl Mesh {
                 })
                 .collect();
         }
+        if let Some(found) = self.traversal.found() {
+            report.candidates = Some(found.candidates.iter().map(|c| c.to_string()).collect());
+            report.nat = found.nat;
+        }
         report
+    }
+
+    /// Runs endpoint discovery whenever the controller has a discovery
+    /// service: at once, again every [`traversal::DISCOVER_EVERY`] and
+    /// when the service's port changes; `found` is notified when the
+    /// candidates changed, for a report at once.
+    async fn discover(self: Arc<Self>, server: String, found: Arc<Notify>) {
+        let mut port = self.discovery_port.subscribe();
+        loop {
+            let current = *port.borrow_and_update();
+            if let Some(p) = current {
+                match self.discover_once(&server, p).await {
+                    Ok(true) => found.notify_one(),
+                    Ok(false) => {}
+                    Err(e) => tracing::info!("endpoint discovery: {e:#}"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(traversal::DISCOVER_EVERY) => {}
+                changed = port.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// One discovery against the controller's host at `port`; true when
+    /// the candidates changed.
+    async fn discover_once(self: &Arc<Self>, server: &str, port: u16) -> Result<bool> {
+        let url = reqwest::Url::parse(server).context("the controller's URL")?;
+        let host = url
+            .host_str()
+            .context("the controller's URL has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let to = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((host, port))
+                .await
+                .with_context(|| format!("resolving {host}"))?
+                .next()
+                .with_context(|| format!("{host} has no address"))?,
+        };
+        let local = self.links.host_addresses(&self.options.interface).await?;
+        let listen_port = self.device.status()?.listen_port;
+        let mesh = Arc::clone(self);
+        let found = tokio::task::spawn_blocking(move || {
+            traversal::discover(&mesh.device, to, &local, listen_port)
+        })
+        .await??;
+        let changed = self.traversal.set_found(found.clone());
+        if changed {
+            tracing::info!(nat = ?found.nat, candidates = ?found.candidates, "endpoint discovery");
+        }
+        Ok(changed)
+    }
+}
+
+impl crate::view::DeviceStatusSource for Mesh {
+    fn peers(&self) -> Vec<bgp4mesh_wireguard::PeerStatus> {
+        self.device.status().map(|s| s.peers).unwrap_or_default()
     }
 }
 
@@ -727,6 +809,8 @@ struct Reporter {
     /// Notified when a stream to the controller opens, or a gateway's
     /// pulses are heard again after silence.
     connected: Arc<Notify>,
+    /// Notified when endpoint discovery found other candidates.
+    found: Arc<Notify>,
 }
 
 /// The shortest time between two reports for changed BGP-learned ranges.
@@ -740,6 +824,7 @@ impl Reporter {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.connected.notified() => {}
+                _ = self.found.notified() => {}
                 changed = changed_or_never(&mut self.upstream) => {
                     if changed.is_err() {
                         self.upstream = None;
@@ -1043,7 +1128,13 @@ pub async fn run(
         links: Links::connect()?,
         nat: std::sync::Mutex::new(None),
         exits: std::sync::Mutex::new((None, None)),
+        traversal: Traversal::default(),
+        discovery_port: watch::channel(None).0,
     });
+    if let Some(view) = &options.view {
+        let source: Arc<dyn crate::view::DeviceStatusSource> = mesh.clone();
+        view.attach(&options.interface, Arc::downgrade(&source));
+    }
     let client = Client::new(
         &enrollment.server,
         enrollment.fingerprint.as_deref(),
@@ -1080,6 +1171,9 @@ pub async fn run(
             }
         })
     });
+    let found = Arc::new(Notify::new());
+    let discovery =
+        tokio::spawn(Arc::clone(&mesh).discover(enrollment.server.clone(), Arc::clone(&found)));
     let reporter = tokio::spawn(
         Reporter {
             mesh,
@@ -1087,6 +1181,7 @@ pub async fn run(
             upstream: options.upstream.clone(),
             bgp_ranges: options.bgp_ranges.clone(),
             connected: Arc::clone(&follower.connected),
+            found,
         }
         .run(),
     );
@@ -1105,6 +1200,7 @@ pub async fn run(
     };
     reporter.abort();
     pulser.abort();
+    discovery.abort();
     if let Some(task) = mesh_watch {
         task.abort();
     }
@@ -1142,6 +1238,8 @@ mod tests {
             endpoint: None,
             allowed_ips: Vec::new(),
             egress,
+            candidates: Vec::new(),
+            nat: None,
         }
     }
 
@@ -1156,6 +1254,7 @@ mod tests {
                 listen_port: 51820,
                 persistent_keepalive: 0,
                 nodes: 3,
+                discovery_port: None,
             },
             node: Node {
                 id: "me".into(),
@@ -1171,6 +1270,8 @@ mod tests {
                 last_seen: None,
                 online: true,
                 handshakes: Vec::new(),
+                candidates: Vec::new(),
+                nat: None,
             },
             peers,
         }

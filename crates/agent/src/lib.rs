@@ -8,6 +8,8 @@ pub mod client;
 pub mod liveness;
 mod probe;
 pub mod probing;
+pub mod traversal;
+pub mod view;
 
 pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run, write_private};
 pub use client::Client;

@@ -69,6 +69,33 @@ impl Links {
             .with_context(|| format!("deleting {name}"))
     }
 
+    /// The host's addresses of global scope on every interface but
+    /// `except` (by name): where else a peer may reach this host. Loopback,
+    /// link-local and unspecified addresses are left out.
+    pub async fn host_addresses(&self, except: &str) -> Result<Vec<IpAddr>> {
+        let skip = self.index(except).await.ok();
+        let all: Vec<_> = self.handle.address().get().execute().try_collect().await?;
+        Ok(all
+            .iter()
+            .filter(|m| Some(m.header.index) != skip)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .filter(|ip| {
+                !ip.is_loopback()
+                    && !ip.is_unspecified()
+                    && !ip.is_multicast()
+                    && match ip {
+                        IpAddr::V4(v4) => !v4.is_link_local(),
+                        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 != 0xfe80,
+                    }
+            })
+            .collect())
+    }
+
     /// Makes the interface's addresses exactly `wanted` (IPv6 link-local
     /// addresses are left alone).
     pub async fn set_addresses(&self, name: &str, wanted: &[IpNet]) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::{Iface, Lab, Node, Switch};
+use crate::{Iface, Lab, Node};
 
 /// How a NAT maps a private address and port to a public one, in the
 /// terms of RFC 4787.
@@ -19,12 +19,11 @@ pub enum Mapping {
     EndpointDependent,
 }
 
-/// A router with a NAT between a switch (its public side) and one node
-/// behind it.
+/// A router with a NAT between the Internet and one node behind it.
 pub struct Nat {
     pub router: Node,
-    /// The router's public end on the switch: the address the outside
-    /// sees the node behind it from.
+    /// The router's public end, on its link to the Internet router: the
+    /// address the outside sees the node behind it from.
     pub public: Iface,
     /// The node behind the NAT, with its default route through the router.
     pub inside: Node,
@@ -33,14 +32,25 @@ pub struct Nat {
 }
 
 impl Lab {
-    /// Adds `name` behind a new router `name-nat` on `switch`, which
-    /// translates its IPv4 traffic with `mapping`. The inside node reaches
-    /// the switch only through the router; nothing on the switch has a
-    /// route to the inside.
-    pub fn add_behind_nat(&self, switch: &Switch, name: &str, mapping: Mapping) -> Result<Nat> {
-        let router = self.add_node(&format!("{name}-nat"))?;
+    /// Adds `name` with a link to `internet`, a router (forwarding is
+    /// turned on), and its default route through it: a host on the
+    /// Internet. Returns the node and its end of the link.
+    pub fn add_on_internet(&self, internet: &Node, name: &str) -> Result<(Node, Iface)> {
+        self.enable_forwarding(internet)?;
+        let node = self.add_node(name)?;
+        let (up, end) = self.link(internet, &node)?;
+        self.add_route(&node, &["default", "via", &up.ipv4.to_string()])?;
+        Ok((node, end))
+    }
+
+    /// Adds `name` behind a new router `name-nat` on `internet` (see
+    /// [`Lab::add_on_internet`]), which translates its IPv4 traffic with
+    /// `mapping`. The inside node reaches the Internet only through the
+    /// router; nothing outside has a route to the inside. Between two such
+    /// routers there is one router hop, as between any two homes.
+    pub fn add_behind_nat(&self, internet: &Node, name: &str, mapping: Mapping) -> Result<Nat> {
+        let (router, public) = self.add_on_internet(internet, &format!("{name}-nat"))?;
         let inside = self.add_node(name)?;
-        let public = self.attach(switch, &router)?;
         let (router_lan, lan) = self.link(&router, &inside)?;
         self.add_route(&inside, &["default", "via", &router_lan.ipv4.to_string()])?;
         self.enable_forwarding(&router)?;

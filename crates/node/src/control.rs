@@ -66,6 +66,8 @@ pub enum Request {
     ShowPeerings,
     /// The `[[wireguard]]` interfaces and their peers.
     ShowWireguard,
+    /// The mesh's peers: path, endpoint, handshake, round trip.
+    ShowMesh,
     Shutdown,
 }
 

@@ -78,6 +78,10 @@ async fn run_async(config: NodeConfig) -> Result<()> {
     let (mesh_stop, mesh_stopped) = oneshot::channel::<()>();
     let (mesh_ready_tx, mesh_ready) = oneshot::channel::<()>();
     let mut mesh_ready = Some(mesh_ready);
+    let mesh_view = config
+        .mesh
+        .as_ref()
+        .map(|_| bgp4mesh_agent::view::MeshView::new());
     let mesh = match config.mesh.clone() {
         Some(section) => {
             let options = bgp4mesh_agent::AgentOptions {
@@ -99,6 +103,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                     d.hold_announcements_until(gate);
                     open
                 }),
+                view: mesh_view.clone(),
             };
             let stopper = calls_tx.clone();
             Some(tokio::spawn(async move {
@@ -185,6 +190,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 Some(driver_tx),
                 devices,
                 config.path.clone(),
+                mesh_view,
             ));
             driver.run(driver_calls).await;
             // The sessions are closed: the tunnels can go.
@@ -199,7 +205,8 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 );
             }
             let devices = Devices::start(&devices::specs(&config)).await?;
-            let mut devices = serve_devices(calls, None, devices, config.path.clone()).await;
+            let mut devices =
+                serve_devices(calls, None, devices, config.path.clone(), mesh_view).await;
             devices.stop().await;
         }
     }
@@ -233,6 +240,7 @@ async fn serve_devices(
     driver: Option<mpsc::Sender<ControlCall>>,
     mut devices: Devices,
     config_path: std::path::PathBuf,
+    mesh_view: Option<std::sync::Arc<bgp4mesh_agent::view::MeshView>>,
 ) -> Devices {
     let ask = |request: Request| {
         let driver = driver.clone();
@@ -291,6 +299,27 @@ async fn serve_devices(
             Request::ShowWireguard => {
                 let list = serde_json::Value::Array(devices.wireguard());
                 let _ = call.reply.send(control::Response::ok(list));
+            }
+            Request::ShowMesh => {
+                let Some(view) = mesh_view.clone() else {
+                    let _ = call
+                        .reply
+                        .send(control::Response::error("no [mesh] section in the config"));
+                    continue;
+                };
+                // Measuring round trips waits up to a second: off this task.
+                tokio::spawn(async move {
+                    let shown = tokio::task::spawn_blocking(move || view.show()).await;
+                    let response = match shown {
+                        Ok(Ok(shown)) => match serde_json::to_value(shown) {
+                            Ok(v) => control::Response::ok(v),
+                            Err(e) => control::Response::error(e.to_string()),
+                        },
+                        Ok(Err(e)) => control::Response::error(format!("{e:#}")),
+                        Err(e) => control::Response::error(e.to_string()),
+                    };
+                    let _ = call.reply.send(response);
+                });
             }
             Request::Reload => {
                 let response = match crate::config::NodeConfig::load(&config_path) {

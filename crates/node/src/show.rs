@@ -414,6 +414,71 @@ pub fn render_wireguard(data: &Value) -> String {
     out
 }
 
+/// `show mesh`: this node (its NAT and candidates), then a line per peer:
+/// path, endpoint, last handshake (as an age, from `now`, Unix seconds)
+/// and the round trip through the tunnel.
+pub fn render_mesh(data: &Value, now: u64) -> String {
+    let mut out = String::new();
+    let node = &data["node"];
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        out,
+        "node: {} ({}), NAT: {}",
+        text(&node["name"]),
+        list(&node["addresses"]),
+        nat_text(&node["nat"])
+    );
+    if node["candidates"].as_array().is_some_and(|c| !c.is_empty()) {
+        let _ = writeln!(out, "  candidates: {}", list(&node["candidates"]));
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<18} {:<8} {:<24} {:<12} {:<9} NAT",
+        "Peer", "Address", "Path", "Endpoint", "Handshake", "RTT"
+    );
+    for p in data["peers"].as_array().into_iter().flatten() {
+        let handshake = match p["last_handshake"].as_u64() {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "never".into(),
+        };
+        let rtt = match p["rtt_ms"].as_f64() {
+            Some(ms) => format!("{ms:.1} ms"),
+            None => "-".into(),
+        };
+        let address = p["addresses"]
+            .as_array()
+            .and_then(|a| a.first())
+            .map(text)
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<18} {:<8} {:<24} {:<12} {:<9} {}",
+            text(&p["name"]),
+            address,
+            text(&p["path"]),
+            text(&p["endpoint"]),
+            handshake,
+            rtt,
+            nat_text(&p["nat"])
+        );
+    }
+    out
+}
+
+fn nat_text(v: &Value) -> String {
+    match v.as_str() {
+        Some("none") => "none".into(),
+        Some("endpoint_independent") => "endpoint-independent".into(),
+        Some("endpoint_dependent") => "endpoint-dependent".into(),
+        _ => "-".into(),
+    }
+}
+
 /// Bytes received and sent, `rx / tx`.
 fn transfer_text(p: &Value) -> String {
     format!(

@@ -107,10 +107,6 @@ impl AnyDevice {
         }
     }
 
-    /// Handshakes with `peer` now if it has an endpoint and neither a
-    /// session nor a handshake under way ([`Device::handshake_now`]);
-    /// returns whether one was sent. The kernel module cannot be asked to:
-    /// always false there.
     /// True once the userspace device stopped because its interface was
     /// deleted (or the namespace holding it): it does not come back, and
     /// `status` and `configure` fail with `ENODEV` from then on; the owner
@@ -146,10 +142,50 @@ impl AnyDevice {
         }
     }
 
+    /// Handshakes with `peer` now if it has an endpoint and neither a
+    /// session nor a handshake under way ([`Device::handshake_now`]);
+    /// returns whether one was sent. The kernel module cannot be asked to:
+    /// always false there.
     pub fn handshake_now(&self, peer: &crate::Key) -> bool {
         match self {
             AnyDevice::Userspace(device, _) => device.handshake_now(peer),
             AnyDevice::Kernel { .. } => false,
+        }
+    }
+
+    /// Punches through the NATs between this device and `peer`
+    /// ([`Device::punch`]). The kernel module sends only where a peer's
+    /// endpoint says, one handshake every 5 s: `Unsupported` there.
+    pub fn punch(&self, peer: &crate::Key, candidates: &[std::net::SocketAddr]) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.punch(peer, candidates),
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
+        }
+    }
+
+    /// Sends a datagram of another protocol from the device's socket
+    /// ([`Device::send_datagram`]); `Unsupported` on the kernel backend,
+    /// whose socket is the kernel's.
+    pub fn send_datagram(&self, to: std::net::SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.send_datagram(to, datagram),
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
+        }
+    }
+
+    /// Where datagrams of another protocol arriving on the device's socket
+    /// go ([`Device::set_foreign_receiver`]); `Unsupported` on the kernel
+    /// backend.
+    pub fn set_foreign_receiver(
+        &self,
+        receiver: Option<([u8; 4], crate::device::ForeignSender)>,
+    ) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => {
+                device.set_foreign_receiver(receiver);
+                Ok(())
+            }
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
         }
     }
 
@@ -177,6 +213,14 @@ impl Drop for AnyDevice {
 
 fn to_io(e: crate::uapi::UapiError) -> io::Error {
     io::Error::from_raw_os_error(e.errno)
+}
+
+/// What the kernel backend answers when asked to use its socket.
+fn kernel_socket() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the kernel module's socket carries WireGuard only: NAT traversal needs the userspace device",
+    )
 }
 
 /// Why a stopped userspace device answers nothing.

@@ -200,6 +200,8 @@ fn receive(
             source,
             datagram: datagram.to_vec(),
         });
+    } else {
+        super::punch::foreign(shared, from, datagram);
     }
 }
 

@@ -34,6 +34,8 @@
 //! - `inbound`: the udp → tun thread (decryption, GRO batches);
 //! - `handshake`: the handshake thread, fed by the receive thread;
 //! - `timers`: the timer thread;
+//! - `punch`: hole punching through NATs, and other protocols' datagrams
+//!   on the device's socket (endpoint discovery);
 //! - `cluster`: session handover between servers sharing an identity
 //!   (a fifth thread, when the device is in a cluster);
 //! - `configure`: [`Device::apply`] and [`Device::configure`], peers and keys;
@@ -45,6 +47,7 @@ mod handshake;
 mod icmp;
 mod inbound;
 mod outbound;
+mod punch;
 mod route_loop;
 mod routes;
 mod timers;
@@ -78,6 +81,7 @@ pub use cluster::{ClusterOptions, ClusterStatus, MemberStatus, cluster_sync_dead
 use handshake::handshake_worker;
 use inbound::udp_to_tun;
 use outbound::tun_to_udp;
+pub use punch::ForeignSender;
 use timers::timers;
 use udp::{Source, Target};
 
@@ -160,6 +164,10 @@ struct Shared {
     /// The servers this device shares its identity with, if any
     /// ([`Device::set_cluster`]).
     cluster: RwLock<Option<Arc<Cluster>>>,
+    /// Hole punches under way ([`Device::punch`]).
+    punches: punch::Punches,
+    /// Where datagrams of another protocol go ([`Device::set_foreign_receiver`]).
+    foreign: RwLock<Option<punch::Foreign>>,
 }
 
 struct Interface {
@@ -310,6 +318,10 @@ fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Device {
     /// Creates the TUN interface (down, no address, as wireguard-go leaves
     /// it: bringing it up, addresses and routes are the caller's job, the
@@ -362,6 +374,8 @@ impl Device {
             gone: AtomicBool::new(false),
             fragmented: AtomicU64::new(0),
             cluster: RwLock::new(None),
+            punches: Default::default(),
+            foreign: RwLock::new(None),
         });
         let mut threads = Vec::new();
         let for_thread = Arc::clone(&shared);

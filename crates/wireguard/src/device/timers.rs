@@ -71,6 +71,7 @@ pub(super) fn timers(shared: Arc<Shared>) {
                 }
             }
         }
+        super::punch::tick(&shared, udp.as_ref());
         if last_prune.elapsed() >= Duration::from_secs(1) {
             last_prune = Instant::now();
             let table = &shared.index_table;

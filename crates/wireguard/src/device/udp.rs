@@ -108,7 +108,7 @@ impl Udp {
         })
     }
 
-    fn destination(&self, addr: SocketAddr) -> SocketAddr {
+    pub(super) fn destination(&self, addr: SocketAddr) -> SocketAddr {
         match addr {
             SocketAddr::V4(v4) if self.dual_stack => {
                 SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
