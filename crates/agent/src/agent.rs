@@ -769,9 +769,11 @@ fn apply_event(state: &mut Option<MeshState>, event: StreamEvent) -> Applied {
             revision,
             node,
             network,
+            relay_key,
         } => change(state, revision, |s| {
             s.node = node;
             s.network = network;
+            s.relay_key = relay_key;
         }),
     }
 }

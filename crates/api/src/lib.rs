@@ -163,6 +163,9 @@ pub struct Node {
     /// How the node's NAT maps its WireGuard socket, as it measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatMapping>,
+    /// The UDP port it relays on, while it is a live relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_port: Option<u16>,
 }
 
 /// How a NAT maps a node's WireGuard socket (RFC 4787), as the node
@@ -225,6 +228,10 @@ pub struct NodeReport {
     /// How its NAT maps its WireGuard socket, when it could measure it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatMapping>,
+    /// The node relays for pairs that cannot reach each other directly, on
+    /// this UDP port of its endpoint's address (`[mesh] relay = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_port: Option<u16>,
 }
 
 /// Which address families a border can route to the outside: its BGP
@@ -415,6 +422,28 @@ pub struct Peer {
     /// The peer's NAT, as it measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatMapping>,
+    /// For a peer behind NAT when this node is too: the relay that carries
+    /// the pair's datagrams while no direct path works, and this node's
+    /// credential there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayPath>,
+}
+
+/// A pair's relay as one node of the pair sees it ([`relay`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayPath {
+    /// The relay's node id and name.
+    pub node_id: String,
+    pub name: String,
+    /// Where it relays: `ip:port`.
+    pub address: String,
+    /// The pair's channel there (16 hex digits) and this node's side.
+    pub channel: String,
+    pub side: u8,
+    /// Unix seconds; the controller hands out a new one well before.
+    pub expires: u64,
+    /// The credential's MAC (64 hex digits).
+    pub mac: String,
 }
 
 /// Everything a node needs: its own settings and its peers.
@@ -424,6 +453,10 @@ pub struct MeshState {
     pub network: Network,
     pub node: Node,
     pub peers: Vec<Peer>,
+    /// For a relay: its relay key (64 hex digits), which checks the pairs'
+    /// credentials. Only ever sent to the relay itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_key: Option<String>,
 }
 
 /// One message of `GET /api/agent/stream`: the whole state first (or when
@@ -446,6 +479,9 @@ pub enum StreamEvent {
         revision: u64,
         node: Node,
         network: Network,
+        /// As [`MeshState::relay_key`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_key: Option<String>,
     },
     /// The node was deleted: tear the mesh down.
     Removed {
@@ -471,6 +507,7 @@ impl StreamEvent {
 }
 
 pub mod discovery;
+pub mod relay;
 
 /// The host route of an address (/32 or /128).
 pub fn host_net(ip: IpAddr) -> IpNet {

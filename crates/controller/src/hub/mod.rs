@@ -687,6 +687,7 @@ fn event_for(
                     revision,
                     node: render_node(&view.network, node, now),
                     network: render_network(&view.network, view.nodes.len() as u64, discovery_port),
+                    relay_key: None,
                 })
             } else {
                 Some(StreamEvent::PeerUpsert {
@@ -736,6 +737,7 @@ impl NetView {
     ) -> Option<MeshState> {
         let me = self.nodes.get(id)?;
         Some(MeshState {
+            relay_key: None,
             revision,
             network: render_network(&self.network, self.nodes.len() as u64, discovery_port),
             node: render_node(&self.network, me, now),
@@ -799,6 +801,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         handshakes: n.handshakes.clone(),
         candidates: candidates_of(n),
         nat: n.nat,
+        relay_port: None,
     }
 }
 
@@ -847,6 +850,7 @@ pub fn render_peer(n: &NodeView) -> Peer {
         egress,
         candidates: candidates_of(n),
         nat: n.nat,
+        relay: None,
     }
 }
 
