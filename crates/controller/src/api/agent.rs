@@ -103,9 +103,7 @@ pub(super) async fn agent_stream(
                             continue;
                         }
                         s.last = change.revision;
-                        if let Some(event) = s.ctl.hub.event_for(&s.node.network, &change, &s.node.id, now()) {
-                            s.queue.push_back(event);
-                        }
+                        s.queue.extend(s.ctl.hub.event_for(&s.node.network, &change, &s.node.id, now()));
                     }
                     Err(RecvError::Lagged(_)) => {
                         // Too slow for the live changes: start over.
@@ -167,15 +165,15 @@ impl Controller {
     }
 }
 
-/// A gateway's sign of life (`bgp4mesh_api::Pulse`): several a second, so
-/// a gateway that dies without closing its stream is left within
-/// `PULSE_LOST` (see `Controller::watch_pulses`).
+/// A gateway's or relay's sign of life (`bgp4mesh_api::Pulse`): several a
+/// second, so a gateway or relay that dies without closing its stream is
+/// left within `PULSE_LOST` (see `Controller::watch_pulses`).
 pub(super) async fn agent_pulse(
     State(ctl): State<Arc<Controller>>,
     Extension(who): Extension<Principal>,
     json: Result<Json<bgp4mesh_api::Pulse>, JsonRejection>,
 ) -> Result<StatusCode, Failure> {
-    // `authenticate` found a gateway in memory (`principal`).
+    // `authenticate` found a gateway or relay in memory (`principal`).
     let node = as_node(&who)?;
     let pulse = body(json)?;
     let at = Instant::now();
@@ -223,6 +221,15 @@ pub(super) async fn agent_report(
     }
     if report.listen_port == Some(0) {
         return Err(Failure::bad("listen_port: 1 to 65535"));
+    }
+    if report.relay_port == Some(0) {
+        return Err(Failure::bad("relay_port: 1 to 65535"));
+    }
+    if report.relay_port.is_some() && report.endpoint.is_none() && node.endpoint.is_none() {
+        return Err(Failure::bad(
+            "relay_port: the node publishes no endpoint, and a node behind NAT cannot relay \
+             (join it with --endpoint, or leave [mesh] relay off)",
+        ));
     }
     let candidates = match &report.candidates {
         Some(c) => Some(crate::hub::check_candidates(c).map_err(Failure::bad)?),
@@ -323,16 +330,25 @@ pub(super) async fn agent_report(
     let candidates_changed =
         ctl.hub
             .candidates_reported(&node.network, &node.id, candidates, report.nat);
-    if candidates_changed && !published_changed {
+    // A relay's port (and the key it gets the first time) goes out the same
+    // way; the pairs behind NAT that it carries get it in the same change.
+    let relay_changed = ctl
+        .hub
+        .relay_reported(&node.network, &node.id, report.relay_port);
+    if relay_changed && let Some(port) = report.relay_port {
+        tracing::info!(node = %node.name, port, "relays");
+    }
+    if (candidates_changed || relay_changed) && !published_changed {
+        let why = if relay_changed { "relay" } else { "candidates" };
         let revision = ctl
             .store
-            .note_change(&node.network, &node.id, "candidates", t)
+            .note_change(&node.network, &node.id, why, t)
             .await?;
         ctl.hub
             .node_changed(revision, &node.network, &node.id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&node.id))
             });
-        tracing::debug!(node = %node.name, "candidates or NAT mapping changed");
+        tracing::debug!(node = %node.name, "candidates, NAT mapping or relay changed");
     }
     if published_changed {
         let endpoint = report.endpoint.clone().or(node.endpoint.clone());

@@ -93,7 +93,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{ChangeKind, render_node, render_peer};
+    use crate::hub::{ChangeKind, Relays, render_node, render_peer};
     use crate::store::{NetworkRow, NodeRow};
     use bgp4mesh_api::StreamEvent;
 
@@ -214,7 +214,7 @@ mod tests {
         let rendered = render_node(&network(), &a, 0);
         assert_eq!(rendered.candidates, c);
         assert_eq!(rendered.nat, Some(NatMapping::EndpointIndependent));
-        assert_eq!(render_peer(&a).candidates, c);
+        assert_eq!(render_peer(&a, &Relays::none()).candidates, c);
         assert!(hub.candidates_reported("mynet", "a", None, Some(NatMapping::EndpointDependent)));
         // A node that publishes its endpoint is reached there.
         assert!(
@@ -223,7 +223,7 @@ mod tests {
         );
         let p = hub.node("mynet", "pub").expect("pub");
         assert_eq!(p.candidates, c, "kept");
-        assert!(render_peer(&p).candidates.is_empty());
+        assert!(render_peer(&p, &Relays::none()).candidates.is_empty());
         assert!(render_node(&network(), &p, 0).candidates.is_empty());
         // A closed stream keeps them; a deleted node takes them along.
         hub.stream_changed("mynet", "a", 1);
@@ -256,17 +256,17 @@ mod tests {
         );
         assert!(matches!(&change_a.kind, ChangeKind::NodeUpsert(id) if id == "a"));
         assert!(sub_a.live.try_recv().is_err() && sub_b.live.try_recv().is_err());
-        match hub.event_for("mynet", &change_a, "a", 0) {
-            Some(StreamEvent::SelfUpdate { revision, node, .. }) => {
-                assert_eq!(revision, 2);
+        match hub.event_for("mynet", &change_a, "a", 0).as_slice() {
+            [StreamEvent::SelfUpdate { revision, node, .. }] => {
+                assert_eq!(*revision, 2);
                 assert_eq!(node.candidates, c);
                 assert_eq!(node.nat, Some(NatMapping::EndpointIndependent));
             }
             other => panic!("a got {other:?}"),
         }
-        match hub.event_for("mynet", &change_b, "b", 0) {
-            Some(StreamEvent::PeerUpsert { revision, peer }) => {
-                assert_eq!(revision, 2);
+        match hub.event_for("mynet", &change_b, "b", 0).as_slice() {
+            [StreamEvent::PeerUpsert { revision, peer }] => {
+                assert_eq!(*revision, 2);
                 assert_eq!(peer.node_id, "a");
                 assert_eq!(peer.candidates, c);
                 assert_eq!(peer.nat, Some(NatMapping::EndpointIndependent));

@@ -20,9 +20,11 @@ use tokio::sync::broadcast;
 use crate::store::{GatewayRow, NetworkRow, NodeRow};
 
 mod candidates;
+pub mod relays;
 pub mod watchdog;
 
 pub use candidates::check_candidates;
+pub use relays::{RelayRole, Relays, Secret};
 
 /// Changes kept per network for agents that reconnect.
 const LOG_LEN: usize = 4096;
@@ -78,6 +80,15 @@ pub struct NodeView {
     /// its peers answers its probes through the tunnel (the underlay is
     /// cut, its device is stuck): it carries no traffic.
     pub mesh: Option<bool>,
+    /// The UDP port it relays on (at its published endpoint's address), as
+    /// it reported it since its stream opened (`relays`).
+    pub relay_port: Option<u16>,
+    /// Its relay key, made when it first became a relay: memory only,
+    /// for the relay itself alone.
+    pub relay_key: Option<Secret>,
+    /// What was last published of it as a relay, and whether it was
+    /// behind NAT: a change of either re-renders the pairs behind NAT.
+    pub published: RelayRole,
 }
 
 impl NodeView {
@@ -100,6 +111,9 @@ impl NodeView {
             silent: false,
             stale: false,
             mesh: None,
+            relay_port: None,
+            relay_key: None,
+            published: RelayRole::default(),
         }
     }
 
@@ -136,7 +150,7 @@ pub struct Health {
     pub heard: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChangeKind {
     NodeUpsert(String),
     NodeRemove(String),
@@ -150,6 +164,11 @@ pub struct Change {
     pub kind: ChangeKind,
     /// The node as it was right after the change (for upserts).
     pub node: Option<NodeView>,
+    /// The relay paths of pairs behind NAT may have changed with it (a
+    /// relay came or went, a node went behind NAT or came out): every
+    /// node behind NAT, and the node itself, also get their peers behind
+    /// NAT again.
+    pub relays: bool,
 }
 
 struct NetView {
@@ -159,6 +178,9 @@ struct NetView {
     /// Every change after this revision is in `log`.
     floor: u64,
     sender: broadcast::Sender<Arc<Change>>,
+    /// The hour (Unix seconds / 3600) relay credentials were last handed
+    /// to every pair behind NAT.
+    relays_hour: u64,
 }
 
 #[derive(Default)]
@@ -264,11 +286,14 @@ impl Hub {
                 revision,
                 kind: ChangeKind::NetworkRemoved,
                 node: None,
+                relays: false,
             }));
         }
     }
 
     /// A node was added or changed: `update` edits its view (or makes it).
+    /// When that moves relay paths (the node became or stopped being a
+    /// live relay, went behind NAT or came out), the change says so.
     pub fn node_changed(
         &self,
         revision: u64,
@@ -276,17 +301,57 @@ impl Hub {
         id: &str,
         update: impl FnOnce(Option<NodeView>) -> NodeView,
     ) {
+        self.upsert(revision, netid, id, update, crate::api::now(), false);
+    }
+
+    /// Hands every pair behind NAT fresh relay credentials, as a change of
+    /// node `id` (a live relay of the network).
+    pub fn refresh_relays(&self, revision: u64, netid: &str, id: &str, now: u64) {
+        self.upsert(
+            revision,
+            netid,
+            id,
+            |old| old.unwrap_or_else(|| crate::api::unreachable_view(id)),
+            now,
+            true,
+        );
+    }
+
+    fn upsert(
+        &self,
+        revision: u64,
+        netid: &str,
+        id: &str,
+        update: impl FnOnce(Option<NodeView>) -> NodeView,
+        now: u64,
+        refresh: bool,
+    ) {
         let mut inner = self.write();
         inner.revision = revision;
         let Some(view) = inner.networks.get_mut(netid) else {
             return;
         };
-        let node = update(view.nodes.remove(id));
+        let old = view.nodes.remove(id);
+        let before = old
+            .as_ref()
+            .map(|n| n.published.clone())
+            .unwrap_or_default();
+        let mut node = update(old);
+        node.published = RelayRole::of(&node);
+        let after = &node.published;
+        let relay_live = || view.nodes.values().any(|n| n.live_relay().is_some());
+        let relays = refresh
+            || before.relay != after.relay
+            || before.behind_nat != after.behind_nat && relay_live();
         view.nodes.insert(id.to_string(), node.clone());
+        if relays {
+            view.relays_hour = now / 3600;
+        }
         view.publish(Change {
             revision,
             kind: ChangeKind::NodeUpsert(id.to_string()),
             node: Some(node),
+            relays,
         });
     }
 
@@ -296,11 +361,15 @@ impl Hub {
         let Some(view) = inner.networks.get_mut(netid) else {
             return;
         };
-        view.nodes.remove(id);
+        let relays = view
+            .nodes
+            .remove(id)
+            .is_some_and(|n| n.published.relay.is_some());
         view.publish(Change {
             revision,
             kind: ChangeKind::NodeRemove(id.to_string()),
             node: None,
+            relays,
         });
     }
 
@@ -358,13 +427,15 @@ impl Hub {
     }
 
     /// An agent's stream opened (`+1`) or closed (`-1`). Returns whether
-    /// the node is a gateway whose health changed with it.
+    /// the node is a gateway whose health changed with it, or a relay that
+    /// came or went.
     pub fn stream_changed(&self, netid: &str, id: &str, delta: i32) -> bool {
         let mut inner = self.write();
         let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
         let before = node.health();
+        let relay_before = node.live_relay();
         let mut ranges_dropped = false;
         node.streams = node.streams.saturating_add_signed(delta);
         if node.streams == 0 {
@@ -375,12 +446,16 @@ impl Hub {
             node.silent = false;
             node.stale = false;
             node.mesh = None;
-            // What it learns by BGP is said again when it is back.
+            // What it learns by BGP, and that it relays, is said again
+            // when it is back (its key stays).
             ranges_dropped = !std::mem::take(&mut node.bgp_ranges).is_empty();
+            node.relay_port = None;
         }
-        node.gateway
-            .as_ref()
-            .is_some_and(|g| node.health() != before || g.bgp && ranges_dropped)
+        node.live_relay() != relay_before
+            || node
+                .gateway
+                .as_ref()
+                .is_some_and(|g| node.health() != before || g.bgp && ranges_dropped)
     }
 
     /// A node reported its upstream per family (IPv4, IPv6). Returns
@@ -408,8 +483,8 @@ impl Hub {
         node.gateway.is_some() && node.health() != before
     }
 
-    /// A gateway's agent pulsed (a short report). Returns whether its
-    /// health changed.
+    /// A gateway's or relay's agent pulsed (a short report). Returns
+    /// whether its health changed, or it is a relay that is live again.
     pub fn pulsed(
         &self,
         netid: &str,
@@ -423,6 +498,7 @@ impl Hub {
             return false;
         };
         let before = node.health();
+        let relay_before = node.live_relay();
         node.last_pulse = Some(at);
         node.silent = false;
         // Not `reported`: that waits for a whole report after each connect
@@ -433,22 +509,26 @@ impl Hub {
         if mesh.is_some() {
             node.mesh = mesh;
         }
-        node.gateway.is_some() && node.health() != before
+        node.gateway.is_some() && node.health() != before || node.live_relay() != relay_before
     }
 
-    /// The gateway node whose credential hashes to `hash`, if any.
+    /// The gateway or relay node whose credential hashes to `hash`, if any
+    /// (those pulse).
     pub fn gateway_by_credential(&self, hash: &str) -> Option<NodeRow> {
         let inner = self.read();
         inner
             .networks
             .values()
             .flat_map(|v| v.nodes.values())
-            .find(|n| n.gateway.is_some() && n.row.credential_hash == hash)
+            .find(|n| {
+                (n.gateway.is_some() || n.relay_port.is_some()) && n.row.credential_hash == hash
+            })
             .map(|n| n.row.clone())
     }
 
-    /// Marks silent the gateways whose last pulse is older than `lost`;
-    /// returns those whose health changed with it, as (network, node id).
+    /// Marks silent the gateways and relays whose last pulse is older than
+    /// `lost`; returns those whose health changed with it (a relay: that
+    /// was live), as (network, node id).
     ///
     /// When two or more pulsing gateways of a network all went quiet at
     /// once, nobody is marked: that is the controller not hearing (a
@@ -463,7 +543,11 @@ impl Hub {
         let mut inner = self.write();
         let mut changed = Vec::new();
         for (netid, view) in inner.networks.iter_mut() {
-            let pulsing = |n: &NodeView| n.gateway.is_some() && n.last_pulse.is_some() && !n.silent;
+            let pulsing = |n: &NodeView| {
+                (n.gateway.is_some() || n.relay_port.is_some())
+                    && n.last_pulse.is_some()
+                    && !n.silent
+            };
             let quiet = |n: &NodeView| {
                 n.last_pulse
                     .is_some_and(|t| now.saturating_duration_since(t) > lost)
@@ -481,7 +565,8 @@ impl Hub {
                 if !pulsing(node) || !quiet(node) {
                     continue;
                 }
-                let before = node.healthy();
+                let before =
+                    node.gateway.is_some() && node.healthy() || node.live_relay().is_some();
                 node.silent = true;
                 // What it said of its upstream may be stale by the time it
                 // is heard again: it is used again after a new report.
@@ -631,7 +716,7 @@ impl Hub {
                 .log
                 .iter()
                 .filter(|c| c.revision > r)
-                .filter_map(|c| event_for(c, id, view, now, inner.discovery_port))
+                .flat_map(|c| event_for(c, id, view, now, inner.discovery_port))
                 .collect(),
             _ => vec![StreamEvent::Snapshot(view.snapshot(
                 current,
@@ -647,21 +732,18 @@ impl Hub {
         })
     }
 
-    /// What a change means to node `id` (None: nothing for it).
-    pub fn event_for(
-        &self,
-        netid: &str,
-        change: &Change,
-        id: &str,
-        now: u64,
-    ) -> Option<StreamEvent> {
+    /// What a change means to node `id`: its events, all at the change's
+    /// revision (none: nothing for it).
+    pub fn event_for(&self, netid: &str, change: &Change, id: &str, now: u64) -> Vec<StreamEvent> {
         if let ChangeKind::NetworkRemoved = change.kind {
-            return Some(StreamEvent::Removed {
+            return vec![StreamEvent::Removed {
                 revision: change.revision,
-            });
+            }];
         }
         let inner = self.read();
-        let view = inner.networks.get(netid)?;
+        let Some(view) = inner.networks.get(netid) else {
+            return Vec::new();
+        };
         event_for(change, id, view, now, inner.discovery_port)
     }
 }
@@ -671,38 +753,66 @@ fn is_online(node: &NodeView, now: u64) -> bool {
         .is_some_and(|t| now.saturating_sub(t) <= ONLINE_WINDOW)
 }
 
+/// The events of `change` for node `id`: the changed node itself (as its
+/// own update, a peer, or a removal), and when relay paths moved, the
+/// peers behind NAT of a node behind NAT (or of the node that changed).
 fn event_for(
     change: &Change,
     id: &str,
     view: &NetView,
     now: u64,
     discovery_port: Option<u16>,
-) -> Option<StreamEvent> {
+) -> Vec<StreamEvent> {
     let revision = change.revision;
+    let relays = Relays::for_viewer(view, id, now);
+    let mut events = Vec::new();
+    let mut itself = false;
     match &change.kind {
         ChangeKind::NodeUpsert(node_id) => {
-            let node = change.node.as_ref()?;
-            if node_id == id {
-                Some(StreamEvent::SelfUpdate {
+            let Some(node) = change.node.as_ref() else {
+                return events;
+            };
+            itself = node_id == id;
+            events.push(if itself {
+                StreamEvent::SelfUpdate {
                     revision,
                     node: render_node(&view.network, node, now),
                     network: render_network(&view.network, view.nodes.len() as u64, discovery_port),
-                    relay_key: None,
-                })
+                    relay_key: node.own_relay_key(),
+                }
             } else {
-                Some(StreamEvent::PeerUpsert {
+                StreamEvent::PeerUpsert {
                     revision,
-                    peer: render_peer(node),
-                })
-            }
+                    peer: render_peer(node, &relays),
+                }
+            });
         }
-        ChangeKind::NodeRemove(node_id) if node_id == id => Some(StreamEvent::Removed { revision }),
-        ChangeKind::NodeRemove(node_id) => Some(StreamEvent::PeerRemove {
+        ChangeKind::NodeRemove(node_id) if node_id == id => {
+            return vec![StreamEvent::Removed { revision }];
+        }
+        ChangeKind::NodeRemove(node_id) => events.push(StreamEvent::PeerRemove {
             revision,
             node_id: node_id.clone(),
         }),
-        ChangeKind::NetworkRemoved => Some(StreamEvent::Removed { revision }),
+        ChangeKind::NetworkRemoved => return vec![StreamEvent::Removed { revision }],
     }
+    let behind_nat = view.nodes.get(id).is_some_and(NodeView::behind_nat);
+    if change.relays && (behind_nat || itself) {
+        let changed = match &change.kind {
+            ChangeKind::NodeUpsert(n) | ChangeKind::NodeRemove(n) => Some(n.as_str()),
+            ChangeKind::NetworkRemoved => None,
+        };
+        events.extend(
+            view.nodes
+                .values()
+                .filter(|p| p.behind_nat() && p.row.id != id && Some(p.row.id.as_str()) != changed)
+                .map(|p| StreamEvent::PeerUpsert {
+                    revision,
+                    peer: render_peer(p, &relays),
+                }),
+        );
+    }
+    events
 }
 
 impl NetView {
@@ -713,6 +823,7 @@ impl NetView {
             log: VecDeque::new(),
             floor: revision,
             sender: broadcast::channel(CHANNEL_LEN).0,
+            relays_hour: 0,
         }
     }
 
@@ -736,8 +847,9 @@ impl NetView {
         discovery_port: Option<u16>,
     ) -> Option<MeshState> {
         let me = self.nodes.get(id)?;
+        let relays = Relays::for_viewer(self, id, now);
         Some(MeshState {
-            relay_key: None,
+            relay_key: me.own_relay_key(),
             revision,
             network: render_network(&self.network, self.nodes.len() as u64, discovery_port),
             node: render_node(&self.network, me, now),
@@ -745,7 +857,7 @@ impl NetView {
                 .nodes
                 .values()
                 .filter(|n| n.row.id != id)
-                .map(render_peer)
+                .map(|n| render_peer(n, &relays))
                 .collect(),
         })
     }
@@ -801,7 +913,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         handshakes: n.handshakes.clone(),
         candidates: candidates_of(n),
         nat: n.nat,
-        relay_port: None,
+        relay_port: n.relay_port.filter(|_| n.live_relay().is_some()),
     }
 }
 
@@ -829,7 +941,8 @@ fn candidates_of(n: &NodeView) -> Vec<String> {
     }
 }
 
-pub fn render_peer(n: &NodeView) -> Peer {
+/// Node `n` as a peer of the viewer `relays` was made for.
+pub fn render_peer(n: &NodeView, relays: &Relays) -> Peer {
     let mut allowed_ips: Vec<IpNet> = Vec::new();
     if let Some(a) = n.row.address {
         allowed_ips.push(host_net(a.into()));
@@ -850,7 +963,7 @@ pub fn render_peer(n: &NodeView) -> Peer {
         egress,
         candidates: candidates_of(n),
         nat: n.nat,
-        relay: None,
+        relay: relays.path_to(n),
     }
 }
 

@@ -1,6 +1,8 @@
-//! The pulse watchdog: a gateway whose pulses stop is marked unhealthy,
-//! and a gateway's health change is published as a change every node of
-//! its network sees (retried when the store failed to record it).
+//! The pulse watchdog: a gateway whose pulses stop is marked unhealthy, a
+//! relay whose pulses stop is no longer live, and either change is
+//! published as a change every node of its network sees (retried when the
+//! store failed to record it). It also hands the pairs behind NAT fresh
+//! relay credentials every `relays::REFRESH_HOURS`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,15 +11,22 @@ use crate::api::{Controller, Failure, now, unreachable_view};
 use crate::store::NodeRow;
 
 impl Controller {
-    /// Marks gateways whose pulses stopped as unhealthy, every 50 ms, for
-    /// as long as the controller runs.
+    /// Marks gateways whose pulses stopped as unhealthy (and relays as not
+    /// live), every 50 ms, for as long as the controller runs.
     pub async fn watch_pulses(self: Arc<Self>) {
         const EVERY: Duration = Duration::from_millis(50);
+        /// How often the relay credentials' age is looked at.
+        const CREDENTIALS_EVERY: Duration = Duration::from_secs(60);
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut credentials_checked = Instant::now();
         loop {
             tick.tick().await;
+            if credentials_checked.elapsed() >= CREDENTIALS_EVERY {
+                credentials_checked = Instant::now();
+                self.refresh_relay_credentials().await;
+            }
             // A watchdog that was itself held up (an overloaded runtime)
             // saw nothing: pulses may be waiting to be handled.
             let late = last.elapsed() > EVERY * 3;
@@ -59,12 +68,38 @@ impl Controller {
         }
     }
 
-    /// A gateway's health changed: a change every node of the network sees.
+    /// Pairs behind NAT whose relay credentials were handed out
+    /// `REFRESH_HOURS` ago get new ones (valid 24 to 25 hours), one change
+    /// per network.
+    async fn refresh_relay_credentials(&self) {
+        let t = now();
+        let due = self.hub.relay_refresh_due(t);
+        if due.is_empty() {
+            return;
+        }
+        let _write = self.write.lock().await;
+        for (netid, relay) in due {
+            match self
+                .store
+                .note_change(&netid, &relay, "relay_credentials", t)
+                .await
+            {
+                Ok(revision) => self.hub.refresh_relays(revision, &netid, &relay, t),
+                Err(e) => tracing::warn!(network = %netid, "refreshing relay credentials: {e}"),
+            }
+        }
+    }
+
+    /// A gateway's health changed, or a relay came or went: a change every
+    /// node of the network sees.
     pub(crate) async fn publish_health(&self, node: &NodeRow) -> Result<(), Failure> {
         let key = (node.network.clone(), node.id.clone());
+        let view = self.hub.node(&node.network, &node.id);
+        let gateway = view.as_ref().is_none_or(|v| v.gateway.is_some());
+        let why = if gateway { "gateway_health" } else { "relay" };
         let revision = match self
             .store
-            .note_change(&node.network, &node.id, "gateway_health", now())
+            .note_change(&node.network, &node.id, why, now())
             .await
         {
             Ok(r) => r,
@@ -83,7 +118,17 @@ impl Controller {
             .node_changed(revision, &node.network, &node.id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&id))
             });
-        tracing::info!(node = %node.name, "gateway health changed");
+        if gateway {
+            tracing::info!(node = %node.name, "gateway health changed");
+        }
+        if let Some(v) = view
+            && v.published.relay != v.live_relay()
+        {
+            match v.live_relay() {
+                Some(address) => tracing::info!(node = %node.name, %address, "relay live"),
+                None => tracing::info!(node = %node.name, "relay no longer live"),
+            }
+        }
         Ok(())
     }
 }
