@@ -305,6 +305,7 @@ on_both_stores!(
     who_may_say_where_a_node_is,
     gateway_ranges,
     candidates_and_discovery,
+    relays,
 );
 
 // ---------------------------------------------------------------------------
@@ -1533,6 +1534,215 @@ async fn candidates_and_discovery(db: &Db) -> Result<()> {
     let state: MeshState = serde_json::from_value(state)?;
     assert_eq!(serde_json::to_value(&state.node.candidates)?, candidates);
     assert!(state.peers.iter().all(|p| p.candidates.is_empty()));
+    api.stop().await;
+    Ok(())
+}
+
+/// An agent's stream held open (the node counts as connected) until it
+/// is dropped.
+async fn hold_stream(c: &Client, credential: &str) -> Result<reqwest::Response> {
+    let resp = c
+        .http
+        .get(format!("{}/api/agent/stream", c.base))
+        .bearer_auth(credential)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await?;
+    ensure!(resp.status() == StatusCode::OK, "stream: {}", resp.status());
+    Ok(resp)
+}
+
+fn unhex<const N: usize>(text: &str) -> Result<[u8; N]> {
+    ensure!(text.len() == 2 * N, "{text:?}: not {N} bytes of hex");
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2).context("hex")?, 16)?;
+    }
+    Ok(out)
+}
+
+/// Two public relays, two nodes behind NAT and a public node: the relays
+/// register (not from behind NAT), their keys reach them alone, the pair
+/// behind NAT gets one relay with matching credentials, and a relay whose
+/// pulses stop hands its pair to the other, whose stream closing leaves
+/// the pair none.
+async fn relays(db: &Db) -> Result<()> {
+    use bgp4mesh_api::relay::{Bind, verify};
+    let api = db.start().await?;
+    let c = &api.c;
+    network(c, "mynet", "44.30.127.0/24").await?;
+    let (_, enrollment) = token(c, "mynet", json!({"uses": 5})).await?;
+    let mut nodes = std::collections::BTreeMap::new();
+    for (name, key, extra) in [
+        ("relay1", 1, json!({"endpoint": "192.0.2.10"})),
+        ("relay2", 2, json!({"endpoint": "[2001:db8::11]:51820"})),
+        ("a", 3, json!({})),
+        ("b", 4, json!({})),
+        ("pub", 5, json!({"endpoint": "192.0.2.20"})),
+    ] {
+        let (status, v) = join(c, &enrollment.secret, name, key, extra).await?;
+        ensure!(status == StatusCode::OK, "join {name}: {status} {v}");
+        nodes.insert(name, serde_json::from_value::<JoinResponse>(v)?);
+    }
+    let node = |name: &str| nodes.get(name).context("a node");
+    let report = |name: &str, body: Value| {
+        let credential = nodes.get(name).map(|n| n.credential.clone());
+        async move {
+            let credential = credential.context("a node")?;
+            c.post("/api/agent/report", Some(&credential), body).await
+        }
+    };
+    let state = |name: &str| {
+        let credential = nodes.get(name).map(|n| n.credential.clone());
+        async move {
+            let (status, v) = c
+                .get("/api/agent/state", Some(&credential.context("a node")?))
+                .await?;
+            ensure!(status == StatusCode::OK, "{v}");
+            Ok(serde_json::from_value::<MeshState>(v)?)
+        }
+    };
+    let path = |name: &'static str, peer: &'static str| async move {
+        let id = node(peer)?.node.id.clone();
+        let s = state(name).await?;
+        let p = s.peers.into_iter().find(|p| p.node_id == id);
+        Ok::<_, anyhow::Error>(p.context("the peer")?.relay)
+    };
+    // Behind NAT, no relay; port 0 is no port.
+    refused(
+        report("a", json!({"relay_port": 51821})).await?,
+        StatusCode::BAD_REQUEST,
+        "relay_port",
+    );
+    refused(
+        report("relay1", json!({"relay_port": 0})).await?,
+        StatusCode::BAD_REQUEST,
+        "relay_port",
+    );
+    let mut streams = std::collections::BTreeMap::new();
+    for name in ["relay1", "relay2", "a", "b", "pub"] {
+        streams.insert(name, hold_stream(c, &node(name)?.credential).await?);
+    }
+    for (name, body) in [
+        ("a", json!({"candidates": ["203.0.113.3:40000"]})),
+        ("b", json!({"candidates": ["203.0.113.4:40000"]})),
+        ("relay1", json!({"relay_port": 51821})),
+        ("relay2", json!({"relay_port": 51821})),
+    ] {
+        let (status, v) = report(name, body).await?;
+        ensure!(status == StatusCode::NO_CONTENT, "{name}: {status} {v}");
+    }
+    // The keys: each relay its own, nobody else any.
+    let mut keys = std::collections::BTreeMap::new();
+    for name in ["relay1", "relay2"] {
+        let s = state(name).await?;
+        assert_eq!(s.node.relay_port, Some(51821), "{name}");
+        keys.insert(name, unhex::<32>(&s.relay_key.context("its key")?)?);
+    }
+    assert_ne!(keys.get("relay1"), keys.get("relay2"));
+    let hexes: Vec<String> = keys
+        .values()
+        .map(|k| k.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let (_, list) = c.get("/api/nodes/mynet", Some(MASTER)).await?;
+    let (_, shown) = c
+        .get(
+            &format!("/api/nodes/mynet/{}", node("relay1")?.node.id),
+            Some(MASTER),
+        )
+        .await?;
+    assert_eq!(shown["relay_port"], json!(51821));
+    for name in ["a", "b", "pub"] {
+        let s = state(name).await?;
+        assert_eq!(s.relay_key, None, "{name}");
+    }
+    for text in [list.to_string(), shown.to_string()] {
+        assert!(hexes.iter().all(|h| !text.contains(h.as_str())), "{text}");
+    }
+    // The pair behind NAT: one relay, one channel, a side each, and
+    // credentials the relay's key checks.
+    let ab = path("a", "b").await?.context("a's relay path")?;
+    let ba = path("b", "a").await?.context("b's relay path")?;
+    assert_eq!((&ab.node_id, &ab.channel), (&ba.node_id, &ba.channel));
+    assert_eq!(ab.side + ba.side, 1, "opposite sides");
+    let chosen = if ab.node_id == node("relay1")?.node.id {
+        "relay1"
+    } else {
+        "relay2"
+    };
+    let other = if chosen == "relay1" {
+        "relay2"
+    } else {
+        "relay1"
+    };
+    assert_eq!(
+        ab.address,
+        if chosen == "relay1" {
+            "192.0.2.10:51821"
+        } else {
+            "[2001:db8::11]:51821"
+        }
+    );
+    let key = keys.get(chosen).context("the key")?;
+    for p in [&ab, &ba] {
+        let bind = Bind {
+            channel: unhex::<8>(&p.channel)?,
+            side: p.side,
+            expires: p.expires,
+            mac: unhex::<32>(&p.mac)?,
+        };
+        assert!(verify(key, &bind, p.expires - 86400), "{p:?}");
+    }
+    assert_eq!(
+        path("a", "pub").await?,
+        None,
+        "a public peer is reached directly"
+    );
+    assert_eq!(path("pub", "a").await?, None);
+    assert_eq!(path("relay1", "b").await?, None);
+    // Both relays pulse; the chosen one stops: within about a second the
+    // pair is on the other, in a change a's stream gets.
+    for name in [chosen, other] {
+        let (status, v) = c
+            .post("/api/agent/pulse", Some(&node(name)?.credential), json!({}))
+            .await?;
+        ensure!(status == StatusCode::NO_CONTENT, "{v}");
+    }
+    let before = api.running.controller.hub.revision();
+    let other_credential = node(other)?.credential.clone();
+    let keep_pulsing = async {
+        for _ in 0..12 {
+            c.post("/api/agent/pulse", Some(&other_credential), json!({}))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        Ok(())
+    };
+    let b_id = node("b")?.node.id.clone();
+    let started = std::time::Instant::now();
+    let events = stream_events(c, &node("a")?.credential, Some(before), 2, keep_pulsing).await?;
+    let moved = events.iter().find_map(|e| match e {
+        StreamEvent::PeerUpsert { peer, .. } if peer.node_id == b_id => peer.relay.clone(),
+        _ => None,
+    });
+    let moved = moved.with_context(|| format!("a got {events:?}"))?;
+    assert_eq!(moved.node_id, node(other)?.node.id);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (_, shown) = c
+        .get(
+            &format!("/api/nodes/mynet/{}", node(chosen)?.node.id),
+            Some(MASTER),
+        )
+        .await?;
+    assert_eq!(shown.get("relay_port"), None, "not live");
+    // The other's stream closes: no relay is left.
+    streams.remove(other);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while path("a", "b").await?.is_some() {
+        ensure!(tokio::time::Instant::now() < deadline, "the path stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(streams);
     api.stop().await;
     Ok(())
 }
