@@ -4,7 +4,8 @@
 //!
 //! - `store`: SQLite or PostgreSQL, one code path, migrations per dialect.
 //! - `hub`: the in-memory mesh, change log and per-network broadcast;
-//!   `hub::watchdog`, gateways whose pulses stop.
+//!   `hub::watchdog`, gateways and relays whose pulses stop;
+//!   `hub::relays`, relay paths for pairs behind NAT.
 //! - `api`: the axum router (JSON errors, auth), one file per resource
 //!   (networks, tokens, join, nodes, gateways, apitokens, agent: the SSE
 //!   stream).

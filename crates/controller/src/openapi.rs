@@ -167,7 +167,7 @@ pub const ROUTES: &[Route] = &[
     (
         "post",
         "/api/agent/pulse",
-        "The calling gateway is alive (several a second; silence for 600 ms makes it unhealthy)",
+        "The calling gateway or relay is alive (several a second; silence for 600 ms makes a gateway unhealthy, a relay not live)",
         Some("Pulse"),
         None,
     ),
@@ -235,14 +235,14 @@ pub fn document() -> Value {
                 "Token": object(&["id", "network"], json!({"id": s, "network": s, "expires_at": n, "uses_left": n, "tags": strings, "created_at": n, "token": s})),
                 "JoinRequest": object(&["secret", "name", "public_key"], json!({"secret": s, "name": s, "public_key": s, "endpoint": s, "listen_port": n, "address": s, "address6": s})),
                 "JoinResponse": object(&["node", "credential", "network"], json!({"node": schema_ref("Node"), "credential": s, "network": schema_ref("Network")})),
-                "Node": object(&["id", "network", "name", "public_key"], json!({"id": s, "network": s, "name": s, "public_key": s, "address": s, "address6": s, "endpoint": s, "listen_port": n, "tags": strings, "egress": schema_ref("Gateway"), "last_seen": n, "online": b, "candidates": strings, "nat": s})),
+                "Node": object(&["id", "network", "name", "public_key"], json!({"id": s, "network": s, "name": s, "public_key": s, "address": s, "address6": s, "endpoint": s, "listen_port": n, "tags": strings, "egress": schema_ref("Gateway"), "last_seen": n, "online": b, "candidates": strings, "nat": s, "relay_port": n})),
                 "Gateway": object(&["ranges", "nat", "metric"], json!({"ranges": strings, "nat": b, "metric": n, "healthy": b, "bgp": b, "bgp_ranges": strings})),
                 "GatewayCreate": object(&[], json!({"ranges": strings, "natEnabled": s, "metric": n, "bgp": b})),
                 "ApiTokenCreate": object(&["scope"], json!({"scope": s})),
                 "ApiToken": object(&["id", "scope"], json!({"id": s, "scope": s, "created_at": n, "token": s})),
-                "NodeReport": object(&[], json!({"endpoint": s, "listen_port": n, "peers": {"type": "array", "items": {"type": "object"}}, "upstream": b, "bgp_ranges": strings, "candidates": strings, "nat": s})),
+                "NodeReport": object(&[], json!({"endpoint": s, "listen_port": n, "peers": {"type": "array", "items": {"type": "object"}}, "upstream": b, "bgp_ranges": strings, "candidates": strings, "nat": s, "relay_port": n})),
                 "Pulse": object(&[], json!({"upstream": b})),
-                "MeshState": object(&["revision", "network", "node", "peers"], json!({"revision": n, "network": schema_ref("Network"), "node": schema_ref("Node"), "peers": {"type": "array", "items": {"type": "object"}}})),
+                "MeshState": object(&["revision", "network", "node", "peers"], json!({"revision": n, "network": schema_ref("Network"), "node": schema_ref("Node"), "peers": {"type": "array", "items": {"type": "object"}}, "relay_key": s})),
                 "StreamEvent": object(&["type"], json!({"type": {"type": "string", "enum": ["snapshot", "peer_upsert", "peer_remove", "self_update", "removed", "heartbeat"]}, "revision": n}))
             }
         },

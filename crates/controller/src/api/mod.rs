@@ -208,9 +208,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Failure> {
 /// as a master key worth having; longer ones are not even hashed.
 const MAX_KEY_LEN: usize = 512;
 
-/// Who the request's key belongs to. Gateways are found in memory first
-/// for the agent API: their pulses must not wait on the store (a stalled
-/// store would otherwise silence every gateway at once).
+/// Who the request's key belongs to. Gateways and relays are found in
+/// memory first for the agent API: their pulses must not wait on the store
+/// (a stalled store would otherwise silence every gateway at once).
 async fn principal(
     ctl: &Controller,
     headers: &HeaderMap,
