@@ -13,7 +13,7 @@ use bgp4mesh_lab::nat::{Mapping, Nat};
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 use serde_json::Value;
 
-use common::mesh::{Controller, MeshNode, address_of, start_node_on};
+use common::mesh::{Controller, MeshNode, address_of, start_node_on, start_node_with};
 use common::ping;
 
 const NEEDS: &[&str] = &["wg", "ping", "nft"];
@@ -23,12 +23,21 @@ const NEEDS: &[&str] = &["wg", "ping", "nft"];
 struct Internet {
     router: Node,
     controller: Controller,
+    /// The first public node; a relay when the Internet has relays.
     public: MeshNode,
+    /// More relays, after `public`.
+    relays: Vec<MeshNode>,
     token: String,
 }
 
 impl Internet {
     fn start(lab: &Lab) -> Result<Internet> {
+        Self::with_relays(lab, 0)
+    }
+
+    /// With `relays` public nodes relaying (`[mesh] relay = true`); the
+    /// first is `public`.
+    fn with_relays(lab: &Lab, relays: usize) -> Result<Internet> {
         let router = lab.add_node("internet")?;
         let (node, iface) = lab.add_on_internet(&router, "controller")?;
         let controller = Controller::start_on(lab, node, iface)?;
@@ -40,13 +49,32 @@ impl Internet {
             .admin(lab, &["token", "create", "--network", "mynet"])?
             .trim()
             .to_string();
-        let (node, iface) = lab.add_on_internet(&router, "public")?;
-        let endpoint = iface.ipv4.to_string();
-        let public = start_node_on(lab, node, &token, "public", Some(&endpoint), &[])?;
+        let mut publics = Vec::new();
+        for i in 0..relays.max(1) {
+            let name = if i == 0 {
+                "public".to_string()
+            } else {
+                format!("relay{i}")
+            };
+            let (node, iface) = lab.add_on_internet(&router, &name)?;
+            let endpoint = iface.ipv4.to_string();
+            let mesh = if i < relays { "relay = true\n" } else { "" };
+            publics.push(start_node_with(
+                lab,
+                node,
+                &token,
+                &name,
+                Some(&endpoint),
+                &[],
+                mesh,
+            )?);
+        }
+        let public = publics.remove(0);
         Ok(Internet {
             router,
             controller,
             public,
+            relays: publics,
             token,
         })
     }
@@ -182,5 +210,365 @@ fn nodes_behind_endpoint_independent_nats_connect_directly() -> Result<()> {
     let public = internet.public.cli(&lab, &["show", "mesh", "--json"])?;
     let public: Value = serde_json::from_str(&public)?;
     ensure!(public["node"]["nat"] == "none", "{public}");
+    Ok(())
+}
+
+/// The peer named `name` in `node`'s `show mesh --json`.
+fn shown_peer(lab: &Lab, node: &MeshNode, name: &str) -> Result<Value> {
+    let shown: Value = serde_json::from_str(&node.cli(lab, &["show", "mesh", "--json"])?)?;
+    shown["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .cloned()
+        .with_context(|| format!("no {name} in {shown}"))
+}
+
+/// Waits until `from` pings `to` through a path `show mesh` calls `path`
+/// (`relayed`, `direct`) for peer `peer`.
+fn path_is(
+    lab: &Lab,
+    from: &MeshNode,
+    peer: &str,
+    to: &str,
+    path: &str,
+    within: Duration,
+) -> Result<Value> {
+    wait_until(
+        within,
+        &format!("{} reaching {peer} {path}", from.name),
+        || {
+            ping(lab, &from.node, to)?;
+            let shown = shown_peer(lab, from, peer)?;
+            ensure!(shown["path"] == path, "{shown}");
+            Ok(shown)
+        },
+    )
+}
+
+/// Two nodes behind endpoint-dependent NATs cannot punch through: a relay
+/// carries them within 3 s of the second joining, both ways, and `show
+/// mesh` says which relay.
+#[test]
+fn nodes_behind_endpoint_dependent_nats_go_through_a_relay() -> Result<()> {
+    if !can_run!(NEEDS,) {
+        return Ok(());
+    }
+    let lab = Lab::new("nat-edm")?;
+    let internet = Internet::with_relays(&lab, 1)?;
+    let (_nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointDependent)?;
+    let address_a = internet.address(&lab, "a")?;
+    let public = internet.address(&lab, "public")?;
+    wait_until(Duration::from_secs(20), "a reaching the relay", || {
+        ping(&lab, &a.node, &public)
+    })?;
+    let started = Instant::now();
+    let (_nat_b, b) = internet.behind_nat(&lab, "b", Mapping::EndpointDependent)?;
+    let address_b = internet.address(&lab, "b")?;
+    let shown = path_is(
+        &lab,
+        &b,
+        "a",
+        &address_a,
+        "relayed",
+        Duration::from_secs(30),
+    )?;
+    let took = started.elapsed();
+    path_is(&lab, &a, "b", &address_b, "relayed", Duration::from_secs(5))?;
+    alive(&lab, &[&a, &b, &internet.public])?;
+    eprintln!("relayed path {took:?} after b joined: {shown}");
+    ensure!(shown["endpoint"] == "via public", "{shown}");
+    ensure!(shown["nat"] == "endpoint_dependent", "{shown}");
+    ensure!(
+        took <= Duration::from_secs(3),
+        "the relayed path took {took:?}, more than 3 s"
+    );
+    Ok(())
+}
+
+/// Loads (`Some`) or removes a table on the Internet router that drops
+/// UDP between two NATs' public addresses.
+fn block_udp_between(lab: &Lab, router: &Node, nats: Option<(&Nat, &Nat)>) -> Result<()> {
+    let chains = nats.map(|(x, y)| {
+        let (x, y) = (x.public.ipv4, y.public.ipv4);
+        format!(
+            "  chain forward {{\n    type filter hook forward priority 0;\n    \
+             ip saddr {x} ip daddr {y} meta l4proto udp drop\n    \
+             ip saddr {y} ip daddr {x} meta l4proto udp drop\n  }}"
+        )
+    });
+    lab.nft_table(router, "b4m_block_udp", chains.as_deref())
+}
+
+/// Two nodes behind endpoint-independent NATs with UDP between the NATs
+/// blocked: a relay carries them; unblocked, they move to a direct path
+/// within 10 s, losing at most one ping of a ping every 100 ms.
+#[test]
+fn a_relayed_pair_moves_to_a_direct_path_when_udp_opens() -> Result<()> {
+    if !can_run!(NEEDS,) {
+        return Ok(());
+    }
+    let lab = Lab::new("nat-unblock")?;
+    let internet = Internet::with_relays(&lab, 1)?;
+    let (nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
+    let address_a = internet.address(&lab, "a")?;
+    let public = internet.address(&lab, "public")?;
+    wait_until(Duration::from_secs(20), "a reaching the relay", || {
+        ping(&lab, &a.node, &public)
+    })?;
+    // b's NAT is known only once it exists: block before b's node starts.
+    let nat_b = lab.add_behind_nat(&internet.router, "b", Mapping::EndpointIndependent)?;
+    block_udp_between(&lab, &internet.router, Some((&nat_a, &nat_b)))?;
+    let started = Instant::now();
+    let b = start_node_on(&lab, nat_b.inside.clone(), &internet.token, "b", None, &[])?;
+    let address_b = internet.address(&lab, "b")?;
+    path_is(
+        &lab,
+        &b,
+        "a",
+        &address_a,
+        "relayed",
+        Duration::from_secs(30),
+    )?;
+    let took = started.elapsed();
+    path_is(&lab, &a, "b", &address_b, "relayed", Duration::from_secs(5))?;
+    eprintln!("relayed with UDP blocked {took:?} after b joined");
+    ensure!(
+        took <= Duration::from_secs(3),
+        "the relayed path took {took:?}, more than 3 s"
+    );
+
+    let pings = lab.spawn(
+        &a.node,
+        "ping-b",
+        &[
+            "ping", "-n", "-i", "0.1", "-c", "150", "-W", "1", &address_b,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    block_udp_between(&lab, &internet.router, None)?;
+    let opened = Instant::now();
+    let endpoint = direct_path(
+        &lab,
+        &a,
+        &address_b,
+        &nat_b.public.ipv4.to_string(),
+        Duration::from_secs(20),
+    )?;
+    let moved = opened.elapsed();
+    direct_path(
+        &lab,
+        &b,
+        &address_a,
+        &nat_a.public.ipv4.to_string(),
+        Duration::from_secs(10),
+    )?;
+    wait_until(Duration::from_secs(30), "the pings to finish", || {
+        ensure!(!lab.is_running(&pings), "still pinging");
+        Ok(())
+    })?;
+    let log = std::fs::read_to_string(&pings.log)?;
+    let summary = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary in {log}"))?;
+    let numbers: Vec<u64> = summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (sent, received) = (numbers[0], numbers[1]);
+    eprintln!("direct {moved:?} after UDP opened (at {endpoint}); pings: {summary}");
+    ensure!(
+        moved <= Duration::from_secs(10),
+        "moved to the direct path {moved:?} after UDP opened, more than 10 s"
+    );
+    ensure!(
+        sent - received <= 1,
+        "{} pings lost on the way from relay to direct: {summary}",
+        sent - received
+    );
+    Ok(())
+}
+
+/// A relay that dies (SIGKILL: its sockets close) loses its pairs to
+/// another relay within 2 s: pings every 100 ms stop for at most 2 s.
+#[test]
+fn a_killed_relays_pairs_move_to_another_within_two_seconds() -> Result<()> {
+    relay_fails(libc::SIGKILL, "nat-relay-kill")
+}
+
+/// A relay that hangs (SIGSTOP: its connections stay open, nothing
+/// answers) loses its pairs within 2 s too: the controller misses its
+/// pulses.
+#[test]
+fn a_hung_relays_pairs_move_to_another_within_two_seconds() -> Result<()> {
+    relay_fails(libc::SIGSTOP, "nat-relay-hung")
+}
+
+fn relay_fails(signal: i32, name: &str) -> Result<()> {
+    if !can_run!(NEEDS,) {
+        return Ok(());
+    }
+    let lab = Lab::new(name)?;
+    let internet = Internet::with_relays(&lab, 2)?;
+    let (_nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointDependent)?;
+    let (_nat_b, b) = internet.behind_nat(&lab, "b", Mapping::EndpointDependent)?;
+    let address_b = internet.address(&lab, "b")?;
+    let shown = path_is(
+        &lab,
+        &a,
+        "b",
+        &address_b,
+        "relayed",
+        Duration::from_secs(30),
+    )?;
+    let carrier = shown["relay"]
+        .as_str()
+        .context("no relay named")?
+        .to_string();
+    let victim = if carrier == "public" {
+        &internet.public
+    } else {
+        internet
+            .relays
+            .iter()
+            .find(|r| r.name == carrier)
+            .with_context(|| format!("no relay {carrier}"))?
+    };
+    let pings = lab.spawn(
+        &a.node,
+        "ping-b",
+        &[
+            "ping", "-n", "-D", "-i", "0.1", "-c", "80", "-W", "1", &address_b,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    lab.signal(&victim.proc, signal)?;
+    let shown = path_is(
+        &lab,
+        &a,
+        "b",
+        &address_b,
+        "relayed",
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        shown["relay"] != carrier.as_str(),
+        "still on {carrier}: {shown}"
+    );
+    alive(&lab, &[&a, &b])?;
+    wait_until(Duration::from_secs(20), "the pings to finish", || {
+        ensure!(!lab.is_running(&pings), "still pinging");
+        Ok(())
+    })?;
+    let log = std::fs::read_to_string(&pings.log)?;
+    // The longest gap between answered pings (-D: a timestamp on each).
+    let times: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    eprintln!(
+        "relay {carrier} {}: pings stopped for {gap:.2} s; now via {}",
+        if signal == libc::SIGKILL {
+            "killed"
+        } else {
+            "hung"
+        },
+        shown["relay"]
+    );
+    if signal == libc::SIGSTOP {
+        lab.signal(&victim.proc, libc::SIGCONT)?;
+    }
+    ensure!(gap <= 2.0, "pings stopped for {gap:.2} s, more than 2 s");
+    Ok(())
+}
+
+/// TCP throughput from `from` to `to` (mesh address) for `seconds`, in
+/// bit/s, with iperf3.
+fn iperf(lab: &Lab, from: &MeshNode, server: &MeshNode, to: &str, seconds: u32) -> Result<f64> {
+    let proc = lab.spawn(
+        &server.node,
+        "iperf3-server",
+        &["iperf3", "-s", "-1", "-B", to],
+    )?;
+    wait_until(Duration::from_secs(10), "iperf3 listening", || {
+        let out = lab.exec(&server.node, &["ss", "-tlnH", "sport = :5201"])?;
+        ensure!(!out.trim().is_empty(), "not yet");
+        Ok(())
+    })?;
+    let time = seconds.to_string();
+    let cmd = ["iperf3", "-J", "-t", &time, "-c", to];
+    let out = lab.exec_full(&from.node, &cmd, None, Duration::from_secs(60))?;
+    lab.stop(&proc);
+    ensure!(out.success(), "iperf3: {}{}", out.stdout, out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout)?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no throughput in iperf3's report")
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc stat")?
+        .iter()
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    Ok(ticks / 100.0)
+}
+
+/// The benchmark of BENCHMARKS.md ("NAT traversal"): TCP through a relay
+/// next to TCP over a direct (punched) path on the same machine in the
+/// same run, and the relay's CPU per GB. `--ignored` to run.
+#[test]
+#[ignore = "a benchmark: cargo nextest run --test nat_traversal --run-ignored only --no-capture"]
+fn bench_relay_against_direct() -> Result<()> {
+    if !can_run!(&["wg", "ping", "nft", "iperf3"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("nat-bench")?;
+    let internet = Internet::with_relays(&lab, 1)?;
+    let (_, a) = internet.behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
+    let (nat_b, b) = internet.behind_nat(&lab, "b", Mapping::EndpointIndependent)?;
+    let (_, c) = internet.behind_nat(&lab, "c", Mapping::EndpointDependent)?;
+    let (_, d) = internet.behind_nat(&lab, "d", Mapping::EndpointDependent)?;
+    let (address_b, address_d) = (internet.address(&lab, "b")?, internet.address(&lab, "d")?);
+    direct_path(
+        &lab,
+        &a,
+        &address_b,
+        &nat_b.public.ipv4.to_string(),
+        Duration::from_secs(30),
+    )?;
+    path_is(
+        &lab,
+        &c,
+        "d",
+        &address_d,
+        "relayed",
+        Duration::from_secs(30),
+    )?;
+    let direct = iperf(&lab, &a, &b, &address_b, 5)?;
+    let relay_pid = internet.public.proc.pid;
+    let cpu_before = cpu_seconds(relay_pid)?;
+    let relayed = iperf(&lab, &c, &d, &address_d, 5)?;
+    let relay_cpu = cpu_seconds(relay_pid)? - cpu_before;
+    let gigabytes = relayed * 5.0 / 8.0 / 1e9;
+    println!(
+        "TCP a→b direct {:.0} Mbit/s; c→d through the relay {:.0} Mbit/s; relayed/direct {:.2}; \
+         the relay's daemon used {:.2} CPU s per GB relayed",
+        direct / 1e6,
+        relayed / 1e6,
+        relayed / direct,
+        relay_cpu / gigabytes.max(1e-9)
+    );
+    ensure!(relayed > 0.0 && direct > 0.0);
     Ok(())
 }

@@ -160,6 +160,20 @@ pub fn start_node_on(
     endpoint: Option<&str>,
     extra: &[&str],
 ) -> Result<MeshNode> {
+    start_node_with(lab, node, token, name, endpoint, extra, "")
+}
+
+/// [`start_node_on`] with `mesh` appended to the node's `[mesh]` section
+/// (`"relay = true\n"`).
+pub fn start_node_with(
+    lab: &Lab,
+    node: Node,
+    token: &str,
+    name: &str,
+    endpoint: Option<&str>,
+    extra: &[&str],
+    mesh: &str,
+) -> Result<MeshNode> {
     let dir = lab.run_dir(&node)?;
     let state = dir.join("agent");
     let state_text = state.to_string_lossy().to_string();
@@ -183,7 +197,7 @@ pub fn start_node_on(
         &node,
         "node.toml",
         &format!(
-            "[control]\nsocket = \"{}\"\n\n[mesh]\nstate_dir = \"{state_text}\"\ninterface = \"{ifname}\"\nbackend = \"userspace\"\n",
+            "[control]\nsocket = \"{}\"\n\n[mesh]\nstate_dir = \"{state_text}\"\ninterface = \"{ifname}\"\nbackend = \"userspace\"\n{mesh}",
             dir.join("bgp4mesh.sock").display()
         ),
     )?;

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::client::Client;
 use crate::probing::{Probing, Targets, Trust};
+use crate::relay_client::RelayLink;
 use crate::traversal::{self, Traversal};
 
 /// Default place of the agent's files.
@@ -368,6 +369,8 @@ pub struct AgentOptions {
     pub announce: Option<tokio::sync::watch::Sender<bool>>,
     /// Filled once the mesh runs, for `show mesh`.
     pub view: Option<Arc<crate::view::MeshView>>,
+    /// Relay for pairs behind NAT on this UDP port (`[mesh] relay`).
+    pub relay_port: Option<u16>,
 }
 
 impl Clone for AgentOptions {
@@ -381,6 +384,7 @@ impl Clone for AgentOptions {
             ready: None,
             announce: None,
             view: self.view.clone(),
+            relay_port: self.relay_port,
         }
     }
 }
@@ -396,6 +400,7 @@ impl Default for AgentOptions {
             ready: None,
             announce: None,
             view: None,
+            relay_port: None,
         }
     }
 }
@@ -415,6 +420,13 @@ struct Mesh {
     traversal: Traversal,
     /// The controller's discovery port, as the last state applied says.
     discovery_port: watch::Sender<Option<u16>>,
+    /// Per peer (node id) carried by a relay: its link there.
+    relay_links: std::sync::Mutex<std::collections::HashMap<String, RelayLink>>,
+    /// The state last applied, for the punches that are due without a
+    /// change ([`Mesh::punch_due`]).
+    last_state: std::sync::Mutex<Option<Arc<MeshState>>>,
+    /// This node's relay, with `[mesh] relay = true`.
+    relay_server: Option<crate::relay_server::RelayServer>,
 }
 
 impl Mesh {
@@ -439,15 +451,19 @@ impl Mesh {
                 *last = now;
             }
         }
+        let relayed = self.relay_links(state);
         let peers = state
             .peers
             .iter()
             .filter_map(|p| {
                 let key = Key::from_base64(&p.public_key).ok()?;
                 let mut peer = PeerConfig::new(key);
-                // Both behind NAT: the endpoint comes from punches only.
+                // Both behind NAT: the endpoint comes from punches and the
+                // pair's relay only.
                 if !Traversal::both_behind_nat(state, p) {
                     peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                } else if self.device.backend() == Backend::Kernel {
+                    peer.endpoint = relayed.get(&p.node_id).copied();
                 }
                 // An egress range belongs to one peer: its chosen exit. The
                 // rest (the peer's own addresses) stays.
@@ -481,12 +497,35 @@ impl Mesh {
             .configure(&desired)
             .context("configuring the WireGuard device")?;
         if let Some(view) = &self.options.view {
-            view.applied(state);
+            view.applied(state, &relayed);
+        }
+        if let Some(server) = &self.relay_server {
+            let key = state
+                .relay_key
+                .as_deref()
+                .and_then(crate::relay_client::hex_array::<32>);
+            server.set_key(key);
+        }
+        if let Ok(mut last) = self.last_state.lock() {
+            *last = Some(Arc::new(state.clone()));
         }
         self.discovery_port
             .send_if_modified(|p| std::mem::replace(p, state.network.discovery_port) != *p);
+        for p in &state.peers {
+            let Ok(key) = Key::from_base64(&p.public_key) else {
+                continue;
+            };
+            let fallback = relayed.get(&p.node_id).copied();
+            if let Err(e) = self.device.set_fallback_endpoint(&key, fallback)
+                && e.kind() != std::io::ErrorKind::Unsupported
+            {
+                tracing::debug!(peer = %p.name, "relay endpoint: {e}");
+            }
+        }
         let live = self.recent_peers(Duration::from_secs(180));
-        self.traversal.punch(&self.device, state, &live);
+        let through_relay = self.through_relay(&relayed);
+        self.traversal
+            .punch(&self.device, state, &live, &through_relay);
         let addresses = own_addresses(state)?;
         let name = &self.options.interface;
         self.links
@@ -532,6 +571,89 @@ impl Mesh {
             *applied = Some(nat);
         }
         Ok(())
+    }
+
+    /// Brings the relay links to the state: one per peer the controller
+    /// gave a relay path (both behind NAT), moved when the path moves.
+    /// Returns each relayed peer's endpoint for the device (its link's
+    /// loopback address).
+    fn relay_links(
+        &self,
+        state: &MeshState,
+    ) -> std::collections::HashMap<String, std::net::SocketAddr> {
+        let mut endpoints = std::collections::HashMap::new();
+        let Ok(mut links) = self.relay_links.lock() else {
+            return endpoints;
+        };
+        let device_port = self.device.status().map(|s| s.listen_port).unwrap_or(0);
+        let wanted: Vec<(&bgp4mesh_api::Peer, &bgp4mesh_api::RelayPath)> = state
+            .peers
+            .iter()
+            .filter(|p| Traversal::both_behind_nat(state, p))
+            .filter_map(|p| Some((p, p.relay.as_ref()?)))
+            .collect();
+        links.retain(|id, _| wanted.iter().any(|(p, _)| &p.node_id == id));
+        for (peer, path) in wanted {
+            let result = match links.get(&peer.node_id) {
+                Some(link) => link.set_path(path),
+                None if device_port != 0 => RelayLink::start(path, device_port).map(|link| {
+                    tracing::info!(peer = %peer.name, relay = %path.name, "relay link to {}", path.address);
+                    links.insert(peer.node_id.clone(), link);
+                }),
+                None => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(peer = %peer.name, relay = %path.name, "relay link: {e}");
+            }
+            if let Some(endpoint) = links.get(&peer.node_id).and_then(|l| l.endpoint().ok()) {
+                endpoints.insert(peer.node_id.clone(), endpoint);
+            }
+        }
+        endpoints
+    }
+
+    /// Punches again the peers whose time came ([`Traversal::punch`]),
+    /// every second: a relayed pair tries for a direct path every few
+    /// seconds, one that failed every half minute.
+    async fn punch_due(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let state = self.last_state.lock().ok().and_then(|s| s.clone());
+            let Some(state) = state else { continue };
+            let relayed: std::collections::HashMap<String, std::net::SocketAddr> = self
+                .relay_links
+                .lock()
+                .map(|links| {
+                    links
+                        .iter()
+                        .filter_map(|(id, l)| Some((id.clone(), l.endpoint().ok()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let live = self.recent_peers(Duration::from_secs(180));
+            let through_relay = self.through_relay(&relayed);
+            self.traversal
+                .punch(&self.device, &state, &live, &through_relay);
+        }
+    }
+
+    /// The peers (node ids) whose device endpoint is their relay link now.
+    fn through_relay(
+        &self,
+        relayed: &std::collections::HashMap<String, std::net::SocketAddr>,
+    ) -> std::collections::BTreeSet<String> {
+        let endpoints: std::collections::HashSet<std::net::SocketAddr> = self
+            .device
+            .status()
+            .map(|s| s.peers.iter().filter_map(|p| p.endpoint).collect())
+            .unwrap_or_default();
+        relayed
+            .iter()
+            .filter(|(_, e)| endpoints.contains(e))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Waits (at most `within`) until every peer with an endpoint has
@@ -601,6 +723,7 @@ impl Mesh {
                 })
                 .collect();
         }
+        report.relay_port = self.relay_server.as_ref().map(|r| r.port());
         if let Some(found) = self.traversal.found() {
             report.candidates = Some(found.candidates.iter().map(|c| c.to_string()).collect());
             report.nat = found.nat;
@@ -875,6 +998,9 @@ struct Pulser {
     /// Whether the probes find this gateway's mesh carrying traffic.
     mesh_ok: watch::Receiver<bool>,
     is_gateway: Arc<AtomicBool>,
+    /// A relay pulses too, so that its pairs leave it within a second when
+    /// it dies.
+    is_relay: bool,
     /// Notified when pulses are heard again after silence: the controller
     /// waits for a whole report before it uses this exit again.
     connected: Arc<Notify>,
@@ -887,12 +1013,14 @@ impl Pulser {
         let mut failing = false;
         loop {
             tick.tick().await;
-            if !self.is_gateway.load(Ordering::Relaxed) {
+            let gateway = self.is_gateway.load(Ordering::Relaxed);
+            if !gateway && !self.is_relay {
                 continue;
             }
             // The upstream goes in reports only (one at a time, in order).
+            // A relay's pulses say only that it is alive.
             let pulse = bgp4mesh_api::Pulse {
-                mesh: Some(*self.mesh_ok.borrow()),
+                mesh: gateway.then(|| *self.mesh_ok.borrow()),
                 ..Default::default()
             };
             let sent = tokio::time::timeout(
@@ -1121,6 +1249,13 @@ pub async fn run(
     .context("private.key")?;
     let device = AnyDevice::create(DeviceOptions::new(&options.interface), options.backend)
         .with_context(|| format!("creating the WireGuard interface {}", options.interface))?;
+    let relay_server = match options.relay_port {
+        Some(port) => Some(
+            crate::relay_server::RelayServer::start(port)
+                .with_context(|| format!("relaying on UDP port {port}"))?,
+        ),
+        None => None,
+    };
     let probing = Probing::new();
     let mesh = Arc::new(Mesh {
         probing: probing.clone(),
@@ -1132,6 +1267,9 @@ pub async fn run(
         exits: std::sync::Mutex::new((None, None)),
         traversal: Traversal::default(),
         discovery_port: watch::channel(None).0,
+        relay_links: Default::default(),
+        last_state: Default::default(),
+        relay_server,
     });
     if let Some(view) = &options.view {
         let source: Arc<dyn crate::view::DeviceStatusSource> = mesh.clone();
@@ -1173,6 +1311,7 @@ pub async fn run(
             }
         })
     });
+    let punches = tokio::spawn(Arc::clone(&mesh).punch_due());
     let found = Arc::new(Notify::new());
     let discovery =
         tokio::spawn(Arc::clone(&mesh).discover(enrollment.server.clone(), Arc::clone(&found)));
@@ -1192,6 +1331,7 @@ pub async fn run(
             client,
             mesh_ok: probing.mesh_ok(),
             is_gateway: Arc::clone(&follower.is_gateway),
+            is_relay: options.relay_port.is_some(),
             connected: Arc::clone(&follower.connected),
         }
         .run(),
@@ -1203,6 +1343,7 @@ pub async fn run(
     reporter.abort();
     pulser.abort();
     discovery.abort();
+    punches.abort();
     if let Some(task) = mesh_watch {
         task.abort();
     }
@@ -1242,6 +1383,7 @@ mod tests {
             egress,
             candidates: Vec::new(),
             nat: None,
+            relay: None,
         }
     }
 
@@ -1274,8 +1416,10 @@ mod tests {
                 handshakes: Vec::new(),
                 candidates: Vec::new(),
                 nat: None,
+                relay_port: None,
             },
             peers,
+            relay_key: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod client;
 pub mod liveness;
 mod probe;
 pub mod probing;
+pub mod relay_client;
 pub mod relay_server;
 pub mod traversal;
 pub mod view;

@@ -41,6 +41,10 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 const ASK_AGAIN: Duration = Duration::from_millis(250);
 /// A peer is punched again after this long without a handshake.
 pub const PUNCH_AGAIN: Duration = Duration::from_secs(35);
+/// A peer carried by a relay is punched again this often, so the pair
+/// moves to a direct path within seconds of one opening (when neither NAT
+/// is endpoint-dependent: their mappings cannot be punched).
+pub const PUNCH_RELAYED: Duration = Duration::from_secs(5);
 
 /// What discovery found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -97,6 +101,7 @@ impl Traversal {
         device: &AnyDevice,
         state: &MeshState,
         recent: &std::collections::BTreeSet<String>,
+        through_relay: &std::collections::BTreeSet<String>,
     ) {
         let Ok(mut punched) = self.punched.lock() else {
             return;
@@ -111,10 +116,18 @@ impl Traversal {
             let changed = punched
                 .get(&peer.node_id)
                 .is_none_or(|p| p.theirs != peer.candidates || p.ours != state.node.candidates);
+            let dependent =
+                [peer.nat, state.node.nat].contains(&Some(NatMapping::EndpointDependent));
+            let relayed = through_relay.contains(&peer.node_id);
+            let again = if relayed && !dependent {
+                PUNCH_RELAYED
+            } else {
+                PUNCH_AGAIN
+            };
             let stale = punched
                 .get(&peer.node_id)
-                .is_some_and(|p| now.duration_since(p.at) >= PUNCH_AGAIN)
-                && !recent.contains(&peer.public_key);
+                .is_some_and(|p| now.duration_since(p.at) >= again)
+                && (relayed || !recent.contains(&peer.public_key));
             if !changed && !stale {
                 continue;
             }

@@ -55,6 +55,11 @@ pub struct PeerLine {
     pub addresses: Vec<IpAddr>,
     pub nat: Option<NatMapping>,
     pub candidates: Vec<String>,
+    /// The relay the controller gave the pair (its name), if any.
+    pub relay: Option<String>,
+    /// The device's endpoint for the peer while it goes through the relay.
+    #[serde(skip)]
+    relay_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// One peer as `show mesh` prints it.
@@ -62,7 +67,8 @@ pub struct PeerLine {
 pub struct PeerPath {
     #[serde(flatten)]
     pub peer: PeerLine,
-    /// `direct` (a handshake in the last 3 minutes) or `none`.
+    /// `direct` or `relayed` (a handshake in the last 3 minutes, its
+    /// endpoint the peer's own address or the relay's), or `none`.
     pub path: &'static str,
     pub endpoint: Option<String>,
     /// Unix seconds.
@@ -101,7 +107,11 @@ impl MeshView {
     }
 
     /// Takes in the state the agent applied.
-    pub(crate) fn applied(&self, state: &MeshState) {
+    pub(crate) fn applied(
+        &self,
+        state: &MeshState,
+        relayed: &HashMap<String, std::net::SocketAddr>,
+    ) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
@@ -134,6 +144,8 @@ impl MeshView {
                     .collect(),
                 nat: p.nat,
                 candidates: p.candidates.clone(),
+                relay: p.relay.as_ref().map(|r| r.name.clone()),
+                relay_endpoint: relayed.get(&p.node_id).copied(),
             })
             .collect();
     }
@@ -179,9 +191,18 @@ impl MeshView {
                     .iter()
                     .find_map(|a| rtts.get(a))
                     .map(|d| d.as_secs_f64() * 1000.0);
+                let endpoint = s.and_then(|s| s.endpoint);
+                let path = match (live, endpoint) {
+                    (false, _) => "none",
+                    (true, Some(e)) if Some(e) == peer.relay_endpoint => "relayed",
+                    (true, _) => "direct",
+                };
                 PeerPath {
-                    path: if live { "direct" } else { "none" },
-                    endpoint: s.and_then(|s| s.endpoint).map(|e| e.to_string()),
+                    path,
+                    endpoint: match (path, &peer.relay) {
+                        ("relayed", Some(relay)) => Some(format!("via {relay}")),
+                        _ => endpoint.map(|e| e.to_string()),
+                    },
                     last_handshake: last
                         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs()),

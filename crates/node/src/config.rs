@@ -75,6 +75,13 @@ pub struct MeshSection {
     /// The most prefixes `export` offers; more are left out with a warning.
     #[serde(default = "default_export_limit")]
     pub export_limit: usize,
+    /// Relay for pairs of nodes behind NAT that cannot reach each other
+    /// directly (a node with a published endpoint only): forwards their
+    /// WireGuard datagrams on UDP `relay_port`, holding none of their keys.
+    #[serde(default)]
+    pub relay: bool,
+    #[serde(default = "default_relay_port")]
+    pub relay_port: u16,
 }
 
 impl Default for MeshSection {
@@ -85,8 +92,14 @@ impl Default for MeshSection {
             backend: default_mesh_backend(),
             export: None,
             export_limit: default_export_limit(),
+            relay: false,
+            relay_port: default_relay_port(),
         }
     }
+}
+
+fn default_relay_port() -> u16 {
+    51821
 }
 
 fn default_export_limit() -> usize {
@@ -630,6 +643,9 @@ impl NodeConfig {
         if let Some(mesh) = &file.mesh {
             check_interface_name("mesh.interface", &mesh.interface)
                 .with_context(|| format!("{}", path.display()))?;
+            if mesh.relay && mesh.relay_port == 0 {
+                bail!("{}: mesh.relay_port: 0 is no port", path.display());
+            }
             if !["auto", "kernel", "userspace"].contains(&mesh.backend.as_str()) {
                 bail!(
                     "{}: mesh.backend: {:?} is not one of auto, kernel, userspace",

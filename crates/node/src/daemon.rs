@@ -104,6 +104,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                     open
                 }),
                 view: mesh_view.clone(),
+                relay_port: section.relay.then_some(section.relay_port),
             };
             let stopper = calls_tx.clone();
             Some(tokio::spawn(async move {

@@ -163,6 +163,21 @@ impl AnyDevice {
         }
     }
 
+    /// Marks a peer's relay endpoint ([`Device::set_fallback_endpoint`]).
+    /// The kernel module roams to wherever the last packet came from: there
+    /// the relay endpoint is set as the peer's endpoint while it has none
+    /// (`Unsupported`: the caller configures it instead).
+    pub fn set_fallback_endpoint(
+        &self,
+        peer: &crate::Key,
+        relayed: Option<std::net::SocketAddr>,
+    ) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.set_fallback_endpoint(peer, relayed),
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
+        }
+    }
+
     /// Sends a datagram of another protocol from the device's socket
     /// ([`Device::send_datagram`]); `Unsupported` on the kernel backend,
     /// whose socket is the kernel's.

@@ -321,6 +321,8 @@ impl Shared {
                         source: None,
                         initiate: false,
                         handed_over: None,
+                        fallback: None,
+                        direct_heard: None,
                         held: None,
                     }),
                     rx_bytes: AtomicU64::new(0),

@@ -211,6 +211,10 @@ struct EarlyData {
     datagrams: Vec<Vec<u8>>,
 }
 
+/// How long a direct path that was heard from keeps a peer's endpoint
+/// against packets from its relay.
+const DIRECT_KEPT: Duration = Duration::from_secs(15);
+
 /// At most this many data packets are held per peer for a response.
 const EARLY_DATA: usize = 128;
 /// Held data older than this is dropped (the response never came).
@@ -245,6 +249,13 @@ struct PeerState {
     /// When we last sent it a handshake to take over another cluster
     /// member's session ([`cluster`]): at most one per second.
     handed_over: Option<std::time::Instant>,
+    /// The peer's relay, as the device sees it (a local address that
+    /// forwards to the relay): a fallback that never replaces a direct
+    /// endpoint still in use ([`PeerState::learn`]).
+    fallback: Option<SocketAddr>,
+    /// When an authenticated packet last came from elsewhere than the
+    /// fallback (only kept while there is one).
+    direct_heard: Option<std::time::Instant>,
     /// Data held since we answered the peer's initiation, until the peer
     /// confirms the session (its first packet on it) or our own
     /// initiation completes: see [`Held`].
@@ -283,8 +294,23 @@ impl PeerState {
         })
     }
 
-    /// The peer proved to be at `from`, having sent to our `source`.
+    /// The peer proved to be at `from`, having sent to our `source`. A
+    /// packet from the peer's relay ([`Device::set_fallback_endpoint`])
+    /// does not move an endpoint that the peer's packets came from directly
+    /// in the last [`DIRECT_KEPT`]: relayed packets still in flight when a
+    /// direct path opens must not take the pair back to the relay.
     fn learn(&mut self, from: SocketAddr, source: Option<Source>) {
+        if let Some(relayed) = self.fallback {
+            let now = std::time::Instant::now();
+            if from == relayed {
+                let direct = self.endpoint.is_some_and(|e| e != relayed);
+                if direct && self.direct_heard.is_some_and(|t| now - t < DIRECT_KEPT) {
+                    return;
+                }
+            } else {
+                self.direct_heard = Some(now);
+            }
+        }
         self.endpoint = Some(from);
         self.source = source;
     }

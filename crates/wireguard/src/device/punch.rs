@@ -144,6 +144,31 @@ impl Device {
         Ok(())
     }
 
+    /// Marks `relayed` as the peer `key`'s relay endpoint (or none): its
+    /// packets move the peer's endpoint only while no direct one is in
+    /// use. Setting one also makes it the endpoint when the peer has none.
+    pub fn set_fallback_endpoint(&self, key: &Key, relayed: Option<SocketAddr>) -> io::Result<()> {
+        let peer = read(&self.shared.iface)
+            .by_key
+            .get(key)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such peer"))?;
+        let mut state = lock(&peer.state);
+        if state.fallback != relayed {
+            if let (Some(old), None) = (state.fallback, relayed)
+                && state.endpoint == Some(old)
+            {
+                state.endpoint = None;
+            }
+            state.fallback = relayed;
+            if state.endpoint.is_none() {
+                state.endpoint = relayed;
+                state.initiate = relayed.is_some();
+            }
+        }
+        Ok(())
+    }
+
     /// Sends `datagram` to `to` from the device's socket (for another
     /// protocol beside WireGuard: endpoint discovery).
     pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<()> {
@@ -171,6 +196,9 @@ impl Device {
 pub(super) fn tick(shared: &Shared, udp: Option<&Arc<Udp>>) {
     let now = Instant::now();
     let mut due: Vec<(Arc<Peer>, Vec<SocketAddr>, Vec<u8>)> = Vec::new();
+    // Each round goes to the peer's endpoint too (its relay, while it has
+    // one): the initiation this punch made replaced any other, and the
+    // pair must not wait for a retry to come up through the relay.
     {
         let mut punches = lock(&shared.punches);
         if punches.is_empty() {
@@ -178,22 +206,24 @@ pub(super) fn tick(shared: &Shared, udp: Option<&Arc<Udp>>) {
         }
         punches.retain_mut(|p| {
             let age = now.saturating_duration_since(p.started);
-            let made = lock(&p.peer.state)
-                .tunn
-                .as_ref()
-                .and_then(|t| t.time_since_last_handshake())
-                .is_some_and(|since| since < age);
+            let (made, endpoint) = {
+                let state = lock(&p.peer.state);
+                let made = state
+                    .tunn
+                    .as_ref()
+                    .and_then(|t| t.time_since_last_handshake())
+                    .is_some_and(|since| since < age);
+                (made, state.endpoint)
+            };
             if made || age >= PUNCH_FOR {
                 debug!(interface = %shared.name, peer = ?p.peer.public_key, made, "punch over");
                 return false;
             }
             if now >= p.next_round {
                 p.next_round = now + ROUND_EVERY;
-                due.push((
-                    Arc::clone(&p.peer),
-                    p.candidates.clone(),
-                    p.initiation.clone(),
-                ));
+                let mut to = p.candidates.clone();
+                to.extend(endpoint.filter(|e| !p.candidates.contains(e)));
+                due.push((Arc::clone(&p.peer), to, p.initiation.clone()));
             }
             true
         });
