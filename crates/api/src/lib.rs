@@ -232,7 +232,24 @@ pub struct NodeReport {
     /// this UDP port of its endpoint's address (`[mesh] relay = true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_port: Option<u16>,
+    /// For a node behind NAT: the round trip it measured to each live relay
+    /// (at most [`MAX_RELAY_RTTS`]); the controller prefers near relays for
+    /// its pairs. `None` leaves what the controller has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_rtts: Option<Vec<RelayRtt>>,
 }
+
+/// A round trip to a relay, as a node measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRtt {
+    /// The relay's node id.
+    pub node_id: String,
+    /// Microseconds; the best of a few echoes.
+    pub rtt_us: u64,
+}
+
+/// The most relay round trips a report may carry.
+pub const MAX_RELAY_RTTS: usize = 64;
 
 /// Which address families a border can route to the outside: its BGP
 /// upstream per family, as the agent reports it.
@@ -427,6 +444,10 @@ pub struct Peer {
     /// credential there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayPath>,
+    /// The peer is a live relay on this UDP port (at its endpoint's
+    /// address): nodes behind NAT measure their round trip to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_port: Option<u16>,
 }
 
 /// A pair's relay as one node of the pair sees it ([`relay`]).

@@ -16,6 +16,13 @@
 //! data  (both ways): "B4MR" | 3 | side | 0 0 | channel (8) | a WireGuard datagram
 //! ```
 //!
+//! and, to measure the round trip to a relay, an echo:
+//!
+//! ```text
+//! echo  (node → relay, 16 bytes): "B4MR" | 4 | 0 0 0 | id (8)
+//! reply (relay → node, 16 bytes): "B4MR" | 5 | 0 0 0 | the same id
+//! ```
+//!
 //! A bind names the channel, the side (0 for the node with the lower id)
 //! and when the credential expires; its MAC is HMAC-SHA256 under the relay
 //! key. The relay answers a valid bind with `bound` (smaller than the
@@ -40,6 +47,10 @@ pub const MAX_DATAGRAM: usize = HEADER_LEN + 1500 + 80;
 const BIND: u8 = 1;
 const BOUND: u8 = 2;
 const DATA: u8 = 3;
+const ECHO: u8 = 4;
+const ECHO_REPLY: u8 = 5;
+/// The length of an echo and of its reply.
+pub const ECHO_LEN: usize = 16;
 const LABEL: &[u8] = b"bgp4mesh relay v1";
 
 /// A pair's channel at a relay.
@@ -177,6 +188,43 @@ pub fn parse_data(datagram: &[u8]) -> Option<(Channel, u8, &[u8])> {
     Some((channel, side, &datagram[HEADER_LEN..]))
 }
 
+fn echo_message(kind: u8, id: &[u8; 8]) -> [u8; ECHO_LEN] {
+    let mut m = [0u8; ECHO_LEN];
+    m[..4].copy_from_slice(&MAGIC);
+    m[4] = kind;
+    m[8..16].copy_from_slice(id);
+    m
+}
+
+fn parse_echo_message(datagram: &[u8], kind: u8) -> Option<[u8; 8]> {
+    if datagram.len() != ECHO_LEN || !is_relay(datagram) || datagram[4] != kind {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&datagram[8..16]);
+    Some(id)
+}
+
+/// An echo request with `id`.
+pub fn echo(id: &[u8; 8]) -> [u8; ECHO_LEN] {
+    echo_message(ECHO, id)
+}
+
+/// The id of a well-formed echo request.
+pub fn parse_echo(datagram: &[u8]) -> Option<[u8; 8]> {
+    parse_echo_message(datagram, ECHO)
+}
+
+/// The reply to echo `id`: as long as the request, never longer.
+pub fn echo_reply(id: &[u8; 8]) -> [u8; ECHO_LEN] {
+    echo_message(ECHO_REPLY, id)
+}
+
+/// The id of a well-formed echo reply.
+pub fn parse_echo_reply(datagram: &[u8]) -> Option<[u8; 8]> {
+    parse_echo_message(datagram, ECHO_REPLY)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +264,16 @@ mod tests {
             ..parsed
         };
         assert!(!verify(&KEY, &later, 0), "an extended expiry");
+    }
+
+    #[test]
+    fn an_echo_and_its_reply_round_trip() {
+        let id = [5u8; 8];
+        assert_eq!(parse_echo(&echo(&id)), Some(id));
+        assert_eq!(parse_echo_reply(&echo_reply(&id)), Some(id));
+        assert_eq!(parse_echo_reply(&echo(&id)), None);
+        assert_eq!(parse_echo(&echo_reply(&id)), None);
+        assert_eq!(parse_data(&echo(&id)), None);
     }
 
     #[test]

@@ -964,6 +964,7 @@ pub fn render_peer(n: &NodeView, relays: &Relays) -> Peer {
         candidates: candidates_of(n),
         nat: n.nat,
         relay: relays.path_to(n),
+        relay_port: None,
     }
 }
 
