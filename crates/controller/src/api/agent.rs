@@ -235,6 +235,10 @@ pub(super) async fn agent_report(
         Some(c) => Some(crate::hub::check_candidates(c).map_err(Failure::bad)?),
         None => None,
     };
+    let relay_rtts = match &report.relay_rtts {
+        Some(r) => Some(crate::hub::relays::check_relay_rtts(r).map_err(Failure::bad)?),
+        None => None,
+    };
     let bgp_ranges = match &report.bgp_ranges {
         Some(ranges) => {
             let mut ranges = check_bgp_ranges(ranges)?;
@@ -338,8 +342,20 @@ pub(super) async fn agent_report(
     if relay_changed && let Some(port) = report.relay_port {
         tracing::info!(node = %node.name, port, "relays");
     }
-    if (candidates_changed || relay_changed) && !published_changed {
-        let why = if relay_changed { "relay" } else { "candidates" };
+    // Its round trips to relays, when they move a relay path of one of its
+    // pairs, re-render its pairs with its next change (this one).
+    let pairs_moved = ctl
+        .hub
+        .relay_rtts_reported(&node.network, &node.id, relay_rtts);
+    if pairs_moved {
+        tracing::debug!(node = %node.name, "relay round trips moved a relay path");
+    }
+    if (candidates_changed || relay_changed || pairs_moved) && !published_changed {
+        let why = if relay_changed || pairs_moved {
+            "relay"
+        } else {
+            "candidates"
+        };
         let revision = ctl
             .store
             .note_change(&node.network, &node.id, why, t)

@@ -89,6 +89,13 @@ pub struct NodeView {
     /// What was last published of it as a relay, and whether it was
     /// behind NAT: a change of either re-renders the pairs behind NAT.
     pub published: RelayRole,
+    /// Its round trips (microseconds) to relays, by relay node id, as its
+    /// reports gave them, rounded to buckets (`relays`): the relay paths of
+    /// its pairs use them. Memory only; kept when its stream closes.
+    pub relay_rtts: BTreeMap<String, u64>,
+    /// Its round trips moved a relay path of one of its pairs since it was
+    /// last published: its next change re-renders its pairs.
+    pub pairs_moved: bool,
 }
 
 impl NodeView {
@@ -114,6 +121,8 @@ impl NodeView {
             relay_port: None,
             relay_key: None,
             published: RelayRole::default(),
+            relay_rtts: BTreeMap::new(),
+            pairs_moved: false,
         }
     }
 
@@ -169,6 +178,10 @@ pub struct Change {
     /// node behind NAT, and the node itself, also get their peers behind
     /// NAT again.
     pub relays: bool,
+    /// The relay paths of the changed node's own pairs may have moved (its
+    /// round trips to relays): it gets its peers behind NAT again (they
+    /// get it, as with any change).
+    pub own_pairs: bool,
 }
 
 struct NetView {
@@ -287,6 +300,7 @@ impl Hub {
                 kind: ChangeKind::NetworkRemoved,
                 node: None,
                 relays: false,
+                own_pairs: false,
             }));
         }
     }
@@ -338,6 +352,7 @@ impl Hub {
             .unwrap_or_default();
         let mut node = update(old);
         node.published = RelayRole::of(&node);
+        let own_pairs = std::mem::take(&mut node.pairs_moved);
         let after = &node.published;
         let relay_live = || view.nodes.values().any(|n| n.live_relay().is_some());
         let relays = refresh
@@ -352,6 +367,7 @@ impl Hub {
             kind: ChangeKind::NodeUpsert(id.to_string()),
             node: Some(node),
             relays,
+            own_pairs,
         });
     }
 
@@ -370,6 +386,7 @@ impl Hub {
             kind: ChangeKind::NodeRemove(id.to_string()),
             node: None,
             relays,
+            own_pairs: false,
         });
     }
 
@@ -755,7 +772,8 @@ fn is_online(node: &NodeView, now: u64) -> bool {
 
 /// The events of `change` for node `id`: the changed node itself (as its
 /// own update, a peer, or a removal), and when relay paths moved, the
-/// peers behind NAT of a node behind NAT (or of the node that changed).
+/// peers behind NAT of a node behind NAT (or of the node that changed;
+/// only of it when only its own pairs moved).
 fn event_for(
     change: &Change,
     id: &str,
@@ -797,7 +815,7 @@ fn event_for(
         ChangeKind::NetworkRemoved => return vec![StreamEvent::Removed { revision }],
     }
     let behind_nat = view.nodes.get(id).is_some_and(NodeView::behind_nat);
-    if change.relays && (behind_nat || itself) {
+    if (change.relays && (behind_nat || itself)) || (change.own_pairs && itself) {
         let changed = match &change.kind {
             ChangeKind::NodeUpsert(n) | ChangeKind::NodeRemove(n) => Some(n.as_str()),
             ChangeKind::NetworkRemoved => None,
@@ -913,8 +931,15 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         handshakes: n.handshakes.clone(),
         candidates: candidates_of(n),
         nat: n.nat,
-        relay_port: n.relay_port.filter(|_| n.live_relay().is_some()),
+        relay_port: live_relay_port(n),
     }
+}
+
+/// Its relay port, while it is a live relay (`NodeView::live_relay`):
+/// shown on the node, and to its peers, which measure their round trip to
+/// it when they are behind NAT.
+fn live_relay_port(n: &NodeView) -> Option<u16> {
+    n.relay_port.filter(|_| n.live_relay().is_some())
 }
 
 /// The published endpoint (with the listen port when it names none), else
@@ -964,7 +989,7 @@ pub fn render_peer(n: &NodeView, relays: &Relays) -> Peer {
         candidates: candidates_of(n),
         nat: n.nat,
         relay: relays.path_to(n),
-        relay_port: None,
+        relay_port: live_relay_port(n),
     }
 }
 
