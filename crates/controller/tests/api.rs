@@ -1700,6 +1700,51 @@ async fn relays(db: &Db) -> Result<()> {
     );
     assert_eq!(path("pub", "a").await?, None);
     assert_eq!(path("relay1", "b").await?, None);
+    // Peers see the live relays' ports (to measure their round trips).
+    let relay_ids = [
+        node("relay1")?.node.id.clone(),
+        node("relay2")?.node.id.clone(),
+    ];
+    let seen = state("a").await?.peers;
+    for p in &seen {
+        let relays = relay_ids.contains(&p.node_id);
+        assert_eq!(p.relay_port, relays.then_some(51821), "{}", p.name);
+    }
+    // Round trips to relays: checked; ids that are not relays left out.
+    let rtt = |id: &str, us: u64| json!({"node_id": id, "rtt_us": us});
+    let many: Vec<Value> = (0..65).map(|_| rtt(&relay_ids[0], 1000)).collect();
+    refused(
+        report("a", json!({"relay_rtts": many})).await?,
+        StatusCode::BAD_REQUEST,
+        "relay_rtts",
+    );
+    refused(
+        report("a", json!({"relay_rtts": [rtt(&relay_ids[0], 10_000_001)]})).await?,
+        StatusCode::BAD_REQUEST,
+        "relay_rtts",
+    );
+    let pub_id = node("pub")?.node.id.clone();
+    let (status, v) = report(
+        "a",
+        json!({"relay_rtts": [rtt("no-such-node", 1), rtt(&pub_id, 1)]}),
+    )
+    .await?;
+    ensure!(status == StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(path("a", "b").await?, Some(ab.clone()), "nothing moved");
+    // The chosen relay is far for both, the other near: the pair moves to
+    // the other, both ends; and back when that turns around.
+    let (chosen_id, other_id) = (node(chosen)?.node.id.clone(), node(other)?.node.id.clone());
+    for (near, far) in [(&other_id, &chosen_id), (&chosen_id, &other_id)] {
+        for name in ["a", "b"] {
+            let body = json!({"relay_rtts": [rtt(near, 8_000), rtt(far, 150_000)]});
+            let (status, v) = report(name, body).await?;
+            ensure!(status == StatusCode::NO_CONTENT, "{v}");
+        }
+        let ab = path("a", "b").await?.context("a's relay path")?;
+        let ba = path("b", "a").await?.context("b's relay path")?;
+        assert_eq!(&ab.node_id, near);
+        assert_eq!((&ba.node_id, &ba.channel), (near, &ab.channel));
+    }
     // Both relays pulse; the chosen one stops: within about a second the
     // pair is on the other, in a change a's stream gets.
     for name in [chosen, other] {
