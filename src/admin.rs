@@ -253,6 +253,9 @@ fn print_reachability(n: &Node) {
     } else {
         println!("candidates: {}", n.candidates.join(" "));
     }
+    if let Some(port) = n.relay_port {
+        println!("relay: on UDP port {port} (live)");
+    }
 }
 
 fn print_tokens(tokens: &[Token]) {

@@ -27,6 +27,8 @@ struct Internet {
     public: MeshNode,
     /// More relays, after `public`.
     relays: Vec<MeshNode>,
+    /// `public`'s address on the Internet.
+    public_address: String,
     token: String,
 }
 
@@ -70,10 +72,12 @@ impl Internet {
             )?);
         }
         let public = publics.remove(0);
+        let public_address = address_on(lab, &public)?;
         Ok(Internet {
             router,
             controller,
             public,
+            public_address,
             relays: publics,
             token,
         })
@@ -89,6 +93,24 @@ impl Internet {
     fn address(&self, lab: &Lab, name: &str) -> Result<String> {
         address_of(&self.controller.nodes(lab)?, name)
     }
+}
+
+/// The global IPv4 address of `node` (a host on the Internet: one link).
+fn address_on(lab: &Lab, node: &MeshNode) -> Result<String> {
+    let out = lab.exec(
+        &node.node,
+        &["ip", "-4", "-o", "addr", "show", "scope", "global"],
+    )?;
+    out.lines()
+        .filter(|l| !l.contains(&node.ifname))
+        .find_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        })
+        .with_context(|| format!("no address on {}: {out}", node.name))
 }
 
 /// The endpoint `node`'s device has for the peer with mesh address `peer`
@@ -281,6 +303,49 @@ fn nodes_behind_endpoint_dependent_nats_go_through_a_relay() -> Result<()> {
     ensure!(
         took <= Duration::from_secs(3),
         "the relayed path took {took:?}, more than 3 s"
+    );
+    let listed = internet
+        .controller
+        .admin(&lab, &["node", "show", "mynet", "public"])?;
+    ensure!(
+        listed.contains("relay: on UDP port 51821 (live)"),
+        "{listed}"
+    );
+
+    // Bad input at the relay, from a host on the Internet: binds with a
+    // forged credential (a flood), one for another channel, an oversized
+    // datagram and one of no relay message at all. Dropped and counted;
+    // the pair keeps its path.
+    let relay_at: std::net::SocketAddr = format!("{}:51821", internet.public_address).parse()?;
+    let (stranger, _) = lab.add_on_internet(&internet.router, "stranger")?;
+    lab.in_netns(&stranger, || -> Result<()> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let mut forged = [0u8; 64];
+        forged[..6].copy_from_slice(b"B4MR\x01\x00");
+        for i in 0..2000u32 {
+            forged[8..12].copy_from_slice(&i.to_be_bytes());
+            forged[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+            socket.send_to(&forged, relay_at)?;
+        }
+        socket.send_to(&[0u8; 3000], relay_at)?;
+        socket.send_to(b"hello", relay_at)?;
+        Ok(())
+    })??;
+    std::thread::sleep(Duration::from_millis(300));
+    ping(&lab, &a.node, &address_b)?;
+    ping(&lab, &b.node, &address_a)?;
+    let stats: Value =
+        serde_json::from_str(&internet.public.cli(&lab, &["show", "mesh", "--json"])?)?;
+    let dropped = &stats["relay"]["dropped"];
+    eprintln!("the relay after bad input: {}", stats["relay"]);
+    let count = |k: &str| dropped[k].as_u64().unwrap_or(0);
+    ensure!(
+        count("unauthenticated") + count("rate_limited") >= 2000
+            && count("oversized") >= 1
+            && count("malformed") >= 1
+            && stats["relay"]["forwarded_datagrams"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        stats["relay"]
     );
     Ok(())
 }

@@ -639,6 +639,34 @@ impl Mesh {
         }
     }
 
+    /// Measures the round trips to the live relays every
+    /// [`traversal::MEASURE_RELAYS_EVERY`] while this node is behind NAT
+    /// (the controller prefers near relays for its pairs); `measured` is
+    /// notified after the first, for a report at once.
+    async fn measure_relays(self: Arc<Self>, measured: Arc<Notify>) {
+        loop {
+            let state = self.last_state.lock().ok().and_then(|s| s.clone());
+            let relays = state
+                .as_ref()
+                .filter(|s| !s.node.candidates.is_empty())
+                .map(|s| traversal::relays_of(s))
+                .unwrap_or_default();
+            let wait = if relays.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                let rtts = tokio::task::spawn_blocking(move || traversal::measure_relays(&relays))
+                    .await
+                    .unwrap_or_default();
+                tracing::debug!(?rtts, "round trips to the relays");
+                if self.traversal.set_relay_rtts(rtts) {
+                    measured.notify_one();
+                }
+                traversal::MEASURE_RELAYS_EVERY
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// The peers (node ids) whose device endpoint is their relay link now.
     fn through_relay(
         &self,
@@ -724,6 +752,7 @@ impl Mesh {
                 .collect();
         }
         report.relay_port = self.relay_server.as_ref().map(|r| r.port());
+        report.relay_rtts = self.traversal.relay_rtts();
         if let Some(found) = self.traversal.found() {
             report.candidates = Some(found.candidates.iter().map(|c| c.to_string()).collect());
             report.nat = found.nat;
@@ -788,6 +817,10 @@ impl Mesh {
 impl crate::view::DeviceStatusSource for Mesh {
     fn peers(&self) -> Vec<bgp4mesh_wireguard::PeerStatus> {
         self.device.status().map(|s| s.peers).unwrap_or_default()
+    }
+
+    fn relay(&self) -> Option<crate::relay_server::RelayStats> {
+        self.relay_server.as_ref().map(|r| r.stats())
     }
 }
 
@@ -1315,6 +1348,7 @@ pub async fn run(
     let found = Arc::new(Notify::new());
     let discovery =
         tokio::spawn(Arc::clone(&mesh).discover(enrollment.server.clone(), Arc::clone(&found)));
+    let measuring = tokio::spawn(Arc::clone(&mesh).measure_relays(Arc::clone(&found)));
     let reporter = tokio::spawn(
         Reporter {
             mesh,
@@ -1344,6 +1378,7 @@ pub async fn run(
     pulser.abort();
     discovery.abort();
     punches.abort();
+    measuring.abort();
     if let Some(task) = mesh_watch {
         task.abort();
     }
@@ -1384,6 +1419,7 @@ mod tests {
             candidates: Vec::new(),
             nat: None,
             relay: None,
+            relay_port: None,
         }
     }
 

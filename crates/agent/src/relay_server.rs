@@ -684,6 +684,22 @@ impl Forwarder {
         } else if let Some(bind) = relay::parse_bind(datagram) {
             self.last_data = None;
             self.bind(from, local, &bind, now, unix);
+        } else if let Some(id) = relay::parse_echo(datagram) {
+            // A node measuring its round trip to us: answered with as many
+            // bytes, within the same rate as binds.
+            let shared = Arc::clone(&self.shared);
+            if !self.bind_allowed(from.ip(), now) {
+                count(&shared.counters.rate_limited, 1);
+                return;
+            }
+            let target = Target {
+                to: from,
+                src: local,
+                ecn: None,
+            };
+            if !self.udp.send(&target, &relay::echo_reply(&id), None) {
+                count(&shared.counters.send_failed, 1);
+            }
         } else {
             count(&counters.malformed, 1);
             trace!(%from, "relay: malformed datagram dropped");
@@ -1163,6 +1179,17 @@ mod tests {
         let fresh = bind_message(&new_key, CHANNEL, 0, later());
         assert!(send_bind(&relay, &a, &fresh, WAIT), "the new key's");
         assert_eq!(relay.stats().channels, 1);
+    }
+
+    #[test]
+    fn an_echo_is_answered_with_as_many_bytes_and_needs_no_key() {
+        let relay = RelayServer::start_with(0, Limits::default()).expect("relay starts");
+        let a = client("127.0.0.1");
+        let id = [3u8; 8];
+        a.send_to(&relay::echo(&id), at(&relay, &a)).expect("send");
+        let reply = receive(&a, WAIT).expect("a reply");
+        assert_eq!(relay::parse_echo_reply(&reply), Some(id));
+        assert_eq!(reply.len(), relay::echo(&id).len());
     }
 
     #[test]

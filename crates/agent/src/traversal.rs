@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bgp4mesh_api::discovery::{self, TransactionId};
-use bgp4mesh_api::{MAX_CANDIDATES, MeshState, NatMapping};
+use bgp4mesh_api::relay;
+use bgp4mesh_api::{MAX_CANDIDATES, MeshState, NatMapping, RelayRtt};
 use bgp4mesh_wireguard::{AnyDevice, Key};
 use rand_core::{OsRng, RngCore};
 
@@ -66,9 +67,112 @@ struct Punched {
 pub struct Traversal {
     found: Mutex<Option<Found>>,
     punched: Mutex<HashMap<String, Punched>>,
+    /// The round trips to the relays, last measured.
+    relay_rtts: Mutex<Option<Vec<RelayRtt>>>,
+}
+
+/// How often the round trips to the relays are measured.
+pub const MEASURE_RELAYS_EVERY: Duration = Duration::from_secs(30);
+/// Echoes per relay and measurement; the best counts.
+const ECHOES: usize = 3;
+/// How long a measurement waits for the replies.
+const ECHO_WITHIN: Duration = Duration::from_secs(1);
+
+/// The live relays among `state`'s peers: node id and where to echo.
+pub fn relays_of(state: &MeshState) -> Vec<(String, SocketAddr)> {
+    state
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let port = p.relay_port?;
+            let endpoint: SocketAddr = p.endpoint.as_deref()?.parse().ok()?;
+            Some((p.node_id.clone(), SocketAddr::new(endpoint.ip(), port)))
+        })
+        .collect()
+}
+
+/// The best of [`ECHOES`] round trips to each of `relays` (node id,
+/// address), from a socket of its own; relays that do not answer within
+/// [`ECHO_WITHIN`] are left out.
+pub fn measure_relays(relays: &[(String, SocketAddr)]) -> Vec<RelayRtt> {
+    let Ok(socket) = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+    else {
+        return Vec::new();
+    };
+    let mut sent: HashMap<[u8; 8], (usize, Instant)> = HashMap::new();
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let v6_socket = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    for _ in 0..ECHOES {
+        for (i, (_, to)) in relays.iter().enumerate().take(bgp4mesh_api::MAX_RELAY_RTTS) {
+            let mut id = [0u8; 8];
+            OsRng.fill_bytes(&mut id);
+            let to = match (v6_socket, to.ip()) {
+                (true, IpAddr::V4(v4)) => {
+                    SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
+                }
+                _ => *to,
+            };
+            if socket.send_to(&relay::echo(&id), to).is_ok() {
+                sent.insert(id, (i, Instant::now()));
+            }
+        }
+    }
+    let mut best: HashMap<usize, Duration> = HashMap::new();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    while started.elapsed() < ECHO_WITHIN && best.len() < relays.len() {
+        let left = ECHO_WITHIN.saturating_sub(started.elapsed());
+        if socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .is_err()
+        {
+            break;
+        }
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            break;
+        };
+        let Some(id) = relay::parse_echo_reply(&buf[..n]) else {
+            continue;
+        };
+        if let Some(&(i, at)) = sent.get(&id)
+            && relays
+                .get(i)
+                .is_some_and(|(_, r)| canonical(*r) == canonical(from))
+        {
+            let rtt = at.elapsed();
+            best.entry(i)
+                .and_modify(|b| *b = (*b).min(rtt))
+                .or_insert(rtt);
+        }
+    }
+    let mut rtts: Vec<RelayRtt> = best
+        .into_iter()
+        .filter_map(|(i, rtt)| {
+            Some(RelayRtt {
+                node_id: relays.get(i)?.0.clone(),
+                rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1),
+            })
+        })
+        .collect();
+    rtts.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    rtts
 }
 
 impl Traversal {
+    /// The round trips to the relays, last measured.
+    pub fn relay_rtts(&self) -> Option<Vec<RelayRtt>> {
+        self.relay_rtts.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Keeps the round trips measured; true when the first came.
+    pub fn set_relay_rtts(&self, rtts: Vec<RelayRtt>) -> bool {
+        match self.relay_rtts.lock() {
+            Ok(mut have) => have.replace(rtts).is_none(),
+            Err(_) => false,
+        }
+    }
+
     /// What discovery last found.
     pub fn found(&self) -> Option<Found> {
         self.found.lock().ok().and_then(|f| f.clone())
@@ -134,11 +238,14 @@ impl Traversal {
             let Ok(key) = Key::from_base64(&peer.public_key) else {
                 continue;
             };
-            let candidates: Vec<SocketAddr> = peer
+            let mut candidates: Vec<SocketAddr> = peer
                 .candidates
                 .iter()
                 .filter_map(|c| c.parse().ok())
                 .collect();
+            if peer.nat == Some(NatMapping::EndpointDependent) {
+                candidates = with_predicted_ports(candidates);
+            }
             match device.punch(&key, &candidates) {
                 Ok(()) => tracing::info!(peer = %peer.name, ?candidates, "punching through NAT"),
                 Err(e) => tracing::debug!(peer = %peer.name, "no punch: {e}"),
@@ -153,6 +260,28 @@ impl Traversal {
             );
         }
     }
+}
+
+/// How many ports after an endpoint-dependent NAT's last mapping are
+/// tried: NATs that hand out ports in sequence give the mapping towards
+/// us one of the next few.
+pub const PREDICTED_PORTS: u16 = 8;
+
+/// `candidates` of a peer behind an endpoint-dependent NAT, with the
+/// [`PREDICTED_PORTS`] ports after its NAT's mapping (its first IPv4
+/// candidate: discovery lists the NAT's address before the local ones).
+/// A NAT that picks ports at random (`fully-random`) is not helped: the
+/// pair takes the relay.
+pub fn with_predicted_ports(mut candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(mapping) = candidates.iter().find(|c| c.is_ipv4()).copied() else {
+        return candidates;
+    };
+    for k in 1..=PREDICTED_PORTS {
+        if let Some(port) = mapping.port().checked_add(k) {
+            candidates.push(SocketAddr::new(mapping.ip(), port));
+        }
+    }
+    candidates
 }
 
 /// Asks the discovery service at `server` (and the next port) where the
@@ -285,6 +414,20 @@ mod tests {
         assert_eq!(f.candidates, vec![sa("198.51.100.2:51820")], "no duplicate");
         let f = found(&[sa("203.0.113.7:40000")], &[], 51820);
         assert_eq!(f.nat, None, "one port answered: unknown");
+    }
+
+    #[test]
+    fn an_endpoint_dependent_peer_is_tried_at_the_next_ports_of_its_mapping() {
+        let c = with_predicted_ports(vec![
+            sa("[2001:db8::5]:51820"),
+            sa("203.0.113.7:40000"),
+            sa("192.168.1.5:51820"),
+        ]);
+        assert_eq!(c.len(), 3 + PREDICTED_PORTS as usize);
+        assert_eq!(c[3], sa("203.0.113.7:40001"));
+        assert_eq!(c[10], sa("203.0.113.7:40008"));
+        let top = with_predicted_ports(vec![sa("203.0.113.7:65534")]);
+        assert_eq!(top, vec![sa("203.0.113.7:65534"), sa("203.0.113.7:65535")]);
     }
 
     #[test]

@@ -37,6 +37,8 @@ struct Inner {
 /// Where the view reads the device's peers from.
 pub(crate) trait DeviceStatusSource: Send + Sync {
     fn peers(&self) -> Vec<bgp4mesh_wireguard::PeerStatus>;
+    /// On a relay, what its forwarder did.
+    fn relay(&self) -> Option<crate::relay_server::RelayStats>;
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -82,6 +84,9 @@ pub struct PeerPath {
 pub struct Shown {
     pub node: NodeLine,
     pub peers: Vec<PeerPath>,
+    /// On a relay: its channels, what it forwarded and what it dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<crate::relay_server::RelayStats>,
 }
 
 impl std::fmt::Debug for MeshView {
@@ -211,7 +216,11 @@ impl MeshView {
                 }
             })
             .collect();
-        Ok(Shown { node, peers })
+        Ok(Shown {
+            node,
+            peers,
+            relay: device.relay(),
+        })
     }
 }
 

@@ -467,6 +467,22 @@ pub fn render_mesh(data: &Value, now: u64) -> String {
             nat_text(&p["nat"])
         );
     }
+    let r = &data["relay"];
+    if !r.is_null() {
+        let d = &r["dropped"];
+        let _ = writeln!(
+            out,
+            "relay: {} channel(s), {} datagram(s) forwarded ({} bytes); dropped: {} unauthenticated, {} unbound, {} oversized, {} malformed, {} rate-limited",
+            text(&r["channels"]),
+            text(&r["forwarded_datagrams"]),
+            text(&r["forwarded_bytes"]),
+            text(&d["unauthenticated"]),
+            text(&d["unbound"]),
+            text(&d["oversized"]),
+            text(&d["malformed"]),
+            text(&d["rate_limited"]),
+        );
+    }
     out
 }
 

@@ -48,7 +48,7 @@ use crate::key::Key;
 /// NAT (the node, then its router), not to reach the other side's.
 pub const OPENER_TTL: u8 = 2;
 /// How long after the openers the full packets start.
-pub const OPENER_LEAD: Duration = Duration::from_millis(150);
+pub const OPENER_LEAD: Duration = Duration::from_millis(400);
 /// How often the initiation goes to every candidate again.
 const ROUND_EVERY: Duration = Duration::from_millis(100);
 /// How long a punch lasts without a handshake before it gives up (the
@@ -198,7 +198,10 @@ pub(super) fn tick(shared: &Shared, udp: Option<&Arc<Udp>>) {
     let mut due: Vec<(Arc<Peer>, Vec<SocketAddr>, Vec<u8>)> = Vec::new();
     // Each round goes to the peer's endpoint too (its relay, while it has
     // one): the initiation this punch made replaced any other, and the
-    // pair must not wait for a retry to come up through the relay.
+    // pair must not wait for a retry to come up through the relay. Not
+    // sooner than the candidates: the copies race, the responder takes the
+    // first to arrive and refuses the rest as replays, so an open direct
+    // path (shorter than the detour through a relay) wins the handshake.
     {
         let mut punches = lock(&shared.punches);
         if punches.is_empty() {
