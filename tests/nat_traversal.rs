@@ -451,6 +451,31 @@ fn a_relayed_pair_moves_to_a_direct_path_when_udp_opens() -> Result<()> {
         "{} pings lost on the way from relay to direct: {summary}",
         sent - received
     );
+
+    // The direct path dies (UDP blocked again): the pair comes back
+    // through the relay once WireGuard's handshake retry (sent to the
+    // relay too) finds it, while traffic flows.
+    block_udp_between(&lab, &internet.router, Some((&nat_a, &nat_b)))?;
+    let cut = Instant::now();
+    let _traffic = lab.spawn(
+        &a.node,
+        "ping-b-again",
+        &[
+            "ping", "-n", "-i", "0.2", "-c", "250", "-W", "1", &address_b,
+        ],
+    )?;
+    path_is(
+        &lab,
+        &a,
+        "b",
+        &address_b,
+        "relayed",
+        Duration::from_secs(40),
+    )?;
+    eprintln!(
+        "back through the relay {:?} after the direct path died",
+        cut.elapsed()
+    );
     Ok(())
 }
 

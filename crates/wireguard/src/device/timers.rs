@@ -56,13 +56,28 @@ pub(super) fn timers(shared: Arc<Shared>) {
                 } else {
                     tunn.update_timers()
                 };
+            // A handshake the timers make (a retry, a rekey) goes to the
+            // peer's relay too while its endpoint is a direct one: a direct
+            // path that died (a NAT that rebooted) then falls back to the
+            // relay within a retry, and one that lives wins the race.
+            let fallback = state
+                .fallback
+                .filter(|f| endpoint.is_some_and(|e| e.to != *f));
             match due {
                 Ok(Some(packet)) => {
                     shared.register_index(&packet, &peer);
                     drop(state);
                     if let (Some(udp), Some(to)) = (&udp, endpoint) {
+                        let initiation = matches!(packet, WgKind::HandshakeInit(_));
                         let bytes: Packet = packet.into();
                         udp.send(&shared, to, Some(&peer), &bytes, None);
+                        if let Some(relay) = fallback.filter(|_| initiation) {
+                            let to = super::udp::Target {
+                                to: relay,
+                                src: None,
+                            };
+                            udp.send(&shared, to, Some(&peer), &bytes, None);
+                        }
                     }
                 }
                 Ok(None) => {}
