@@ -93,6 +93,25 @@ impl Internet {
     fn address(&self, lab: &Lab, name: &str) -> Result<String> {
         address_of(&self.controller.nodes(lab)?, name)
     }
+
+    /// [`Internet::behind_nat`], and its mesh address once it reaches the
+    /// public node through the mesh.
+    fn first_behind_nat(
+        &self,
+        lab: &Lab,
+        name: &str,
+        mapping: Mapping,
+    ) -> Result<(Nat, MeshNode, String)> {
+        let (nat, node) = self.behind_nat(lab, name, mapping)?;
+        let address = self.address(lab, name)?;
+        let public = self.address(lab, "public")?;
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{name} reaching the public node"),
+            || ping(lab, &node.node, &public),
+        )?;
+        Ok((nat, node, address))
+    }
 }
 
 /// The global IPv4 address of `node` (a host on the Internet: one link).
@@ -150,6 +169,15 @@ fn direct_path(
     )
 }
 
+/// What `proc` (a ping with a count) printed, once it has finished.
+fn finished(lab: &Lab, proc: &bgp4mesh_lab::Proc) -> Result<String> {
+    wait_until(Duration::from_secs(40), "the pings to finish", || {
+        ensure!(!lab.is_running(proc), "still pinging");
+        Ok(())
+    })?;
+    Ok(std::fs::read_to_string(&proc.log)?)
+}
+
 fn alive(lab: &Lab, nodes: &[&MeshNode]) -> Result<()> {
     for n in nodes {
         ensure!(
@@ -172,14 +200,8 @@ fn nodes_behind_endpoint_independent_nats_connect_directly() -> Result<()> {
     }
     let lab = Lab::new("nat-eim")?;
     let internet = Internet::start(&lab)?;
-    let (nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
-    let address_a = internet.address(&lab, "a")?;
-    let public = internet.address(&lab, "public")?;
-    wait_until(
-        Duration::from_secs(20),
-        "a reaching the public node",
-        || ping(&lab, &a.node, &public),
-    )?;
+    let (nat_a, a, address_a) =
+        internet.first_behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
     let started = Instant::now();
     let (nat_b, b) = internet.behind_nat(&lab, "b", Mapping::EndpointIndependent)?;
     let address_b = internet.address(&lab, "b")?;
@@ -277,12 +299,8 @@ fn nodes_behind_endpoint_dependent_nats_go_through_a_relay() -> Result<()> {
     }
     let lab = Lab::new("nat-edm")?;
     let internet = Internet::with_relays(&lab, 1)?;
-    let (_nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointDependent)?;
-    let address_a = internet.address(&lab, "a")?;
-    let public = internet.address(&lab, "public")?;
-    wait_until(Duration::from_secs(20), "a reaching the relay", || {
-        ping(&lab, &a.node, &public)
-    })?;
+    let (_nat_a, a, address_a) =
+        internet.first_behind_nat(&lab, "a", Mapping::EndpointDependent)?;
     let started = Instant::now();
     let (_nat_b, b) = internet.behind_nat(&lab, "b", Mapping::EndpointDependent)?;
     let address_b = internet.address(&lab, "b")?;
@@ -374,12 +392,8 @@ fn a_relayed_pair_moves_to_a_direct_path_when_udp_opens() -> Result<()> {
     }
     let lab = Lab::new("nat-unblock")?;
     let internet = Internet::with_relays(&lab, 1)?;
-    let (nat_a, a) = internet.behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
-    let address_a = internet.address(&lab, "a")?;
-    let public = internet.address(&lab, "public")?;
-    wait_until(Duration::from_secs(20), "a reaching the relay", || {
-        ping(&lab, &a.node, &public)
-    })?;
+    let (nat_a, a, address_a) =
+        internet.first_behind_nat(&lab, "a", Mapping::EndpointIndependent)?;
     // b's NAT is known only once it exists: block before b's node starts.
     let nat_b = lab.add_behind_nat(&internet.router, "b", Mapping::EndpointIndependent)?;
     block_udp_between(&lab, &internet.router, Some((&nat_a, &nat_b)))?;
@@ -427,11 +441,7 @@ fn a_relayed_pair_moves_to_a_direct_path_when_udp_opens() -> Result<()> {
         &nat_a.public.ipv4.to_string(),
         Duration::from_secs(10),
     )?;
-    wait_until(Duration::from_secs(30), "the pings to finish", || {
-        ensure!(!lab.is_running(&pings), "still pinging");
-        Ok(())
-    })?;
-    let log = std::fs::read_to_string(&pings.log)?;
+    let log = finished(&lab, &pings)?;
     let summary = log
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -546,11 +556,7 @@ fn relay_fails(signal: i32, name: &str) -> Result<()> {
         "still on {carrier}: {shown}"
     );
     alive(&lab, &[&a, &b])?;
-    wait_until(Duration::from_secs(20), "the pings to finish", || {
-        ensure!(!lab.is_running(&pings), "still pinging");
-        Ok(())
-    })?;
-    let log = std::fs::read_to_string(&pings.log)?;
+    let log = finished(&lab, &pings)?;
     // The longest gap between answered pings (-D: a timestamp on each).
     let times: Vec<f64> = log
         .lines()

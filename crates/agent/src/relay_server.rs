@@ -16,18 +16,19 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use bgp4mesh_api::rate::SourceLimiter;
 use bgp4mesh_api::relay::{self, Channel, RelayKey};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tracing::{debug, info, trace, warn};
 
 /// A side not heard from (no bind, no data) for this long is forgotten.
@@ -41,8 +42,6 @@ const BIND_BURST: f64 = 100.0;
 /// Binds per second from everywhere together (each costs an HMAC).
 const GLOBAL_BIND_RATE: f64 = 20_000.0;
 const GLOBAL_BIND_BURST: f64 = 20_000.0;
-/// The most sources whose bind rate is tracked at once.
-const MAX_SOURCES: usize = 65536;
 /// How long the thread waits for a datagram before it looks at `stop`,
 /// a new key and idle sides.
 const POLL: Duration = Duration::from_millis(100);
@@ -260,21 +259,7 @@ struct Udp {
 
 impl Udp {
     fn bind(port: u16) -> io::Result<Udp> {
-        let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
-            s.set_only_v6(false)?;
-            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-            Ok(s)
-        });
-        let (socket, dual_stack) = match dual {
-            Ok(s) => (s, true),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            Err(_) => {
-                // No IPv6 in this namespace or kernel.
-                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-                s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-                (s, false)
-            }
-        };
+        let (socket, dual_stack) = bgp4mesh_wireguard::bind_udp_any(port)?;
         socket.set_nonblocking(true)?;
         socket.set_cloexec(true)?;
         // Deep buffers absorb bursts while the thread is busy. The FORCE
@@ -419,49 +404,6 @@ struct Side {
 #[derive(Debug, Default)]
 struct Sides([Option<Side>; 2]);
 
-/// A token bucket.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.at = now;
-    }
-
-    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
-        self.refill(rate, burst, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Whose bind rate a source counts against: its IPv4 address, its IPv6 /64.
-fn rate_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
-}
-
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
@@ -525,8 +467,8 @@ struct Forwarder {
     key: Option<RelayKey>,
     key_generation: u64,
     channels: HashMap<Channel, Sides>,
-    sources: HashMap<IpAddr, Bucket>,
-    global: Bucket,
+    /// Binds and echoes per source and in total.
+    limiter: SourceLimiter,
     run: Run,
     /// The header and target of the last datagram forwarded from the
     /// sender being handled (valid for one receive buffer, until a bind).
@@ -546,8 +488,7 @@ impl Forwarder {
             key: None,
             key_generation: 0,
             channels: HashMap::new(),
-            sources: HashMap::new(),
-            global: Bucket::full(GLOBAL_BIND_BURST, now),
+            limiter: SourceLimiter::new(BIND_RATE, BIND_BURST, GLOBAL_BIND_RATE, GLOBAL_BIND_BURST),
             run: Run::new(),
             last_data: None,
             next_sweep: now + Self::sweep_every(&limits),
@@ -767,29 +708,10 @@ impl Forwarder {
         }
     }
 
-    /// Whether a bind from `ip` is within its source's rate and the global one.
+    /// Whether a bind (or an echo) from `ip` is within its source's rate
+    /// and the global one.
     fn bind_allowed(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let key = rate_key(ip);
-        if !self.sources.contains_key(&key) && self.sources.len() >= MAX_SOURCES {
-            self.forget_rested_sources(now);
-            if self.sources.len() >= MAX_SOURCES {
-                return false;
-            }
-        }
-        let source = self
-            .sources
-            .entry(key)
-            .or_insert_with(|| Bucket::full(BIND_BURST, now));
-        source.take(BIND_RATE, BIND_BURST, now)
-            && self.global.take(GLOBAL_BIND_RATE, GLOBAL_BIND_BURST, now)
-    }
-
-    /// Forgets the sources whose bucket is full again: they start afresh.
-    fn forget_rested_sources(&mut self, now: Instant) {
-        self.sources.retain(|_, b| {
-            b.refill(BIND_RATE, BIND_BURST, now);
-            b.tokens < BIND_BURST
-        });
+        self.limiter.allow(ip, now)
     }
 
     /// Adds `datagram` to the run for `target`, sending the run first when
@@ -851,7 +773,7 @@ impl Forwarder {
                 .counters
                 .channels
                 .store(self.channels.len() as u64, Ordering::Relaxed);
-            self.forget_rested_sources(now);
+            self.limiter.prune(now);
         }
         if now >= self.next_summary {
             self.next_summary = now + SUMMARY;
@@ -880,6 +802,8 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;
+
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 

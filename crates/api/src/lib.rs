@@ -528,6 +528,7 @@ impl StreamEvent {
 }
 
 pub mod discovery;
+pub mod rate;
 pub mod relay;
 
 /// The host route of an address (/32 or /128).

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::{Future, Ready};
 use std::io;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -169,16 +169,7 @@ pub(crate) struct Source(IpAddr);
 
 impl Source {
     pub(crate) fn of(ip: IpAddr) -> Source {
-        match ip {
-            IpAddr::V4(v4) => Source(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Source(IpAddr::V4(v4)),
-                None => {
-                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                    Source(IpAddr::V6(Ipv6Addr::from(bits)))
-                }
-            },
-        }
+        Source(bgp4mesh_api::rate::source_key(ip))
     }
 }
 

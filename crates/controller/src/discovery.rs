@@ -11,7 +11,6 @@
 //! (`DiscoveryStats`, in /metrics). Nothing is logged per datagram above
 //! debug: drops are summed up in one warning a minute at most.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,7 +22,7 @@ use serde::Deserialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
-use crate::connections::Source;
+use bgp4mesh_api::rate::SourceLimiter;
 
 /// `[discovery]` in server.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -260,48 +259,12 @@ async fn serve(socket: UdpSocket, limiter: Arc<Mutex<Limiter>>, stats: Arc<Disco
     }
 }
 
-/// A token bucket.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Sources tracked at once; a flood of new sources beyond it is dropped
-/// until old ones are full again (and forgotten).
-const MAX_SOURCES: usize = 65_536;
 /// Drops are summed up in a warning at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The rate limits of both sockets together.
 struct Limiter {
-    rate: f64,
-    burst: f64,
-    global_rate: f64,
-    global: Bucket,
-    sources: HashMap<Source, Bucket>,
-    last_prune: Option<Instant>,
+    inner: SourceLimiter,
     dropped: u64,
     last_warning: Option<Instant>,
 }
@@ -310,12 +273,12 @@ impl Limiter {
     fn new(config: &DiscoveryConfig) -> Limiter {
         let global_rate = f64::from(config.global_rate);
         Limiter {
-            rate: f64::from(config.rate),
-            burst: f64::from(config.burst),
-            global_rate,
-            global: Bucket::full(global_rate, Instant::now()),
-            sources: HashMap::new(),
-            last_prune: None,
+            inner: SourceLimiter::new(
+                f64::from(config.rate),
+                f64::from(config.burst),
+                global_rate,
+                global_rate,
+            ),
             dropped: 0,
             last_warning: None,
         }
@@ -323,7 +286,7 @@ impl Limiter {
 
     /// Whether a request from `ip` may be answered now.
     fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let allowed = self.take(ip, now);
+        let allowed = self.inner.allow(ip, now);
         if !allowed {
             self.dropped += 1;
             if self
@@ -332,7 +295,7 @@ impl Limiter {
             {
                 tracing::warn!(
                     dropped = self.dropped,
-                    sources = self.sources.len(),
+                    sources = self.inner.sources(),
                     "endpoint discovery: requests over the rate limits dropped \
                      (bgp4mesh_discovery_rate_limited_total counts them)"
                 );
@@ -341,40 +304,6 @@ impl Limiter {
             }
         }
         allowed
-    }
-
-    fn take(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let source = Source::of(ip);
-        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
-            self.prune(now);
-            if self.sources.len() >= MAX_SOURCES {
-                return false;
-            }
-        }
-        let (rate, burst) = (self.rate, self.burst);
-        let bucket = self
-            .sources
-            .entry(source)
-            .or_insert_with(|| Bucket::full(burst, now));
-        if !bucket.take(now, rate, burst) {
-            return false;
-        }
-        self.global.take(now, self.global_rate, self.global_rate)
-    }
-
-    /// Forgets the sources whose bucket is full again (at most once a
-    /// second: a flood of new sources does not make every packet scan).
-    fn prune(&mut self, now: Instant) {
-        if self
-            .last_prune
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.last_prune = Some(now);
-        let refill = Duration::from_secs_f64(self.burst / self.rate);
-        self.sources
-            .retain(|_, b| now.saturating_duration_since(b.at) < refill);
     }
 }
 
@@ -424,8 +353,8 @@ mod tests {
         let mut l = Limiter::new(&config(20, 40, 1_000_000));
         let t0 = Instant::now();
         l.allow("192.0.2.1".parse().expect("ip"), t0);
-        l.prune(t0 + Duration::from_secs(3));
-        assert!(l.sources.is_empty());
+        l.inner.prune(t0 + Duration::from_secs(3));
+        assert_eq!(l.inner.sources(), 0);
     }
 
     /// The service as the server starts it, on a free pair of loopback

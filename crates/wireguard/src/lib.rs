@@ -24,6 +24,7 @@ pub use config::{
 };
 pub use device::{
     ClusterOptions, ClusterStatus, DEFAULT_MTU, Device, DeviceOptions, MemberStatus, Stopper,
+    bind_udp_any,
 };
 pub use gotatun::noise::TimerParams;
 pub use key::Key;

@@ -83,6 +83,7 @@ use inbound::udp_to_tun;
 use outbound::tun_to_udp;
 pub use punch::ForeignSender;
 use timers::timers;
+pub use udp::bind_udp_any;
 use udp::{Source, Target};
 
 /// WireGuard's default MTU: 1500 minus the IPv6, UDP and WireGuard overhead.

@@ -25,24 +25,31 @@ pub(super) enum SendOutcome {
     Lost,
 }
 
+/// A UDP socket on `port` of every address: dual-stack `[::]` with IPv4
+/// mapped in, or IPv4 alone where the namespace or kernel has no IPv6
+/// (the second value says which). A port in use is an error, not a
+/// fallback to IPv4. Blocking, as made: the caller sets what it needs.
+pub fn bind_udp_any(port: u16) -> io::Result<(socket2::Socket, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    });
+    match dual {
+        Ok(s) => Ok((s, true)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(e),
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            Ok((s, false))
+        }
+    }
+}
+
 impl Udp {
     pub(super) fn bind(port: u16, fwmark: u32) -> io::Result<Udp> {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
-            s.set_only_v6(false)?;
-            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-            Ok(s)
-        });
-        let (socket, dual_stack) = match dual {
-            Ok(s) => (s, true),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            Err(_) => {
-                // No IPv6 in this namespace or kernel.
-                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-                s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-                (s, false)
-            }
-        };
+        let (socket, dual_stack) = bind_udp_any(port)?;
         socket.set_nonblocking(true)?;
         socket.set_cloexec(true)?;
         if fwmark != 0 {
