@@ -1444,6 +1444,12 @@ fn ipv6_moves_to_the_second_border_when_the_first_loses_its_ipv6_session() -> Re
         "IPv4 left the first border: {}",
         dump_paths(&lab, &world)
     );
+    // The node says so itself: which gateway serves each family.
+    let shown = world.nodes[0].daemon.cli(&["show", "mesh"])?;
+    ensure!(
+        shown.contains("default route: IPv4 via border, IPv6 via border2"),
+        "{shown}"
+    );
     // The Internet host reaches n1 over IPv6 through the second border.
     let address6 = world.nodes[0].address6.context("IPv6")?.to_string();
     wait_until(

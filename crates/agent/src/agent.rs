@@ -497,7 +497,7 @@ impl Mesh {
             .configure(&desired)
             .context("configuring the WireGuard device")?;
         if let Some(view) = &self.options.view {
-            view.applied(state, &relayed);
+            view.applied(state, &relayed, (exit4, exit6));
         }
         if let Some(server) = &self.relay_server {
             let key = state

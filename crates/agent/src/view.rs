@@ -47,6 +47,10 @@ pub struct NodeLine {
     pub addresses: Vec<IpAddr>,
     pub nat: Option<NatMapping>,
     pub candidates: Vec<String>,
+    /// The gateway (its name) the node's default route goes through, per
+    /// family; `None`: its own (no healthy gateway, or it is one).
+    pub exit4: Option<String>,
+    pub exit6: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,6 +120,7 @@ impl MeshView {
         &self,
         state: &MeshState,
         relayed: &HashMap<String, std::net::SocketAddr>,
+        (exit4, exit6): (Option<&str>, Option<&str>),
     ) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
@@ -132,6 +137,8 @@ impl MeshView {
             addresses: ips(state.node.address, state.node.address6),
             nat: state.node.nat,
             candidates: state.node.candidates.clone(),
+            exit4: exit4.map(|id| name_of(state, id)),
+            exit6: exit6.map(|id| name_of(state, id)),
         };
         inner.peers = state
             .peers
@@ -222,6 +229,15 @@ impl MeshView {
             relay: device.relay(),
         })
     }
+}
+
+/// The name of peer `id` (its id when it has none).
+fn name_of(state: &MeshState, id: &str) -> String {
+    state
+        .peers
+        .iter()
+        .find(|p| p.node_id == id)
+        .map_or_else(|| id.to_string(), |p| p.name.clone())
 }
 
 /// One echo through the tunnel to each peer's first address; the round

@@ -436,6 +436,16 @@ pub fn render_mesh(data: &Value, now: u64) -> String {
     if node["candidates"].as_array().is_some_and(|c| !c.is_empty()) {
         let _ = writeln!(out, "  candidates: {}", list(&node["candidates"]));
     }
+    let exit = |v: &Value| match v.as_str() {
+        Some(name) => format!("via {name}"),
+        None => "its own".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  default route: IPv4 {}, IPv6 {}",
+        exit(&node["exit4"]),
+        exit(&node["exit6"])
+    );
     let _ = writeln!(
         out,
         "{:<16} {:<18} {:<8} {:<24} {:<12} {:<9} NAT",
