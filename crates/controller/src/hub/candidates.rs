@@ -94,36 +94,9 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::hub::{ChangeKind, Relays, render_node, render_peer};
-    use crate::store::{NetworkRow, NodeRow};
     use bgp4mesh_api::StreamEvent;
 
-    fn network() -> NetworkRow {
-        NetworkRow {
-            netid: "mynet".into(),
-            addressrange: Some("44.30.127.0/24".into()),
-            addressrange6: None,
-            mtu: 1420,
-            listen_port: 51820,
-            persistent_keepalive: 20,
-            created_at: 0,
-        }
-    }
-
-    fn node(id: &str, endpoint: Option<&str>) -> NodeRow {
-        NodeRow {
-            id: id.into(),
-            network: "mynet".into(),
-            name: id.into(),
-            public_key: format!("key-{id}"),
-            credential_hash: format!("hash-{id}"),
-            address: None,
-            address6: None,
-            endpoint: endpoint.map(String::from),
-            listen_port: 51820,
-            tags: Vec::new(),
-            created_at: 0,
-        }
-    }
+    use crate::hub::fixtures::{network, node};
 
     fn hub() -> Hub {
         Hub::load(

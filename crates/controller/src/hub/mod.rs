@@ -993,13 +993,15 @@ pub fn render_peer(n: &NodeView, relays: &Relays) -> Peer {
     }
 }
 
+/// What the hub's unit tests (here, `candidates`, `relays`) build their
+/// hubs from.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, Instant};
+pub(crate) mod fixtures {
+    use crate::store::{NetworkRow, NodeRow};
 
-    fn hub(gateways: &[&str], plain: &[&str]) -> Hub {
-        let network = NetworkRow {
+    /// Network "mynet": 44.30.127.0/24, port 51820, keepalive 20 s.
+    pub(crate) fn network() -> NetworkRow {
+        NetworkRow {
             netid: "mynet".into(),
             addressrange: Some("44.30.127.0/24".into()),
             addressrange6: None,
@@ -1007,8 +1009,12 @@ mod tests {
             listen_port: 51820,
             persistent_keepalive: 20,
             created_at: 0,
-        };
-        let node = |id: &str| NodeRow {
+        }
+    }
+
+    /// Node `id` (its name too) of "mynet", publishing `endpoint`.
+    pub(crate) fn node(id: &str, endpoint: Option<&str>) -> NodeRow {
+        NodeRow {
             id: id.into(),
             network: "mynet".into(),
             name: id.into(),
@@ -1016,12 +1022,26 @@ mod tests {
             credential_hash: format!("hash-{id}"),
             address: None,
             address6: None,
-            endpoint: None,
+            endpoint: endpoint.map(String::from),
             listen_port: 51820,
             tags: Vec::new(),
             created_at: 0,
-        };
-        let nodes = gateways.iter().chain(plain).map(|id| node(id)).collect();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn hub(gateways: &[&str], plain: &[&str]) -> Hub {
+        let network = fixtures::network();
+        let nodes = gateways
+            .iter()
+            .chain(plain)
+            .map(|id| fixtures::node(id, None))
+            .collect();
         let rows = gateways
             .iter()
             .map(|id| GatewayRow {

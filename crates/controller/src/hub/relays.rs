@@ -414,38 +414,20 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::hub::{ChangeKind, render_node};
-    use crate::store::{NetworkRow, NodeRow};
+    use crate::store::NodeRow;
     use bgp4mesh_api::StreamEvent;
     use bgp4mesh_api::relay::{Bind, verify};
     use std::time::{Duration, Instant};
 
     const NOW: u64 = 1_800_000_000;
 
-    fn network() -> NetworkRow {
-        NetworkRow {
-            netid: "mynet".into(),
-            addressrange: Some("44.30.127.0/24".into()),
-            addressrange6: None,
-            mtu: 1420,
-            listen_port: 51820,
-            persistent_keepalive: 20,
-            created_at: 0,
-        }
-    }
+    use crate::hub::fixtures::network;
 
+    /// [`crate::hub::fixtures::node`], named `name-ID`.
     fn node(id: &str, endpoint: Option<&str>) -> NodeRow {
         NodeRow {
-            id: id.into(),
-            network: "mynet".into(),
             name: format!("name-{id}"),
-            public_key: format!("key-{id}"),
-            credential_hash: format!("hash-{id}"),
-            address: None,
-            address6: None,
-            endpoint: endpoint.map(String::from),
-            listen_port: 51820,
-            tags: Vec::new(),
-            created_at: 0,
+            ..crate::hub::fixtures::node(id, endpoint)
         }
     }
 
