@@ -503,7 +503,7 @@ impl Mesh {
             let key = state
                 .relay_key
                 .as_deref()
-                .and_then(crate::relay_client::hex_array::<32>);
+                .and_then(bgp4mesh_api::relay::from_hex::<32>);
             server.set_key(key);
         }
         if let Ok(mut last) = self.last_state.lock() {

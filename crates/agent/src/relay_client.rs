@@ -41,8 +41,8 @@ impl Target {
     fn of(path: &RelayPath) -> io::Result<Target> {
         let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
         let relay: SocketAddr = path.address.parse().map_err(|_| invalid("relay address"))?;
-        let channel: Channel = hex_array(&path.channel).ok_or_else(|| invalid("channel"))?;
-        let mac: [u8; 32] = hex_array(&path.mac).ok_or_else(|| invalid("credential"))?;
+        let channel: Channel = relay::from_hex(&path.channel).ok_or_else(|| invalid("channel"))?;
+        let mac: [u8; 32] = relay::from_hex(&path.mac).ok_or_else(|| invalid("credential"))?;
         if path.side > 1 {
             return Err(invalid("side"));
         }
@@ -56,18 +56,6 @@ impl Target {
             },
         })
     }
-}
-
-/// `N` bytes from `2 N` hex digits.
-pub fn hex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 struct Shared {
@@ -381,10 +369,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_credentials_parse_and_bad_ones_are_refused() {
-        assert_eq!(hex_array::<2>("0aff"), Some([0x0a, 0xff]));
-        assert_eq!(hex_array::<2>("0af"), None);
-        assert_eq!(hex_array::<2>("0afz"), None);
+    fn credentials_parse_and_bad_ones_are_refused() {
         let path = RelayPath {
             node_id: "r".into(),
             name: "r".into(),

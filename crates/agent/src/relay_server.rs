@@ -683,7 +683,7 @@ impl Forwarder {
             return;
         };
         if slot.is_none_or(|s| s.addr != from) {
-            debug!(channel = %hex(&bind.channel), side = bind.side, %from,
+            debug!(channel = %relay::to_hex(&bind.channel), side = bind.side, %from,
                 moved_from = ?slot.map(|s| s.addr), "relay: side bound");
         }
         *slot = Some(Side {
@@ -793,10 +793,6 @@ impl Forwarder {
             }
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -67,6 +67,24 @@ pub struct Bind {
     pub mac: [u8; 32],
 }
 
+/// Lower-case hex, as a relay key, channel and MAC travel in the API
+/// ([`crate::RelayPath`], `relay_key`).
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `N` bytes from `2 N` hex digits ([`to_hex`]); `None` for anything else.
+pub fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Whether `datagram` is a relay message of any kind.
 pub fn is_relay(datagram: &[u8]) -> bool {
     datagram.starts_with(&MAGIC)
@@ -264,6 +282,16 @@ mod tests {
             ..parsed
         };
         assert!(!verify(&KEY, &later, 0), "an extended expiry");
+    }
+
+    #[test]
+    fn hex_round_trips_and_bad_text_is_refused() {
+        assert_eq!(to_hex(&[0x0a, 0xff]), "0aff");
+        assert_eq!(from_hex::<2>("0aff"), Some([0x0a, 0xff]));
+        assert_eq!(from_hex::<2>("0AFF"), Some([0x0a, 0xff]));
+        assert_eq!(from_hex::<2>("0af"), None);
+        assert_eq!(from_hex::<2>("0afz"), None);
+        assert_eq!(from_hex::<2>("é0a"), None);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use bgp4mesh_api::{MAX_RELAY_RTTS, RelayPath, RelayRtt};
 use rand_core::RngCore;
 
 use super::{Hub, NetView, NodeView};
-use crate::secrets::hex;
+use bgp4mesh_api::relay::to_hex as hex;
 
 /// Credentials are made for whole hours, valid 24 to 25 hours: a peer
 /// rendered twice within an hour is the same, and one refreshed every
