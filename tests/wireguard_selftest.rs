@@ -704,7 +704,6 @@ fn default_route_through_the_tunnel_with_fwmark_policy_routing() -> Result<()> {
 /// sources) sees "Destination Host Unreachable" from the NAT host's
 /// address on that link.
 #[test]
-#[ignore = "fails: our ICMP error comes from the unreachable address (192.168.241.1) into the TUN device, not from the host's address on the sender's route; conntrack turns it back to the sender with that source, and a sender that takes only its link's sources drops it (the kernel module sends it from its host, icmp_ndo_send)"]
 fn icmp_unreachable_reaches_a_sender_natted_into_the_device() -> Result<()> {
     if !can_run!(&["wg", "ping", "nft"]) {
         return Ok(());

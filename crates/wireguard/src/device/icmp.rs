@@ -116,6 +116,35 @@ fn unreachable_v4(packet: &[u8], out: &mut [u8; MAX_REPLY]) -> Option<usize> {
     Some(total)
 }
 
+/// The IPv4 error for `packet` as its host sends it to `sender`, the
+/// source the packet had before the host NATed it (the kernel's
+/// `icmp_ndo_send`): the quoted header carries that source, and the
+/// error's own source is left zero for the kernel to fill from the route
+/// back. `None` as for [`unreachable`].
+pub(super) fn unreachable_from_host(
+    packet: &[u8],
+    sender: std::net::Ipv4Addr,
+    out: &mut [u8; MAX_REPLY],
+) -> Option<usize> {
+    let header = usize::from(packet.first()? & 0x0f) * 4;
+    if packet.first()? >> 4 != 4 || header < 20 || packet.len() < header {
+        return None;
+    }
+    let mut quoted = [0u8; MAX_REPLY_V4 - 28];
+    let n = packet.len().min(quoted.len());
+    quoted[..n].copy_from_slice(&packet[..n]);
+    quoted[12..16].copy_from_slice(&sender.octets());
+    quoted[10..12].fill(0);
+    let sum = checksum(0, &quoted[..header]);
+    quoted[10..12].copy_from_slice(&sum.to_be_bytes());
+    let total = unreachable_v4(&quoted[..n], out)?;
+    out[12..16].fill(0);
+    out[10..12].fill(0);
+    let sum = checksum(0, &out[..20]);
+    out[10..12].copy_from_slice(&sum.to_be_bytes());
+    Some(total)
+}
+
 fn unreachable_v6(packet: &[u8], out: &mut [u8; MAX_REPLY]) -> Option<usize> {
     if packet.len() < 40 {
         return None;
@@ -268,6 +297,25 @@ mod tests {
         assert_eq!(unreachable(&multicast6, &mut out), None);
         assert_eq!(unreachable(&[0x45, 0, 0], &mut out), None);
         assert_eq!(unreachable(&[], &mut out), None);
+    }
+
+    #[test]
+    fn an_error_from_the_host_quotes_the_source_before_nat() {
+        let ping = ping_v4();
+        let sender = std::net::Ipv4Addr::new(10, 0, 0, 1);
+        let mut out = [0u8; MAX_REPLY];
+        let n = unreachable_from_host(&ping, sender, &mut out).unwrap();
+        let reply = &out[..n];
+        assert_eq!(&reply[12..16], &[0; 4], "source left to the kernel");
+        assert_eq!(&reply[16..20], &sender.octets());
+        assert_eq!(checksum(0, &reply[..20]), 0, "IP checksum");
+        assert_eq!(&reply[20..22], &[3, 1]);
+        assert_eq!(checksum(0, &reply[20..]), 0, "ICMP checksum");
+        let quoted = &reply[28..];
+        assert_eq!(&quoted[12..16], &sender.octets());
+        assert_eq!(&quoted[16..20], &ping[16..20]);
+        assert_eq!(checksum(0, &quoted[..20]), 0, "quoted header's checksum");
+        assert_eq!(&quoted[20..], &ping[20..]);
     }
 
     #[test]

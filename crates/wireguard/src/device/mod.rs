@@ -27,6 +27,8 @@
 //! - this module: [`Device`] and the state the threads share;
 //! - `outbound`: the tun → udp thread (encryption, GSO batches);
 //! - `icmp`: the ICMP errors it answers packets no peer takes with;
+//! - `natted`: for a packet its host NATed into it, the original sender
+//!   (connection tracking) and the host's socket to answer that sender;
 //! - `route_loop`: its own datagrams routed back into it, dropped;
 //! - `routes`: what the kernel's routes say (sticky sources whose route
 //!   left their interface, routes through the device with an MTU), asked
@@ -46,6 +48,7 @@ mod configure;
 mod handshake;
 mod icmp;
 mod inbound;
+mod natted;
 mod outbound;
 mod punch;
 mod route_loop;

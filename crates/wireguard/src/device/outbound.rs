@@ -12,8 +12,9 @@ use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, info};
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable};
+use super::icmp::{IcmpLimiter, MAX_REPLY, unreachable, unreachable_from_host};
 use super::inbound::TunBatch;
+use super::natted::Natted;
 use super::route_loop::LoopGuard;
 use super::routes::Padding;
 use super::udp::{SendOutcome, Target};
@@ -222,13 +223,16 @@ pub(super) fn tun_to_udp(shared: Arc<Shared>) {
     }
 }
 
-/// Packets no peer takes: answered with an ICMP error written back into
-/// the TUN device, as the kernel module does (`icmp`), at most a few a
-/// second. Only this path touches it; the reply is built on the stack.
+/// Packets no peer takes: answered with an ICMP error, as the kernel
+/// module does (`icmp`), at most a few a second. Only this path touches
+/// it; the reply is built on the stack. The error goes back into the TUN
+/// device, except for a packet its host source-NATed into the device:
+/// that one's error goes from the host to the original sender (`natted`).
 struct Unrouted {
     limiter: IcmpLimiter,
     replies: TunBatch,
     pending: bool,
+    natted: Natted,
 }
 
 impl Unrouted {
@@ -237,6 +241,7 @@ impl Unrouted {
             limiter: IcmpLimiter::new(),
             replies: TunBatch::new(),
             pending: false,
+            natted: Natted::new(),
         }
     }
 
@@ -244,12 +249,29 @@ impl Unrouted {
     fn answer(&mut self, shared: &Shared, packet: &[u8]) {
         // Packets that get no error (multicast, ICMP errors) take no token.
         let mut reply = [0u8; MAX_REPLY];
-        if let Some(n) = unreachable(packet, &mut reply)
-            && self.limiter.allow(std::time::Instant::now())
-        {
-            self.replies.push(shared, &reply[..n]);
-            self.pending = true;
+        let Some(n) = unreachable(packet, &mut reply) else {
+            return;
+        };
+        if !self.limiter.allow(std::time::Instant::now()) {
+            return;
         }
+        if let Some(sender) = self.natted.original_source(packet)
+            && let Some(m) = unreachable_from_host(packet, sender, &mut reply)
+        {
+            match self.natted.send(&reply[..m], sender) {
+                Ok(()) => return,
+                Err(e) => {
+                    debug!(interface = %shared.name, "ICMP error to {sender} not sent from the host: {e}")
+                }
+            }
+            let Some(again) = unreachable(packet, &mut reply) else {
+                return;
+            };
+            self.replies.push(shared, &reply[..again]);
+        } else {
+            self.replies.push(shared, &reply[..n]);
+        }
+        self.pending = true;
     }
 
     fn flush(&mut self, shared: &Shared) {

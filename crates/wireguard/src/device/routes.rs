@@ -511,7 +511,7 @@ fn subscribe() -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn set_option<T>(
+pub(super) fn set_option<T>(
     socket: &Socket,
     level: libc::c_int,
     name: libc::c_int,
