@@ -229,7 +229,11 @@ fn print_nodes(nodes: &[Node]) {
                 n.address.map_or("-".to_string(), |a| a.to_string()),
                 n.address6.map_or("-".to_string(), |a| a.to_string())
             ),
-            n.endpoint.as_deref().unwrap_or("-"),
+            match (&n.endpoint, &n.endpoint6) {
+                (Some(e), Some(e6)) => format!("{e} {e6}"),
+                (Some(e), None) => e.clone(),
+                (None, _) => "-".into(),
+            },
             if n.online { "yes" } else { "no" },
             egress
         );
@@ -247,6 +251,9 @@ fn print_reachability(n: &Node) {
         }
         Some(NatMapping::EndpointDependent) => "endpoint-dependent (reached through a relay)",
     };
+    if let Some(e6) = &n.endpoint6 {
+        println!("endpoint6: {e6} (peers with IPv6 send there)");
+    }
     println!("nat: {nat}");
     if n.candidates.is_empty() {
         println!("candidates: -");

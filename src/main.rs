@@ -173,6 +173,9 @@ enum Command {
         /// This node's public address, IP or IP:port, if it has one (else it dials out)
         #[arg(long)]
         endpoint: Option<String>,
+        /// This node's public IPv6 address, IP or [IP]:port, next to an IPv4 --endpoint: peers with IPv6 reach it there
+        #[arg(long)]
+        endpoint6: Option<String>,
         #[arg(long)]
         listen_port: Option<u16>,
         /// Pin the IPv4 mesh address (gateways and borders)
@@ -384,6 +387,7 @@ fn main() -> ExitCode {
             token,
             name,
             endpoint,
+            endpoint6,
             listen_port,
             address,
             address6,
@@ -395,6 +399,7 @@ fn main() -> ExitCode {
             bgp4mesh_agent::JoinOptions {
                 name: name.clone(),
                 endpoint: endpoint.clone(),
+                endpoint6: endpoint6.clone(),
                 listen_port: *listen_port,
                 address: *address,
                 address6: *address6,

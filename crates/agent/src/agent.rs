@@ -249,6 +249,8 @@ pub struct Enrollment {
 pub struct JoinOptions {
     pub name: Option<String>,
     pub endpoint: Option<String>,
+    /// A public IPv6 endpoint next to an IPv4 `endpoint`.
+    pub endpoint6: Option<String>,
     pub listen_port: Option<u16>,
     pub address: Option<std::net::Ipv4Addr>,
     /// A pinned IPv6 mesh address; must be a host address of the
@@ -321,6 +323,7 @@ pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result
                 name: name.clone(),
                 public_key: private.public_key().to_base64(),
                 endpoint: options.endpoint,
+                endpoint6: options.endpoint6,
                 listen_port: options.listen_port,
                 address: options.address,
                 address6: options.address6,

@@ -117,6 +117,11 @@ pub struct JoinRequest {
     /// Where peers can reach this node (a public static address), if any.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Its public IPv6 address (IP or `[IP]:port`) next to an IPv4
+    /// `endpoint`: peers with IPv6 reach it there, the others at
+    /// `endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint6: Option<String>,
     #[serde(default)]
     pub listen_port: Option<u16>,
     /// A pinned mesh address (gateways and borders); must be in the range.
@@ -144,6 +149,9 @@ pub struct Node {
     pub address6: Option<Ipv6Addr>,
     /// The endpoint peers use: published by the node, else observed.
     pub endpoint: Option<String>,
+    /// The IPv6 endpoint it publishes next to an IPv4 one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint6: Option<String>,
     pub listen_port: u16,
     pub tags: Vec<String>,
     pub egress: Option<Gateway>,
@@ -427,6 +435,11 @@ pub struct Peer {
     pub name: String,
     pub public_key: String,
     pub endpoint: Option<String>,
+    /// Its IPv6 endpoint next to an IPv4 `endpoint` (`[ip]:port`): a node
+    /// with a route to it sends there, and to `endpoint` when the IPv6
+    /// path does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint6: Option<String>,
     /// Its mesh addresses as host routes, plus its egress ranges.
     pub allowed_ips: Vec<IpNet>,
     pub egress: Option<Gateway>,

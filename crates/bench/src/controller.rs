@@ -132,6 +132,7 @@ async fn run(port: u16, fingerprint: &str, nodes: u32, changes: u32, pid: u32) -
                             name: format!("n{i}"),
                             public_key: base64::engine::general_purpose::STANDARD.encode(key),
                             endpoint: Some(format!("192.0.2.1:{}", 10_000 + i % 50_000)),
+                            endpoint6: None,
                             listen_port: None,
                             address: None,
                             address6: None,

@@ -118,6 +118,9 @@ CREATE TABLE changes (
     r#"
 ALTER TABLE gateways ADD COLUMN bgp BIGINT NOT NULL DEFAULT 0
 "#,
+    r#"
+ALTER TABLE nodes ADD COLUMN endpoint6 TEXT
+"#,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +155,8 @@ pub struct NodeRow {
     pub address: Option<Ipv4Addr>,
     pub address6: Option<Ipv6Addr>,
     pub endpoint: Option<String>,
+    /// A published IPv6 endpoint next to an IPv4 `endpoint`.
+    pub endpoint6: Option<String>,
     pub listen_port: u16,
     pub tags: Vec<String>,
     /// Unix milliseconds (nodes list in join order), unlike the other rows' seconds.
@@ -493,7 +498,7 @@ impl Store {
     pub async fn nodes(&self, network: Option<&str>) -> Result<Vec<NodeRow>> {
         let rows = sqlx::query(
             "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
-             listen_port, tags, created_at FROM nodes WHERE ($1 = '' OR network = $2) \
+             endpoint6, listen_port, tags, created_at FROM nodes WHERE ($1 = '' OR network = $2) \
              ORDER BY network, created_at, id",
         )
         .bind(network.unwrap_or(""))
@@ -506,7 +511,7 @@ impl Store {
     pub async fn node_by_credential(&self, credential_hash: &str) -> Result<Option<NodeRow>> {
         let row = sqlx::query(
             "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
-             listen_port, tags, created_at FROM nodes WHERE credential_hash = $1",
+             endpoint6, listen_port, tags, created_at FROM nodes WHERE credential_hash = $1",
         )
         .bind(credential_hash)
         .fetch_optional(&self.pool)
@@ -518,7 +523,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
-             listen_port, tags, created_at FROM nodes WHERE id = $1",
+             endpoint6, listen_port, tags, created_at FROM nodes WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -685,7 +690,8 @@ pub enum JoinRefusal {
 async fn insert_node(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: &NodeRow) -> Result<()> {
     sqlx::query(
         "INSERT INTO nodes (id, network, name, public_key, credential_hash, address, address6, \
-         endpoint, listen_port, tags, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         endpoint, endpoint6, listen_port, tags, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&n.id)
     .bind(&n.network)
@@ -695,6 +701,7 @@ async fn insert_node(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: &NodeRow) -> 
     .bind(n.address.map(|a| a.to_string()))
     .bind(n.address6.map(|a| a.to_string()))
     .bind(n.endpoint.clone())
+    .bind(n.endpoint6.clone())
     .bind(i64::from(n.listen_port))
     .bind(list_text(&n.tags))
     .bind(n.created_at as i64)
@@ -764,6 +771,7 @@ fn node_row(r: &sqlx::any::AnyRow) -> Result<NodeRow> {
         address: parse_opt(r.try_get("address")?),
         address6: parse_opt(r.try_get("address6")?),
         endpoint: r.try_get("endpoint")?,
+        endpoint6: r.try_get("endpoint6")?,
         listen_port: u16::try_from(r.try_get::<i64, _>("listen_port")?).unwrap_or(51820),
         tags: list(&r.try_get::<String, _>("tags")?),
         created_at: u64_of(r.try_get("created_at")?),

@@ -306,6 +306,7 @@ on_both_stores!(
     gateway_ranges,
     candidates_and_discovery,
     relays,
+    ipv6_endpoints_next_to_ipv4_ones,
 );
 
 // ---------------------------------------------------------------------------
@@ -1107,6 +1108,74 @@ async fn documents(db: &Db) -> Result<()> {
         .await?;
     assert!(metrics.contains("bgp4mesh_nodes 8"), "{metrics}");
     assert!(metrics.contains("bgp4mesh_connections_open "), "{metrics}");
+    api.stop().await;
+    Ok(())
+}
+
+/// A node publishes an IPv6 endpoint next to its IPv4 one: it is kept
+/// (across a restart), shown, and handed to its peers with the listen port;
+/// what cannot work is refused naming `endpoint6`.
+async fn ipv6_endpoints_next_to_ipv4_ones(db: &Db) -> Result<()> {
+    let api = db.start().await?;
+    let c = &api.c;
+    network(c, "mynet", "44.30.127.0/24").await?;
+    let (_, enrollment) = token(c, "mynet", json!({"uses": 10})).await?;
+    for extra in [
+        json!({"endpoint": "192.0.2.10", "endpoint6": "192.0.2.11"}),
+        json!({"endpoint": "192.0.2.10", "endpoint6": "[::ffff:192.0.2.11]:5"}),
+        json!({"endpoint": "192.0.2.10", "endpoint6": "[2001:db8::1]:0"}),
+        json!({"endpoint": "192.0.2.10", "endpoint6": "ff02::1"}),
+        json!({"endpoint6": "2001:db8::1"}),
+        json!({"endpoint": "[2001:db8::2]:51820", "endpoint6": "2001:db8::1"}),
+        json!({"endpoint": "192.0.2.10", "endpoint6": "somewhere"}),
+    ] {
+        refused(
+            join(c, &enrollment.secret, "bad", 100, extra).await?,
+            StatusCode::BAD_REQUEST,
+            "endpoint6",
+        );
+    }
+    let (status, v) = join(
+        c,
+        &enrollment.secret,
+        "dual",
+        1,
+        json!({"endpoint": "192.0.2.10", "endpoint6": "2001:db8::10", "listen_port": 51000}),
+    )
+    .await?;
+    ensure!(status == StatusCode::OK, "{v}");
+    let dual: JoinResponse = serde_json::from_value(v)?;
+    assert_eq!(dual.node.endpoint6.as_deref(), Some("[2001:db8::10]:51000"));
+    let (status, v) = join(
+        c,
+        &enrollment.secret,
+        "other",
+        2,
+        json!({"endpoint": "192.0.2.20:51820", "endpoint6": "[2001:db8::20]:4500"}),
+    )
+    .await?;
+    ensure!(status == StatusCode::OK, "{v}");
+    let other: JoinResponse = serde_json::from_value(v)?;
+    let (_, state) = c.get("/api/agent/state", Some(&other.credential)).await?;
+    let state: MeshState = serde_json::from_value(state)?;
+    let peer = state
+        .peers
+        .iter()
+        .find(|p| p.node_id == dual.node.id)
+        .context("peer")?;
+    assert_eq!(peer.endpoint.as_deref(), Some("192.0.2.10:51000"));
+    assert_eq!(peer.endpoint6.as_deref(), Some("[2001:db8::10]:51000"));
+    api.stop().await;
+    let api = db.start().await?;
+    let c = &api.c;
+    let (status, v) = c
+        .get(&format!("/api/nodes/mynet/{}", other.node.id), Some(MASTER))
+        .await?;
+    ensure!(status == StatusCode::OK, "{v}");
+    assert_eq!(
+        v["endpoint6"], "[2001:db8::20]:4500",
+        "kept across a restart"
+    );
     api.stop().await;
     Ok(())
 }

@@ -63,6 +63,41 @@ pub(super) fn check_endpoint(endpoint: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An IPv6 endpoint published next to an IPv4 one: an address peers can
+/// send to, IPv6 (not IPv4-mapped), and only beside an IPv4 `endpoint`.
+pub(super) fn check_endpoint6(endpoint6: &str, endpoint: Option<&str>) -> Result<(), Failure> {
+    check_endpoint(endpoint6).map_err(|f| Failure::bad(format!("endpoint6: {}", f.message)))?;
+    let ip = match endpoint6.parse::<SocketAddr>() {
+        Ok(a) => a.ip(),
+        Err(_) => endpoint6
+            .parse::<IpAddr>()
+            .map_err(|_| Failure::bad("endpoint6: not IP or [IP]:port"))?,
+    };
+    let IpAddr::V6(v6) = ip else {
+        return Err(Failure::bad(format!(
+            "endpoint6 {endpoint6:?} is not an IPv6 address"
+        )));
+    };
+    if v6.to_ipv4_mapped().is_some() {
+        return Err(Failure::bad(format!(
+            "endpoint6 {endpoint6:?} is an IPv4-mapped address; give it as endpoint"
+        )));
+    }
+    let endpoint4 = endpoint.and_then(|e| {
+        e.parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| e.parse::<IpAddr>())
+            .ok()
+    });
+    if !endpoint4.is_some_and(|ip| ip.is_ipv4()) {
+        return Err(Failure::bad(
+            "endpoint6 goes next to an IPv4 endpoint; a node whose only public address is \
+             IPv6 publishes it as endpoint",
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn join(
     State(ctl): State<Arc<Controller>>,
     json: Result<Json<JoinRequest>, JsonRejection>,
@@ -76,6 +111,9 @@ pub(super) async fn join(
     if let Some(e) = &req.endpoint {
         check_endpoint(e)?;
     }
+    if let Some(e) = &req.endpoint6 {
+        check_endpoint6(e, req.endpoint.as_deref())?;
+    }
     let credential = secrets::new_secret();
     let node = NodeRow {
         id: secrets::new_id(),
@@ -86,6 +124,7 @@ pub(super) async fn join(
         address: None,
         address6: None,
         endpoint: req.endpoint.clone(),
+        endpoint6: req.endpoint6.clone(),
         listen_port: 0,
         tags: Vec::new(),
         // Milliseconds: nodes are listed in join order, and seconds would

@@ -481,6 +481,7 @@ pub(crate) fn unreachable_view(id: &str) -> NodeView {
             address: None,
             address6: None,
             endpoint: None,
+            endpoint6: None,
             listen_port: 0,
             tags: Vec::new(),
             created_at: 0,

@@ -923,6 +923,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         address: n.row.address,
         address6: n.row.address6,
         endpoint: endpoint_of(n),
+        endpoint6: endpoint6_of(n),
         listen_port: n.row.listen_port,
         tags: n.row.tags.clone(),
         egress: render_gateway(n),
@@ -946,13 +947,29 @@ fn live_relay_port(n: &NodeView) -> Option<u16> {
 /// the observed one.
 fn endpoint_of(n: &NodeView) -> Option<String> {
     match &n.row.endpoint {
-        Some(e) if e.parse::<std::net::SocketAddr>().is_ok() => Some(e.clone()),
-        Some(e) => match e.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V6(ip)) => Some(format!("[{ip}]:{}", n.row.listen_port)),
-            Ok(ip) => Some(format!("{ip}:{}", n.row.listen_port)),
-            Err(_) => Some(format!("{e}:{}", n.row.listen_port)),
-        },
+        Some(e) => Some(with_port(e, n.row.listen_port)),
         None => n.observed_endpoint.clone(),
+    }
+}
+
+/// The published IPv6 endpoint next to the IPv4 one, with the listen port
+/// when it names none.
+fn endpoint6_of(n: &NodeView) -> Option<String> {
+    n.row
+        .endpoint6
+        .as_deref()
+        .map(|e| with_port(e, n.row.listen_port))
+}
+
+/// `endpoint` (IP or IP:port, as published) with `port` when it names none.
+fn with_port(endpoint: &str, port: u16) -> String {
+    if endpoint.parse::<std::net::SocketAddr>().is_ok() {
+        return endpoint.to_string();
+    }
+    match endpoint.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Ok(ip) => format!("{ip}:{port}"),
+        Err(_) => format!("{endpoint}:{port}"),
     }
 }
 
@@ -984,6 +1001,7 @@ pub fn render_peer(n: &NodeView, relays: &Relays) -> Peer {
         name: n.row.name.clone(),
         public_key: n.row.public_key.clone(),
         endpoint: endpoint_of(n),
+        endpoint6: endpoint6_of(n),
         allowed_ips,
         egress,
         candidates: candidates_of(n),
@@ -1023,6 +1041,7 @@ pub(crate) mod fixtures {
             address: None,
             address6: None,
             endpoint: endpoint.map(String::from),
+            endpoint6: None,
             listen_port: 51820,
             tags: Vec::new(),
             created_at: 0,
