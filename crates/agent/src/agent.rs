@@ -113,7 +113,8 @@ impl Exits {
         let endpoints: Vec<std::net::IpAddr> = state
             .peers
             .iter()
-            .filter_map(|p| p.endpoint.as_deref())
+            .flat_map(|p| [p.endpoint.as_deref(), p.endpoint6.as_deref()])
+            .flatten()
             .filter_map(|e| e.parse::<std::net::SocketAddr>().ok())
             .map(|a| a.ip())
             .collect();
@@ -430,6 +431,8 @@ struct Mesh {
     last_state: std::sync::Mutex<Option<Arc<MeshState>>>,
     /// This node's relay, with `[mesh] relay = true`.
     relay_server: Option<crate::relay_server::RelayServer>,
+    /// The peers whose tunnel runs over their IPv6 endpoint.
+    ipv6_paths: crate::ipv6_paths::Ipv6Paths,
 }
 
 impl Mesh {
@@ -455,6 +458,15 @@ impl Mesh {
             }
         }
         let relayed = self.relay_links(state);
+        let fwmark = if exit4.is_some() || exit6.is_some() {
+            EGRESS_MARK
+        } else {
+            0
+        };
+        // A peer with an IPv6 endpoint is sent to there when this node
+        // routes it outside the mesh; its IPv4 endpoint is the fallback.
+        let mut on_ipv6: Vec<(String, Key, std::net::SocketAddr, std::net::SocketAddr)> =
+            Vec::new();
         let peers = state
             .peers
             .iter()
@@ -465,6 +477,17 @@ impl Mesh {
                 // pair's relay only.
                 if !Traversal::both_behind_nat(state, p) {
                     peer.endpoint = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                    let ipv6 = p
+                        .endpoint6
+                        .as_deref()
+                        .and_then(|e| e.parse::<std::net::SocketAddr>().ok())
+                        .filter(|e| {
+                            crate::ipv6_paths::reaches_outside_mesh(*e, fwmark, state.node.address6)
+                        });
+                    if let (Some(v6), Some(v4)) = (ipv6, peer.endpoint) {
+                        on_ipv6.push((p.node_id.clone(), key, v6, v4));
+                        peer.endpoint = Some(v6);
+                    }
                 } else if self.device.backend() == Backend::Kernel {
                     peer.endpoint = relayed.get(&p.node_id).copied();
                 }
@@ -485,11 +508,6 @@ impl Mesh {
                 Some(peer)
             })
             .collect();
-        let fwmark = if exit4.is_some() || exit6.is_some() {
-            EGRESS_MARK
-        } else {
-            0
-        };
         let desired = DeviceConfig {
             private_key: Some(self.private),
             listen_port: state.node.listen_port,
@@ -524,7 +542,22 @@ impl Mesh {
             {
                 tracing::debug!(peer = %p.name, "relay endpoint: {e}");
             }
+            let second = on_ipv6
+                .iter()
+                .find(|(id, ..)| *id == p.node_id)
+                .map(|(.., v4)| *v4);
+            if let Err(e) = self.device.set_second_endpoint(&key, second)
+                && e.kind() != std::io::ErrorKind::Unsupported
+            {
+                tracing::debug!(peer = %p.name, "IPv4 endpoint as the second: {e}");
+            }
         }
+        self.ipv6_paths.set(
+            on_ipv6
+                .into_iter()
+                .map(|(id, key, v6, _)| (id, key, v6))
+                .collect(),
+        );
         let live = self.recent_peers(Duration::from_secs(180));
         let through_relay = self.through_relay(&relayed);
         self.traversal
@@ -639,6 +672,7 @@ impl Mesh {
             let through_relay = self.through_relay(&relayed);
             self.traversal
                 .punch(&self.device, &state, &live, &through_relay);
+            self.ipv6_paths.probe_due(&self.device);
         }
     }
 
@@ -1306,6 +1340,7 @@ pub async fn run(
         relay_links: Default::default(),
         last_state: Default::default(),
         relay_server,
+        ipv6_paths: Default::default(),
     });
     if let Some(view) = &options.view {
         let source: Arc<dyn crate::view::DeviceStatusSource> = mesh.clone();
@@ -1417,6 +1452,7 @@ mod tests {
             name: id.into(),
             public_key: String::new(),
             endpoint: None,
+            endpoint6: None,
             allowed_ips: Vec::new(),
             egress,
             candidates: Vec::new(),
@@ -1447,6 +1483,7 @@ mod tests {
                 address: Some("44.30.127.2".parse().expect("address")),
                 address6: None,
                 endpoint: None,
+                endpoint6: None,
                 listen_port: 51820,
                 tags: Vec::new(),
                 egress: own,

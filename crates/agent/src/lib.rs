@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod ipv6_paths;
 pub mod liveness;
 mod probe;
 pub mod probing;

@@ -163,6 +163,29 @@ impl AnyDevice {
         }
     }
 
+    /// Tries a peer at another address while its session stays where it
+    /// is ([`Device::probe`]); `Unsupported` on the kernel backend.
+    pub fn probe(&self, peer: &crate::Key, to: std::net::SocketAddr) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.probe(peer, to),
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
+        }
+    }
+
+    /// Marks a peer's address in the other family, where unanswered
+    /// handshakes are retried ([`Device::set_second_endpoint`]);
+    /// `Unsupported` on the kernel backend (the endpoint alone is used).
+    pub fn set_second_endpoint(
+        &self,
+        peer: &crate::Key,
+        second: Option<std::net::SocketAddr>,
+    ) -> io::Result<()> {
+        match self {
+            AnyDevice::Userspace(device, _) => device.set_second_endpoint(peer, second),
+            AnyDevice::Kernel { .. } => Err(kernel_socket()),
+        }
+    }
+
     /// Marks a peer's relay endpoint ([`Device::set_fallback_endpoint`]).
     /// The kernel module roams to wherever the last packet came from: there
     /// the relay endpoint is set as the peer's endpoint while it has none

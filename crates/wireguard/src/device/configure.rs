@@ -127,7 +127,9 @@ impl Shared {
         // Peers marked for it get a handshake now rather than at the next
         // timer tick: a peer that restarted holds a session we no longer
         // have.
-        if let Some(udp) = self.udp() {
+        // Not while the interface is down: the marks wait for it to come
+        // up ([`Shared::came_up`]).
+        if let Some(udp) = self.udp().filter(|_| !self.down.load(Ordering::Relaxed)) {
             for peer in &iface.peers {
                 let initiate = {
                     let mut state = lock(&peer.state);
@@ -144,7 +146,10 @@ impl Shared {
     /// Sends `peer` a handshake initiation unless it has no endpoint or
     /// key, or has a session or a handshake under way. Returns whether one
     /// was sent.
-    fn initiate(&self, peer: &Arc<Peer>, udp: &Udp) -> bool {
+    pub(super) fn initiate(&self, peer: &Arc<Peer>, udp: &Udp) -> bool {
+        if peer.low_order {
+            return false;
+        }
         let mut state = lock(&peer.state);
         let Some(to) = state.target(peer) else {
             return false;
@@ -164,6 +169,27 @@ impl Shared {
         let bytes: Packet = init.into();
         udp.send(self, to, Some(peer), &bytes, None);
         true
+    }
+
+    /// The interface came up: as the kernel module's `wg_open`, each peer
+    /// with a persistent keepalive sends one now (without a session, a
+    /// handshake initiation), and so does each peer marked to handshake
+    /// while it was down.
+    pub(super) fn came_up(&self) {
+        let Some(udp) = self.udp() else {
+            return;
+        };
+        let iface = read(&self.iface);
+        for peer in &iface.peers {
+            let initiate = {
+                let mut state = lock(&peer.state);
+                let marked = std::mem::take(&mut state.initiate);
+                (marked || state.keepalive.is_some()) && state.endpoint.is_some()
+            };
+            if initiate {
+                self.initiate(peer, &udp);
+            }
+        }
     }
 
     fn rebind(&self, iface: &Interface, port: u16, fwmark: u32) -> Result<(), UapiError> {
@@ -221,12 +247,18 @@ impl Shared {
         };
         let public = x25519::PublicKey::from(&secret);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        // The first private key: peers with a persistent keepalive send it
+        // now (at once if the interface is up, else when it comes up), as
+        // the kernel module sends what it queued without a key (netlink.c:
+        // `send_staged_packets`).
+        let first = iface.secret.is_none();
         // A peer with our own public key cannot exist (the kernel and
         // wireguard-go drop it too).
         let own = self.remove_peer(iface, &Key(*public.as_bytes()));
         self.forget(iface, own.as_slice());
         for peer in &iface.peers {
             let mut state = lock(&peer.state);
+            state.initiate |= first && state.keepalive.is_some();
             match state.tunn.as_mut() {
                 Some(tunn) => tunn.set_static_private(secret.clone(), public, rate_limiter.clone()),
                 None => {
@@ -323,12 +355,15 @@ impl Shared {
                         handed_over: None,
                         fallback: None,
                         direct_heard: None,
+                        second: None,
+                        initiated: None,
                         held: None,
                     }),
                     rx_bytes: AtomicU64::new(0),
                     tx_bytes: AtomicU64::new(0),
                     gso_limit: AtomicUsize::new(usize::MAX),
                     source_refused: AtomicBool::new(false),
+                    low_order: low_order(&change.public_key),
                     early: Mutex::new(None),
                 });
                 iface.peers.push(Arc::clone(&peer));
@@ -390,6 +425,14 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether `key` is a point of small order: its X25519 with any private
+/// key (clamped, so a multiple of the cofactor) is all zeros.
+fn low_order(key: &Key) -> bool {
+    let any = x25519::StaticSecret::from([1; 32]);
+    !any.diffie_hellman(&x25519::PublicKey::from(key.0))
+        .was_contributory()
 }
 
 #[cfg(test)]

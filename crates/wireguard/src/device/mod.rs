@@ -162,6 +162,15 @@ struct Shared {
     /// (deleted, or its namespace deleted): the TUN read failed with
     /// EBADFD, which costs nothing until it happens.
     gone: AtomicBool,
+    /// The interface is down (`ip link set down`, or not brought up yet:
+    /// it is created down), as the timer thread last saw it
+    /// (`routes::RouteWatch`). As the kernel module, a device that is down
+    /// sends nothing of its own: no handshake when a persistent keepalive
+    /// is turned on, no timers; bringing it up sends each persistent
+    /// keepalive ([`Shared::came_up`]). False when the state cannot be
+    /// seen: the interface moved into another namespace than the
+    /// device's (`ip link set netns`), or no rtnetlink.
+    down: AtomicBool,
     /// Datagrams sent larger than the path to their endpoint allows, for
     /// the kernel to fragment ([`DeviceStatus::fragmented_datagrams`]).
     fragmented: AtomicU64,
@@ -199,6 +208,12 @@ struct Peer {
     /// removed): whoever next takes the peer's state forgets the source
     /// ([`PeerState::target`]). An atomic, so a send needs no lock.
     source_refused: AtomicBool,
+    /// Its public key is a point of small order: every Diffie-Hellman
+    /// with it is all zeros, so no handshake with it can succeed. Neither
+    /// a persistent keepalive, nor the device coming up, nor its timers
+    /// send it an initiation (the kernel module's precomputed
+    /// static-static is zero, and its initiation fails).
+    low_order: bool,
     /// Data that arrived for our handshake under way before its response
     /// was through the handshake thread (crossing handshakes: the peer
     /// answered our initiation and sends at once, while the answer waits
@@ -260,6 +275,11 @@ struct PeerState {
     /// When an authenticated packet last came from elsewhere than the
     /// fallback (only kept while there is one).
     direct_heard: Option<std::time::Instant>,
+    /// The peer's address in the other family ([`Device::set_second_endpoint`]):
+    /// a handshake that went unanswered is retried there too.
+    second: Option<SocketAddr>,
+    /// When the timer thread last sent the peer a handshake initiation.
+    initiated: Option<std::time::Instant>,
     /// Data held since we answered the peer's initiation, until the peer
     /// confirms the session (its first packet on it) or our own
     /// initiation completes: see [`Held`].
@@ -402,6 +422,7 @@ impl Device {
             stop_fd,
             stopping: AtomicBool::new(false),
             gone: AtomicBool::new(false),
+            down: AtomicBool::new(true),
             fragmented: AtomicU64::new(0),
             cluster: RwLock::new(None),
             punches: Default::default(),

@@ -66,6 +66,8 @@ pub(super) struct Punch {
     initiation: Vec<u8>,
     started: Instant,
     next_round: Instant,
+    /// Whether rounds go to the peer's endpoint too (a punch, not a probe).
+    to_endpoint: bool,
 }
 
 /// Where datagrams of another protocol go: `(from, datagram)`, dropped
@@ -86,6 +88,34 @@ impl Device {
     /// or [`PUNCH_FOR`] passes. The peer learns its endpoint from the
     /// first response. A punch for a peer replaces the one under way.
     pub fn punch(&self, key: &Key, candidates: &[SocketAddr]) -> io::Result<()> {
+        self.start_punch(key, candidates, true)
+    }
+
+    /// Tries the peer `key` at `to` while its session stays where it is: a
+    /// punch without openers whose rounds go to `to` only, so the endpoint
+    /// moves there only if `to` answers (a path that was down and may be
+    /// back: the peer's IPv6 address after a fallback to IPv4).
+    pub fn probe(&self, key: &Key, to: SocketAddr) -> io::Result<()> {
+        self.start_punch(key, &[to], false)
+    }
+
+    /// Marks `second` as the peer `key`'s address in the other family (or
+    /// none): handshake retries, not first initiations or rekeys, go there
+    /// as well as to the endpoint, so a dead path falls back within one
+    /// retry while a live one keeps the tunnel.
+    pub fn set_second_endpoint(&self, key: &Key, second: Option<SocketAddr>) -> io::Result<()> {
+        let peer = read(&self.shared.iface)
+            .by_key
+            .get(key)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such peer"))?;
+        lock(&peer.state).second = second.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()));
+        Ok(())
+    }
+
+    /// A punch (`opened`: openers first, rounds to the endpoint too) or a
+    /// probe.
+    fn start_punch(&self, key: &Key, candidates: &[SocketAddr], opened: bool) -> io::Result<()> {
         let shared = &self.shared;
         let udp = shared
             .udp()
@@ -118,7 +148,7 @@ impl Device {
             let bytes: Packet = init.into();
             bytes.to_vec()
         };
-        for to in &candidates {
+        for to in candidates.iter().filter(|_| opened) {
             if let Err(e) = udp.send_with_ttl(*to, &initiation, OPENER_TTL) {
                 debug!(interface = %shared.name, %to, "punch opener: {e}");
             } else {
@@ -139,7 +169,8 @@ impl Device {
             candidates,
             initiation,
             started: now,
-            next_round: now + OPENER_LEAD,
+            next_round: if opened { now + OPENER_LEAD } else { now },
+            to_endpoint: opened,
         });
         Ok(())
     }
@@ -225,7 +256,7 @@ pub(super) fn tick(shared: &Shared, udp: Option<&Arc<Udp>>) {
             if now >= p.next_round {
                 p.next_round = now + ROUND_EVERY;
                 let mut to = p.candidates.clone();
-                to.extend(endpoint.filter(|e| !p.candidates.contains(e)));
+                to.extend(endpoint.filter(|e| p.to_endpoint && !p.candidates.contains(e)));
                 due.push((Arc::clone(&p.peer), to, p.initiation.clone()));
             }
             true

@@ -23,7 +23,11 @@ pub(super) fn timers(shared: Arc<Shared>) {
     let mut last_prune = Instant::now();
     let mut last_gso_reset = Instant::now();
     let mut routes = RouteWatch::new(&shared)
-        .inspect_err(|e| info!(interface = %shared.name, "routes not watched: {e}"))
+        .inspect_err(|e| {
+            info!(interface = %shared.name, "routes not watched: {e}");
+            // Nor the interface's state: it counts as up.
+            shared.down.store(false, Ordering::Relaxed);
+        })
         .ok();
     while !shared.stopping.load(Ordering::Relaxed) {
         match routes.as_mut() {
@@ -31,7 +35,13 @@ pub(super) fn timers(shared: Arc<Shared>) {
             None => shared.wait_readable(None, Some(TIMER_TICK)),
         }
         let udp = shared.udp();
-        let peers: Vec<Arc<Peer>> = read(&shared.iface).peers.clone();
+        // A device that is down runs no timers (the kernel module stops
+        // them): no keepalives, handshakes or retries until it is up.
+        let peers: Vec<Arc<Peer>> = if shared.down.load(Ordering::Relaxed) {
+            Vec::new()
+        } else {
+            read(&shared.iface).peers.clone()
+        };
         for peer in peers {
             let mut state = lock(&peer.state);
             if state
@@ -45,17 +55,34 @@ pub(super) fn timers(shared: Arc<Shared>) {
                     udp.send(&shared, to, Some(&peer), packet, None);
                 }
             }
+            // No handshake can be made with it: nothing is sent.
+            if peer.low_order {
+                continue;
+            }
             let endpoint = state.target(&peer);
             let initiate = std::mem::take(&mut state.initiate);
             let Some(tunn) = state.tunn.as_mut() else {
                 continue;
             };
-            let due =
-                if initiate && endpoint.is_some() && tunn.time_since_last_handshake().is_none() {
-                    Ok(tunn.format_handshake_initiation(false).map(WgKind::from))
-                } else {
-                    tunn.update_timers()
-                };
+            let since_handshake = tunn.time_since_last_handshake();
+            let first = initiate && endpoint.is_some() && since_handshake.is_none();
+            let due = if first {
+                Ok(tunn.format_handshake_initiation(false).map(WgKind::from))
+            } else {
+                tunn.update_timers()
+            };
+            // A retry (no handshake since the last initiation, or none
+            // ever) goes to the peer's second address too: a dead IPv6
+            // path falls back to IPv4 within one retry, and a live one is
+            // not raced by the other family on first contact and rekeys.
+            let unanswered = since_handshake
+                .is_none_or(|since| state.initiated.is_some_and(|at| since > at.elapsed()));
+            let second = state
+                .second
+                .filter(|s| !first && unanswered && endpoint.is_some_and(|e| e.to != *s));
+            if matches!(due, Ok(Some(WgKind::HandshakeInit(_)))) {
+                state.initiated = Some(Instant::now());
+            }
             // A handshake the timers make (a retry, a rekey) goes to the
             // peer's relay too while its endpoint is a direct one: a direct
             // path that died (a NAT that rebooted) then falls back to the
@@ -71,12 +98,14 @@ pub(super) fn timers(shared: Arc<Shared>) {
                         let initiation = matches!(packet, WgKind::HandshakeInit(_));
                         let bytes: Packet = packet.into();
                         udp.send(&shared, to, Some(&peer), &bytes, None);
-                        if let Some(relay) = fallback.filter(|_| initiation) {
-                            let to = super::udp::Target {
-                                to: relay,
-                                src: None,
-                            };
-                            udp.send(&shared, to, Some(&peer), &bytes, None);
+                        for also in [fallback, second].into_iter().flatten() {
+                            if initiation {
+                                let to = super::udp::Target {
+                                    to: also,
+                                    src: None,
+                                };
+                                udp.send(&shared, to, Some(&peer), &bytes, None);
+                            }
                         }
                     }
                 }
