@@ -51,6 +51,7 @@ use ip_network_table::IpNetworkTable;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType,
 };
@@ -213,7 +214,7 @@ impl RouteWatch {
                 info!(interface = %shared.name, "no rtnetlink subscription ({e}); routes are looked at every {RECHECK:?}")
             })
             .ok();
-        Ok(RouteWatch {
+        let mut watch = RouteWatch {
             query,
             sequence: 0,
             events,
@@ -222,7 +223,49 @@ impl RouteWatch {
             acted: None,
             announced: (Instant::now(), 0),
             checked: HashMap::new(),
-        })
+        };
+        watch.check_link(shared);
+        Ok(watch)
+    }
+
+    /// Reads whether the interface is up, and has the device send what
+    /// waited for it when it came up ([`Shared::came_up`]). Called when
+    /// the kernel announced a change (links among others).
+    fn check_link(&mut self, shared: &Shared) {
+        // An error is mostly ENODEV: the interface moved into another
+        // namespace (`ip link set netns`), where this socket cannot see
+        // it; the device then works as if it were up.
+        let down = self.link_down().unwrap_or(false);
+        if shared.down.swap(down, Ordering::Relaxed) && !down {
+            debug!(interface = %shared.name, "the interface came up");
+            shared.came_up();
+        }
+    }
+
+    /// Whether the interface is down (not administratively up).
+    fn link_down(&mut self) -> io::Result<bool> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        // The acknowledgement ends the answer (a plain request has no
+        // end mark).
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        header.sequence_number = self.sequence;
+        let mut message = LinkMessage::default();
+        message.header.index = self.ifindex;
+        let payload = NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(message));
+        let mut packet = NetlinkMessage::new(header, payload);
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.query.send(&buf, 0)?;
+        let mut up = None;
+        read_replies::<RouteNetlinkMessage>(&self.query, self.sequence, |reply| {
+            if let RouteNetlinkMessage::NewLink(link) = reply {
+                up = Some(link.header.flags.contains(LinkFlags::Up));
+            }
+        })?;
+        up.map(|up| !up)
+            .ok_or_else(|| io::Error::other("no answer about the link"))
     }
 
     /// Waits out one timer tick, acting on route changes as they are
@@ -247,10 +290,13 @@ impl RouteWatch {
             shared.wait_readable(fd, Some(left + Duration::from_micros(999)));
             if armed && self.drain() {
                 armed = false;
+                self.check_link(shared);
                 self.act(shared);
             }
         }
-        self.drain();
+        if self.drain() {
+            self.check_link(shared);
+        }
         self.act(shared);
     }
 
