@@ -355,12 +355,11 @@ impl<'lab> OwnAs<'lab> {
                             friend: bool|
          -> Result<MeshNode<'lab>> {
             let wan_end = lab.attach(&wan, node)?;
-            let endpoint = wan_end.ipv4.to_string();
             let pinned = Pinned {
                 address: families.ipv4().then_some(addresses.0),
                 address6: families.ipv6().then_some(addresses.1),
             };
-            join(lab, &binary, node, &token, name, &endpoint, pinned)?;
+            join(lab, &binary, node, &token, name, (&wan_end, families), pinned)?;
             let interface = lab.unique_ifname("mesh")?;
             let export = if options.bgp_egress { MESH_EXPORT } else { "" };
             let friend = if friend { FRIEND_NEIGHBOR } else { "" };
@@ -435,7 +434,7 @@ impl<'lab> OwnAs<'lab> {
                 &node,
                 &token,
                 &name,
-                &wan_end.ipv4.to_string(),
+                (&wan_end, families),
                 Pinned::default(),
             )?;
             let interface = lab.unique_ifname("mesh")?;
@@ -693,18 +692,23 @@ struct Peering<'a> {
     local6: &'a str,
 }
 
+/// Joins `node` with its end of the "wan" switch as its endpoint: the IPv4
+/// address, and the IPv6 one too when the AS has IPv6, so that the mesh's
+/// tunnels run over IPv6 (the IPv4 endpoint is their fallback).
 fn join(
     lab: &Lab,
     binary: &Path,
     node: &Node,
     token: &str,
     name: &str,
-    endpoint: &str,
+    (wan_end, families): (&Iface, Families),
     pinned: Pinned<'_>,
 ) -> Result<()> {
     let state = lab.run_dir(node)?.join("agent");
     let binary = binary.to_string_lossy();
     let state = state.to_string_lossy();
+    let endpoint = wan_end.ipv4.to_string();
+    let endpoint6 = wan_end.ipv6.to_string();
     let mut cmd = vec![
         binary.as_ref(),
         "join",
@@ -712,10 +716,13 @@ fn join(
         "--name",
         name,
         "--endpoint",
-        endpoint,
+        &endpoint,
         "--state-dir",
         state.as_ref(),
     ];
+    if families.ipv6() {
+        cmd.extend(["--endpoint6", &endpoint6]);
+    }
     if let Some(a) = pinned.address {
         cmd.extend(["--address", a]);
     }
