@@ -95,6 +95,17 @@ fn lab_up_exec_status_down() -> Result<()> {
     lab_ping("internet", "2001:db8:44::3")?;
     lab_ping("n1", "2001:db8:100::10")?;
     lab_ping("n2", "2001:db8:44::2")?;
+    // ...and the tunnels themselves run over IPv6 (the machines publish
+    // their IPv6 wan address next to the IPv4 one).
+    let (ok, mesh) = bgp4mesh(&["lab", "exec", "n1", "bgp4mesh", "show", "mesh"])?;
+    ensure!(
+        ok && mesh
+            .lines()
+            .filter(|l| l.starts_with("n2 ") || l.starts_with("border "))
+            .all(|l| l.contains("[fd01:"))
+            && mesh.lines().any(|l| l.starts_with("n2 ")),
+        "n1's tunnels are not over IPv6:\n{mesh}"
+    );
     let (ok, protocols) = bgp4mesh(&["lab", "exec", "border", "bgp4mesh", "show", "protocols"])?;
     ensure!(
         ok && protocols
