@@ -359,7 +359,15 @@ impl<'lab> OwnAs<'lab> {
                 address: families.ipv4().then_some(addresses.0),
                 address6: families.ipv6().then_some(addresses.1),
             };
-            join(lab, &binary, node, &token, name, (&wan_end, families), pinned)?;
+            join(
+                lab,
+                &binary,
+                node,
+                &token,
+                name,
+                (&wan_end, families),
+                pinned,
+            )?;
             let interface = lab.unique_ifname("mesh")?;
             let export = if options.bgp_egress { MESH_EXPORT } else { "" };
             let friend = if friend { FRIEND_NEIGHBOR } else { "" };
