@@ -11,6 +11,7 @@
 
 pub mod links;
 pub mod nat;
+pub mod overlay;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -37,6 +37,13 @@ impl Links {
         Ok(Links { handle })
     }
 
+    /// The overlay's links (bridge, VXLAN ports) over this connection.
+    pub fn overlay(&self) -> crate::overlay::OverlayLinks<'_> {
+        crate::overlay::OverlayLinks {
+            handle: &self.handle,
+        }
+    }
+
     pub async fn index(&self, name: &str) -> Result<u32> {
         crate::link_index(&self.handle, name).await
     }

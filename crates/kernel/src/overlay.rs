@@ -1,0 +1,432 @@
+//! The layer-2 overlay's kernel side: a bridge bgp4mesh owns, one VXLAN
+//! port per tunnel peer (seed 003's "virtual wires"), and the port states
+//! the spanning tree computes.
+//!
+//! - The bridge carries the alias [`OWNER_ALIAS`]: a bridge of that name
+//!   without it is someone else's, and is never touched.
+//! - Each VXLAN port is unicast (local and remote are the two ends of a
+//!   tunnel), UDP 4789, learning on, and leaves its outer packets
+//!   fragmentable (`df unset`, the default), so 1500-byte frames with DF
+//!   set inside cross 1420-byte tunnels: the kernel fragments the outer
+//!   UDP packet before it enters the tunnel.
+//! - With our spanning tree the kernel bridge's own STP is off, and the
+//!   states our protocol core computes are applied by an nftables `bridge`
+//!   table ([`port_states_script`]): a *discarding* port takes and sends
+//!   nothing (so it learns nothing), a *learning* port learns but forwards
+//!   nothing. The kernel cannot hand its STP to user space in a network
+//!   namespace (`/sbin/bridge-stp` is asked in the initial one only), and
+//!   with STP off it forces every port to forwarding, so the states live
+//!   in netfilter. The table also keeps BPDUs from being flooded (with STP
+//!   off the bridge forwards them like any frame): our protocol reads them
+//!   from each port with a packet socket and sends its own there.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan};
+
+/// The alias of a bridge bgp4mesh created and owns.
+pub const OWNER_ALIAS: &str = "bgp4mesh overlay";
+
+/// The UDP port of the overlay's VXLAN ports (IANA's).
+pub const VXLAN_PORT: u16 = 4789;
+
+/// Who runs the bridge's spanning tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stp {
+    /// Ours, in user space (the kernel's off, states in nftables).
+    Ours,
+    /// The kernel bridge's classic STP (802.1D-1998), as seed 003 runs it.
+    Kernel,
+    /// None: the overlay must be loop-free by itself.
+    Off,
+}
+
+/// One VXLAN port: a virtual wire to one tunnel peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanPort {
+    pub name: String,
+    pub vni: u32,
+    /// This end of the tunnel.
+    pub local: IpAddr,
+    /// The peer's end of the tunnel.
+    pub remote: IpAddr,
+    pub mtu: u32,
+}
+
+/// What the kernel has of a link, as far as the overlay cares.
+struct Existing {
+    index: u32,
+    kind: Option<InfoKind>,
+    alias: Option<String>,
+    controller: Option<u32>,
+    mtu: Option<u32>,
+    vxlan: Vec<InfoVxlan>,
+}
+
+async fn existing(handle: &Handle, name: &str) -> Result<Option<Existing>> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let link = match links.try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => return Ok(None),
+        // No such device: the kernel answers the dump by name with ENODEV.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("looking up {name}")),
+    };
+    let mut found = Existing {
+        index: link.header.index,
+        kind: None,
+        alias: None,
+        controller: None,
+        mtu: None,
+        vxlan: Vec::new(),
+    };
+    for attribute in link.attributes {
+        match attribute {
+            LinkAttribute::IfAlias(a) => found.alias = Some(a),
+            LinkAttribute::Controller(c) => found.controller = Some(c),
+            LinkAttribute::Mtu(m) => found.mtu = Some(m),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(k) => found.kind = Some(k),
+                        LinkInfo::Data(InfoData::Vxlan(v)) => found.vxlan = v,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(found))
+}
+
+/// ENODEV, without a libc dependency for one number.
+const fn libc_enodev() -> i32 {
+    19
+}
+
+/// The overlay's links, over the rtnetlink connection of [`crate::links::Links`].
+pub struct OverlayLinks<'a> {
+    pub(crate) handle: &'a Handle,
+}
+
+impl OverlayLinks<'_> {
+    /// Makes the bridge `name` exist, be ours, be up with `mtu`, and run
+    /// `stp`. A link of that name that is not a bridge we made is refused.
+    pub async fn ensure_bridge(&self, name: &str, mtu: u32, stp: Stp) -> Result<()> {
+        let stp_on = stp == Stp::Kernel;
+        match existing(self.handle, name).await? {
+            Some(link) => {
+                if link.kind != Some(InfoKind::Bridge) || link.alias.as_deref() != Some(OWNER_ALIAS)
+                {
+                    bail!(
+                        "{name} exists and is not a bridge bgp4mesh made (no alias {OWNER_ALIAS:?}); \
+                         name another bridge in [overlay] bridge, or delete {name}"
+                    );
+                }
+                let message = LinkBridge::new(name).stp_state(stp_state(stp_on)).build();
+                let mut message = message;
+                message.header.index = link.index;
+                self.handle
+                    .link()
+                    .set(message)
+                    .execute()
+                    .await
+                    .with_context(|| format!("setting {name}'s STP"))?;
+            }
+            None => {
+                let message = LinkBridge::new(name).stp_state(stp_state(stp_on)).build();
+                self.handle
+                    .link()
+                    .add(message)
+                    .execute()
+                    .await
+                    .with_context(|| format!("creating the bridge {name}"))?;
+            }
+        }
+        let index = crate::link_index(self.handle, name).await?;
+        // The alias is taken on a change, not when a link is made.
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .alias(OWNER_ALIAS)
+                    .mtu(mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("setting {name} up with MTU {mtu}"))
+    }
+
+    /// Makes the VXLAN port `port` exist as asked, attached to `bridge` and
+    /// up; one that differs (VNI, ends, UDP port) is made again.
+    pub async fn ensure_vxlan(&self, port: &VxlanPort, bridge: &str) -> Result<()> {
+        let bridge_index = crate::link_index(self.handle, bridge).await?;
+        let name = &port.name;
+        if let Some(link) = existing(self.handle, name).await? {
+            if link.kind != Some(InfoKind::Vxlan) {
+                bail!("{name} exists and is not a VXLAN port; the overlay names its ports itself");
+            }
+            if vxlan_matches(&link.vxlan, port) {
+                if link.controller != Some(bridge_index) || link.mtu != Some(port.mtu) {
+                    self.handle
+                        .link()
+                        .set(
+                            LinkUnspec::new_with_index(link.index)
+                                .controller(bridge_index)
+                                .mtu(port.mtu)
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .with_context(|| format!("attaching {name} to {bridge}"))?;
+                }
+                return Ok(());
+            }
+            self.remove(name).await?;
+        }
+        let mut builder = LinkVxlan::new(name, port.vni)
+            .port(VXLAN_PORT)
+            .learning(true);
+        builder = match (port.local, port.remote) {
+            (IpAddr::V4(l), IpAddr::V4(r)) => builder.local(l).remote(r),
+            (IpAddr::V6(l), IpAddr::V6(r)) => builder.local6(l).remote6(r),
+            _ => bail!(
+                "{name}: the tunnel's ends {} and {} are of different families",
+                port.local,
+                port.remote
+            ),
+        };
+        self.handle
+            .link()
+            .add(builder.mtu(port.mtu).controller(bridge_index).build())
+            .execute()
+            .await
+            .with_context(|| format!("creating the VXLAN port {name} (VNI {})", port.vni))?;
+        Ok(())
+    }
+
+    /// Sets a port up (its tunnel is alive) or down (its tunnel is gone:
+    /// the bridge stops using it at once).
+    pub async fn set_port_up(&self, name: &str, up: bool) -> Result<()> {
+        let index = crate::link_index(self.handle, name).await?;
+        let message = LinkUnspec::new_with_index(index);
+        let message = if up { message.up() } else { message.down() };
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .with_context(|| format!("setting {name} {}", if up { "up" } else { "down" }))
+    }
+
+    /// Forgets the MAC addresses the bridge learned on port `name` (a
+    /// topology change: they may be elsewhere now).
+    pub async fn flush_port(&self, name: &str) -> Result<()> {
+        let index = crate::link_index(self.handle, name).await?;
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(index).fdb_flush().build())
+            .execute()
+            .await
+            .with_context(|| format!("flushing what {name} learned"))
+    }
+
+    /// Removes the link `name`; one that is gone already is fine.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        let Some(link) = existing(self.handle, name).await? else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting {name}"))
+    }
+
+    /// The VXLAN ports attached to `bridge`, by name.
+    pub async fn vxlan_ports(&self, bridge: &str) -> Result<Vec<String>> {
+        let bridge_index = crate::link_index(self.handle, bridge).await?;
+        let mut links = self.handle.link().get().execute();
+        let mut names = Vec::new();
+        while let Some(link) = links.try_next().await.context("listing links")? {
+            let mut name = None;
+            let (mut attached, mut vxlan) = (false, false);
+            for attribute in &link.attributes {
+                match attribute {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::Controller(c) => attached = *c == bridge_index,
+                    LinkAttribute::LinkInfo(infos) => {
+                        vxlan = infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(name), true, true) = (name, attached, vxlan) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+}
+
+fn stp_state(on: bool) -> rtnetlink::packet_route::link::BridgeStpState {
+    if on {
+        rtnetlink::packet_route::link::BridgeStpState::KernelStp
+    } else {
+        rtnetlink::packet_route::link::BridgeStpState::Disabled
+    }
+}
+
+/// Whether the kernel's VXLAN attributes are those of `port`.
+fn vxlan_matches(attributes: &[InfoVxlan], port: &VxlanPort) -> bool {
+    let mut vni = None;
+    let mut udp = None;
+    let mut local = None;
+    let mut remote = None;
+    for a in attributes {
+        match a {
+            InfoVxlan::Id(v) => vni = Some(*v),
+            InfoVxlan::Port(p) => udp = Some(*p),
+            InfoVxlan::Local(l) => local = Some(IpAddr::V4(*l)),
+            InfoVxlan::Local6(l) => local = Some(IpAddr::V6(*l)),
+            InfoVxlan::Group(r) => remote = Some(IpAddr::V4(*r)),
+            InfoVxlan::Group6(r) => remote = Some(IpAddr::V6(*r)),
+            _ => {}
+        }
+    }
+    vni == Some(port.vni)
+        && udp == Some(VXLAN_PORT)
+        && local == Some(port.local)
+        && remote == Some(port.remote)
+}
+
+/// The nftables table that holds `bridge`'s port states.
+pub fn states_table(bridge: &str) -> Result<String> {
+    if bridge.is_empty()
+        || bridge.len() > 15
+        || !bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("{bridge:?} is not a bridge name");
+    }
+    let safe: String = bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Ok(format!("bgp4mesh_stp_{safe}"))
+}
+
+/// The `nft -f` script that makes `bridge`'s port states these: ports in
+/// `discarding` take and send nothing, ports in `learning` learn from what
+/// they take and forward nothing; the rest forward. BPDUs are never
+/// forwarded. `None` removes the table (the kernel's STP, or none).
+pub fn port_states_script(bridge: &str, states: Option<(&[String], &[String])>) -> Result<String> {
+    let table = states_table(bridge)?;
+    let mut script = format!("table bridge {table}\ndelete table bridge {table}\n");
+    let Some((discarding, learning)) = states else {
+        return Ok(script);
+    };
+    let elements = |ports: &[String]| -> Result<String> {
+        for p in ports {
+            states_table(p).with_context(|| format!("port {p:?}"))?;
+        }
+        Ok(ports
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", "))
+    };
+    let set = |name: &str, ports: &[String]| -> Result<String> {
+        let elements = elements(ports)?;
+        Ok(if ports.is_empty() {
+            format!("\tset {name} {{ type ifname; }}\n")
+        } else {
+            format!("\tset {name} {{ type ifname; elements = {{ {elements} }}; }}\n")
+        })
+    };
+    script.push_str(&format!("table bridge {table} {{\n"));
+    script.push_str(&set("discarding", discarding)?);
+    script.push_str(&set("learning", learning)?);
+    script.push_str(
+        "\tchain prerouting { type filter hook prerouting priority -300; policy accept; \
+         iifname @discarding drop; }\n\
+         \tchain forward { type filter hook forward priority -300; policy accept; \
+         ether daddr 01:80:c2:00:00:00 drop; iifname @learning drop; oifname @learning drop; }\n\
+         \tchain output { type filter hook output priority -300; policy accept; \
+         oifname @learning drop; }\n\
+         \tchain postrouting { type filter hook postrouting priority -300; policy accept; \
+         oifname @discarding drop; }\n\
+         }\n",
+    );
+    Ok(script)
+}
+
+/// Applies [`port_states_script`] in one `nft -f` transaction.
+pub fn set_port_states(bridge: &str, states: Option<(&[String], &[String])>) -> Result<()> {
+    let script = port_states_script(bridge, states)?;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .context("writing to nft")?;
+    }
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft refused {bridge}'s port states: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_states_script_names_each_port_once() {
+        let discarding = vec!["vx-bob".to_string()];
+        let learning: Vec<String> = Vec::new();
+        let script = port_states_script("br-l2", Some((&discarding, &learning))).unwrap();
+        assert!(script.starts_with(
+            "table bridge bgp4mesh_stp_br_l2\ndelete table bridge bgp4mesh_stp_br_l2\n"
+        ));
+        assert!(script.contains("set discarding { type ifname; elements = { \"vx-bob\" }; }"));
+        assert!(script.contains("set learning { type ifname; }"));
+        assert!(script.contains("ether daddr 01:80:c2:00:00:00 drop"));
+        let removed = port_states_script("br-l2", None).unwrap();
+        assert_eq!(
+            removed,
+            "table bridge bgp4mesh_stp_br_l2\ndelete table bridge bgp4mesh_stp_br_l2\n"
+        );
+    }
+
+    #[test]
+    fn names_that_could_break_the_script_are_refused() {
+        assert!(port_states_script("br\"0", None).is_err());
+        assert!(port_states_script("", None).is_err());
+        let evil = vec!["a\" }; flush ruleset; #".to_string()];
+        assert!(port_states_script("br0", Some((&evil, &[]))).is_err());
+    }
+}
