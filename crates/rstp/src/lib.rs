@@ -583,14 +583,25 @@ impl Port {
         }
     }
 
-    /// 17.21.1 betterorsameInfo.
+    /// 17.21.1 betterorsameInfo, narrowed to "same": an agreement (or a
+    /// synced designated port) carries over to new information only if the
+    /// priority vector is unchanged. The standard keeps it for a better
+    /// vector too, which is safe while information is fresh but lets stale
+    /// information circulating in a count to infinity close a forwarding
+    /// loop (found by the random cut/mend property test; see Elmeleegy et
+    /// al., "On count-to-infinity induced forwarding loops in Ethernet
+    /// networks", 2006). The price: an improved root path re-syncs the
+    /// ports below it, one proposal/agreement round trip per hop.
     fn better_or_same_info(&self, new_info_is: InfoIs) -> bool {
+        let same = |a: &Vector, b: &Vector| {
+            (a.root, a.cost, a.bridge, a.port) == (b.root, b.cost, b.bridge, b.port)
+        };
         match new_info_is {
             InfoIs::Received => {
-                self.info_is == InfoIs::Received && self.msg_priority <= self.port_priority
+                self.info_is == InfoIs::Received && same(&self.msg_priority, &self.port_priority)
             }
             InfoIs::Mine => {
-                self.info_is == InfoIs::Mine && self.designated_priority <= self.port_priority
+                self.info_is == InfoIs::Mine && same(&self.designated_priority, &self.port_priority)
             }
             _ => false,
         }
@@ -939,7 +950,14 @@ impl Bridge {
                 moved |= self.prt(i, now);
                 moved |= self.pst(i);
                 moved |= self.tcm(i, now);
-                moved |= self.ptx(i, now);
+            }
+            if !moved {
+                // Port Transmit last, once the rest has settled: one BPDU
+                // per port carries the outcome of the whole instant instead
+                // of each step on the way, which would spend TxHoldCount.
+                for i in 0..self.ports.len() {
+                    moved |= self.ptx(i, now);
+                }
             }
             if !moved || rounds >= MAX_ROUNDS {
                 break;
@@ -1045,6 +1063,21 @@ impl Bridge {
                 best_port = Some(i);
             }
         }
+        if best != self.root_priority {
+            // Not in 802.1D-2004: whenever the root priority vector changes,
+            // every designated port must be agreed again for the new
+            // information before it forwards (setSyncTree). The standard
+            // syncs only on a proposal or a new root port; a bridge that
+            // becomes root, or whose root port learns other information
+            // without a proposal, keeps forwarding on its designated ports,
+            // and with stale information (a root gone behind a cut, counted
+            // to infinity around a cycle) that closes a loop until a
+            // dispute is heard. Found by the random cut/mend property test.
+            // Costs one proposal/agreement round trip per hop on a change.
+            for p in &mut self.ports {
+                p.sync = true;
+            }
+        }
         self.root_priority = best;
         self.root_port = best_port;
         self.root_times = match best_port {
@@ -1129,11 +1162,15 @@ impl Bridge {
         }
     }
 
-    /// 17.20.3 allSynced.
+    /// 17.20.3 allSynced, with 802.1Q's `!updtInfo`: a port whose new
+    /// information is not recorded yet still shows the `synced` of the old.
     fn all_synced(&self) -> bool {
-        self.ports
-            .iter()
-            .all(|p| p.selected && p.role == p.selected_role && (p.synced || p.role == Role::Root))
+        self.ports.iter().all(|p| {
+            p.selected
+                && !p.updt_info
+                && p.role == p.selected_role
+                && (p.synced || p.role == Role::Root)
+        })
     }
 
     /// 17.20.10 reRooted.
@@ -1363,9 +1400,16 @@ impl Bridge {
                 }
             }
             RcvdInfo::InferiorRootAlternate => {
-                // recordAgreement
+                // recordAgreement. As in later revisions (802.1Q), the
+                // agreement counts only if it was given for our present
+                // information: the same root, and a root path cost no
+                // lower than ours. An agreement in flight while our
+                // information changed would otherwise let a port forward on
+                // the strength of an answer to an older proposal.
+                let for_ours = p.msg_priority.root == p.port_priority.root
+                    && p.msg_priority.cost >= p.port_priority.cost;
                 match rcvd {
-                    Some(Bpdu::Rst { flags, .. }) if p.p2p && flags.agreement => {
+                    Some(Bpdu::Rst { flags, .. }) if p.p2p && flags.agreement && for_ours => {
                         p.agreed = true;
                         p.proposing = false;
                     }

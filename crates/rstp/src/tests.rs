@@ -159,8 +159,59 @@ impl Net {
         }
         if self.check_loops {
             if let Some(cycle) = self.forwarding_cycle() {
+                if self.loops.is_empty() && std::env::var("RSTP_TRACE").is_ok() {
+                    self.dump();
+                }
                 self.loops.push((self.elapsed(), cycle));
             }
+        }
+    }
+
+    fn dump(&self) {
+        eprintln!("==== loop at {:?}", self.elapsed());
+        for (l, k) in self.links.iter().enumerate() {
+            eprintln!(
+                "link {l}: {:?}-{:?} up {} | {:?}/{:?} - {:?}/{:?}",
+                k.a,
+                k.b,
+                k.up,
+                self.role(k.a),
+                self.state(k.a),
+                self.role(k.b),
+                self.state(k.b)
+            );
+        }
+        for (b, br) in self.bridges.iter().enumerate() {
+            let st = br.status();
+            eprintln!(
+                "bridge {b} {} root {} cost {} rp {:?}",
+                st.bridge_id, st.root_id, st.root_path_cost, st.root_port
+            );
+        }
+        let from = self
+            .now
+            .checked_sub(Duration::from_millis(3000))
+            .unwrap_or(self.start);
+        for (t, b, p, bpdu) in self.sent.iter().filter(|s| s.0 >= from) {
+            if let Bpdu::Rst { flags, body } = bpdu {
+                eprintln!(
+                    "{:?} {b}/{p} {:?}{}{}{}{}{} root {} cost {} br {} port {}",
+                    *t - self.start,
+                    flags.role,
+                    if flags.proposal { " P" } else { "" },
+                    if flags.agreement { " A" } else { "" },
+                    if flags.learning { " L" } else { "" },
+                    if flags.forwarding { " F" } else { "" },
+                    if flags.topology_change { " TC" } else { "" },
+                    body.root_id,
+                    body.root_path_cost,
+                    body.bridge_id,
+                    body.port_id
+                );
+            }
+        }
+        for (t, b, e) in self.events.iter().filter(|s| s.0 >= from) {
+            eprintln!("{:?} {b} {e:?}", *t - self.start);
         }
     }
 
@@ -517,9 +568,8 @@ fn root_dies_new_root_in_milliseconds() {
     n.frozen[0] = true; // out of the checks: it is alone
     let t = n.run_until(Duration::from_secs(1), converged(1));
     if t.is_none() {
-        for b in 0..4 {
-            eprintln!("{:#?}", n.bridges[b].status());
-        }
+        n.dump();
+        eprintln!("{:#?}", n.bridges[2]);
     }
     let t = t.expect("re-converges");
     eprintln!("root died: bridge 1 is root of a spanning tree after {t:?}");
@@ -873,7 +923,11 @@ fn graph() -> impl Strategy<Value = (Vec<u16>, Vec<(usize, usize)>, Vec<u8>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    // RSTP_CASES=5000 for a longer hunt.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("RSTP_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
+        ..ProptestConfig::default()
+    })]
 
     /// Random cuts and mends on a random graph: the forwarding links form a
     /// forest after every delivery and every timeout, and once things
