@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod next_hop;
+pub mod overlay;
 mod peering;
 mod wg_quick;
 mod wireguard;
