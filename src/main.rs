@@ -281,6 +281,12 @@ enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The layer-2 overlay: its bridge, and per wire the VXLAN port, the tunnel it goes over, its VNI and ends
+    Overlay {
+        /// The daemon's JSON answer instead of the table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -363,6 +369,7 @@ fn main() -> ExitCode {
                 ShowCommand::Bfd { json, .. } => show_bfd(&cli, *json),
                 ShowCommand::Peerings { json } => show_peerings(&cli, *json),
                 ShowCommand::Wireguard { json } => show_wireguard(&cli, *json),
+                ShowCommand::Overlay { json } => show_overlay(&cli, *json),
                 ShowCommand::Mesh { json } => show_mesh(&cli, *json),
             }
         }
@@ -593,6 +600,15 @@ fn show_wireguard(cli: &Daemon, json: bool) -> Result<()> {
         return print_json(&data);
     }
     print!("{}", show::render_wireguard(&data));
+    Ok(())
+}
+
+fn show_overlay(cli: &Daemon, json: bool) -> Result<()> {
+    let data = ask(cli, Request::ShowOverlay)?;
+    if json {
+        return print_json(&data);
+    }
+    print!("{}", show::render_overlay(&data));
     Ok(())
 }
 

@@ -27,7 +27,10 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan};
+use rtnetlink::packet_route::route::{
+    RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 /// The alias of a bridge bgp4mesh created and owns.
 pub const OWNER_ALIAS: &str = "bgp4mesh overlay";
@@ -254,6 +257,40 @@ impl OverlayLinks<'_> {
             .with_context(|| format!("deleting {name}"))
     }
 
+    /// Routes the tunnel's remote end `remote` out of `via` with route MTU
+    /// `mtu` (replacing a route there was), so the kernel's VXLAN takes a
+    /// full overlay frame with DF set inside: it checks frames against the
+    /// route to the remote, and a route at the tunnel's own MTU makes it
+    /// answer "fragmentation needed" instead. The outer packet then goes
+    /// whole into the tunnel, and the tunnel's datagrams are fragmented on
+    /// the underlay.
+    pub async fn route_remote(&self, remote: IpAddr, via: &str, mtu: u32) -> Result<()> {
+        let mut message = remote_route(self.handle, remote, via).await?;
+        message
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("routing {remote} out of {via} with MTU {mtu}"))
+    }
+
+    /// Removes [`OverlayLinks::route_remote`]'s route; one that is gone is fine.
+    pub async fn unroute_remote(&self, remote: IpAddr, via: &str) -> Result<()> {
+        let Ok(message) = remote_route(self.handle, remote, via).await else {
+            return Ok(());
+        };
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => Ok(()),
+            // ESRCH: no such route.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing the route to {remote}")),
+        }
+    }
+
     /// The VXLAN ports attached to `bridge`, by name.
     pub async fn vxlan_ports(&self, bridge: &str) -> Result<Vec<String>> {
         let bridge_index = crate::link_index(self.handle, bridge).await?;
@@ -280,6 +317,27 @@ impl OverlayLinks<'_> {
         }
         Ok(names)
     }
+}
+
+/// The host route to `remote` out of `via`, protocol `static`, main table.
+async fn remote_route(handle: &Handle, remote: IpAddr, via: &str) -> Result<RouteMessage> {
+    let index = crate::link_index(handle, via).await?;
+    let mut message = match remote {
+        IpAddr::V4(v4) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(v4, 32)
+            .output_interface(index)
+            .protocol(RouteProtocol::Static)
+            .scope(RouteScope::Link)
+            .build(),
+        IpAddr::V6(v6) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(v6, 128)
+            .output_interface(index)
+            .protocol(RouteProtocol::Static)
+            .scope(RouteScope::Link)
+            .build(),
+    };
+    message.header.table = 254;
+    Ok(message)
 }
 
 fn stp_state(on: bool) -> rtnetlink::packet_route::link::BridgeStpState {

@@ -55,6 +55,8 @@ pub struct FileConfig {
     /// WireGuard interfaces with many peers (a wg-quick file's).
     #[serde(default)]
     pub wireguard: Vec<wireguard::WireguardSection>,
+    /// A layer-2 overlay over the tunnels.
+    pub overlay: Option<overlay::OverlaySection>,
 }
 
 /// `[mesh]`: where `bgp4mesh join` left its files, which interface, which
@@ -521,6 +523,8 @@ pub struct NodeConfig {
     pub peerings: Vec<Peering>,
     /// `[[wireguard]]`.
     pub wireguard: Vec<Wireguard>,
+    /// `[overlay]`.
+    pub overlay: Option<overlay::Overlay>,
 }
 
 /// What the BGP driver needs beyond the sans-IO speaker's config.
@@ -592,6 +596,20 @@ impl NodeConfig {
             },
         )
         .with_context(|| format!("{}", path.display()))?;
+        let overlay = match file.overlay.take() {
+            Some(section) => Some(
+                overlay::build(
+                    section,
+                    overlay::Context {
+                        peerings: &peerings,
+                        wireguard: &wireguard,
+                        mesh_interface: file.mesh.as_ref().map(|m| m.interface.as_str()),
+                    },
+                )
+                .with_context(|| format!("{}", path.display()))?,
+            ),
+            None => None,
+        };
         let mut bgp = match file.bgp {
             Some(bgp) => Some(
                 build_bgp(bgp, &file.policy, file.bfd)
@@ -663,6 +681,7 @@ impl NodeConfig {
             mesh: file.mesh,
             peerings,
             wireguard,
+            overlay,
         })
     }
 
@@ -680,6 +699,7 @@ impl NodeConfig {
             }),
             peerings: Vec::new(),
             wireguard: Vec::new(),
+            overlay: None,
         }
     }
 }

@@ -68,6 +68,8 @@ pub enum Request {
     ShowWireguard,
     /// The mesh's peers: path, endpoint, handshake, round trip.
     ShowMesh,
+    /// The layer-2 overlay: its bridge and wires.
+    ShowOverlay,
     Shutdown,
 }
 

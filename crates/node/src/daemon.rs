@@ -12,6 +12,7 @@ use crate::config::NodeConfig;
 use crate::control::{self, ControlCall, Request};
 use crate::devices::{self, Devices};
 use crate::kernel_sync;
+use crate::overlay::OverlayDriver;
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -190,7 +191,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 calls,
                 Some(driver_tx),
                 devices,
-                config.path.clone(),
+                Overlaid::of(&config),
                 mesh_view,
             ));
             driver.run(driver_calls).await;
@@ -207,7 +208,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
             }
             let devices = Devices::start(&devices::specs(&config)).await?;
             let mut devices =
-                serve_devices(calls, None, devices, config.path.clone(), mesh_view).await;
+                serve_devices(calls, None, devices, Overlaid::of(&config), mesh_view).await;
             devices.stop().await;
         }
     }
@@ -240,9 +241,11 @@ async fn serve_devices(
     mut calls: mpsc::Receiver<ControlCall>,
     driver: Option<mpsc::Sender<ControlCall>>,
     mut devices: Devices,
-    config_path: std::path::PathBuf,
+    overlaid: Overlaid,
     mesh_view: Option<std::sync::Arc<bgp4mesh_agent::view::MeshView>>,
 ) -> Devices {
+    let config_path = overlaid.path.clone();
+    let mut overlay = overlaid.start().await;
     let ask = |request: Request| {
         let driver = driver.clone();
         async move {
@@ -301,6 +304,13 @@ async fn serve_devices(
                 let list = serde_json::Value::Array(devices.wireguard());
                 let _ = call.reply.send(control::Response::ok(list));
             }
+            Request::ShowOverlay => {
+                let response = match &overlay {
+                    Some((_, driver)) => control::Response::ok(driver.show()),
+                    None => control::Response::error("no [overlay] section in the config"),
+                };
+                let _ = call.reply.send(response);
+            }
             Request::ShowMesh => {
                 let Some(view) = mesh_view.clone() else {
                     let _ = call
@@ -334,6 +344,12 @@ async fn serve_devices(
                         if response.ok {
                             devices.remove_absent(&wanted).await;
                         }
+                        let applied = match applied {
+                            Ok(()) if response.ok => {
+                                Overlaid::reload(&mut overlay, Overlaid::of(&new)).await
+                            }
+                            other => other,
+                        };
                         match applied {
                             Err(e) if response.ok => control::Response::error(format!(
                                 "reloaded, but {e:#} (left out; the next reload tries again)"
@@ -365,7 +381,85 @@ async fn serve_devices(
             },
         }
     }
+    if let Some((links, mut driver)) = overlay.take() {
+        driver.remove(&links).await;
+    }
     devices
+}
+
+/// What the overlay is made from: `[overlay]` and the tunnels it goes over.
+struct Overlaid {
+    path: std::path::PathBuf,
+    overlay: Option<crate::config::overlay::Overlay>,
+    peerings: Vec<crate::config::Peering>,
+    wireguard: Vec<crate::config::Wireguard>,
+}
+
+impl Overlaid {
+    fn of(config: &NodeConfig) -> Overlaid {
+        Overlaid {
+            path: config.path.clone(),
+            overlay: config.overlay.clone(),
+            peerings: config.peerings.clone(),
+            wireguard: config.wireguard.clone(),
+        }
+    }
+
+    /// Makes the overlay once the tunnels are up; a failure is logged (the
+    /// tunnels and BGP run on without it, and a reload tries again).
+    async fn start(&self) -> Option<(bgp4mesh_kernel::links::Links, OverlayDriver)> {
+        let overlay = self.overlay.as_ref()?;
+        let links = match bgp4mesh_kernel::links::Links::connect() {
+            Ok(links) => links,
+            Err(e) => {
+                tracing::error!("overlay: {e:#}");
+                return None;
+            }
+        };
+        match OverlayDriver::start(&links, overlay, &self.peerings, &self.wireguard).await {
+            Ok(driver) => {
+                tracing::info!(
+                    "overlay: bridge {} with {} wire(s)",
+                    overlay.bridge,
+                    driver.wires()
+                );
+                Some((links, driver))
+            }
+            Err(e) => {
+                tracing::error!("overlay: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Brings a running overlay to a reloaded config: made, changed or
+    /// removed.
+    async fn reload(
+        running: &mut Option<(bgp4mesh_kernel::links::Links, OverlayDriver)>,
+        new: Overlaid,
+    ) -> Result<()> {
+        match (running.as_mut(), &new.overlay) {
+            (Some((links, driver)), Some(overlay)) => {
+                driver
+                    .apply(links, overlay, &new.peerings, &new.wireguard)
+                    .await
+            }
+            (Some(_), None) => {
+                if let Some((links, mut driver)) = running.take() {
+                    driver.remove(&links).await;
+                }
+                Ok(())
+            }
+            (None, Some(_)) => {
+                *running = new.start().await;
+                if running.is_none() {
+                    anyhow::bail!("the overlay could not be made (see the log)");
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
+    }
 }
 
 /// Asks the daemon's main loop to stop (as `bgp4mesh` on the control socket

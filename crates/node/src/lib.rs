@@ -9,5 +9,6 @@ pub mod control;
 pub mod daemon;
 pub mod devices;
 pub mod kernel_sync;
+pub mod overlay;
 pub mod show;
 pub mod transport;

@@ -679,9 +679,63 @@ pub fn render_routes(data: &Value, all: bool) -> String {
     out
 }
 
+/// `show overlay`: the bridge, then a line per wire.
+pub fn render_overlay(data: &Value) -> String {
+    let mut out = format!(
+        "bridge {}, MTU {}, spanning tree: {}\n",
+        text(&data["bridge"]),
+        data["mtu"],
+        match data["stp"].as_str() {
+            Some("stp") => "the kernel's (802.1D)",
+            Some("fast") => "ours (RSTP)",
+            _ => "none",
+        }
+    );
+    out.push_str(&format!(
+        "{:<12} {:<10} {:<18} {:<26} {:<26} over\n",
+        "Port", "VNI", "Via", "Local", "Remote"
+    ));
+    for w in data["wires"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<12} {:<10} {:<18} {:<26} {:<26} {}\n",
+            text(&w["port"]),
+            w["vni"],
+            text(&w["via"]),
+            text(&w["local"]),
+            text(&w["remote"]),
+            text(&w["over"])
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overlay_shows_its_bridge_and_each_wire() {
+        let data = serde_json::json!({
+            "bridge": "br-l2", "mtu": 1500, "stp": "stp",
+            "wires": [{"port": "vx-00abcd", "over": "peering:rho", "vni": 43981,
+                       "local": "10.88.88.4", "remote": "10.88.88.2", "via": "wg-rho"}],
+        });
+        let shown = render_overlay(&data);
+        assert!(
+            shown.starts_with("bridge br-l2, MTU 1500, spanning tree: the kernel's (802.1D)\n")
+        );
+        let wire = shown.lines().nth(2).unwrap_or_default();
+        for field in [
+            "vx-00abcd",
+            "43981",
+            "wg-rho",
+            "10.88.88.4",
+            "10.88.88.2",
+            "peering:rho",
+        ] {
+            assert!(wire.contains(field), "{field} missing: {wire}");
+        }
+    }
 
     #[test]
     fn utc_text_matches_known_dates() {

@@ -54,6 +54,7 @@ impl BgpDriver {
             // requests reach the BGP task.
             Request::ShowPeerings => Err("show peerings: answered by the daemon".into()),
             Request::ShowWireguard => Err("show wireguard: answered by the daemon".into()),
+            Request::ShowOverlay => Err("show overlay: answered by the daemon".into()),
             Request::ShowMesh => Err("show mesh: answered by the daemon".into()),
         };
         match result {

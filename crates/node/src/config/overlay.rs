@@ -144,7 +144,10 @@ pub fn build(section: OverlaySection, context: Context<'_>) -> Result<Overlay> {
         );
     }
     let stp = match section.stp.as_str() {
-        "fast" => StpMode::Fast,
+        "fast" => bail!(
+            "overlay.stp: \"fast\" (our rapid spanning tree) is not available yet; use \"stp\" \
+             (the kernel bridge's, as seed 003) or \"off\""
+        ),
         "stp" => StpMode::Kernel,
         "off" => StpMode::Off,
         other => bail!("overlay.stp: {other:?} is not one of fast, stp, off"),
@@ -167,7 +170,10 @@ pub fn build(section: OverlaySection, context: Context<'_>) -> Result<Overlay> {
             if context.mesh_interface.is_none() {
                 bail!("overlay.over: \"mesh\" needs a [mesh] section");
             }
-            Over::Mesh
+            bail!(
+                "overlay.over: \"mesh\" is not available yet; list the tunnels (\"peering:NAME\", \
+                 \"wireguard:INTERFACE\")"
+            );
         } else if let Some(name) = entry.strip_prefix("peering:") {
             if !context.peerings.iter().any(|p| p.name == name) {
                 bail!("overlay.over: no [[peering]] named {name:?}");
@@ -261,20 +267,42 @@ mod tests {
         toml::from_str(text).expect("parses")
     }
 
+    fn rho() -> Peering {
+        Peering {
+            name: "rho".into(),
+            interface: "wg-rho".into(),
+            private_key_file: "/etc/bgp4mesh/rho.key".into(),
+            listen_port: 51821,
+            peer_public_key: bgp4mesh_wireguard::Key([7; 32]),
+            endpoint: None,
+            persistent_keepalive: None,
+            address: vec!["10.88.88.4/24".parse().unwrap()],
+            peer_address: vec!["10.88.88.2".parse().unwrap()],
+            mtu: 1420,
+            backend: bgp4mesh_wireguard::Backend::Userspace,
+            session_address: "10.88.88.2".parse().unwrap(),
+        }
+    }
+
     fn none() -> Context<'static> {
+        static PEERINGS: std::sync::OnceLock<Vec<Peering>> = std::sync::OnceLock::new();
         Context {
-            peerings: &[],
+            peerings: PEERINGS.get_or_init(|| vec![rho()]),
             wireguard: &[],
             mesh_interface: Some("b4m0"),
         }
     }
 
     #[test]
-    fn the_mesh_overlay_with_defaults() {
-        let o = build(section("bridge = \"br-l2\"\nover = [\"mesh\"]"), none()).unwrap();
+    fn an_overlay_over_a_peering_with_defaults() {
+        let o = build(
+            section("bridge = \"br-l2\"\nover = [\"peering:rho\"]"),
+            none(),
+        )
+        .unwrap();
         assert_eq!(o.mtu, 1500);
         assert_eq!(o.stp, StpMode::Kernel);
-        assert_eq!(o.over, vec![Over::Mesh]);
+        assert_eq!(o.over, vec![Over::Peering("rho".into())]);
         assert_eq!(o.priority, 32768);
     }
 
@@ -289,28 +317,37 @@ mod tests {
                 "overlay.over",
             ),
             (
-                "bridge = \"br\"\nover = [\"mesh\", \"mesh\"]",
+                "bridge = \"br\"\nover = [\"peering:rho\", \"peering:rho\"]",
                 "overlay.over",
             ),
-            ("bridge = \"br\"\nover = [\"somewhere\"]", "overlay.over"),
+            ("bridge = \"br\"\nover = [\"mesh\"]", "overlay.over"),
             (
-                "bridge = \"br\"\nover = [\"mesh\"]\nmtu = 9001",
-                "overlay.mtu",
-            ),
-            (
-                "bridge = \"br\"\nover = [\"mesh\"]\nstp = \"rstp\"",
+                "bridge = \"br\"\nover = [\"peering:rho\"]\nstp = \"fast\"",
                 "overlay.stp",
             ),
             (
-                "bridge = \"br\"\nover = [\"mesh\"]\npriority = 100",
+                "bridge = \"wg-rho\"\nover = [\"peering:rho\"]",
+                "overlay.bridge",
+            ),
+            ("bridge = \"br\"\nover = [\"somewhere\"]", "overlay.over"),
+            (
+                "bridge = \"br\"\nover = [\"peering:rho\"]\nmtu = 9001",
+                "overlay.mtu",
+            ),
+            (
+                "bridge = \"br\"\nover = [\"peering:rho\"]\nstp = \"rstp\"",
+                "overlay.stp",
+            ),
+            (
+                "bridge = \"br\"\nover = [\"peering:rho\"]\npriority = 100",
                 "overlay.priority",
             ),
             (
-                "bridge = \"br\"\nover = [\"mesh\"]\nvni = { mesh = 0 }",
+                "bridge = \"br\"\nover = [\"peering:rho\"]\nvni = { \"peering:rho\" = 0 }",
                 "overlay.vni",
             ),
             (
-                "bridge = \"br\"\nover = [\"mesh\"]\nvni = { \"peering:x\" = 5 }",
+                "bridge = \"br\"\nover = [\"peering:rho\"]\nvni = { \"peering:x\" = 5 }",
                 "overlay.vni",
             ),
             ("bridge = \"a/b\"\nover = [\"mesh\"]", "overlay.bridge"),

@@ -1,0 +1,232 @@
+//! `[overlay]` in the daemon: the bridge, one VXLAN port per tunnel peer
+//! (its "virtual wire"), the route to each remote end that lets full
+//! frames through, and the bridge's addresses, made and kept in step with
+//! the configuration (config::overlay says what each key means). Only the
+//! kernel crate changes the kernel; this module says what should be there.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use anyhow::{Result, bail};
+use bgp4mesh_kernel::links::Links;
+use bgp4mesh_kernel::overlay::{Stp, VxlanPort};
+use serde_json::{Value, json};
+
+use crate::config::overlay::{Over, Overlay, StpMode, derived_vni, remote_route_mtu};
+use crate::config::{Peering, Wireguard};
+
+/// One virtual wire: a VXLAN port to one tunnel peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wire {
+    /// What it goes over, as `overlay.over` and `show overlay` name it
+    /// (`peering:rho`, `wireguard:wg0:KEY`).
+    pub label: String,
+    pub port: VxlanPort,
+    /// The tunnel's interface.
+    pub via: String,
+}
+
+/// The wires `overlay` asks for, given the node's tunnels. VNIs are given
+/// ones, else derived from the two tunnel addresses; two wires with one
+/// VNI are refused, naming both.
+pub fn wires(
+    overlay: &Overlay,
+    peerings: &[Peering],
+    wireguard: &[Wireguard],
+) -> Result<Vec<Wire>> {
+    let mut wires = Vec::new();
+    for over in &overlay.over {
+        match over {
+            Over::Peering(name) => {
+                let Some(p) = peerings.iter().find(|p| &p.name == name) else {
+                    bail!("overlay.over: no [[peering]] named {name:?}");
+                };
+                let remote = p.session_address;
+                let Some(local) = p
+                    .address
+                    .iter()
+                    .map(|a| a.addr())
+                    .find(|a| a.is_ipv4() == remote.is_ipv4())
+                else {
+                    bail!(
+                        "overlay.over: peering {name:?} has no address of the family of {remote} \
+                         (its address key) for the wire's near end"
+                    );
+                };
+                wires.push(wire(overlay, over.to_string(), local, remote, &p.interface));
+            }
+            Over::Wireguard(interface) => {
+                let Some(w) = wireguard.iter().find(|w| &w.interface == interface) else {
+                    bail!("overlay.over: no [[wireguard]] interface named {interface:?}");
+                };
+                for peer in &w.peers {
+                    // The peer's own address: a host route among its
+                    // allowed IPs, inside one of the interface's networks.
+                    let found = peer.allowed_ips.iter().find_map(|ip| {
+                        if ip.prefix_len() != ip.max_prefix_len() {
+                            return None;
+                        }
+                        let local = w.address.iter().find(|a| a.contains(&ip.addr()))?;
+                        Some((local.addr(), ip.addr()))
+                    });
+                    let Some((local, remote)) = found else {
+                        bail!(
+                            "overlay.over: wireguard:{interface}: peer {} has no host address \
+                             (a /32 or /128 allowed IP inside the interface's address) to \
+                             run a wire to",
+                            peer.public_key.to_base64()
+                        );
+                    };
+                    let label = format!("{over}:{}", peer.public_key.to_base64());
+                    wires.push(wire(overlay, label, local, remote, interface));
+                }
+            }
+            Over::Mesh => bail!("overlay.over: \"mesh\" is not supported yet"),
+        }
+    }
+    let mut vnis: HashMap<u32, &str> = HashMap::new();
+    for w in &wires {
+        if let Some(other) = vnis.insert(w.port.vni, &w.label) {
+            bail!(
+                "overlay: {other} and {} would both use VNI {}; give one in [overlay.vni]",
+                w.label,
+                w.port.vni
+            );
+        }
+    }
+    Ok(wires)
+}
+
+fn wire(overlay: &Overlay, label: String, local: IpAddr, remote: IpAddr, via: &str) -> Wire {
+    let vni = overlay
+        .vni
+        .get(&label)
+        .copied()
+        .unwrap_or_else(|| derived_vni(local, remote));
+    Wire {
+        port: VxlanPort {
+            // Unique on the node: VNIs are.
+            name: format!("vx-{vni:06x}"),
+            vni,
+            local,
+            remote,
+            mtu: u32::from(overlay.mtu),
+        },
+        label,
+        via: via.to_string(),
+    }
+}
+
+/// The overlay as it was last applied.
+pub struct OverlayDriver {
+    overlay: Overlay,
+    wires: Vec<Wire>,
+}
+
+fn stp(mode: StpMode) -> Stp {
+    match mode {
+        StpMode::Fast => Stp::Ours,
+        StpMode::Kernel => Stp::Kernel,
+        StpMode::Off => Stp::Off,
+    }
+}
+
+impl OverlayDriver {
+    /// Makes the overlay: the tunnels' interfaces must be there.
+    pub async fn start(
+        links: &Links,
+        overlay: &Overlay,
+        peerings: &[Peering],
+        wireguard: &[Wireguard],
+    ) -> Result<OverlayDriver> {
+        let mut driver = OverlayDriver {
+            overlay: overlay.clone(),
+            wires: Vec::new(),
+        };
+        driver.apply(links, overlay, peerings, wireguard).await?;
+        Ok(driver)
+    }
+
+    /// Brings the kernel to `overlay` (idempotent): wires no longer asked
+    /// for go, with their routes.
+    pub async fn apply(
+        &mut self,
+        links: &Links,
+        overlay: &Overlay,
+        peerings: &[Peering],
+        wireguard: &[Wireguard],
+    ) -> Result<()> {
+        let wanted = wires(overlay, peerings, wireguard)?;
+        let kernel = links.overlay();
+        if self.overlay.bridge != overlay.bridge {
+            self.remove(links).await;
+        }
+        kernel
+            .ensure_bridge(&overlay.bridge, u32::from(overlay.mtu), stp(overlay.stp))
+            .await?;
+        bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)?;
+        let names: HashSet<&str> = wanted.iter().map(|w| w.port.name.as_str()).collect();
+        for old in kernel.vxlan_ports(&overlay.bridge).await? {
+            if !names.contains(old.as_str()) {
+                kernel.remove(&old).await?;
+            }
+        }
+        for gone in self.wires.iter().filter(|w| !wanted.contains(w)) {
+            kernel.unroute_remote(gone.port.remote, &gone.via).await?;
+        }
+        for w in &wanted {
+            let mtu = remote_route_mtu(overlay.mtu, w.port.remote);
+            kernel.route_remote(w.port.remote, &w.via, mtu).await?;
+            kernel.ensure_vxlan(&w.port, &overlay.bridge).await?;
+            kernel.set_port_up(&w.port.name, true).await?;
+        }
+        links
+            .set_addresses(&overlay.bridge, &overlay.addresses)
+            .await?;
+        self.overlay = overlay.clone();
+        self.wires = wanted;
+        Ok(())
+    }
+
+    /// Removes what the overlay made: its ports, their routes, the bridge.
+    pub async fn remove(&mut self, links: &Links) {
+        let kernel = links.overlay();
+        for w in std::mem::take(&mut self.wires) {
+            if let Err(e) = kernel.remove(&w.port.name).await {
+                tracing::warn!("overlay: {e:#}");
+            }
+            if let Err(e) = kernel.unroute_remote(w.port.remote, &w.via).await {
+                tracing::warn!("overlay: {e:#}");
+            }
+        }
+        if let Err(e) = kernel.remove(&self.overlay.bridge).await {
+            tracing::warn!("overlay: {e:#}");
+        }
+    }
+
+    /// How many wires it has.
+    pub fn wires(&self) -> usize {
+        self.wires.len()
+    }
+
+    /// `show overlay`: the bridge and each wire.
+    pub fn show(&self) -> Value {
+        json!({
+            "bridge": self.overlay.bridge,
+            "mtu": self.overlay.mtu,
+            "stp": match self.overlay.stp {
+                StpMode::Fast => "fast",
+                StpMode::Kernel => "stp",
+                StpMode::Off => "off",
+            },
+            "wires": self.wires.iter().map(|w| json!({
+                "port": w.port.name,
+                "over": w.label,
+                "vni": w.port.vni,
+                "local": w.port.local.to_string(),
+                "remote": w.port.remote.to_string(),
+                "via": w.via,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! `[overlay]` end to end (issue 18, seed 003): three machines in a
+//! triangle of WireGuard tunnels (one `[[wireguard]]` interface each, as
+//! the seed's wg0), a VXLAN wire per tunnel peer on a bridge bgp4mesh makes,
+//! the kernel bridge's STP (`stp = "stp"`, as the seed). Full 1500-byte
+//! frames with DF set cross the 1420-byte tunnels, exactly one port
+//! blocks, and a reload that drops the overlay removes what it made.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use bgp4mesh_lab::peers::Bgp4mesh;
+use bgp4mesh_lab::{Iface, Lab, Node, can_run, wait_until};
+use common::*;
+
+const NAMES: [&str; 3] = ["rho", "epsilon", "vorke"];
+
+fn tunnel_address(i: usize) -> String {
+    format!("10.88.88.{}", i + 1)
+}
+
+fn bridge_address(i: usize) -> String {
+    format!("10.99.0.{}", i + 1)
+}
+
+/// Node `i`'s config: its wg0 with the two others as peers, and the
+/// overlay over wg0 (or none).
+fn config(
+    lab: &Lab,
+    node: &Node,
+    i: usize,
+    keys: &[(String, String)],
+    underlay: &[Iface],
+    overlay: bool,
+) -> Result<String> {
+    let dir = lab.run_dir(node)?;
+    let key_file = dir.join("wg0.key");
+    std::fs::write(&key_file, format!("{}\n", keys[i].0))?;
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let mut text = format!(
+        "[[wireguard]]\ninterface = \"wg0\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddress = [\"{}/24\"]\nmtu = 1420\nbackend = \"userspace\"\n",
+        key_file.display(),
+        tunnel_address(i)
+    );
+    for j in (0..3).filter(|j| *j != i) {
+        text.push_str(&format!(
+            "\n[[wireguard.peer]]\npublic_key = \"{}\"\nallowed_ips = [\"{}/32\"]\nendpoint = \"{}:51820\"\npersistent_keepalive = 5\n",
+            keys[j].1,
+            tunnel_address(j),
+            underlay[j].ipv4
+        ));
+    }
+    if overlay {
+        text.push_str(&format!(
+            "\n[overlay]\nbridge = \"br-l2\"\nover = [\"wireguard:wg0\"]\nstp = \"stp\"\naddress = [\"{}/24\"]\n",
+            bridge_address(i)
+        ));
+    }
+    Ok(text)
+}
+
+fn blocking_ports(lab: &Lab, nodes: &[Node]) -> Result<usize> {
+    let mut blocking = 0;
+    for node in nodes {
+        let links = lab.exec(node, &["bridge", "link", "show"])?;
+        blocking += links
+            .lines()
+            .filter(|l| l.contains("master br-l2") && l.contains("state blocking"))
+            .count();
+    }
+    Ok(blocking)
+}
+
+#[test]
+fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
+    if !can_run!(&["ping", "wg", "nft", "bridge"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("overlay-seed-003")?;
+    let switch = lab.add_switch("internet")?;
+    let nodes: Vec<Node> = NAMES
+        .iter()
+        .map(|n| lab.add_node(n))
+        .collect::<Result<_>>()?;
+    let underlay: Vec<Iface> = nodes
+        .iter()
+        .map(|n| lab.attach(&switch, n))
+        .collect::<Result<_>>()?;
+    let keys: Vec<(String, String)> = (0..3)
+        .map(|_| {
+            let private = lab.exec(&nodes[0], &[BIN, "genkey"])?.trim().to_string();
+            let public = lab
+                .exec_full(
+                    &nodes[0],
+                    &[BIN, "pubkey"],
+                    Some(private.as_bytes()),
+                    Duration::from_secs(10),
+                )?
+                .stdout
+                .trim()
+                .to_string();
+            Ok((private, public))
+        })
+        .collect::<Result<_>>()?;
+    let mut daemons = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let text = config(&lab, node, i, &keys, &underlay, true)?;
+        daemons.push(Bgp4mesh::start(&lab, node, Path::new(BIN), &text)?);
+    }
+    // The seed's STP timers, shortened for the test (forward delay 2 s).
+    for node in &nodes {
+        wait_until(Duration::from_secs(10), "the bridge", || {
+            lab.exec(node, &["ip", "link", "show", "br-l2"]).map(|_| ())
+        })?;
+        lab.exec(
+            node,
+            &[
+                "ip",
+                "link",
+                "set",
+                "br-l2",
+                "type",
+                "bridge",
+                "forward_delay",
+                "200",
+                "hello_time",
+                "100",
+                "max_age",
+                "600",
+            ],
+        )?;
+    }
+    let shown = daemons[0].cli(&["show", "overlay"])?;
+    ensure!(
+        shown.contains("br-l2") && shown.contains("10.88.88.2") && shown.contains("10.88.88.3"),
+        "show overlay:\n{shown}"
+    );
+    // Every pair pings with full frames, DF set.
+    for (i, node) in nodes.iter().enumerate() {
+        for j in (0..3).filter(|j| *j != i) {
+            let to = bridge_address(j);
+            wait_until(
+                Duration::from_secs(30),
+                &format!("{} reaching {to} with 1500-byte frames", NAMES[i]),
+                || {
+                    let out = lab.try_exec(
+                        node,
+                        &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", &to],
+                    )?;
+                    ensure!(out.success(), "{}{}", out.stdout, out.stderr);
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    // A triangle has one loop: exactly one port blocks.
+    wait_until(Duration::from_secs(20), "one blocking port", || {
+        let n = blocking_ports(&lab, &nodes)?;
+        ensure!(n == 1, "{n} ports block");
+        Ok(())
+    })?;
+
+    // The overlay leaves with its section: bridge, wires and routes go.
+    let text = config(&lab, &nodes[0], 0, &keys, &underlay, false)?;
+    let path = daemons[0].config_path();
+    let head = std::fs::read_to_string(path)?
+        .split("[[wireguard]]")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    std::fs::write(path, format!("{head}{text}"))?;
+    let out = daemons[0].cli(&["bgp", "reload"])?;
+    ensure!(out.contains("reloaded"), "{out}");
+    wait_until(Duration::from_secs(10), "the overlay gone", || {
+        let links = lab.exec(&nodes[0], &["ip", "-o", "link", "show"])?;
+        ensure!(
+            !links.contains("br-l2") && !links.contains("vx-"),
+            "still there:\n{links}"
+        );
+        let routes = lab.exec(&nodes[0], &["ip", "route", "show", "proto", "static"])?;
+        ensure!(!routes.contains("mtu"), "routes left:\n{routes}");
+        Ok(())
+    })
+    .context("after a reload without [overlay]")?;
+    Ok(())
+}
