@@ -30,6 +30,8 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute
 use rtnetlink::packet_route::route::{
     RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
 };
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 /// The alias of a bridge bgp4mesh created and owns.
@@ -37,6 +39,15 @@ pub const OWNER_ALIAS: &str = "bgp4mesh overlay";
 
 /// The UDP port of the overlay's VXLAN ports (IANA's).
 pub const VXLAN_PORT: u16 = 4789;
+
+/// The routing table of the routes to the wires' remote ends, looked up
+/// only for VXLAN's own packets (UDP to port 4789, by a rule at
+/// [`RULE_PRIORITY`]): other traffic to those addresses (a BGP session, a
+/// ping) keeps the tunnel's own MTU.
+pub const OVERLAY_TABLE: u32 = 4789;
+/// The priority of that rule (before the main table's 32766, after the
+/// local table's 0).
+pub const RULE_PRIORITY: u32 = 30990;
 
 /// Who runs the bridge's spanning tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +269,8 @@ impl OverlayLinks<'_> {
     }
 
     /// Routes the tunnel's remote end `remote` out of `via` with route MTU
-    /// `mtu` (replacing a route there was), so the kernel's VXLAN takes a
+    /// `mtu` in [`OVERLAY_TABLE`] (replacing a route there was; see
+    /// [`OverlayLinks::set_rules`]), so the kernel's VXLAN takes a
     /// full overlay frame with DF set inside: it checks frames against the
     /// route to the remote, and a route at the tunnel's own MTU makes it
     /// answer "fragmentation needed" instead. The outer packet then goes
@@ -289,6 +301,64 @@ impl OverlayLinks<'_> {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => Ok(()),
             Err(e) => Err(e).with_context(|| format!("removing the route to {remote}")),
         }
+    }
+
+    /// Makes the rule that sends VXLAN's packets to [`OVERLAY_TABLE`]
+    /// exist (`present`) or not, for both families.
+    pub async fn set_rules(&self, present: bool) -> Result<()> {
+        for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+            let rules: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version.clone())
+                .execute()
+                .try_collect()
+                .await
+                .context("listing rules")?;
+            let ours = rules.into_iter().find(|r| {
+                r.attributes
+                    .contains(&RuleAttribute::Priority(RULE_PRIORITY))
+            });
+            match (ours, present) {
+                (Some(rule), false) => {
+                    self.handle
+                        .rule()
+                        .del(rule)
+                        .execute()
+                        .await
+                        .context("removing the overlay's rule")?;
+                }
+                (None, true) => {
+                    let mut request = self
+                        .handle
+                        .rule()
+                        .add()
+                        .priority(RULE_PRIORITY)
+                        .action(RuleAction::ToTable)
+                        .table_id(OVERLAY_TABLE);
+                    let message = request.message_mut();
+                    message.header.family = match version {
+                        rtnetlink::IpVersion::V4 => AddressFamily::Inet,
+                        rtnetlink::IpVersion::V6 => AddressFamily::Inet6,
+                    };
+                    message
+                        .attributes
+                        .push(RuleAttribute::IpProtocol(IpProtocol::Udp));
+                    message
+                        .attributes
+                        .push(RuleAttribute::DestinationPortRange(RulePortRange {
+                            start: VXLAN_PORT,
+                            end: VXLAN_PORT,
+                        }));
+                    request
+                        .execute()
+                        .await
+                        .context("adding the overlay's rule (UDP 4789 to table 4789)")?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The VXLAN ports attached to `bridge`, by name.
@@ -336,7 +406,11 @@ async fn remote_route(handle: &Handle, remote: IpAddr, via: &str) -> Result<Rout
             .scope(RouteScope::Link)
             .build(),
     };
-    message.header.table = 254;
+    // Above 255: RT_TABLE_UNSPEC in the header, the table in the attribute.
+    message.header.table = 0;
+    message
+        .attributes
+        .push(RouteAttribute::Table(OVERLAY_TABLE));
     Ok(message)
 }
 

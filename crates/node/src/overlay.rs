@@ -1,6 +1,7 @@
 //! `[overlay]` in the daemon: the bridge, one VXLAN port per tunnel peer
 //! (its "virtual wire"), the route to each remote end that lets full
-//! frames through, and the bridge's addresses, made and kept in step with
+//! frames through (in a table of its own that only VXLAN's packets look
+//! in), and the bridge's addresses, made and kept in step with
 //! the configuration (config::overlay says what each key means). Only the
 //! kernel crate changes the kernel; this module says what should be there.
 
@@ -165,6 +166,7 @@ impl OverlayDriver {
             .ensure_bridge(&overlay.bridge, u32::from(overlay.mtu), stp(overlay.stp))
             .await?;
         bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)?;
+        kernel.set_rules(true).await?;
         let names: HashSet<&str> = wanted.iter().map(|w| w.port.name.as_str()).collect();
         for old in kernel.vxlan_ports(&overlay.bridge).await? {
             if !names.contains(old.as_str()) {
@@ -200,6 +202,9 @@ impl OverlayDriver {
             }
         }
         if let Err(e) = kernel.remove(&self.overlay.bridge).await {
+            tracing::warn!("overlay: {e:#}");
+        }
+        if let Err(e) = kernel.set_rules(false).await {
             tracing::warn!("overlay: {e:#}");
         }
     }
