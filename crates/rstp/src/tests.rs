@@ -223,6 +223,25 @@ impl Net {
         self.bridges[b].port_role(p).unwrap()
     }
 
+    /// Traces every port state change of a bridge (RSTP_TRACE_PORT=b/p).
+    fn trace_port(&self, b: usize, why: &str) {
+        if let Ok(v) = std::env::var("RSTP_TRACE_PORT") {
+            for bp in v.split(',') {
+                let Some((tb, tp)) = bp.split_once('/') else {
+                    continue;
+                };
+                if tb.parse() == Ok(b) {
+                    let tp: u16 = tp.parse().unwrap_or(0);
+                    eprintln!(
+                        "{:?} {b}/{tp} after {why}: {}",
+                        self.elapsed(),
+                        self.bridges[b].debug_port(tp)
+                    );
+                }
+            }
+        }
+    }
+
     /// A link forwards when both its ends forward.
     fn forwarding(&self, l: usize) -> bool {
         let k = &self.links[l];
@@ -307,6 +326,7 @@ impl Net {
             let (b, p) = m.to;
             if self.links[m.link].up && !self.frozen[b] {
                 self.bridges[b].receive(p, &m.bytes, self.now).unwrap();
+                self.trace_port(b, &format!("rx on {p}: {:?}", Bpdu::decode(&m.bytes).ok()));
                 self.pump(b);
             }
         }
@@ -317,6 +337,7 @@ impl Net {
                     .is_some_and(|t| t <= self.now)
             {
                 self.bridges[b].handle_timeout(self.now);
+                self.trace_port(b, "timeout");
                 self.pump(b);
             }
         }
