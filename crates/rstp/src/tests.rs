@@ -979,3 +979,102 @@ proptest! {
         prop_assert!(n.spanning(), "settled tree does not span");
     }
 }
+
+#[test]
+fn stp_port_returns_to_rstp_when_the_neighbour_does() {
+    let t0 = Instant::now();
+    let mut br = Bridge::new(BridgeConfig::new(mac(0))).unwrap();
+    br.add_port(1, COST).unwrap();
+    br.set_port_enabled(1, true, t0).unwrap();
+    let other = BridgeId::new(32768, [2, 0, 0, 0, 0, 0x99]);
+    let mut now = t0;
+    for _ in 0..5 {
+        br.receive(1, &stp_config(other, other, 0, false), now)
+            .unwrap();
+        now += Duration::from_secs(2);
+        br.handle_timeout(now);
+    }
+    assert_eq!(br.status().ports[0].protocol, Protocol::Stp);
+    // The neighbour now speaks RSTP (an upgraded bridge): its RST BPDUs
+    // bring the port back once the migrate time has passed (17.24).
+    let rst = match Bpdu::decode(&stp_config(other, other, 0, false)).unwrap() {
+        Bpdu::Config { body, .. } => Bpdu::Rst {
+            flags: RstFlags {
+                topology_change: false,
+                proposal: false,
+                role: BpduRole::Designated,
+                learning: false,
+                forwarding: false,
+                agreement: false,
+                topology_change_ack: false,
+            },
+            body,
+        },
+        _ => unreachable!(),
+    };
+    for _ in 0..3 {
+        br.receive(1, &rst.encode(), now).unwrap();
+        now += Duration::from_secs(2);
+        br.handle_timeout(now);
+    }
+    assert_eq!(br.status().ports[0].protocol, Protocol::Rstp);
+    // And mcheck forces the check at once.
+    for _ in 0..4 {
+        br.receive(1, &stp_config(other, other, 0, false), now)
+            .unwrap();
+        now += Duration::from_secs(2);
+        br.handle_timeout(now);
+    }
+    assert_eq!(br.status().ports[0].protocol, Protocol::Stp);
+    br.migration_check(1, now).unwrap();
+    assert_eq!(br.status().ports[0].protocol, Protocol::Rstp);
+}
+
+#[test]
+fn events_leave_forwarding_before_entering_it() {
+    let (mut n, [_l01, _l12, l02]) = triangle();
+    n.start();
+    n.run_for(Duration::from_secs(5));
+    let before = n.events.len();
+    let cut_at = n.now;
+    n.cut(l02);
+    // Bridge 2 swaps its root port within one call: the dead port's
+    // Discarding comes before the new root port's Forwarding.
+    let states: Vec<(u16, PortState)> = n.events[before..]
+        .iter()
+        .filter(|(t, b, _)| *t == cut_at && *b == 2)
+        .filter_map(|(_, _, e)| match e {
+            Event::PortState { port, state } => Some((*port, *state)),
+            _ => None,
+        })
+        .collect();
+    let first_fwd = states.iter().position(|(_, s)| *s == PortState::Forwarding);
+    let last_disc = states
+        .iter()
+        .rposition(|(_, s)| *s == PortState::Discarding);
+    assert!(last_disc.is_some(), "{states:?}");
+    if let (Some(f), Some(d)) = (first_fwd, last_disc) {
+        assert!(d < f, "{states:?}");
+    }
+}
+
+#[test]
+fn path_cost_change_moves_the_root_port() {
+    let (mut n, [_l01, l12, l02]) = triangle();
+    n.start();
+    n.run_for(Duration::from_secs(5));
+    // Make the direct link from 2 to the root dearer than the way via 1.
+    let (b, p) = n.links[l02].b;
+    n.bridges[b].set_port_path_cost(p, 3 * COST, n.now).unwrap();
+    n.pump(b);
+    let t = n
+        .run_until(Duration::from_secs(1), |n| {
+            n.forwarding(l12) && !n.forwarding(l02) && n.spanning()
+        })
+        .expect("re-converges");
+    eprintln!("path cost change: new tree after {t:?}");
+    assert_eq!(n.role(n.links[l12].b), Role::Root);
+    assert_eq!(n.role(n.links[l02].b), Role::Alternate);
+    n.run_for(Duration::from_secs(30));
+    n.assert_no_loops();
+}
