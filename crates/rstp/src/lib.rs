@@ -807,7 +807,7 @@ impl Bridge {
     }
 
     /// `adminPointToPointMAC` (default true): proposal/agreement works only
-    /// on point-to-point ports.
+    /// on point-to-point ports. Takes effect with the next BPDU.
     pub fn set_port_point_to_point(&mut self, number: u16, p2p: bool) -> Result<(), PortError> {
         let i = self.index(number)?;
         self.ports[i].p2p = p2p;
@@ -815,7 +815,7 @@ impl Bridge {
     }
 
     /// `AdminEdge` (default false): an edge port faces no bridge and
-    /// forwards at once.
+    /// forwards at once. Takes effect when the port is next enabled.
     pub fn set_port_edge(&mut self, number: u16, edge: bool) -> Result<(), PortError> {
         let i = self.index(number)?;
         self.ports[i].admin_edge = edge;
@@ -959,8 +959,11 @@ impl Bridge {
         self.now = Some(now);
         if let Some(t) = self.tick {
             if t <= now {
+                // One decrement per whole second elapsed (17.22), however
+                // late the call.
+                let ticks = 1 + u32::try_from((now - t).as_secs()).unwrap_or(u32::MAX);
                 for p in &mut self.ports {
-                    p.tx_count = p.tx_count.saturating_sub(1);
+                    p.tx_count = p.tx_count.saturating_sub(ticks);
                 }
                 self.tick = None;
             }
