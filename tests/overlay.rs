@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::peers::Bgp4mesh;
 use bgp4mesh_lab::{Iface, Lab, Node, can_run, wait_until};
+use common::mesh::{Controller, start_node_with};
 use common::*;
 
 const NAMES: [&str; 3] = ["rho", "epsilon", "vorke"];
@@ -217,5 +218,94 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
         Ok(())
     })
     .context("after a reload without [overlay]")?;
+    Ok(())
+}
+
+/// `over = ["mesh"]`: three nodes joined to a controller build the same
+/// overlay with no per-node peer list; the wires follow the mesh's peers.
+#[test]
+fn an_overlay_over_the_mesh_of_three_joined_nodes() -> Result<()> {
+    if !can_run!(&["ping", "wg", "nft", "bridge"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("overlay-mesh")?;
+    let switch = lab.add_switch("internet")?;
+    let controller = Controller::start(&lab, &switch)?;
+    controller.admin(
+        &lab,
+        &["network", "create", "mynet", "--range", "44.30.127.0/24"],
+    )?;
+    let token = controller
+        .admin(&lab, &["token", "create", "--network", "mynet"])?
+        .trim()
+        .to_string();
+    let mut nodes = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let node = lab.add_node(name)?;
+        let iface = lab.attach(&switch, &node)?;
+        let overlay = format!(
+            "\n[overlay]\nbridge = \"br-l2\"\nover = [\"mesh\"]\nstp = \"stp\"\naddress = [\"{}/24\"]\n",
+            bridge_address(i)
+        );
+        nodes.push(start_node_with(
+            &lab,
+            node,
+            &token,
+            name,
+            Some(&iface.ipv4.to_string()),
+            &[],
+            &overlay,
+        )?);
+    }
+    for n in &nodes {
+        wait_until(Duration::from_secs(20), "two wires", || {
+            let shown = n.cli(&lab, &["show", "overlay", "--json"])?;
+            let wires = serde_json::from_str::<serde_json::Value>(&shown)?["wires"]
+                .as_array()
+                .map_or(0, Vec::len);
+            ensure!(wires == 2, "{} has {wires} wire(s): {shown}", n.name);
+            Ok(())
+        })?;
+        lab.exec(
+            &n.node,
+            &[
+                "ip",
+                "link",
+                "set",
+                "br-l2",
+                "type",
+                "bridge",
+                "forward_delay",
+                "200",
+                "hello_time",
+                "100",
+                "max_age",
+                "600",
+            ],
+        )?;
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for j in (0..3).filter(|j| *j != i) {
+            let to = bridge_address(j);
+            wait_until(
+                Duration::from_secs(30),
+                &format!("{} reaching {to} with 1500-byte frames", n.name),
+                || {
+                    let out = lab.try_exec(
+                        &n.node,
+                        &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", &to],
+                    )?;
+                    ensure!(out.success(), "{}{}", out.stdout, out.stderr);
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    let bridges: Vec<Node> = nodes.iter().map(|n| n.node.clone()).collect();
+    wait_until(Duration::from_secs(20), "one blocking port", || {
+        let n = blocking_ports(&lab, &bridges)?;
+        ensure!(n == 1, "{n} ports block");
+        Ok(())
+    })?;
     Ok(())
 }

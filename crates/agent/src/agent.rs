@@ -375,6 +375,54 @@ pub struct AgentOptions {
     pub view: Option<Arc<crate::view::MeshView>>,
     /// Relay for pairs behind NAT on this UDP port (`[mesh] relay`).
     pub relay_port: Option<u16>,
+    /// Told the mesh's addresses after each state applied, for a layer-2
+    /// overlay over the mesh (`[overlay] over = ["mesh"]`).
+    pub wires: Option<tokio::sync::watch::Sender<MeshWires>>,
+}
+
+/// What a layer-2 overlay over the mesh needs: the mesh's interface, this
+/// node's mesh addresses, and each peer's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshWires {
+    pub interface: String,
+    pub address: Option<std::net::Ipv4Addr>,
+    pub address6: Option<std::net::Ipv6Addr>,
+    pub peers: Vec<MeshWirePeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshWirePeer {
+    pub name: String,
+    pub address: Option<std::net::Ipv4Addr>,
+    pub address6: Option<std::net::Ipv6Addr>,
+}
+
+impl MeshWires {
+    fn of(state: &MeshState, interface: &str) -> MeshWires {
+        let host = |net: &IpNet| net.prefix_len() == net.max_prefix_len();
+        let mut peers: Vec<MeshWirePeer> = state
+            .peers
+            .iter()
+            .map(|p| MeshWirePeer {
+                name: p.name.clone(),
+                address: p.allowed_ips.iter().find_map(|n| match n {
+                    IpNet::V4(v4) if host(n) => Some(v4.addr()),
+                    _ => None,
+                }),
+                address6: p.allowed_ips.iter().find_map(|n| match n {
+                    IpNet::V6(v6) if host(n) => Some(v6.addr()),
+                    _ => None,
+                }),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        MeshWires {
+            interface: interface.to_string(),
+            address: state.node.address,
+            address6: state.node.address6,
+            peers,
+        }
+    }
 }
 
 impl Clone for AgentOptions {
@@ -389,6 +437,7 @@ impl Clone for AgentOptions {
             announce: None,
             view: self.view.clone(),
             relay_port: self.relay_port,
+            wires: self.wires.clone(),
         }
     }
 }
@@ -405,6 +454,7 @@ impl Default for AgentOptions {
             announce: None,
             view: None,
             relay_port: None,
+            wires: None,
         }
     }
 }
@@ -568,6 +618,14 @@ impl Mesh {
             .up(name, Some(u32::from(state.network.mtu)))
             .await?;
         self.links.set_addresses(name, &addresses).await?;
+        if let Some(wires) = &self.options.wires {
+            let now = MeshWires::of(state, name);
+            wires.send_if_modified(|w| {
+                let changed = *w != now;
+                *w = now;
+                changed
+            });
+        }
         // Egress ranges other than the default route go into the tunnel
         // (the default route needs policy routing, below).
         let routes = exits.routes();

@@ -14,5 +14,7 @@ pub mod relay_server;
 pub mod traversal;
 pub mod view;
 
-pub use agent::{AgentOptions, Enrollment, JoinOptions, join, run, write_private};
+pub use agent::{
+    AgentOptions, Enrollment, JoinOptions, MeshWirePeer, MeshWires, join, run, write_private,
+};
 pub use client::Client;

@@ -48,6 +48,10 @@ pub const OVERLAY_TABLE: u32 = 4789;
 /// The priority of that rule (before the main table's 32766, after the
 /// local table's 0).
 pub const RULE_PRIORITY: u32 = 30990;
+/// The routing protocol number of those routes (`ip route show proto
+/// 180`): not `static`, which the mesh's routes out of its interface are
+/// (the agent removes `static` routes it did not ask for).
+pub const OVERLAY_PROTOCOL: RouteProtocol = RouteProtocol::Other(180);
 
 /// Who runs the bridge's spanning tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,20 +393,21 @@ impl OverlayLinks<'_> {
     }
 }
 
-/// The host route to `remote` out of `via`, protocol `static`, main table.
+/// The host route to `remote` out of `via`, protocol [`OVERLAY_PROTOCOL`],
+/// table [`OVERLAY_TABLE`].
 async fn remote_route(handle: &Handle, remote: IpAddr, via: &str) -> Result<RouteMessage> {
     let index = crate::link_index(handle, via).await?;
     let mut message = match remote {
         IpAddr::V4(v4) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
             .destination_prefix(v4, 32)
             .output_interface(index)
-            .protocol(RouteProtocol::Static)
+            .protocol(OVERLAY_PROTOCOL)
             .scope(RouteScope::Link)
             .build(),
         IpAddr::V6(v6) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
             .destination_prefix(v6, 128)
             .output_interface(index)
-            .protocol(RouteProtocol::Static)
+            .protocol(OVERLAY_PROTOCOL)
             .scope(RouteScope::Link)
             .build(),
     };

@@ -12,7 +12,7 @@ use crate::config::NodeConfig;
 use crate::control::{self, ControlCall, Request};
 use crate::devices::{self, Devices};
 use crate::kernel_sync;
-use crate::overlay::OverlayDriver;
+use crate::overlay::{OverlayDriver, Tunnels};
 
 /// Runs the daemon in the foreground until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -83,6 +83,17 @@ async fn run_async(config: NodeConfig) -> Result<()> {
         .mesh
         .as_ref()
         .map(|_| bgp4mesh_agent::view::MeshView::new());
+    // An overlay over the mesh hears of the mesh's peers from its agent.
+    let over_mesh = config
+        .overlay
+        .as_ref()
+        .is_some_and(|o| o.over.contains(&crate::config::overlay::Over::Mesh));
+    let (wires_tx, wires_rx) = if over_mesh && config.mesh.is_some() {
+        let (tx, rx) = tokio::sync::watch::channel(bgp4mesh_agent::MeshWires::default());
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let mesh = match config.mesh.clone() {
         Some(section) => {
             let options = bgp4mesh_agent::AgentOptions {
@@ -106,6 +117,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 }),
                 view: mesh_view.clone(),
                 relay_port: section.relay.then_some(section.relay_port),
+                wires: wires_tx,
             };
             let stopper = calls_tx.clone();
             Some(tokio::spawn(async move {
@@ -191,7 +203,7 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 calls,
                 Some(driver_tx),
                 devices,
-                Overlaid::of(&config),
+                Overlaid::of(&config, wires_rx),
                 mesh_view,
             ));
             driver.run(driver_calls).await;
@@ -207,8 +219,14 @@ async fn run_async(config: NodeConfig) -> Result<()> {
                 );
             }
             let devices = Devices::start(&devices::specs(&config)).await?;
-            let mut devices =
-                serve_devices(calls, None, devices, Overlaid::of(&config), mesh_view).await;
+            let mut devices = serve_devices(
+                calls,
+                None,
+                devices,
+                Overlaid::of(&config, wires_rx),
+                mesh_view,
+            )
+            .await;
             devices.stop().await;
         }
     }
@@ -245,7 +263,9 @@ async fn serve_devices(
     mesh_view: Option<std::sync::Arc<bgp4mesh_agent::view::MeshView>>,
 ) -> Devices {
     let config_path = overlaid.path.clone();
+    let mut mesh_wires = overlaid.mesh.clone();
     let mut overlay = overlaid.start().await;
+    let mut overlaid = overlaid;
     let ask = |request: Request| {
         let driver = driver.clone();
         async move {
@@ -269,7 +289,25 @@ async fn serve_devices(
                 .unwrap_or_else(|_| control::Response::error("the BGP task is gone"))
         }
     };
-    while let Some(call) = calls.recv().await {
+    loop {
+        let call = tokio::select! {
+            call = calls.recv() => match call {
+                Some(call) => call,
+                None => break,
+            },
+            // The mesh's peers changed: its wires follow.
+            Ok(()) = async {
+                match mesh_wires.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = Overlaid::reload(&mut overlay, &overlaid).await {
+                    tracing::error!("overlay: {e:#}");
+                }
+                continue;
+            }
+        };
         match call.request {
             Request::ShowPeerings => {
                 let sessions = ask(Request::ShowProtocols { name: None }).await.data;
@@ -346,7 +384,8 @@ async fn serve_devices(
                         }
                         let applied = match applied {
                             Ok(()) if response.ok => {
-                                Overlaid::reload(&mut overlay, Overlaid::of(&new)).await
+                                overlaid = Overlaid::of(&new, overlaid.mesh.clone());
+                                Overlaid::reload(&mut overlay, &overlaid).await
                             }
                             other => other,
                         };
@@ -393,16 +432,27 @@ struct Overlaid {
     overlay: Option<crate::config::overlay::Overlay>,
     peerings: Vec<crate::config::Peering>,
     wireguard: Vec<crate::config::Wireguard>,
+    /// The mesh's addresses, from its agent (an overlay over the mesh).
+    mesh: Option<tokio::sync::watch::Receiver<bgp4mesh_agent::MeshWires>>,
 }
 
 impl Overlaid {
-    fn of(config: &NodeConfig) -> Overlaid {
+    fn of(
+        config: &NodeConfig,
+        mesh: Option<tokio::sync::watch::Receiver<bgp4mesh_agent::MeshWires>>,
+    ) -> Overlaid {
         Overlaid {
             path: config.path.clone(),
             overlay: config.overlay.clone(),
             peerings: config.peerings.clone(),
             wireguard: config.wireguard.clone(),
+            mesh,
         }
+    }
+
+    /// The mesh's addresses now (a copy: the channel is not held).
+    fn mesh_now(&self) -> Option<bgp4mesh_agent::MeshWires> {
+        self.mesh.as_ref().map(|rx| rx.borrow().clone())
     }
 
     /// Makes the overlay once the tunnels are up; a failure is logged (the
@@ -416,7 +466,13 @@ impl Overlaid {
                 return None;
             }
         };
-        match OverlayDriver::start(&links, overlay, &self.peerings, &self.wireguard).await {
+        let mesh = self.mesh_now();
+        let tunnels = Tunnels {
+            peerings: &self.peerings,
+            wireguard: &self.wireguard,
+            mesh: mesh.as_ref(),
+        };
+        match OverlayDriver::start(&links, overlay, tunnels).await {
             Ok(driver) => {
                 tracing::info!(
                     "overlay: bridge {} with {} wire(s)",
@@ -436,13 +492,17 @@ impl Overlaid {
     /// removed.
     async fn reload(
         running: &mut Option<(bgp4mesh_kernel::links::Links, OverlayDriver)>,
-        new: Overlaid,
+        new: &Overlaid,
     ) -> Result<()> {
         match (running.as_mut(), &new.overlay) {
             (Some((links, driver)), Some(overlay)) => {
-                driver
-                    .apply(links, overlay, &new.peerings, &new.wireguard)
-                    .await
+                let mesh = new.mesh_now();
+                let tunnels = Tunnels {
+                    peerings: &new.peerings,
+                    wireguard: &new.wireguard,
+                    mesh: mesh.as_ref(),
+                };
+                driver.apply(links, overlay, tunnels).await
             }
             (Some(_), None) => {
                 if let Some((links, mut driver)) = running.take() {

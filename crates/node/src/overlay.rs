@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use anyhow::{Result, bail};
+use bgp4mesh_agent::MeshWires;
 use bgp4mesh_kernel::links::Links;
 use bgp4mesh_kernel::overlay::{Stp, VxlanPort};
 use serde_json::{Value, json};
@@ -34,6 +35,7 @@ pub fn wires(
     overlay: &Overlay,
     peerings: &[Peering],
     wireguard: &[Wireguard],
+    mesh: Option<&MeshWires>,
 ) -> Result<Vec<Wire>> {
     let mut wires = Vec::new();
     for over in &overlay.over {
@@ -82,7 +84,30 @@ pub fn wires(
                     wires.push(wire(overlay, label, local, remote, interface));
                 }
             }
-            Over::Mesh => bail!("overlay.over: \"mesh\" is not supported yet"),
+            Over::Mesh => {
+                // Until the mesh's state is there, no wires: they come
+                // with it (and go with each peer).
+                let Some(mesh) = mesh.filter(|m| !m.interface.is_empty()) else {
+                    continue;
+                };
+                for peer in &mesh.peers {
+                    // IPv4 when both ends have it, else IPv6.
+                    let ends = match (mesh.address, peer.address, mesh.address6, peer.address6) {
+                        (Some(l), Some(r), _, _) => Some((IpAddr::V4(l), IpAddr::V4(r))),
+                        (_, _, Some(l), Some(r)) => Some((IpAddr::V6(l), IpAddr::V6(r))),
+                        _ => None,
+                    };
+                    let Some((local, remote)) = ends else {
+                        tracing::warn!(
+                            "overlay: no mesh address of one family on both ends with {}",
+                            peer.name
+                        );
+                        continue;
+                    };
+                    let label = format!("mesh:{}", peer.name);
+                    wires.push(wire(overlay, label, local, remote, &mesh.interface));
+                }
+            }
         }
     }
     let mut vnis: HashMap<u32, &str> = HashMap::new();
@@ -118,6 +143,15 @@ fn wire(overlay: &Overlay, label: String, local: IpAddr, remote: IpAddr, via: &s
     }
 }
 
+/// The tunnels an overlay may go over.
+#[derive(Clone, Copy)]
+pub struct Tunnels<'a> {
+    pub peerings: &'a [Peering],
+    pub wireguard: &'a [Wireguard],
+    /// The mesh's, once its agent applied a state.
+    pub mesh: Option<&'a MeshWires>,
+}
+
 /// The overlay as it was last applied.
 pub struct OverlayDriver {
     overlay: Overlay,
@@ -137,14 +171,13 @@ impl OverlayDriver {
     pub async fn start(
         links: &Links,
         overlay: &Overlay,
-        peerings: &[Peering],
-        wireguard: &[Wireguard],
+        tunnels: Tunnels<'_>,
     ) -> Result<OverlayDriver> {
         let mut driver = OverlayDriver {
             overlay: overlay.clone(),
             wires: Vec::new(),
         };
-        driver.apply(links, overlay, peerings, wireguard).await?;
+        driver.apply(links, overlay, tunnels).await?;
         Ok(driver)
     }
 
@@ -154,10 +187,9 @@ impl OverlayDriver {
         &mut self,
         links: &Links,
         overlay: &Overlay,
-        peerings: &[Peering],
-        wireguard: &[Wireguard],
+        tunnels: Tunnels<'_>,
     ) -> Result<()> {
-        let wanted = wires(overlay, peerings, wireguard)?;
+        let wanted = wires(overlay, tunnels.peerings, tunnels.wireguard, tunnels.mesh)?;
         let kernel = links.overlay();
         if self.overlay.bridge != overlay.bridge {
             self.remove(links).await;

@@ -170,10 +170,7 @@ pub fn build(section: OverlaySection, context: Context<'_>) -> Result<Overlay> {
             if context.mesh_interface.is_none() {
                 bail!("overlay.over: \"mesh\" needs a [mesh] section");
             }
-            bail!(
-                "overlay.over: \"mesh\" is not available yet; list the tunnels (\"peering:NAME\", \
-                 \"wireguard:INTERFACE\")"
-            );
+            Over::Mesh
         } else if let Some(name) = entry.strip_prefix("peering:") {
             if !context.peerings.iter().any(|p| p.name == name) {
                 bail!("overlay.over: no [[peering]] named {name:?}");
@@ -320,7 +317,6 @@ mod tests {
                 "bridge = \"br\"\nover = [\"peering:rho\", \"peering:rho\"]",
                 "overlay.over",
             ),
-            ("bridge = \"br\"\nover = [\"mesh\"]", "overlay.over"),
             (
                 "bridge = \"br\"\nover = [\"peering:rho\"]\nstp = \"fast\"",
                 "overlay.stp",
