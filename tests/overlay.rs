@@ -309,3 +309,64 @@ fn an_overlay_over_the_mesh_of_three_joined_nodes() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// A bridge name taken by a bridge bgp4mesh did not make: the overlay is
+/// refused with the key named, nothing of it is left, the other bridge is
+/// untouched, and the tunnels run on.
+#[test]
+fn a_bridge_not_ours_is_refused_and_nothing_is_left() -> Result<()> {
+    if !can_run!(&["ping", "wg", "bridge"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("overlay-taken")?;
+    let switch = lab.add_switch("internet")?;
+    let nodes: Vec<Node> = NAMES[..2]
+        .iter()
+        .map(|n| lab.add_node(n))
+        .collect::<Result<_>>()?;
+    let mut underlay: Vec<Iface> = nodes
+        .iter()
+        .map(|n| lab.attach(&switch, n))
+        .collect::<Result<_>>()?;
+    // The config names three machines; the third is never there.
+    underlay.push(underlay[1].clone());
+    let keys: Vec<(String, String)> = (0..3)
+        .map(|_| {
+            let private = lab.exec(&nodes[0], &[BIN, "genkey"])?.trim().to_string();
+            let public = lab
+                .exec_full(
+                    &nodes[0],
+                    &[BIN, "pubkey"],
+                    Some(private.as_bytes()),
+                    Duration::from_secs(10),
+                )?
+                .stdout
+                .trim()
+                .to_string();
+            Ok((private, public))
+        })
+        .collect::<Result<_>>()?;
+    lab.exec(&nodes[0], &["ip", "link", "add", "br-l2", "type", "bridge"])?;
+    let text = config(&lab, &nodes[0], 0, &keys, &underlay, true)?;
+    let ours = Bgp4mesh::start(&lab, &nodes[0], Path::new(BIN), &text)?;
+    let refused = ours
+        .cli(&["show", "overlay"])
+        .err()
+        .context("show overlay answered for a bridge not ours")?;
+    let message = format!("{refused:#}");
+    ensure!(
+        message.contains("not a bridge bgp4mesh made") && message.contains("[overlay] bridge"),
+        "{message}"
+    );
+    let links = lab.exec(&nodes[0], &["ip", "-o", "link", "show"])?;
+    ensure!(!links.contains("vx-"), "a wire was left:\n{links}");
+    ensure!(
+        links.contains("br-l2"),
+        "the other bridge is gone:\n{links}"
+    );
+    let rules = lab.exec(&nodes[0], &["ip", "rule", "show"])?;
+    ensure!(!rules.contains("4789"), "the rule was left:\n{rules}");
+    let wg = lab.exec(&nodes[0], &["wg", "show", "wg0", "peers"])?;
+    ensure!(wg.lines().count() == 2, "the tunnel is not there: {wg}");
+    Ok(())
+}

@@ -127,6 +127,12 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     });
     let message = format!("{:#}", refused.err().context("took a bridge not ours")?);
     ensure!(message.contains("not a bridge bgp4mesh made"), "{message}");
+    // ...nor removed.
+    with_links(&lab, &a, async |links: &Links| {
+        links.overlay().remove_bridge("br-theirs").await
+    })?;
+    lab.exec(&a, &["ip", "link", "show", "br-theirs"])
+        .context("a bridge not ours was removed")?;
     Ok(())
 }
 

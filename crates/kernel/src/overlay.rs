@@ -259,6 +259,23 @@ impl OverlayLinks<'_> {
             .with_context(|| format!("flushing what {name} learned"))
     }
 
+    /// Removes the bridge `name` if it is ours (its alias says so); one
+    /// that is gone, or someone else's, is left as it is.
+    pub async fn remove_bridge(&self, name: &str) -> Result<()> {
+        let Some(link) = existing(self.handle, name).await? else {
+            return Ok(());
+        };
+        if link.alias.as_deref() != Some(OWNER_ALIAS) {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting {name}"))
+    }
+
     /// Removes the link `name`; one that is gone already is fine.
     pub async fn remove(&self, name: &str) -> Result<()> {
         let Some(link) = existing(self.handle, name).await? else {

@@ -264,7 +264,13 @@ async fn serve_devices(
 ) -> Devices {
     let config_path = overlaid.path.clone();
     let mut mesh_wires = overlaid.mesh.clone();
-    let mut overlay = overlaid.start().await;
+    let (mut overlay, mut overlay_error) = match overlaid.start().await {
+        Ok(running) => (running, None),
+        Err(e) => {
+            tracing::error!("overlay: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+    };
     let mut overlaid = overlaid;
     let ask = |request: Request| {
         let driver = driver.clone();
@@ -302,9 +308,13 @@ async fn serve_devices(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Err(e) = Overlaid::reload(&mut overlay, &overlaid).await {
-                    tracing::error!("overlay: {e:#}");
-                }
+                overlay_error = match Overlaid::reload(&mut overlay, &overlaid).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::error!("overlay: {e:#}");
+                        Some(format!("{e:#}"))
+                    }
+                };
                 continue;
             }
         };
@@ -343,9 +353,12 @@ async fn serve_devices(
                 let _ = call.reply.send(control::Response::ok(list));
             }
             Request::ShowOverlay => {
-                let response = match &overlay {
-                    Some((_, driver)) => control::Response::ok(driver.show()),
-                    None => control::Response::error("no [overlay] section in the config"),
+                let response = match (&overlay, &overlay_error) {
+                    (_, Some(e)) => {
+                        control::Response::error(format!("the overlay is not as configured: {e}"))
+                    }
+                    (Some((_, driver)), None) => control::Response::ok(driver.show()),
+                    (None, None) => control::Response::error("no [overlay] section in the config"),
                 };
                 let _ = call.reply.send(response);
             }
@@ -385,7 +398,9 @@ async fn serve_devices(
                         let applied = match applied {
                             Ok(()) if response.ok => {
                                 overlaid = Overlaid::of(&new, overlaid.mesh.clone());
-                                Overlaid::reload(&mut overlay, &overlaid).await
+                                let result = Overlaid::reload(&mut overlay, &overlaid).await;
+                                overlay_error = result.as_ref().err().map(|e| format!("{e:#}"));
+                                result
                             }
                             other => other,
                         };
@@ -455,37 +470,27 @@ impl Overlaid {
         self.mesh.as_ref().map(|rx| rx.borrow().clone())
     }
 
-    /// Makes the overlay once the tunnels are up; a failure is logged (the
-    /// tunnels and BGP run on without it, and a reload tries again).
-    async fn start(&self) -> Option<(bgp4mesh_kernel::links::Links, OverlayDriver)> {
-        let overlay = self.overlay.as_ref()?;
-        let links = match bgp4mesh_kernel::links::Links::connect() {
-            Ok(links) => links,
-            Err(e) => {
-                tracing::error!("overlay: {e:#}");
-                return None;
-            }
+    /// Makes the overlay once the tunnels are up (`None` without
+    /// `[overlay]`). On a failure nothing of it is left; the caller logs it,
+    /// the tunnels and BGP run on without it, and a reload tries again.
+    async fn start(&self) -> Result<Option<(bgp4mesh_kernel::links::Links, OverlayDriver)>> {
+        let Some(overlay) = self.overlay.as_ref() else {
+            return Ok(None);
         };
+        let links = bgp4mesh_kernel::links::Links::connect()?;
         let mesh = self.mesh_now();
         let tunnels = Tunnels {
             peerings: &self.peerings,
             wireguard: &self.wireguard,
             mesh: mesh.as_ref(),
         };
-        match OverlayDriver::start(&links, overlay, tunnels).await {
-            Ok(driver) => {
-                tracing::info!(
-                    "overlay: bridge {} with {} wire(s)",
-                    overlay.bridge,
-                    driver.wires()
-                );
-                Some((links, driver))
-            }
-            Err(e) => {
-                tracing::error!("overlay: {e:#}");
-                None
-            }
-        }
+        let driver = OverlayDriver::start(&links, overlay, tunnels).await?;
+        tracing::info!(
+            "overlay: bridge {} with {} wire(s)",
+            overlay.bridge,
+            driver.wires()
+        );
+        Ok(Some((links, driver)))
     }
 
     /// Brings a running overlay to a reloaded config: made, changed or
@@ -511,10 +516,7 @@ impl Overlaid {
                 Ok(())
             }
             (None, Some(_)) => {
-                *running = new.start().await;
-                if running.is_none() {
-                    anyhow::bail!("the overlay could not be made (see the log)");
-                }
+                *running = new.start().await?;
                 Ok(())
             }
             (None, None) => Ok(()),

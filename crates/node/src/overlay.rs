@@ -177,7 +177,11 @@ impl OverlayDriver {
             overlay: overlay.clone(),
             wires: Vec::new(),
         };
-        driver.apply(links, overlay, tunnels).await?;
+        if let Err(e) = driver.apply(links, overlay, tunnels).await {
+            // Nothing half-built is left behind.
+            driver.remove(links).await;
+            return Err(e);
+        }
         Ok(driver)
     }
 
@@ -194,10 +198,18 @@ impl OverlayDriver {
         if self.overlay.bridge != overlay.bridge {
             self.remove(links).await;
         }
+        // From here on, what is made is what `remove` takes away.
+        let before = std::mem::replace(&mut self.wires, wanted.clone());
+        self.overlay = overlay.clone();
         kernel
             .ensure_bridge(&overlay.bridge, u32::from(overlay.mtu), stp(overlay.stp))
             .await?;
-        bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)?;
+        if overlay.stp != StpMode::Fast
+            && let Err(e) = bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)
+        {
+            // Only our own spanning tree needs nftables.
+            tracing::debug!("overlay: no port-state table to remove: {e:#}");
+        }
         kernel.set_rules(true).await?;
         let names: HashSet<&str> = wanted.iter().map(|w| w.port.name.as_str()).collect();
         for old in kernel.vxlan_ports(&overlay.bridge).await? {
@@ -205,7 +217,7 @@ impl OverlayDriver {
                 kernel.remove(&old).await?;
             }
         }
-        for gone in self.wires.iter().filter(|w| !wanted.contains(w)) {
+        for gone in before.iter().filter(|w| !wanted.contains(w)) {
             kernel.unroute_remote(gone.port.remote, &gone.via).await?;
         }
         for w in &wanted {
@@ -217,8 +229,6 @@ impl OverlayDriver {
         links
             .set_addresses(&overlay.bridge, &overlay.addresses)
             .await?;
-        self.overlay = overlay.clone();
-        self.wires = wanted;
         Ok(())
     }
 
@@ -233,7 +243,7 @@ impl OverlayDriver {
                 tracing::warn!("overlay: {e:#}");
             }
         }
-        if let Err(e) = kernel.remove(&self.overlay.bridge).await {
+        if let Err(e) = kernel.remove_bridge(&self.overlay.bridge).await {
             tracing::warn!("overlay: {e:#}");
         }
         if let Err(e) = kernel.set_rules(false).await {
