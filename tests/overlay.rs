@@ -26,15 +26,15 @@ fn bridge_address(i: usize) -> String {
     format!("10.99.0.{}", i + 1)
 }
 
-/// Node `i`'s config: its wg0 with the two others as peers, and the
-/// overlay over wg0 (or none).
+/// Node `i`'s config: its wg0 with the other machines (one per key) as
+/// peers, and the overlay over wg0 with spanning tree `stp` (or none).
 fn config(
     lab: &Lab,
     node: &Node,
     i: usize,
     keys: &[(String, String)],
     underlay: &[Iface],
-    overlay: bool,
+    overlay: Option<&str>,
 ) -> Result<String> {
     let dir = lab.run_dir(node)?;
     let key_file = dir.join("wg0.key");
@@ -48,7 +48,7 @@ fn config(
         key_file.display(),
         tunnel_address(i)
     );
-    for j in (0..3).filter(|j| *j != i) {
+    for j in (0..keys.len()).filter(|j| *j != i) {
         text.push_str(&format!(
             "\n[[wireguard.peer]]\npublic_key = \"{}\"\nallowed_ips = [\"{}/32\"]\nendpoint = \"{}:51820\"\npersistent_keepalive = 5\n",
             keys[j].1,
@@ -56,13 +56,33 @@ fn config(
             underlay[j].ipv4
         ));
     }
-    if overlay {
+    if let Some(stp) = overlay {
         text.push_str(&format!(
-            "\n[overlay]\nbridge = \"br-l2\"\nover = [\"wireguard:wg0\"]\nstp = \"stp\"\naddress = [\"{}/24\"]\n",
+            "\n[overlay]\nbridge = \"br-l2\"\nover = [\"wireguard:wg0\"]\nstp = \"{stp}\"\naddress = [\"{}/24\"]\n",
             bridge_address(i)
         ));
     }
     Ok(text)
+}
+
+/// `n` WireGuard key pairs (private, public), made by `bgp4mesh genkey`.
+fn key_pairs(lab: &Lab, node: &Node, n: usize) -> Result<Vec<(String, String)>> {
+    (0..n)
+        .map(|_| {
+            let private = lab.exec(node, &[BIN, "genkey"])?.trim().to_string();
+            let public = lab
+                .exec_full(
+                    node,
+                    &[BIN, "pubkey"],
+                    Some(private.as_bytes()),
+                    Duration::from_secs(10),
+                )?
+                .stdout
+                .trim()
+                .to_string();
+            Ok((private, public))
+        })
+        .collect()
 }
 
 fn blocking_ports(lab: &Lab, nodes: &[Node]) -> Result<usize> {
@@ -92,25 +112,10 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
         .iter()
         .map(|n| lab.attach(&switch, n))
         .collect::<Result<_>>()?;
-    let keys: Vec<(String, String)> = (0..3)
-        .map(|_| {
-            let private = lab.exec(&nodes[0], &[BIN, "genkey"])?.trim().to_string();
-            let public = lab
-                .exec_full(
-                    &nodes[0],
-                    &[BIN, "pubkey"],
-                    Some(private.as_bytes()),
-                    Duration::from_secs(10),
-                )?
-                .stdout
-                .trim()
-                .to_string();
-            Ok((private, public))
-        })
-        .collect::<Result<_>>()?;
+    let keys = key_pairs(&lab, &nodes[0], 3)?;
     let mut daemons = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        let text = config(&lab, node, i, &keys, &underlay, true)?;
+        let text = config(&lab, node, i, &keys, &underlay, Some("stp"))?;
         daemons.push(Bgp4mesh::start(&lab, node, Path::new(BIN), &text)?);
     }
     // The seed's STP timers, shortened for the test (forward delay 2 s).
@@ -195,7 +200,7 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
     })?;
 
     // The overlay leaves with its section: bridge, wires and routes go.
-    let text = config(&lab, &nodes[0], 0, &keys, &underlay, false)?;
+    let text = config(&lab, &nodes[0], 0, &keys, &underlay, None)?;
     let path = daemons[0].config_path();
     let head = std::fs::read_to_string(path)?
         .split("[[wireguard]]")
@@ -330,24 +335,9 @@ fn a_bridge_not_ours_is_refused_and_nothing_is_left() -> Result<()> {
         .collect::<Result<_>>()?;
     // The config names three machines; the third is never there.
     underlay.push(underlay[1].clone());
-    let keys: Vec<(String, String)> = (0..3)
-        .map(|_| {
-            let private = lab.exec(&nodes[0], &[BIN, "genkey"])?.trim().to_string();
-            let public = lab
-                .exec_full(
-                    &nodes[0],
-                    &[BIN, "pubkey"],
-                    Some(private.as_bytes()),
-                    Duration::from_secs(10),
-                )?
-                .stdout
-                .trim()
-                .to_string();
-            Ok((private, public))
-        })
-        .collect::<Result<_>>()?;
+    let keys = key_pairs(&lab, &nodes[0], 3)?;
     lab.exec(&nodes[0], &["ip", "link", "add", "br-l2", "type", "bridge"])?;
-    let text = config(&lab, &nodes[0], 0, &keys, &underlay, true)?;
+    let text = config(&lab, &nodes[0], 0, &keys, &underlay, Some("stp"))?;
     let ours = Bgp4mesh::start(&lab, &nodes[0], Path::new(BIN), &text)?;
     let refused = ours
         .cli(&["show", "overlay"])
@@ -368,5 +358,93 @@ fn a_bridge_not_ours_is_refused_and_nothing_is_left() -> Result<()> {
     ensure!(!rules.contains("4789"), "the rule was left:\n{rules}");
     let wg = lab.exec(&nodes[0], &["wg", "show", "wg0", "peers"])?;
     ensure!(wg.lines().count() == 2, "the tunnel is not there: {wg}");
+    Ok(())
+}
+
+/// TCP through iperf3 from `from` to `to` (an address of `server`) for
+/// `seconds`: bits per second received.
+fn iperf(lab: &Lab, from: &Node, server: &Node, to: &str, seconds: u32) -> Result<f64> {
+    let proc = lab.spawn(server, "iperf3-server", &["iperf3", "-s", "-1", "-B", to])?;
+    wait_until(Duration::from_secs(10), "iperf3 listening", || {
+        let out = lab.exec(server, &["ss", "-tlnH", "sport = :5201"])?;
+        ensure!(!out.trim().is_empty(), "not yet");
+        Ok(())
+    })?;
+    let time = seconds.to_string();
+    let out = lab.exec_full(
+        from,
+        &["iperf3", "-J", "-t", &time, "-c", to],
+        None,
+        Duration::from_secs(60),
+    )?;
+    lab.stop(&proc);
+    ensure!(out.success(), "iperf3: {}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no throughput in iperf3's report")
+}
+
+/// The benchmark of BENCHMARKS.md ("Layer-2 overlay"): TCP between two
+/// machines' bridges over the overlay (1500-byte frames in VXLAN, through
+/// the 1420-byte tunnel, fragmented on the underlay) next to TCP between
+/// the same machines' tunnel addresses, in the same run.
+#[test]
+#[ignore = "a benchmark: cargo nextest run --release --test overlay --run-ignored only --no-capture"]
+fn bench_tcp_over_the_overlay_against_the_plain_tunnel() -> Result<()> {
+    if !can_run!(&["wg", "iperf3", "bridge"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("overlay-bench")?;
+    let switch = lab.add_switch("internet")?;
+    let nodes: Vec<Node> = NAMES[..2]
+        .iter()
+        .map(|n| lab.add_node(n))
+        .collect::<Result<_>>()?;
+    let underlay: Vec<Iface> = nodes
+        .iter()
+        .map(|n| lab.attach(&switch, n))
+        .collect::<Result<_>>()?;
+    let keys = key_pairs(&lab, &nodes[0], 2)?;
+    let mut daemons = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let text = config(&lab, node, i, &keys, &underlay, Some("off"))?;
+        daemons.push(Bgp4mesh::start(&lab, node, Path::new(BIN), &text)?);
+    }
+    wait_until(Duration::from_secs(20), "the overlay through", || {
+        let out = lab.try_exec(
+            &nodes[0],
+            &[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-M",
+                "do",
+                "-s",
+                "1472",
+                &bridge_address(1),
+            ],
+        )?;
+        ensure!(out.success(), "{}", out.stdout);
+        Ok(())
+    })?;
+    let mut plain = Vec::new();
+    let mut overlay = Vec::new();
+    for _ in 0..3 {
+        plain.push(iperf(&lab, &nodes[0], &nodes[1], &tunnel_address(1), 5)? / 1e9);
+        overlay.push(iperf(&lab, &nodes[0], &nodes[1], &bridge_address(1), 5)? / 1e9);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, o) = (median(&mut plain), median(&mut overlay));
+    eprintln!(
+        "TCP, 5 s each, 3 runs alternating: plain tunnel {plain:.2?} Gbit/s, overlay {overlay:.2?} Gbit/s; medians {p:.2} / {o:.2}, overlay/plain {:.2}",
+        o / p
+    );
+    ensure!(o > 0.0 && p > 0.0, "no throughput");
     Ok(())
 }
