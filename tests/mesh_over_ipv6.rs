@@ -12,22 +12,10 @@ use anyhow::{Context, Result, ensure};
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
 use bgp4mesh_agent::ipv6_paths;
-use common::mesh::{Controller, MeshNode, address_of, start_node_on};
+use common::mesh::{Controller, MeshNode, address_of, endpoint_for, start_node_on};
 use common::ping;
 
 const NEEDS: &[&str] = &["wg", "ping", "nft"];
-
-/// The endpoint `node`'s device has for the peer with mesh address `peer`.
-fn endpoint_for(lab: &Lab, node: &MeshNode, peer: &str) -> Result<Option<String>> {
-    let dump = lab.exec(&node.node, &["wg", "show", &node.ifname, "dump"])?;
-    let host = format!("{peer}/32");
-    Ok(dump
-        .lines()
-        .skip(1)
-        .map(|l| l.split('\t').collect::<Vec<_>>())
-        .find(|f| f.len() > 3 && f[3].split(',').any(|a| a == host))
-        .and_then(|f| (f[2] != "(none)").then(|| f[2].to_string())))
-}
 
 /// Drops (or lets through again) WireGuard over IPv6 to and from `node`:
 /// its IPv6 address stays routed, the path just stops answering.
@@ -84,14 +72,7 @@ fn tunnels_run_over_ipv6_and_fall_back_to_ipv4() -> Result<()> {
     let lab = Lab::new("mesh-v6-path")?;
     let switch = lab.add_switch("inet")?;
     let controller = Controller::start(&lab, &switch)?;
-    controller.admin(
-        &lab,
-        &["network", "create", "mynet", "--range", "44.30.127.0/24"],
-    )?;
-    let token = controller
-        .admin(&lab, &["token", "create", "--network", "mynet"])?
-        .trim()
-        .to_string();
+    let token = controller.mynet(&lab)?;
     let dual = |name: &str| -> Result<(MeshNode, String)> {
         let node = lab.add_node(name)?;
         let iface = lab.attach(&switch, &node)?;

@@ -13,8 +13,10 @@ use bgp4mesh_lab::nat::{Mapping, Nat};
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 use serde_json::Value;
 
-use common::mesh::{Controller, MeshNode, address_of, start_node_on, start_node_with};
-use common::ping;
+use common::mesh::{
+    Controller, MeshNode, address_of, endpoint_for, start_node_on, start_node_with,
+};
+use common::{iperf, ping};
 
 const NEEDS: &[&str] = &["wg", "ping", "nft"];
 
@@ -43,14 +45,7 @@ impl Internet {
         let router = lab.add_node("internet")?;
         let (node, iface) = lab.add_on_internet(&router, "controller")?;
         let controller = Controller::start_on(lab, node, iface)?;
-        controller.admin(
-            lab,
-            &["network", "create", "mynet", "--range", "44.30.127.0/24"],
-        )?;
-        let token = controller
-            .admin(lab, &["token", "create", "--network", "mynet"])?
-            .trim()
-            .to_string();
+        let token = controller.mynet(lab)?;
         let mut publics = Vec::new();
         for i in 0..relays.max(1) {
             let name = if i == 0 {
@@ -130,19 +125,6 @@ fn address_on(lab: &Lab, node: &MeshNode) -> Result<String> {
                 .map(str::to_string)
         })
         .with_context(|| format!("no address on {}: {out}", node.name))
-}
-
-/// The endpoint `node`'s device has for the peer with mesh address `peer`
-/// (from `wg show dump`: its allowed IPs hold the address).
-fn endpoint_for(lab: &Lab, node: &MeshNode, peer: &str) -> Result<Option<String>> {
-    let dump = lab.exec(&node.node, &["wg", "show", &node.ifname, "dump"])?;
-    let host = format!("{peer}/32");
-    Ok(dump
-        .lines()
-        .skip(1)
-        .map(|l| l.split('\t').collect::<Vec<_>>())
-        .find(|f| f.len() > 3 && f[3].split(',').any(|a| a == host))
-        .and_then(|f| (f[2] != "(none)").then(|| f[2].to_string())))
 }
 
 /// Waits until `from`'s device has `peer`'s endpoint at `public` (any
@@ -580,30 +562,6 @@ fn relay_fails(signal: i32, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// TCP throughput from `from` to `to` (mesh address) for `seconds`, in
-/// bit/s, with iperf3.
-fn iperf(lab: &Lab, from: &MeshNode, server: &MeshNode, to: &str, seconds: u32) -> Result<f64> {
-    let proc = lab.spawn(
-        &server.node,
-        "iperf3-server",
-        &["iperf3", "-s", "-1", "-B", to],
-    )?;
-    wait_until(Duration::from_secs(10), "iperf3 listening", || {
-        let out = lab.exec(&server.node, &["ss", "-tlnH", "sport = :5201"])?;
-        ensure!(!out.trim().is_empty(), "not yet");
-        Ok(())
-    })?;
-    let time = seconds.to_string();
-    let cmd = ["iperf3", "-J", "-t", &time, "-c", to];
-    let out = lab.exec_full(&from.node, &cmd, None, Duration::from_secs(60))?;
-    lab.stop(&proc);
-    ensure!(out.success(), "iperf3: {}{}", out.stdout, out.stderr);
-    let report: Value = serde_json::from_str(&out.stdout)?;
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no throughput in iperf3's report")
-}
-
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -651,10 +609,10 @@ fn bench_relay_against_direct() -> Result<()> {
         "relayed",
         Duration::from_secs(30),
     )?;
-    let direct = iperf(&lab, &a, &b, &address_b, 5)?;
+    let direct = iperf(&lab, &a.node, &b.node, &address_b, 5)?;
     let relay_pid = internet.public.proc.pid;
     let cpu_before = cpu_seconds(relay_pid)?;
-    let relayed = iperf(&lab, &c, &d, &address_d, 5)?;
+    let relayed = iperf(&lab, &c.node, &d.node, &address_d, 5)?;
     let relay_cpu = cpu_seconds(relay_pid)? - cpu_before;
     let gigabytes = relayed * 5.0 / 8.0 / 1e9;
     println!(

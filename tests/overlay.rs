@@ -85,6 +85,50 @@ fn key_pairs(lab: &Lab, node: &Node, n: usize) -> Result<Vec<(String, String)>> 
         .collect()
 }
 
+/// The seed's STP timers, shortened for the tests (forward delay 2 s).
+fn short_stp_timers(lab: &Lab, node: &Node) -> Result<()> {
+    lab.exec(
+        node,
+        &[
+            "ip",
+            "link",
+            "set",
+            "br-l2",
+            "type",
+            "bridge",
+            "forward_delay",
+            "200",
+            "hello_time",
+            "100",
+            "max_age",
+            "600",
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Every pair of the machines' bridges pings with full frames, DF set.
+fn full_frames_between_bridges(lab: &Lab, nodes: &[Node]) -> Result<()> {
+    for (i, node) in nodes.iter().enumerate() {
+        for j in (0..nodes.len()).filter(|j| *j != i) {
+            let to = bridge_address(j);
+            wait_until(
+                Duration::from_secs(30),
+                &format!("{} reaching {to} with 1500-byte frames", node.name()),
+                || {
+                    let out = lab.try_exec(
+                        node,
+                        &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", &to],
+                    )?;
+                    ensure!(out.success(), "{}{}", out.stdout, out.stderr);
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn blocking_ports(lab: &Lab, nodes: &[Node]) -> Result<usize> {
     let mut blocking = 0;
     for node in nodes {
@@ -118,28 +162,11 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
         let text = config(&lab, node, i, &keys, &underlay, Some("stp"))?;
         daemons.push(Bgp4mesh::start(&lab, node, Path::new(BIN), &text)?);
     }
-    // The seed's STP timers, shortened for the test (forward delay 2 s).
     for node in &nodes {
         wait_until(Duration::from_secs(10), "the bridge", || {
             lab.exec(node, &["ip", "link", "show", "br-l2"]).map(|_| ())
         })?;
-        lab.exec(
-            node,
-            &[
-                "ip",
-                "link",
-                "set",
-                "br-l2",
-                "type",
-                "bridge",
-                "forward_delay",
-                "200",
-                "hello_time",
-                "100",
-                "max_age",
-                "600",
-            ],
-        )?;
+        short_stp_timers(&lab, node)?;
     }
     let shown = daemons[0].cli(&["show", "overlay"])?;
     ensure!(
@@ -147,23 +174,7 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
         "show overlay:\n{shown}"
     );
     // Every pair pings with full frames, DF set.
-    for (i, node) in nodes.iter().enumerate() {
-        for j in (0..3).filter(|j| *j != i) {
-            let to = bridge_address(j);
-            wait_until(
-                Duration::from_secs(30),
-                &format!("{} reaching {to} with 1500-byte frames", NAMES[i]),
-                || {
-                    let out = lab.try_exec(
-                        node,
-                        &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", &to],
-                    )?;
-                    ensure!(out.success(), "{}{}", out.stdout, out.stderr);
-                    Ok(())
-                },
-            )?;
-        }
-    }
+    full_frames_between_bridges(&lab, &nodes)?;
     // The big route MTU is VXLAN's alone: other traffic to a tunnel
     // address keeps the tunnel's 1420.
     let plain = lab.try_exec(
@@ -236,14 +247,7 @@ fn an_overlay_over_the_mesh_of_three_joined_nodes() -> Result<()> {
     let lab = Lab::new("overlay-mesh")?;
     let switch = lab.add_switch("internet")?;
     let controller = Controller::start(&lab, &switch)?;
-    controller.admin(
-        &lab,
-        &["network", "create", "mynet", "--range", "44.30.127.0/24"],
-    )?;
-    let token = controller
-        .admin(&lab, &["token", "create", "--network", "mynet"])?
-        .trim()
-        .to_string();
+    let token = controller.mynet(&lab)?;
     let mut nodes = Vec::new();
     for (i, name) in NAMES.iter().enumerate() {
         let node = lab.add_node(name)?;
@@ -271,42 +275,10 @@ fn an_overlay_over_the_mesh_of_three_joined_nodes() -> Result<()> {
             ensure!(wires == 2, "{} has {wires} wire(s): {shown}", n.name);
             Ok(())
         })?;
-        lab.exec(
-            &n.node,
-            &[
-                "ip",
-                "link",
-                "set",
-                "br-l2",
-                "type",
-                "bridge",
-                "forward_delay",
-                "200",
-                "hello_time",
-                "100",
-                "max_age",
-                "600",
-            ],
-        )?;
-    }
-    for (i, n) in nodes.iter().enumerate() {
-        for j in (0..3).filter(|j| *j != i) {
-            let to = bridge_address(j);
-            wait_until(
-                Duration::from_secs(30),
-                &format!("{} reaching {to} with 1500-byte frames", n.name),
-                || {
-                    let out = lab.try_exec(
-                        &n.node,
-                        &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", &to],
-                    )?;
-                    ensure!(out.success(), "{}{}", out.stdout, out.stderr);
-                    Ok(())
-                },
-            )?;
-        }
+        short_stp_timers(&lab, &n.node)?;
     }
     let bridges: Vec<Node> = nodes.iter().map(|n| n.node.clone()).collect();
+    full_frames_between_bridges(&lab, &bridges)?;
     wait_until(Duration::from_secs(20), "one blocking port", || {
         let n = blocking_ports(&lab, &bridges)?;
         ensure!(n == 1, "{n} ports block");
@@ -359,30 +331,6 @@ fn a_bridge_not_ours_is_refused_and_nothing_is_left() -> Result<()> {
     let wg = lab.exec(&nodes[0], &["wg", "show", "wg0", "peers"])?;
     ensure!(wg.lines().count() == 2, "the tunnel is not there: {wg}");
     Ok(())
-}
-
-/// TCP through iperf3 from `from` to `to` (an address of `server`) for
-/// `seconds`: bits per second received.
-fn iperf(lab: &Lab, from: &Node, server: &Node, to: &str, seconds: u32) -> Result<f64> {
-    let proc = lab.spawn(server, "iperf3-server", &["iperf3", "-s", "-1", "-B", to])?;
-    wait_until(Duration::from_secs(10), "iperf3 listening", || {
-        let out = lab.exec(server, &["ss", "-tlnH", "sport = :5201"])?;
-        ensure!(!out.trim().is_empty(), "not yet");
-        Ok(())
-    })?;
-    let time = seconds.to_string();
-    let out = lab.exec_full(
-        from,
-        &["iperf3", "-J", "-t", &time, "-c", to],
-        None,
-        Duration::from_secs(60),
-    )?;
-    lab.stop(&proc);
-    ensure!(out.success(), "iperf3: {}{}", out.stdout, out.stderr);
-    let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no throughput in iperf3's report")
 }
 
 /// The benchmark of BENCHMARKS.md ("Layer-2 overlay"): TCP between two

@@ -96,6 +96,19 @@ impl Controller {
         lab.exec(&self.node, &cmd)
     }
 
+    /// Creates network "mynet" (44.30.127.0/24) and returns a token to
+    /// join it.
+    pub fn mynet(&self, lab: &Lab) -> Result<String> {
+        self.admin(
+            lab,
+            &["network", "create", "mynet", "--range", "44.30.127.0/24"],
+        )?;
+        Ok(self
+            .admin(lab, &["token", "create", "--network", "mynet"])?
+            .trim()
+            .to_string())
+    }
+
     pub fn nodes(&self, lab: &Lab) -> Result<Vec<Value>> {
         let text = self.admin(lab, &["--json", "node", "list", "mynet"])?;
         Ok(serde_json::from_str::<Value>(&text)?
@@ -271,4 +284,17 @@ pub fn peer_count(lab: &Lab, node: &MeshNode) -> Result<usize> {
         .skip(1)
         .filter(|l| !l.trim().is_empty())
         .count())
+}
+
+/// The endpoint `node`'s device has for the peer with mesh address `peer`
+/// (from `wg show dump`: its allowed IPs hold the address).
+pub fn endpoint_for(lab: &Lab, node: &MeshNode, peer: &str) -> Result<Option<String>> {
+    let dump = lab.exec(&node.node, &["wg", "show", &node.ifname, "dump"])?;
+    let host = format!("{peer}/32");
+    Ok(dump
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[3].split(',').any(|a| a == host))
+        .and_then(|f| (f[2] != "(none)").then(|| f[2].to_string())))
 }

@@ -338,6 +338,30 @@ pub fn kernel_routes_of(
 }
 
 /// One ping from `from` to `to`, answered within a second.
+/// TCP through iperf3 from `from` to `to` (an address of `server`) for
+/// `seconds`: bits per second received.
+pub fn iperf(lab: &Lab, from: &Node, server: &Node, to: &str, seconds: u32) -> Result<f64> {
+    let proc = lab.spawn(server, "iperf3-server", &["iperf3", "-s", "-1", "-B", to])?;
+    wait_until(Duration::from_secs(10), "iperf3 listening", || {
+        let out = lab.exec(server, &["ss", "-tlnH", "sport = :5201"])?;
+        ensure!(!out.trim().is_empty(), "not yet");
+        Ok(())
+    })?;
+    let time = seconds.to_string();
+    let out = lab.exec_full(
+        from,
+        &["iperf3", "-J", "-t", &time, "-c", to],
+        None,
+        Duration::from_secs(60),
+    )?;
+    lab.stop(&proc);
+    ensure!(out.success(), "iperf3: {}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("no throughput in iperf3's report"))
+}
+
 pub fn ping(lab: &Lab, from: &Node, to: &str) -> Result<()> {
     let out = lab.try_exec(from, &["ping", "-c", "1", "-W", "1", to])?;
     ensure!(out.success(), "ping {to}: {}{}", out.stdout, out.stderr);

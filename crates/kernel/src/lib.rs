@@ -34,6 +34,16 @@ pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
     Ok(link.header.index)
 }
 
+/// Deletes the link with `index` (called `name` in messages).
+pub(crate) async fn delete_link(handle: &Handle, index: u32, name: &str) -> Result<()> {
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .with_context(|| format!("deleting {name}"))
+}
+
 /// How many netlink requests may be in flight at once.
 const PIPELINE: usize = 256;
 

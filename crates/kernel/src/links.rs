@@ -68,12 +68,7 @@ impl Links {
         let Ok(index) = self.index(name).await else {
             return Ok(());
         };
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .with_context(|| format!("deleting {name}"))
+        crate::delete_link(&self.handle, index, name).await
     }
 
     /// The host's addresses of global scope on every interface but

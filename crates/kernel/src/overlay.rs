@@ -268,12 +268,7 @@ impl OverlayLinks<'_> {
         if link.alias.as_deref() != Some(OWNER_ALIAS) {
             return Ok(());
         }
-        self.handle
-            .link()
-            .del(link.index)
-            .execute()
-            .await
-            .with_context(|| format!("deleting {name}"))
+        crate::delete_link(self.handle, link.index, name).await
     }
 
     /// Removes the link `name`; one that is gone already is fine.
@@ -281,12 +276,7 @@ impl OverlayLinks<'_> {
         let Some(link) = existing(self.handle, name).await? else {
             return Ok(());
         };
-        self.handle
-            .link()
-            .del(link.index)
-            .execute()
-            .await
-            .with_context(|| format!("deleting {name}"))
+        crate::delete_link(self.handle, link.index, name).await
     }
 
     /// Routes the tunnel's remote end `remote` out of `via` with route MTU
