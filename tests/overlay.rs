@@ -237,6 +237,144 @@ fn seed_003_overlay_over_a_triangle_of_tunnels() -> Result<()> {
     Ok(())
 }
 
+/// Each machine's `show overlay --json`.
+fn overlays(daemons: &[Bgp4mesh<'_>]) -> Result<Vec<serde_json::Value>> {
+    daemons
+        .iter()
+        .map(|d| {
+            Ok(serde_json::from_str(
+                &d.cli(&["show", "overlay", "--json"])?,
+            )?)
+        })
+        .collect()
+}
+
+/// Waits until every machine in `daemons` takes `root` as the root bridge
+/// and exactly one port among them is an alternate (a triangle's one
+/// loop, cut), and every root port is forwarding. (The designated port
+/// facing the alternate may wait for its forward delay: nothing crosses
+/// there.)
+fn tree_formed(daemons: &[Bgp4mesh<'_>], root: &str, within: Duration) -> Result<()> {
+    wait_until(within, &format!("one tree rooted at {root}"), || {
+        let shown = overlays(daemons)?;
+        let mut alternates = 0;
+        for s in &shown {
+            ensure!(
+                s["root"] == root,
+                "root {} on {}",
+                s["root"],
+                s["bridge_id"]
+            );
+            for w in s["wires"].as_array().into_iter().flatten() {
+                match (w["role"].as_str(), w["state"].as_str()) {
+                    (Some("alternate"), Some("discarding")) => alternates += 1,
+                    (Some("root"), Some("forwarding")) | (Some("designated"), _) => {}
+                    other => anyhow::bail!("{} is {other:?}", w["port"]),
+                }
+            }
+        }
+        ensure!(alternates == 1, "{alternates} alternate ports");
+        Ok(())
+    })
+}
+
+/// `stp = "fast"`, our RSTP, on seed 003's triangle. rho (priority 4096)
+/// is the root. A ping every 20 ms from vorke's bridge to rho's:
+/// - the rho–vorke tunnel is cut in the underlay (nftables drop): the
+///   wire's probes stop, its port goes down, vorke's alternate port takes
+///   over through epsilon: under 1 s without replies;
+/// - the tunnel comes back: at most 1 s without replies;
+/// - rho hangs (SIGSTOP: its tunnels stop with it), pinged from epsilon
+///   to vorke, whose traffic went through rho: the other two form a tree
+///   of their own in under 1 s.
+#[test]
+fn a_fast_spanning_tree_fails_over_in_under_a_second() -> Result<()> {
+    if !can_run!(&["ping", "wg", "nft", "bridge"]) {
+        return Ok(());
+    }
+    let lab = Lab::new("overlay-fast")?;
+    let switch = lab.add_switch("internet")?;
+    let nodes: Vec<Node> = NAMES
+        .iter()
+        .map(|n| lab.add_node(n))
+        .collect::<Result<_>>()?;
+    let underlay: Vec<Iface> = nodes
+        .iter()
+        .map(|n| lab.attach(&switch, n))
+        .collect::<Result<_>>()?;
+    let keys = key_pairs(&lab, &nodes[0], 3)?;
+    let mut daemons = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut text = config(&lab, node, i, &keys, &underlay, Some("fast"))?;
+        if i == 0 {
+            text.push_str("priority = 4096\n");
+        }
+        daemons.push(Bgp4mesh::start(&lab, node, Path::new(BIN), &text)?);
+    }
+    let (epsilon, vorke) = (&nodes[1], &nodes[2]);
+    let rho_id = wait_until(Duration::from_secs(20), "rho's bridge id", || {
+        let shown = overlays(&daemons[..1])?;
+        let id = shown[0]["bridge_id"].as_str().context("no bridge id")?;
+        ensure!(id.starts_with("1000."), "{id}");
+        Ok(id.to_string())
+    })?;
+    tree_formed(&daemons, &rho_id, Duration::from_secs(20))?;
+    full_frames_between_bridges(&lab, &nodes)?;
+    let shown = daemons[2].cli(&["show", "overlay"])?;
+    eprintln!("vorke:\n{shown}");
+    ensure!(shown.contains(&rho_id), "{shown}");
+
+    // Cut rho–vorke in the underlay, on vorke.
+    let rho_ip = underlay[0].ipv4.to_string();
+    let cut = format!(
+        "chain input {{ type filter hook input priority 0; ip saddr {rho_ip} drop; }}\n\
+         chain output {{ type filter hook output priority 0; ip daddr {rho_ip} drop; }}"
+    );
+    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
+    let started = now_unix();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.nft_table(vorke, "cut", Some(&cut))?;
+    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
+    eprintln!("rho–vorke cut: {outage:.2} s without replies, {lost} pings lost");
+    ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
+    let shown = overlays(&daemons[2..])?;
+    let down = shown[0]["wires"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["remote"] == tunnel_address(0))
+        .context("vorke has no wire to rho")?;
+    ensure!(
+        down["state"] == "down" && down["alive"] == false,
+        "vorke's wire to rho: {down}"
+    );
+
+    // Mended.
+    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
+    let started = now_unix();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.nft_table(vorke, "cut", None)?;
+    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
+    eprintln!("rho–vorke mended: {outage:.2} s without replies, {lost} pings lost");
+    ensure!(
+        outage <= 1.0,
+        "{outage:.2} s without replies when mended (1 s allowed)"
+    );
+    tree_formed(&daemons, &rho_id, Duration::from_secs(10))?;
+
+    // rho hangs.
+    let flood = ping_flood_to(&lab, epsilon, &bridge_address(2), 6)?;
+    let started = now_unix();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.signal(daemons[0].proc(), libc::SIGSTOP)?;
+    let out = flood_output(&lab, &flood);
+    lab.signal(daemons[0].proc(), libc::SIGCONT)?;
+    let (outage, lost) = loss_window(&out?, started);
+    eprintln!("rho hung: epsilon–vorke {outage:.2} s without replies, {lost} pings lost");
+    ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
+    Ok(())
+}
+
 /// `over = ["mesh"]`: three nodes joined to a controller build the same
 /// overlay with no per-node peer list; the wires follow the mesh's peers.
 #[test]

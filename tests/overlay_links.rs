@@ -5,9 +5,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
 use bgp4mesh_kernel::links::Links;
-use bgp4mesh_kernel::overlay::{Stp, VxlanPort, set_port_states};
+use bgp4mesh_kernel::overlay::{PortStates, Stp, VxlanPort, set_port_states};
 use bgp4mesh_lab::{Lab, Node, can_run};
 
 /// Runs `f` with a netlink connection inside `node`.
@@ -31,7 +33,7 @@ fn bridge_with_port(lab: &Lab, node: &Node, port: VxlanPort, address: &str) -> R
     with_links(lab, node, async move |links: &Links| {
         links
             .overlay()
-            .ensure_bridge("br-l2", 1500, Stp::Ours)
+            .ensure_bridge("br-l2", 1500, Stp::Ours, 32768)
             .await?;
         links.overlay().ensure_vxlan(&port, "br-l2").await?;
         links.overlay().set_port_up(&port.name, true).await?;
@@ -67,7 +69,7 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     let (ai, bi) = (a_end.ipv4.into(), b_end.ipv4.into());
     bridge_with_port(&lab, &a, port(ai, bi), "10.99.0.1/24")?;
     bridge_with_port(&lab, &b, port(bi, ai), "10.99.0.2/24")?;
-    set_states(&lab, &a, &[], &[])?;
+    set_states(&lab, &a, State::Forwarding, HOLD)?;
     // 1500-byte frames with DF set inside.
     let ping = |size: &str| {
         lab.try_exec(
@@ -90,12 +92,21 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     ensure!(out.success(), "full frames do not cross: {}", out.stdout);
 
     // Discarding: nothing crosses; learning: still nothing; forwarding again.
-    set_states(&lab, &a, &["vx-peer"], &[])?;
+    set_states(&lab, &a, State::Discarding, HOLD)?;
     ensure!(!ping("56")?.success(), "a discarding port forwarded");
-    set_states(&lab, &a, &[], &["vx-peer"])?;
+    set_states(&lab, &a, State::Learning, HOLD)?;
     ensure!(!ping("56")?.success(), "a learning port forwarded");
-    set_states(&lab, &a, &[], &[])?;
+    set_states(&lab, &a, State::Forwarding, HOLD)?;
     ensure!(ping("56")?.success(), "forwarding again: no answer");
+    // Fail closed: a forwarding state not set again expires.
+    set_states(&lab, &a, State::Forwarding, Duration::from_millis(1500))?;
+    ensure!(ping("56")?.success(), "forwarding for 1.5 s: no answer");
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        !ping("56")?.success(),
+        "a forwarding state not set again still forwards"
+    );
+    set_states(&lab, &a, State::Forwarding, HOLD)?;
 
     // Idempotent: the same again changes nothing; another VNI makes the
     // port again; the bridge's MAC table can be flushed.
@@ -122,7 +133,7 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     let refused = with_links(&lab, &a, async |links: &Links| {
         links
             .overlay()
-            .ensure_bridge("br-theirs", 1500, Stp::Ours)
+            .ensure_bridge("br-theirs", 1500, Stp::Ours, 32768)
             .await
     });
     let message = format!("{:#}", refused.err().context("took a bridge not ours")?);
@@ -141,7 +152,7 @@ fn bridge_with_port_again(lab: &Lab, node: &Node, port: VxlanPort) -> Result<()>
     with_links(lab, node, async move |links: &Links| {
         links
             .overlay()
-            .ensure_bridge("br-l2", 1500, Stp::Ours)
+            .ensure_bridge("br-l2", 1500, Stp::Ours, 32768)
             .await?;
         links.overlay().ensure_vxlan(&port, "br-l2").await
     })?;
@@ -154,10 +165,31 @@ fn bridge_with_port_again(lab: &Lab, node: &Node, port: VxlanPort) -> Result<()>
     Ok(())
 }
 
-fn set_states(lab: &Lab, node: &Node, discarding: &[&str], learning: &[&str]) -> Result<()> {
-    let discarding: Vec<String> = discarding.iter().map(|s| s.to_string()).collect();
-    let learning: Vec<String> = learning.iter().map(|s| s.to_string()).collect();
-    lab.in_netns(node, || {
-        set_port_states("br-l2", Some((&discarding, &learning)))
-    })?
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Discarding,
+    Learning,
+    Forwarding,
+}
+
+/// Long enough for the test: the states do not expire under it.
+const HOLD: Duration = Duration::from_secs(600);
+
+fn set_states(lab: &Lab, node: &Node, state: State, hold: Duration) -> Result<()> {
+    let port = vec!["vx-peer".to_string()];
+    let states = PortStates {
+        ours: port.clone(),
+        forwarding: if state == State::Forwarding {
+            port.clone()
+        } else {
+            Vec::new()
+        },
+        learning: if state == State::Learning {
+            port
+        } else {
+            Vec::new()
+        },
+        hold,
+    };
+    lab.in_netns(node, || set_port_states("br-l2", Some(&states)))?
 }

@@ -14,7 +14,7 @@ use bgp4mesh_lab::own_as::{
 use bgp4mesh_lab::peers::best_route;
 use bgp4mesh_lab::{Lab, Node, can_run, wait_until};
 
-use common::{BIN, now_unix, ping};
+use common::{BIN, flood_output, loss_window, now_unix, ping, ping_flood_to};
 
 fn own_as(isp: IspKind) -> Result<()> {
     let lab = Lab::new(&format!(
@@ -384,47 +384,6 @@ fn nat_on_egress_can_be_switched_on_and_off() -> Result<()> {
     Ok(())
 }
 
-/// The longest time without a reply in `ping -D -i 0.02` output (each reply
-/// line starts with `[unix time]`), and how many were lost. Pings still
-/// unanswered at the end count too: from the last reply, one interval
-/// (as measured between the replies) per ping sent after it, so a flood
-/// that never gets an answer again is not read as a short gap.
-fn loss_window(output: &str, started: f64) -> (f64, usize) {
-    let replies: Vec<(f64, usize)> = output
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
-            let seq = l
-                .split("icmp_seq=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((time, seq))
-        })
-        .collect();
-    let mut worst = 0.0f64;
-    let mut last = started;
-    for (t, _) in &replies {
-        worst = worst.max(t - last);
-        last = *t;
-    }
-    let sent: usize = output
-        .lines()
-        .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
-        .unwrap_or(0);
-    let interval = match (replies.first(), replies.last()) {
-        (Some(&(t0, s0)), Some(&(t1, s1))) if s1 > s0 => (t1 - t0) / (s1 - s0) as f64,
-        _ => 0.02,
-    };
-    let last_seq = replies.iter().map(|&(_, seq)| seq).max().unwrap_or(0);
-    let unanswered_at_end = sent.saturating_sub(last_seq);
-    worst = worst.max(unanswered_at_end as f64 * interval);
-    (worst, sent.saturating_sub(replies.len()))
-}
-
 /// Waits until the second border's session with the ISP is up.
 fn wait_second_border(world: &OwnAs<'_>) -> Result<()> {
     let border2 = world.border2.as_ref().context("two borders")?;
@@ -442,25 +401,6 @@ fn wait_second_border(world: &OwnAs<'_>) -> Result<()> {
 /// timestamps (`ping -D`), for `loss_window`.
 fn ping_flood(lab: &Lab, node: &Node, seconds: u32) -> Result<bgp4mesh_lab::Proc> {
     ping_flood_to(lab, node, INTERNET_HOST, seconds)
-}
-
-/// Pings `to` from `node` every 20 ms for `seconds` (`ping -D`).
-fn ping_flood_to(lab: &Lab, node: &Node, to: &str, seconds: u32) -> Result<bgp4mesh_lab::Proc> {
-    let count = (seconds * 50).to_string();
-    lab.spawn(
-        node,
-        "ping-flood",
-        &["ping", "-D", "-i", "0.02", "-W", "1", "-c", &count, to],
-    )
-}
-
-/// Waits for a ping flood to end; its output.
-fn flood_output(lab: &Lab, proc: &bgp4mesh_lab::Proc) -> Result<String> {
-    wait_until(Duration::from_secs(30), "the ping flood to end", || {
-        ensure!(!lab.is_running(proc), "still pinging");
-        Ok(())
-    })?;
-    Ok(std::fs::read_to_string(&proc.log)?)
 }
 
 /// Two borders, the first preferred. A mesh node pings the Internet host

@@ -548,3 +548,63 @@ pub fn reply_times(log: &str) -> Vec<f64> {
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
         .collect()
 }
+
+/// The longest time without a reply in `ping -D -i 0.02` output (each reply
+/// line starts with `[unix time]`), and how many were lost. Pings still
+/// unanswered at the end count too: from the last reply, one interval
+/// (as measured between the replies) per ping sent after it, so a flood
+/// that never gets an answer again is not read as a short gap.
+pub fn loss_window(output: &str, started: f64) -> (f64, usize) {
+    let replies: Vec<(f64, usize)> = output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((time, seq))
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    let mut last = started;
+    for (t, _) in &replies {
+        worst = worst.max(t - last);
+        last = *t;
+    }
+    let sent: usize = output
+        .lines()
+        .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
+        .unwrap_or(0);
+    let interval = match (replies.first(), replies.last()) {
+        (Some(&(t0, s0)), Some(&(t1, s1))) if s1 > s0 => (t1 - t0) / (s1 - s0) as f64,
+        _ => 0.02,
+    };
+    let last_seq = replies.iter().map(|&(_, seq)| seq).max().unwrap_or(0);
+    let unanswered_at_end = sent.saturating_sub(last_seq);
+    worst = worst.max(unanswered_at_end as f64 * interval);
+    (worst, sent.saturating_sub(replies.len()))
+}
+
+/// Pings `to` from `node` every 20 ms for `seconds` (`ping -D`).
+pub fn ping_flood_to(lab: &Lab, node: &Node, to: &str, seconds: u32) -> Result<bgp4mesh_lab::Proc> {
+    let count = (seconds * 50).to_string();
+    lab.spawn(
+        node,
+        "ping-flood",
+        &["ping", "-D", "-i", "0.02", "-W", "1", "-c", &count, to],
+    )
+}
+
+/// Waits for a ping flood to end; its output.
+pub fn flood_output(lab: &Lab, proc: &bgp4mesh_lab::Proc) -> Result<String> {
+    wait_until(Duration::from_secs(30), "the ping flood to end", || {
+        ensure!(!lab.is_running(proc), "still pinging");
+        Ok(())
+    })?;
+    Ok(std::fs::read_to_string(&proc.log)?)
+}

@@ -7,7 +7,7 @@ pub mod agent;
 pub mod client;
 pub mod ipv6_paths;
 pub mod liveness;
-mod probe;
+pub mod probe;
 pub mod probing;
 pub mod relay_client;
 pub mod relay_server;

@@ -13,7 +13,9 @@
 //!   states our protocol core computes are applied by an nftables `bridge`
 //!   table ([`port_states_script`]): a *discarding* port takes and sends
 //!   nothing (so it learns nothing), a *learning* port learns but forwards
-//!   nothing. The kernel cannot hand its STP to user space in a network
+//!   nothing. Ports are discarding unless set otherwise, and the other
+//!   states expire unless set again, so the data plane fails closed when
+//!   the protocol stops. The kernel cannot hand its STP to user space in a network
 //!   namespace (`/sbin/bridge-stp` is asked in the initial one only), and
 //!   with STP off it forces every port to forwarding, so the states live
 //!   in netfilter. The table also keeps BPDUs from being flooded (with STP
@@ -137,8 +139,9 @@ pub struct OverlayLinks<'a> {
 
 impl OverlayLinks<'_> {
     /// Makes the bridge `name` exist, be ours, be up with `mtu`, and run
-    /// `stp`. A link of that name that is not a bridge we made is refused.
-    pub async fn ensure_bridge(&self, name: &str, mtu: u32, stp: Stp) -> Result<()> {
+    /// `stp` (the kernel's with bridge `priority`). A link of that name
+    /// that is not a bridge we made is refused.
+    pub async fn ensure_bridge(&self, name: &str, mtu: u32, stp: Stp, priority: u16) -> Result<()> {
         let stp_on = stp == Stp::Kernel;
         match existing(self.handle, name).await? {
             Some(link) => {
@@ -149,8 +152,10 @@ impl OverlayLinks<'_> {
                          name another bridge in [overlay] bridge, or delete {name}"
                     );
                 }
-                let message = LinkBridge::new(name).stp_state(stp_state(stp_on)).build();
-                let mut message = message;
+                let mut message = LinkBridge::new(name)
+                    .stp_state(stp_state(stp_on))
+                    .priority(priority)
+                    .build();
                 message.header.index = link.index;
                 self.handle
                     .link()
@@ -160,7 +165,10 @@ impl OverlayLinks<'_> {
                     .with_context(|| format!("setting {name}'s STP"))?;
             }
             None => {
-                let message = LinkBridge::new(name).stp_state(stp_state(stp_on)).build();
+                let message = LinkBridge::new(name)
+                    .stp_state(stp_state(stp_on))
+                    .priority(priority)
+                    .build();
                 self.handle
                     .link()
                     .add(message)
@@ -474,53 +482,80 @@ pub fn states_table(bridge: &str) -> Result<String> {
     Ok(format!("bgp4mesh_stp_{safe}"))
 }
 
-/// The `nft -f` script that makes `bridge`'s port states these: ports in
-/// `discarding` take and send nothing, ports in `learning` learn from what
-/// they take and forward nothing; the rest forward. BPDUs are never
-/// forwarded. `None` removes the table (the kernel's STP, or none).
-pub fn port_states_script(bridge: &str, states: Option<(&[String], &[String])>) -> Result<String> {
+/// The port states our spanning tree computed, as [`port_states_script`]
+/// applies them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortStates {
+    /// Every port the spanning tree runs on: those it does not name in
+    /// `forwarding` or `learning` discard (take and send nothing, so they
+    /// learn nothing). Other ports of the bridge are left alone.
+    pub ours: Vec<String>,
+    /// Ports that learn from what they take and send.
+    pub forwarding: Vec<String>,
+    /// Ports that learn from what they take and forward nothing.
+    pub learning: Vec<String>,
+    /// How long the forwarding and learning states hold without being set
+    /// again: a driver that stops (hung, killed) leaves every port
+    /// discarding after this, so a stale tree never forwards into a loop
+    /// (its neighbours forward towards it only after their forward delay).
+    pub hold: std::time::Duration,
+}
+
+/// The `nft -f` script that makes `bridge`'s port states `states` (see
+/// [`PortStates`]), in one transaction. BPDUs are never forwarded. `None`
+/// removes the table (the kernel's STP, or none).
+pub fn port_states_script(bridge: &str, states: Option<&PortStates>) -> Result<String> {
     let table = states_table(bridge)?;
     let mut script = format!("table bridge {table}\ndelete table bridge {table}\n");
-    let Some((discarding, learning)) = states else {
+    let Some(states) = states else {
         return Ok(script);
     };
-    let elements = |ports: &[String]| -> Result<String> {
+    let hold = states.hold.as_millis().max(1);
+    let elements = |ports: &[String], timeout: bool| -> Result<String> {
         for p in ports {
             states_table(p).with_context(|| format!("port {p:?}"))?;
         }
         Ok(ports
             .iter()
-            .map(|p| format!("\"{p}\""))
+            .map(|p| {
+                if timeout {
+                    format!("\"{p}\" timeout {hold}ms")
+                } else {
+                    format!("\"{p}\"")
+                }
+            })
             .collect::<Vec<_>>()
             .join(", "))
     };
-    let set = |name: &str, ports: &[String]| -> Result<String> {
-        let elements = elements(ports)?;
+    let set = |name: &str, ports: &[String], timeout: bool| -> Result<String> {
+        let flags = if timeout { " flags timeout;" } else { "" };
+        let elements = elements(ports, timeout)?;
         Ok(if ports.is_empty() {
-            format!("\tset {name} {{ type ifname; }}\n")
+            format!("\tset {name} {{ type ifname;{flags} }}\n")
         } else {
-            format!("\tset {name} {{ type ifname; elements = {{ {elements} }}; }}\n")
+            format!("\tset {name} {{ type ifname;{flags} elements = {{ {elements} }}; }}\n")
         })
     };
     script.push_str(&format!("table bridge {table} {{\n"));
-    script.push_str(&set("discarding", discarding)?);
-    script.push_str(&set("learning", learning)?);
+    script.push_str(&set("ours", &states.ours, false)?);
+    script.push_str(&set("forwarding", &states.forwarding, true)?);
+    script.push_str(&set("learning", &states.learning, true)?);
     script.push_str(
         "\tchain prerouting { type filter hook prerouting priority -300; policy accept; \
-         iifname @discarding drop; }\n\
+         iifname @ours iifname != @forwarding iifname != @learning drop; }\n\
          \tchain forward { type filter hook forward priority -300; policy accept; \
-         ether daddr 01:80:c2:00:00:00 drop; iifname @learning drop; oifname @learning drop; }\n\
-         \tchain output { type filter hook output priority -300; policy accept; \
-         oifname @learning drop; }\n\
+         ether daddr 01:80:c2:00:00:00 drop; iifname @ours iifname != @forwarding drop; }\n\
+         \tchain input { type filter hook input priority -300; policy accept; \
+         iifname @ours iifname != @forwarding drop; }\n\
          \tchain postrouting { type filter hook postrouting priority -300; policy accept; \
-         oifname @discarding drop; }\n\
+         oifname @ours oifname != @forwarding drop; }\n\
          }\n",
     );
     Ok(script)
 }
 
 /// Applies [`port_states_script`] in one `nft -f` transaction.
-pub fn set_port_states(bridge: &str, states: Option<(&[String], &[String])>) -> Result<()> {
+pub fn set_port_states(bridge: &str, states: Option<&PortStates>) -> Result<()> {
     let script = port_states_script(bridge, states)?;
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -550,14 +585,23 @@ mod tests {
 
     #[test]
     fn the_states_script_names_each_port_once() {
-        let discarding = vec!["vx-bob".to_string()];
-        let learning: Vec<String> = Vec::new();
-        let script = port_states_script("br-l2", Some((&discarding, &learning))).unwrap();
+        let states = PortStates {
+            ours: vec!["vx-bob".to_string(), "vx-rho".to_string()],
+            forwarding: vec!["vx-rho".to_string()],
+            learning: Vec::new(),
+            hold: std::time::Duration::from_secs(5),
+        };
+        let script = port_states_script("br-l2", Some(&states)).unwrap();
         assert!(script.starts_with(
             "table bridge bgp4mesh_stp_br_l2\ndelete table bridge bgp4mesh_stp_br_l2\n"
         ));
-        assert!(script.contains("set discarding { type ifname; elements = { \"vx-bob\" }; }"));
-        assert!(script.contains("set learning { type ifname; }"));
+        assert!(
+            script.contains("set ours { type ifname; elements = { \"vx-bob\", \"vx-rho\" }; }")
+        );
+        assert!(script.contains(
+            "set forwarding { type ifname; flags timeout; elements = { \"vx-rho\" timeout 5000ms }; }"
+        ));
+        assert!(script.contains("set learning { type ifname; flags timeout; }"));
         assert!(script.contains("ether daddr 01:80:c2:00:00:00 drop"));
         let removed = port_states_script("br-l2", None).unwrap();
         assert_eq!(
@@ -570,7 +614,10 @@ mod tests {
     fn names_that_could_break_the_script_are_refused() {
         assert!(port_states_script("br\"0", None).is_err());
         assert!(port_states_script("", None).is_err());
-        let evil = vec!["a\" }; flush ruleset; #".to_string()];
-        assert!(port_states_script("br0", Some((&evil, &[]))).is_err());
+        let evil = PortStates {
+            ours: vec!["a\" }; flush ruleset; #".to_string()],
+            ..PortStates::default()
+        };
+        assert!(port_states_script("br0", Some(&evil)).is_err());
     }
 }

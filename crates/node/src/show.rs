@@ -691,15 +691,40 @@ pub fn render_overlay(data: &Value) -> String {
             _ => "none",
         }
     );
+    if let Some(root) = data["root"].as_str() {
+        let root_port = data["root_port"]
+            .as_str()
+            .unwrap_or("none (this is the root)");
+        out.push_str(&format!(
+            "bridge id {}, root {root} via {root_port} (cost {}), {} topology change(s){}\n",
+            text(&data["bridge_id"]),
+            data["root_path_cost"],
+            data["topology_changes"],
+            match data["last_topology_change_at"].as_u64() {
+                Some(t) => format!(", the last at {} UTC", utc_text(t)),
+                None => String::new(),
+            }
+        ));
+    }
     out.push_str(&format!(
-        "{:<12} {:<10} {:<18} {:<26} {:<26} over\n",
-        "Port", "VNI", "Via", "Local", "Remote"
+        "{:<10} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} over\n",
+        "Port", "VNI", "State", "Role", "Via", "Local", "Remote"
     ));
     for w in data["wires"].as_array().into_iter().flatten() {
+        // The kernel's STP: whether the tunnel answers, the rest in
+        // `bridge link show`.
+        let state = match (w["state"].as_str(), w["alive"].as_bool()) {
+            (Some(state), _) => state,
+            (None, Some(false)) => "down",
+            (None, Some(true)) => "up",
+            (None, None) => "-",
+        };
         out.push_str(&format!(
-            "{:<12} {:<10} {:<18} {:<26} {:<26} {}\n",
+            "{:<10} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} {}\n",
             text(&w["port"]),
             w["vni"],
+            state,
+            w["role"].as_str().unwrap_or("-"),
             text(&w["via"]),
             text(&w["local"]),
             text(&w["remote"]),
@@ -735,6 +760,39 @@ mod tests {
         ] {
             assert!(wire.contains(field), "{field} missing: {wire}");
         }
+    }
+
+    #[test]
+    fn our_spanning_tree_shows_its_root_and_each_port_state() {
+        let data = serde_json::json!({
+            "bridge": "br-l2", "mtu": 1500, "stp": "fast",
+            "bridge_id": "8000.020000000003", "root": "1000.020000000001",
+            "root_port": "vx-000001", "root_path_cost": 20000, "topology_changes": 2,
+            "last_topology_change_at": 951_782_400u64,
+            "wires": [{"port": "vx-000001", "over": "peering:rho", "vni": 1,
+                       "local": "10.88.88.3", "remote": "10.88.88.1", "via": "wg-rho",
+                       "state": "forwarding", "role": "root", "alive": true},
+                      {"port": "vx-000002", "over": "peering:bob", "vni": 2,
+                       "local": "10.88.88.3", "remote": "10.88.88.2", "via": "wg-bob",
+                       "state": "down", "role": "disabled", "alive": false}],
+        });
+        let shown = render_overlay(&data);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(
+            lines[1],
+            "bridge id 8000.020000000003, root 1000.020000000001 via vx-000001 (cost 20000), \
+             2 topology change(s), the last at 2000-02-29 00:00:00 UTC"
+        );
+        assert!(
+            lines[3].contains("forwarding") && lines[3].contains("root"),
+            "{}",
+            lines[3]
+        );
+        assert!(
+            lines[4].contains("down") && lines[4].contains("disabled"),
+            "{}",
+            lines[4]
+        );
     }
 
     #[test]

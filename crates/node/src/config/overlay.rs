@@ -144,10 +144,7 @@ pub fn build(section: OverlaySection, context: Context<'_>) -> Result<Overlay> {
         );
     }
     let stp = match section.stp.as_str() {
-        "fast" => bail!(
-            "overlay.stp: \"fast\" (our rapid spanning tree) is not available yet; use \"stp\" \
-             (the kernel bridge's, as seed 003) or \"off\""
-        ),
+        "fast" => StpMode::Fast,
         "stp" => StpMode::Kernel,
         "off" => StpMode::Off,
         other => bail!("overlay.stp: {other:?} is not one of fast, stp, off"),
@@ -316,10 +313,6 @@ mod tests {
             (
                 "bridge = \"br\"\nover = [\"peering:rho\", \"peering:rho\"]",
                 "overlay.over",
-            ),
-            (
-                "bridge = \"br\"\nover = [\"peering:rho\"]\nstp = \"fast\"",
-                "overlay.stp",
             ),
             (
                 "bridge = \"wg-rho\"\nover = [\"peering:rho\"]",

@@ -3,7 +3,12 @@
 //! frames through (in a table of its own that only VXLAN's packets look
 //! in), and the bridge's addresses, made and kept in step with
 //! the configuration (config::overlay says what each key means). Only the
-//! kernel crate changes the kernel; this module says what should be there.
+//! kernel crate changes the kernel; this module says what should be there,
+//! and [`port_driver`] runs the ports: whether each wire's tunnel is alive,
+//! and our spanning tree with `stp = "fast"`.
+
+pub mod bpdu_socket;
+pub mod port_driver;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -16,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::config::overlay::{Over, Overlay, StpMode, derived_vni, remote_route_mtu};
 use crate::config::{Peering, Wireguard};
+use port_driver::{Mode, PortDriver, PortSpec};
 
 /// One virtual wire: a VXLAN port to one tunnel peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,10 +158,11 @@ pub struct Tunnels<'a> {
     pub mesh: Option<&'a MeshWires>,
 }
 
-/// The overlay as it was last applied.
+/// The overlay as it was last applied, and the task that runs its ports.
 pub struct OverlayDriver {
     overlay: Overlay,
     wires: Vec<Wire>,
+    ports: Option<PortDriver>,
 }
 
 fn stp(mode: StpMode) -> Stp {
@@ -176,6 +183,7 @@ impl OverlayDriver {
         let mut driver = OverlayDriver {
             overlay: overlay.clone(),
             wires: Vec::new(),
+            ports: None,
         };
         if let Err(e) = driver.apply(links, overlay, tunnels).await {
             // Nothing half-built is left behind.
@@ -198,11 +206,22 @@ impl OverlayDriver {
         if self.overlay.bridge != overlay.bridge {
             self.remove(links).await;
         }
+        if self.overlay.stp != overlay.stp
+            && let Some(ports) = self.ports.take()
+        {
+            // Another spanning tree: the old one's task stops first.
+            ports.stop().await;
+        }
         // From here on, what is made is what `remove` takes away.
         let before = std::mem::replace(&mut self.wires, wanted.clone());
         self.overlay = overlay.clone();
         kernel
-            .ensure_bridge(&overlay.bridge, u32::from(overlay.mtu), stp(overlay.stp))
+            .ensure_bridge(
+                &overlay.bridge,
+                u32::from(overlay.mtu),
+                stp(overlay.stp),
+                overlay.priority,
+            )
             .await?;
         if overlay.stp != StpMode::Fast
             && let Err(e) = bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)
@@ -224,16 +243,55 @@ impl OverlayDriver {
             let mtu = remote_route_mtu(overlay.mtu, w.port.remote);
             kernel.route_remote(w.port.remote, &w.via, mtu).await?;
             kernel.ensure_vxlan(&w.port, &overlay.bridge).await?;
-            kernel.set_port_up(&w.port.name, true).await?;
+            if !before.iter().any(|b| b.port == w.port) {
+                // Up when made; the port driver takes it down and up
+                // with its tunnel from then on.
+                kernel.set_port_up(&w.port.name, true).await?;
+            }
         }
         links
             .set_addresses(&overlay.bridge, &overlay.addresses)
             .await?;
+        let mode = match overlay.stp {
+            StpMode::Fast => {
+                let mut config = bgp4mesh_rstp::BridgeConfig::new(bridge_mac(&overlay.bridge)?);
+                config.priority = overlay.priority;
+                Mode::Rstp(config)
+            }
+            StpMode::Kernel | StpMode::Off => Mode::Kernel,
+        };
+        if self.ports.as_ref().is_some_and(|p| *p.mode() != mode)
+            && let Some(ports) = self.ports.take()
+        {
+            ports.stop().await;
+        }
+        if self.ports.is_none() {
+            self.ports = Some(PortDriver::start(&overlay.bridge, mode)?);
+        }
+        if let Some(ports) = &self.ports {
+            ports.set_ports(
+                wanted
+                    .iter()
+                    .map(|w| PortSpec {
+                        name: w.port.name.clone(),
+                        label: w.label.clone(),
+                        via: w.via.clone(),
+                        remote: w.port.remote,
+                    })
+                    .collect(),
+            );
+        }
         Ok(())
     }
 
     /// Removes what the overlay made: its ports, their routes, the bridge.
     pub async fn remove(&mut self, links: &Links) {
+        if let Some(ports) = self.ports.take() {
+            ports.stop().await;
+        }
+        if let Err(e) = bgp4mesh_kernel::overlay::set_port_states(&self.overlay.bridge, None) {
+            tracing::debug!("overlay: no port-state table to remove: {e:#}");
+        }
         let kernel = links.overlay();
         for w in std::mem::take(&mut self.wires) {
             if let Err(e) = kernel.remove(&w.port.name).await {
@@ -256,9 +314,14 @@ impl OverlayDriver {
         self.wires.len()
     }
 
-    /// `show overlay`: the bridge and each wire.
+    /// `show overlay`: the bridge, the spanning tree, and each wire.
     pub fn show(&self) -> Value {
-        json!({
+        let status = self
+            .ports
+            .as_ref()
+            .map(PortDriver::status)
+            .unwrap_or(Value::Null);
+        let mut shown = json!({
             "bridge": self.overlay.bridge,
             "mtu": self.overlay.mtu,
             "stp": match self.overlay.stp {
@@ -266,14 +329,50 @@ impl OverlayDriver {
                 StpMode::Kernel => "stp",
                 StpMode::Off => "off",
             },
-            "wires": self.wires.iter().map(|w| json!({
-                "port": w.port.name,
-                "over": w.label,
-                "vni": w.port.vni,
-                "local": w.port.local.to_string(),
-                "remote": w.port.remote.to_string(),
-                "via": w.via,
-            })).collect::<Vec<_>>(),
-        })
+            "wires": self.wires.iter().map(|w| {
+                let mut wire = json!({
+                    "port": w.port.name,
+                    "over": w.label,
+                    "vni": w.port.vni,
+                    "local": w.port.local.to_string(),
+                    "remote": w.port.remote.to_string(),
+                    "via": w.via,
+                });
+                if let Some(Value::Object(port)) = status["ports"].get(&w.port.name) {
+                    for (k, v) in port {
+                        wire[k] = v.clone();
+                    }
+                }
+                wire
+            }).collect::<Vec<_>>(),
+        });
+        for key in [
+            "bridge_id",
+            "root",
+            "root_port",
+            "root_path_cost",
+            "topology_changes",
+            "last_topology_change_at",
+        ] {
+            if let Some(v) = status.get(key) {
+                shown[key] = v.clone();
+            }
+        }
+        shown
     }
+}
+
+/// The bridge's MAC address: our spanning tree's bridge identifier.
+fn bridge_mac(bridge: &str) -> Result<[u8; 6]> {
+    let path = format!("/sys/class/net/{bridge}/address");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("overlay: reading {path}: {e}"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("overlay: {path} says {:?}, not a MAC address", text.trim()))
 }
