@@ -722,7 +722,7 @@ pub fn render_overlay(data: &Value) -> String {
         out.push_str(&format!(
             "{:<10} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} {}\n",
             text(&w["port"]),
-            w["vni"],
+            w["vni"].as_u64().map(|v| v.to_string()).unwrap_or_default(),
             state,
             w["role"].as_str().unwrap_or("-"),
             text(&w["via"]),

@@ -6,7 +6,7 @@
 //! bridge = "br-l2"
 //! mtu = 1500
 //! over = ["peering:rho", "peering:bob"]
-//! stp = "stp"
+//! stp = "fast"
 //! address = ["10.99.0.1/24"]
 //! [overlay.vni]
 //! "peering:rho" = 1001
@@ -65,7 +65,7 @@ fn default_mtu() -> u16 {
 }
 
 fn default_stp() -> String {
-    "stp".into()
+    "fast".into()
 }
 
 fn default_priority() -> u16 {
@@ -295,7 +295,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.mtu, 1500);
-        assert_eq!(o.stp, StpMode::Kernel);
+        assert_eq!(o.stp, StpMode::Fast);
         assert_eq!(o.over, vec![Over::Peering("rho".into())]);
         assert_eq!(o.priority, 32768);
     }
