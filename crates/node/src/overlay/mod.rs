@@ -316,11 +316,14 @@ impl OverlayDriver {
 
     /// `show overlay`: the bridge, the spanning tree, and each wire.
     pub fn show(&self) -> Value {
-        let status = self
+        let mut status = self
             .ports
             .as_ref()
             .map(PortDriver::status)
             .unwrap_or(Value::Null);
+        if self.overlay.stp == StpMode::Kernel {
+            kernel_tree(&self.overlay.bridge, &self.wires, &mut status);
+        }
         let mut shown = json!({
             "bridge": self.overlay.bridge,
             "mtu": self.overlay.mtu,
@@ -360,6 +363,46 @@ impl OverlayDriver {
         }
         shown
     }
+}
+
+/// The kernel STP's view, from sysfs, into `status` as our own tree
+/// reports it: the bridge's and the root's identifiers, the root port and
+/// each wire's state.
+fn kernel_tree(bridge: &str, wires: &[Wire], status: &mut Value) {
+    let read = |path: String| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_string())
+    };
+    let sys = format!("/sys/class/net/{bridge}/bridge");
+    if !status.is_object() {
+        *status = json!({});
+    }
+    status["bridge_id"] = json!(read(format!("{sys}/bridge_id")));
+    status["root"] = json!(read(format!("{sys}/root_id")));
+    status["root_path_cost"] =
+        json!(read(format!("{sys}/root_path_cost")).and_then(|c| c.parse::<u64>().ok()));
+    let root_port = read(format!("{sys}/root_port")).and_then(|p| p.parse::<u32>().ok());
+    let mut root_name = None;
+    for w in wires {
+        let port = format!("/sys/class/net/{}/brport", w.port.name);
+        let number = read(format!("{port}/port_no"))
+            .and_then(|n| u32::from_str_radix(n.trim_start_matches("0x"), 16).ok());
+        if number.is_some() && number == root_port {
+            root_name = Some(w.port.name.clone());
+        }
+        // include/uapi/linux/if_bridge.h: BR_STATE_*.
+        let state = match read(format!("{port}/state")).as_deref() {
+            Some("0") => "down",
+            Some("1") => "listening",
+            Some("2") => "learning",
+            Some("3") => "forwarding",
+            Some("4") => "blocking",
+            _ => continue,
+        };
+        status["ports"][&w.port.name]["state"] = json!(state);
+    }
+    status["root_port"] = json!(root_name);
 }
 
 /// The bridge's MAC address: our spanning tree's bridge identifier.
