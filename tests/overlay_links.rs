@@ -29,16 +29,27 @@ fn with_links<T: Send>(
     })?
 }
 
+/// Makes the bridge and its port. The bridge's address (our spanning
+/// tree's bridge identifier) stays when the port is attached.
 fn bridge_with_port(lab: &Lab, node: &Node, port: VxlanPort, address: &str) -> Result<()> {
-    with_links(lab, node, async move |links: &Links| {
+    let mac = || lab.exec(node, &["cat", "/sys/class/net/br-l2/address"]);
+    with_links(lab, node, async |links: &Links| {
         links
             .overlay()
             .ensure_bridge("br-l2", 1500, Stp::Ours, 32768)
-            .await?;
+            .await
+    })?;
+    let before = mac()?;
+    with_links(lab, node, async move |links: &Links| {
         links.overlay().ensure_vxlan(&port, "br-l2").await?;
         links.overlay().set_port_up(&port.name, true).await?;
         Ok(())
     })?;
+    let after = mac()?;
+    ensure!(
+        before == after,
+        "the bridge's address moved: {before} -> {after}"
+    );
     lab.exec(node, &["ip", "addr", "add", address, "dev", "br-l2"])?;
     Ok(())
 }
@@ -60,7 +71,7 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     lab.exec(&a, &["ip", "link", "set", &a_end.name, "mtu", "1550"])?;
     lab.exec(&b, &["ip", "link", "set", &b_end.name, "mtu", "1550"])?;
     let port = |local, remote| VxlanPort {
-        name: "vx-peer".into(),
+        name: "b4vx-peer".into(),
         vni: 4242,
         local,
         remote,
@@ -111,18 +122,18 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
     // Idempotent: the same again changes nothing; another VNI makes the
     // port again; the bridge's MAC table can be flushed.
     bridge_with_port_again(&lab, &a, port(ai, bi))?;
-    let shown = lab.exec(&a, &["ip", "-d", "link", "show", "vx-peer"])?;
+    let shown = lab.exec(&a, &["ip", "-d", "link", "show", "b4vx-peer"])?;
     ensure!(shown.contains("id 4242"), "{shown}");
     let mut other = port(ai, bi);
     other.vni = 4343;
     with_links(&lab, &a, async move |links: &Links| {
         links.overlay().ensure_vxlan(&other, "br-l2").await?;
-        links.overlay().flush_port("vx-peer").await?;
+        links.overlay().flush_port("b4vx-peer").await?;
         let ports = links.overlay().vxlan_ports("br-l2").await?;
-        ensure!(ports == vec!["vx-peer".to_string()], "{ports:?}");
+        ensure!(ports == vec!["b4vx-peer".to_string()], "{ports:?}");
         Ok(())
     })?;
-    let shown = lab.exec(&a, &["ip", "-d", "link", "show", "vx-peer"])?;
+    let shown = lab.exec(&a, &["ip", "-d", "link", "show", "b4vx-peer"])?;
     ensure!(
         shown.contains("id 4343") && shown.contains("master br-l2"),
         "{shown}"
@@ -148,7 +159,7 @@ fn a_bridge_of_ours_with_a_vxlan_port_carries_full_frames_and_obeys_port_states(
 }
 
 fn bridge_with_port_again(lab: &Lab, node: &Node, port: VxlanPort) -> Result<()> {
-    let before = lab.exec(node, &["ip", "-o", "link", "show", "vx-peer"])?;
+    let before = lab.exec(node, &["ip", "-o", "link", "show", "b4vx-peer"])?;
     with_links(lab, node, async move |links: &Links| {
         links
             .overlay()
@@ -156,7 +167,7 @@ fn bridge_with_port_again(lab: &Lab, node: &Node, port: VxlanPort) -> Result<()>
             .await?;
         links.overlay().ensure_vxlan(&port, "br-l2").await
     })?;
-    let after = lab.exec(node, &["ip", "-o", "link", "show", "vx-peer"])?;
+    let after = lab.exec(node, &["ip", "-o", "link", "show", "b4vx-peer"])?;
     let index = |s: &str| s.split(':').next().unwrap_or_default().to_string();
     ensure!(
         index(&before) == index(&after),
@@ -176,9 +187,8 @@ enum State {
 const HOLD: Duration = Duration::from_secs(600);
 
 fn set_states(lab: &Lab, node: &Node, state: State, hold: Duration) -> Result<()> {
-    let port = vec!["vx-peer".to_string()];
+    let port = vec!["b4vx-peer".to_string()];
     let states = PortStates {
-        ours: port.clone(),
         forwarding: if state == State::Forwarding {
             port.clone()
         } else {

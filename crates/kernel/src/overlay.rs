@@ -13,7 +13,8 @@
 //!   states our protocol core computes are applied by an nftables `bridge`
 //!   table ([`port_states_script`]): a *discarding* port takes and sends
 //!   nothing (so it learns nothing), a *learning* port learns but forwards
-//!   nothing. Ports are discarding unless set otherwise, and the other
+//!   nothing. Ports named [`PORT_PREFIX`]… are discarding unless set
+//!   otherwise (from the moment they are attached), and the other
 //!   states expire unless set again, so the data plane fails closed when
 //!   the protocol stops. The kernel cannot hand its STP to user space in a network
 //!   namespace (`/sbin/bridge-stp` is asked in the initial one only), and
@@ -85,6 +86,7 @@ struct Existing {
     alias: Option<String>,
     controller: Option<u32>,
     mtu: Option<u32>,
+    address: Option<Vec<u8>>,
     vxlan: Vec<InfoVxlan>,
 }
 
@@ -105,6 +107,7 @@ async fn existing(handle: &Handle, name: &str) -> Result<Option<Existing>> {
         alias: None,
         controller: None,
         mtu: None,
+        address: None,
         vxlan: Vec::new(),
     };
     for attribute in link.attributes {
@@ -112,6 +115,7 @@ async fn existing(handle: &Handle, name: &str) -> Result<Option<Existing>> {
             LinkAttribute::IfAlias(a) => found.alias = Some(a),
             LinkAttribute::Controller(c) => found.controller = Some(c),
             LinkAttribute::Mtu(m) => found.mtu = Some(m),
+            LinkAttribute::Address(a) => found.address = Some(a),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
@@ -177,17 +181,27 @@ impl OverlayLinks<'_> {
                     .with_context(|| format!("creating the bridge {name}"))?;
             }
         }
-        let index = crate::link_index(self.handle, name).await?;
+        let Some(link) = existing(self.handle, name).await? else {
+            bail!("the bridge {name} went away while it was made");
+        };
         // The alias is taken on a change, not when a link is made.
+        let mut message = LinkUnspec::new_with_index(link.index)
+            .alias(OWNER_ALIAS)
+            .mtu(mtu)
+            .up();
+        if link.alias.as_deref() != Some(OWNER_ALIAS)
+            && let Some(mut mac) = link.address.filter(|a| a.len() == 6)
+        {
+            // Just made: its random address set explicitly (changed, so
+            // the kernel takes it as set), so that it stays when ports come
+            // and go (the kernel gives a bridge the lowest port address
+            // otherwise) and the spanning tree's bridge identifier with it.
+            mac[5] ^= 1;
+            message = message.address(mac);
+        }
         self.handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .alias(OWNER_ALIAS)
-                    .mtu(mtu)
-                    .up()
-                    .build(),
-            )
+            .set(message.build())
             .execute()
             .await
             .with_context(|| format!("setting {name} up with MTU {mtu}"))
@@ -482,14 +496,17 @@ pub fn states_table(bridge: &str) -> Result<String> {
     Ok(format!("bgp4mesh_stp_{safe}"))
 }
 
+/// The prefix of the overlay's VXLAN ports' names: a bridge port so named
+/// discards unless [`PortStates`] says otherwise, from the moment it is
+/// attached (one overlay per machine; no other port is named so).
+pub const PORT_PREFIX: &str = "b4vx-";
+
 /// The port states our spanning tree computed, as [`port_states_script`]
-/// applies them.
+/// applies them. Every port of the bridge named [`PORT_PREFIX`]… that is
+/// named in neither list discards (takes and sends nothing, so it learns
+/// nothing); other ports of the bridge are left alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortStates {
-    /// Every port the spanning tree runs on: those it does not name in
-    /// `forwarding` or `learning` discard (take and send nothing, so they
-    /// learn nothing). Other ports of the bridge are left alone.
-    pub ours: Vec<String>,
     /// Ports that learn from what they take and send.
     pub forwarding: Vec<String>,
     /// Ports that learn from what they take and forward nothing.
@@ -502,7 +519,8 @@ pub struct PortStates {
 }
 
 /// The `nft -f` script that makes `bridge`'s port states `states` (see
-/// [`PortStates`]), in one transaction. BPDUs are never forwarded. `None`
+/// [`PortStates`]), in one transaction. BPDUs are never forwarded nor
+/// learned from (our protocol reads them before the bridge does). `None`
 /// removes the table (the kernel's STP, or none).
 pub fn port_states_script(bridge: &str, states: Option<&PortStates>) -> Result<String> {
     let table = states_table(bridge)?;
@@ -511,46 +529,41 @@ pub fn port_states_script(bridge: &str, states: Option<&PortStates>) -> Result<S
         return Ok(script);
     };
     let hold = states.hold.as_millis().max(1);
-    let elements = |ports: &[String], timeout: bool| -> Result<String> {
+    let set = |name: &str, ports: &[String]| -> Result<String> {
         for p in ports {
             states_table(p).with_context(|| format!("port {p:?}"))?;
         }
-        Ok(ports
+        let elements = ports
             .iter()
-            .map(|p| {
-                if timeout {
-                    format!("\"{p}\" timeout {hold}ms")
-                } else {
-                    format!("\"{p}\"")
-                }
-            })
+            .map(|p| format!("\"{p}\" timeout {hold}ms"))
             .collect::<Vec<_>>()
-            .join(", "))
-    };
-    let set = |name: &str, ports: &[String], timeout: bool| -> Result<String> {
-        let flags = if timeout { " flags timeout;" } else { "" };
-        let elements = elements(ports, timeout)?;
+            .join(", ");
         Ok(if ports.is_empty() {
-            format!("\tset {name} {{ type ifname;{flags} }}\n")
+            format!("\tset {name} {{ type ifname; flags timeout; }}\n")
         } else {
-            format!("\tset {name} {{ type ifname;{flags} elements = {{ {elements} }}; }}\n")
+            format!("\tset {name} {{ type ifname; flags timeout; elements = {{ {elements} }}; }}\n")
         })
     };
+    // By name, not by bridge (`meta ibrname` needs a module kernels may
+    // lack): the prefix is the overlay's own.
+    let ours_in = format!("iifname \"{PORT_PREFIX}*\"");
+    let ours_out = format!("oifname \"{PORT_PREFIX}*\"");
     script.push_str(&format!("table bridge {table} {{\n"));
-    script.push_str(&set("ours", &states.ours, false)?);
-    script.push_str(&set("forwarding", &states.forwarding, true)?);
-    script.push_str(&set("learning", &states.learning, true)?);
-    script.push_str(
-        "\tchain prerouting { type filter hook prerouting priority -300; policy accept; \
-         iifname @ours iifname != @forwarding iifname != @learning drop; }\n\
-         \tchain forward { type filter hook forward priority -300; policy accept; \
-         ether daddr 01:80:c2:00:00:00 drop; iifname @ours iifname != @forwarding drop; }\n\
-         \tchain input { type filter hook input priority -300; policy accept; \
-         iifname @ours iifname != @forwarding drop; }\n\
-         \tchain postrouting { type filter hook postrouting priority -300; policy accept; \
-         oifname @ours oifname != @forwarding drop; }\n\
-         }\n",
-    );
+    script.push_str(&set("forwarding", &states.forwarding)?);
+    script.push_str(&set("learning", &states.learning)?);
+    script.push_str(&format!(
+        "\tchain prerouting {{ type filter hook prerouting priority -300; policy accept; \
+         {ours_in} ether daddr 01:80:c2:00:00:00 drop; \
+         {ours_in} iifname != @forwarding iifname != @learning drop; }}\n\
+         \tchain forward {{ type filter hook forward priority -300; policy accept; \
+         ether daddr 01:80:c2:00:00:00 {ours_out} drop; \
+         {ours_in} iifname != @forwarding drop; }}\n\
+         \tchain input {{ type filter hook input priority -300; policy accept; \
+         {ours_in} iifname != @forwarding drop; }}\n\
+         \tchain postrouting {{ type filter hook postrouting priority -300; policy accept; \
+         {ours_out} oifname != @forwarding drop; }}\n\
+         }}\n",
+    ));
     Ok(script)
 }
 
@@ -586,8 +599,7 @@ mod tests {
     #[test]
     fn the_states_script_names_each_port_once() {
         let states = PortStates {
-            ours: vec!["vx-bob".to_string(), "vx-rho".to_string()],
-            forwarding: vec!["vx-rho".to_string()],
+            forwarding: vec!["b4vx-rho".to_string()],
             learning: Vec::new(),
             hold: std::time::Duration::from_secs(5),
         };
@@ -595,14 +607,12 @@ mod tests {
         assert!(script.starts_with(
             "table bridge bgp4mesh_stp_br_l2\ndelete table bridge bgp4mesh_stp_br_l2\n"
         ));
-        assert!(
-            script.contains("set ours { type ifname; elements = { \"vx-bob\", \"vx-rho\" }; }")
-        );
         assert!(script.contains(
-            "set forwarding { type ifname; flags timeout; elements = { \"vx-rho\" timeout 5000ms }; }"
+            "set forwarding { type ifname; flags timeout; elements = { \"b4vx-rho\" timeout 5000ms }; }"
         ));
         assert!(script.contains("set learning { type ifname; flags timeout; }"));
-        assert!(script.contains("ether daddr 01:80:c2:00:00:00 drop"));
+        assert!(script.contains("iifname \"b4vx-*\" ether daddr 01:80:c2:00:00:00 drop"));
+        assert!(script.contains("oifname \"b4vx-*\" oifname != @forwarding drop"));
         let removed = port_states_script("br-l2", None).unwrap();
         assert_eq!(
             removed,
@@ -615,7 +625,7 @@ mod tests {
         assert!(port_states_script("br\"0", None).is_err());
         assert!(port_states_script("", None).is_err());
         let evil = PortStates {
-            ours: vec!["a\" }; flush ruleset; #".to_string()],
+            forwarding: vec!["a\" }; flush ruleset; #".to_string()],
             ..PortStates::default()
         };
         assert!(port_states_script("br0", Some(&evil)).is_err());

@@ -695,19 +695,24 @@ pub fn render_overlay(data: &Value) -> String {
         let root_port = data["root_port"]
             .as_str()
             .unwrap_or("none (this is the root)");
-        out.push_str(&format!(
-            "bridge id {}, root {root} via {root_port} (cost {}), {} topology change(s){}\n",
-            text(&data["bridge_id"]),
-            data["root_path_cost"],
-            data["topology_changes"],
-            match data["last_topology_change_at"].as_u64() {
-                Some(t) => format!(", the last at {} UTC", utc_text(t)),
-                None => String::new(),
-            }
-        ));
+        let mut line = format!(
+            "bridge id {}, root {root} via {root_port}",
+            text(&data["bridge_id"])
+        );
+        if let Some(cost) = data["root_path_cost"].as_u64() {
+            line.push_str(&format!(" (cost {cost})"));
+        }
+        if let Some(changes) = data["topology_changes"].as_u64() {
+            line.push_str(&format!(", {changes} topology change(s)"));
+        }
+        if let Some(t) = data["last_topology_change_at"].as_u64() {
+            line.push_str(&format!(", the last at {} UTC", utc_text(t)));
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     out.push_str(&format!(
-        "{:<10} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} over\n",
+        "{:<12} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} over\n",
         "Port", "VNI", "State", "Role", "Via", "Local", "Remote"
     ));
     for w in data["wires"].as_array().into_iter().flatten() {
@@ -720,7 +725,7 @@ pub fn render_overlay(data: &Value) -> String {
             (None, None) => "-",
         };
         out.push_str(&format!(
-            "{:<10} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} {}\n",
+            "{:<12} {:<9} {:<11} {:<10} {:<8} {:<26} {:<26} {}\n",
             text(&w["port"]),
             w["vni"].as_u64().map(|v| v.to_string()).unwrap_or_default(),
             state,
@@ -742,7 +747,7 @@ mod tests {
     fn the_overlay_shows_its_bridge_and_each_wire() {
         let data = serde_json::json!({
             "bridge": "br-l2", "mtu": 1500, "stp": "stp",
-            "wires": [{"port": "vx-00abcd", "over": "peering:rho", "vni": 43981,
+            "wires": [{"port": "b4vx-00abcd", "over": "peering:rho", "vni": 43981,
                        "local": "10.88.88.4", "remote": "10.88.88.2", "via": "wg-rho"}],
         });
         let shown = render_overlay(&data);
@@ -751,7 +756,7 @@ mod tests {
         );
         let wire = shown.lines().nth(2).unwrap_or_default();
         for field in [
-            "vx-00abcd",
+            "b4vx-00abcd",
             "43981",
             "wg-rho",
             "10.88.88.4",
@@ -767,12 +772,12 @@ mod tests {
         let data = serde_json::json!({
             "bridge": "br-l2", "mtu": 1500, "stp": "fast",
             "bridge_id": "8000.020000000003", "root": "1000.020000000001",
-            "root_port": "vx-000001", "root_path_cost": 20000, "topology_changes": 2,
+            "root_port": "b4vx-000001", "root_path_cost": 20000, "topology_changes": 2,
             "last_topology_change_at": 951_782_400u64,
-            "wires": [{"port": "vx-000001", "over": "peering:rho", "vni": 1,
+            "wires": [{"port": "b4vx-000001", "over": "peering:rho", "vni": 1,
                        "local": "10.88.88.3", "remote": "10.88.88.1", "via": "wg-rho",
                        "state": "forwarding", "role": "root", "alive": true},
-                      {"port": "vx-000002", "over": "peering:bob", "vni": 2,
+                      {"port": "b4vx-000002", "over": "peering:bob", "vni": 2,
                        "local": "10.88.88.3", "remote": "10.88.88.2", "via": "wg-bob",
                        "state": "down", "role": "disabled", "alive": false}],
         });
@@ -780,7 +785,7 @@ mod tests {
         let lines: Vec<&str> = shown.lines().collect();
         assert_eq!(
             lines[1],
-            "bridge id 8000.020000000003, root 1000.020000000001 via vx-000001 (cost 20000), \
+            "bridge id 8000.020000000003, root 1000.020000000001 via b4vx-000001 (cost 20000), \
              2 topology change(s), the last at 2000-02-29 00:00:00 UTC"
         );
         assert!(

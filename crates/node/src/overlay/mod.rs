@@ -138,7 +138,7 @@ fn wire(overlay: &Overlay, label: String, local: IpAddr, remote: IpAddr, via: &s
     Wire {
         port: VxlanPort {
             // Unique on the node: VNIs are.
-            name: format!("vx-{vni:06x}"),
+            name: format!("{}{vni:06x}", bgp4mesh_kernel::overlay::PORT_PREFIX),
             vni,
             local,
             remote,
@@ -223,11 +223,22 @@ impl OverlayDriver {
                 overlay.priority,
             )
             .await?;
-        if overlay.stp != StpMode::Fast
-            && let Err(e) = bgp4mesh_kernel::overlay::set_port_states(&overlay.bridge, None)
-        {
+        if overlay.stp != StpMode::Fast {
             // Only our own spanning tree needs nftables.
-            tracing::debug!("overlay: no port-state table to remove: {e:#}");
+            remove_port_states(&overlay.bridge).await;
+        } else if self.ports.is_none() {
+            // Before any port is attached: our ports discard until our
+            // spanning tree says otherwise.
+            let discarding = bgp4mesh_kernel::overlay::PortStates {
+                hold: port_driver::STATES_HOLD,
+                ..Default::default()
+            };
+            let bridge = overlay.bridge.clone();
+            tokio::task::spawn_blocking(move || {
+                bgp4mesh_kernel::overlay::set_port_states(&bridge, Some(&discarding))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("overlay: setting the port states: {e}"))??;
         }
         kernel.set_rules(true).await?;
         let names: HashSet<&str> = wanted.iter().map(|w| w.port.name.as_str()).collect();
@@ -266,6 +277,10 @@ impl OverlayDriver {
             ports.stop().await;
         }
         if self.ports.is_none() {
+            // A driver before it may have set dead wires down.
+            for w in &wanted {
+                kernel.set_port_up(&w.port.name, true).await?;
+            }
             self.ports = Some(PortDriver::start(&overlay.bridge, mode)?);
         }
         if let Some(ports) = &self.ports {
@@ -289,9 +304,7 @@ impl OverlayDriver {
         if let Some(ports) = self.ports.take() {
             ports.stop().await;
         }
-        if let Err(e) = bgp4mesh_kernel::overlay::set_port_states(&self.overlay.bridge, None) {
-            tracing::debug!("overlay: no port-state table to remove: {e:#}");
-        }
+        remove_port_states(&self.overlay.bridge).await;
         let kernel = links.overlay();
         for w in std::mem::take(&mut self.wires) {
             if let Err(e) = kernel.remove(&w.port.name).await {
@@ -362,6 +375,19 @@ impl OverlayDriver {
             }
         }
         shown
+    }
+}
+
+/// Removes `bridge`'s port-state table, off the async threads; there may
+/// be none.
+async fn remove_port_states(bridge: &str) {
+    let bridge = bridge.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        bgp4mesh_kernel::overlay::set_port_states(&bridge, None)
+    })
+    .await;
+    if let Ok(Err(e)) = result {
+        tracing::debug!("overlay: no port-state table to remove: {e:#}");
     }
 }
 

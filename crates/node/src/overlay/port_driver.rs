@@ -50,6 +50,8 @@ const TICK: Duration = Duration::from_millis(10);
 pub const STATES_HOLD: Duration = Duration::from_secs(5);
 /// How often they are set again.
 const STATES_REFRESH: Duration = Duration::from_secs(1);
+/// BPDUs read per tick at most.
+const MAX_BPDUS_PER_TICK: usize = 256;
 /// The path cost of every wire: the tunnels do not say their speed, and a
 /// kernel bridge gives a port of unknown speed 100, so in an overlay of
 /// both (seed 003's hand-built machines) every wire counts as one hop.
@@ -112,6 +114,8 @@ impl PortDriver {
                 rstp,
                 ports: BTreeMap::new(),
                 probers: HashMap::new(),
+                next_index_check: Instant::now(),
+                unprobed: std::collections::HashSet::new(),
                 next_probe: Instant::now(),
                 status: status.clone(),
             }
@@ -138,10 +142,20 @@ impl PortDriver {
         });
     }
 
-    /// Stops the task; the port states it applied are left to the caller.
+    /// Stops the task once its step in progress is done (so no port state
+    /// it was applying lands after the caller removes the table); the
+    /// port states it applied are left to the caller.
     pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
+        let PortDriver { ports, task, .. } = self;
+        // The task returns when its channel closes.
+        drop(ports);
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
 
     /// What `show overlay` says of the tree and each port, by port name.
@@ -161,6 +175,7 @@ struct Rstp {
     states: BTreeMap<u16, PortState>,
     /// The states last applied.
     applied: Option<PortStates>,
+    /// When they are set again (also after a failure: not sooner).
     next_refresh: Instant,
 }
 
@@ -178,8 +193,13 @@ struct Task {
     rstp: Option<Rstp>,
     /// By port name.
     ports: BTreeMap<String, Port>,
-    /// By tunnel interface.
-    probers: HashMap<String, Prober>,
+    /// By tunnel interface, with the interface's index when the prober
+    /// was bound (an interface made again needs a new one).
+    probers: HashMap<String, (Prober, Option<u32>)>,
+    /// When interface indexes are looked at again.
+    next_index_check: Instant,
+    /// Interfaces whose prober could not be made (said once).
+    unprobed: std::collections::HashSet<String>,
     next_probe: Instant,
     status: Arc<Mutex<Value>>,
 }
@@ -190,6 +210,7 @@ impl Task {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 changed = ports_rx.changed() => {
                     if changed.is_err() {
                         return;
@@ -222,9 +243,28 @@ impl Task {
         for spec in wanted {
             if let Some(port) = self.ports.get_mut(&spec.name) {
                 if port.spec != spec {
-                    // Another tunnel under the same port: judged afresh.
+                    // Another tunnel under the same port: judged afresh,
+                    // alive until its probes say otherwise.
                     port.liveness = Liveness::new(WIRE_LIVENESS);
                     port.spec = spec;
+                    if !port.alive {
+                        port.alive = true;
+                        match self.rstp.as_mut() {
+                            Some(rstp) => {
+                                let _ = rstp.bridge.set_port_enabled(port.number, true, now);
+                            }
+                            None => {
+                                if let Err(e) = self
+                                    .links
+                                    .overlay()
+                                    .set_port_up(&port.spec.name, true)
+                                    .await
+                                {
+                                    tracing::warn!("overlay: {e:#}");
+                                }
+                            }
+                        }
+                    }
                 }
                 continue;
             }
@@ -260,15 +300,26 @@ impl Task {
 
     async fn step(&mut self, now: Instant) {
         let mut changed = self.probe(now).await;
+        let refresh = now >= self.next_index_check;
+        if refresh {
+            // Interface indexes follow ports made again; the counters in
+            // `show` move.
+            self.next_index_check = now + STATES_REFRESH;
+            for port in self.ports.values_mut() {
+                port.index = crate::transport::interface_index(&port.spec.name).ok();
+            }
+            changed = true;
+        }
         let Some(rstp) = self.rstp.as_mut() else {
             if changed {
                 self.publish(now);
             }
             return;
         };
-        // BPDUs that arrived.
+        // BPDUs that arrived (a bounded number per tick: a flood does not
+        // hold up the probes).
         let mut buf = [0u8; 1600];
-        loop {
+        for _ in 0..MAX_BPDUS_PER_TICK {
             match rstp.socket.receive(&mut buf) {
                 Ok(Some((index, n))) => {
                     let Some(port) = self.ports.values().find(|p| p.index == Some(index)) else {
@@ -290,16 +341,6 @@ impl Task {
         }
         if rstp.bridge.poll_timeout().is_some_and(|t| t <= now) {
             rstp.bridge.handle_timeout(now);
-        }
-        while let Some((number, bytes)) = rstp.bridge.poll_transmit() {
-            let Some(port) = self.ports.values().find(|p| p.number == number) else {
-                continue;
-            };
-            let Some(index) = port.index else { continue };
-            let frame = bpdu_socket::frame(rstp.mac, &bytes);
-            if let Err(e) = rstp.socket.send(index, &frame) {
-                tracing::debug!("overlay: sending a BPDU on {}: {e}", port.spec.name);
-            }
         }
         let mut flush = Vec::new();
         while let Some(event) = rstp.bridge.poll_event() {
@@ -323,8 +364,10 @@ impl Task {
                 }
             }
         }
+        // The states are applied before the BPDUs that follow from them go
+        // out: an agreement must not reach a neighbour (which then
+        // forwards) while our own ports still forward.
         let wanted = PortStates {
-            ours: self.ports.keys().cloned().collect(),
             forwarding: self.named(PortState::Forwarding),
             learning: self.named(PortState::Learning),
             hold: STATES_HOLD,
@@ -332,21 +375,35 @@ impl Task {
         let Some(rstp) = self.rstp.as_mut() else {
             return;
         };
-        if rstp.applied.as_ref() != Some(&wanted) || now >= rstp.next_refresh {
-            // Interface indexes follow ports made again.
-            for port in self.ports.values_mut() {
-                port.index = crate::transport::interface_index(&port.spec.name).ok();
-            }
+        let due = now >= rstp.next_refresh;
+        if due || (rstp.applied.is_some() && rstp.applied.as_ref() != Some(&wanted)) {
             let bridge = self.bridge.clone();
             let states = wanted.clone();
             let result =
                 tokio::task::spawn_blocking(move || set_port_states(&bridge, Some(&states))).await;
             match result {
                 Ok(Ok(())) => rstp.applied = Some(wanted),
-                Ok(Err(e)) => tracing::error!("overlay: {e:#}"),
-                Err(e) => tracing::error!("overlay: setting the port states: {e}"),
+                Ok(Err(e)) => {
+                    // Tried again at the next refresh, not at every tick.
+                    tracing::error!("overlay: {e:#}");
+                    rstp.applied = None;
+                }
+                Err(e) => {
+                    tracing::error!("overlay: setting the port states: {e}");
+                    rstp.applied = None;
+                }
             }
             rstp.next_refresh = now + STATES_REFRESH;
+        }
+        while let Some((number, bytes)) = rstp.bridge.poll_transmit() {
+            let Some(port) = self.ports.values().find(|p| p.number == number) else {
+                continue;
+            };
+            let Some(index) = port.index else { continue };
+            let frame = bpdu_socket::frame(rstp.mac, &bytes);
+            if let Err(e) = rstp.socket.send(index, &frame) {
+                tracing::debug!("overlay: sending a BPDU on {}: {e}", port.spec.name);
+            }
         }
         for number in flush {
             if let Some(port) = self.ports.values().find(|p| p.number == number)
@@ -375,7 +432,7 @@ impl Task {
     /// Probes the wires' far ends and acts on the ones that died or came
     /// back; true when one did.
     async fn probe(&mut self, now: Instant) -> bool {
-        for (via, prober) in &mut self.probers {
+        for (via, (prober, _)) in &mut self.probers {
             for answer in prober.answers() {
                 for port in self.ports.values_mut() {
                     if &port.spec.via == via && port.spec.remote == answer.from {
@@ -385,26 +442,35 @@ impl Task {
             }
         }
         if now >= self.next_probe {
+            let check_index = now >= self.next_index_check;
             self.next_probe = now + PROBE_EVERY;
+            let vias: Vec<String> = self.ports.values().map(|p| p.spec.via.clone()).collect();
+            self.probers.retain(|via, (_, index)| {
+                vias.contains(via)
+                    && (!check_index || crate::transport::interface_index(via).ok() == *index)
+            });
             for port in self.ports.values_mut() {
                 if !self.probers.contains_key(&port.spec.via) {
+                    let index = crate::transport::interface_index(&port.spec.via).ok();
                     match Prober::new(&port.spec.via) {
                         Ok(p) => {
-                            self.probers.insert(port.spec.via.clone(), p);
+                            self.probers.insert(port.spec.via.clone(), (p, index));
                         }
                         Err(e) => {
-                            tracing::debug!("overlay: probing through {}: {e}", port.spec.via);
+                            // Said once; the wire is judged by its BPDUs
+                            // alone meanwhile.
+                            if self.unprobed.insert(port.spec.via.clone()) {
+                                tracing::warn!("overlay: probing through {}: {e}", port.spec.via);
+                            }
                             continue;
                         }
                     }
                 }
-                if let Some(prober) = self.probers.get_mut(&port.spec.via) {
+                if let Some((prober, _)) = self.probers.get_mut(&port.spec.via) {
                     prober.send(port.spec.remote);
                     port.liveness.sent(now);
                 }
             }
-            let vias: Vec<String> = self.ports.values().map(|p| p.spec.via.clone()).collect();
-            self.probers.retain(|via, _| vias.contains(via));
         }
         let mut changed = false;
         for port in self.ports.values_mut() {
