@@ -54,6 +54,10 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The key of the PostgreSQL advisory lock writes take ("bgp4mesh" in
+/// ASCII).
+const WRITE_LOCK: i64 = 0x6267_7034_6d65_7368;
+
 /// Schema changes, in order; each applied once, in a transaction. The SQL
 /// is written to mean the same on SQLite and PostgreSQL (TEXT, BIGINT,
 /// plain constraints); a change that cannot be should get a per-dialect
@@ -275,19 +279,25 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<()> {
+        // Controllers that start together on one PostgreSQL migrate one
+        // after the other: each step under the write lock, the version
+        // read again under it.
+        let mut tx = self.begin_write().await?;
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("v")?;
+        tx.commit().await?;
         for (i, migration) in MIGRATIONS.iter().enumerate() {
             let version = i as i64 + 1;
+            let mut tx = self.begin_write().await?;
+            let current: i64 =
+                sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("v")?;
             if version <= current {
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
             for statement in migration.split(';').filter(|s| !s.trim().is_empty()) {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
@@ -299,6 +309,23 @@ impl Store {
             tracing::info!(version, "store schema migrated");
         }
         Ok(())
+    }
+
+    /// A transaction that writes: on PostgreSQL it first takes the store's
+    /// write lock (a transaction-level advisory lock), so the writes of
+    /// every controller on the database run one at a time. Revisions are
+    /// then handed out and committed in order, and what must stay single
+    /// (token uses, addresses) is decided against what is committed.
+    /// SQLite has one writer anyway.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(WRITE_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 
     /// The revision of the last committed change (0 for a new store).
@@ -313,7 +340,7 @@ impl Store {
     // -- networks --------------------------------------------------------
 
     pub async fn create_network(&self, n: &NetworkRow, now: u64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO networks (netid, addressrange, addressrange6, mtu, listen_port, \
              persistent_keepalive, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -355,7 +382,7 @@ impl Store {
 
     /// Deletes a network with its nodes, tokens and gateways.
     pub async fn delete_network(&self, netid: &str, now: u64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM networks WHERE netid = $1")
             .bind(netid)
             .execute(&mut *tx)
@@ -431,9 +458,10 @@ impl Store {
 
     /// A node joins: in one transaction the token is checked and one use
     /// taken, the addresses are chosen by `allocate` (given the addresses
-    /// in use, from `used(network)`: the caller's in-memory view, which the
-    /// unique constraints back up) unless the node pinned them, and the
-    /// node is stored.
+    /// in use, from `used(network)`: the caller's in-memory view, and on
+    /// PostgreSQL those stored, which other controllers gave; the unique
+    /// constraints back it up) unless the node pinned them, and the node
+    /// is stored.
     pub async fn join(
         &self,
         secret_hash: &str,
@@ -447,7 +475,7 @@ impl Store {
             &mut NodeRow,
         ) -> std::result::Result<(), String>,
     ) -> Result<std::result::Result<(NodeRow, u64), JoinRefusal>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let token = sqlx::query(
             "SELECT id, secret_hash, network, expires_at, uses_left, tags, created_at \
              FROM enrollment_tokens WHERE secret_hash = $1",
@@ -465,10 +493,17 @@ impl Store {
             return Ok(Err(JoinRefusal::Token(TokenRefusal::UsedUp)));
         }
         if token.uses_left.is_some() {
-            sqlx::query("UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE id = $1")
-                .bind(&token.id)
-                .execute(&mut *tx)
-                .await?;
+            // Taken only while one is left, whoever else takes them.
+            let taken = sqlx::query(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 \
+                 WHERE id = $1 AND uses_left > 0",
+            )
+            .bind(&token.id)
+            .execute(&mut *tx)
+            .await?;
+            if taken.rows_affected() != 1 {
+                return Ok(Err(JoinRefusal::Token(TokenRefusal::UsedUp)));
+            }
         }
         let network = sqlx::query(
             "SELECT netid, addressrange, addressrange6, mtu, listen_port, persistent_keepalive, \
@@ -478,7 +513,23 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let network = network_row(&network)?;
-        let (used4, used6) = used(&network.netid);
+        let (mut used4, mut used6) = used(&network.netid);
+        if self.dialect == Dialect::Postgres {
+            // Other controllers on this database give addresses too: what
+            // is committed counts (under the write lock, nothing is being
+            // given meanwhile). One read of the network's addresses per
+            // join, until each controller follows the others' changes.
+            let stored = sqlx::query("SELECT address, address6 FROM nodes WHERE network = $1")
+                .bind(&network.netid)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &stored {
+                let address: Option<String> = row.try_get("address")?;
+                let address6: Option<String> = row.try_get("address6")?;
+                used4.extend(address.and_then(|a| a.parse::<Ipv4Addr>().ok()));
+                used6.extend(address6.and_then(|a| a.parse::<Ipv6Addr>().ok()));
+            }
+        }
         node.network = network.netid.clone();
         for tag in &token.tags {
             if !node.tags.contains(tag) {
@@ -520,7 +571,7 @@ impl Store {
     }
 
     pub async fn delete_node(&self, id: &str, now: u64) -> Result<(NodeRow, u64)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
              endpoint6, listen_port, tags, created_at FROM nodes WHERE id = $1",
@@ -549,7 +600,7 @@ impl Store {
         listen_port: u16,
         now: u64,
     ) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE nodes SET endpoint = $1, listen_port = $2 WHERE id = $3")
             .bind(endpoint.map(str::to_string))
             .bind(i64::from(listen_port))
@@ -570,7 +621,7 @@ impl Store {
         kind: &str,
         now: u64,
     ) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let revision = record_change(&mut tx, network, Some(node_id), kind, now).await?;
         tx.commit().await?;
         Ok(revision)
@@ -579,7 +630,7 @@ impl Store {
     // -- gateways -------------------------------------------------------
 
     pub async fn set_gateway(&self, g: &GatewayRow, network: &str, now: u64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM gateways WHERE node_id = $1")
             .bind(&g.node_id)
             .execute(&mut *tx)
@@ -601,7 +652,7 @@ impl Store {
     }
 
     pub async fn delete_gateway(&self, node_id: &str, network: &str, now: u64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM gateways WHERE node_id = $1")
             .bind(node_id)
             .execute(&mut *tx)

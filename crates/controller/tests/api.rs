@@ -234,7 +234,13 @@ impl Db {
     /// A controller on this store; started again on the same store, it
     /// has the same state and certificate.
     async fn start(&self) -> Result<Api> {
-        let state = self.dir.join("state");
+        self.start_in("state").await
+    }
+
+    /// Another controller on this store, with state directory `name` of
+    /// its own (its own certificate).
+    async fn start_in(&self, name: &str) -> Result<Api> {
+        let state = self.dir.join(name);
         let running = start_controller(&self.url, &state).await?;
         let c = Client::new(&running, &state)?;
         Ok(Api { running, c })
@@ -308,6 +314,76 @@ on_both_stores!(
     relays,
     ipv6_endpoints_next_to_ipv4_ones,
 );
+
+/// Two controllers on one PostgreSQL (issue 19): what must stay single is
+/// decided in the database. They start together on a new database (each
+/// migration once). Joins through both at once: a 3-use token
+/// admits exactly 3 of 30, and 40 joins on an open token get 40 different
+/// addresses, every one stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_on_one_postgresql_share_token_uses_and_addresses() -> Result<()> {
+    let Some(db) = Db::postgresql("two_controllers")? else {
+        return Ok(());
+    };
+    // Started together on a new database: they migrate it one at a time.
+    let (a, b) = tokio::join!(db.start(), db.start_in("state-b"));
+    let (a, b) = (a?, b?);
+    network(&a.c, "mynet", "10.70.0.0/16").await?;
+    let (_, three) = token(&b.c, "mynet", json!({"uses": 3})).await?;
+    let joins = (0..30u8).map(|i| {
+        let c = if i % 2 == 0 { &a.c } else { &b.c };
+        let secret = three.secret.clone();
+        async move { join(c, &secret, &format!("n{i}"), i + 1, json!({})).await }
+    });
+    let results = futures::future::join_all(joins).await;
+    let mut admitted = 0;
+    for r in results {
+        let (status, body) = r?;
+        match status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::FORBIDDEN => {
+                let message = body["message"].as_str().unwrap_or_default();
+                ensure!(message.contains("used up"), "{message}");
+            }
+            other => anyhow::bail!("a join got {other}: {body}"),
+        }
+    }
+    ensure!(admitted == 3, "{admitted} joins on a 3-use token");
+
+    let (_, open) = token(&a.c, "mynet", json!({})).await?;
+    let joins = (0..40u8).map(|i| {
+        let c = if i % 2 == 0 { &a.c } else { &b.c };
+        let secret = open.secret.clone();
+        async move { join(c, &secret, &format!("m{i}"), 100 + i, json!({})).await }
+    });
+    let mut addresses = std::collections::HashSet::new();
+    for r in futures::future::join_all(joins).await {
+        let (status, body) = r?;
+        ensure!(status == StatusCode::OK, "{status}: {body}");
+        let joined: JoinResponse = serde_json::from_value(body)?;
+        let address = joined.node.address.context("no address")?;
+        ensure!(addresses.insert(address), "{address} given twice");
+    }
+    a.stop().await;
+    b.stop().await;
+    // A controller started afterwards reads them all back.
+    let c = db.start_in("state-c").await?;
+    let (status, nodes) = c.c.get("/api/nodes", Some(MASTER)).await?;
+    ensure!(status == StatusCode::OK, "{status}: {nodes}");
+    let stored: std::collections::HashSet<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["address"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        stored.len() == 43,
+        "{} stored addresses, not 43: {nodes}",
+        stored.len()
+    );
+    c.stop().await;
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------
 // What scenarios start from
