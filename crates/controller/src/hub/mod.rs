@@ -194,6 +194,11 @@ struct NetView {
     /// The hour (Unix seconds / 3600) relay credentials were last handed
     /// to every pair behind NAT.
     relays_hour: u64,
+    /// The nodes that pulsed since their stream opened (a superset: ids
+    /// whose node is gone or stopped pulsing are dropped when the
+    /// watchdog meets them), so the watchdog looks at the gateways and
+    /// relays alone, not at every node.
+    pulsing: std::collections::BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -511,9 +516,15 @@ impl Hub {
         mesh: Option<bool>,
     ) -> bool {
         let mut inner = self.write();
-        let Some(node) = inner.node_mut(netid, id) else {
+        let Some(view) = inner.networks.get_mut(netid) else {
             return false;
         };
+        let Some(node) = view.nodes.get_mut(id) else {
+            return false;
+        };
+        if node.last_pulse.is_none() {
+            view.pulsing.insert(id.to_string());
+        }
         let before = node.health();
         let relay_before = node.live_relay();
         node.last_pulse = Some(at);
@@ -557,28 +568,48 @@ impl Hub {
         now: std::time::Instant,
         lost: std::time::Duration,
     ) -> Vec<(String, String)> {
+        let pulsing = |n: &NodeView| {
+            (n.gateway.is_some() || n.relay_port.is_some()) && n.last_pulse.is_some() && !n.silent
+        };
+        let quiet = |n: &NodeView| {
+            n.last_pulse
+                .is_some_and(|t| now.saturating_duration_since(t) > lost)
+        };
+        // Under the read lock first: most ticks nothing went quiet, and
+        // the API goes on meanwhile.
+        let any = self.read().networks.values().any(|view| {
+            view.pulsing
+                .iter()
+                .filter_map(|id| view.nodes.get(id))
+                .any(|n| pulsing(n) && quiet(n))
+        });
+        if !any {
+            return Vec::new();
+        }
         let mut inner = self.write();
         let mut changed = Vec::new();
         for (netid, view) in inner.networks.iter_mut() {
-            let pulsing = |n: &NodeView| {
-                (n.gateway.is_some() || n.relay_port.is_some())
-                    && n.last_pulse.is_some()
-                    && !n.silent
-            };
-            let quiet = |n: &NodeView| {
-                n.last_pulse
-                    .is_some_and(|t| now.saturating_duration_since(t) > lost)
-            };
-            let live = view.nodes.values().filter(|n| pulsing(n)).count();
-            let going = view
-                .nodes
-                .values()
-                .filter(|n| pulsing(n) && quiet(n))
+            let NetView {
+                nodes,
+                pulsing: ids,
+                ..
+            } = view;
+            ids.retain(|id| nodes.get(id).is_some_and(|n| n.last_pulse.is_some()));
+            let live = ids
+                .iter()
+                .filter(|id| nodes.get(*id).is_some_and(pulsing))
+                .count();
+            let going = ids
+                .iter()
+                .filter(|id| nodes.get(*id).is_some_and(|n| pulsing(n) && quiet(n)))
                 .count();
             if going == 0 || (live >= 2 && going == live) {
                 continue;
             }
-            for (id, node) in view.nodes.iter_mut() {
+            for id in ids.iter() {
+                let Some(node) = nodes.get_mut(id) else {
+                    continue;
+                };
                 if !pulsing(node) || !quiet(node) {
                     continue;
                 }
@@ -842,6 +873,7 @@ impl NetView {
             floor: revision,
             sender: broadcast::channel(CHANNEL_LEN).0,
             relays_hour: 0,
+            pulsing: std::collections::BTreeSet::new(),
         }
     }
 
