@@ -56,7 +56,9 @@ pub struct NodeView {
     /// How its NAT maps its WireGuard socket, as it last reported it.
     pub nat: Option<NatMapping>,
     pub last_seen: Option<u64>,
-    pub handshakes: Vec<PeerHandshake>,
+    /// Shared, not copied, with every change of the log that holds this
+    /// view (a node's handshakes are one per peer: O(nodes)).
+    pub handshakes: Arc<[PeerHandshake]>,
     /// Open push streams of this node's agent.
     pub streams: u32,
     /// What the node last said of its BGP upstream for IPv4 (borders).
@@ -64,8 +66,9 @@ pub struct NodeView {
     /// ... and for IPv6.
     pub upstream6: Option<bool>,
     /// The BGP-learned ranges it last said it exports (sorted, unique);
-    /// carried by its gateway when that has `bgp` set.
-    pub bgp_ranges: Vec<IpNet>,
+    /// carried by its gateway when that has `bgp` set. Shared with the
+    /// log's changes, as `handshakes`.
+    pub bgp_ranges: Arc<[IpNet]>,
     /// Whether the node reported since its stream (re)connected.
     pub reported: bool,
     /// When its agent last pulsed (gateways pulse; None: not since its
@@ -108,11 +111,11 @@ impl NodeView {
             candidates: Vec::new(),
             nat: None,
             last_seen: None,
-            handshakes: Vec::new(),
+            handshakes: Arc::default(),
             streams: 0,
             upstream: None,
             upstream6: None,
-            bgp_ranges: Vec::new(),
+            bgp_ranges: Arc::default(),
             reported: false,
             last_pulse: None,
             silent: false,
@@ -421,7 +424,7 @@ impl Hub {
             .collect();
         if let Some(node) = view.nodes.get_mut(id) {
             node.last_seen = Some(now);
-            node.handshakes = handshakes;
+            node.handshakes = handshakes.into();
         }
         let mut changed = Vec::new();
         for (peer_id, endpoint) in observed {
@@ -636,10 +639,10 @@ impl Hub {
         let Some(node) = inner.node_mut(netid, id) else {
             return false;
         };
-        if node.bgp_ranges == ranges {
+        if node.bgp_ranges[..] == ranges[..] {
             return false;
         }
-        node.bgp_ranges = ranges;
+        node.bgp_ranges = ranges.into();
         node.gateway.as_ref().is_some_and(|g| g.bgp)
     }
 
@@ -939,7 +942,7 @@ pub fn render_gateway(n: &NodeView) -> Option<Gateway> {
         heard: n.health().heard,
         bgp: g.bgp,
         bgp_ranges: if g.bgp {
-            n.bgp_ranges.clone()
+            n.bgp_ranges.to_vec()
         } else {
             Vec::new()
         },
@@ -961,7 +964,7 @@ pub fn render_node(_network: &NetworkRow, n: &NodeView, now: u64) -> Node {
         egress: render_gateway(n),
         last_seen: n.last_seen,
         online: is_online(n, now),
-        handshakes: n.handshakes.clone(),
+        handshakes: n.handshakes.to_vec(),
         candidates: candidates_of(n),
         nat: n.nat,
         relay_port: live_relay_port(n),
@@ -1109,6 +1112,33 @@ mod tests {
             hub.upstream_reported("mynet", id, None, None);
         }
         hub
+    }
+
+    #[test]
+    fn a_logged_change_shares_the_nodes_handshakes_instead_of_copying_them() {
+        const NOW: u64 = 1_800_000_000;
+        let hub = hub(&[], &["a", "b"]);
+        let handshakes: Vec<PeerHandshake> = (0..1000)
+            .map(|i| PeerHandshake {
+                peer: format!("p{i}"),
+                last_handshake: Some(NOW),
+                rx_bytes: 1,
+                tx_bytes: 1,
+            })
+            .collect();
+        hub.node_reported("mynet", "a", NOW, handshakes, Vec::new());
+        for revision in 2..12 {
+            hub.node_changed(revision, "mynet", "a", |old| old.expect("a"));
+        }
+        let inner = hub.read();
+        let view = &inner.networks["mynet"];
+        let node = &view.nodes["a"].handshakes;
+        assert_eq!(node.len(), 1000);
+        assert_eq!(view.log.len(), 10);
+        for change in &view.log {
+            let logged = &change.node.as_ref().expect("the node").handshakes;
+            assert!(Arc::ptr_eq(node, logged), "a change copied the handshakes");
+        }
     }
 
     fn healthy(hub: &Hub, id: &str) -> bool {
