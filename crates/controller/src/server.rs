@@ -25,6 +25,8 @@ pub struct Running {
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     pulses: tokio::task::JoinHandle<()>,
+    /// Applies the other controllers' changes (PostgreSQL).
+    follower: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -32,6 +34,7 @@ impl Running {
     pub async fn shutdown(self) {
         self.handle.shutdown();
         self.pulses.abort();
+        self.follower.abort();
         if let Some(d) = &self.discovery_service {
             d.stop();
         }
@@ -145,6 +148,7 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         .set_discovery_port(discovery.map(|a| a.port()));
     let app = router(Arc::clone(&controller)).into_make_service();
     let pulses = tokio::spawn(Arc::clone(&controller).watch_pulses());
+    let follower = tokio::spawn(Arc::clone(&controller).follow_others());
     let handle = axum_server::Handle::new();
     let admission = Admission::new(&config.limits, Arc::clone(&controller.metrics.connections));
     let task = match identity {
@@ -177,5 +181,6 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         handle,
         task,
         pulses,
+        follower,
     })
 }

@@ -149,6 +149,16 @@ pub struct TokenRow {
     pub created_at: u64,
 }
 
+/// One recorded change: its revision, network, node (none for a
+/// network's own changes) and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    pub revision: u64,
+    pub network: String,
+    pub node_id: Option<String>,
+    pub kind: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRow {
     pub id: String,
@@ -559,6 +569,40 @@ impl Store {
         rows.iter().map(node_row).collect()
     }
 
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
+        let row = sqlx::query(
+            "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
+             endpoint6, listen_port, tags, created_at FROM nodes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(node_row).transpose()
+    }
+
+    /// The changes committed after revision `after` up to `upto`, in
+    /// order (what other controllers on the database wrote).
+    pub async fn changes(&self, after: u64, upto: u64) -> Result<Vec<ChangeRow>> {
+        let rows = sqlx::query(
+            "SELECT revision, network, node_id, kind FROM changes \
+             WHERE revision > $1 AND revision <= $2 ORDER BY revision",
+        )
+        .bind(after as i64)
+        .bind(upto as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChangeRow {
+                    revision: u64_of(r.try_get("revision")?),
+                    network: r.try_get("network")?,
+                    node_id: r.try_get("node_id")?,
+                    kind: r.try_get("kind")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn node_by_credential(&self, credential_hash: &str) -> Result<Option<NodeRow>> {
         let row = sqlx::query(
             "SELECT id, network, name, public_key, credential_hash, address, address6, endpoint, \
@@ -673,17 +717,17 @@ impl Store {
             sqlx::query("SELECT node_id, ranges, nat, metric, bgp FROM gateways ORDER BY node_id")
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(GatewayRow {
-                    node_id: r.try_get("node_id")?,
-                    ranges: list(&r.try_get::<String, _>("ranges")?),
-                    nat: r.try_get::<i64, _>("nat")? != 0,
-                    metric: u32::try_from(r.try_get::<i64, _>("metric")?).unwrap_or(0),
-                    bgp: r.try_get::<i64, _>("bgp")? != 0,
-                })
-            })
-            .collect()
+        rows.iter().map(gateway_row).collect()
+    }
+
+    pub async fn gateway(&self, node_id: &str) -> Result<Option<GatewayRow>> {
+        let row = sqlx::query(
+            "SELECT node_id, ranges, nat, metric, bgp FROM gateways WHERE node_id = $1",
+        )
+        .bind(node_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(gateway_row).transpose()
     }
 
     // -- admin API tokens -----------------------------------------------
@@ -783,6 +827,16 @@ async fn record_change(
     .execute(&mut **tx)
     .await?;
     Ok(u64_of(next))
+}
+
+fn gateway_row(r: &sqlx::any::AnyRow) -> Result<GatewayRow> {
+    Ok(GatewayRow {
+        node_id: r.try_get("node_id")?,
+        ranges: list(&r.try_get::<String, _>("ranges")?),
+        nat: r.try_get::<i64, _>("nat")? != 0,
+        metric: u32::try_from(r.try_get::<i64, _>("metric")?).unwrap_or(0),
+        bgp: r.try_get::<i64, _>("bgp")? != 0,
+    })
 }
 
 fn network_row(r: &sqlx::any::AnyRow) -> Result<NetworkRow> {

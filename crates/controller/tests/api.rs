@@ -319,7 +319,9 @@ on_both_stores!(
 /// decided in the database. They start together on a new database (each
 /// migration once). Joins through both at once: a 3-use token
 /// admits exactly 3 of 30, and 40 joins on an open token get 40 different
-/// addresses, every one stored.
+/// addresses, every one stored. Each applies the other's changes: both
+/// list every node, and an agent streaming from one hears of a node that
+/// joins through the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_controllers_on_one_postgresql_share_token_uses_and_addresses() -> Result<()> {
     let Some(db) = Db::postgresql("two_controllers")? else {
@@ -357,13 +359,63 @@ async fn two_controllers_on_one_postgresql_share_token_uses_and_addresses() -> R
         async move { join(c, &secret, &format!("m{i}"), 100 + i, json!({})).await }
     });
     let mut addresses = std::collections::HashSet::new();
+    let mut joined = Vec::new();
     for r in futures::future::join_all(joins).await {
         let (status, body) = r?;
         ensure!(status == StatusCode::OK, "{status}: {body}");
-        let joined: JoinResponse = serde_json::from_value(body)?;
-        let address = joined.node.address.context("no address")?;
+        let response: JoinResponse = serde_json::from_value(body)?;
+        let address = response.node.address.context("no address")?;
         ensure!(addresses.insert(address), "{address} given twice");
+        joined.push(response);
     }
+
+    // Each follows the other: both list all 43 nodes, whichever took
+    // the join.
+    for api in [&a, &b] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let (_, nodes) = api.c.get("/api/nodes", Some(MASTER)).await?;
+            let n = nodes.as_array().map_or(0, Vec::len);
+            if n == 43 {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{n} nodes listed, not 43"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // An agent streaming from a hears of a node that joins through b, and
+    // of its removal through a, in order.
+    let listener = joined.first().context("a joined node")?;
+    let b2 = &b.c;
+    let a2 = &a.c;
+    let secret = open.secret.clone();
+    let events = stream_events(&a.c, &listener.credential, None, 3, async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, body) = join(b2, &secret, "late", 200, json!({})).await?;
+        ensure!(status == StatusCode::OK, "{body}");
+        let late: JoinResponse = serde_json::from_value(body)?;
+        let (status, v) = a2
+            .delete(&format!("/api/nodes/mynet/{}", late.node.id), Some(MASTER))
+            .await?;
+        ensure!(status == StatusCode::NO_CONTENT, "{v}");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        matches!(events.first(), Some(StreamEvent::Snapshot(s)) if s.peers.len() == 42),
+        "{events:?}"
+    );
+    ensure!(
+        matches!(events.get(1), Some(StreamEvent::PeerUpsert { peer, .. }) if peer.name == "late"),
+        "{events:?}"
+    );
+    ensure!(
+        matches!(events.get(2), Some(StreamEvent::PeerRemove { .. })),
+        "{events:?}"
+    );
     a.stop().await;
     b.stop().await;
     // A controller started afterwards reads them all back.

@@ -307,6 +307,7 @@ pub(super) async fn agent_report(
             .note_change(&node.network, &node.id, "gateway_bgp_ranges", now())
             .await?;
         let id = node.id.clone();
+        ctl.catch_up(revision).await;
         ctl.hub
             .node_changed(revision, &node.network, &node.id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&id))
@@ -321,6 +322,7 @@ pub(super) async fn agent_report(
             .store
             .note_change(&node.network, &peer_id, "endpoint_observed", t)
             .await?;
+        ctl.catch_up(revision).await;
         ctl.hub
             .node_changed(revision, &node.network, &peer_id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&peer_id))
@@ -360,6 +362,7 @@ pub(super) async fn agent_report(
             .store
             .note_change(&node.network, &node.id, why, t)
             .await?;
+        ctl.catch_up(revision).await;
         ctl.hub
             .node_changed(revision, &node.network, &node.id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&node.id))
@@ -373,6 +376,7 @@ pub(super) async fn agent_report(
             .store
             .update_node_endpoint(&node.id, &node.network, endpoint.as_deref(), port, t)
             .await?;
+        ctl.catch_up(revision).await;
         ctl.hub
             .node_changed(revision, &node.network, &node.id, |old| {
                 let mut n = old.unwrap_or_else(|| unreachable_view(&node.id));

@@ -48,6 +48,7 @@ pub(super) async fn create_gateway(
         nets.push(net);
     }
     let _write = ctl.write.lock().await;
+    ctl.catch_up_all().await;
     let (network, view) = find_node(&ctl, &netid, &node).await?;
     for net in &nets {
         egress_range_allowed(&network, net)
@@ -67,6 +68,7 @@ pub(super) async fn create_gateway(
     let mut updated = view.clone();
     updated.gateway = Some(gateway.clone());
     let id = view.row.id.clone();
+    ctl.catch_up(revision).await;
     ctl.hub.node_changed(revision, &netid, &id, |old| {
         let mut n = old.unwrap_or(view);
         n.gateway = Some(gateway);
@@ -133,6 +135,7 @@ pub(super) async fn delete_gateway(
 ) -> Reply<bgp4mesh_api::Node> {
     may_manage(&who, Some(&netid), false)?;
     let _write = ctl.write.lock().await;
+    ctl.catch_up_all().await;
     let (network, view) = find_node(&ctl, &netid, &node).await?;
     let revision = ctl
         .store
@@ -141,6 +144,7 @@ pub(super) async fn delete_gateway(
     let mut updated = view.clone();
     updated.gateway = None;
     let id = view.row.id.clone();
+    ctl.catch_up(revision).await;
     ctl.hub.node_changed(revision, &netid, &id, |old| {
         let mut n = old.unwrap_or(view);
         n.gateway = None;

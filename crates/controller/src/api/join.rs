@@ -195,6 +195,7 @@ pub(super) async fn join(
         }
     };
     let view = NodeView::new(node.clone(), None);
+    ctl.catch_up(revision).await;
     ctl.hub
         .node_changed(revision, &node.network, &node.id, |_| view.clone());
     let network = ctl

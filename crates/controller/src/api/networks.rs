@@ -126,6 +126,7 @@ pub(super) async fn create_network(
         created_at: now(),
     };
     let revision = ctl.store.create_network(&row, now()).await?;
+    ctl.catch_up(revision).await;
     ctl.hub.network_created(revision, row.clone());
     tracing::info!(netid = %row.netid, "network created");
     Ok(Json(render_network(&row, 0, ctl.hub.discovery_port())))
@@ -174,7 +175,9 @@ pub(super) async fn delete_network(
 ) -> Result<StatusCode, Failure> {
     may_manage(&who, None, false)?;
     let _write = ctl.write.lock().await;
+    ctl.catch_up_all().await;
     let revision = ctl.store.delete_network(&netid, now()).await?;
+    ctl.catch_up(revision).await;
     ctl.hub.network_deleted(revision, &netid);
     Ok(StatusCode::NO_CONTENT)
 }

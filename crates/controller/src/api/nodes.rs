@@ -77,8 +77,10 @@ pub(super) async fn delete_node(
 ) -> Result<StatusCode, Failure> {
     may_manage(&who, Some(&netid), false)?;
     let _write = ctl.write.lock().await;
+    ctl.catch_up_all().await;
     let (_, view) = find_node(&ctl, &netid, &node).await?;
     let (_, revision) = ctl.store.delete_node(&view.row.id, now()).await?;
+    ctl.catch_up(revision).await;
     ctl.hub.node_removed(revision, &netid, &view.row.id);
     tracing::info!(node = %view.row.name, network = %netid, "node deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use crate::store::{GatewayRow, NetworkRow, NodeRow};
 
 mod candidates;
+pub mod follower;
 pub mod relays;
 pub mod watchdog;
 
@@ -296,6 +297,16 @@ impl Hub {
         inner
             .networks
             .insert(network.netid.clone(), NetView::new(network, revision));
+    }
+
+    /// A change with nothing for the hub in it: its revision only.
+    pub fn advance(&self, revision: u64) {
+        let mut inner = self.write();
+        inner.revision = inner.revision.max(revision);
+    }
+
+    pub fn has_network(&self, netid: &str) -> bool {
+        self.read().networks.contains_key(netid)
     }
 
     pub fn network_deleted(&self, revision: u64, netid: &str) {

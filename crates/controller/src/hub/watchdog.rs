@@ -84,7 +84,10 @@ impl Controller {
                 .note_change(&netid, &relay, "relay_credentials", t)
                 .await
             {
-                Ok(revision) => self.hub.refresh_relays(revision, &netid, &relay, t),
+                Ok(revision) => {
+                    self.catch_up(revision).await;
+                    self.hub.refresh_relays(revision, &netid, &relay, t);
+                }
                 Err(e) => tracing::warn!(network = %netid, "refreshing relay credentials: {e}"),
             }
         }
@@ -114,6 +117,7 @@ impl Controller {
             left.remove(&key);
         }
         let id = node.id.clone();
+        self.catch_up(revision).await;
         self.hub
             .node_changed(revision, &node.network, &node.id, |old| {
                 old.unwrap_or_else(|| unreachable_view(&id))
