@@ -30,12 +30,18 @@ impl Controller {
 
     /// Starts the controller on `node`, listening on `iface`'s address.
     pub fn start_on(lab: &Lab, node: Node, iface: Iface) -> Result<Controller> {
+        Self::start_with(lab, node, iface, "")
+    }
+
+    /// [`Controller::start_on`] with `extra` lines in its config
+    /// (`database = "postgres://…"`).
+    pub fn start_with(lab: &Lab, node: Node, iface: Iface, extra: &str) -> Result<Controller> {
         let dir = lab.run_dir(&node)?;
         let config = lab.write_config(
             &node,
             "server.toml",
             &format!(
-                "listen = \"{}:8443\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n",
+                "listen = \"{}:8443\"\nmaster_key = \"{MASTER}\"\nstate_dir = \"{}\"\n{extra}",
                 iface.ipv4,
                 dir.join("state").display()
             ),

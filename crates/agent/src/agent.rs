@@ -240,6 +240,10 @@ fn own_networks(state: &MeshState) -> Vec<IpNet> {
 pub struct Enrollment {
     pub server: String,
     pub fingerprint: Option<String>,
+    /// The other controllers on the same database (from the token): the
+    /// agent moves to the next when its stream breaks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<bgp4mesh_api::ControllerAddress>,
     pub network: String,
     pub node_id: String,
     pub name: String,
@@ -338,6 +342,7 @@ pub async fn join(token: &str, state_dir: &Path, options: JoinOptions) -> Result
     let enrollment = Enrollment {
         server: token.server,
         fingerprint: token.fingerprint,
+        servers: token.servers,
         network: response.node.network.clone(),
         node_id: response.node.id.clone(),
         name,
@@ -1228,6 +1233,8 @@ impl StreamFollower {
     /// the node was removed, or the controller no longer knows it.
     async fn run(&mut self) -> Result<()> {
         let mut backoff = Duration::from_secs(1);
+        // Controllers that could not be reached one after the other.
+        let mut failed_in_a_row = 0;
         loop {
             let since = self.state.as_ref().map(|s| s.revision);
             let client = self.client.clone();
@@ -1249,7 +1256,15 @@ impl StreamFollower {
                     );
                     backoff = Duration::from_secs(1);
                     self.connected.notify_one();
+                    let began = tokio::time::Instant::now();
                     self.follow(events).await?;
+                    // A stream that ends at once counts as a failure: no
+                    // busy loop between controllers that close streams.
+                    if began.elapsed() >= Duration::from_secs(5) {
+                        failed_in_a_row = 0;
+                    } else {
+                        failed_in_a_row += 1;
+                    }
                 }
                 Err(e) => {
                     let refused = e
@@ -1259,8 +1274,20 @@ impl StreamFollower {
                         let _ = std::fs::remove_file(&self.cache);
                         return Err(e.context("the controller no longer knows this node"));
                     }
+                    failed_in_a_row += 1;
                     tracing::warn!("controller unreachable ({e:#}); keeping the mesh as it is");
                 }
+            }
+            // Another controller on the same database takes over at once
+            // (it resumes from our revision); once every one has failed in
+            // a row, wait before the next round.
+            if self.client.servers() > 1 {
+                let next = self.client.fail_over();
+                tracing::info!(server = %next, "moving to the next controller");
+                if failed_in_a_row < self.client.servers() {
+                    continue;
+                }
+                failed_in_a_row = 0;
             }
             // The controller is away: the probes may still move the exit.
             let wake = tokio::time::Instant::now() + backoff;
@@ -1404,9 +1431,10 @@ pub async fn run(
         let source: Arc<dyn crate::view::DeviceStatusSource> = mesh.clone();
         view.attach(&options.interface, Arc::downgrade(&source));
     }
-    let client = Client::new(
+    let client = Client::with_others(
         &enrollment.server,
         enrollment.fingerprint.as_deref(),
+        &enrollment.servers,
         Some(enrollment.credential.clone()),
     )?;
     let cache = dir.join("mesh.json");
@@ -1831,6 +1859,7 @@ mod tests {
             fingerprint: Some("00".repeat(32)),
             network: "mynet".into(),
             secret: "s3cret".into(),
+            servers: Vec::new(),
         };
         let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(serde_json::to_vec(&token).expect("json"));

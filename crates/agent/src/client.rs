@@ -36,11 +36,20 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// A controller's HTTP client: one controller, or several on one database
+/// (the agent's): requests go to the current one, and [`Client::fail_over`]
+/// moves every clone to the next.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
-    base: String,
+    servers: Arc<Servers>,
     key: Option<String>,
+}
+
+struct Servers {
+    /// (connection pool, base URL) per controller, the first the one the
+    /// node joined through.
+    list: Vec<(reqwest::Client, String)>,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 /// Accepts exactly the certificate with this SHA-256 (still checking the
@@ -127,61 +136,120 @@ pub fn check_server(server: &str, fingerprint: Option<&str>) -> Result<()> {
     }
 }
 
+fn base_url(server: &str) -> String {
+    server.trim().trim_end_matches('/').to_string()
+}
+
+/// A connection pool for one controller, checked by [`check_server`].
+fn http_client(server: &str, fingerprint: Option<&str>) -> Result<reqwest::Client> {
+    check_server(server, fingerprint)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Duration::from_secs(30))
+        // Never from https to plain http: a redirect would carry the
+        // request's secrets in cleartext.
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let downgrade = attempt.url().scheme() != "https"
+                && attempt.previous().iter().any(|u| u.scheme() == "https");
+            if downgrade {
+                attempt.error("the controller redirected from https to plain http")
+            } else if attempt.previous().len() > 5 {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }));
+    if let Some(fp) = fingerprint {
+        let fingerprint = fp.trim().to_lowercase().replace(':', "");
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow!("TLS versions: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                fingerprint,
+                provider,
+            }))
+            .with_no_client_auth();
+        builder = builder.use_preconfigured_tls(tls);
+    }
+    builder.build().context("building the HTTP client")
+}
+
 impl Client {
     /// `server`: https://host:port; `fingerprint`: pin a self-signed
     /// certificate; `key`: the bearer credential (master key, API token or
     /// node credential). Refuses what [`check_server`] refuses.
     pub fn new(server: &str, fingerprint: Option<&str>, key: Option<String>) -> Result<Client> {
-        check_server(server, fingerprint)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_keepalive(Duration::from_secs(30))
-            // Never from https to plain http: a redirect would carry the
-            // request's secrets in cleartext.
-            .redirect(reqwest::redirect::Policy::custom(|attempt| {
-                let downgrade = attempt.url().scheme() != "https"
-                    && attempt.previous().iter().any(|u| u.scheme() == "https");
-                if downgrade {
-                    attempt.error("the controller redirected from https to plain http")
-                } else if attempt.previous().len() > 5 {
-                    attempt.stop()
-                } else {
-                    attempt.follow()
-                }
-            }));
-        if let Some(fp) = fingerprint {
-            let fingerprint = fp.trim().to_lowercase().replace(':', "");
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| anyhow!("TLS versions: {e}"))?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned {
-                    fingerprint,
-                    provider,
-                }))
-                .with_no_client_auth();
-            builder = builder.use_preconfigured_tls(tls);
+        Client::with_others(server, fingerprint, &[], key)
+    }
+
+    /// [`Client::new`] with the other controllers on the same database
+    /// (as an enrollment token lists them) to move to.
+    pub fn with_others(
+        server: &str,
+        fingerprint: Option<&str>,
+        others: &[bgp4mesh_api::ControllerAddress],
+        key: Option<String>,
+    ) -> Result<Client> {
+        let mut list = vec![(http_client(server, fingerprint)?, base_url(server))];
+        for other in others {
+            if list.iter().any(|(_, b)| *b == base_url(&other.url)) {
+                continue;
+            }
+            // One that cannot be used (plain http with a pinned
+            // certificate, not a URL) is left out: the others still are.
+            match http_client(&other.url, other.fingerprint.as_deref()) {
+                Ok(http) => list.push((http, base_url(&other.url))),
+                Err(e) => tracing::warn!("controller {} left out: {e:#}", other.url),
+            }
         }
         Ok(Client {
-            http: builder.build().context("building the HTTP client")?,
-            base: server.trim_end_matches('/').to_string(),
+            servers: Arc::new(Servers {
+                list,
+                current: std::sync::atomic::AtomicUsize::new(0),
+            }),
             key,
         })
     }
 
-    /// The same connection pool with another credential.
+    /// The same connection pools with another credential.
     pub fn with_key(&self, key: String) -> Client {
         Client {
-            http: self.http.clone(),
-            base: self.base.clone(),
+            servers: Arc::clone(&self.servers),
             key: Some(key),
         }
     }
 
-    pub fn server(&self) -> &str {
-        &self.base
+    fn current(&self) -> (&reqwest::Client, &str) {
+        let list = &self.servers.list;
+        let i = self
+            .servers
+            .current
+            .load(std::sync::atomic::Ordering::Relaxed)
+            % list.len().max(1);
+        let (http, base) = &list[i];
+        (http, base)
+    }
+
+    /// The controller requests go to now.
+    pub fn server(&self) -> String {
+        self.current().1.to_string()
+    }
+
+    /// How many controllers it knows.
+    pub fn servers(&self) -> usize {
+        self.servers.list.len()
+    }
+
+    /// Moves to the next controller (after the last, the first again);
+    /// returns the one requests go to from now on.
+    pub fn fail_over(&self) -> String {
+        self.servers
+            .current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.server()
     }
 
     async fn send(
@@ -190,9 +258,9 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<reqwest::Response> {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
+        let (http, base) = self.current();
+        let mut req = http
+            .request(method.clone(), format!("{base}{path}"))
             .timeout(Duration::from_secs(30));
         if let Some(key) = &self.key {
             req = req.bearer_auth(key);
@@ -203,7 +271,7 @@ impl Client {
         let resp = req
             .send()
             .await
-            .with_context(|| format!("{method} {}{path}", self.base))?;
+            .with_context(|| format!("{method} {base}{path}"))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -246,7 +314,8 @@ impl Client {
             Some(r) => format!("/api/agent/stream?since={r}"),
             None => "/api/agent/stream".to_string(),
         };
-        let mut req = self.http.get(format!("{}{path}", self.base));
+        let (http, base) = self.current();
+        let mut req = http.get(format!("{base}{path}"));
         if let Some(key) = &self.key {
             req = req.bearer_auth(key);
         }
@@ -294,6 +363,32 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_other_controllers_are_moved_to_in_turn() {
+        let other = |url: &str, fingerprint: Option<&str>| bgp4mesh_api::ControllerAddress {
+            url: url.into(),
+            fingerprint: fingerprint.map(str::to_string),
+        };
+        let client = Client::with_others(
+            "https://10.0.0.1:8443/",
+            Some("ab"),
+            &[
+                other("https://10.0.0.2:8443", Some("cd")),
+                other("https://10.0.0.1:8443", Some("ab")),
+                other("http://10.0.0.3:8443", Some("ef")),
+            ],
+            Some("credential".into()),
+        )
+        .expect("client");
+        // The duplicate and the plain-http one with a pin are left out.
+        assert_eq!(client.servers(), 2);
+        assert_eq!(client.server(), "https://10.0.0.1:8443");
+        let clone = client.with_key("other".into());
+        assert_eq!(client.fail_over(), "https://10.0.0.2:8443");
+        assert_eq!(clone.server(), "https://10.0.0.2:8443", "clones move too");
+        assert_eq!(client.fail_over(), "https://10.0.0.1:8443");
+    }
 
     #[test]
     fn plain_http_is_refused_when_a_fingerprint_is_pinned() {

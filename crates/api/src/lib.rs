@@ -101,6 +101,19 @@ pub struct EnrollmentToken {
     pub fingerprint: Option<String>,
     pub network: String,
     pub secret: String,
+    /// The other controllers on the same database, for the agent to move
+    /// to when `server` is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ControllerAddress>,
+}
+
+/// Where a controller serves, and how to recognise its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerAddress {
+    pub url: String,
+    /// SHA-256 of its certificate (DER), lowercase hex, when self-signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 // ---------------------------------------------------------------------------

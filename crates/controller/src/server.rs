@@ -142,6 +142,15 @@ pub async fn start(config: &ServerConfig) -> Result<Running> {
         tracing::info!("endpoint discovery is off (discovery.enabled = false)");
         None
     };
+    // Enrollment tokens name every controller on the database.
+    controller
+        .store
+        .register_controller(
+            &controller.public_url,
+            controller.fingerprint.as_deref(),
+            crate::api::now(),
+        )
+        .await?;
     let discovery = discovery_service.as_ref().map(|d| d.addr);
     controller
         .hub

@@ -125,6 +125,13 @@ ALTER TABLE gateways ADD COLUMN bgp BIGINT NOT NULL DEFAULT 0
     r#"
 ALTER TABLE nodes ADD COLUMN endpoint6 TEXT
 "#,
+    r#"
+CREATE TABLE controllers (
+    url TEXT PRIMARY KEY,
+    fingerprint TEXT,
+    seen_at BIGINT NOT NULL
+)
+"#,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -728,6 +735,41 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(gateway_row).transpose()
+    }
+
+    // -- controllers ----------------------------------------------------
+
+    /// Says that a controller serves at `url` (with this certificate
+    /// fingerprint): enrollment tokens list every controller so recorded.
+    pub async fn register_controller(
+        &self,
+        url: &str,
+        fingerprint: Option<&str>,
+        now: u64,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM controllers WHERE url = $1")
+            .bind(url)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO controllers (url, fingerprint, seen_at) VALUES ($1, $2, $3)")
+            .bind(url)
+            .bind(fingerprint.map(str::to_string))
+            .bind(now as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every controller recorded, by URL: (url, fingerprint).
+    pub async fn controllers(&self) -> Result<Vec<(String, Option<String>)>> {
+        let rows = sqlx::query("SELECT url, fingerprint FROM controllers ORDER BY url")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("url")?, r.try_get("fingerprint")?)))
+            .collect()
     }
 
     // -- admin API tokens -----------------------------------------------

@@ -158,6 +158,16 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The URL through the server's Unix socket, which reaches it from
+    /// inside any network namespace (its TCP port is the host's loopback).
+    pub fn socket_url(&self, database: &str) -> String {
+        format!(
+            "postgres://postgres@localhost/{database}?host={}&port={}",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

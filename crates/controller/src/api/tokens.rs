@@ -62,11 +62,20 @@ pub(super) async fn create_token(
         created_at: created,
     };
     ctl.store.create_token(&row).await?;
+    let servers = ctl
+        .store
+        .controllers()
+        .await?
+        .into_iter()
+        .filter(|(url, _)| *url != ctl.public_url)
+        .map(|(url, fingerprint)| bgp4mesh_api::ControllerAddress { url, fingerprint })
+        .collect();
     let token = EnrollmentToken {
         server: ctl.public_url.clone(),
         fingerprint: ctl.fingerprint.clone(),
         network: req.network,
         secret,
+        servers,
     };
     let text = serde_json::to_vec(&token)
         .map(|j| URL_SAFE_NO_PAD.encode(j))
