@@ -3,13 +3,15 @@
 //! across the mesh. Every agent of the dead controller moves to the other
 //! within 2 s (its token named both), the pings do not stop, a node that
 //! joins afterwards reaches the moved agents, and the killed controller,
-//! started again, lists every node.
+//! started again, lists every node. Then the other hangs (SIGSTOP): its
+//! agents leave it within three missed heartbeats, the mesh untouched.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use bgp4mesh_agent::client::STREAM_SILENCE;
 use bgp4mesh_lab::postgres::{Postgres, find_postgres};
 use bgp4mesh_lab::{Lab, can_run, wait_until};
 use common::mesh::{Controller, MeshNode, address_of, full_mesh, start_node};
@@ -106,5 +108,46 @@ fn agents_move_to_the_other_controller_when_theirs_is_killed() -> Result<()> {
         ensure!(n == 5, "{n} nodes");
         Ok(())
     })?;
+
+    // ctl2 hangs (SIGSTOP: its connections stay open, nothing answers).
+    // Every agent on it is on ctl1 within three missed heartbeats, and
+    // the mesh carries traffic throughout.
+    nodes.push(late);
+    let seen: Vec<usize> = nodes
+        .iter()
+        .map(|n| std::fs::metadata(&n.proc.log).map(|m| m.len() as usize))
+        .collect::<std::io::Result<_>>()?;
+    let flood = ping_flood_to(&lab, &nodes[0].node, &b1, 20)?;
+    let started = now_unix();
+    std::thread::sleep(Duration::from_secs(1));
+    let hung = Instant::now();
+    lab.signal(&controllers[1].proc, libc::SIGSTOP)?;
+    let ctl1 = controllers[0].url();
+    let moved = (|| -> Result<()> {
+        for (n, from) in nodes.iter().zip(&seen) {
+            wait_until(
+                STREAM_SILENCE + Duration::from_secs(3),
+                &format!("{} on ctl1", n.name),
+                || {
+                    let log = std::fs::read(&n.proc.log)?;
+                    let new = String::from_utf8_lossy(log.get(*from..).unwrap_or_default());
+                    let moved = new
+                        .lines()
+                        .skip_while(|l| !l.contains("moving to the next controller"))
+                        .any(|l| l.contains("connected to the controller") && l.contains(&ctl1));
+                    ensure!(moved, "not yet");
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    })();
+    eprintln!("agents of the hung ctl2 on ctl1 after {:?}", hung.elapsed());
+    let out = flood_output(&lab, &flood);
+    lab.signal(&controllers[1].proc, libc::SIGCONT)?;
+    moved?;
+    let (gap, lost) = loss_window(&out?, started);
+    eprintln!("a1 → b1 while ctl2 hung: longest gap {gap:.2} s, {lost} lost");
+    ensure!(lost == 0, "{lost} pings lost while a controller hung");
     Ok(())
 }

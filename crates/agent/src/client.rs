@@ -17,6 +17,10 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// A stream with no event for this long (three heartbeats) is taken as
+/// dead: a hung controller, or a cut path to it.
+pub const STREAM_SILENCE: Duration = Duration::from_secs(15);
+
 /// The controller answered with an error status.
 #[derive(Debug)]
 pub struct Refused {
@@ -305,7 +309,8 @@ impl Client {
     }
 
     /// The agent's stream: events as they come; ends when the connection
-    /// does. No event for 45 s (three heartbeats) counts as a dead stream.
+    /// does. No event for [`STREAM_SILENCE`] (three heartbeats) counts as a
+    /// dead stream: a hung controller is left as a dead one.
     pub async fn stream(
         &self,
         since: Option<u64>,
@@ -319,7 +324,17 @@ impl Client {
         if let Some(key) = &self.key {
             req = req.bearer_auth(key);
         }
-        let resp = req.send().await.context("opening the stream")?;
+        // A hung controller accepts the connection and says nothing: the
+        // stream's head must come within the silence allowed.
+        let resp = tokio::time::timeout(STREAM_SILENCE, req.send())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the controller did not answer in {} s",
+                    STREAM_SILENCE.as_secs()
+                )
+            })?
+            .context("opening the stream")?;
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
@@ -343,13 +358,16 @@ impl Client {
                             .map_err(|e| anyhow!("a stream event that does not parse: {e}"));
                         return Some((event, (bytes, buffer)));
                     }
-                    match tokio::time::timeout(Duration::from_secs(45), bytes.next()).await {
+                    match tokio::time::timeout(STREAM_SILENCE, bytes.next()).await {
                         Ok(Some(Ok(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
                         Ok(Some(Err(e))) => return Some((Err(e.into()), (bytes, buffer))),
                         Ok(None) => return None,
                         Err(_) => {
                             return Some((
-                                Err(anyhow!("no heartbeat from the controller in 45 s")),
+                                Err(anyhow!(
+                                    "no heartbeat from the controller in {} s",
+                                    STREAM_SILENCE.as_secs()
+                                )),
                                 (bytes, buffer),
                             ));
                         }

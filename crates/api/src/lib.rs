@@ -91,6 +91,9 @@ pub struct Token {
     pub token: Option<String>,
 }
 
+/// How often a controller sends a heartbeat on a quiet agent stream.
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What an enrollment token carries, base64url-encoded JSON, so that `join`
 /// needs nothing else: where the controller is, how to recognise it
 /// without a public CA, and the secret.
@@ -534,7 +537,8 @@ pub enum StreamEvent {
     Removed {
         revision: u64,
     },
-    /// Nothing changed; sent every 15 s so both ends notice a dead stream.
+    /// Nothing changed; sent every [`HEARTBEAT_EVERY`] so both ends notice
+    /// a dead stream.
     Heartbeat {
         revision: u64,
     },

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
@@ -67,7 +67,7 @@ pub(super) async fn agent_stream(
         _guard: crate::metrics::StreamGuard,
         _presence: Presence,
     }
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+    let mut heartbeat = tokio::time::interval(bgp4mesh_api::HEARTBEAT_EVERY);
     heartbeat.reset();
     let state = Stream {
         ctl: Arc::clone(&ctl),
