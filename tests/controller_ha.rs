@@ -17,6 +17,21 @@ use bgp4mesh_lab::{Lab, can_run, wait_until};
 use common::mesh::{Controller, MeshNode, address_of, full_mesh, start_node};
 use common::{flood_output, loss_window, now_unix, ping_flood_to};
 
+/// Waits until `node`'s log, after byte `from`, says it moved on and then
+/// connected to the controller at `url`.
+fn moved_to(node: &MeshNode, from: usize, url: &str, within: Duration) -> Result<()> {
+    wait_until(within, &format!("{} on {url}", node.name), || {
+        let log = std::fs::read(&node.proc.log)?;
+        let new = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
+        let moved = new
+            .lines()
+            .skip_while(|l| !l.contains("moving to the next controller"))
+            .any(|l| l.contains("connected to the controller") && l.contains(url));
+        ensure!(moved, "not yet");
+        Ok(())
+    })
+}
+
 #[test]
 fn agents_move_to_the_other_controller_when_theirs_is_killed() -> Result<()> {
     if !can_run!(&["ping", "wg", "runuser"]) {
@@ -64,18 +79,11 @@ fn agents_move_to_the_other_controller_when_theirs_is_killed() -> Result<()> {
     lab.signal(&controllers[0].proc, libc::SIGKILL)?;
     let ctl2 = controllers[1].url();
     for n in &nodes[..2] {
-        wait_until(
+        moved_to(
+            n,
+            0,
+            &ctl2,
             Duration::from_secs(2).saturating_sub(killed.elapsed()),
-            &format!("{} on ctl2", n.name),
-            || {
-                let log = std::fs::read_to_string(&n.proc.log)?;
-                let moved = log
-                    .lines()
-                    .skip_while(|l| !l.contains("moving to the next controller"))
-                    .any(|l| l.contains("connected to the controller") && l.contains(&ctl2));
-                ensure!(moved, "not yet");
-                Ok(())
-            },
         )?;
     }
     eprintln!("both agents of ctl1 on ctl2 after {:?}", killed.elapsed());
@@ -125,20 +133,7 @@ fn agents_move_to_the_other_controller_when_theirs_is_killed() -> Result<()> {
     let ctl1 = controllers[0].url();
     let moved = (|| -> Result<()> {
         for (n, from) in nodes.iter().zip(&seen) {
-            wait_until(
-                STREAM_SILENCE + Duration::from_secs(3),
-                &format!("{} on ctl1", n.name),
-                || {
-                    let log = std::fs::read(&n.proc.log)?;
-                    let new = String::from_utf8_lossy(log.get(*from..).unwrap_or_default());
-                    let moved = new
-                        .lines()
-                        .skip_while(|l| !l.contains("moving to the next controller"))
-                        .any(|l| l.contains("connected to the controller") && l.contains(&ctl1));
-                    ensure!(moved, "not yet");
-                    Ok(())
-                },
-            )?;
+            moved_to(n, *from, &ctl1, STREAM_SILENCE + Duration::from_secs(3))?;
         }
         Ok(())
     })();

@@ -288,6 +288,35 @@ fn tree_formed(daemons: &[Bgp4mesh<'_>], root: &str, within: Duration) -> Result
     })
 }
 
+/// Pings `to` from `from` every 20 ms for 6 s and does `act` 1.5 s in:
+/// the longest time without replies (seconds), printed as `what`.
+fn outage_while(
+    lab: &Lab,
+    from: &Node,
+    to: &str,
+    what: &str,
+    act: impl FnOnce() -> Result<()>,
+) -> Result<f64> {
+    let flood = ping_flood_to(lab, from, to, 6)?;
+    let started = now_unix();
+    std::thread::sleep(Duration::from_millis(1500));
+    let acted = act();
+    let out = flood_output(lab, &flood);
+    acted?;
+    let (outage, lost) = loss_window(&out?, started);
+    eprintln!("{what}: {outage:.2} s without replies, {lost} pings lost");
+    Ok(outage)
+}
+
+/// nftables chains that drop everything to and from `address` (a cut in
+/// the underlay).
+fn cut_from(address: &str) -> String {
+    format!(
+        "chain input {{ type filter hook input priority 0; ip saddr {address} drop; }}\n\
+         chain output {{ type filter hook output priority 0; ip daddr {address} drop; }}"
+    )
+}
+
 /// `stp = "fast"`, our RSTP, on seed 003's triangle. rho (priority 4096)
 /// is the root. A ping every 20 ms from vorke's bridge to rho's:
 /// - the rho–vorke tunnel is cut in the underlay (nftables drop): the
@@ -335,17 +364,10 @@ fn a_fast_spanning_tree_fails_over_in_under_a_second() -> Result<()> {
     ensure!(shown.contains(&rho_id), "{shown}");
 
     // Cut rho–vorke in the underlay, on vorke.
-    let rho_ip = underlay[0].ipv4.to_string();
-    let cut = format!(
-        "chain input {{ type filter hook input priority 0; ip saddr {rho_ip} drop; }}\n\
-         chain output {{ type filter hook output priority 0; ip daddr {rho_ip} drop; }}"
-    );
-    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
-    let started = now_unix();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.nft_table(vorke, "cut", Some(&cut))?;
-    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
-    eprintln!("rho–vorke cut: {outage:.2} s without replies, {lost} pings lost");
+    let cut = cut_from(&underlay[0].ipv4.to_string());
+    let outage = outage_while(&lab, vorke, &bridge_address(0), "rho–vorke cut", || {
+        lab.nft_table(vorke, "cut", Some(&cut))
+    })?;
     ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
     let shown = overlays(&daemons[2..])?;
     let down = shown[0]["wires"]
@@ -360,12 +382,13 @@ fn a_fast_spanning_tree_fails_over_in_under_a_second() -> Result<()> {
     );
 
     // Mended.
-    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
-    let started = now_unix();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.nft_table(vorke, "cut", None)?;
-    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
-    eprintln!("rho–vorke mended: {outage:.2} s without replies, {lost} pings lost");
+    let outage = outage_while(
+        &lab,
+        vorke,
+        &bridge_address(0),
+        "rho–vorke mended",
+        || lab.nft_table(vorke, "cut", None),
+    )?;
     ensure!(
         outage <= 1.0,
         "{outage:.2} s without replies when mended (1 s allowed)"
@@ -373,14 +396,15 @@ fn a_fast_spanning_tree_fails_over_in_under_a_second() -> Result<()> {
     tree_formed(&daemons, &rho_id, Duration::from_secs(10))?;
 
     // rho hangs.
-    let flood = ping_flood_to(&lab, epsilon, &bridge_address(2), 6)?;
-    let started = now_unix();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.signal(daemons[0].proc(), libc::SIGSTOP)?;
-    let out = flood_output(&lab, &flood);
+    let outage = outage_while(
+        &lab,
+        epsilon,
+        &bridge_address(2),
+        "rho hung: epsilon–vorke",
+        || lab.signal(daemons[0].proc(), libc::SIGSTOP),
+    );
     lab.signal(daemons[0].proc(), libc::SIGCONT)?;
-    let (outage, lost) = loss_window(&out?, started);
-    eprintln!("rho hung: epsilon–vorke {outage:.2} s without replies, {lost} pings lost");
+    let outage = outage?;
     ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
     Ok(())
 }
@@ -615,25 +639,23 @@ fn seed_003_five_machines_with_a_hand_built_kernel_stp_bridge() -> Result<()> {
 
     // The tree's rho–vorke wire is cut in the underlay, on vorke: vorke's
     // way to rho moves to epsilon.
-    let rho_ip = endpoints[0].clone().context("rho's address")?;
-    let cut = format!(
-        "chain input {{ type filter hook input priority 0; ip saddr {rho_ip} drop; }}\n\
-         chain output {{ type filter hook output priority 0; ip daddr {rho_ip} drop; }}"
-    );
+    let cut = cut_from(endpoints[0].as_deref().context("rho's address")?);
     let vorke = &nodes[2];
-    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
-    let started = now_unix();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.nft_table(vorke, "cut", Some(&cut))?;
-    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
-    eprintln!("seed 003, rho–vorke cut: {outage:.2} s without replies, {lost} pings lost");
+    let outage = outage_while(
+        &lab,
+        vorke,
+        &bridge_address(0),
+        "seed 003, rho–vorke cut",
+        || lab.nft_table(vorke, "cut", Some(&cut)),
+    )?;
     ensure!(outage < 1.0, "outage {outage:.2} s (must be under 1 s)");
-    let flood = ping_flood_to(&lab, vorke, &bridge_address(0), 6)?;
-    let started = now_unix();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.nft_table(vorke, "cut", None)?;
-    let (outage, lost) = loss_window(&flood_output(&lab, &flood)?, started);
-    eprintln!("seed 003, rho–vorke mended: {outage:.2} s without replies, {lost} pings lost");
+    let outage = outage_while(
+        &lab,
+        vorke,
+        &bridge_address(0),
+        "seed 003, rho–vorke mended",
+        || lab.nft_table(vorke, "cut", None),
+    )?;
     ensure!(
         outage <= 1.0,
         "{outage:.2} s without replies when mended (1 s allowed)"

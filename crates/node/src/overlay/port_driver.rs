@@ -249,21 +249,7 @@ impl Task {
                     port.spec = spec;
                     if !port.alive {
                         port.alive = true;
-                        match self.rstp.as_mut() {
-                            Some(rstp) => {
-                                let _ = rstp.bridge.set_port_enabled(port.number, true, now);
-                            }
-                            None => {
-                                if let Err(e) = self
-                                    .links
-                                    .overlay()
-                                    .set_port_up(&port.spec.name, true)
-                                    .await
-                                {
-                                    tracing::warn!("overlay: {e:#}");
-                                }
-                            }
-                        }
+                        take_in(self.rstp.as_mut(), &self.links, port, now).await;
                     }
                 }
                 continue;
@@ -490,21 +476,7 @@ impl Task {
                     "stopped answering"
                 }
             );
-            match self.rstp.as_mut() {
-                Some(rstp) => {
-                    let _ = rstp.bridge.set_port_enabled(port.number, alive, now);
-                }
-                None => {
-                    if let Err(e) = self
-                        .links
-                        .overlay()
-                        .set_port_up(&port.spec.name, alive)
-                        .await
-                    {
-                        tracing::warn!("overlay: {e:#}");
-                    }
-                }
-            }
+            take_in(self.rstp.as_mut(), &self.links, port, now).await;
         }
         changed
     }
@@ -561,6 +533,25 @@ impl Task {
             }));
         }
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+}
+
+/// Puts `port` in use or out of it as `port.alive` says: our spanning
+/// tree enables or disables it; the kernel's sees its link up or down.
+async fn take_in(rstp: Option<&mut Rstp>, links: &Links, port: &Port, now: Instant) {
+    match rstp {
+        Some(rstp) => {
+            let _ = rstp.bridge.set_port_enabled(port.number, port.alive, now);
+        }
+        None => {
+            if let Err(e) = links
+                .overlay()
+                .set_port_up(&port.spec.name, port.alive)
+                .await
+            {
+                tracing::warn!("overlay: {e:#}");
+            }
+        }
     }
 }
 
